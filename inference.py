@@ -1,0 +1,122 @@
+"""Predict the class of images with a trained checkpoint.
+
+Usage:
+    python inference.py --image Dataset/test/dog/sample.jpg        # -> "dog  0.97"
+    python inference.py --image a.jpg b.png photos/ "more/*.jpg"   # several files, folders, globs
+    python inference.py --image photos/ --json                     # one JSON object per image
+    python inference.py --image photos/ --csv predictions.csv
+    python inference.py --image x.jpg --threshold 0.8              # "unknown" below 80% confidence
+    python inference.py --image x.jpg --checkpoint models/best_model.pth
+
+Needs nothing but the checkpoint: class names, image size, channels and normalization travel inside it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from config import UserError
+from dataset import IMAGE_EXTENSIONS, BadImage, decode_image, is_hidden
+from model import load_checkpoint, model_from_checkpoint, predict_logits
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files as given, image files inside folders (recursively), and glob patterns, in order, without repeats."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(is_hidden(part) for part in f.relative_to(p).parts))
+            if not found:
+                raise UserError(f"no image files in folder {p}")
+            out.extend(found)
+        elif any(ch in item for ch in "*?[") and not p.exists():
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise UserError(f"no files match {item!r}")
+            out.extend(matches)
+        else:
+            out.append(p)  # a missing file is reported per image, so the others are still answered
+    return list(dict.fromkeys(out))
+
+
+def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | None = None) -> list[dict]:
+    """One result per path: {'path', 'label', 'confidence', 'probabilities'} or {'path', 'error'}."""
+    model = model_from_checkpoint(ckpt)
+    size, channels, classes = ckpt["image_size"], ckpt["channels"], ckpt["classes"]
+    tta = ckpt.get("config", {}).get("tta", False) if tta is None else tta
+    temperature = float(ckpt.get("temperature", 1.0))
+    results, images, good = [], [], []
+    for p in paths:
+        try:
+            if not p.is_file():
+                raise BadImage("file not found")
+            images.append(torch.from_numpy(decode_image(p, size, channels)))
+            good.append(len(results))
+            results.append({"path": str(p)})
+        except BadImage as e:
+            results.append({"path": str(p), "error": str(e)})
+    if images:
+        logits = predict_logits(model, torch.stack(images), torch.device("cpu"), tta=tta)
+        probs = torch.softmax(logits / temperature, dim=1)
+        for i, pr in zip(good, probs):
+            conf, k = pr.max(0)
+            label = classes[k] if conf.item() >= threshold else "unknown"
+            results[i].update(label=label, confidence=round(conf.item(), 4),
+                              probabilities={c: round(v, 4) for c, v in zip(classes, pr.tolist())})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", nargs="+", required=True, help="image files, folders or glob patterns")
+    parser.add_argument("--checkpoint", default="models/best_model.pth", help="checkpoint written by train.py")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+    parser.add_argument("--csv", metavar="FILE", help="also write path,label,confidence,... rows to FILE")
+    parser.add_argument("--threshold", type=float, default=0.0,
+                        help="answer 'unknown' when the top probability is below this (0-1)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average with the mirrored image (default: as in training)")
+    args = parser.parse_args(argv)
+    try:
+        if not 0.0 <= args.threshold <= 1.0:
+            raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
+        ckpt = load_checkpoint(args.checkpoint)
+        paths = expand_inputs(args.image)
+        results = classify(paths, ckpt, args.threshold, args.tta)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+        elif "error" in r:
+            print(f"error: {r['path']}: {r['error']}", file=sys.stderr)
+        elif len(results) == 1:
+            print(f"{r['label']}  {r['confidence']:.2f}")
+        else:
+            print(f"{r['path']}  {r['label']}  {r['confidence']:.2f}")
+    if args.csv:
+        classes = ckpt["classes"]
+        with open(args.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "confidence", *classes, "error"])
+            for r in results:
+                probs = r.get("probabilities", {})
+                w.writerow([r["path"], r.get("label", ""), r.get("confidence", ""),
+                            *[probs.get(c, "") for c in classes], r.get("error", "")])
+    bad = [r for r in results if "error" in r]
+    if bad and len(results) > 1 and not args.json:
+        print(f"{len(bad)} of {len(results)} images could not be read", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""ResNets for small images with a 1-channel (or RGB) stem and an N-logit head, and safe checkpoints.
+
+Usage:
+    model = build_model("resnet_small", num_classes=2)            # fast on a CPU at 64x64
+    model = build_model("resnet18", num_classes=10, in_channels=3)
+    ckpt = load_checkpoint("models/best_model.pth")                # weights_only=True, validated
+    model = model_from_checkpoint(ckpt)
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from config import UserError
+
+ARCHS = ("resnet_small", "resnet18", "resnet50")
+CHECKPOINT_VERSION = 1
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a skip connection (a 1x1 projection when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A narrow ResNet for 32-128 px inputs.
+
+    The stride-2 3x3 stem halves the resolution at once: on a CPU the first stage's resolution and width
+    decide the speed, and a 64x64 cat needs no 64x64 feature maps to be recognised.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 48, blocks: tuple = (1, 1, 2, 1)):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        stages, cin = [], width
+        for i, n in enumerate(blocks):
+            cout = width * 2**i
+            for j in range(n):
+                stages.append(BasicBlock(cin, cout, stride=2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # Zero-init the last BN of each block so every block starts as identity: steadier early training.
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def adapt_torchvision_resnet(model: nn.Module, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """Give a torchvision ResNet an `in_channels` stem and an N-class head.
+
+    The 7x7 stride-2 stem keeps its shape so ImageNet weights still fit; its max-pool is dropped for
+    inputs under 128 px, which would otherwise shrink a 64x64 image to 16x16 before the first block.
+    """
+    old = model.conv1
+    model.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+    if image_size < 128:
+        model.maxpool = nn.Identity()
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def build_model(arch: str, num_classes: int, in_channels: int = 1, width: int = 48,
+                image_size: int = 64) -> nn.Module:
+    if arch == "resnet_small":
+        return SmallResNet(num_classes, in_channels, width)
+    if arch in ("resnet18", "resnet50"):
+        model = getattr(torchvision.models, arch)(weights=None)
+        return adapt_torchvision_resnet(model, num_classes, in_channels, image_size)
+    raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: a crash leaves the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # fsync the folder so the rename itself survives a power cut.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+REQUIRED_KEYS = ("format_version", "model_state", "arch", "classes", "image_size", "channels", "normalization")
+
+
+def load_checkpoint(path: str | Path, hint: str = "run train.py first") -> dict:
+    """Load a checkpoint without running any code in it (weights_only=True) and check its fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"refusing to load {path}: it holds objects other than tensors and plain data, "
+                        f"which could run code ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # truncated zip, not a torch file at all...
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise UserError(f"{path} is not a checkpoint written by train.py (missing fields)")
+    if ckpt["format_version"] > CHECKPOINT_VERSION:
+        raise UserError(f"{path} has format version {ckpt['format_version']}; this code reads up to "
+                        f"{CHECKPOINT_VERSION}: update the code")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights (eval mode, CPU)."""
+    cfg = ckpt.get("config", {})
+    model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["channels"], cfg.get("width", 48),
+                        ckpt["image_size"])
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit arch {ckpt['arch']!r} with {len(ckpt['classes'])} "
+                        f"classes: {str(e).splitlines()[0][:200]}") from None
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512,
+                   tta: bool = False, channels_last: bool = False,
+                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits (N, classes) on the CPU for uint8 images (N, C, S, S); with tta, averaged with the mirror image."""
+    from dataset import to_float  # dataset imports model lazily too; this keeps both importable alone
+
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i:i + batch_size].to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(-1)).float()) / 2
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)

@@ -1,0 +1,54 @@
+import dataclasses
+import typing
+
+import pytest
+
+from config import TrainConfig, build_parser, parse_config
+
+
+def test_every_field_has_a_flag_with_help():
+    parser = build_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(flags) == names
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"], f.name
+        assert "--" + f.name.replace("_", "-") in flags[f.name].option_strings
+
+
+def test_flags_parse_to_field_types():
+    cfg = parse_config(["--batch-size", "16", "--lr", "0.01", "--classes", "cat", "dog", "--no-tta",
+                        "--data", "x", "--resume"])
+    assert cfg.batch_size == 16 and isinstance(cfg.batch_size, int)
+    assert cfg.lr == 0.01
+    assert cfg.classes == ["cat", "dog"]
+    assert cfg.tta is False and cfg.resume is True
+    assert cfg.data == "x"
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        origin = typing.get_origin(hints[f.name]) or hints[f.name]
+        assert isinstance(value, origin), f.name
+
+
+def test_defaults_match_the_issue():
+    cfg = parse_config([])
+    assert cfg == TrainConfig()
+    assert (cfg.data, cfg.image_size, cfg.out_dir, cfg.log_dir, cfg.device, cfg.patience) == (
+        "Dataset", 64, "models", "logs", "auto", 0)
+
+
+def test_given_flags_override_a_base_config():
+    base = TrainConfig(data="saved", epochs=5)
+    cfg = parse_config(["--epochs", "9"], base)
+    assert cfg.data == "saved" and cfg.epochs == 9
+
+
+def test_unknown_flag_exits():
+    with pytest.raises(SystemExit):
+        parse_config(["--no-such-flag"])
+
+
+def test_round_trip_through_dict():
+    cfg = TrainConfig(classes=["a", "b"], lr=0.5)
+    assert TrainConfig.from_dict({**cfg.to_dict(), "field_from_the_future": 1}) == cfg

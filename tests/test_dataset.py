@@ -1,0 +1,230 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+from config import UserError
+from dataset import (augment, batch_affine, batch_flip_lr, decode_image, find_classes, image_tensor, list_images,
+                     load_data, load_split, make_synthetic, preprocess, random_affine, stratified_split, to_float)
+
+
+def test_classes_sorted_hidden_ignored_and_subset(tmp_path):
+    for name in ("horse", "dog", "cat", ".ipynb_checkpoints", "__MACOSX"):
+        (tmp_path / name).mkdir()
+    assert find_classes(tmp_path) == ["cat", "dog", "horse"]
+    assert find_classes(tmp_path, ["dog", "cat"]) == ["cat", "dog"]
+    with pytest.raises(UserError, match="zebra"):
+        find_classes(tmp_path, ["cat", "zebra"])
+
+
+def test_list_images_skips_non_images_and_hidden_files(tmp_path):
+    (tmp_path / "cat").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "cat" / "a.png")
+    Image.new("L", (8, 8)).save(tmp_path / "cat" / "B.JPG", format="JPEG")
+    for junk in ("Thumbs.db", "notes.txt", ".DS_Store", "._a.png"):
+        (tmp_path / "cat" / junk).write_bytes(b"x")
+    paths, labels, ignored = list_images(tmp_path, ["cat"])
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["B.JPG", "a.png"]
+    assert labels == [0, 0]
+    assert sorted(p.rsplit("/", 1)[1] for p in ignored) == ["Thumbs.db", "notes.txt"]
+
+
+def test_stratified_split_is_reproducible_and_keeps_class_shares():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    tr1, va1 = stratified_split(labels, 0.2, seed=3)
+    tr2, va2 = stratified_split(labels, 0.2, seed=3)
+    assert torch.equal(va1, va2) and torch.equal(tr1, tr2)
+    assert torch.bincount(labels[va1]).tolist() == [10, 6, 4]
+    assert sorted(torch.cat([tr1, va1]).tolist()) == list(range(100))
+    _, va3 = stratified_split(labels, 0.2, seed=4)
+    assert not torch.equal(va1, va3)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "LA", "1"])
+def test_preprocess_any_mode_gives_uint8_square(mode):
+    img = Image.new("RGB", (30, 20), (200, 100, 50)).convert(mode)
+    out = preprocess(img, 16, channels=1)
+    assert out.shape == (1, 16, 16) and out.dtype == np.uint8
+    assert preprocess(img, 16, channels=3).shape == (3, 16, 16)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    arr = np.full((10, 10), 32768, dtype=np.uint16)
+    out = preprocess(Image.fromarray(arr), 4)
+    assert 120 <= out.mean() <= 135  # half of 65535 -> about half of 255, not clipped to 255
+
+
+def test_transparency_goes_onto_white():
+    img = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    assert preprocess(img, 4).min() == 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("L", (40, 20), 0)
+    img.paste(255, (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "r.jpg"
+    img.save(path, exif=exif, quality=95)
+    out = decode_image(path, 20)
+    assert out.shape == (1, 20, 20)
+    assert out[0, :10].mean() > 200 and out[0, 10:].mean() < 50  # the white half is now on top
+
+
+def test_image_tensor_is_normalized_to_minus_one_one(tmp_path):
+    arr = np.zeros((20, 20), dtype=np.uint8)
+    arr[:, 10:] = 255
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    x = image_tensor(tmp_path / "x.png", 16)
+    assert x.shape == (1, 1, 16, 16) and x.dtype == torch.float32
+    assert x.min().item() == -1.0 and x.max().item() == 1.0
+    assert torch.equal(to_float(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-1.0, 1.0]))
+
+
+def test_webp_named_png_is_read_by_content(tmp_path):
+    path = tmp_path / "fake.png"
+    Image.new("RGB", (12, 12), (255, 255, 255)).save(path, format="WEBP")
+    assert decode_image(path, 8).min() > 240
+
+
+@pytest.mark.parametrize("content", [b"", b"this is text, not a picture", b"\xff\xd8\xff\xe0garbage"])
+def test_unreadable_files_raise_bad_image(tmp_path, content):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(dataset.BadImage):
+        decode_image(path, 8)
+
+
+def test_augmentation_keeps_shape_dtype_and_range():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 16, 16) * 2 - 1
+    y = augment(x, True, 10.0, 0.1, g)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert y.min() >= -1.0001 and y.max() <= 1.0001
+    assert not torch.equal(x, y)
+
+
+def test_flip_mirrors_about_half_the_batch():
+    x = torch.arange(4.0).repeat(1000, 1, 1, 1)  # every image [0 1 2 3]
+    y = batch_flip_lr(x, torch.Generator().manual_seed(0))
+    flipped = (y[:, 0, 0, 0] == 3).float().mean().item()
+    assert 0.45 < flipped < 0.55
+    assert torch.equal(y.sort(dim=-1).values, x)
+
+
+def test_affine_zero_is_identity_and_matches_torchvision_rotation():
+    from torchvision.transforms.functional import InterpolationMode, rotate
+
+    x = torch.zeros(1, 1, 33, 33)
+    x[..., 4:12, 14:19] = 1.0  # a bar above the centre
+    same = batch_affine(x, torch.zeros(1), torch.zeros(1, 2))
+    assert torch.allclose(same, x, atol=1e-5)
+    ours = batch_affine(x, torch.tensor([30.0]), torch.zeros(1, 2))
+    ref = rotate(x, 30.0, interpolation=InterpolationMode.BILINEAR)
+    inner = (slice(None), slice(None), slice(6, 27), slice(6, 27))  # away from the reflected borders
+    assert (ours[inner] - ref[inner]).abs().mean() < 0.03
+
+
+def test_shift_moves_content_right_and_down():
+    x = torch.zeros(1, 1, 20, 20)
+    x[..., 8:12, 8:12] = 1.0
+    y = batch_affine(x, torch.zeros(1), torch.tensor([[0.1, 0.2]]))  # 2 px right, 4 px down
+    ys, xs = torch.nonzero(y[0, 0] > 0.5, as_tuple=True)
+    assert xs.float().mean().item() == pytest.approx(11.5, abs=0.3)
+    assert ys.float().mean().item() == pytest.approx(13.5, abs=0.3)
+
+
+def test_batch_augmentation_statistics_match_torchvision_pil_pipeline():
+    """Same visible effect as the per-image PIL transforms it replaces: pixel statistics agree."""
+    from torchvision import transforms
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    base = torch.zeros(1, 1, 32, 32)
+    base[..., 6:26, 4:14] = 1.0  # a bright block left of centre
+    batch = base.repeat(400, 1, 1, 1) * 2 - 1
+    ours = augment(batch, True, 10.0, 0.0, g)
+    tv = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.RandomRotation(10)])
+    ref = torch.stack([tv(base[0]) for _ in range(400)]) * 2 - 1
+    assert abs(ours.mean() - ref.mean()) < 0.03
+    # the mirror makes the mean image symmetric in both pipelines
+    for img in (ours.mean(0), ref.mean(0)):
+        assert (img - img.flip(-1)).abs().mean() < 0.1
+
+
+def test_random_affine_off_returns_input():
+    x = torch.rand(2, 1, 8, 8)
+    assert random_affine(x, 0, 0) is x
+
+
+def _touch_changed(path, color):
+    Image.new("L", (40, 40), color).save(path)
+
+
+def test_cache_hits_invalidates_and_equals_a_fresh_decode(tmp_path, monkeypatch):
+    data = make_synthetic(tmp_path / "d", 5, size=24, splits=("train",))
+    split_dir = data / "train"
+    classes = find_classes(split_dir)
+    cache = tmp_path / "cache"
+    first = load_split(split_dir, classes, 16, 1, str(cache), 0)
+    fresh = load_split(split_dir, classes, 16, 1, "", 0)
+    assert torch.equal(first.images, fresh.images) and torch.equal(first.labels, fresh.labels)
+    assert list(cache.iterdir())
+
+    calls = []
+    real = dataset.decode_files
+    monkeypatch.setattr(dataset, "decode_files", lambda paths, *a, **k: calls.append(list(paths)) or real(paths, *a, **k))
+    second = load_split(split_dir, classes, 16, 1, str(cache), 0)
+    assert calls == [] and torch.equal(second.images, first.images)
+
+    changed = split_dir / "dog" / "dog_0002.png"
+    _touch_changed(changed, 255)
+    third = load_split(split_dir, classes, 16, 1, str(cache), 0)
+    assert calls == [[str(changed)]]
+    row = third.paths.index(str(changed))
+    assert third.images[row].min() == 255
+    other = [i for i, p in enumerate(third.paths) if p != str(changed)]
+    assert torch.equal(third.images[other], first.images[other])
+
+
+def test_cache_is_per_size(tmp_path):
+    data = make_synthetic(tmp_path / "d", 2, size=24, splits=("train",))
+    classes = find_classes(data / "train")
+    a = load_split(data / "train", classes, 16, 1, str(tmp_path / "c"), 0)
+    b = load_split(data / "train", classes, 8, 1, str(tmp_path / "c"), 0)
+    assert a.images.shape[-1] == 16 and b.images.shape[-1] == 8
+
+
+def test_load_data_splits_train_when_there_is_no_val(tmp_path):
+    data = make_synthetic(tmp_path / "d", 10, size=24, splits=("train",))
+    train, val, classes = load_data(str(data), None, 16, 1, 0.2, 0)
+    assert classes == ["cat", "dog"]
+    assert len(train.paths) == 16 and len(val.paths) == 4
+    assert not set(train.paths) & set(val.paths)
+    assert torch.bincount(val.labels).tolist() == [2, 2]
+
+
+def test_load_data_errors_are_clear(tmp_path):
+    with pytest.raises(UserError, match="no dataset at"):
+        load_data(str(tmp_path / "nope"), None, 16, 1, 0.2, 0)
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(UserError, match="no train/ folder"):
+        load_data(str(tmp_path / "flat"), None, 16, 1, 0.2, 0)
+    one = make_synthetic(tmp_path / "one", {"cat": 4}, size=24, splits=("train",))
+    with pytest.raises(UserError, match="at least 2"):
+        load_data(str(one), None, 16, 1, 0.2, 0)
+    empty = make_synthetic(tmp_path / "empty", 4, size=24, splits=("train",))
+    (empty / "train" / "horse").mkdir()
+    with pytest.raises(UserError, match="no readable images.*horse"):
+        load_data(str(empty), None, 16, 1, 0.2, 0)
+
+
+def test_mostly_unreadable_data_stops(tmp_path):
+    data = make_synthetic(tmp_path / "d", 2, size=24, splits=("train",))
+    for i in range(6):
+        (data / "train" / "cat" / f"broken{i}.jpg").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="cannot be read"):
+        load_data(str(data), None, 16, 1, 0.2, 0, max_bad_fraction=0.5)

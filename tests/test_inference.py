@@ -1,0 +1,78 @@
+import csv
+import json
+
+import pytest
+
+import inference
+
+
+def test_single_image_prints_label_and_confidence(trained, capsys):
+    img = next((trained["data"] / "test" / "dog").iterdir())
+    assert inference.main(["--image", str(img), "--checkpoint", str(trained["checkpoint"])]) == 0
+    label, conf = capsys.readouterr().out.split()
+    assert label in ("cat", "dog") and 0.5 <= float(conf) <= 1.0
+
+
+def test_folder_json_and_csv(trained, tmp_path, capsys):
+    folder = trained["data"] / "test"
+    n = sum(1 for _ in folder.rglob("*.png"))
+    out_csv = tmp_path / "p.csv"
+    assert inference.main(["--image", str(folder), "--json", "--csv", str(out_csv),
+                           "--checkpoint", str(trained["checkpoint"])]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == n
+    for r in rows:
+        assert r["label"] in ("cat", "dog")
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-3
+        assert r["confidence"] == max(r["probabilities"].values())
+    table = list(csv.DictReader(out_csv.open()))
+    assert len(table) == n and set(table[0]) >= {"path", "label", "confidence", "cat", "dog"}
+
+
+def test_glob_and_threshold_unknown(trained, capsys):
+    pattern = str(trained["data"] / "test" / "cat" / "*.png")
+    assert inference.main(["--image", pattern, "--threshold", "1.0", "--json",
+                           "--checkpoint", str(trained["checkpoint"])]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows and all(r["label"] == "unknown" for r in rows if r["confidence"] < 1.0)
+
+
+def test_batch_answers_good_files_and_lists_bad_ones(trained, tmp_path, capsys):
+    good = next((trained["data"] / "test" / "cat").iterdir())
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    code = inference.main(["--image", str(good), str(bad), str(tmp_path / "missing.png"),
+                           "--checkpoint", str(trained["checkpoint"])])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert str(good) in captured.out
+    assert "broken.jpg" in captured.err and "missing.png: file not found" in captured.err
+    assert "2 of 3 images could not be read" in captured.err
+
+
+@pytest.mark.parametrize("setup,message", [
+    ("no_checkpoint", "run train.py first"),
+    ("missing_image", "file not found"),
+    ("empty_folder", "no image files in folder"),
+    ("bad_image", "not an image"),
+    ("bad_threshold", "--threshold"),
+])
+def test_errors_are_one_clear_line(trained, tmp_path, capsys, setup, message):
+    ckpt = str(trained["checkpoint"])
+    image = str(next((trained["data"] / "test" / "cat").iterdir()))
+    extra = []
+    if setup == "no_checkpoint":
+        ckpt = str(tmp_path / "nothing.pth")
+    elif setup == "missing_image":
+        image = str(tmp_path / "nope.jpg")
+    elif setup == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        image = str(tmp_path / "empty")
+    elif setup == "bad_image":
+        (tmp_path / "x.png").write_text("hello")
+        image = str(tmp_path / "x.png")
+    else:
+        extra = ["--threshold", "2"]
+    code = inference.main(["--image", image, "--checkpoint", ckpt, *extra])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err and "Traceback" not in err
