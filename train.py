@@ -14,7 +14,6 @@ logs/<run-name>/ (TensorBoard and config.json) and curves/ (PNG plots).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -82,12 +81,15 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
     steps_total = len(images) // cfg.batch_size or 1
     bar = tqdm(batches(len(images), cfg.batch_size, True, generator, drop_last=True), total=steps_total,
                leave=False, desc="train", mininterval=1.0, file=sys.stderr)
+    data_seconds = 0.0  # time spent fetching and augmenting batches (exact on CPU; CUDA runs it async)
     for idx in bar:
+        t_data = time.perf_counter()
         idx = idx.to(device)
         x = augment(to_float(images[idx]), cfg.flip, cfg.max_rotation, cfg.max_shift, generator)
         y = labels[idx]
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        data_seconds += time.perf_counter() - t_data
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
@@ -112,7 +114,7 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
             break
     bar.close()
     return {"loss": loss_sum / max(1, seen), "acc": correct / max(1, seen), "images": seen,
-            "skipped_steps": skipped}
+            "skipped_steps": skipped, "data_seconds": data_seconds}
 
 
 def evaluate(model: nn.Module, data: Split, device: torch.device, tta: bool = False, channels_last: bool = False,
@@ -252,14 +254,16 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
             t_epoch = time.time()
             tr = train_one_epoch(train_model, train, optimizer, scheduler, loss_fn, device, cfg, generator,
                                  amp_dtype, deadline)
-            train_seconds += time.time() - t_epoch
+            epoch_train_seconds = time.time() - t_epoch
+            train_seconds += epoch_train_seconds
             ev = evaluate(model, val, device, cfg.tta, cfg.channels_last, amp_dtype)
             lr = optimizer.param_groups[0]["lr"]
             h = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": ev["loss"],
                  "val_acc": ev["acc"], "lr": lr, "train_seconds": round(train_seconds, 2),
                  "epoch_seconds": round(time.time() - t_epoch, 2),
-                 "train_images_per_s": round(tr["images"] / max(1e-9, time.time() - t_epoch), 1),
-                 "skipped_steps": tr["skipped_steps"]}
+                 "train_images_per_s": round(tr["images"] / max(1e-9, epoch_train_seconds), 1),
+                 "skipped_steps": tr["skipped_steps"], "data_seconds": round(tr["data_seconds"], 2),
+                 "elapsed_seconds": round(time.time() - t_start, 2)}
             history.append(h)
             for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_acc", "acc/train"),
                              ("val_acc", "acc/val"), ("lr", "lr")):
