@@ -262,7 +262,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                  "val_acc": ev["acc"], "lr": lr, "train_seconds": round(train_seconds, 2),
                  "epoch_seconds": round(time.time() - t_epoch, 2),
                  "train_images_per_s": round(tr["images"] / max(1e-9, epoch_train_seconds), 1),
-                 "skipped_steps": tr["skipped_steps"], "data_seconds": round(tr["data_seconds"], 2),
+                 "train_images": tr["images"], "skipped_steps": tr["skipped_steps"], "data_seconds": round(tr["data_seconds"], 2),
                  "elapsed_seconds": round(time.time() - t_start, 2)}
             history.append(h)
             for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_acc", "acc/train"),

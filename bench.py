@@ -1,0 +1,118 @@
+"""Benchmark our training against the plain pipeline, on the same data and machine, in one run.
+
+Usage:
+    python bench.py --data ../shared/data/catdog                      # ours (10 min budget), then the baseline
+    python bench.py --data DATA --time-budget 150 --baseline-seconds 300
+    python bench.py --data DATA --skip-baseline --epochs 12 -- --width 32 --lr 3e-3   # train.py flags after --
+
+Prints one JSON object: train images/s for each, our decode time (cold cache), seconds to reach 80/85/90% val
+accuracy for each (null if never; wall time since training started, evaluation included), best val accuracy,
+the share of our epochs' time spent on data after the first epoch, and the ratios.
+The baseline is `../shared/bench/seed_baseline.py` (ImageFolder + PIL transforms, torchvision ResNet-18, Adam).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from config import TrainConfig, UserError, parse_config
+from dataset import load_data
+
+BASELINE = Path(__file__).resolve().parent.parent / "shared" / "bench" / "seed_baseline.py"
+TARGETS = (0.80, 0.85, 0.90)
+
+
+def seconds_to(history: list[dict], target: float, acc_key: str, time_key: str) -> float | None:
+    """Time of the first epoch whose val accuracy reached `target`, or None."""
+    return next((h[time_key] for h in history if h[acc_key] >= target), None)
+
+
+def bench_ours(cfg: TrainConfig) -> dict:
+    import train
+
+    # Decode into an empty cache first, so the decode time is the cold one a first run pays.
+    t0 = time.time()
+    tr, va, _ = load_data(cfg.data, cfg.classes or None, cfg.image_size, cfg.channels, cfg.val_fraction, cfg.seed,
+                          cfg.cache_dir, cfg.workers, cfg.max_bad_fraction)
+    decode_s = time.time() - t0
+    n_images = len(tr.paths) + len(va.paths) + len(tr.bad) + len(va.bad)
+    summary = train.run(cfg)
+    hist = summary["history"]
+    later = hist[1:] or hist
+    data_share = sum(h["data_seconds"] for h in later) / max(1e-9, sum(h["epoch_seconds"] for h in later))
+    train_images = sum(h["train_images"] for h in hist)
+    return {"train_images_per_s": round(train_images / max(1e-9, hist[-1]["train_seconds"]), 1),
+            "decode_seconds": round(decode_s, 1), "decode_images_per_s": round(n_images / decode_s, 1),
+            **{f"seconds_to_{round(t * 100)}": seconds_to(hist, t, "val_acc", "elapsed_seconds") for t in TARGETS},
+            "best_val_acc": round(summary["best_val_acc"], 4), "epochs": len(hist),
+            "wall_seconds": summary["wall_seconds"],
+            "data_share_after_first_epoch": round(data_share, 4),
+            "val_acc_per_epoch": [round(h["val_acc"], 4) for h in hist]}
+
+
+def bench_baseline(data: str, epochs: int, max_seconds: float, workers: int) -> dict:
+    if not BASELINE.is_file():
+        raise UserError(f"baseline script not found at {BASELINE}")
+    cmd = [sys.executable, str(BASELINE), data, "--epochs", str(epochs), "--max-seconds", str(max_seconds),
+           "--workers", str(workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"baseline failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+    hist = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {"train_images_per_s": round(sum(h["train_images_per_s"] for h in hist) / len(hist), 1),
+            **{f"seconds_to_{round(t * 100)}": seconds_to(hist, t, "val_acc", "elapsed_s") for t in TARGETS},
+            "best_val_acc": max(h["val_acc"] for h in hist), "epochs": len(hist),
+            "wall_seconds": hist[-1]["elapsed_s"], "val_acc_per_epoch": [h["val_acc"] for h in hist]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/catdog")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="our planned epochs")
+    parser.add_argument("--time-budget", type=float, default=600.0, help="stop our training after this many s")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--baseline-epochs", type=int, default=3)
+    parser.add_argument("--baseline-seconds", type=float, default=400.0, help="stop the baseline after this")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--workers", type=int, default=2)
+    argv = sys.argv[1:] if argv is None else argv
+    train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = dataclasses.replace(parse_config(train_flags), data=args.data, epochs=args.epochs, time_budget=args.time_budget,
+                                      device=args.device, workers=args.workers, cache_dir=f"{tmp}/cache",
+                                      out_dir=f"{tmp}/models", log_dir=f"{tmp}/logs", curves_dir=f"{tmp}/curves",
+                                      run_name="bench")
+            ours = bench_ours(cfg)
+        result = {"machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                              "python": platform.python_version(), "torch": torch.__version__},
+                  "data": args.data, "ours": ours}
+        if not args.skip_baseline:
+            base = bench_baseline(args.data, args.baseline_epochs, args.baseline_seconds, args.workers)
+            result["baseline"] = base
+            result["ratios"] = {"train_images_per_s": round(ours["train_images_per_s"] / base["train_images_per_s"], 2)}
+            for t in TARGETS:
+                key = f"seconds_to_{round(t * 100)}"
+                if ours[key] and base[key]:
+                    result["ratios"][key] = round(base[key] / ours[key], 2)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
