@@ -255,7 +255,8 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
 
 def stratified_split_k(labels: torch.Tensor, ratios: list[float], seed: int) -> list[torch.Tensor]:
     """Sorted index tensors, one per ratio (e.g. train/val/test = 0.7/0.15/0.15), with every class divided in
-    those ratios; counts are rounded by largest remainder so each class is used exactly once. Same seed, same split.
+    those ratios; counts are rounded by largest remainder so each image is used exactly once, and a split with
+    a share gets at least one image of every class that has enough. Same seed, same split.
     """
     g = torch.Generator().manual_seed(seed)
     parts: list[list[torch.Tensor]] = [[] for _ in ratios]
@@ -267,6 +268,10 @@ def stratified_split_k(labels: torch.Tensor, ratios: list[float], seed: int) -> 
         by_remainder = sorted(range(len(ratios)), key=lambda k: (counts[k] - exact[k], k))
         for k in by_remainder[:len(idx) - sum(counts)]:
             counts[k] += 1
+        for k, r in enumerate(ratios):
+            largest = max(range(len(counts)), key=lambda j: counts[j])
+            if r > 0 and counts[k] == 0 and counts[largest] > 1:
+                counts[k], counts[largest] = 1, counts[largest] - 1
         start = 0
         for k, n in enumerate(counts):
             parts[k].append(idx[start:start + n])
