@@ -41,6 +41,7 @@ class TrainConfig:
     pretrained: bool = _f(False, "start resnet18/resnet50 from ImageNet weights (needs internet or --weights)")
     weights: str = _f("", "local torchvision state_dict to start from (implies --pretrained)")
     freeze_epochs: int = _f(0, "with pretrained weights: train only the head for this many epochs first")
+    backbone_lr_factor: float = _f(0.1, "with --pretrained or --freeze-epochs: backbone learning rate = lr x this")
     # optimisation
     epochs: int = _f(30, "passes over the training set")
     batch_size: int = _f(128, "images per step; larger batches use 2 CPU cores better")

@@ -127,14 +127,24 @@ def _decode_or_reason(args: tuple) -> tuple[np.ndarray | None, str]:
         return None, str(e)
 
 
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels to floats in [-1, 1] (mean 0.5, std 0.5 normalization)."""
-    return x.float().div_(127.5).sub_(1.0)
+def to_float(x: torch.Tensor, mean: float | list[float] = 0.5, std: float | list[float] = 0.5) -> torch.Tensor:
+    """uint8 pixels (..., C, H, W) to floats (x / 255 - mean) / std; mean and std are one value or one per channel.
+
+    The default (0.5, 0.5) maps to [-1, 1]; other statistics (ImageNet's, for pretrained weights) come from the
+    checkpoint's "normalization" so training, inference and export agree.
+    """
+    if mean == 0.5 and std == 0.5:
+        return x.float().div_(127.5).sub_(1.0)
+    shape = (-1, 1, 1)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(shape)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(shape)
+    return x.float().div_(255.0).sub_(m).div_(s)
 
 
-def image_tensor(path: str | Path, size: int, channels: int = 1) -> torch.Tensor:
+def image_tensor(path: str | Path, size: int, channels: int = 1, normalization: dict | None = None) -> torch.Tensor:
     """One file to a normalized (1, channels, size, size) float tensor, as the model sees it at evaluation."""
-    return to_float(torch.from_numpy(decode_image(path, size, channels)))[None]
+    norm = normalization or NORMALIZATION
+    return to_float(torch.from_numpy(decode_image(path, size, channels)), norm["mean"], norm["std"])[None]
 
 
 # ---------------------------------------------------------------- cache and splits
@@ -241,6 +251,32 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
     return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+def stratified_split_k(labels: torch.Tensor, ratios: list[float], seed: int) -> list[torch.Tensor]:
+    """Sorted index tensors, one per ratio (e.g. train/val/test = 0.7/0.15/0.15), with every class divided in
+    those ratios; counts are rounded by largest remainder so each image is used exactly once, and a split with
+    a share gets at least one image of every class that has enough. Same seed, same split.
+    """
+    g = torch.Generator().manual_seed(seed)
+    parts: list[list[torch.Tensor]] = [[] for _ in ratios]
+    for c in labels.unique(sorted=True).tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        exact = [len(idx) * r / sum(ratios) for r in ratios]
+        counts = [math.floor(e) for e in exact]
+        by_remainder = sorted(range(len(ratios)), key=lambda k: (counts[k] - exact[k], k))
+        for k in by_remainder[:len(idx) - sum(counts)]:
+            counts[k] += 1
+        for k, r in enumerate(ratios):
+            largest = max(range(len(counts)), key=lambda j: counts[j])
+            if r > 0 and counts[k] == 0 and counts[largest] > 1:
+                counts[k], counts[largest] = 1, counts[largest] - 1
+        start = 0
+        for k, n in enumerate(counts):
+            parts[k].append(idx[start:start + n])
+            start += n
+    return [torch.cat(p).sort().values if p else torch.zeros(0, dtype=torch.int64) for p in parts]
 
 
 LAYOUT_HELP = ("expected DATA/train/<class>/<images> (e.g. Dataset/train/cat/1.jpg, Dataset/train/dog/2.jpg), "

@@ -64,7 +64,8 @@ def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | 
         except BadImage as e:
             results.append({"path": str(p), "error": str(e)})
     if images:
-        logits = predict_logits(model, torch.stack(images), torch.device("cpu"), tta=tta)
+        logits = predict_logits(model, torch.stack(images), torch.device("cpu"), tta=tta,
+                                normalization=ckpt["normalization"])
         probs = torch.softmax(logits / temperature, dim=1)
         for i, pr in zip(good, probs):
             conf, k = pr.max(0)

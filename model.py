@@ -3,6 +3,8 @@
 Usage:
     model = build_model("resnet_small", num_classes=2)            # fast on a CPU at 64x64
     model = build_model("resnet18", num_classes=10, in_channels=3)
+    state = adapt_state_dict(load_pretrained("resnet18"), in_channels=1)   # ImageNet weights, gray stem
+    model = build_model("resnet18", num_classes=10, pretrained_state=state)
     ckpt = load_checkpoint("models/best_model.pth")                # weights_only=True, validated
     model = model_from_checkpoint(ckpt)
 """
@@ -92,13 +94,91 @@ def adapt_torchvision_resnet(model: nn.Module, num_classes: int, in_channels: in
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 1, width: int = 48,
-                image_size: int = 64) -> nn.Module:
+                image_size: int = 64, pretrained_state: dict | None = None) -> nn.Module:
+    """The network; `pretrained_state` (from adapt_state_dict) fills every layer but the new head."""
     if arch == "resnet_small":
+        if pretrained_state is not None:
+            raise UserError(PRETRAINED_ARCH_HELP)
         return SmallResNet(num_classes, in_channels, width)
     if arch in ("resnet18", "resnet50"):
         model = getattr(torchvision.models, arch)(weights=None)
-        return adapt_torchvision_resnet(model, num_classes, in_channels, image_size)
+        model = adapt_torchvision_resnet(model, num_classes, in_channels, image_size)
+        if pretrained_state is not None:
+            load_backbone(model, pretrained_state, arch)
+        return model
     raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+# ---------------------------------------------------------------- pretrained ImageNet weights
+
+PRETRAINED_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V2"}
+PRETRAINED_ARCH_HELP = ("--pretrained and --weights need --arch resnet18 or resnet50 "
+                        "(resnet_small has no ImageNet weights)")
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def pretrained_normalization(channels: int) -> dict:
+    """ImageNet's per-channel statistics; for gray input, their plain averages (0.449, 0.226).
+
+    adapt_state_dict sums conv1's RGB weights, which treats a gray pixel as R = G = B, so the matching single
+    statistic is the mean over the three channels (a luma-weighted one, 0.459, differs by 1% of the range).
+    """
+    if channels == 3:
+        return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    return {"mean": [round(sum(IMAGENET_MEAN) / 3, 3)], "std": [round(sum(IMAGENET_STD) / 3, 3)]}
+
+
+def load_pretrained(arch: str, weights_path: str = "") -> dict:
+    """A torchvision ImageNet state_dict: from `weights_path`, else through torchvision's weights API
+    (downloaded once into the torch cache, ~/.cache/torch/hub/checkpoints)."""
+    if arch not in PRETRAINED_WEIGHTS:
+        raise UserError(PRETRAINED_ARCH_HELP)
+    if weights_path:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise UserError(f"--weights {path}: no such file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read --weights {path}: {type(e).__name__}: {str(e)[:200]}") from None
+        if isinstance(state, dict) and "model_state" in state:  # one of our own checkpoints
+            state = state["model_state"]
+        if not isinstance(state, dict) or "conv1.weight" not in state:
+            raise UserError(f"--weights {path} is not a torchvision ResNet state_dict (no conv1.weight)")
+        return state
+    weights = torchvision.models.get_weight(PRETRAINED_WEIGHTS[arch])
+    try:
+        return weights.get_state_dict(progress=True)
+    except Exception as e:  # URLError, socket timeout, proxy refusal, truncated download...
+        raise UserError(f"could not download {weights} ({type(e).__name__}: {str(e)[:120]}); without internet, "
+                        f"fetch {weights.url} on another machine and pass --weights PATH") from None
+
+
+def adapt_state_dict(state: dict, in_channels: int) -> dict:
+    """An ImageNet ResNet state_dict for an `in_channels` stem, without the 1000-class head.
+
+    For gray input conv1's RGB kernels are summed: on a gray image (R = G = B) the 1-channel conv then computes
+    exactly what the RGB conv computes on that image replicated to 3 channels.
+    """
+    out = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    w = out["conv1.weight"]
+    if w.shape[1] != in_channels:
+        if w.shape[1] == 3 and in_channels == 1:
+            out["conv1.weight"] = w.sum(dim=1, keepdim=True)
+        else:
+            raise UserError(f"cannot adapt a {w.shape[1]}-channel first convolution to {in_channels} channels")
+    return out
+
+
+def load_backbone(model: nn.Module, state: dict, arch: str) -> None:
+    """Load every weight but the head (fc), which stays freshly initialised for the N classes."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"the pretrained weights do not fit --arch {arch}: {str(e).splitlines()[-1][:200]}") from None
+    if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
+        raise UserError(f"the pretrained weights do not fit --arch {arch}: missing {sorted(missing)[:4]}, "
+                        f"unexpected {sorted(unexpected)[:4]}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -168,14 +248,16 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512,
                    tta: bool = False, channels_last: bool = False,
-                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Logits (N, classes) on the CPU for uint8 images (N, C, S, S); with tta, averaged with the mirror image."""
-    from dataset import to_float  # dataset imports model lazily too; this keeps both importable alone
+                   amp_dtype: torch.dtype | None = None, normalization: dict | None = None) -> torch.Tensor:
+    """Logits (N, classes) on the CPU for uint8 images (N, C, S, S); with tta, averaged with the mirror image.
+    `normalization` is the checkpoint's {"mean", "std"} (default: dataset.NORMALIZATION)."""
+    from dataset import NORMALIZATION, to_float  # dataset imports model lazily too; both stay importable alone
 
+    norm = normalization or NORMALIZATION
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_float(images[i:i + batch_size].to(device, non_blocking=True))
+        x = to_float(images[i:i + batch_size].to(device, non_blocking=True), norm["mean"], norm["std"])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -1,0 +1,164 @@
+"""Export a trained checkpoint to TorchScript and ONNX, and check the exported model against PyTorch.
+
+Usage:
+    python export.py                                          # models/best_model.pth -> models/model.pt, .onnx
+    python export.py --checkpoint models/best_model.pth --format onnx --out models/catdog
+    python export.py --format torchscript --no-check
+
+Writes OUT.pt (TorchScript), OUT.onnx (ONNX, batch size free) and OUT.json (class names and preprocessing).
+The exported model maps a normalized float tensor (N, C, S, S) to logits (N, classes); it does not decode,
+resize or normalize. Feed it what training fed the network:
+    1. decode the image; grayscale ('L') for C = 1, RGB for C = 3 (transparency composited onto white),
+    2. resize to S x S (bilinear, no crop),
+    3. x = pixels / 255 as float32, in (C, S, S) order,
+    4. x = (x - mean) / std with the checkpoint's per-channel mean and std (printed and in OUT.json),
+    5. probabilities = softmax(logits / temperature); label = classes[argmax].
+Flip test-time augmentation is not part of the exported model. The check (on by default) runs both exported
+files on sample inputs and compares with PyTorch (max |difference| <= 1e-4); ONNX needs `pip install onnx
+onnxscript`, and its check onnxruntime (skipped with a note when absent).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from config import UserError
+from dataset import to_float
+from model import load_checkpoint, model_from_checkpoint
+
+FORMATS = ("torchscript", "onnx")
+TOLERANCE = 1e-4
+
+
+def preprocessing(ckpt: dict) -> dict:
+    """What a deployment must do to an image before the exported model: everything the checkpoint knows."""
+    norm = ckpt["normalization"]
+    channels = ckpt["channels"]
+    mean = norm["mean"] if isinstance(norm["mean"], list) else [norm["mean"]] * channels
+    std = norm["std"] if isinstance(norm["std"], list) else [norm["std"]] * channels
+    return {"classes": list(ckpt["classes"]), "input_shape": [1, channels, ckpt["image_size"], ckpt["image_size"]],
+            "color": "grayscale" if channels == 1 else "RGB", "resize": "bilinear, whole image, no crop",
+            "scale": "1/255", "mean": mean, "std": std, "temperature": float(ckpt.get("temperature", 1.0))}
+
+
+def describe(pre: dict) -> str:
+    s = pre["input_shape"][-1]
+    return (f"input: float32 {tuple(pre['input_shape'])} (batch size free) = {pre['color']}, resized to {s}x{s}, "
+            f"x/255, (x - {pre['mean']}) / {pre['std']}; output: logits for {pre['classes']}, "
+            f"probabilities = softmax(logits / {pre['temperature']})")
+
+
+def sample_inputs(ckpt: dict, n: int = 4, seed: int = 0) -> torch.Tensor:
+    """Random images, normalized the way the checkpoint expects: (n, C, S, S) float32."""
+    g = torch.Generator().manual_seed(seed)
+    s, c = ckpt["image_size"], ckpt["channels"]
+    pixels = torch.randint(0, 256, (n, c, s, s), generator=g, dtype=torch.uint8)
+    return to_float(pixels, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    # PyTorch marks TorchScript deprecated, but LibTorch (C++) and many serving stacks still load it.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.trace(model, example).save(str(path))
+    return path
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """ONNX through torch.export (the default exporter), with a free batch size."""
+    try:
+        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
+                          external_data=False, verbose=False)  # one self-contained file, weights inside
+    except ModuleNotFoundError as e:
+        raise UserError(f"ONNX export needs the {e.name!r} package: pip install onnx onnxscript") from None
+    return path
+
+
+def with_suffix(out: Path, suffix: str) -> Path:
+    """OUT + suffix; unlike Path.with_suffix this keeps dots in the name (models/model.v2 -> model.v2.onnx)."""
+    return out.with_name(out.name + suffix)
+
+
+def max_difference(expected: torch.Tensor, got) -> float:
+    return (expected - torch.as_tensor(got, dtype=torch.float32)).abs().max().item()
+
+
+def check_torchscript(path: Path, model: nn.Module, inputs: torch.Tensor) -> float:
+    """Max |exported - PyTorch| over the logits of `inputs`, with the file loaded back from disk."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        return max_difference(model(inputs), loaded(inputs))
+
+
+def check_onnx(path: Path, model: nn.Module, inputs: torch.Tensor) -> float:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"image": inputs.numpy()})
+    with torch.no_grad():
+        return max_difference(model(inputs), got)
+
+
+def export(ckpt: dict, out: Path, formats: list[str], check: bool = True) -> dict:
+    """Write the exported files (and OUT.json); returns {format: path} and, when checked, {format_diff: value}."""
+    model = model_from_checkpoint(ckpt)  # eval mode: BatchNorm uses its running statistics
+    example = sample_inputs(ckpt, n=2, seed=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pre = preprocessing(ckpt)
+    with_suffix(out, ".json").write_text(json.dumps(pre, indent=2))
+    result: dict = {"json": str(with_suffix(out, ".json"))}
+    writers = {"torchscript": (export_torchscript, ".pt", check_torchscript),
+               "onnx": (export_onnx, ".onnx", check_onnx)}
+    inputs = sample_inputs(ckpt, n=4, seed=2)
+    for fmt in formats:
+        write, suffix, verify = writers[fmt]
+        path = write(model, example, with_suffix(out, suffix))
+        result[fmt] = str(path)
+        if not check:
+            continue
+        if fmt == "onnx":
+            try:
+                import onnxruntime  # noqa: F401  (only to know whether the check can run)
+            except ModuleNotFoundError:
+                print("note: onnxruntime is not installed; skipped the ONNX check (pip install onnxruntime)")
+                continue
+        diff = verify(path, model, inputs)
+        result[f"{fmt}_diff"] = diff
+        if not diff <= TOLERANCE:
+            raise UserError(f"{path}: exported outputs differ from PyTorch's by {diff:.2e} (> {TOLERANCE})")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="models/best_model.pth", help="checkpoint written by train.py")
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write")
+    parser.add_argument("--out", default="models/model", help="output path without suffix (.pt, .onnx, .json)")
+    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare the exported model's outputs with PyTorch's on sample inputs")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        result = export(ckpt, Path(args.out), list(dict.fromkeys(args.format)), args.check)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for fmt in args.format:
+        diff = result.get(f"{fmt}_diff")
+        print(f"wrote {result[fmt]}" + (f"  (max |difference| to PyTorch {diff:.1e})" if diff is not None else ""))
+    print(f"wrote {result['json']}")
+    print(describe(preprocessing(ckpt)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
