@@ -178,6 +178,8 @@ def gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_id
 
     The target layer's activations are caught by a forward hook and their gradients by a hook on that output;
     each channel is weighted by its mean gradient, the weighted sum is ReLU'd, upsampled and scaled to [0, 1].
+    The score explained is the class's logit minus the mean logit, which is what the softmax decides on: a raw
+    logit that all classes share a negative offset in would leave the predicted class an all-zero map.
     """
     caught: dict[str, torch.Tensor] = {}
 
@@ -193,7 +195,7 @@ def gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_id
             if class_idx is None:
                 class_idx = int(logits[0].argmax())
             model.zero_grad(set_to_none=True)
-            logits[0, class_idx].backward()
+            (logits[0, class_idx] - logits[0].mean()).backward()
     finally:
         handle.remove()
     act, grad = caught["act"].detach(), caught["grad"].detach()
