@@ -267,7 +267,7 @@ def plot_gallery(images: torch.Tensor, captions: list[str], columns: int = 8):
         ax.axis("on")
         ax.set_title(caption, fontsize=7)
     if len(images) == 0:
-        axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        axes[0].text(0.5, 0.5, "no images to show", ha="center", va="center")
     return fig
 
 
@@ -315,6 +315,22 @@ def split_dir_of(data: str, split: str) -> Path:
     return check_layout(data, split)
 
 
+def write_gallery(idx: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
+                  paths: list[str], classes: list[str], out: Path) -> None:
+    """most_confident_wrong.png (a captioned grid) and most_confident_wrong.csv for the images at idx."""
+    rows, captions = [], []
+    for i in idx.tolist():
+        conf, pred = probs[i].max(0)
+        true, pred = classes[int(labels[i])], int(pred)
+        rows.append([paths[i], true, classes[pred], f"{conf.item():.4f}", f"{probs[i, labels[i]].item():.4f}"])
+        captions.append(f"{Path(paths[i]).name[:18]}\ntrue {true[:14]}\npred {classes[pred][:14]} {conf.item():.2f}")
+    with open(out / "most_confident_wrong.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", "confidence", "p_true"])
+        w.writerows(rows)
+    save_figure(plot_gallery(images[idx], captions), out / "most_confident_wrong.png")
+
+
 def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
     """Metrics of the checkpoint on DATA/SPLIT, printed and written to OUT_DIR with the plots and the gallery."""
     ckpt = load_checkpoint(args.checkpoint)
@@ -354,22 +370,6 @@ def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
     return report
 
 
-def write_gallery(idx: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
-                  paths: list[str], classes: list[str], out: Path) -> None:
-    """most_confident_wrong.png (a captioned grid) and most_confident_wrong.csv for the images at idx."""
-    rows, captions = [], []
-    for i in idx.tolist():
-        conf, pred = probs[i].max(0)
-        true, pred = classes[int(labels[i])], int(pred)
-        rows.append([paths[i], true, classes[pred], f"{conf.item():.4f}", f"{probs[i, labels[i]].item():.4f}"])
-        captions.append(f"{Path(paths[i]).name[:18]}\ntrue {true[:14]}\npred {classes[pred][:14]} {conf.item():.2f}")
-    with open(out / "most_confident_wrong.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", "confidence", "p_true"])
-        w.writerows(rows)
-    save_figure(plot_gallery(images[idx], captions), out / "most_confident_wrong.png")
-
-
 def gradcam_images(args: argparse.Namespace) -> int:
     """A Grad-CAM PNG per image for its predicted class; unreadable images are reported and skipped."""
     from inference import expand_inputs
@@ -388,6 +388,7 @@ def gradcam_images(args: argparse.Namespace) -> int:
             continue
         x = to_float(image[None])
         cam = gradcam(model, x, layer)
+        # Without the mirror TTA, so the class and confidence shown are those of the pass the heatmap explains.
         with torch.no_grad():
             conf, k = torch.softmax(model(x)[0] / temperature, 0).max(0)
         label = classes[int(k)]
@@ -419,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead of evaluating: write Grad-CAM heatmaps of these images, folders or globs")
     args = parser.parse_args(argv)
     try:
+        if args.batch_size < 1 or args.gallery < 0:
+            raise UserError("--batch-size must be at least 1 and --gallery at least 0")
         if args.gradcam:
             return gradcam_images(args)
         from train import pick_device  # train.py imports this module lazily; importing it here avoids a cycle

@@ -11,7 +11,7 @@ from PIL import Image
 import evaluate
 import inference
 import train
-from config import parse_config
+from config import UserError, parse_config
 from conftest import train_args
 from dataset import image_tensor, make_synthetic
 from model import build_model, load_checkpoint, model_from_checkpoint, save_atomic
@@ -155,6 +155,10 @@ def test_class_mismatch_and_missing_split_are_clear_errors(trained, tmp_path, ca
     assert evaluate.main(["--data", str(data), "--split", "val", "--checkpoint", ckpt]) == 2
     assert "no val/ folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # A model trained with --classes cat dog ignores other folders, as training did; a missing class is an error.
+    evaluate.check_classes(["cat", "dog", "horse"], ["cat", "dog"], data, subset_ok=True)
+    with pytest.raises(UserError, match="missing from the data: dog"):
+        evaluate.check_classes(["cat", "horse"], ["cat", "dog"], data, subset_ok=True)
 
 
 def test_gradcam_has_the_input_size_and_is_not_constant(trained):
