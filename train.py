@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from config import TrainConfig, UserError, format_config, given_flags
 from dataset import NORMALIZATION, Split, augment, batches, load_data, to_float
 from model import (CHECKPOINT_VERSION, adapt_state_dict, build_model, load_checkpoint, load_pretrained,
-                   predict_logits, pretrained_normalization, save_atomic, unwrap)
+                   model_from_checkpoint, predict_logits, pretrained_normalization, save_atomic, unwrap)
 
 
 def pick_device(name: str) -> torch.device:
@@ -330,6 +330,32 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool, run_dir: Path) -> dict:
+    """Fit a softmax temperature for the best model on val and store it in its checkpoint (inference and
+    evaluate.py divide the logits by it); also log the val confusion matrix to TensorBoard.
+
+    Returns the temperature and the expected calibration error on val before and after it.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from evaluate import confusion_matrix, expected_calibration_error, fit_temperature, plot_confusion_matrix
+
+    ckpt = load_checkpoint(path)
+    logits = predict_logits(model_from_checkpoint(ckpt).to(device), val.images, device, tta=tta,
+                            normalization=ckpt["normalization"])
+    temperature = fit_temperature(logits, val.labels)
+    before = expected_calibration_error(torch.softmax(logits, 1), val.labels)
+    after = expected_calibration_error(torch.softmax(logits / temperature, 1), val.labels)
+    ckpt["temperature"] = temperature
+    save_atomic(ckpt, path)
+    cm = confusion_matrix(val.labels, logits.argmax(1), len(ckpt["classes"]))
+    with SummaryWriter(str(run_dir)) as writer:
+        writer.add_figure("confusion_matrix/val", plot_confusion_matrix(cm, ckpt["classes"]), ckpt["epoch"])
+    print(f"calibration on val: temperature {temperature:.3f}, expected calibration error {before:.4f} -> "
+          f"{after:.4f} (stored in {path})")
+    return {"temperature": temperature, "val_ece_before": before, "val_ece_after": after}
+
+
 def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, dict | None]:
     """Settings from flags; with --resume, the saved run's settings with the given flags on top."""
     given = given_flags(argv)
@@ -492,9 +518,11 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
         print(stopped)
     if history and is_main:
         plot_history(history, Path(cfg.curves_dir) / "training_curves.png")
+    calibration = calibrate_best_model(out_dir / "best_model.pth", val, device, cfg.tta, run_dir) \
+        if is_main and best["epoch"] and len(val.labels) else {}
     summary = {"best_val_acc": best["acc"], "best_epoch": best["epoch"], "epochs_run": len(history) - start_epoch,
                "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - t_start, 1),
-               "checkpoint": str(out_dir / "best_model.pth"), "history": history}
+               "checkpoint": str(out_dir / "best_model.pth"), "history": history, **calibration}
     if best["epoch"]:
         print(f"done: best val acc {best['acc']:.4f} at epoch {best['epoch']}, {summary['wall_seconds']:.0f}s, "
               f"saved {summary['checkpoint']}")
