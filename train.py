@@ -80,6 +80,9 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
     images, labels = data.images.to(device), data.labels.to(device)
     loss_sum = correct = seen = skipped = steps = 0
     steps_total = len(images) // cfg.batch_size or 1
+    # The forward pass of a skipped step has already moved BatchNorm's running statistics: keep a copy to undo it.
+    buffers = list(model.buffers())
+    saved_buffers = [b.detach().clone() for b in buffers]
     bar = tqdm(batches(len(images), cfg.batch_size, True, generator, drop_last=True), total=steps_total,
                leave=False, desc="train", mininterval=1.0, file=sys.stderr)
     for idx in bar:
@@ -88,12 +91,18 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
         y = labels[idx]
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            for b, saved in zip(buffers, saved_buffers):
+                saved.copy_(b)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
         if not torch.isfinite(loss):
             # A NaN/inf step would poison the weights: skip it, count it, and stop if it keeps happening.
             skipped += 1
+            with torch.no_grad():
+                for b, saved in zip(buffers, saved_buffers):
+                    b.copy_(saved)
             optimizer.zero_grad(set_to_none=True)
             if skipped > max(3, steps_total // 10):
                 raise UserError(f"training loss became NaN/inf in {skipped} steps; lower --lr (now {cfg.lr})")
@@ -246,7 +255,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     t_start = time.time()
     train_seconds = sum(h["train_seconds"] for h in history)
     deadline = t_start + cfg.time_budget - train_seconds if cfg.time_budget > 0 else float("inf")
-    stopped = ""
+    stopped, saved_epoch = "", start_epoch
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             t_epoch = time.time()
@@ -274,12 +283,16 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                 save_atomic(ckpt, out_dir / "best_model.pth")
             ckpt.update(optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
                         rng=rng_state(generator))
-            save_atomic(ckpt, out_dir / "last.pth")
+            if finite:  # a broken model must not replace the last good state that --resume starts from
+                save_atomic(ckpt, out_dir / "last.pth")
+                saved_epoch = epoch
             print(f"epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
                   f"val loss {ev['loss']:.4f} acc {ev['acc']:.4f}  lr {lr:.2e}  {h['epoch_seconds']:.1f}s"
-                  + ("  *best*" if improved else ""), flush=True)
+                  + ("  *best*" if improved else "")
+                  + (f"  ({tr['skipped_steps']} NaN/inf steps skipped)" if tr["skipped_steps"] else ""), flush=True)
             if not finite:
-                raise UserError("the model's weights or val loss became NaN/inf; best_model.pth was kept; "
+                kept = "best_model.pth and last.pth were kept" if saved_epoch else "nothing was saved"
+                raise UserError(f"the model's weights or val loss became NaN/inf in epoch {epoch}; {kept}; "
                                 f"lower --lr (now {cfg.lr})")
             if cfg.patience and epoch - best["epoch"] >= cfg.patience:
                 stopped = f"early stop: no better val accuracy for {cfg.patience} epochs"
@@ -288,9 +301,9 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                 stopped = f"time budget of {cfg.time_budget:.0f}s reached"
                 break
     except KeyboardInterrupt:
-        done = history[-1]["epoch"] if history else start_epoch
-        stopped = (f"interrupted; {out_dir / 'last.pth'} holds epoch {done}: continue with --resume"
-                   if done else "interrupted before the first epoch ended; nothing saved")
+        # Only the epochs whose last.pth was written count: Ctrl-C may land between an epoch and its save.
+        stopped = (f"interrupted; {out_dir / 'last.pth'} holds epoch {saved_epoch}: continue with --resume"
+                   if saved_epoch else "interrupted before the first epoch ended; nothing saved")
     finally:
         writer.close()
 
@@ -323,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading data or setting up, before any epoch could be saved
+        print("interrupted before training started; nothing saved", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
