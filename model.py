@@ -166,8 +166,10 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as e:
+        # The first line only names the model class; the next one says which weights clash.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise UserError(f"checkpoint weights do not fit arch {ckpt['arch']!r} with {len(ckpt['classes'])} "
-                        f"classes: {str(e).splitlines()[0][:200]}") from None
+                        f"classes: {lines[min(1, len(lines) - 1)][:200]}") from None
     return model.eval()
 
 

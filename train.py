@@ -249,6 +249,8 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
 
     # -- loop
     out_dir, run_dir = Path(cfg.out_dir), Path(cfg.log_dir) / cfg.run_name
+    for stale in out_dir.glob(".*.pth.*.tmp"):  # save_atomic's temp file of a run killed while saving
+        stale.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(format_config(cfg))
     writer = SummaryWriter(str(run_dir))

@@ -187,6 +187,7 @@ def test_sigkill_mid_run_never_leaves_a_broken_checkpoint_and_resume_finishes(tm
         _assert_checkpoints_load(out / "models")
     assert kills == 3, f"training finished before it could be killed (seed {seed})"
     assert train.main(["--resume", "--out-dir", str(out / "models")]) == 0
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["best_model.pth", "last.pth"]
     _assert_checkpoints_load(out / "models")
     resumed = torch.load(out / "models" / "last.pth", weights_only=True)["history"]
     assert [h["epoch"] for h in resumed] == list(range(1, 11))
