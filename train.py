@@ -338,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C while loading data or setting up, before any epoch could be saved
-        print("interrupted before training started; nothing saved", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside the epoch loop: while loading data, setting up or plotting
+        print("interrupted; checkpoints already written are complete (continue with --resume if last.pth exists)",
+              file=sys.stderr)
         return 130
 
 
