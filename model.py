@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -217,11 +218,16 @@ def load_checkpoint(path: str | Path, hint: str = "run train.py first") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; {hint}")
+    if not zipfile.is_zipfile(path):  # else a text or truncated file reaches the unpickler and looks malicious
+        raise UserError(f"cannot read checkpoint {path}: not a file written by torch.save, or cut short")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message is a page of advice to load it unsafely; keep only what was found in the file.
+        found = [line.split("error:", 1)[1].split(". ")[0].strip() for line in str(e).splitlines()
+                 if "WeightsUnpickler error:" in line]
         raise UserError(f"refusing to load {path}: it holds objects other than tensors and plain data, "
-                        f"which could run code ({str(e).splitlines()[0][:200]})") from None
+                        f"which could run code ({(found or [str(e).splitlines()[0]])[0][:200]})") from None
     except Exception as e:  # truncated zip, not a torch file at all...
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
@@ -240,8 +246,10 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as e:
+        # The first line only names the model class; the next one says which weights clash.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise UserError(f"checkpoint weights do not fit arch {ckpt['arch']!r} with {len(ckpt['classes'])} "
-                        f"classes: {str(e).splitlines()[0][:200]}") from None
+                        f"classes: {lines[min(1, len(lines) - 1)][:200]}") from None
     return model.eval()
 
 

@@ -224,6 +224,9 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
     # different images; that keeps the permutations in step without passing state between processes.
     bar = tqdm(shard_batches(len(images), cfg.batch_size, generator, rank, world), total=steps_total,
                leave=False, desc="train", mininterval=1.0, file=sys.stderr, disable=rank != 0)
+    # The forward pass of a skipped step has already moved BatchNorm's running statistics: keep a copy to undo it.
+    buffers = list(model.buffers())
+    saved_buffers = [b.detach().clone() for b in buffers]
     data_seconds = 0.0  # time spent fetching and augmenting batches (exact on CPU; CUDA runs it async)
     for idx in bar:
         t_data = time.perf_counter()
@@ -234,12 +237,18 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         data_seconds += time.perf_counter() - t_data
+        with torch.no_grad():
+            for b, saved in zip(buffers, saved_buffers):
+                saved.copy_(b)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
         if any_rank(not torch.isfinite(loss).item(), device):
             # A NaN/inf step would poison the weights: skip it, count it, and stop if it keeps happening.
             skipped += 1
+            with torch.no_grad():
+                for b, saved in zip(buffers, saved_buffers):
+                    b.copy_(saved)
             optimizer.zero_grad(set_to_none=True)
             if skipped > max(3, steps_total // 10):
                 raise UserError(f"training loss became NaN/inf in {skipped} steps; lower --lr (now {cfg.lr})")
@@ -445,13 +454,15 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     out_dir, run_dir = Path(cfg.out_dir), Path(cfg.log_dir) / cfg.run_name
     writer = None
     if is_main:
+        for stale in out_dir.glob(".*.pth.*.tmp"):  # save_atomic's temp file of a run killed while saving
+            stale.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(format_config(cfg))
         writer = SummaryWriter(str(run_dir))
     t_start = time.time()
     train_seconds = sum(h["train_seconds"] for h in history)
     deadline = t_start + cfg.time_budget - train_seconds if cfg.time_budget > 0 else float("inf")
-    stopped = ""
+    stopped, saved_epoch = "", start_epoch
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             if frozen and epoch > cfg.freeze_epochs:
@@ -491,13 +502,18 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                     save_atomic(ckpt, out_dir / "best_model.pth")
                 ckpt.update(optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
                             rng=rng_state(generator))
-                save_atomic(ckpt, out_dir / "last.pth")
+                if finite:  # a broken model must not replace the last good state that --resume starts from
+                    save_atomic(ckpt, out_dir / "last.pth")
+            if finite:
+                saved_epoch = epoch
             top5 = f" top5 {ev['top5']:.4f}" if "top5" in ev else ""
             print(f"epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
                   f"val loss {ev['loss']:.4f} acc {ev['acc']:.4f}{top5}  lr {lr:.2e}  {h['epoch_seconds']:.1f}s"
-                  + ("  *best*" if improved else ""), flush=True)
+                  + ("  *best*" if improved else "")
+                  + (f"  ({tr['skipped_steps']} NaN/inf steps skipped)" if tr["skipped_steps"] else ""), flush=True)
             if not finite:
-                raise UserError("the model's weights or val loss became NaN/inf; best_model.pth was kept; "
+                kept = "best_model.pth and last.pth were kept" if saved_epoch else "nothing was saved"
+                raise UserError(f"the model's weights or val loss became NaN/inf in epoch {epoch}; {kept}; "
                                 f"lower --lr (now {cfg.lr})")
             if cfg.patience and epoch - best["epoch"] >= cfg.patience:
                 stopped = f"early stop: no better val accuracy for {cfg.patience} epochs"
@@ -506,9 +522,9 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                 stopped = f"time budget of {cfg.time_budget:.0f}s reached"
                 break
     except KeyboardInterrupt:
-        done = history[-1]["epoch"] if history else start_epoch
-        stopped = (f"interrupted; {out_dir / 'last.pth'} holds epoch {done}: continue with --resume"
-                   if done else "interrupted before the first epoch ended; nothing saved")
+        # Only the epochs whose last.pth was written count: Ctrl-C may land between an epoch and its save.
+        stopped = (f"interrupted; {out_dir / 'last.pth'} holds epoch {saved_epoch}: continue with --resume"
+                   if saved_epoch else "interrupted before the first epoch ended; nothing saved")
     finally:
         if writer is not None:
             writer.close()
@@ -536,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, resume_ckpt = resolve_config(argv)
         if cfg.check_only:
             from dataset import main as dataset_main
-            return dataset_main(["check", cfg.data])
+            return dataset_main(["check", cfg.data, "--max-bad-fraction", str(cfg.max_bad_fraction)])
         if resume_ckpt is not None and resume_ckpt["epoch"] >= cfg.epochs:
             print(f"{cfg.out_dir}/last.pth already finished {resume_ckpt['epoch']} of {cfg.epochs} epochs; "
                   "pass a larger --epochs to train on")
@@ -547,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the epoch loop: while loading data, setting up or plotting
+        print("interrupted; checkpoints already written are complete (continue with --resume if last.pth exists)",
+              file=sys.stderr)
+        return 130
     finally:
         close_distributed()
 

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny generated datasets and a trained toy checkpoint, all under pytest's tmp_path."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -33,10 +32,3 @@ def trained(tmp_path_factory) -> dict:
     data = make_synthetic(out / "data", 24, size=40, seed=2)
     assert train.main(train_args(data, out, "--epochs", "3")) == 0
     return {"data": data, "out": out, "checkpoint": out / "models" / "best_model.pth"}
-
-
-@pytest.fixture(autouse=True)
-def _quiet_threads():
-    # Tests run small models: one thread avoids oversubscribing CI's 2 cores when pytest-xdist is used.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    yield

@@ -56,6 +56,10 @@ def test_batch_answers_good_files_and_lists_bad_ones(trained, tmp_path, capsys):
     ("empty_folder", "no image files in folder"),
     ("bad_image", "not an image"),
     ("bad_threshold", "--threshold"),
+    ("wrong_classes", "checkpoint weights do not fit arch 'resnet_small' with 3 classes"),
+    ("wrong_arch", "checkpoint weights do not fit arch 'resnet18'"),
+    ("not_a_checkpoint", "cannot read checkpoint"),
+    ("code_in_checkpoint", "refusing to load"),
 ])
 def test_errors_are_one_clear_line(trained, tmp_path, capsys, setup, message):
     ckpt = str(trained["checkpoint"])
@@ -71,8 +75,22 @@ def test_errors_are_one_clear_line(trained, tmp_path, capsys, setup, message):
     elif setup == "bad_image":
         (tmp_path / "x.png").write_text("hello")
         image = str(tmp_path / "x.png")
-    else:
+    elif setup == "bad_threshold":
         extra = ["--threshold", "2"]
+    elif setup == "not_a_checkpoint":
+        ckpt = str(tmp_path / "notes.pth")
+        (tmp_path / "notes.pth").write_text("not a checkpoint")
+    else:
+        import torch
+        raw = torch.load(ckpt, weights_only=True)
+        if setup == "wrong_classes":
+            raw["classes"] = ["cat", "dog", "horse"]  # 3 names for a 2-logit head
+        elif setup == "wrong_arch":
+            raw["arch"] = "resnet18"
+        else:
+            raw["extra"] = Exception("an arbitrary object: unpickling it could run code")
+        ckpt = str(tmp_path / f"{setup}.pth")
+        torch.save(raw, ckpt)
     code = inference.main(["--image", image, "--checkpoint", ckpt, *extra])
     err = capsys.readouterr().err
     assert code != 0 and message in err and "Traceback" not in err
