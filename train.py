@@ -339,14 +339,12 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool, run_dir: Path) -> dict:
+def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool, writer) -> dict:
     """Fit a softmax temperature for the best model on val and store it in its checkpoint (inference and
     evaluate.py divide the logits by it); also log the val confusion matrix to TensorBoard.
 
     Returns the temperature and the expected calibration error on val before and after it.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
     from evaluate import confusion_matrix, expected_calibration_error, fit_temperature, plot_confusion_matrix
 
     ckpt = load_checkpoint(path)
@@ -358,7 +356,7 @@ def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool
     ckpt["temperature"] = temperature
     save_atomic(ckpt, path)
     cm = confusion_matrix(val.labels, logits.argmax(1), len(ckpt["classes"]))
-    with SummaryWriter(str(run_dir)) as writer:
+    if writer is not None:
         writer.add_figure("confusion_matrix/val", plot_confusion_matrix(cm, ckpt["classes"]), ckpt["epoch"])
     print(f"calibration on val: temperature {temperature:.3f}, expected calibration error {before:.4f} -> "
           f"{after:.4f} (stored in {path})")
@@ -527,15 +525,17 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                    if saved_epoch else "interrupted before the first epoch ended; nothing saved")
     finally:
         if writer is not None:
-            writer.close()
+            writer.flush()
 
     # -- summary
     if stopped:
         print(stopped)
     if history and is_main:
         plot_history(history, Path(cfg.curves_dir) / "training_curves.png")
-    calibration = calibrate_best_model(out_dir / "best_model.pth", val, device, cfg.tta, run_dir) \
+    calibration = calibrate_best_model(out_dir / "best_model.pth", val, device, cfg.tta, writer) \
         if is_main and best["epoch"] and len(val.labels) else {}
+    if writer is not None:
+        writer.close()
     summary = {"best_val_acc": best["acc"], "best_epoch": best["epoch"], "epochs_run": len(history) - start_epoch,
                "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - t_start, 1),
                "checkpoint": str(out_dir / "best_model.pth"), "history": history, **calibration}

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated datasets and a trained toy checkpoint, all under pytest's tmp_path."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,76 @@ def trained(tmp_path_factory) -> dict:
     data = make_synthetic(out / "data", 24, size=40, seed=2)
     assert train.main(train_args(data, out, "--epochs", "3")) == 0
     return {"data": data, "out": out, "checkpoint": out / "models" / "best_model.pth"}
+
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height but holds no pixels: a decompression bomb for free."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+# Files of the nasty folder, relative to its root, by what should happen to them.
+NASTY_READABLE = ["train/cat/cmyk.jpg", "train/cat/sixteen_bit.png", "train/cat/palette_transparent.png",
+                  "train/cat/rgba.png", "train/dog/animated.gif", "train/dog/one_pixel.png",
+                  "train/dog/exif_rotated.jpg", "train/dog/webp_named.png"]
+NASTY_UNREADABLE = ["train/cat/zero_bytes.jpg", "train/cat/truncated.jpg", "train/dog/text_named.jpg",
+                    "train/dog/bomb.png", "train/cat/bomb_warning.png"]
+NASTY_IGNORED = ["train/cat/Thumbs.db", "train/dog/notes.txt"]
+NASTY_DUPLICATE = ("train/cat/cat_0000.png", "train/cat/copy_of_cat_0000.png")
+NASTY_LEAK = ("train/dog/dog_0001.png", "val/dog/leaked_dog_0001.png")
+
+
+@pytest.fixture
+def nasty_data(tmp_path: Path) -> Path:
+    """The dirty folder real photo sets look like: 12 good images per class in train/ and 3 in val/ (and a copy
+    of a train image in each), every odd-but-valid image type, unreadable files and junk beside the images."""
+    import io
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = make_synthetic(tmp_path / "nasty", 12, size=40, seed=3, splits=("train", "val"))
+    cat, dog = root / "train" / "cat", root / "train" / "dog"
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "RGB")
+
+    Image.new("CMYK", (40, 40), (0, 200, 100, 30)).save(cat / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)).save(cat / "sixteen_bit.png")
+    palette = photo.convert("P", palette=Image.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    palette.save(cat / "palette_transparent.png", transparency=0)
+    photo.convert("RGBA").save(cat / "rgba.png")
+    frames = [photo.convert("P"), photo.transpose(Image.FLIP_LEFT_RIGHT).convert("P")]
+    frames[0].save(dog / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    Image.new("L", (1, 1), 128).save(dog / "one_pixel.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    photo.save(dog / "exif_rotated.jpg", exif=exif)
+    photo.save(dog / "webp_named.png", format="WEBP")
+
+    (cat / "zero_bytes.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=95)
+    (cat / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (dog / "text_named.jpg").write_text("this is a text file, not a picture\n")
+    _png_header_only(dog / "bomb.png", 100_000, 100_000)  # over twice PIL's limit: refused on open
+    _png_header_only(cat / "bomb_warning.png", 12_000, 12_000)  # between 1x and 2x: PIL only warns
+
+    (cat / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 not an image")
+    (dog / "notes.txt").write_text("dogs from grandma's phone\n")
+    for folder in (cat, dog, root / "val" / "cat"):
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    Image.new("L", (40, 40)).save(root / "train" / ".ipynb_checkpoints" / "stray.png")
+
+    for src, dst in (NASTY_DUPLICATE, NASTY_LEAK):
+        shutil.copyfile(root / src, root / dst)
+    return root
