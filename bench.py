@@ -85,11 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-seconds", type=float, default=400.0, help="stop the baseline after this")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--work-dir", default="", help="keep our run's cache, models, logs, curves here "
+                        "(default: a temporary folder, removed at the end)")
     argv = sys.argv[1:] if argv is None else argv
     train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as scratch:
+            tmp = args.work_dir or scratch
             cfg = dataclasses.replace(parse_config(train_flags), data=args.data, epochs=args.epochs, time_budget=args.time_budget,
                                       device=args.device, workers=args.workers, cache_dir=f"{tmp}/cache",
                                       out_dir=f"{tmp}/models", log_dir=f"{tmp}/logs", curves_dir=f"{tmp}/curves",

@@ -46,16 +46,18 @@ class BasicBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """A narrow ResNet for 32-128 px inputs.
+    """A narrow ResNet for 32-128 px inputs: four stages of one residual block, widths w, 2w, 4w, 8w.
 
-    The stride-2 3x3 stem halves the resolution at once: on a CPU the first stage's resolution and width
-    decide the speed, and a 64x64 cat needs no 64x64 feature maps to be recognised.
+    The stride-2 3x3 stem and a 2x2 max-pool bring 64x64 down to 16x16 before the first block: on a CPU the
+    first stage's resolution and width decide the speed (measured on 2 cores at width 48: ~700 train img/s,
+    against ~180 with the first stage at 32x32).
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 48, blocks: tuple = (1, 1, 2, 1)):
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 48, blocks: tuple = (1, 1, 1, 1)):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2))
         stages, cin = [], width
         for i, n in enumerate(blocks):
             cout = width * 2**i
