@@ -14,12 +14,15 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed
 
-# A smoke test of the whole pipeline on a small synthetic set (not real photos): about a minute on 2 cores.
+# A smoke test of the whole pipeline on a small synthetic set (not real photos): train, inference, evaluate.
+# Its outputs go to models/demo and curves/demo, so a real run's models/best_model.pth is never overwritten.
 demo: setup
 	$(PY) dataset.py demo $(DEMO)
-	$(PY) train.py --data $(DEMO) --epochs 8 --batch-size 32 --workers 0 --out-dir models --run-name demo
-	$(PY) inference.py --image $(DEMO)/test/dog/dog_0000.png
-	$(PY) inference.py --image $(DEMO)/test --csv curves/demo_predictions.csv
+	$(PY) train.py --data $(DEMO) --epochs 8 --batch-size 32 --workers 0 \
+		--out-dir models/demo --curves-dir curves/demo --run-name demo
+	$(PY) inference.py --checkpoint models/demo/best_model.pth --image $(DEMO)/test/dog/dog_0000.png
+	$(PY) inference.py --checkpoint models/demo/best_model.pth --image $(DEMO)/test --csv curves/demo/predictions.csv
+	$(PY) evaluate.py --checkpoint models/demo/best_model.pth --data $(DEMO) --split test --out-dir curves/demo
 
 test: setup
 	$(PY) -m pytest -q
@@ -28,4 +31,4 @@ bench: setup
 	$(PY) bench.py --data ../shared/data/catdog
 
 clean:
-	rm -rf $(DEMO) models logs curves cache
+	rm -rf $(DEMO) models/demo curves/demo logs/demo

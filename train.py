@@ -414,6 +414,8 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
         print(f"skipped unreadable image {path}: {reason}")
     if train.bad or val.bad:
         print(f"skipped {len(train.bad) + len(val.bad)} unreadable image(s) in total")
+    # Kept on the training device for the whole run: on a GPU no batch crosses the PCIe bus again.
+    train.images, train.labels = train.images.to(device), train.labels.to(device)
     if len(train.paths) < cfg.batch_size:
         print(f"note: only {len(train.paths)} training images; each epoch is one batch of that size")
 
@@ -458,7 +460,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
         (run_dir / "config.json").write_text(format_config(cfg))
         writer = SummaryWriter(str(run_dir))
     t_start = time.time()
-    train_seconds = sum(h["train_seconds"] for h in history)
+    train_seconds = history[-1]["train_seconds"] if history else 0.0  # cumulative, carried over by --resume
     deadline = t_start + cfg.time_budget - train_seconds if cfg.time_budget > 0 else float("inf")
     stopped, saved_epoch = "", start_epoch
     try:
