@@ -228,3 +228,17 @@ def test_mostly_unreadable_data_stops(tmp_path):
         (data / "train" / "cat" / f"broken{i}.jpg").write_bytes(b"not an image")
     with pytest.raises(UserError, match="cannot be read"):
         load_data(str(data), None, 16, 1, 0.2, 0, max_bad_fraction=0.5)
+
+
+def test_real_photos_decode_to_gray_64(tmp_path):
+    """Real Kaggle photos (200 px and full resolution) decode through draft mode; skipped without ../shared."""
+    from conftest import SHARED
+
+    folders = [SHARED / "data" / "catdog" / "val" / "cat", SHARED / "data" / "catdog-fullres" / "train" / "dog"]
+    if not all(f.is_dir() for f in folders):
+        pytest.skip("../shared/data is not present")
+    for folder in folders:
+        for path in sorted(folder.iterdir())[:10]:
+            out = decode_image(path, 64)
+            assert out.shape == (1, 64, 64) and out.dtype == np.uint8
+            assert out.std() > 5  # a photo, not a blank
