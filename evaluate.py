@@ -309,7 +309,7 @@ def split_dir_of(data: str, split: str) -> Path:
     """DATA/SPLIT, or a UserError that names the splits there are."""
     root = Path(data)
     if root.is_dir() and not (root / split).is_dir():
-        there = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        there = find_classes(root)  # the same non-hidden subfolder listing that finds class folders
         raise UserError(f"no {split}/ folder in {root} (it has: {', '.join(there) or 'nothing'}); "
                         f"choose one with --split")
     return check_layout(data, split)
