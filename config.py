@@ -59,7 +59,7 @@ class TrainConfig:
     tta: bool = _f(True, "evaluate on the image and its mirror and average (flip test-time augmentation)")
     # machine
     device: str = _f("auto", "auto picks cuda, then mps, then cpu")
-    amp: bool = _f(True, "mixed precision (bf16/fp16) on CUDA; ignored on CPU")
+    amp: bool = _f(True, "mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (~2x faster)")
     channels_last: bool = _f(True, "memory layout that makes convolutions faster on CPU and GPU")
     compile: bool = _f(False, "torch.compile the model (CUDA; slow first epoch)")
     seed: int = _f(0, "seed for the split, the initial weights, shuffling and augmentation")

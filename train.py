@@ -48,6 +48,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 math (AVX512-BF16 or AMX), where bf16 autocast trains ~2x faster; elsewhere
+    PyTorch emulates bf16 and it is slower than fp32. These checks are private to torch.cpu, hence the getattr."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def pick_amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast dtype for --amp on this device, or None for plain fp32."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int):
     """Learning-rate factor per step: linear warmup to 1, then cosine decay to 0."""
     def factor(step: int) -> float:
@@ -385,15 +403,15 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     device = init_distributed(pick_device(cfg.device))
     rank, world = rank_world()
     is_main = rank == 0
-    amp_dtype = None
-    if cfg.amp and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = pick_amp_dtype(device, cfg.amp)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if not cfg.run_name:
         cfg = dataclasses.replace(cfg, run_name=f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}")
     print("config:", format_config(cfg))
-    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)}, {amp_dtype})" if device.type == "cuda"
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                                  else f" ({torch.get_num_threads()} threads)")
+          + f", {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}"
           + (f", {world} processes ({dist.get_backend()}), batch size {cfg.batch_size} per process"
              if world > 1 else ""))
     # Fetched before the data so a missing download fails fast; a resumed run has its weights already.
