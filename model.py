@@ -48,16 +48,18 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """A narrow ResNet for 32-128 px inputs: four stages of one residual block, widths w, 2w, 4w, 8w.
 
-    The stride-2 3x3 stem and a 2x2 max-pool bring 64x64 down to 16x16 before the first block: on a CPU the
-    first stage's resolution and width decide the speed (measured on 2 cores at width 48: ~700 train img/s,
-    against ~180 with the first stage at 32x32).
+    Two stride-2 3x3 convolutions bring 64x64 down to 16x16 before the first block: on a CPU the first stage's
+    resolution and width decide the speed. Measured on 2 cores, 15 epochs of cat/dog photos: this stem trains
+    as fast as a stride-2 conv plus max-pool and ends ~3 points more accurate (85.4% against 82.4%); a first
+    stage at 32x32 is as accurate but slower.
     """
 
     def __init__(self, num_classes: int, in_channels: int = 1, width: int = 48, blocks: tuple = (1, 1, 1, 1)):
         super().__init__()
+        half = width // 2
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2))
+            nn.Conv2d(in_channels, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         stages, cin = [], width
         for i, n in enumerate(blocks):
             cout = width * 2**i

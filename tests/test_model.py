@@ -19,6 +19,7 @@ def test_output_shape(arch, channels, classes):
 def test_small_resnet_has_a_one_channel_stem_and_skip_connections():
     model = SmallResNet(2, 1, width=8)
     assert model.stem[0].in_channels == 1 and model.stem[0].stride == (2, 2)
+    assert model.stem(torch.zeros(1, 1, 64, 64)).shape == (1, 8, 16, 16)  # two stride-2 convs, no pooling
     assert any(len(b.shortcut) for b in model.layers)  # projection shortcuts where the shape changes
 
 
