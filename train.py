@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 
 from config import TrainConfig, UserError, format_config, given_flags
 from dataset import NORMALIZATION, Split, augment, batches, load_data, to_float
@@ -226,9 +227,26 @@ def class_weight_tensor(labels: torch.Tensor, num_classes: int, mode: str) -> to
     return counts.sum() / (num_classes * counts)
 
 
+def ema_of(model: nn.Module, decay: float) -> AveragedModel:
+    """A copy of the model whose weights and BatchNorm statistics follow an exponential moving average.
+
+    Averaging the recent weights acts like a lower learning rate without slowing the training itself, so the
+    average is better than the raw model while the learning rate is still high. The decay ramps up from 0.1 over
+    the first steps (as in timm), so the average does not remember the random start."""
+    def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        weight = 1 - min(decay, (1 + n) / (10 + n))
+        for a, c in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(c, weight)
+            else:  # BatchNorm's step counter
+                a.copy_(c)
+    return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+
+
 def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
                     device: torch.device, cfg: TrainConfig, generator: torch.Generator,
-                    amp_dtype: torch.dtype | None, deadline: float) -> dict:
+                    amp_dtype: torch.dtype | None, deadline: float, ema: AveragedModel | None = None) -> dict:
     """One pass over the training images, augmented on whole batches; returns mean loss, accuracy, counts."""
     from tqdm import tqdm
 
@@ -275,6 +293,8 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
         steps += 1
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
@@ -452,10 +472,15 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     schedule = (two_phase_schedule(warmup_steps, phase1_steps, total_steps) if 0 < phase1_steps < total_steps
                 else warmup_cosine(warmup_steps, total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ema = ema_of(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start_epoch, history = 0, []
     best = {"acc": -1.0, "epoch": 0}
     if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model_state"])
+        # With EMA, model_state holds the average (what inference uses) and raw_model_state what training resumes.
+        model.load_state_dict(resume_ckpt.get("raw_model_state", resume_ckpt["model_state"]))
+        if ema is not None:
+            ema.module.load_state_dict(resume_ckpt["model_state"])
+            ema.n_averaged.fill_(resume_ckpt.get("ema_steps", 0))
         optimizer.load_state_dict(resume_ckpt["optimizer_state"])
         scheduler.load_state_dict(resume_ckpt["scheduler_state"])
         set_rng_state(resume_ckpt["rng"], generator)
@@ -467,6 +492,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
         print(f"epochs 1-{cfg.freeze_epochs}: training the head only; then the backbone at lr x "
               f"{cfg.backbone_lr_factor}")
     train_model = wrap_for_training(model, cfg, device)
+    eval_model = model if ema is None else ema.module  # evaluated, and saved as the checkpoint's weights
 
     # -- loop
     out_dir, run_dir = Path(cfg.out_dir), Path(cfg.log_dir) / cfg.run_name
@@ -490,10 +516,10 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                 print(f"epoch {epoch}: backbone unfrozen")
             t_epoch = time.time()
             tr = train_one_epoch(train_model, train, optimizer, scheduler, loss_fn, device, cfg, generator,
-                                 amp_dtype, deadline)
+                                 amp_dtype, deadline, ema)
             epoch_train_seconds = time.time() - t_epoch
             train_seconds += epoch_train_seconds
-            ev = evaluate(model, val, device, cfg.tta, cfg.channels_last, amp_dtype, normalization_for(cfg))
+            ev = evaluate(eval_model, val, device, cfg.tta, cfg.channels_last, amp_dtype, normalization_for(cfg))
             lr = optimizer.param_groups[-1]["lr"]  # the head's, when the backbone has a lower one
             h = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": ev["loss"],
                  "val_acc": ev["acc"], "lr": lr, "train_seconds": round(train_seconds, 2),
@@ -511,15 +537,18 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
             if writer is not None:
                 writer.flush()
             finite = math.isfinite(ev["loss"]) and all(torch.isfinite(p).all() for p in model.parameters())
+            finite = finite and all(torch.isfinite(p).all() for p in eval_model.parameters())
             improved = finite and ev["acc"] > best["acc"]
             if improved:
                 best = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"]}
             if is_main:
-                ckpt = make_checkpoint(model, cfg, classes, epoch, {"val": ev, "train": tr}, history, best)
+                ckpt = make_checkpoint(eval_model, cfg, classes, epoch, {"val": ev, "train": tr}, history, best)
                 if improved:
                     save_atomic(ckpt, out_dir / "best_model.pth")
                 ckpt.update(optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
                             rng=rng_state(generator))
+                if ema is not None:
+                    ckpt.update(raw_model_state=unwrap(model).state_dict(), ema_steps=int(ema.n_averaged))
                 if finite:  # a broken model must not replace the last good state that --resume starts from
                     save_atomic(ckpt, out_dir / "last.pth")
             if finite:

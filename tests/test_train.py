@@ -61,14 +61,46 @@ def test_resume_continues_at_the_right_epoch(tiny_data, tmp_path, capsys):
     assert last["config"]["data"] == str(tiny_data)
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_data, tmp_path):
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_resume_equals_an_uninterrupted_run(tiny_data, tmp_path, ema):
     a, b = tmp_path / "a", tmp_path / "b"
-    train.main(train_args(tiny_data, a, "--epochs", "2"))
-    train.main(train_args(tiny_data, b, "--epochs", "2") + ["--epochs", "1"])
+    train.main(train_args(tiny_data, a, "--epochs", "2", "--ema-decay", ema))
+    train.main(train_args(tiny_data, b, "--epochs", "2", "--ema-decay", ema) + ["--epochs", "1"])
     train.main(["--resume", "--out-dir", str(b / "models"), "--epochs", "2"])
-    ha = torch.load(a / "models" / "last.pth", weights_only=True)["history"]
-    hb = torch.load(b / "models" / "last.pth", weights_only=True)["history"]
-    assert [h["val_loss"] for h in ha] == pytest.approx([h["val_loss"] for h in hb], rel=1e-4)
+    ca, cb = (torch.load(run / "models" / "last.pth", weights_only=True) for run in (a, b))
+    assert [h["val_loss"] for h in ca["history"]] == pytest.approx([h["val_loss"] for h in cb["history"]], rel=1e-4)
+    for key in ("model_state", "raw_model_state") if ema != "0" else ("model_state",):
+        for name, value in ca[key].items():
+            assert torch.allclose(value.float(), cb[key][name].float(), atol=1e-5), (key, name)
+
+
+def test_ema_is_a_moving_average_with_a_short_warmup():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    ema = train.ema_of(model, decay=0.5)
+    weights = []
+    for step in range(4):
+        with torch.no_grad():
+            model[0].weight.fill_(float(step + 1))
+            model[1].running_mean.fill_(float(10 * (step + 1)))
+        weights.append(step + 1.0)
+        ema.update_parameters(model)
+    # The first update copies; then decay = min(0.5, (1 + n) / (10 + n)) for n = 1, 2, 3 earlier updates.
+    expected_w, expected_m = 1.0, 10.0
+    for n, w in zip((1, 2, 3), weights[1:]):
+        d = min(0.5, (1 + n) / (10 + n))
+        expected_w, expected_m = d * expected_w + (1 - d) * w, d * expected_m + (1 - d) * 10 * w
+    assert ema.module[0].weight.flatten().tolist() == pytest.approx([expected_w] * 2)
+    assert ema.module[1].running_mean.item() == pytest.approx(expected_m)  # BatchNorm statistics are averaged too
+    assert ema.module[1].num_batches_tracked.item() == model[1].num_batches_tracked.item()
+
+
+def test_with_ema_the_checkpoint_holds_the_average_and_last_pth_the_raw_weights(tiny_data, tmp_path):
+    assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2", "--ema-decay", "0.9")) == 0
+    last = torch.load(tmp_path / "models" / "last.pth", weights_only=True)
+    assert last["ema_steps"] == sum(h["train_images"] for h in last["history"]) // 8
+    averaged, raw = last["model_state"], last["raw_model_state"]
+    assert averaged.keys() == raw.keys()
+    assert not torch.equal(averaged["fc.weight"], raw["fc.weight"])
 
 
 def test_same_seed_same_metrics(tiny_data, tmp_path):
