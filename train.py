@@ -536,8 +536,9 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                     writer.add_scalar(tag, h[key], epoch)
             if writer is not None:
                 writer.flush()
-            finite = math.isfinite(ev["loss"]) and all(torch.isfinite(p).all() for p in model.parameters())
-            finite = finite and all(torch.isfinite(p).all() for p in eval_model.parameters())
+            nets = (model,) if eval_model is model else (model, eval_model)
+            finite = math.isfinite(ev["loss"]) and all(torch.isfinite(p).all()
+                                                       for net in nets for p in net.parameters())
             improved = finite and ev["acc"] > best["acc"]
             if improved:
                 best = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"]}
