@@ -53,6 +53,26 @@ def find_classes(split_dir: str | Path, wanted: list[str] | None = None) -> list
     return sorted(wanted)
 
 
+def files_below(folder: str | Path) -> list[tuple[tuple[str, ...], str]]:
+    """(path parts relative to folder, path) of every file below it, sorted by parts as sorted(rglob) sorts; hidden
+    folders and symlinked folders are not entered. os.scandir, not rglob: a million files are listed in seconds."""
+    found, stack = [], [(str(folder), ())]
+    while stack:
+        here, parts = stack.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = list(it)
+        except PermissionError:
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                if not is_hidden(e.name):
+                    stack.append((e.path, (*parts, e.name)))
+            elif e.is_file():
+                found.append(((*parts, e.name), e.path))
+    return sorted(found)
+
+
 def list_images(split_dir: str | Path, classes: list[str]) -> tuple[list[str], list[int], list[str]]:
     """(image paths, labels, ignored non-image files) for the given classes, in a stable order."""
     paths, labels, ignored = [], [], []
@@ -60,14 +80,14 @@ def list_images(split_dir: str | Path, classes: list[str]) -> tuple[list[str], l
         folder = Path(split_dir) / name
         if not folder.is_dir():
             continue
-        for p in sorted(folder.rglob("*")):
-            if not p.is_file() or any(is_hidden(part) for part in p.relative_to(folder).parts):
-                continue  # .DS_Store, ._resource forks, files in hidden folders
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(str(p))
+        for parts, p in files_below(folder):
+            if is_hidden(parts[-1]):
+                continue  # .DS_Store, ._resource forks
+            if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS:
+                paths.append(p)
                 labels.append(label)
             else:
-                ignored.append(str(p))  # Thumbs.db, notes.txt...
+                ignored.append(p)  # Thumbs.db, notes.txt...
     return paths, labels, ignored
 
 
