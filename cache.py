@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import tempfile
 import uuid
@@ -39,8 +40,8 @@ except ImportError:  # Windows
 
 CACHE_VERSION = 2
 COMPACT_SHARE = 0.25  # rewrite the array once more than this share of its rows belong to no current file
-BLOCK_ROWS = 4096  # rows decoded, written and copied at a time: bounds memory whatever the split's size
-INDEX_EVERY_ROWS = 200_000  # a long first decode saves its progress this often, so a killed run resumes
+BLOCK_BYTES = 16 << 20  # pixels decoded, written or copied at a time: bounds memory whatever the split's size
+INDEX_EVERY_BYTES = 1 << 30  # a long first decode saves its progress this often, so a killed run resumes
 TAIL_BYTES = 1 << 16  # the checksum covers the last this-many bytes of the valid rows
 
 # decode(paths) yields (uint8 (C, S, S) array or None, reason) per path, in order.
@@ -214,9 +215,9 @@ def _compact(cache_dir: Path, key: str, arr: np.ndarray, live_rows: np.ndarray,
              row_shape: tuple) -> tuple[str, np.ndarray]:
     """Copy the live rows, in their order in `arr`, into a new generation; (its file name, old row -> new row)."""
     name, kept = f"{key}.{uuid.uuid4().hex[:8]}.npy", np.sort(live_rows)
+    step = max(1, BLOCK_BYTES // math.prod(row_shape))
     _new_array(cache_dir / name, row_shape)
-    _append_rows(cache_dir / name, 0, (arr[kept[i:i + BLOCK_ROWS]] for i in range(0, len(kept), BLOCK_ROWS)),
-                 row_shape)
+    _append_rows(cache_dir / name, 0, (arr[kept[i:i + step]] for i in range(0, len(kept), step)), row_shape)
     remap = np.full(len(arr), -1, dtype=np.int64)
     remap[kept] = np.arange(len(kept))
     return name, remap
@@ -290,9 +291,10 @@ def _update(cache_dir: Path, key: str, split_dir: str | Path, paths: list[str], 
                     [reasons[i] for i in pick])
 
     # Decode what is new or changed, appending it block by block; a failed file gets row -1 and its reason.
+    block_rows = max(1, BLOCK_BYTES // math.prod(row_shape))
     decoded = iter(decode([paths[i] for i in todo])) if todo else iter(())
-    for start in range(0, len(todo), BLOCK_ROWS):
-        chunk = todo[start:start + BLOCK_ROWS]
+    for start in range(0, len(todo), block_rows):
+        chunk = todo[start:start + block_rows]
         block = []
         for i, (pixels, reason) in zip(chunk, itertools.islice(decoded, len(chunk))):
             reasons[i] = reason
@@ -302,7 +304,7 @@ def _update(cache_dir: Path, key: str, split_dir: str | Path, paths: list[str], 
         if block:
             n_rows = _append_rows(cache_dir / array_name, n_rows, iter([np.stack(block)]), row_shape)
         done = start + len(chunk)
-        if done % INDEX_EVERY_ROWS < BLOCK_ROWS and done < len(todo):
+        if done % (INDEX_EVERY_BYTES // BLOCK_BYTES * block_rows) < block_rows and done < len(todo):
             save(todo[done:])  # progress that a run killed during a long decode keeps
     live = rows[rows >= 0]
     stale = n_rows - len(live)

@@ -13,10 +13,12 @@ augmentation then runs on whole batches of tensors.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import sys
 import warnings
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,23 +222,38 @@ class Split:
         return Split(RowView.of(self.images, idx), self.labels[idx], [self.paths[i] for i in idx.tolist()])
 
 
+def _decode_chunk(jobs: list[tuple]) -> list[tuple[np.ndarray | None, str]]:
+    return [_decode_or_reason(j) for j in jobs]
+
+
 def decode_files(paths: list[str], size: int, channels: int, workers: int,
                  desc: str = "decoding") -> Iterator[tuple[np.ndarray | None, str]]:
     """Decode many files lazily and in order, in `workers` processes when there are enough of them to pay for
-    starting those; callers take results as they come, so the pixels of all files are never held at once."""
+    starting those. Only a few chunks of about 4 MiB of pixels are in flight at a time, so however many files
+    there are, memory holds what the caller keeps, not every decoded image."""
     from tqdm import tqdm
 
     jobs = [(p, size, channels) for p in paths]
-    show = len(jobs) >= 500
+    bar = tqdm(total=len(jobs), desc=desc, disable=len(jobs) < 500, leave=False)
     if workers <= 0 or len(jobs) < 200:
-        yield from map(_decode_or_reason, tqdm(jobs, desc=desc, disable=not show, leave=False))
+        for job in jobs:
+            yield _decode_or_reason(job)
+            bar.update()
+        bar.close()
         return
+    step = max(1, min(64, (4 << 20) // (size * size * channels)))
+    chunks = (jobs[i:i + step] for i in range(0, len(jobs), step))
     pool = ProcessPoolExecutor(workers)
     try:
-        yield from tqdm(pool.map(_decode_or_reason, jobs, chunksize=64), total=len(jobs), desc=desc,
-                        disable=not show, leave=False)
+        pending = deque(pool.submit(_decode_chunk, c) for c in itertools.islice(chunks, 4 * workers))
+        while pending:
+            done = pending.popleft().result()
+            pending.extend(pool.submit(_decode_chunk, c) for c in itertools.islice(chunks, 1))
+            bar.update(len(done))
+            yield from done
     finally:
         pool.shutdown(cancel_futures=True)
+        bar.close()
 
 
 def mapped_tensor(pixels: np.ndarray) -> torch.Tensor:
