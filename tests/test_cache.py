@@ -1,0 +1,214 @@
+"""The memory-mapped cache (cache.py) through load_split: reuse, appends, damage, compaction, and memory."""
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cache
+import dataset
+from dataset import RowView, find_classes, load_split, make_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def split_dir(tmp_path):
+    return make_synthetic(tmp_path / "d", 6, size=24, splits=("train",)) / "train"
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The lists of paths load_split sends to the decoder, call by call."""
+    calls = []
+    real = dataset.decode_files
+    monkeypatch.setattr(dataset, "decode_files", lambda paths, *a, **k: calls.append(list(paths)) or real(paths, *a, **k))
+    return calls
+
+
+def load(split_dir, cache_dir, size=16):
+    return load_split(split_dir, find_classes(split_dir), size, 1, str(cache_dir), 0)
+
+
+def pixels(split) -> torch.Tensor:
+    return split.images[torch.arange(len(split.images))]
+
+
+def by_path(split) -> dict:
+    return {p: pixels(split)[i] for i, p in enumerate(split.paths)}
+
+
+def mapping_of(address: int) -> tuple[str, str]:
+    """(file, permissions) of the memory mapping holding `address`, from /proc/self/maps."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[-1] if len(fields) > 5 else "", fields[1]
+    return "", ""
+
+
+def files(cache_dir, pattern):
+    return sorted(Path(cache_dir).glob(pattern))
+
+
+def test_round_trip_equals_a_fresh_decode_and_is_a_read_only_map(split_dir, tmp_path, decoded):
+    first = load(split_dir, tmp_path / "c")
+    fresh = load(split_dir, "")
+    again = load(split_dir, tmp_path / "c")
+    assert len(decoded) == 2  # the cached load decoded nothing
+    for s in (first, again):
+        assert s.paths == fresh.paths and torch.equal(s.labels, fresh.labels)
+        assert torch.equal(pixels(s), fresh.images) and s.images.dtype == torch.uint8
+    [npy] = files(tmp_path / "c", "train-16px-1ch-*.npy")  # image size and channels in the name
+    assert isinstance(again.images, torch.Tensor) and mapping_of(again.images.data_ptr()) == (str(npy), "r--s")
+    assert np.array_equal(np.load(npy, mmap_mode="r"), fresh.images.numpy())
+
+
+def test_new_files_are_the_only_ones_decoded_and_are_appended(split_dir, tmp_path, decoded):
+    first = load(split_dir, tmp_path / "c")
+    [npy] = files(tmp_path / "c", "*.npy")
+    added = [split_dir / "cat" / "new_a.png", split_dir / "dog" / "new_b.png"]
+    for i, p in enumerate(added):
+        Image.new("L", (30, 30), 40 + 100 * i).save(p)
+    second = load(split_dir, tmp_path / "c")
+    assert decoded[1] == sorted(str(p) for p in added)
+    assert files(tmp_path / "c", "*.npy") == [npy]  # appended in place: the same generation
+    assert np.load(npy, mmap_mode="r").shape[0] == len(first.paths) + 2
+    assert isinstance(second.images, RowView)  # the new rows sit at the end, out of path order
+    old, new = by_path(first), by_path(second)
+    assert all(torch.equal(new[p], old[p]) for p in old)
+    assert new[str(added[0])].unique().tolist() == [40] and new[str(added[1])].unique().tolist() == [140]
+
+
+def test_a_changed_file_is_decoded_again(split_dir, tmp_path, decoded):
+    first = load(split_dir, tmp_path / "c")
+    changed = split_dir / "dog" / "dog_0002.png"
+    Image.new("L", (40, 40), 255).save(changed)
+    second = load(split_dir, tmp_path / "c")
+    assert decoded[1] == [str(changed)]
+    assert second.paths == first.paths
+    row = second.paths.index(str(changed))
+    assert second.images[row].min() == 255 and first.images[row].min() < 255
+    others = [i for i, p in enumerate(second.paths) if p != str(changed)]
+    assert torch.equal(second.images[others], first.images[others])
+    assert torch.equal(pixels(second), load(split_dir, "").images)
+
+
+def test_unreadable_files_are_remembered_with_their_reason(split_dir, tmp_path, decoded):
+    (split_dir / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    first = load(split_dir, tmp_path / "c")
+    second = load(split_dir, tmp_path / "c")
+    assert len(decoded) == 1
+    assert second.bad == first.bad == [(str(split_dir / "cat" / "broken.jpg"), first.bad[0][1])]
+    assert "PIL" in first.bad[0][1] and str(split_dir / "cat" / "broken.jpg") not in second.paths
+
+
+@pytest.mark.parametrize("damage", ["truncate array", "truncate index", "garbage index", "rows overwritten",
+                                    "array missing"])
+def test_a_damaged_cache_is_rebuilt_with_a_warning(split_dir, tmp_path, decoded, damage):
+    n = len(load(split_dir, tmp_path / "c").paths)  # (its map is not read again: the file gets damaged)
+    [npy], [index] = files(tmp_path / "c", "*.npy"), files(tmp_path / "c", "*.index.npz")
+    if damage == "truncate array":
+        npy.write_bytes(npy.read_bytes()[: npy.stat().st_size - 100])
+    elif damage == "truncate index":
+        index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+    elif damage == "garbage index":
+        index.write_bytes(b"\0" * 300)
+    elif damage == "rows overwritten":  # same length, different pixels at the end: the checksum catches it
+        with open(npy, "r+b") as f:
+            f.seek(-50, 2)
+            f.write(b"\x07" * 50)
+    else:
+        npy.unlink()
+    with pytest.warns(cache.CacheWarning, match="rebuilding"):
+        second = load(split_dir, tmp_path / "c")
+    assert len(decoded) == 2 and len(decoded[1]) == n  # every file decoded again
+    assert torch.equal(pixels(second), load(split_dir, "").images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt cache is whole again
+        load(split_dir, tmp_path / "c")
+    assert len(files(tmp_path / "c", "*.npy")) == 1
+
+
+def test_rows_written_after_the_index_by_a_killed_run_are_ignored(split_dir, tmp_path, decoded):
+    load(split_dir, tmp_path / "c")
+    [npy] = files(tmp_path / "c", "*.npy")
+    with open(npy, "ab") as f:  # an append that died before its index was written
+        f.write(b"\x09" * 16 * 16 * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = load(split_dir, tmp_path / "c")
+    assert len(decoded) == 1 and torch.equal(pixels(second), load(split_dir, "").images)
+
+
+def test_compaction_keeps_every_row_reachable(split_dir, tmp_path, decoded):
+    first = load(split_dir, tmp_path / "c")
+    [old_npy] = files(tmp_path / "c", "*.npy")
+    paths = first.paths
+    # Change 2 files (within the stale share: no compaction), then 4 more (past it) and remove 1.
+    for i, p in enumerate(paths[:2]):
+        Image.new("L", (40, 40), 10 + i).save(p)
+    mid = load(split_dir, tmp_path / "c")
+    assert files(tmp_path / "c", "*.npy") == [old_npy] and np.load(old_npy, mmap_mode="r").shape[0] == len(paths) + 2
+    for i, p in enumerate(paths[2:6]):
+        Image.new("L", (40, 40), 20 + i).save(p)
+    Path(paths[-1]).unlink()
+    last = load(split_dir, tmp_path / "c")
+    [new_npy] = files(tmp_path / "c", "*.npy")
+    assert new_npy != old_npy and not old_npy.exists()
+    assert np.load(new_npy, mmap_mode="r").shape[0] == len(paths) - 1  # only live rows are left
+    assert last.paths == paths[:-1]
+    assert torch.equal(pixels(last), load(split_dir, "").images)
+    assert [int(last.images[i].max()) for i in range(6)] == [10, 11, 20, 21, 22, 23]
+    assert mid.paths == paths
+
+
+def test_subsets_are_lazy_views_of_the_map(split_dir, tmp_path):
+    whole = load(split_dir, tmp_path / "c")
+    part = whole.subset(torch.tensor([5, 1, 3]))
+    assert isinstance(part.images, RowView) and part.images.shape == (3, 1, 16, 16)
+    assert torch.equal(part.images[torch.arange(3)], whole.images[[5, 1, 3]])
+    again = part.subset(torch.tensor([2, 0]))
+    assert torch.equal(again.images[[0, 1]], whole.images[[3, 5]]) and again.paths == [whole.paths[3], whole.paths[5]]
+
+
+@pytest.mark.slow
+def test_training_over_data_larger_than_the_memory_bound_keeps_anonymous_memory_under_it(tmp_path):
+    """768 MiB of pixels, 3x the bound of 256 MiB over what importing the libraries takes (a run's own model,
+    batches, evaluation and plots take about 180 MiB of it): the first run (decoding every image into the cache,
+    then training) and a second one must keep RssAnon under that bound reading batches from the map; the same run
+    with the whole set in RAM must not (so the bound is tight enough to mean something)."""
+    from bench import synthetic_set
+
+    data = synthetic_set(tmp_path, 4096, 24, workers=2)
+    side = 256  # 4096 x 3 x 256 x 256 bytes = 768 MiB
+    base = ["--data", str(data), "--image-size", str(side), "--channels", "3", "--epochs", "1", "--batch-size", "16",
+            "--width", "4",
+            "--workers", "2", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "m"),
+            "--log-dir", str(tmp_path / "l"), "--curves-dir", str(tmp_path / "cv"), "--no-tta", "--ema-decay", "0",
+            "--time-budget", "3"]
+    script = ("import json, sys, bench, train\n"
+              "with bench.MemoryPeaks() as m:\n"
+              "    train.main(sys.argv[1:])\n"
+              "print(json.dumps(m.peak))\n")
+    def peak_anon(placement: str) -> int:
+        r = subprocess.run([sys.executable, "-c", script, *base, "--data-placement", placement], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"training images: {'batches read from the memory map' if placement == 'map' else 'whole set'}" \
+            in r.stdout
+        return json.loads(r.stdout.strip().splitlines()[-1])["RssAnon"]
+
+    libraries = "import json, bench, train, evaluate, matplotlib.pyplot, torch.utils.tensorboard"
+    idle = subprocess.run([sys.executable, "-c", f"{libraries}; print(json.dumps(bench.MemoryPeaks.now()))"],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    bound = json.loads(idle.stdout)["RssAnon"] + 256 * 2**20
+    assert not (tmp_path / "cache").exists()
+    assert peak_anon("map") < bound  # decodes into the cache first
+    assert peak_anon("map") < bound < peak_anon("device")
