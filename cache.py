@@ -6,7 +6,7 @@ Usage (from dataset.py):
 
 Files, per split and image size and channels (KEY = <split>-<size>px-<channels>ch-<hash of the folder>):
     KEY.<generation>.npy   uint8 (rows, C, S, S), a plain .npy that numpy.load(mmap_mode="r") opens
-    KEY.index.npz          file paths (relative to the split folder), size and mtime, row (-1 = unreadable),
+    KEY.index.pt          file paths (relative to the split folder), size and mtime, row (-1 = unreadable),
                            the reason a file is unreadable, and the array's name, row count and a checksum
 
 A changed or new file is decoded and appended as a new row; the old row goes stale. When more than
@@ -23,20 +23,22 @@ import itertools
 import json
 import math
 import os
-import tempfile
+import pickle
 import uuid
 import warnings
-import zipfile
 import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import torch
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
+
+from model import save_atomic
 
 CACHE_VERSION = 2
 COMPACT_SHARE = 0.25  # rewrite the array once more than this share of its rows belong to no current file
@@ -59,7 +61,7 @@ def cache_key(split_dir: str | Path, size: int, channels: int) -> str:
 
 
 def index_path(cache_dir: str | Path, split_dir: str | Path, size: int, channels: int) -> Path:
-    return Path(cache_dir) / f"{cache_key(split_dir, size, channels)}.index.npz"
+    return Path(cache_dir) / f"{cache_key(split_dir, size, channels)}.index.pt"
 
 
 # ---------------------------------------------------------------- the index
@@ -72,41 +74,33 @@ def _unblob(blob: np.ndarray, n: int) -> list[str]:
     return blob.tobytes().decode("utf-8", "surrogateescape").split("\0") if n else []
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _checksum(arrays: list[np.ndarray]) -> int:
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1), crc)
+    return crc
 
 
 def write_index(path: Path, meta: dict, names: list[str], sizes: np.ndarray, mtimes: np.ndarray,
                 rows: np.ndarray, reasons: list[str]) -> None:
-    """Write the index to a temp file, fsync, rename: readers see the old index or the new one, whole."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), names=_blob(names),
-                     sizes=np.asarray(sizes, np.int64), mtimes=np.asarray(mtimes, np.int64),
-                     rows=np.asarray(rows, np.int64), reasons=_blob(reasons))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Write the index atomically (save_atomic: temp file, fsync, rename), with a checksum of its contents."""
+    arrays = {"names": _blob(names), "sizes": np.asarray(sizes, np.int64), "mtimes": np.asarray(mtimes, np.int64),
+              "rows": np.asarray(rows, np.int64), "reasons": _blob(reasons)}
+    meta = {**meta, "crc": _checksum(list(arrays.values()))}
+    save_atomic({"meta": json.dumps(meta), **{k: torch.from_numpy(v.copy()) for k, v in arrays.items()}}, path)
 
 
 def read_index(path: Path) -> dict:
-    """The index as {meta, names, sizes, mtimes, rows, reasons}; raises on anything cut short or malformed
-    (the zip's per-member CRC catches damaged bytes)."""
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(z["meta"].tobytes())
-        n = int(meta["entries"])
-        out = {"meta": meta, "names": _unblob(z["names"], n), "sizes": z["sizes"], "mtimes": z["mtimes"],
-               "rows": z["rows"], "reasons": _unblob(z["reasons"], n)}
-    if meta.get("version") != CACHE_VERSION or not all(len(out[k]) == n for k in out if k != "meta"):
+    """The index as {meta, names, sizes, mtimes, rows, reasons}; raises on anything cut short, malformed or not
+    matching its checksum."""
+    raw = torch.load(path, weights_only=True)
+    meta = json.loads(raw["meta"])
+    arrays = {k: raw[k].numpy() for k in ("names", "sizes", "mtimes", "rows", "reasons")}
+    if meta.get("version") != CACHE_VERSION or meta.get("crc") != _checksum(list(arrays.values())):
+        raise ValueError("the index does not match its checksum")
+    n = int(meta["entries"])
+    out = {"meta": meta, **arrays, "names": _unblob(arrays["names"], n), "reasons": _unblob(arrays["reasons"], n)}
+    if not all(len(out[k]) == n for k in out if k != "meta"):
         raise ValueError("index entries disagree with its header")
     return out
 
@@ -195,7 +189,7 @@ def _load_index(index_file: Path, row_shape: tuple) -> dict | None:
         if len(index["rows"]) and int(index["rows"].max()) >= int(meta["rows"]):
             raise ValueError("the index points past the end of the array")
         return index
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
         warnings.warn(f"decoded-image cache {index_file} is damaged or incomplete ({e}); rebuilding it",
                       CacheWarning, stacklevel=3)
         index_file.unlink(missing_ok=True)
@@ -207,7 +201,7 @@ def _remove_orphans(cache_dir: Path, key: str, keep: str) -> None:
     for p in cache_dir.glob(f"{key}.*.npy"):
         if p.name != keep:
             p.unlink(missing_ok=True)
-    for p in cache_dir.glob(f".{key}.index.npz.*.tmp"):
+    for p in cache_dir.glob(f".{key}.index.pt.*.tmp"):
         p.unlink(missing_ok=True)
 
 
@@ -255,7 +249,7 @@ def _locked(path: Path):
 def _update(cache_dir: Path, key: str, split_dir: str | Path, paths: list[str], size: int, channels: int,
             decode: Decoder) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
     prefix, row_shape = str(split_dir).rstrip(os.sep) + os.sep, (channels, size, size)
-    index_file = cache_dir / f"{key}.index.npz"
+    index_file = cache_dir / f"{key}.index.pt"
     names = [p[len(prefix):] if p.startswith(prefix) else p for p in paths]
     sizes, mtimes = np.empty(len(paths), np.int64), np.empty(len(paths), np.int64)
     for i, p in enumerate(paths):

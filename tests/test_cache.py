@@ -113,7 +113,7 @@ def test_unreadable_files_are_remembered_with_their_reason(split_dir, tmp_path, 
                                     "array missing"])
 def test_a_damaged_cache_is_rebuilt_with_a_warning(split_dir, tmp_path, decoded, damage):
     n = len(load(split_dir, tmp_path / "c").paths)  # (its map is not read again: the file gets damaged)
-    [npy], [index] = files(tmp_path / "c", "*.npy"), files(tmp_path / "c", "*.index.npz")
+    [npy], [index] = files(tmp_path / "c", "*.npy"), files(tmp_path / "c", "*.index.pt")
     if damage == "truncate array":
         npy.write_bytes(npy.read_bytes()[: npy.stat().st_size - 100])
     elif damage == "truncate index":
