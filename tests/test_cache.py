@@ -212,3 +212,30 @@ def test_training_over_data_larger_than_the_memory_bound_keeps_anonymous_memory_
     assert not (tmp_path / "cache").exists()
     assert peak_anon("map") < bound  # decodes into the cache first
     assert peak_anon("map") < bound < peak_anon("device")
+
+
+def test_training_reads_the_map_on_cpu_and_copies_it_only_when_asked(split_dir, tmp_path):
+    import train
+    from config import UserError
+
+    split = load(split_dir, tmp_path / "c")
+    view = split.subset(torch.tensor([4, 0, 2]))
+    cpu = torch.device("cpu")
+    same, line = train.place_images(view.images, cpu, "auto")
+    assert same is view.images and line.startswith("training images: batches read from the memory map")
+    whole, line = train.place_images(view.images, cpu, "device")
+    assert isinstance(whole, torch.Tensor) and torch.equal(whole, split.images[[4, 0, 2]])
+    assert line.startswith("training images: whole set on cpu")
+    assert torch.equal(train.fetch_batch(view.images, torch.tensor([2, 1]), cpu), split.images[[2, 0]])
+    with pytest.raises(UserError, match="--data-placement"):
+        train.place_images(view.images, cpu, "gpu")
+
+
+def test_on_cuda_a_set_larger_than_half_the_free_memory_stays_in_the_map(split_dir, tmp_path, monkeypatch):
+    import train
+
+    images = load(split_dir, tmp_path / "c").images
+    n_bytes = images.numel()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * n_bytes - 1, 10 * n_bytes))
+    same, line = train.place_images(images, torch.device("cuda"), "auto")
+    assert same is images and "batches read from the memory map" in line and "pinned-memory batches" in line
