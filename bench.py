@@ -199,7 +199,9 @@ def _measure_in_subprocess(step: str, cfg: TrainConfig) -> dict:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise UserError(f"bench.py scale: the {step} step failed (exit {proc.returncode}; its output is above)")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{step} ({cfg.data_placement}): {json.dumps(result)}", file=sys.stderr)  # kept if a later step fails
+    return result
 
 
 def scale_main(argv: list[str]) -> int:
