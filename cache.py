@@ -262,14 +262,14 @@ def _update(cache_dir: Path, key: str, split_dir: str | Path, paths: list[str], 
     array_name, n_rows = f"{key}.{uuid.uuid4().hex[:8]}.npy", 0
     if index is not None:
         array_name, n_rows = index["meta"]["array"], int(index["meta"]["rows"])
-        where = {name: i for i, name in enumerate(index["names"])}
-        todo = []
-        for i, name in enumerate(names):
-            j = where.get(name, -1)
-            if j >= 0 and index["sizes"][j] == sizes[i] and index["mtimes"][j] == mtimes[i]:
-                rows[i], reasons[i] = index["rows"][j], index["reasons"][j]
-            else:
-                todo.append(i)
+        where = {name: j for j, name in enumerate(index["names"])}
+        j = np.fromiter((where.get(name, -1) for name in names), np.int64, len(names))
+        known = np.maximum(j, 0)
+        same = (j >= 0) & (index["sizes"][known] == sizes) & (index["mtimes"][known] == mtimes)
+        rows[same] = index["rows"][j[same]]
+        for i in np.flatnonzero(same & (rows < 0)).tolist():  # unreadable before and unchanged: same reason
+            reasons[i] = index["reasons"][j[i]]
+        todo = np.flatnonzero(~same).tolist()
     else:
         _new_array(cache_dir / array_name, row_shape)
     _remove_orphans(cache_dir, key, array_name)
