@@ -329,3 +329,17 @@ def test_page_in_headless_chromium(server, tmp_path):
         assert browser.save_screenshot(str(shot)) and Image.open(shot).size[0] > 0
     finally:
         browser.quit()
+
+
+def test_pixel_limit_holds_when_another_thread_resets_the_warning_filter(nasty_data, monkeypatch):
+    """decode_image turns PIL's bomb warning into an error with a process-wide filter; a server's other threads
+    can reset that filter mid-decode, so the limit is also checked explicitly."""
+    import warnings
+
+    import dataset
+
+    monkeypatch.setattr(warnings, "simplefilter", lambda *args, **kwargs: None)  # as if reset by another thread
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        with pytest.raises(dataset.BadImage, match="decompression-bomb pixel limit"):
+            dataset.decode_bytes((nasty_data / "train/cat/bomb_warning.png").read_bytes(), 32)
