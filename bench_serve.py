@@ -88,7 +88,7 @@ def rss_mb(pid: int) -> float | None:
 def start_server(checkpoint: Path, port: int, flags: list[str]) -> subprocess.Popen:
     """serve.py in its own process, returned once /health answers."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(checkpoint), "--port",
-                             str(port), "--log-level", "warning", *flags], cwd=ROOT, stdout=sys.stderr)
+                             str(port), "--log-level", "warning", *flags], cwd=ROOT, stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
     while True:
         try:

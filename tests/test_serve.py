@@ -343,3 +343,19 @@ def test_pixel_limit_holds_when_another_thread_resets_the_warning_filter(nasty_d
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         with pytest.raises(dataset.BadImage, match="decompression-bomb pixel limit"):
             dataset.decode_bytes((nasty_data / "train/cat/bomb_warning.png").read_bytes(), 32)
+
+
+@pytest.mark.slow
+def test_bench_serve_prints_a_table_and_the_memory(trained, capsys):
+    import bench_serve
+
+    assert bench_serve.main(["--checkpoint", str(trained["checkpoint"]), "--requests", "32",
+                             "--memory-requests", "16", "--", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    table, result = out.split("\n{", 1)
+    result = json.loads("{" + result)
+    assert [r["clients"] for r in result["levels"]] == [1, 8, 32]
+    assert all(r["requests"] == 32 and r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+               for r in result["levels"])
+    assert result["serve_flags"] == ["--threads", "1"] and result["rss_mb"]["after"] > 0
+    assert "| 32 |" in table and "MiB after 16 more requests" in table
