@@ -38,6 +38,7 @@ from PIL import Image
 from config import UserError
 from dataset import make_synthetic
 from model import load_checkpoint
+import train
 
 ROOT = Path(__file__).resolve().parent
 CLIENTS = (1, 8, 32)
@@ -45,8 +46,6 @@ CLIENTS = (1, 8, 32)
 
 def train_default_model(work: Path) -> Path:
     """The default architecture (train.py's defaults) after 1 epoch on a small synthetic set: its checkpoint."""
-    import train
-
     data = make_synthetic(work / "data", 32, size=64, seed=0)
     flags = ["--data", str(data), "--epochs", "1", "--workers", "0", "--out-dir", str(work / "models"),
              "--log-dir", str(work / "logs"), "--curves-dir", str(work / "curves"), "--cache-dir",

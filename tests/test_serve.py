@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import bench_serve
+import dataset
 import inference
 import serve
 from conftest import NASTY_READABLE, NASTY_UNREADABLE
@@ -334,10 +337,6 @@ def test_page_in_headless_chromium(server, tmp_path):
 def test_pixel_limit_holds_when_another_thread_resets_the_warning_filter(nasty_data, monkeypatch):
     """decode_image turns PIL's bomb warning into an error with a process-wide filter; a server's other threads
     can reset that filter mid-decode, so the limit is also checked explicitly."""
-    import warnings
-
-    import dataset
-
     monkeypatch.setattr(warnings, "simplefilter", lambda *args, **kwargs: None)  # as if reset by another thread
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -347,8 +346,6 @@ def test_pixel_limit_holds_when_another_thread_resets_the_warning_filter(nasty_d
 
 @pytest.mark.slow
 def test_bench_serve_prints_a_table_and_the_memory(trained, capsys):
-    import bench_serve
-
     assert bench_serve.main(["--checkpoint", str(trained["checkpoint"]), "--requests", "32",
                              "--memory-requests", "16", "--", "--threads", "1"]) == 0
     out = capsys.readouterr().out
