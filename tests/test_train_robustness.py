@@ -1,0 +1,163 @@
+"""train.py when things go wrong: dirty data, SIGKILL mid-run, Ctrl-C, NaN losses and diverging weights."""
+import math
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import NASTY_IGNORED, NASTY_READABLE, NASTY_UNREADABLE, train_args
+from dataset import make_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs on one thread, like the child processes: fast on a busy 2-core machine, same rounding."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- dirty data
+
+
+def test_training_uses_the_good_images_and_names_each_bad_one(nasty_data, tmp_path, capsys):
+    assert train.main(train_args(nasty_data, tmp_path)) == 0
+    out = capsys.readouterr().out
+    # 24 synthetic + 8 odd-but-valid + 1 duplicate in train; 6 synthetic + 1 leaked copy in val
+    assert "data: 33 train / 7 val images" in out
+    for rel in NASTY_UNREADABLE:
+        assert out.count(f"skipped unreadable image {nasty_data / rel}: ") == 1, rel
+    assert f"skipped {len(NASTY_UNREADABLE)} unreadable image(s) in total" in out
+    for rel in NASTY_IGNORED + NASTY_READABLE:
+        assert Path(rel).name not in out, rel
+    assert model_from_checkpoint(load_checkpoint(tmp_path / "models" / "best_model.pth"))
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen, list[str], threading.Event]:
+    """train.py in a child process; its stdout lines are collected by a thread, `epoch_seen` set on each epoch."""
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    epoch_seen = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("epoch "):
+                epoch_seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, lines, epoch_seen
+
+
+def _epoch_seconds(lines: list[str]) -> float:
+    times = [float(m.group(1)) for line in lines if (m := re.search(r"\s(\d+\.\d)s", line)) and "epoch" in line]
+    return times[-1] if times else 0.5
+
+
+def _assert_checkpoints_load(models: Path) -> None:
+    """Whatever is on disk is whole: it loads, its weights are finite, its history has every epoch up to its own."""
+    for name in ("best_model.pth", "last.pth"):
+        if (models / name).exists():
+            ckpt = load_checkpoint(models / name)
+            model_from_checkpoint(ckpt)
+            assert all(torch.isfinite(v).all() for v in ckpt["model_state"].values() if v.is_floating_point())
+            assert [h["epoch"] for h in ckpt["history"]] == list(range(1, ckpt["epoch"] + 1)), name
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_never_leaves_a_broken_checkpoint_and_resume_finishes(tmp_path):
+    data = make_synthetic(tmp_path / "data", 16, size=40, seed=4)
+    out = tmp_path / "killed"
+    args = train_args(data, out, "--epochs", "10")
+    rng = random.Random(0)  # the kill points, as fractions of an epoch; the machine's speed decides the rest
+    for attempt in range(3):
+        proc, lines, epoch_seen = _start(args + (["--resume"] if (out / "models" / "last.pth").exists() else []))
+        deadline = time.time() + 60
+        while not epoch_seen.wait(0.05) and proc.poll() is None:
+            assert time.time() < deadline, f"no epoch finished within 60 s: {''.join(lines)}"
+        # Anywhere within the next epoch, which includes the checkpoint writes at its end.
+        time.sleep(rng.uniform(0.0, 1.2) * _epoch_seconds(lines))
+        proc.send_signal(signal.SIGKILL)  # or the run finished already, on a slow draw: the rest must hold too
+        proc.wait()
+        _assert_checkpoints_load(out / "models")
+    assert train.main(["--resume", "--out-dir", str(out / "models")]) == 0
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["best_model.pth", "last.pth"]
+    _assert_checkpoints_load(out / "models")
+    resumed = torch.load(out / "models" / "last.pth", weights_only=True)["history"]
+    assert [h["epoch"] for h in resumed] == list(range(1, 11))
+
+    assert train.main(train_args(data, tmp_path / "straight", "--epochs", "10")) == 0
+    straight = torch.load(tmp_path / "straight" / "models" / "last.pth", weights_only=True)["history"]
+    # A resumed epoch replays the saved RNG state, so only float rounding could separate the two runs.
+    assert resumed[-1]["val_loss"] == pytest.approx(straight[-1]["val_loss"], rel=1e-3)
+    assert resumed[-1]["val_acc"] == pytest.approx(straight[-1]["val_acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_data, tmp_path):
+    proc, lines, epoch_seen = _start(train_args(tiny_data, tmp_path, "--epochs", "200"))
+    assert epoch_seen.wait(timeout=60), "no epoch finished within 60 s"
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=60)
+    err = proc.stderr.read()
+    out = "".join(lines)
+    assert code == 0 and "Traceback" not in err, err
+    match = re.search(r"interrupted; (.+last\.pth) holds epoch (\d+): continue with --resume", out)
+    assert match, out
+    ckpt = load_checkpoint(match.group(1))
+    assert ckpt["epoch"] == int(match.group(2)) >= 1
+
+
+# ---------------------------------------------------------------- NaN / inf
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tiny_data, tmp_path, capsys, monkeypatch):
+    assert train.main(train_args(tiny_data, tmp_path, "--epochs", "1")) == 0
+    models = tmp_path / "models"
+    before = {name: (models / name).read_bytes() for name in ("best_model.pth", "last.pth")}
+    capsys.readouterr()
+    monkeypatch.setattr(train, "augment", lambda x, *a, **k: x * math.nan)
+    assert train.main(["--resume", "--out-dir", str(models), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "error: training loss became NaN/inf in 4 steps; lower --lr" in err and "Traceback" not in err
+    assert {name: (models / name).read_bytes() for name in before} == before
+
+
+def test_a_single_nan_step_is_skipped_and_counted(tiny_data, tmp_path, capsys, monkeypatch):
+    real, calls = train.augment, []
+
+    def nan_once(x, *a, **k):
+        calls.append(1)
+        return real(x, *a, **k) * (math.nan if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(train, "augment", nan_once)
+    assert train.main(train_args(tiny_data, tmp_path)) == 0
+    assert "(1 NaN/inf steps skipped)" in capsys.readouterr().out
+    assert torch.load(tmp_path / "models" / "last.pth", weights_only=True)["history"][0]["skipped_steps"] == 1
+
+
+def test_diverging_weights_never_replace_the_saved_models(tiny_data, tmp_path, capsys):
+    assert train.main(train_args(tiny_data, tmp_path, "--epochs", "1")) == 0
+    models = tmp_path / "models"
+    before = {name: (models / name).read_bytes() for name in ("best_model.pth", "last.pth")}
+    capsys.readouterr()
+    # A fresh run into the same folder with an absurd learning rate: val loss turns NaN in the first epoch.
+    assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2", "--lr", "1e10", "--warmup-epochs", "0")) == 2
+    err = capsys.readouterr().err
+    assert "weights or val loss became NaN/inf in epoch 1" in err and "lower --lr" in err
+    assert {name: (models / name).read_bytes() for name in before} == before
+    _assert_checkpoints_load(models)
