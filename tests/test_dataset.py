@@ -246,3 +246,8 @@ def test_real_photos_decode_to_gray_64(tmp_path):
 def test_each_odd_but_valid_image_decodes(nasty_data):
     for rel in NASTY_READABLE:
         assert dataset.decode_image(nasty_data / rel, 32).shape == (1, 32, 32), rel
+
+
+def test_the_old_check_command_points_to_check_data(capsys):
+    assert dataset.main(["check", "Dataset", "--json"]) == 2
+    assert "python check_data.py Dataset --json" in capsys.readouterr().err

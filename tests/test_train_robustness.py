@@ -46,7 +46,8 @@ def test_training_uses_the_good_images_and_names_each_bad_one(nasty_data, tmp_pa
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen, list[str], threading.Event]:
-    """train.py in a child process; its stdout lines are collected by a thread, `epoch_seen` set on each epoch."""
+    """train.py in a child process; its stdout lines are collected by a thread, `epoch_seen` set on each epoch.
+    Another thread drains stderr (the progress bar), so a full pipe never blocks the child."""
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -59,7 +60,11 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, list[str], threading.Even
             if line.startswith("epoch "):
                 epoch_seen.set()
 
-    threading.Thread(target=read, daemon=True).start()
+    proc.stderr_text = []
+    proc.readers = [threading.Thread(target=read, daemon=True),
+                    threading.Thread(target=lambda: proc.stderr_text.extend(proc.stderr), daemon=True)]
+    for reader in proc.readers:
+        reader.start()
     return proc, lines, epoch_seen
 
 
@@ -109,11 +114,14 @@ def test_sigkill_mid_run_never_leaves_a_broken_checkpoint_and_resume_finishes(tm
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_data, tmp_path):
-    proc, lines, epoch_seen = _start(train_args(tiny_data, tmp_path, "--epochs", "200"))
+    # So many epochs that only the Ctrl-C can end the run, however long the machine takes to send it.
+    proc, lines, epoch_seen = _start(train_args(tiny_data, tmp_path, "--epochs", "100000"))
     assert epoch_seen.wait(timeout=60), "no epoch finished within 60 s"
     proc.send_signal(signal.SIGINT)
     code = proc.wait(timeout=60)
-    err = proc.stderr.read()
+    for reader in proc.readers:
+        reader.join(timeout=10)  # to the end of both pipes
+    err = "".join(proc.stderr_text)
     out = "".join(lines)
     assert code == 0 and "Traceback" not in err, err
     match = re.search(r"interrupted; (.+last\.pth) holds epoch (\d+): continue with --resume", out)
