@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from config import UserError
-from dataset import make_synthetic
-from model import load_checkpoint
 import train
+from checkpoint import load_checkpoint, width_of
+from common import UserError
+from dataset import make_synthetic
 
 ROOT = Path(__file__).resolve().parent
 CLIENTS = (1, 8, 32)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = (f"{ckpt['arch']} width {ckpt.get('config', {}).get('width')}, {ckpt['image_size']}x{ckpt['image_size']}"
+    model = (f"{ckpt['arch']} width {width_of(ckpt)}, {ckpt['image_size']}x{ckpt['image_size']}"
              f" {ckpt['channels']}-channel input, {len(ckpt['classes'])} classes")
     print(f"{model}; {len(image)}-byte image; serve.py flags: {' '.join(serve_flags) or 'the defaults'}\n")
     print("| clients | requests/s | p50 latency | p99 latency |\n|---:|---:|---:|---:|")

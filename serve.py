@@ -36,11 +36,12 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from config import UserError
+from checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of,
+                        val_accuracy_of)
+from common import UserError
 from dataset import BadImage, decode_bytes, to_float
 from evaluate import gradcam, gradcam_layer
 from inference import predict_images
-from model import load_checkpoint, model_from_checkpoint
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_IMAGES = 64  # images in one request: bounds the decoded batch whatever their file size
@@ -91,12 +92,6 @@ class UploadLimit:
 
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse({"error": e.message, **e.extra}, status_code=e.status)
-
-
-def val_accuracy(ckpt: dict) -> float | None:
-    """The validation accuracy the checkpoint was saved with, when it records one."""
-    acc = (ckpt.get("metrics") or {}).get("val", {}).get("acc", (ckpt.get("best") or {}).get("acc"))
-    return None if acc is None else round(float(acc), 4)
 
 
 def heatmap_png(cam: torch.Tensor) -> str:
@@ -179,7 +174,8 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         image = torch.as_tensor(decode_bytes(upload[1], size, channels))
         probs = result["probabilities"]
         k = classes.index(result["label"] if result["label"] in classes else max(probs, key=probs.get))
-        x = to_float(image[None], ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
+        norm = normalization_of(ckpt)
+        x = to_float(image[None], norm["mean"], norm["std"])
         with cam_lock:
             cam = gradcam(cam_model, x, cam_layer, k)
         return {**result, "heatmap_class": classes[k], "heatmap": heatmap_png(cam)}
@@ -188,12 +184,15 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
     async def index():
         return page
 
+    val_acc = val_accuracy_of(ckpt)
+    health_answer = {"ok": True, "checkpoint": name, "classes": classes, "epoch": ckpt.get("epoch"),
+                     "val_acc": None if val_acc is None else round(val_acc, 4), "arch": ckpt["arch"],
+                     "image_size": size, "channels": channels, "temperature": temperature_of(ckpt),
+                     "threshold": threshold, "max_upload_mb": max_upload_mb, "max_images": MAX_IMAGES}
+
     @app.get("/health")
     async def health():
-        return {"ok": True, "checkpoint": name, "classes": classes, "epoch": ckpt.get("epoch"),
-                "val_acc": val_accuracy(ckpt), "arch": ckpt["arch"], "image_size": size, "channels": channels,
-                "temperature": float(ckpt.get("temperature", 1.0)), "threshold": threshold,
-                "max_upload_mb": max_upload_mb, "max_images": MAX_IMAGES}
+        return health_answer
 
     @app.post("/predict", openapi_extra=UPLOAD_DOC)
     async def predict(request: Request):
@@ -213,7 +212,7 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="models/best_model.pth", help="checkpoint written by train.py")
+    parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")

@@ -17,13 +17,17 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 import bench_serve
 import dataset
 import inference
 import serve
+from checkpoint import load_checkpoint
 from conftest import NASTY_READABLE, NASTY_UNREADABLE
-from model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -294,11 +298,6 @@ def test_page_in_headless_chromium(server, tmp_path):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     upload = tmp_path / "upload.png"
     yy, xx = np.mgrid[0:90, 0:120]
     Image.fromarray(np.stack([xx * 2, yy * 2, (xx + yy)], -1).astype(np.uint8), "RGB").save(upload)
