@@ -36,14 +36,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from config import UserError
-from dataset import NORMALIZATION, to_float
+from common import UserError
+from dataset import NORMALIZATION, decode_files, expand_inputs, to_float
 from model import unwrap
 
 SCORES = ("msp", "energy", "knn", "mahalanobis", "layer_mahalanobis")
 DEFAULT_SCORE = "layer_mahalanobis"
 STATE_VERSION = 1
 MAX_STAGE_CHANNELS = 256  # wider stages are averaged over neighbouring channels: a stage adds at most 512 values
+STATE_BUDGET = 10_000_000  # bytes of score states a checkpoint may hold (the chosen score's is always kept)
+KNN_BANK_BYTES = 4_000_000  # the kNN bank stored beside the chosen score: ~5,000 features of 384 values
 
 
 # ---------------------------------------------------------------- features
@@ -68,6 +70,24 @@ def feature_stages(model: nn.Module) -> list[nn.Module]:
     raise UserError(f"do not know the stages of {type(model).__name__} for the layer_mahalanobis score")
 
 
+def forward_stages(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(each stage's feature maps, the penultimate feature) of one forward pass, calling the stages in turn as
+    the model's own forward does. No hooks: threads that share the model (serve.py) never see each other's."""
+    model = unwrap(model)
+    if hasattr(model, "layer4"):  # torchvision ResNet
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+        pool = model.avgpool
+    else:  # SmallResNet
+        x = model.stem(x)
+        stages, pool = list(model.layers), model.pool
+    maps = [x]
+    for stage in stages:
+        x = stage(x)
+        maps.append(x)
+    return maps, torch.flatten(pool(x), 1)
+
+
 def stage_statistics(maps: torch.Tensor, max_channels: int = MAX_STAGE_CHANNELS) -> torch.Tensor:
     """Per-channel mean and standard deviation over space of feature maps (N, C, H, W) -> (N, 2 * min(C, max)),
     float32; beyond `max_channels`, neighbouring channels' statistics are averaged."""
@@ -85,45 +105,33 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
     """What every score needs, float32 on the CPU, for uint8 images (N, C, S, S):
     {"penultimate": (N, D), "logits": (N, classes), "stages": [(N, d_s) per stage]}.
 
-    The penultimate feature is what the head receives (caught by a forward pre-hook), the stage statistics come
-    from forward hooks. With tta everything is averaged over the image and its mirror; the head being linear, the
-    logits are then exactly the average of both images' logits, as model.predict_logits gives.
+    The stages are called in turn (forward_stages), exactly as the model's forward does; the logits are the head
+    applied to the penultimate feature. With tta everything is averaged over the image and its mirror; the head
+    being linear, the logits are then exactly the average of both images' logits, as model.predict_logits gives.
     """
     device = torch.device(device)
     norm = normalization or NORMALIZATION
     head, stages = head_of(model), feature_stages(model)
-    caught: dict[int, list[torch.Tensor]] = {}
-
-    def keep(i: int, value: torch.Tensor) -> None:
-        caught.setdefault(i, []).append(value)
-
-    hooks = [head.register_forward_pre_hook(lambda module, inputs: keep(-1, inputs[0].float()))]
-    hooks += [m.register_forward_hook(lambda module, inputs, out, i=i: keep(i, stage_statistics(out)))
-              for i, m in enumerate(stages)]
     model.eval()
-    out: dict[int, list[torch.Tensor]] = {}
-    try:
-        for start in range(0, len(images), batch_size):
-            x = to_float(images[start:start + batch_size].to(device, non_blocking=True), norm["mean"], norm["std"])
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            caught.clear()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                model(x)
-                if tta:
-                    model(x.flip(-1))
-            for i, values in caught.items():
-                out.setdefault(i, []).append(torch.stack(values).mean(0).cpu())
-    finally:
-        for h in hooks:
-            h.remove()
-    if not out:
+    penultimate, stats = [], []
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start:start + batch_size].to(device, non_blocking=True), norm["mean"], norm["std"])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        views = [x, x.flip(-1)] if tta else [x]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            passes = [forward_stages(model, v) for v in views]
+        penultimate.append(torch.stack([p.float() for _, p in passes]).mean(0).cpu())
+        stats.append([torch.stack([stage_statistics(maps[i]) for maps, _ in passes]).mean(0).cpu()
+                      for i in range(len(stages))])
+    if not penultimate:
         return {"penultimate": torch.zeros(0, head.in_features), "logits": torch.zeros(0, head.out_features),
                 "stages": [torch.zeros(0, 0) for _ in stages]}
-    penultimate = torch.cat(out[-1])
+    penultimate = torch.cat(penultimate)
     logits = F.linear(penultimate, head.weight.float().cpu(),
                       None if head.bias is None else head.bias.float().cpu())
-    return {"penultimate": penultimate, "logits": logits, "stages": [torch.cat(out[i]) for i in range(len(stages))]}
+    return {"penultimate": penultimate, "logits": logits,
+            "stages": [torch.cat([batch[i] for batch in stats]) for i in range(len(stages))]}
 
 
 # ---------------------------------------------------------------- fitting a score's state
@@ -293,6 +301,59 @@ def separation_report(known_scores: torch.Tensor, unknown_scores: torch.Tensor, 
             "fpr_at_95_tpr": fpr_at_tpr(known_scores, unknown_scores, 0.95),
             "known_rejected": (~accepted(known_scores, threshold)).double().mean().item(),
             "unknown_accepted": accepted(unknown_scores, threshold).double().mean().item()}
+
+
+def fit_states(features: dict, labels: torch.Tensor, num_classes: int, chosen: str = DEFAULT_SCORE,
+               temperature: float = 1.0, budget: int = STATE_BUDGET) -> dict[str, dict]:
+    """{score name: state} for the chosen score and, while the total stays under `budget` bytes, the others
+    (so evaluate.py can compare every score with nothing but the checkpoint). msp and energy cost nothing."""
+    if chosen not in SCORES:
+        raise UserError(f"unknown novelty score {chosen!r}; choose one of {', '.join(SCORES)}")
+    states = {chosen: fit_score(chosen, features, labels, num_classes, temperature)}
+    used = state_bytes(states[chosen])
+    for name in (n for n in SCORES if n != chosen):
+        options = {"max_bytes": KNN_BANK_BYTES} if name == "knn" else {}
+        try:
+            state = fit_score(name, features, labels, num_classes, temperature, **options)
+        except (ValueError, UserError, RuntimeError):  # e.g. a model whose stages are unknown
+            continue
+        if used + state_bytes(state) <= budget:
+            states[name] = state
+            used += state_bytes(state)
+    return states
+
+
+def scores_by_name(states: dict[str, dict], features: dict) -> dict[str, torch.Tensor]:
+    """Every stored score of these images, in SCORES order."""
+    return {name: novelty_score(states[name], features) for name in SCORES if name in states}
+
+
+def unknown_report(states: dict[str, dict], chosen: str, threshold: float, known: dict, unknown: dict) -> dict:
+    """What metrics.json holds under "unknown": the chosen score's AUROC, FPR at 95% TPR and, at `threshold`,
+    the shares of known images rejected and unknown ones accepted; "by_score" gives AUROC and FPR for every
+    stored score. `known` and `unknown` are extract_features outputs."""
+    known_scores, unknown_scores = scores_by_name(states, known), scores_by_name(states, unknown)
+    out = {"score": chosen, **separation_report(known_scores[chosen], unknown_scores[chosen], threshold)}
+    out["by_score"] = {name: {"auroc": auroc(known_scores[name], unknown_scores[name]),
+                              "fpr_at_95_tpr": fpr_at_tpr(known_scores[name], unknown_scores[name], 0.95)}
+                       for name in known_scores}
+    return out
+
+
+def load_images(folder: str | Path, size: int, channels: int, workers: int = 0
+                ) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
+    """Every image under `folder`, in any layout (class folders or flat), decoded: (uint8 (N, C, S, S), paths,
+    [(path, reason)] of the unreadable ones)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"no folder at {folder}")
+    paths = [str(p) for p in expand_inputs([str(folder)])]
+    decoded = decode_files(paths, size, channels, workers, desc=f"decoding {folder.name}")
+    good = [(p, torch.from_numpy(a)) for p, (a, _) in zip(paths, decoded) if a is not None]
+    bad = [(p, reason) for p, (a, reason) in zip(paths, decoded) if a is None]
+    if not good:
+        raise UserError(f"no readable images in {folder}")
+    return torch.stack([im for _, im in good]), [p for p, _ in good], bad
 
 
 # ---------------------------------------------------------------- a synthetic set of far-away images

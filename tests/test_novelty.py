@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import novelty as nv
-from config import UserError
+from common import UserError
 from dataset import decode_image, load_split, make_synthetic
 from model import build_model, predict_logits
 
