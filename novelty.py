@@ -7,6 +7,8 @@ Usage:
     state = fit_score("layer_mahalanobis", train_feats, train_labels, num_classes)  # plain dict, weights_only-safe
     scores = novelty_score(state, feats)                      # one per image; higher = less like any known class
     threshold = threshold_for_accept_rate(val_scores, 0.95)   # accept when score <= threshold
+    states = fit_states(train_feats, train_labels, num_classes)  # the chosen score + the others within 10 MB
+    unknown_report(states, "layer_mahalanobis", threshold, val_feats, unknown_feats)  # metrics.json "unknown"
     auroc(known_scores, unknown_scores), fpr_at_tpr(known_scores, unknown_scores, 0.95)
 
 Every score is oriented the same way: the higher, the less the image looks like the training classes.
