@@ -219,6 +219,7 @@ def small_model(tmp_path_factory):
     return model, train, val, unknown
 
 
+@pytest.mark.slow  # its fixture trains 10 epochs
 def test_trained_model_ranks_synthetic_unknowns_above_known_images(small_model):
     model, train, val, unknown = small_model
     ftr, fval, fun = (nv.extract_features(model, x, tta=True) for x in (train.images, val.images, unknown))
