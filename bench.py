@@ -18,7 +18,8 @@ fresh process: the cold decode into an empty cache, the warm load, and one train
 --train-seconds) reading batches from the memory map and, for comparison, with every image in RAM
 (--data-placement device). It prints JSON with seconds, images/s, pixel bytes, and each process's peak RSS and
 peak anonymous memory (RssAnon in /proc/self/status, sampled every 10 ms; pages of the map are file pages,
-which the kernel can drop, and do not count). The decode's worker processes are not included.
+which the kernel can drop, and do not count). The decode's worker processes are not included. The novelty
+score fitted after training is left out unless --novelty-score is among the train.py flags.
 """
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ from pathlib import Path
 
 import torch
 
-from config import TrainConfig, UserError, parse_config
+import train
+from common import UserError
+from config import TrainConfig, parse_config
 from dataset import load_data
 
 BASELINE = Path(__file__).resolve().parent.parent / "shared" / "bench" / "seed_baseline.py"
@@ -51,8 +54,6 @@ def seconds_to(history: list[dict], target: float, acc_key: str, time_key: str) 
 
 
 def bench_ours(cfg: TrainConfig) -> dict:
-    import train
-
     # Decode into an empty cache first, so the decode time is the cold one a first run pays.
     t0 = time.time()
     tr, va, _ = load_data(cfg.data, cfg.classes or None, cfg.image_size, cfg.channels, cfg.val_fraction, cfg.seed,
@@ -176,8 +177,6 @@ def synthetic_set(work_dir: Path, n: int, side: int, workers: int, seed: int = 0
 
 def measure(step: str, cfg: TrainConfig) -> dict:
     """One step of `scale` in this process: 'load' (load_data) or 'train' (one epoch); seconds, memory peaks."""
-    import train
-
     with MemoryPeaks() as peaks:
         t0 = time.time()
         if step == "load":
@@ -229,6 +228,8 @@ def scale_main(argv: list[str]) -> int:
                                   channels=args.channels, workers=args.workers, cache_dir=str(cache), epochs=1,
                                   time_budget=args.train_seconds, out_dir=str(work / "models"),
                                   log_dir=str(work / "logs"), curves_dir=str(work / "curves"), run_name="scale")
+        if "--novelty-score" not in train_flags:  # it measures training; fitting novelty reads every train image
+            cfg = dataclasses.replace(cfg, novelty_score="none")
         shutil.rmtree(cache, ignore_errors=True)
         cold = _measure_in_subprocess("load", cfg)
         warm = _measure_in_subprocess("load", cfg)

@@ -12,9 +12,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad path, no checkpoint yet...): printed as one line, no traceback."""
+from common import UserError  # noqa: F401  (defined in common.py; still importable from here)
 
 
 def _f(default, help: str):
@@ -60,6 +58,10 @@ class TrainConfig:
     max_rotation: float = _f(10.0, "random rotation range in degrees during training")
     max_shift: float = _f(0.1, "random shift, as a share of the image side, during training")
     tta: bool = _f(True, "evaluate on the image and its mirror and average (flip test-time augmentation)")
+    # images of no known class (novelty.py)
+    novelty_score: str = _f("layer_mahalanobis", "score fitted on the train features at the end, for --reject: msp, "
+                            "energy, knn, mahalanobis or layer_mahalanobis (measured best); 'none' skips it")
+    accept_rate: float = _f(0.95, "share of known (val) images the stored novelty threshold accepts")
     # machine
     device: str = _f("auto", "auto picks cuda, then mps, then cpu")
     amp: bool = _f(True, "mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (~2x faster)")
@@ -73,6 +75,11 @@ class TrainConfig:
     run_name: str = _f("", "name of the TensorBoard run (default: date-time and arch)")
     resume: bool = _f(False, "continue from OUT_DIR/last.pth with its settings (flags given override them)")
     check_only: bool = _f(False, "report on the data (counts, unreadable files, duplicates) and exit")
+
+    @property
+    def uses_pretrained(self) -> bool:
+        """--weights implies --pretrained."""
+        return self.pretrained or bool(self.weights)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,14 +117,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
-    """Parse flags; those given override `base` (the defaults, or a resumed run's settings)."""
+    """Parse flags; those given override `base` (the defaults, or a resumed run's settings), the rest keep it."""
     given = vars(build_parser().parse_args(argv))
     return dataclasses.replace(base or TrainConfig(), **given)
-
-
-def given_flags(argv: list[str] | None) -> dict:
-    """Only the settings named on the command line, e.g. to apply on top of a resumed run's config."""
-    return vars(build_parser().parse_args(argv))
 
 
 def format_config(cfg: TrainConfig) -> str:
