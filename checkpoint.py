@@ -5,7 +5,7 @@ Usage (from other scripts):
     save_checkpoint(ckpt, "models/best_model.pth")        # atomic: the old file or the new one
     ckpt = load_checkpoint("models/best_model.pth")      # weights_only=True, validated, version 1 upgraded
     model = model_from_checkpoint(ckpt)                  # eval mode, CPU
-    tta_of(ckpt), temperature_of(ckpt), width_of(ckpt), normalization_of(ckpt)
+    tta_of(ckpt), temperature_of(ckpt), width_of(ckpt), normalization_of(ckpt), run_name_of(ckpt)
 
 Format version 2, a dict of plain types and tensors:
     format_version   2
@@ -148,6 +148,11 @@ def normalization_of(ckpt: dict) -> dict:
 def config_of(ckpt: dict) -> dict:
     """The training settings as saved (a plain dict; empty for a hand-made checkpoint without them)."""
     return ckpt.get("config") or {}
+
+
+def run_name_of(ckpt: dict) -> str:
+    """The name of the run that wrote the checkpoint ('' when its config has none)."""
+    return str(config_of(ckpt).get("run_name") or "")
 
 
 def resume_state_of(ckpt: dict) -> dict:
