@@ -88,7 +88,7 @@ def test_config_file_reproduces_a_run(tiny_data, tmp_path, capsys):
     saved = tmp_path / "logs" / "t" / "config.json"
     assert train.main(["--config", str(saved)]) == 0  # everything, even the folders, from the file
     again = load_checkpoint(tmp_path / "models" / "last.pth")
-    assert run_name_of(again) == "t-2"  # a new run: its own name, the first moved to models/t/
+    assert run_name_of(again) not in ("", "t")  # a new run with a name of its own; the first moved to models/t/
     different = {k for k in first["config"] if first["config"][k] != again["config"][k]}
     assert different == {"run_name", "config"} and again["config"]["config"] == str(saved)
     assert [h["val_loss"] for h in again["history"]] == [h["val_loss"] for h in first["history"]]
