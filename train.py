@@ -96,17 +96,23 @@ class LRSchedule:
             return two_phase_schedule(self.warmup_steps, self.phase1_steps, self.total_steps)(step)
         return warmup_cosine(self.warmup_steps, self.total_steps)(step)
 
-    def replan(self, step: int, total_steps: int) -> bool:
+    def replan(self, step: int, total_steps: int, phase1_steps: int) -> str:
         """From `step` on, a fresh cosine down to 0 at `total_steps`, starting at this step's factor, so the
-        learning rate does not jump. A schedule that had reached its end (factor 0) starts instead from the factor
-        a schedule planned for `total_steps` from the beginning has at `step`. Returns whether it had ended."""
+        learning rate does not jump ('fresh'). A schedule that had reached its end (factor 0) starts instead from
+        the factor a schedule planned for `total_steps` from the beginning has at `step` ('ended'). While the
+        backbone is still to be unfrozen (fine-tuning), the two-phase schedule planned for `total_steps` follows,
+        whose second phase starts with its own warmup ('two-phase')."""
         factor = self(step)
-        ended = factor == 0.0
-        if ended:  # the factor of the plain schedule planned for total_steps
-            self.restart_step, self.total_steps = -1, total_steps
+        self.restart_step, self.total_steps, self.phase1_steps = -1, total_steps, phase1_steps
+        if step <= phase1_steps < total_steps:
+            return "two-phase"
+        if factor == 0.0:
             factor = self(step)
-        self.restart_step, self.restart_factor, self.total_steps = step, factor, total_steps
-        return ended
+            how = "ended"
+        else:
+            how = "fresh"
+        self.restart_step, self.restart_factor = step, factor
+        return how
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -405,23 +411,26 @@ def restore(t: Trainer, cfg: TrainConfig, ckpt: dict) -> Progress:
     history = state["history"]
     planned = config_of(ckpt).get("epochs", cfg.epochs)
     if planned != cfg.epochs:
-        replan_schedule(t, state["epoch"], planned, cfg.epochs)
+        replan_schedule(t, cfg, state["epoch"], planned)
     return Progress(state["epoch"], history, best, saved_epoch=state["epoch"],
                     train_seconds=history[-1]["train_seconds"] if history else 0.0)
 
 
-def replan_schedule(t: Trainer, epoch: int, planned: int, epochs: int) -> None:
+def replan_schedule(t: Trainer, cfg: TrainConfig, epoch: int, planned: int) -> None:
     """--resume with another --epochs: the remaining epochs get a fresh cosine from the current learning rate down
-    to 0 (LRSchedule.replan), and the start-up output says so."""
+    to 0 (LRSchedule.replan has the details), and the start-up output says so."""
     schedule, step = t.scheduler.lr_lambdas[0], t.scheduler.last_epoch
-    ended = schedule.replan(step, epochs * t.steps_per_epoch)
+    how = schedule.replan(step, cfg.epochs * t.steps_per_epoch,
+                          min(cfg.freeze_epochs, cfg.epochs) * t.steps_per_epoch)
     for group, base in zip(t.optimizer.param_groups, t.scheduler.base_lrs):
         group["lr"] = base * schedule(step)
     lr = t.optimizer.param_groups[-1]["lr"]
-    print(f"--epochs {planned} -> {epochs}: the learning rate follows a fresh cosine from {lr:.2e} after epoch "
-          f"{epoch} down to 0 at epoch {epochs}"
-          + (f" (the saved run had finished its schedule at lr 0, so it starts where a {epochs}-epoch schedule "
-             f"is after epoch {epoch})" if ended else ""))
+    print(f"--epochs {planned} -> {cfg.epochs}: " + (
+        f"the learning rate follows the two-phase schedule planned for {cfg.epochs} epochs (lr {lr:.2e} now)"
+        if how == "two-phase" else
+        f"the learning rate follows a fresh cosine from {lr:.2e} after epoch {epoch} down to 0 at epoch "
+        f"{cfg.epochs}" + (f" (the saved run had finished its schedule at lr 0, so it starts where a "
+                           f"{cfg.epochs}-epoch schedule is after epoch {epoch})" if how == "ended" else "")))
 
 
 def set_phase(t: Trainer, cfg: TrainConfig, epoch: int) -> bool:

@@ -111,7 +111,7 @@ def test_resume_with_more_epochs_runs_a_fresh_cosine_over_the_added_ones(tiny_da
 
 def test_a_replanned_schedule_is_continuous_ends_at_zero_and_survives_a_resume():
     schedule = train.LRSchedule(warmup_steps=10, phase1_steps=0, total_steps=100)
-    assert schedule.replan(40, 200) is False  # interrupted mid-way: from the factor it had, no jump
+    assert schedule.replan(40, 200, 0) == "fresh"  # interrupted mid-way: from the factor it had, no jump
     before = train.warmup_cosine(10, 100)(40)
     assert schedule(40) == pytest.approx(before)
     assert schedule(120) == pytest.approx(before * 0.5 * (1 + math.cos(math.pi / 2)))
@@ -123,6 +123,13 @@ def test_a_replanned_schedule_is_continuous_ends_at_zero_and_survives_a_resume()
     torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
                                       fresh).load_state_dict(saved)
     assert [fresh(s) for s in (40, 120, 200)] == [schedule(s) for s in (40, 120, 200)]
+
+
+def test_replanning_before_the_backbone_is_unfrozen_keeps_the_two_phase_schedule():
+    schedule = train.LRSchedule(warmup_steps=10, phase1_steps=100, total_steps=100)  # all frozen, 100 steps
+    assert schedule.replan(100, 300, 100) == "two-phase"
+    assert [schedule(s) for s in (100, 150, 300)] == \
+        [train.two_phase_schedule(10, 100, 300)(s) for s in (100, 150, 300)]
 
 
 @pytest.mark.slow

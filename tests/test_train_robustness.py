@@ -187,8 +187,10 @@ def test_diverging_weights_never_replace_the_saved_models(tiny_data, tmp_path, c
     before = {name: (models / name).read_bytes() for name in ("best_model.pth", "last.pth")}
     capsys.readouterr()
     # A fresh run into the same folder with an absurd learning rate: val loss turns NaN in the first epoch.
+    # The first run moves to models/t/ untouched; the broken one writes no checkpoint at all.
     assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2", "--lr", "1e10", "--warmup-epochs", "0")) == 2
     err = capsys.readouterr().err
     assert "weights or val loss became NaN/inf in epoch 1" in err and "lower --lr" in err
-    assert {name: (models / name).read_bytes() for name in before} == before
-    _assert_checkpoints_load(models)
+    assert {name: (models / "t" / name).read_bytes() for name in before} == before
+    assert not (models / "best_model.pth").exists() and not (models / "last.pth").exists()
+    _assert_checkpoints_load(models / "t")
