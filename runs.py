@@ -24,7 +24,7 @@ from common import UserError
 TRAINING_CURVES, TRAIN_BATCH, RESULTS = "training_curves.png", "train_batch.png", "results.csv"
 # What a run leaves at the top of --curves-dir: its plots, and what evaluate.py --out-dir CURVES_DIR wrote.
 RUN_CURVES = (TRAINING_CURVES, TRAIN_BATCH, "metrics.json", "confusion_matrix.png", "most_confident_wrong.png",
-              "most_confident_wrong.csv", "gradcam_*.png")
+              "most_confident_wrong.csv", "unknown_scores.png", "gradcam_*.png")
 # results.csv columns, the figures of the epoch line; val_top5 only where it is shown (more than 5 classes).
 RESULT_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "epoch_seconds",
                   "train_images_per_s")
