@@ -346,3 +346,11 @@ def test_paths_are_absolute_but_keep_a_symlinked_data_folder_as_given(tmp_path):
     (tmp_path / "link").symlink_to(real, target_is_directory=True)
     lay = read_layout(tmp_path / "link")
     assert [p for p, _ in lay.items["train"]][0] == str(tmp_path / "link" / "a" / "a.0.jpg")
+
+
+def test_a_table_without_split_column_takes_the_split_from_the_folder(tmp_path):
+    data = make(tmp_path / "d", "train/1.jpg", "train/2.jpg", "val/3.jpg", "val/4.jpg")
+    (data / "labels.csv").write_text("path,label\ntrain/1.jpg,x\ntrain/2.jpg,y\nval/3.jpg,x\nval/4,y\n")
+    lay = read_layout(data, labels_file=data / "labels.csv")
+    assert [rel(lay, s) for s in ("train", "val")] == [["train/1.jpg", "train/2.jpg"], ["val/3.jpg", "val/4.jpg"]]
+    assert lay.carve == {} and lay.problems == {}
