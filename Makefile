@@ -1,10 +1,11 @@
-# Two commands on a fresh machine:  `make demo`  (train + inference on synthetic data)  and  `make test`.
+# Two commands on a fresh machine:  `make demo`  (train + inference on synthetic data)  and  `make test`
+# (`make test-fast` leaves out the slow tests).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := demo_data
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The quick subset while editing: everything but the tests marked slow (pytest.ini), in well under 30 s.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
 	$(PY) bench.py --data ../shared/data/catdog

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from config import TrainConfig, UserError, parse_config
+import train
+from common import UserError
+from config import TrainConfig, parse_config
 from dataset import load_data
 
 BASELINE = Path(__file__).resolve().parent.parent / "shared" / "bench" / "seed_baseline.py"
@@ -38,8 +40,6 @@ def seconds_to(history: list[dict], target: float, acc_key: str, time_key: str) 
 
 
 def bench_ours(cfg: TrainConfig) -> dict:
-    import train
-
     # Decode into an empty cache first, so the decode time is the cold one a first run pays.
     t0 = time.time()
     tr, va, _ = load_data(cfg.data, cfg.classes or None, cfg.image_size, cfg.channels, cfg.val_fraction, cfg.seed,

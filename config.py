@@ -12,9 +12,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad path, no checkpoint yet...): printed as one line, no traceback."""
+from common import UserError  # noqa: F401  (defined in common.py; still importable from here)
 
 
 def _f(default, help: str):
@@ -72,6 +70,11 @@ class TrainConfig:
     resume: bool = _f(False, "continue from OUT_DIR/last.pth with its settings (flags given override them)")
     check_only: bool = _f(False, "report on the data (counts, unreadable files, duplicates) and exit")
 
+    @property
+    def uses_pretrained(self) -> bool:
+        """--weights implies --pretrained."""
+        return self.pretrained or bool(self.weights)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -108,14 +111,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
-    """Parse flags; those given override `base` (the defaults, or a resumed run's settings)."""
+    """Parse flags; those given override `base` (the defaults, or a resumed run's settings), the rest keep it."""
     given = vars(build_parser().parse_args(argv))
     return dataclasses.replace(base or TrainConfig(), **given)
-
-
-def given_flags(argv: list[str] | None) -> dict:
-    """Only the settings named on the command line, e.g. to apply on top of a resumed run's config."""
-    return vars(build_parser().parse_args(argv))
 
 
 def format_config(cfg: TrainConfig) -> str:

@@ -14,45 +14,25 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from config import UserError
-from dataset import IMAGE_EXTENSIONS, BadImage, decode_image, is_hidden
-from model import load_checkpoint, model_from_checkpoint, predict_logits
-
-
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files as given, image files inside folders (recursively), and glob patterns, in order, without repeats."""
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(is_hidden(part) for part in f.relative_to(p).parts))
-            if not found:
-                raise UserError(f"no image files in folder {p}")
-            out.extend(found)
-        elif any(ch in item for ch in "*?[") and not p.exists():
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise UserError(f"no files match {item!r}")
-            out.extend(matches)
-        else:
-            out.append(p)  # a missing file is reported per image, so the others are still answered
-    return list(dict.fromkeys(out))
+from checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, tta_of,
+                        temperature_of)
+from common import UserError
+from dataset import BadImage, decode_image, expand_inputs
+from model import predict_logits
 
 
 def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | None = None) -> list[dict]:
     """One result per path: {'path', 'label', 'confidence', 'probabilities'} or {'path', 'error'}."""
     model = model_from_checkpoint(ckpt)
     size, channels, classes = ckpt["image_size"], ckpt["channels"], ckpt["classes"]
-    tta = ckpt.get("config", {}).get("tta", False) if tta is None else tta
-    temperature = float(ckpt.get("temperature", 1.0))
+    tta = tta_of(ckpt) if tta is None else tta
+    temperature = temperature_of(ckpt)
     results, images, good = [], [], []
     for p in paths:
         try:
@@ -65,7 +45,7 @@ def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | 
             results.append({"path": str(p), "error": str(e)})
     if images:
         logits = predict_logits(model, torch.stack(images), torch.device("cpu"), tta=tta,
-                                normalization=ckpt["normalization"])
+                                normalization=normalization_of(ckpt))
         probs = torch.softmax(logits / temperature, dim=1)
         for i, pr in zip(good, probs):
             conf, k = pr.max(0)
@@ -78,7 +58,7 @@ def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", nargs="+", required=True, help="image files, folders or glob patterns")
-    parser.add_argument("--checkpoint", default="models/best_model.pth", help="checkpoint written by train.py")
+    parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--csv", metavar="FILE", help="also write path,label,confidence,... rows to FILE")
     parser.add_argument("--threshold", type=float, default=0.0,

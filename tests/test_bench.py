@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import bench
 from dataset import make_synthetic
 
@@ -10,6 +12,7 @@ def test_seconds_to_finds_the_first_epoch_reaching_a_target():
     assert bench.seconds_to(hist, 0.95, "val_acc", "t") is None
 
 
+@pytest.mark.slow
 def test_bench_prints_one_json_object(tmp_path, capsys):
     data = make_synthetic(tmp_path / "d", 8, size=24, splits=("train", "val"))
     assert bench.main(["--data", str(data), "--epochs", "2", "--skip-baseline", "--workers", "0",

@@ -31,11 +31,17 @@ def test_flags_parse_to_field_types():
         assert isinstance(value, origin), f.name
 
 
-def test_defaults_match_the_issue():
-    cfg = parse_config([])
-    assert cfg == TrainConfig()
-    assert (cfg.data, cfg.image_size, cfg.out_dir, cfg.log_dir, cfg.device, cfg.patience) == (
-        "Dataset", 64, "models", "logs", "auto", 0)
+def test_documented_defaults():
+    cfg = TrainConfig()
+    assert (cfg.data, cfg.image_size, cfg.channels, cfg.width, cfg.out_dir, cfg.log_dir, cfg.device, cfg.patience,
+            cfg.tta) == ("Dataset", 64, 1, 48, "models", "logs", "auto", 0, True)
+
+
+def test_flags_not_given_keep_the_base_values():
+    # The parser must leave unnamed flags out: filling in their defaults would undo a resumed run's settings.
+    base = TrainConfig(data="saved", epochs=5, tta=False, classes=["a", "b"], lr=0.5)
+    assert parse_config([], base) == base
+    assert parse_config(["--tta"], base) == TrainConfig(data="saved", epochs=5, tta=True, classes=["a", "b"], lr=0.5)
 
 
 def test_given_flags_override_a_base_config():

@@ -1,12 +1,11 @@
-import io
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import dataset
-from config import UserError
+from common import UserError
+from conftest import NASTY_READABLE
 from dataset import (augment, batch_affine, batch_flip_lr, decode_image, find_classes, image_tensor, list_images,
                      load_data, load_split, make_synthetic, preprocess, random_affine, stratified_split, to_float)
 
@@ -242,3 +241,13 @@ def test_real_photos_decode_to_gray_64(tmp_path):
             out = decode_image(path, 64)
             assert out.shape == (1, 64, 64) and out.dtype == np.uint8
             assert out.std() > 5  # a photo, not a blank
+
+
+def test_each_odd_but_valid_image_decodes(nasty_data):
+    for rel in NASTY_READABLE:
+        assert dataset.decode_image(nasty_data / rel, 32).shape == (1, 32, 32), rel
+
+
+def test_the_old_check_command_points_to_check_data(capsys):
+    assert dataset.main(["check", "Dataset", "--json"]) == 2
+    assert "python check_data.py Dataset --json" in capsys.readouterr().err
