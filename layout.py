@@ -5,6 +5,7 @@ Usage (from other scripts):
     lay = read_layout("dog-breed", labels_file="dog-breed/labels.csv")   # labels in a CSV or TSV table
     lay = read_layout("dogs-vs-cats", labels_from_name=True)        # cat.0.jpg -> cat
     lay = read_layout("pets", name_pattern=r"^(.+)_\\d+\\.jpg$")      # one group = the label
+    lay = layout_of(cfg)                                            # the same, from a TrainConfig
     print(lay.description); print(format_problems(lay))
     splits = layout_splits(lay)                                     # {"train", "val", "test"}: the carve applied
 
@@ -29,15 +30,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config import UserError
-from dataset import IMAGE_EXTENSIONS, is_hidden
-
-SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {
-    "train": ("train", "training", "training_set", "train_set", "trn"),
-    "val": ("val", "valid", "validation", "val_set", "dev"),
-    "test": ("test", "testing", "test_set", "eval"),
-}
+from common import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, UserError, is_hidden
+from config import TrainConfig
 # Header names that hold the file and the label, in order of preference (compared as lower_snake_case).
 FILE_COLUMNS = ("file", "filename", "file_name", "filepath", "file_path", "path", "image", "image_path",
                 "image_name", "image_id", "img", "id")
@@ -74,7 +68,8 @@ class Layout:
     root: str = ""                                # the DATA folder as given
     seed: int = 0                                 # seed of the carve
     source: str = "folders"                       # where the labels come from: folders, names or table
-    folders: dict[str, str] = field(default_factory=dict)  # split -> the folder it was read from
+    folders: dict[str, str] = field(default_factory=dict)  # split -> the folder it was read from, as shown
+    folder_paths: dict[str, str] = field(default_factory=dict)  # split -> that folder's absolute path
 
 
 # ---------------------------------------------------------------- names
@@ -433,10 +428,19 @@ def read_layout(data: str | Path, *, labels_file: str | Path | None = None, labe
             carve["test"] = test_fraction
     lay = Layout(classes=names, items=items, carve=carve, problems={k: v for k, v in problems.items() if v},
                  description="", root=str(root), seed=seed, source=source,
-                 folders={s: rel(d) for s, d in split_dirs.items()})
+                 folders={s: rel(d) for s, d in split_dirs.items()},
+                 folder_paths={s: str(_abs(d)) for s, d in split_dirs.items()})
     lay.description = describe(lay, single, table, columns, name_pattern)
     _check_usable(lay, need, table, columns, rule is not None, rel(base))
     return lay
+
+
+def layout_of(cfg: TrainConfig, need: str | None = "train") -> Layout:
+    """read_layout with a run's settings: the one place that maps TrainConfig's data fields onto it."""
+    return read_layout(cfg.data, labels_file=cfg.labels or None, label_columns=cfg.label_columns or None,
+                       labels_from_name=cfg.labels_from_name, name_pattern=cfg.name_pattern or None,
+                       val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
+                       classes=cfg.classes or None, need=need)
 
 
 class _relative_to:
@@ -521,8 +525,9 @@ def _check_usable(lay: Layout, need: str | None, table: Path | None, columns: st
     if need and not lay.items.get(need) and need not in lay.carve:
         there = ", ".join(f"{f}/ ({s})" for s, f in lay.folders.items()) or "none"
         aliases = "|".join(SPLIT_ALIASES[need])
+        carved = f", or one carved from train (train.py --{need}-fraction 0.1)" if need in ("val", "test") else ""
         raise UserError(f"no {need} images in {lay.root}: found {there}; a {need} split is a folder named "
-                        f"{aliases}, or a split column in --labels")
+                        f"{aliases}, or a split column in --labels{carved}")
 
 
 def _first_problems(lay: Layout) -> str:

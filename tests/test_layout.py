@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from config import UserError
-from dataset import stratified_split_k
+from common import UserError
 from layout import (CONFLICT, EMPTY, LOOSE, MISSING, NO_LABEL, NOT_IN_TRAIN, NOT_READ, SEVERAL, SINGLE, SKIPPED,
                     UNLABELED, UNLABELED_FOLDERS, UNPARSABLE, carve, carve_indices, format_problems, layout_splits,
                     name_rule, read_layout, split_of)
@@ -321,15 +320,21 @@ def test_a_table_that_names_no_file_here_and_conflicting_sources(tmp_path):
 
 # ---------------------------------------------------------------- carving
 
-def test_carve_counts_match_the_k_way_split_and_use_every_index_once():
+def test_carve_keeps_class_shares_small_classes_in_every_split_and_uses_every_index_once():
+    labels = [0] * 100 + [1] * 3
+    parts = carve_indices(labels, [0.7, 0.15, 0.15], seed=0)
+    assert [[sum(labels[i] == k for i in p) for k in (0, 1)] for p in parts] == [[70, 1], [15, 1], [15, 1]]
+    assert [len(p) for p in carve_indices(labels, [0.8, 0.2], seed=0)] == [82, 21]
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
         labels = torch.randint(0, 4, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
         ratios = [[0.8, 0.2], [0.7, 0.2, 0.1], [0.5, 0.25, 0.25]][trial % 3]
         ours = carve_indices(labels, ratios, seed=trial)
-        theirs = stratified_split_k(torch.tensor(labels), ratios, seed=trial)
-        assert [Counter(labels[i] for i in p) for p in ours] == [Counter(labels[i] for i in p.tolist()) for p in theirs]
         assert sorted(i for p in ours for i in p) == list(range(len(labels)))
+        for c, n in Counter(labels).items():  # largest remainder: each class's count within 1 of its share
+            got = [sum(labels[i] == c for i in p) for p in ours]
+            assert sum(got) == n and all(abs(k - n * r) < 1 + (n > 1) for k, r in zip(got, ratios)), (got, n, ratios)
+        assert ours == carve_indices(labels, ratios, seed=trial)
 
 
 def test_carve_on_items_is_stratified_and_seeded():
