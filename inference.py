@@ -5,6 +5,8 @@ Usage:
     python inference.py --image a.jpg b.png photos/ "more/*.jpg"   # several files, folders, globs
     python inference.py --image photos/ --json                     # one JSON object per image
     python inference.py --image photos/ --csv predictions.csv
+    python inference.py --image test/ --csv submission.csv --csv-columns id,label   # Kaggle-style: file stem, label
+    python inference.py --image test/ --csv submission.csv --csv-columns id,dog     # id and P(dog)
     python inference.py --image x.jpg --threshold 0.8              # "unknown" below 80% confidence
     python inference.py --image x.jpg --checkpoint models/best_model.pth
 
@@ -55,12 +57,40 @@ def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | 
     return results
 
 
+FIXED_COLUMNS = ("id", "path", "label", "confidence", "error")
+
+
+def csv_columns(spec: str, classes: list[str]) -> list[str]:
+    """The --csv-columns list (default: path, label, confidence, one probability per class, error), checked."""
+    if not spec:
+        return ["path", "label", "confidence", *classes, "error"]
+    columns = [c.strip() for c in spec.split(",") if c.strip()]
+    allowed = [*FIXED_COLUMNS, *classes]
+    unknown = [c for c in columns if c not in allowed]
+    if unknown or not columns:
+        raise UserError(f"--csv-columns: unknown column(s) {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(allowed)} (a class name gives that class's probability)")
+    return columns
+
+
+def csv_row(r: dict, columns: list[str]) -> list:
+    """One result as the cells of `columns`; id is the file name without its extension."""
+    values = {"id": Path(r["path"]).stem, "path": r["path"], "label": r.get("label", ""),
+              "confidence": r.get("confidence", ""), "error": r.get("error", "")}
+    probs = r.get("probabilities", {})
+    return [values[c] if c in FIXED_COLUMNS else probs.get(c, "") for c in columns]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", nargs="+", required=True, help="image files, folders or glob patterns")
     parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--csv", metavar="FILE", help="also write path,label,confidence,... rows to FILE")
+    parser.add_argument("--csv-columns", metavar="LIST", default="",
+                        help="comma list of --csv columns from id (the file stem), path, label, confidence, error "
+                        "and class names (their probability), e.g. id,label for a submission (default: path, "
+                        "label, confidence, every class, error)")
     parser.add_argument("--threshold", type=float, default=0.0,
                         help="answer 'unknown' when the top probability is below this (0-1)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -70,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 0.0 <= args.threshold <= 1.0:
             raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
         ckpt = load_checkpoint(args.checkpoint)
+        columns = csv_columns(args.csv_columns, ckpt["classes"])
         paths = expand_inputs(args.image)
         results = classify(paths, ckpt, args.threshold, args.tta)
     except UserError as e:
@@ -85,14 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{r['path']}  {r['label']}  {r['confidence']:.2f}")
     if args.csv:
-        classes = ckpt["classes"]
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "confidence", *classes, "error"])
-            for r in results:
-                probs = r.get("probabilities", {})
-                w.writerow([r["path"], r.get("label", ""), r.get("confidence", ""),
-                            *[probs.get(c, "") for c in classes], r.get("error", "")])
+            w.writerow(columns)
+            w.writerows(csv_row(r, columns) for r in results)
     bad = [r for r in results if "error" in r]
     if bad and len(results) > 1 and not args.json:
         print(f"{len(bad)} of {len(results)} images could not be read", file=sys.stderr)
