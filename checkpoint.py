@@ -5,7 +5,7 @@ Usage (from other scripts):
     save_checkpoint(ckpt, "models/best_model.pth")        # atomic: the old file or the new one
     ckpt = load_checkpoint("models/best_model.pth")      # weights_only=True, validated, version 1 upgraded
     model = model_from_checkpoint(ckpt)                  # eval mode, CPU
-    tta_of(ckpt), temperature_of(ckpt), width_of(ckpt), normalization_of(ckpt)
+    tta_of(ckpt), temperature_of(ckpt), width_of(ckpt), normalization_of(ckpt), val_accuracy_of(ckpt)
 
 Format version 2, a dict of plain types and tensors:
     format_version   2
@@ -145,6 +145,14 @@ def width_of(ckpt: dict) -> int:
 
 def normalization_of(ckpt: dict) -> dict:
     return ckpt["normalization"]
+
+
+def val_accuracy_of(ckpt: dict) -> float | None:
+    """The validation accuracy of the epoch saved (else the best one recorded), or None when it has none."""
+    acc = ((ckpt.get("metrics") or {}).get("val") or {}).get("acc")
+    if acc is None:
+        acc = (ckpt.get("best") or {}).get("acc")
+    return None if acc is None or acc < 0 else float(acc)  # best starts at -1 before any epoch
 
 
 def config_of(ckpt: dict) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import math
 import os
 import sys
@@ -20,6 +21,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -95,13 +97,17 @@ def preprocess(img: Image.Image, size: int, channels: int = 1) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
-def decode_image(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
+def decode_image(path: str | Path | BinaryIO, size: int, channels: int = 1) -> np.ndarray:
     """Read one image file (type by content, not extension) to uint8 (channels, size, size), or raise BadImage."""
     try:
         with warnings.catch_warnings():
             # Beyond PIL's pixel limit an image may be a decompression bomb: refuse it rather than fill memory.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                    # The warning filter above is process-wide, so in a threaded server another thread may
+                    # have reset it: check the limit here too.
+                    raise Image.DecompressionBombError(f"{img.width * img.height} pixels")
                 if img.format == "JPEG":
                     # Decode at a reduced scale straight to the target mode: several times faster on large photos.
                     img.draft("L" if channels == 1 else "RGB", (size, size))
@@ -115,6 +121,11 @@ def decode_image(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
         raise BadImage("not an image PIL can identify (empty, corrupt or another file type)") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         raise BadImage(f"cannot decode: {e}") from None
+
+
+def decode_bytes(data: bytes, size: int, channels: int = 1) -> np.ndarray:
+    """An image file's bytes (an upload) as decode_image decodes the file: same result, same BadImage reasons."""
+    return decode_image(io.BytesIO(data), size, channels)
 
 
 def _decode_or_reason(args: tuple) -> tuple[np.ndarray | None, str]:

@@ -29,31 +29,43 @@ from dataset import BadImage, decode_image, expand_inputs
 from model import predict_logits
 
 
+def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: float = 0.0,
+                   tta: bool | None = None) -> list[dict]:
+    """One {'label', 'confidence', 'probabilities'} per decoded uint8 (C, S, S) image, all in one batch.
+
+    The prediction inference.py prints and serve.py answers: the checkpoint's softmax temperature is applied,
+    and below `threshold` the label is 'unknown'. tta=None uses the training run's setting.
+    """
+    if not images:
+        return []
+    classes = ckpt["classes"]
+    tta = tta_of(ckpt) if tta is None else tta
+    batch = torch.stack([torch.as_tensor(im) for im in images])
+    logits = predict_logits(model, batch, torch.device("cpu"), tta=tta, normalization=normalization_of(ckpt))
+    results = []
+    for pr in torch.softmax(logits / temperature_of(ckpt), dim=1):
+        conf, k = pr.max(0)
+        results.append({"label": classes[k] if conf.item() >= threshold else "unknown",
+                        "confidence": round(conf.item(), 4),
+                        "probabilities": {c: round(v, 4) for c, v in zip(classes, pr.tolist())}})
+    return results
+
+
 def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | None = None) -> list[dict]:
     """One result per path: {'path', 'label', 'confidence', 'probabilities'} or {'path', 'error'}."""
     model = model_from_checkpoint(ckpt)
-    size, channels, classes = ckpt["image_size"], ckpt["channels"], ckpt["classes"]
-    tta = tta_of(ckpt) if tta is None else tta
-    temperature = temperature_of(ckpt)
     results, images, good = [], [], []
     for p in paths:
         try:
             if not p.is_file():
                 raise BadImage("file not found")
-            images.append(torch.from_numpy(decode_image(p, size, channels)))
+            images.append(decode_image(p, ckpt["image_size"], ckpt["channels"]))
             good.append(len(results))
             results.append({"path": str(p)})
         except BadImage as e:
             results.append({"path": str(p), "error": str(e)})
-    if images:
-        logits = predict_logits(model, torch.stack(images), torch.device("cpu"), tta=tta,
-                                normalization=normalization_of(ckpt))
-        probs = torch.softmax(logits / temperature, dim=1)
-        for i, pr in zip(good, probs):
-            conf, k = pr.max(0)
-            label = classes[k] if conf.item() >= threshold else "unknown"
-            results[i].update(label=label, confidence=round(conf.item(), 4),
-                              probabilities={c: round(v, 4) for c, v in zip(classes, pr.tolist())})
+    for i, prediction in zip(good, predict_images(model, ckpt, images, threshold, tta)):
+        results[i].update(prediction)
     return results
 
 

@@ -4,8 +4,8 @@ import torch
 
 import train
 from checkpoint import (FORMAT_VERSION, LAST, build_checkpoint, load_checkpoint, load_resume_checkpoint,
-                        model_from_checkpoint, normalization_of, save_checkpoint, temperature_of, tta_of, width_of,
-                        with_temperature)
+                        model_from_checkpoint, normalization_of, save_checkpoint, temperature_of, tta_of,
+                        val_accuracy_of, width_of, with_temperature)
 from common import UserError, save_atomic
 from config import TrainConfig
 from dataset import load_data
@@ -93,6 +93,9 @@ def test_build_save_load_and_the_accessors(tmp_path):
     loaded = load_checkpoint(tmp_path / "m.pth")
     assert (width_of(loaded), tta_of(loaded), temperature_of(loaded)) == (8, False, 1.7)
     assert normalization_of(loaded) == {"mean": 0.5, "std": 0.5}
+    assert val_accuracy_of(loaded) == 0.5  # no val metrics saved: the best recorded
+    assert val_accuracy_of({**loaded, "metrics": {"val": {"acc": 0.75}}}) == 0.75
+    assert val_accuracy_of({**loaded, "best": {"acc": -1.0, "epoch": 0}}) is None
     assert model_from_checkpoint(loaded).stem[1].num_features == 4  # width 8: a stem of 4, then 8 channels
     pretrained = build_checkpoint(SmallResNet(2, 1, 8), TrainConfig(weights="w.pth"), ["a", "b"], 1, {}, [], {})
     assert normalization_of(pretrained) == {"mean": [0.449], "std": [0.226]}
