@@ -6,6 +6,9 @@ Usage (from other scripts):
     ckpt = load_checkpoint("models/best_model.pth")      # weights_only=True, validated, version 1 upgraded
     model = model_from_checkpoint(ckpt)                  # eval mode, CPU
     tta_of(ckpt), temperature_of(ckpt), width_of(ckpt), normalization_of(ckpt), val_accuracy_of(ckpt)
+    ckpt = with_novelty(ckpt, novelty_record(states, "layer_mahalanobis", threshold, 0.95, tta, seconds, n))
+    novelty = novelty_of(ckpt)                           # None for a checkpoint trained before it existed
+    novelty = novelty_of(ckpt, needed_by="--reject")     # ... or a UserError that says to retrain
 
 Format version 2, a dict of plain types and tensors:
     format_version   2
@@ -18,6 +21,11 @@ Format version 2, a dict of plain types and tensors:
     epoch, metrics {"val", "train"}, best {"acc", "epoch", "loss"}, history [one record per epoch]
     layout           how the data was read: {"description", "source", "folders", "carve", "val_files_sha1"}
                      (absent in older files; evaluate.py rebuilds a carved val/test from config)
+  novelty (optional) what tells images of no known class apart, fitted at the end of training (novelty.py):
+                   {"score": the name used, "states": {score name: plain dict of tensors and numbers},
+                    "threshold": accept an image when its score <= this, "accept_rate": the share of val images
+                    accepted at that threshold when it was chosen, "tta": features averaged with the mirror,
+                    "fit_seconds", "train_images"}. Files without it (older ones) load; --reject needs it.
   and in last.pth, for --resume: optimizer_state, scheduler_state, rng, and with EMA raw_model_state (the
   weights training continues from) and ema_steps.
 Version 1 files (no top-level width and tta; temperature optional) load as version 2 with the values version 1
@@ -42,6 +50,7 @@ DEFAULT_PATH = str(Path(TrainConfig.out_dir) / BEST)  # what inference.py, evalu
 REQUIRED_V1 = ("format_version", "model_state", "arch", "classes", "image_size", "channels", "normalization")
 REQUIRED = REQUIRED_V1 + ("width", "tta", "temperature")
 RESUME_KEYS = ("optimizer_state", "scheduler_state", "rng")
+NOVELTY_KEYS = ("score", "states", "threshold", "accept_rate", "tta")
 
 
 def build_checkpoint(model: nn.Module, cfg: TrainConfig, classes: list[str], epoch: int, metrics: dict,
@@ -65,6 +74,17 @@ def with_resume_state(ckpt: dict, optimizer: torch.optim.Optimizer, scheduler, r
 
 def with_temperature(ckpt: dict, temperature: float) -> dict:
     return {**ckpt, "temperature": float(temperature)}
+
+
+def novelty_record(states: dict, score: str, threshold: float, accept_rate: float, tta: bool,
+                   fit_seconds: float = 0.0, train_images: int = 0) -> dict:
+    """The optional "novelty" field: score states (novelty.fit_states) and the threshold chosen on val."""
+    return {"score": score, "states": states, "threshold": float(threshold), "accept_rate": float(accept_rate),
+            "tta": bool(tta), "fit_seconds": round(float(fit_seconds), 2), "train_images": int(train_images)}
+
+
+def with_novelty(ckpt: dict, novelty: dict) -> dict:
+    return {**ckpt, "novelty": novelty}
 
 
 def save_checkpoint(ckpt: dict, path: str | Path) -> None:
@@ -98,6 +118,10 @@ def load_checkpoint(path: str | Path, hint: str = "run train.py first") -> dict:
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a complete version {FORMAT_VERSION} checkpoint (missing {', '.join(missing)})")
+    novelty = ckpt.get("novelty")
+    if novelty is not None and (not isinstance(novelty, dict) or any(k not in novelty for k in NOVELTY_KEYS)
+                                or novelty["score"] not in novelty["states"]):
+        raise UserError(f"{path} has a damaged novelty record (expected {', '.join(NOVELTY_KEYS)})")
     return ckpt
 
 
@@ -153,6 +177,16 @@ def val_accuracy_of(ckpt: dict) -> float | None:
     if acc is None:
         acc = (ckpt.get("best") or {}).get("acc")
     return None if acc is None or acc < 0 else float(acc)  # best starts at -1 before any epoch
+
+
+def novelty_of(ckpt: dict, needed_by: str = "") -> dict | None:
+    """The novelty record (score states, threshold), or None for a checkpoint without one; with `needed_by`
+    (a flag), a UserError that says to retrain instead of None."""
+    novelty = ckpt.get("novelty")
+    if novelty is None and needed_by:
+        raise UserError(f"{needed_by} needs a checkpoint with a novelty score, which train.py stores since "
+                        f"issue 20; this one has none (older, or trained with --novelty-score none): retrain it")
+    return novelty
 
 
 def config_of(ckpt: dict) -> dict:

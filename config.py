@@ -62,6 +62,10 @@ class TrainConfig:
     max_rotation: float = _f(10.0, "random rotation range in degrees during training")
     max_shift: float = _f(0.1, "random shift, as a share of the image side, during training")
     tta: bool = _f(True, "evaluate on the image and its mirror and average (flip test-time augmentation)")
+    # images of no known class (novelty.py)
+    novelty_score: str = _f("layer_mahalanobis", "score fitted on the train features at the end, for --reject: msp, "
+                            "energy, knn, mahalanobis or layer_mahalanobis (measured best); 'none' skips it")
+    accept_rate: float = _f(0.95, "share of known (val) images the stored novelty threshold accepts")
     # machine
     device: str = _f("auto", "auto picks cuda, then mps, then cpu")
     amp: bool = _f(True, "mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (~2x faster)")

@@ -6,12 +6,17 @@ Usage:
     python evaluate.py --split val                         # the data, labels and carved val the model trained on
     python evaluate.py --data Dataset --checkpoint models/best_model.pth --out-dir curves --gallery 32
     python evaluate.py --gradcam photo.jpg more/*.jpg       # heatmaps of what the predicted class looked at
+    python evaluate.py --data ../shared/data/catdog --split val --unknown-dir other_photos/   # novelty scores
 
 Writes OUT_DIR/metrics.json, confusion_matrix.png (counts and row-normalized), most_confident_wrong.png and
 most_confident_wrong.csv; with --gradcam, OUT_DIR/gradcam_<image name>.png. The class names, image size,
 channels and softmax temperature come from the checkpoint. The data is read as train.py read it (layout.py,
 with the checkpoint's --labels/--labels-from-name/--name-pattern unless given), so a val or test split that
 train.py carved out of train (--val-fraction, --test-fraction, --seed) is carved again, file for file.
+--unknown-dir DIR (images of no known class, any layout or a flat folder) tells them apart from the split's
+images by the checkpoint's novelty scores: AUROC and the false-positive rate at 95% true-positive rate of each
+score, and at the stored threshold the shares of known images rejected and of unknown images accepted, in
+metrics.json under "unknown", and OUT_DIR/unknown_scores.png (both histograms and the threshold).
 """
 from __future__ import annotations
 
@@ -27,14 +32,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
-                        tta_of, temperature_of)
+                        novelty_of, tta_of, temperature_of)
 from common import SPLITS, UserError, pick_device
 from config import SOURCE_FIELDS, TrainConfig, add_flags
 from dataset import BadImage, decode_image, expand_inputs, load_items, to_float
 from layout import layout_of, layout_splits, split_of
 from metrics import compute_metrics, most_confident_wrong
 from model import predict_logits, unwrap
-from plots import plot_confusion_matrix, plot_gallery, plot_gradcam, save_figure
+from novelty import extract_features, load_images, novelty_score, unknown_report
+from plots import plot_confusion_matrix, plot_gallery, plot_gradcam, plot_unknown_scores, save_figure
 
 
 def format_report(m: dict) -> str:
@@ -147,9 +153,42 @@ def write_gallery(idx: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, 
     save_figure(plot_gallery(images[idx], captions), out / "most_confident_wrong.png")
 
 
+def unknown_section(ckpt: dict, model: nn.Module, known_images: torch.Tensor, args: argparse.Namespace,
+                    device: torch.device, out: Path) -> dict:
+    """metrics.json's "unknown": the split's images (known) against those under --unknown-dir, for every novelty
+    score the checkpoint holds; also writes unknown_scores.png for the score --reject uses."""
+    novelty = novelty_of(ckpt, needed_by="--unknown-dir")
+    images, _, bad = load_images(args.unknown_dir, ckpt["image_size"], ckpt["channels"], args.workers)
+    for path, reason in bad:
+        print(f"skipped unreadable image {path}: {reason}")
+
+    def features(x: torch.Tensor) -> dict:
+        return extract_features(model, x, device, args.batch_size, tta=novelty["tta"],
+                                normalization=normalization_of(ckpt))
+
+    known, unknown = features(known_images), features(images)
+    name, threshold = novelty["score"], novelty["threshold"]
+    report = unknown_report(novelty["states"], name, threshold, known, unknown)
+    state = novelty["states"][name]
+    save_figure(plot_unknown_scores(novelty_score(state, known), novelty_score(state, unknown), threshold, name),
+                out / "unknown_scores.png")
+    print(f"\nunknown images: {len(images)} from {args.unknown_dir}"
+          + (f" ({len(bad)} unreadable skipped)" if bad else "") + f" against {len(known_images)} known")
+    print(f"{'score':<18}  {'AUROC':>6}  {'FPR at 95% TPR':>14}")
+    for score, r in report["by_score"].items():
+        used = "  (--reject)" if score == name else ""
+        print(f"{score:<18}  {r['auroc']:>6.3f}  {r['fpr_at_95_tpr']:>14.1%}{used}")
+    print(f"at the stored threshold {threshold:.4g} ({name}): {report['known_rejected']:.1%} of the known images "
+          f"rejected, {report['unknown_accepted']:.1%} of the unknown ones accepted; "
+          f"wrote {out / 'unknown_scores.png'}")
+    return report
+
+
 def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
     """Metrics of the checkpoint on DATA/SPLIT, printed and written to OUT_DIR with the plots and the gallery."""
     ckpt = load_checkpoint(args.checkpoint)
+    if args.unknown_dir:
+        novelty_of(ckpt, needed_by="--unknown-dir")  # before the work, not after it
     classes, cfg = ckpt["classes"], config_of(ckpt)
     split_name = split_of(args.split)
     if split_name is None:
@@ -181,6 +220,8 @@ def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
     report = {"checkpoint": str(args.checkpoint), "data": str(settings.data), "split": split_name,
               "layout": lay.description, "tta": tta,
               "skipped": [list(b) for b in split.bad], **metrics}
+    if args.unknown_dir:
+        report["unknown"] = unknown_section(ckpt, model, split.images, args, device, out)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     save_figure(plot_confusion_matrix(torch.tensor(metrics["confusion_matrix"]), classes),
                 out / "confusion_matrix.png")
@@ -238,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the mirrored image (default: as in training)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--unknown-dir", metavar="DIR",
+                        help="images of no known class (any layout): how well the novelty scores tell them apart")
     parser.add_argument("--gradcam", nargs="+", metavar="IMAGE",
                         help="instead of evaluating: write Grad-CAM heatmaps of these images, folders or globs")
     add_flags(parser, SOURCE_FIELDS, default_note=" (default: as in training)")

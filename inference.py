@@ -8,9 +8,11 @@ Usage:
     python inference.py --image test/ --csv submission.csv --csv-columns id,label   # Kaggle-style: file stem, label
     python inference.py --image test/ --csv submission.csv --csv-columns id,dog     # id and P(dog)
     python inference.py --image x.jpg --threshold 0.8              # "unknown" below 80% confidence
+    python inference.py --image photos/ --reject --json            # "unknown" when of no known class
     python inference.py --image x.jpg --checkpoint models/best_model.pth
 
-Needs nothing but the checkpoint: class names, image size, channels and normalization travel inside it.
+Needs nothing but the checkpoint: class names, image size, channels and normalization travel inside it, and
+the novelty score and threshold that --reject uses (fitted at the end of training; see novelty.py).
 """
 from __future__ import annotations
 
@@ -22,37 +24,56 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, tta_of,
+from checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, novelty_of, tta_of,
                         temperature_of)
 from common import UserError
 from dataset import BadImage, decode_image, expand_inputs
 from model import predict_logits
+from novelty import extract_features, novelty_score
 
 
 def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: float = 0.0,
-                   tta: bool | None = None) -> list[dict]:
-    """One {'label', 'confidence', 'probabilities'} per decoded uint8 (C, S, S) image, all in one batch.
+                   tta: bool | None = None, reject: bool = False) -> list[dict]:
+    """One {'label', 'confidence', 'probabilities'} per decoded uint8 (C, S, S) image, all in one batch, plus
+    {'novelty_score', 'known'} when the checkpoint has a novelty score (known: score <= its stored threshold).
 
     The prediction inference.py prints and serve.py answers: the checkpoint's softmax temperature is applied,
-    and below `threshold` the label is 'unknown'. tta=None uses the training run's setting.
+    below `threshold` the label is 'unknown', and with `reject` also when the image is of no known class (a
+    checkpoint without a novelty score is then a UserError that says to retrain). tta=None uses the training
+    run's setting; the novelty score always uses the setting its threshold was chosen with.
     """
+    novelty = novelty_of(ckpt, needed_by="--reject" if reject else "")
     if not images:
         return []
-    classes = ckpt["classes"]
+    classes, norm = ckpt["classes"], normalization_of(ckpt)
     tta = tta_of(ckpt) if tta is None else tta
     batch = torch.stack([torch.as_tensor(im) for im in images])
-    logits = predict_logits(model, batch, torch.device("cpu"), tta=tta, normalization=normalization_of(ckpt))
+    scores = None
+    if novelty is not None:
+        features = extract_features(model, batch, tta=novelty["tta"], normalization=norm)
+        scores = novelty_score(novelty["states"][novelty["score"]], features).tolist()
+    if novelty is not None and tta == novelty["tta"]:
+        logits = features["logits"]  # the same numbers predict_logits gives, without a second pass
+    else:
+        logits = predict_logits(model, batch, torch.device("cpu"), tta=tta, normalization=norm)
     results = []
-    for pr in torch.softmax(logits / temperature_of(ckpt), dim=1):
+    for i, pr in enumerate(torch.softmax(logits / temperature_of(ckpt), dim=1)):
         conf, k = pr.max(0)
-        results.append({"label": classes[k] if conf.item() >= threshold else "unknown",
-                        "confidence": round(conf.item(), 4),
-                        "probabilities": {c: round(v, 4) for c, v in zip(classes, pr.tolist())}})
+        known = scores is None or scores[i] <= novelty["threshold"]
+        label = classes[k] if conf.item() >= threshold and (known or not reject) else "unknown"
+        result = {"label": label, "confidence": round(conf.item(), 4),
+                  "probabilities": {c: round(v, 4) for c, v in zip(classes, pr.tolist())}}
+        if scores is not None:
+            result.update(novelty_score=round(scores[i], 4), known=known)
+        results.append(result)
     return results
 
 
-def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | None = None) -> list[dict]:
-    """One result per path: {'path', 'label', 'confidence', 'probabilities'} or {'path', 'error'}."""
+def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | None = None,
+             reject: bool = False) -> list[dict]:
+    """One result per path: {'path', 'label', 'confidence', 'probabilities'[, 'novelty_score', 'known']} or
+    {'path', 'error'}."""
+    novelty_of(ckpt, needed_by="--reject" if reject else "")  # before decoding anything
     model = model_from_checkpoint(ckpt)
     results, images, good = [], [], []
     for p in paths:
@@ -64,20 +85,23 @@ def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | 
             results.append({"path": str(p)})
         except BadImage as e:
             results.append({"path": str(p), "error": str(e)})
-    for i, prediction in zip(good, predict_images(model, ckpt, images, threshold, tta)):
+    for i, prediction in zip(good, predict_images(model, ckpt, images, threshold, tta, reject)):
         results[i].update(prediction)
     return results
 
 
 FIXED_COLUMNS = ("id", "path", "label", "confidence", "error")
+NOVELTY_COLUMNS = ("novelty_score", "known")  # only with a checkpoint that has a novelty score
 
 
-def csv_columns(spec: str, classes: list[str]) -> list[str]:
-    """The --csv-columns list (default: path, label, confidence, one probability per class, error), checked."""
+def csv_columns(spec: str, classes: list[str], novelty: bool = False) -> list[str]:
+    """The --csv-columns list (default: path, label, confidence, one probability per class, the novelty score and
+    verdict when the checkpoint has them, error), checked."""
+    extra = list(NOVELTY_COLUMNS) if novelty else []
     if not spec:
-        return ["path", "label", "confidence", *classes, "error"]
+        return ["path", "label", "confidence", *classes, *extra, "error"]
     columns = [c.strip() for c in spec.split(",") if c.strip()]
-    allowed = [*FIXED_COLUMNS, *classes]
+    allowed = [*FIXED_COLUMNS, *extra, *classes]
     unknown = [c for c in columns if c not in allowed]
     if unknown or not columns:
         raise UserError(f"--csv-columns: unknown column(s) {', '.join(unknown) or '(none given)'}; choose from "
@@ -88,9 +112,10 @@ def csv_columns(spec: str, classes: list[str]) -> list[str]:
 def csv_row(r: dict, columns: list[str]) -> list:
     """One result as the cells of `columns`; id is the file name without its extension."""
     values = {"id": Path(r["path"]).stem, "path": r["path"], "label": r.get("label", ""),
-              "confidence": r.get("confidence", ""), "error": r.get("error", "")}
+              "confidence": r.get("confidence", ""), "error": r.get("error", ""),
+              **{k: r.get(k, "") for k in NOVELTY_COLUMNS}}
     probs = r.get("probabilities", {})
-    return [values[c] if c in FIXED_COLUMNS else probs.get(c, "") for c in columns]
+    return [values[c] if c in values else probs.get(c, "") for c in columns]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                         "label, confidence, every class, error)")
     parser.add_argument("--threshold", type=float, default=0.0,
                         help="answer 'unknown' when the top probability is below this (0-1)")
+    parser.add_argument("--reject", action="store_true",
+                        help="answer 'unknown' when the image's novelty score says it is of no known class "
+                             "(the score and threshold stored at the end of training)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the mirrored image (default: as in training)")
     args = parser.parse_args(argv)
@@ -112,21 +140,24 @@ def main(argv: list[str] | None = None) -> int:
         if not 0.0 <= args.threshold <= 1.0:
             raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
         ckpt = load_checkpoint(args.checkpoint)
-        columns = csv_columns(args.csv_columns, ckpt["classes"])
+        columns = csv_columns(args.csv_columns, ckpt["classes"], novelty_of(ckpt) is not None)
         paths = expand_inputs(args.image)
-        results = classify(paths, ckpt, args.threshold, args.tta)
+        results = classify(paths, ckpt, args.threshold, args.tta, args.reject)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for r in results:
+        # With --reject: "dog  0.97  novelty 1.52 known" or "unknown  0.91  novelty 9.80 no known class".
+        novelty = (f"  novelty {r['novelty_score']:.2f} {'known' if r['known'] else 'no known class'}"
+                   if args.reject and "novelty_score" in r else "")
         if args.json:
             print(json.dumps(r))
         elif "error" in r:
             print(f"error: {r['path']}: {r['error']}", file=sys.stderr)
         elif len(results) == 1:
-            print(f"{r['label']}  {r['confidence']:.2f}")
+            print(f"{r['label']}  {r['confidence']:.2f}{novelty}")
         else:
-            print(f"{r['path']}  {r['label']}  {r['confidence']:.2f}")
+            print(f"{r['path']}  {r['label']}  {r['confidence']:.2f}{novelty}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)

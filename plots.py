@@ -113,3 +113,21 @@ def plot_history(history: list[dict], path: Path) -> None:
         axis.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_unknown_scores(known: torch.Tensor, unknown: torch.Tensor, threshold: float, score: str):
+    """Histograms of the novelty scores of known and unknown images on shared bins, and the threshold: images
+    to its right are answered 'unknown'."""
+    fig = _figure(7, 3.8)
+    ax = fig.subplots()
+    both = torch.cat([known.double(), unknown.double(), torch.tensor([threshold], dtype=torch.float64)])
+    low, high = both.min().item(), both.max().item()
+    bins = torch.linspace(low, high if high > low else low + 1, 41).numpy()
+    for values, label in ((known, f"known ({len(known)})"), (unknown, f"unknown ({len(unknown)})")):
+        ax.hist(values.double().numpy(), bins=bins, alpha=0.55, label=label,
+                weights=torch.full((len(values),), 1 / max(1, len(values)), dtype=torch.float64).numpy())
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
+    ax.set_xlabel(f"novelty score ({score}; higher = less like any known class)")
+    ax.set_ylabel("share of images")
+    ax.legend()
+    return fig

@@ -36,14 +36,17 @@ from torch.optim.swa_utils import AveragedModel
 
 from check_data import check_data
 from checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_checkpoint,
-                        load_resume_checkpoint, model_from_checkpoint, normalization_of, resume_state_of, save_checkpoint,
-                        with_resume_state, with_temperature)
+                        load_resume_checkpoint, model_from_checkpoint, normalization_of, novelty_record,
+                        resume_state_of, save_checkpoint, temperature_of, tta_of, with_novelty, with_resume_state,
+                        with_temperature)
 from common import UserError, pick_device, remove_stale_temp_files
 from config import TrainConfig, format_config, parse_config
-from dataset import Split, augment, batches, load_data, to_float
+from dataset import Split, augment, batches, load_data, load_items, to_float
 from layout import Layout, format_problems, layout_of, layout_splits
 from metrics import confusion_matrix, correct_count, expected_calibration_error, fit_temperature, loss_sum
 from model import adapt_state_dict, build_model, input_normalization, load_pretrained, predict_logits, unwrap
+from novelty import (SCORES, accepted, extract_features, fit_states, novelty_score, state_bytes,
+                     threshold_for_accept_rate, unknown_report)
 from plots import plot_confusion_matrix, plot_history
 
 
@@ -589,24 +592,91 @@ def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool
     return {"temperature": temperature, "val_ece_before": before, "val_ece_after": after}
 
 
-def summarise(cfg: TrainConfig, t: Trainer, val: Split, progress: Progress, writer, stopped: str) -> dict:
-    """Print why training stopped, plot the curves, calibrate the best model; returns the summary."""
+def check_novelty_settings(cfg: TrainConfig) -> None:
+    """Refuse a bad --novelty-score or --accept-rate before training rather than after it."""
+    if cfg.novelty_score != "none" and cfg.novelty_score not in SCORES:
+        raise UserError(f"--novelty-score must be one of {', '.join(SCORES)} or none, not {cfg.novelty_score!r}")
+    if not 0.0 < cfg.accept_rate <= 1.0:
+        raise UserError(f"--accept-rate must be in (0, 1], not {cfg.accept_rate}")
+
+
+def left_out_images(cfg: TrainConfig, classes: list[str]) -> tuple[Split | None, list[str]]:
+    """With --classes, the images of the other classes in val (else train), read as the run read its data:
+    images of no class the model knows, for the report at the end of training only (never trained on, never
+    used to choose the threshold)."""
+    if not cfg.classes:
+        return None, []
+    everything = layout_of(dataclasses.replace(cfg, classes=[]), need=None)
+    for name in ("val", "train"):
+        items = [(p, c) for p, c in everything.items[name] if c not in classes]
+        if items:
+            others = sorted({c for _, c in items})
+            split = load_items(items, others, name, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers)
+            return (split if len(split.labels) else None), others
+    return None, []
+
+
+def fit_novelty(path: Path, train: Split, val: Split, cfg: TrainConfig, device: torch.device) -> dict:
+    """Fit the novelty scores on the best model's train features, choose the threshold that accepts
+    --accept-rate of val, store both in its checkpoint; report on the left-out classes when there are some."""
+    started = time.time()
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt).to(device)
+    tta = tta_of(ckpt)
+
+    def features(images: torch.Tensor) -> dict:
+        return extract_features(model, images, device, tta=tta, normalization=normalization_of(ckpt),
+                                channels_last=cfg.channels_last)
+
+    states = fit_states(features(train.images), train.labels.cpu(), len(ckpt["classes"]), cfg.novelty_score,
+                        temperature_of(ckpt))
+    val_features = features(val.images)
+    val_scores = novelty_score(states[cfg.novelty_score], val_features)
+    threshold = threshold_for_accept_rate(val_scores, cfg.accept_rate)
+    seconds = time.time() - started
+    save_checkpoint(with_novelty(ckpt, novelty_record(states, cfg.novelty_score, threshold, cfg.accept_rate, tta,
+                                                      seconds, len(train.labels))), path)
+    size = sum(state_bytes(s) for s in states.values())
+    print(f"novelty score {cfg.novelty_score}: fitted on {len(train.labels)} train images in {seconds:.1f}s "
+          f"({size / 1e6:.1f} MB stored, scores {', '.join(states)}); threshold {threshold:.4g} accepts "
+          f"{accepted(val_scores, threshold).double().mean().item():.1%} of val (--accept-rate {cfg.accept_rate})")
+    out = {"novelty_score": cfg.novelty_score, "novelty_threshold": threshold, "novelty_seconds": round(seconds, 1),
+           "novelty_bytes": size}
+    left_out, left_out_names = left_out_images(cfg, ckpt["classes"])
+    if left_out is not None:
+        report = unknown_report(states, cfg.novelty_score, threshold, val_features, features(left_out.images))
+        out["known_unknowns"] = {"classes": left_out_names, "images": len(left_out.labels), **report}
+        print(f"left-out classes as unknown images ({', '.join(left_out_names)}: {len(left_out.labels)} images): "
+              f"{cfg.novelty_score} AUROC {report['auroc']:.3f}, FPR at 95% TPR {report['fpr_at_95_tpr']:.1%}; "
+              f"at the stored threshold {report['known_rejected']:.1%} of val rejected, "
+              f"{report['unknown_accepted']:.1%} of the left-out images accepted")
+    return out
+
+
+def summarise(cfg: TrainConfig, t: Trainer, train: Split, val: Split, progress: Progress, writer,
+              stopped: str) -> dict:
+    """Print why training stopped, plot the curves, calibrate the best model and fit its novelty score;
+    returns the summary."""
     if stopped:
         print(stopped)
     best, out_dir = progress.best, Path(cfg.out_dir)
     if progress.history and is_main_rank():
         plot_history(progress.history, Path(cfg.curves_dir) / "training_curves.png")
-    calibration = calibrate_best_model(out_dir / BEST, val, t.device, cfg.tta, writer) \
-        if is_main_rank() and best["epoch"] and len(val.labels) else {}
+    finished = is_main_rank() and best["epoch"] and len(val.labels)
+    calibration = calibrate_best_model(out_dir / BEST, val, t.device, cfg.tta, writer) if finished else {}
     if writer is not None:
         writer.close()
+    novelty = {}
+    if finished and cfg.novelty_score != "none":
+        novelty = fit_novelty(out_dir / BEST, train, val, cfg, t.device)
     summary = {"best_val_acc": best["acc"], "best_epoch": best["epoch"],
                "epochs_run": len(progress.history) - progress.start_epoch,
                "train_seconds": round(progress.train_seconds, 1),
                "wall_seconds": round(time.time() - progress.started, 1),
-               "checkpoint": str(out_dir / BEST), "history": progress.history, **calibration}
+               "checkpoint": str(out_dir / BEST), "history": progress.history, **calibration, **novelty}
     if best["epoch"]:
-        print(f"done: best val acc {best['acc']:.4f} at epoch {best['epoch']}, {summary['wall_seconds']:.0f}s, "
+        cost = f" (novelty score: {novelty['novelty_seconds']:.0f}s of it)" if novelty else ""
+        print(f"done: best val acc {best['acc']:.4f} at epoch {best['epoch']}, {summary['wall_seconds']:.0f}s{cost}, "
               f"saved {summary['checkpoint']}")
     if rank_world()[1] > 1:
         dist.barrier()  # no rank leaves (and tears down the group) while rank 0 still writes
@@ -615,6 +685,7 @@ def summarise(cfg: TrainConfig, t: Trainer, val: Split, progress: Progress, writ
 
 def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     """Train as `cfg` says; returns the summary (best accuracy, epoch, seconds, checkpoint path)."""
+    check_novelty_settings(cfg)
     cfg, device, amp_dtype = set_up(cfg)
     pretrained_state = fetch_pretrained(cfg) if resume_ckpt is None else None  # a resumed run has its weights
     lay, layout_info = read_data_layout(cfg, resume_ckpt)
@@ -660,7 +731,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     finally:
         if writer is not None:
             writer.flush()
-    return summarise(cfg, t, val, progress, writer, stopped)
+    return summarise(cfg, t, train, val, progress, writer, stopped)
 
 
 def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, dict | None]:

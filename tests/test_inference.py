@@ -71,7 +71,7 @@ def test_csv_columns_write_a_submission_with_the_file_stem_as_id(trained, tmp_pa
     capsys.readouterr()
     assert inference.main(["--image", str(files[0]), "--csv", str(tmp_path / "x.csv"), "--csv-columns", "id,breed",
                            "--checkpoint", ckpt]) == 2
-    assert "unknown column(s) breed; choose from id, path, label, confidence, error, cat, dog" in capsys.readouterr().err
+    assert "unknown column(s) breed; choose from id, path, label, confidence, error, novelty_score, known, cat, dog" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
 
 

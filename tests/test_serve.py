@@ -29,6 +29,8 @@ import serve
 from checkpoint import load_checkpoint
 from conftest import NASTY_READABLE, NASTY_UNREADABLE
 
+NOVELTY = ("novelty_score", "known")  # what predict_images adds when the checkpoint has a novelty score
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -102,7 +104,7 @@ def test_gradcam_gives_the_prediction_and_a_heatmap(trained, ckpt, client):
     r = client.post("/gradcam", content=image.read_bytes())
     assert r.status_code == 200
     g = r.json()
-    assert {k: g[k] for k in ("label", "confidence", "probabilities")} == \
+    assert {k: g[k] for k in ("label", "confidence", "probabilities", *NOVELTY)} == \
         client.post("/predict", content=image.read_bytes()).json()[0]
     assert g["heatmap_class"] == g["label"]
     prefix = "data:image/png;base64,"
@@ -149,8 +151,8 @@ def test_a_bad_image_among_good_ones_is_named_and_the_good_ones_answered(trained
     assert r.status_code == 400
     body = r.json()
     assert body["error"] == "notes.jpg: not an image PIL can identify (empty, corrupt or another file type)"
-    assert [set(x) for x in body["results"]] == [{"file", "label", "confidence", "probabilities"},
-                                                 {"file", "error"}, {"file", "label", "confidence", "probabilities"}]
+    answered = {"file", "label", "confidence", "probabilities", *NOVELTY}  # the trained checkpoint has a novelty score
+    assert [set(x) for x in body["results"]] == [answered, {"file", "error"}, answered]
 
 
 @pytest.mark.parametrize("fields,message", [
