@@ -5,7 +5,8 @@ Usage (from other scripts):
     save_checkpoint(ckpt, "models/best_model.pth")        # atomic: the old file or the new one
     ckpt = load_checkpoint("models/best_model.pth")      # weights_only=True, validated, version 1 upgraded
     model = model_from_checkpoint(ckpt)                  # eval mode, CPU
-    tta_of(ckpt), temperature_of(ckpt), width_of(ckpt), normalization_of(ckpt), val_accuracy_of(ckpt)
+    tta_of(ckpt), temperature_of(ckpt), width_of(ckpt), normalization_of(ckpt), val_accuracy_of(ckpt),
+    run_name_of(ckpt)
     ckpt = with_novelty(ckpt, novelty_record(states, "layer_mahalanobis", threshold, 0.95, tta, seconds, n))
     novelty = novelty_of(ckpt)                           # None for a checkpoint trained before it existed
     novelty = novelty_of(ckpt, needed_by="--reject")     # ... or a UserError that says to retrain
@@ -198,6 +199,11 @@ def layout_info_of(ckpt: dict) -> dict:
     """How the training data was read (the 'layout:' line, label source, folders, carve, val_files_sha1); {}
     for files written before it was stored."""
     return ckpt.get("layout") or {}
+
+
+def run_name_of(ckpt: dict) -> str:
+    """The name of the run that wrote the checkpoint ('' when its config has none)."""
+    return str(config_of(ckpt).get("run_name") or "")
 
 
 def resume_state_of(ckpt: dict) -> dict:

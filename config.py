@@ -3,6 +3,7 @@
 Usage (from other scripts):
     cfg = parse_config(argv)          # flags --batch-size etc. come from TrainConfig's fields
     cfg = parse_config(argv, base)    # flags given on the command line override `base`
+    cfg = parse_config(["--config", "logs/<run>/config.json", "--epochs", "5"])   # a saved run's settings, 5 epochs
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from common import UserError  # noqa: F401  (defined in common.py; still importable from here)
 
@@ -76,8 +78,10 @@ class TrainConfig:
     out_dir: str = _f("models", "where best_model.pth and last.pth are written")
     log_dir: str = _f("logs", "TensorBoard runs go to LOG_DIR/<run-name>/")
     curves_dir: str = _f("curves", "PNG plots of the run")
-    run_name: str = _f("", "name of the TensorBoard run (default: date-time and arch)")
+    run_name: str = _f("", "name of the run: LOG_DIR/<run-name>/, and the folder its files move to when a later run "
+                           "starts (default: date-time and arch; a name already used gets -2, -3...)")
     resume: bool = _f(False, "continue from OUT_DIR/last.pth with its settings (flags given override them)")
+    config: str = _f("", "start from this saved config.json (LOG_DIR/<run>/config.json); flags given override it")
     check_only: bool = _f(False, "report on the data (counts, unreadable files, duplicates) and exit")
 
     @property
@@ -136,9 +140,51 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     return add_flags(argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS))
 
 
+# What an invocation does rather than how a run trains: not taken over from a saved config.json.
+NOT_SETTINGS = ("run_name", "resume", "check_only", "config")
+
+
+def _fits(value, typ) -> bool:
+    """Whether a JSON value can be the value of a field of type `typ` (an int is a float; a bool is neither)."""
+    if typing.get_origin(typ) is list:
+        return isinstance(value, list) and all(isinstance(v, typing.get_args(typ)[0]) for v in value)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return type(value) is typ
+
+
+def load_config_file(path: str | Path) -> TrainConfig:
+    """The settings of a saved config.json (what train.py writes to LOG_DIR/<run>/config.json), checked field by
+    field; its run name, --resume and --check-only are not taken over (a new run gets its own name)."""
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--config {path}: not a readable JSON file ({e})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--config {path}: expected a JSON object of settings, as train.py writes")
+    hints, defaults = typing.get_type_hints(TrainConfig), TrainConfig()
+    for name, value in saved.items():
+        if name not in hints or name in NOT_SETTINGS:
+            continue
+        if not _fits(value, hints[name]):
+            raise UserError(f"--config {path}: {name} should be {getattr(hints[name], '__name__', hints[name])}, "
+                            f"not {value!r}")
+    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k not in NOT_SETTINGS})
+    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in NOT_SETTINGS})
+
+
 def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
-    """Parse flags; those given override `base` (the defaults, or a resumed run's settings), the rest keep it."""
+    """Parse flags; those given override `base` (the defaults, a resumed run's settings, or with --config FILE
+    that file's settings), the rest keep it."""
     given = vars(build_parser().parse_args(argv))
+    if given.get("config"):
+        if given.get("resume"):
+            raise UserError("--config starts a new run from saved settings and --resume continues last.pth with "
+                            "its own: give one of them")
+        base = load_config_file(given["config"])
     return dataclasses.replace(base or TrainConfig(), **given)
 
 

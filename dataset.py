@@ -151,6 +151,15 @@ def to_float(x: torch.Tensor, mean: float | list[float] = NORMALIZATION["mean"],
     return x.float().div_(255.0).sub_(m).div_(s)
 
 
+def to_uint8(x: torch.Tensor, mean: float | list[float] = NORMALIZATION["mean"],
+             std: float | list[float] = NORMALIZATION["std"]) -> torch.Tensor:
+    """to_float undone: normalized floats (..., C, H, W) back to uint8 pixels, for pictures of what the network saw."""
+    shape = (-1, 1, 1)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(shape)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(shape)
+    return (x.float() * s + m).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def image_tensor(path: str | Path, size: int, channels: int = 1, normalization: dict | None = None) -> torch.Tensor:
     """One file to a normalized (1, channels, size, size) float tensor, as the model sees it at evaluation."""
     norm = normalization or NORMALIZATION

@@ -13,6 +13,8 @@ most_confident_wrong.csv; with --gradcam, OUT_DIR/gradcam_<image name>.png. The 
 channels and softmax temperature come from the checkpoint. The data is read as train.py read it (layout.py,
 with the checkpoint's --labels/--labels-from-name/--name-pattern unless given), so a val or test split that
 train.py carved out of train (--val-fraction, --test-fraction, --seed) is carved again, file for file.
+OUT_DIR defaults to curves/<run name>/ (the training run's curves folder and name, from the checkpoint).
+
 --unknown-dir DIR (images of no known class, any layout or a flat folder) tells them apart from the split's
 images by the checkpoint's novelty scores: AUROC and the false-positive rate at 95% true-positive rate of each
 score, and at the stored threshold the shares of known images rejected and of unknown images accepted, in
@@ -32,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
-                        novelty_of, tta_of, temperature_of)
+                        novelty_of, run_name_of, tta_of, temperature_of)
 from common import SPLITS, UserError, pick_device
 from config import SOURCE_FIELDS, TrainConfig, add_flags
 from dataset import BadImage, decode_image, expand_inputs, load_items, to_float
@@ -137,6 +139,15 @@ def data_settings(args: argparse.Namespace, saved: dict) -> TrainConfig:
     return dataclasses.replace(TrainConfig.from_dict(saved), data=data, **given)
 
 
+def out_dir_of(out_dir: str | None, ckpt: dict) -> Path:
+    """--out-dir, else the training run's curves folder and run name (curves/<run name>/), so evaluating one run
+    never overwrites another's figures; plain curves/ for a checkpoint that records no run name."""
+    if out_dir:
+        return Path(out_dir)
+    cfg = config_of(ckpt)
+    return Path(cfg.get("curves_dir") or "curves") / run_name_of(ckpt)
+
+
 def write_gallery(idx: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
                   paths: list[str], classes: list[str], out: Path) -> None:
     """most_confident_wrong.png (a captioned grid) and most_confident_wrong.csv for the images at idx."""
@@ -215,7 +226,7 @@ def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
           + (f", {len(split.bad)} unreadable skipped" if split.bad else "") + f", tta {tta}\n")
     print(format_report(metrics))
 
-    out = Path(args.out_dir)
+    out = out_dir_of(args.out_dir, ckpt)
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(args.checkpoint), "data": str(settings.data), "split": split_name,
               "layout": lay.description, "tta": tta,
@@ -239,7 +250,7 @@ def gradcam_images(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(ckpt)
     layer = gradcam_layer(model)
     classes, temperature, norm = ckpt["classes"], temperature_of(ckpt), normalization_of(ckpt)
-    out, used, failed = Path(args.out_dir), set(), 0
+    out, used, failed = out_dir_of(args.out_dir, ckpt), set(), 0
     for path in expand_inputs(args.gradcam):
         try:
             image = torch.from_numpy(decode_image(path, ckpt["image_size"], ckpt["channels"]))
@@ -270,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="train, val or test (default: test); a split train.py "
                         "carved from train is carved again the same way")
     parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
-    parser.add_argument("--out-dir", default="curves", help="where metrics.json and the PNGs go (default: curves)")
+    parser.add_argument("--out-dir", help="where metrics.json and the PNGs go (default: curves/<run name>/, from "
+                        "the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     parser.add_argument("--gallery", type=int, default=32,
                         help="how many most confidently wrong images to show (default: 32)")

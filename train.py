@@ -7,6 +7,8 @@ Usage:
     python train.py --data dog-breed --labels dog-breed/labels.csv   # labels in a CSV (id,breed)
     python train.py --data dogs-vs-cats --labels-from-name           # train/cat.0.jpg -> cat
     python train.py --resume                           # continue from models/last.pth
+    python train.py --resume --epochs 60               # train on: a fresh cosine over the added epochs
+    python train.py --config logs/RUN/config.json --seed 1   # a saved run's settings, a flag changed
     python train.py --arch resnet50 --pretrained --freeze-epochs 3 --lr 1e-3   # ImageNet weights, two phases
     python train.py --arch resnet18 --weights resnet18-f37072fd.pth            # weights file, no internet needed
     torchrun --nproc_per_node=4 train.py --data PATH   # DistributedDataParallel, one process per GPU
@@ -14,7 +16,8 @@ Usage:
     tensorboard --logdir logs
 
 Writes models/best_model.pth (best val accuracy), models/last.pth (every epoch, for --resume),
-logs/<run-name>/ (TensorBoard and config.json) and curves/ (PNG plots).
+logs/<run-name>/ (TensorBoard, config.json, results.csv) and curves/ (PNG plots). A new run first moves the
+previous run's files to models/<its run name>/ and curves/<its run name>/; --resume continues in place.
 """
 from __future__ import annotations
 
@@ -41,13 +44,15 @@ from checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of,
                         with_temperature)
 from common import UserError, pick_device, remove_stale_temp_files
 from config import TrainConfig, format_config, parse_config
-from dataset import Split, augment, batches, load_data, load_items, to_float
+from dataset import Split, augment, batches, load_data, load_items, to_float, to_uint8
 from layout import Layout, format_problems, layout_of, layout_splits
 from metrics import confusion_matrix, correct_count, expected_calibration_error, fit_temperature, loss_sum
 from model import adapt_state_dict, build_model, input_normalization, load_pretrained, predict_logits, unwrap
 from novelty import (SCORES, accepted, extract_features, fit_states, novelty_score, state_bytes,
                      threshold_for_accept_rate, unknown_report)
-from plots import plot_confusion_matrix, plot_history
+from plots import plot_confusion_matrix, plot_gallery, plot_history, save_figure
+from runs import (RESULTS, TRAIN_BATCH, TRAINING_CURVES, append_result, archive_previous_run, rewrite_results,
+                  unique_run_name)
 
 
 def cpu_has_bf16() -> bool:
@@ -76,6 +81,45 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+class LRSchedule:
+    """The learning-rate factor per step, LambdaLR's lambda: warmup_cosine, or two_phase_schedule when fine-tuning
+    starts with a frozen backbone; after replan (--resume with another --epochs), a fresh cosine from the factor
+    reached down to 0 at the new end.
+
+    Plain attributes only: LambdaLR saves them in its state_dict (last.pth) and sets them again when that is
+    loaded, so a run resumed once more continues the same schedule."""
+
+    def __init__(self, warmup_steps: int, phase1_steps: int, total_steps: int):
+        self.warmup_steps, self.phase1_steps, self.total_steps = warmup_steps, phase1_steps, total_steps
+        self.restart_step, self.restart_factor = -1, 1.0  # where replan started the fresh cosine, and its height
+
+    def __call__(self, step: int) -> float:
+        if 0 <= self.restart_step <= step:
+            progress = (step - self.restart_step) / max(1, self.total_steps - self.restart_step)
+            return self.restart_factor * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if 0 < self.phase1_steps < self.total_steps:
+            return two_phase_schedule(self.warmup_steps, self.phase1_steps, self.total_steps)(step)
+        return warmup_cosine(self.warmup_steps, self.total_steps)(step)
+
+    def replan(self, step: int, total_steps: int, phase1_steps: int) -> str:
+        """From `step` on, a fresh cosine down to 0 at `total_steps`, starting at this step's factor, so the
+        learning rate does not jump ('fresh'). A schedule that had reached its end (factor 0) starts instead from
+        the factor a schedule planned for `total_steps` from the beginning has at `step` ('ended'). While the
+        backbone is still to be unfrozen (fine-tuning), the two-phase schedule planned for `total_steps` follows,
+        whose second phase starts with its own warmup ('two-phase')."""
+        factor = self(step)
+        self.restart_step, self.total_steps, self.phase1_steps = -1, total_steps, phase1_steps
+        if step <= phase1_steps < total_steps:
+            return "two-phase"
+        if factor == 0.0:
+            factor = self(step)
+            how = "ended"
+        else:
+            how = "fresh"
+        self.restart_step, self.restart_factor = step, factor
+        return how
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -283,8 +327,7 @@ def set_up(cfg: TrainConfig) -> tuple[TrainConfig, torch.device, torch.dtype | N
     amp_dtype = pick_amp_dtype(device, cfg.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if not cfg.run_name:
-        cfg = dataclasses.replace(cfg, run_name=f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}")
+    cfg = name_run(cfg)
     print("config:", format_config(cfg))
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                                  else f" ({torch.get_num_threads()} threads)")
@@ -292,6 +335,18 @@ def set_up(cfg: TrainConfig) -> tuple[TrainConfig, torch.device, torch.dtype | N
           + (f", {world} processes ({dist.get_backend()}), batch size {cfg.batch_size} per process"
              if world > 1 else ""))
     return cfg, device, amp_dtype
+
+
+def name_run(cfg: TrainConfig) -> TrainConfig:
+    """A new run gets a name no earlier run has in LOG_DIR, OUT_DIR or CURVES_DIR (default: date-time and arch;
+    a name in use gets -2, -3...); a resumed run keeps its own."""
+    if cfg.resume:
+        return cfg
+    wanted = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}"
+    name = unique_run_name(wanted, [cfg.log_dir, cfg.out_dir, cfg.curves_dir])
+    if cfg.run_name and name != cfg.run_name:
+        print(f"run name {cfg.run_name!r} is taken (an earlier run's folder exists); this run is {name!r}")
+    return dataclasses.replace(cfg, run_name=name)
 
 
 def fetch_pretrained(cfg: TrainConfig) -> dict | None:
@@ -357,16 +412,16 @@ def build_trainer(cfg: TrainConfig, train: Split, num_classes: int, device: torc
     steps_per_epoch = max(1, len(train.paths) // rank_world()[1] // cfg.batch_size)
     warmup_steps, total_steps = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
     phase1_steps = min(cfg.freeze_epochs, cfg.epochs) * steps_per_epoch
-    schedule = (two_phase_schedule(warmup_steps, phase1_steps, total_steps) if 0 < phase1_steps < total_steps
-                else warmup_cosine(warmup_steps, total_steps))
+    schedule = LRSchedule(warmup_steps, phase1_steps, total_steps)
     return Trainer(model, ema_of(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, optimizer,
                    torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), loss_fn,
                    torch.Generator().manual_seed(cfg.seed), device, amp_dtype,
                    input_normalization(cfg.uses_pretrained, cfg.channels), steps_per_epoch)
 
 
-def restore(t: Trainer, ckpt: dict) -> Progress:
-    """Continue from last.pth: raw and averaged weights, optimizer, schedule, random state, history."""
+def restore(t: Trainer, cfg: TrainConfig, ckpt: dict) -> Progress:
+    """Continue from last.pth: raw and averaged weights, optimizer, schedule, random state, history; with another
+    --epochs than the saved run planned, the schedule is replanned (replan_schedule)."""
     state = resume_state_of(ckpt)
     # With EMA, model_state holds the average (what inference uses) and raw_model_state what training resumes.
     t.model.load_state_dict(state["raw_model_state"])
@@ -379,8 +434,28 @@ def restore(t: Trainer, ckpt: dict) -> Progress:
     best = state["best"]
     print(f"resuming after epoch {state['epoch']} (best val acc {best['acc']:.4f} at epoch {best['epoch']})")
     history = state["history"]
+    planned = config_of(ckpt).get("epochs", cfg.epochs)
+    if planned != cfg.epochs:
+        replan_schedule(t, cfg, state["epoch"], planned)
     return Progress(state["epoch"], history, best, saved_epoch=state["epoch"],
                     train_seconds=history[-1]["train_seconds"] if history else 0.0)
+
+
+def replan_schedule(t: Trainer, cfg: TrainConfig, epoch: int, planned: int) -> None:
+    """--resume with another --epochs: the remaining epochs get a fresh cosine from the current learning rate down
+    to 0 (LRSchedule.replan has the details), and the start-up output says so."""
+    schedule, step = t.scheduler.lr_lambdas[0], t.scheduler.last_epoch
+    how = schedule.replan(step, cfg.epochs * t.steps_per_epoch,
+                          min(cfg.freeze_epochs, cfg.epochs) * t.steps_per_epoch)
+    for group, base in zip(t.optimizer.param_groups, t.scheduler.base_lrs):
+        group["lr"] = base * schedule(step)
+    lr = t.optimizer.param_groups[-1]["lr"]
+    print(f"--epochs {planned} -> {cfg.epochs}: " + (
+        f"the learning rate follows the two-phase schedule planned for {cfg.epochs} epochs (lr {lr:.2e} now)"
+        if how == "two-phase" else
+        f"the learning rate follows a fresh cosine from {lr:.2e} after epoch {epoch} down to 0 at epoch "
+        f"{cfg.epochs}" + (f" (the saved run had finished its schedule at lr 0, so it starts where a "
+                           f"{cfg.epochs}-epoch schedule is after epoch {epoch})" if how == "ended" else "")))
 
 
 def set_phase(t: Trainer, cfg: TrainConfig, epoch: int) -> bool:
@@ -395,6 +470,40 @@ def set_phase(t: Trainer, cfg: TrainConfig, epoch: int) -> bool:
         print(f"epoch {epoch}: backbone unfrozen")
     t.train_model = wrap_for_training(t.model, cfg, t.device)
     return frozen
+
+
+def make_room(cfg: TrainConfig, progress: Progress) -> None:
+    """On the main rank, before anything is written: a new run moves the previous run's checkpoints and plots to
+    OUT_DIR/<its run name>/ and CURVES_DIR/<its run name>/ (never deleting) and says where; a resumed run
+    continues in place, its results.csv cut back to the epochs last.pth holds."""
+    if not is_main_rank():
+        return
+    if progress.start_epoch:
+        rewrite_results(Path(cfg.log_dir) / cfg.run_name / RESULTS, progress.history)
+        return
+    for name, folders in archive_previous_run(cfg.out_dir, cfg.curves_dir).items():
+        print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")
+
+
+def train_batch_images(images: torch.Tensor, labels: torch.Tensor, classes: list[str], cfg: TrainConfig,
+                       normalization: dict, n: int = 16) -> tuple[torch.Tensor, list[str]]:
+    """n training images, as the network sees them (the training augmentation, on a generator of their own so the
+    run's draws are not changed), back to uint8, and their class names."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randperm(len(labels), generator=generator)[:n]
+    x = to_float(images[idx.to(images.device)].cpu(), normalization["mean"], normalization["std"])
+    x = augment(x, cfg.flip, cfg.max_rotation, cfg.max_shift, generator)
+    names = [classes[int(k)] for k in labels[idx.to(labels.device)]]
+    return to_uint8(x, normalization["mean"], normalization["std"]), names
+
+
+def save_train_batch(cfg: TrainConfig, train: Split, classes: list[str], normalization: dict) -> None:
+    """CURVES_DIR/train_batch.png: 16 augmented training images with their labels, to check the augmentation."""
+    if not is_main_rank() or len(train.labels) == 0:
+        return
+    images, captions = train_batch_images(train.images, train.labels, classes, cfg, normalization)
+    path = save_figure(plot_gallery(images, captions), Path(cfg.curves_dir) / TRAIN_BATCH)
+    print(f"augmented training images: {path}")
 
 
 def open_run_log(cfg: TrainConfig):
@@ -508,10 +617,11 @@ def record_epoch(progress: Progress, epoch: int, tr: dict, ev: dict, lr: float, 
     return h
 
 
-def log_epoch(writer, h: dict) -> None:
-    """The epoch's scalars to TensorBoard."""
+def log_epoch(writer, h: dict, cfg: TrainConfig) -> None:
+    """The epoch's scalars to TensorBoard and its row to LOG_DIR/<run-name>/results.csv (flushed to disk)."""
     if writer is None:
         return
+    append_result(Path(cfg.log_dir) / cfg.run_name / RESULTS, h)
     for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_acc", "acc/train"),
                      ("val_acc", "acc/val"), ("val_top5", "acc5/val"), ("lr", "lr")):
         if key in h:
@@ -661,7 +771,7 @@ def summarise(cfg: TrainConfig, t: Trainer, train: Split, val: Split, progress: 
         print(stopped)
     best, out_dir = progress.best, Path(cfg.out_dir)
     if progress.history and is_main_rank():
-        plot_history(progress.history, Path(cfg.curves_dir) / "training_curves.png")
+        plot_history(progress.history, Path(cfg.curves_dir) / TRAINING_CURVES)
     finished = is_main_rank() and best["epoch"] and len(val.labels)
     calibration = calibrate_best_model(out_dir / BEST, val, t.device, cfg.tta, writer) if finished else {}
     if writer is not None:
@@ -691,9 +801,11 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     lay, layout_info = read_data_layout(cfg, resume_ckpt)
     train, val, classes = load_training_data(cfg, lay, device, resume_ckpt["classes"] if resume_ckpt else None)
     t = build_trainer(cfg, train, len(classes), device, amp_dtype, pretrained_state)
-    progress = restore(t, resume_ckpt) if resume_ckpt is not None else Progress()
+    progress = restore(t, cfg, resume_ckpt) if resume_ckpt is not None else Progress()
     frozen = set_phase(t, cfg, progress.start_epoch + 1)
+    make_room(cfg, progress)
     writer = open_run_log(cfg)
+    save_train_batch(cfg, train, classes, t.normalization)
     progress.started = time.time()
     deadline = progress.started + cfg.time_budget - progress.train_seconds if cfg.time_budget > 0 else math.inf
     stopped = ""
@@ -707,7 +819,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
             ev = validate(t.eval_model, val, device, cfg.tta, cfg.channels_last, amp_dtype, t.normalization)
             lr = t.optimizer.param_groups[-1]["lr"]  # the head's, when the backbone has a lower one
             h = record_epoch(progress, epoch, tr, ev, lr, train_seconds, epoch_started)
-            log_epoch(writer, h)
+            log_epoch(writer, h, cfg)
             finite = is_finite(t, ev["loss"])
             improved = finite and ev["acc"] > progress.best["acc"]
             if improved:

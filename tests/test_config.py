@@ -1,8 +1,10 @@
 import dataclasses
+import json
 import typing
 
 import pytest
 
+from common import UserError
 from config import TrainConfig, build_parser, parse_config
 
 
@@ -58,3 +60,31 @@ def test_unknown_flag_exits():
 def test_round_trip_through_dict():
     cfg = TrainConfig(classes=["a", "b"], lr=0.5)
     assert TrainConfig.from_dict({**cfg.to_dict(), "field_from_the_future": 1}) == cfg
+
+
+def test_config_file_is_the_base_and_flags_override_it(tmp_path):
+    saved = parse_config(["--lr", "0.01", "--classes", "cat", "dog", "--run-name", "old", "--resume"]).to_dict()
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    cfg = parse_config(["--config", str(path), "--epochs", "7"])
+    assert cfg.lr == 0.01 and cfg.classes == ["cat", "dog"] and cfg.epochs == 7 and cfg.config == str(path)
+    assert cfg.run_name == "" and cfg.resume is False  # what that invocation did, not a setting
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"), ("{not json", "not a readable JSON file"), ("[1, 2]", "expected a JSON object"),
+    ('{"epochs": "5"}', "epochs should be int, not '5'"), ('{"lr": true}', "lr should be float"),
+])
+def test_a_bad_config_file_is_a_user_error(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        parse_config(["--config", str(path)])
+
+
+def test_config_file_and_resume_do_not_go_together(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{}")
+    with pytest.raises(UserError, match="give one of them"):
+        parse_config(["--config", str(path), "--resume"])

@@ -126,3 +126,12 @@ def test_gradcam_command_writes_pngs_and_reports_bad_files(trained, tmp_path, ca
     assert str(png) in captured.out
     with Image.open(png) as im:
         im.verify()
+
+
+def test_without_out_dir_it_writes_under_the_runs_own_curves_folder(trained, capsys):
+    assert evaluate.main(["--checkpoint", str(trained["checkpoint"]), "--data", str(trained["data"]),
+                          "--gallery", "2", "--workers", "0"]) == 0
+    # The run was trained with --curves-dir OUT/curves --run-name t.
+    run_curves = trained["out"] / "curves" / "t"
+    assert (run_curves / "metrics.json").is_file() and (run_curves / "confusion_matrix.png").is_file()
+    assert not (trained["out"] / "curves" / "metrics.json").exists()

@@ -1,5 +1,6 @@
 """train.py: checkpoints, logs and curves of a run, resume, EMA, schedules, fine-tuning, calibration."""
 import json
+import math
 
 import pytest
 import torch
@@ -7,13 +8,14 @@ import torch.nn.functional as F
 
 import inference
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
 from config import parse_config
 from conftest import expected_answer, imagenet_like_resnet18, train_args
-from dataset import Split, image_tensor, load_data, make_synthetic
+from dataset import Split, augment, image_tensor, load_data, make_synthetic, to_float
 from layout import read_layout
 from metrics import expected_calibration_error
 from model import SmallResNet, adapt_state_dict, build_model, predict_logits
+from runs import read_results
 
 
 def test_one_epoch_writes_checkpoints_logs_and_curves(tiny_data, tmp_path, capsys):
@@ -26,6 +28,109 @@ def test_one_epoch_writes_checkpoints_logs_and_curves(tiny_data, tmp_path, capsy
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert json.loads((run_dir / "config.json").read_text())["epochs"] == 1
     assert (tmp_path / "curves" / "training_curves.png").is_file()
+    history = torch.load(tmp_path / "models" / "last.pth", weights_only=True)["history"]
+    rows = read_results(run_dir / "results.csv")
+    assert [r["epoch"] for r in rows] == [1]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "train_images_per_s"):
+        assert rows[0][key] == pytest.approx(history[0][key]), key
+    assert "val_top5" not in rows[0]  # two classes: no top-5 in the epoch line, none in the table
+    # 16 tiles: plot_gallery's 8 columns x 2 rows of 1.9 x 2.5 inches at 100 dpi.
+    from PIL import Image
+    with Image.open(tmp_path / "curves" / "train_batch.png") as png:
+        assert png.size == (1520, 500)
+    assert "augmented training images: " in out
+
+
+def test_train_batch_is_16_augmented_training_images_with_their_labels():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(40) % 3
+    cfg = parse_config(["--seed", "5"])
+    norm = {"mean": 0.5, "std": 0.5}
+    shown, names = train.train_batch_images(images, labels, ["a", "b", "c"], cfg, norm)
+    assert shown.shape == (16, 1, 16, 16) and shown.dtype == torch.uint8 and len(names) == 16
+    # The same draws as training's augment(), on a generator of their own seeded with --seed.
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randperm(40, generator=g)[:16]
+    assert names == [["a", "b", "c"][int(k)] for k in labels[idx]]
+    expected = augment(to_float(images[idx]), cfg.flip, cfg.max_rotation, cfg.max_shift, g)
+    assert torch.allclose(shown.float(), (expected * 127.5 + 127.5).round().clamp(0, 255), atol=1)
+    assert not torch.equal(shown, images[idx])  # augmented, not the raw pixels
+
+
+@pytest.mark.slow
+def test_a_second_run_moves_the_first_aside_and_both_keep_their_results(tiny_data, tmp_path, capsys):
+    # No --run-name: both get the date-time name, unique even within the same second.
+    assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2", "--run-name", "")) == 0
+    first = load_checkpoint(tmp_path / "models" / "best_model.pth")
+    name = run_name_of(first)
+    capsys.readouterr()
+    assert train.main(train_args(tiny_data, tmp_path, "--run-name", "", "--seed", "1")) == 0
+    out = capsys.readouterr().out
+    second = load_checkpoint(tmp_path / "models" / "best_model.pth")
+    assert run_name_of(second) != name and second["config"]["seed"] == 1
+    assert f"previous run {name!r} moved to {tmp_path / 'models' / name}/ and {tmp_path / 'curves' / name}/" in out
+    kept = load_checkpoint(tmp_path / "models" / name / "best_model.pth")
+    assert kept["metrics"] == first["metrics"] and kept["best"] == first["best"] and kept["epoch"] == first["epoch"]
+    assert all(torch.equal(kept["model_state"][k], v) for k, v in first["model_state"].items())
+    assert load_checkpoint(tmp_path / "models" / name / "last.pth")["epoch"] == 2
+    assert {p.name for p in (tmp_path / "curves" / name).iterdir()} == {"training_curves.png", "train_batch.png"}
+    assert (tmp_path / "curves" / "training_curves.png").is_file()  # the new run's
+    assert len(read_results(tmp_path / "logs" / name / "results.csv")) == 2
+    assert len(read_results(tmp_path / "logs" / run_name_of(second) / "results.csv")) == 1
+
+
+@pytest.mark.slow
+def test_config_file_reproduces_a_run(tiny_data, tmp_path, capsys):
+    flags = ["--epochs", "2", "--lr", "2e-3", "--seed", "3", "--no-flip", "--label-smoothing", "0.05"]
+    assert train.main(train_args(tiny_data, tmp_path, *flags)) == 0
+    first = load_checkpoint(tmp_path / "models" / "last.pth")
+    capsys.readouterr()
+    saved = tmp_path / "logs" / "t" / "config.json"
+    assert train.main(["--config", str(saved)]) == 0  # everything, even the folders, from the file
+    again = load_checkpoint(tmp_path / "models" / "last.pth")
+    assert run_name_of(again) not in ("", "t")  # a new run with a name of its own; the first moved to models/t/
+    different = {k for k in first["config"] if first["config"][k] != again["config"][k]}
+    assert different == {"run_name", "config"} and again["config"]["config"] == str(saved)
+    assert [h["val_loss"] for h in again["history"]] == [h["val_loss"] for h in first["history"]]
+    assert load_checkpoint(tmp_path / "models" / "t" / "last.pth")["history"] == first["history"]
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_runs_a_fresh_cosine_over_the_added_ones(tiny_data, tmp_path, capsys):
+    assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2", "--lr", "1e-3")) == 0
+    capsys.readouterr()
+    assert train.main(["--resume", "--out-dir", str(tmp_path / "models"), "--epochs", "4"]) == 0
+    out = capsys.readouterr().out
+    # The 2-epoch run ended at lr 0, so the fresh cosine starts where a 4-epoch schedule is after epoch 2:
+    # 1 warmup epoch of 4, then (2 - 1) / (4 - 1) of the cosine: 0.5 * (1 + cos(pi / 3)) = 0.75 of the peak.
+    assert "--epochs 2 -> 4: the learning rate follows a fresh cosine from 7.50e-04 after epoch 2" in out
+    lrs = [h["lr"] for h in load_checkpoint(tmp_path / "models" / "last.pth")["history"]]
+    assert lrs[1] == 0.0 and lrs[2] == pytest.approx(1e-3 * 0.75 * 0.5) and lrs[3] == pytest.approx(0.0, abs=1e-12)
+    assert [r["epoch"] for r in read_results(tmp_path / "logs" / "t" / "results.csv")] == [1, 2, 3, 4]
+
+
+def test_a_replanned_schedule_is_continuous_ends_at_zero_and_survives_a_resume():
+    schedule = train.LRSchedule(warmup_steps=10, phase1_steps=0, total_steps=100)
+    assert schedule.replan(40, 200, 0) == "fresh"  # interrupted mid-way: from the factor it had, no jump
+    before = train.warmup_cosine(10, 100)(40)
+    assert schedule(40) == pytest.approx(before)
+    assert schedule(120) == pytest.approx(before * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert schedule(200) == 0.0 and all(schedule(s) >= schedule(s + 1) for s in range(40, 200))
+    # LambdaLR keeps the replanned schedule in its state_dict, as last.pth does.
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    saved = torch.optim.lr_scheduler.LambdaLR(opt, schedule).state_dict()
+    fresh = train.LRSchedule(warmup_steps=10, phase1_steps=0, total_steps=100)
+    torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                                      fresh).load_state_dict(saved)
+    assert [fresh(s) for s in (40, 120, 200)] == [schedule(s) for s in (40, 120, 200)]
+
+
+def test_replanning_before_the_backbone_is_unfrozen_keeps_the_two_phase_schedule():
+    schedule = train.LRSchedule(warmup_steps=10, phase1_steps=100, total_steps=100)  # all frozen, 100 steps
+    assert schedule.replan(100, 300, 100) == "two-phase"
+    assert [schedule(s) for s in (100, 150, 300)] == \
+        [train.two_phase_schedule(10, 100, 300)(s) for s in (100, 150, 300)]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import NASTY_IGNORED, NASTY_READABLE, NASTY_UNREADABLE, train_args
 from dataset import make_synthetic
+from runs import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +86,21 @@ def _assert_checkpoints_load(models: Path) -> None:
             assert [h["epoch"] for h in ckpt["history"]] == list(range(1, ckpt["epoch"] + 1)), name
 
 
+EPOCH_LINE = re.compile(r"epoch (\d+)/\d+  train loss (\S+) acc (\S+)  val loss (\S+) acc (\S+)")
+
+
+def _assert_results_hold_the_printed_epochs(results: Path, lines: list[str]) -> None:
+    """results.csv is whole rows of epochs 1, 2, ... and every epoch line printed has its row, with its figures."""
+    rows = read_results(results)
+    assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+    by_epoch = {r["epoch"]: r for r in rows}
+    for m in filter(None, map(EPOCH_LINE.match, lines)):
+        row = by_epoch[int(m.group(1))]
+        printed = [float(v) for v in m.groups()[1:]]
+        assert [row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")] == \
+            pytest.approx(printed, abs=5e-5)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_never_leaves_a_broken_checkpoint_and_resume_finishes(tmp_path):
     data = make_synthetic(tmp_path / "data", 16, size=40, seed=4)
@@ -100,12 +116,19 @@ def test_sigkill_mid_run_never_leaves_a_broken_checkpoint_and_resume_finishes(tm
         time.sleep(rng.uniform(0.0, 1.2) * _epoch_seconds(lines))
         proc.send_signal(signal.SIGKILL)  # or the run finished already, on a slow draw: the rest must hold too
         proc.wait()
+        for reader in proc.readers:
+            reader.join(timeout=10)
         _assert_checkpoints_load(out / "models")
+        _assert_results_hold_the_printed_epochs(out / "logs" / "t" / "results.csv", lines)
     assert train.main(["--resume", "--out-dir", str(out / "models")]) == 0
     assert sorted(p.name for p in (out / "models").iterdir()) == ["best_model.pth", "last.pth"]
     _assert_checkpoints_load(out / "models")
     resumed = torch.load(out / "models" / "last.pth", weights_only=True)["history"]
     assert [h["epoch"] for h in resumed] == list(range(1, 11))
+    # One row per epoch, whatever the kills cut: those of epochs redone after a kill replaced, not repeated.
+    rows = read_results(out / "logs" / "t" / "results.csv")
+    assert [r["epoch"] for r in rows] == list(range(1, 11))
+    assert [r["val_loss"] for r in rows] == pytest.approx([h["val_loss"] for h in resumed])
 
     assert train.main(train_args(data, tmp_path / "straight", "--epochs", "10")) == 0
     straight = torch.load(tmp_path / "straight" / "models" / "last.pth", weights_only=True)["history"]
@@ -166,8 +189,10 @@ def test_diverging_weights_never_replace_the_saved_models(tiny_data, tmp_path, c
     before = {name: (models / name).read_bytes() for name in ("best_model.pth", "last.pth")}
     capsys.readouterr()
     # A fresh run into the same folder with an absurd learning rate: val loss turns NaN in the first epoch.
+    # The first run moves to models/t/ untouched; the broken one writes no checkpoint at all.
     assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2", "--lr", "1e10", "--warmup-epochs", "0")) == 2
     err = capsys.readouterr().err
     assert "weights or val loss became NaN/inf in epoch 1" in err and "lower --lr" in err
-    assert {name: (models / name).read_bytes() for name in before} == before
-    _assert_checkpoints_load(models)
+    assert {name: (models / "t" / name).read_bytes() for name in before} == before
+    assert not (models / "best_model.pth").exists() and not (models / "last.pth").exists()
+    _assert_checkpoints_load(models / "t")
