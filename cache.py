@@ -1,14 +1,18 @@
-"""The decoded-image cache: one memory-mapped uint8 array per split, plus a small index of the files in it.
+"""The decoded-image cache: one memory-mapped uint8 array per folder of files, plus a small index of the files in it.
 
 Usage (from dataset.py):
-    pixels, rows, reasons, stats = update_cache(cache_dir, split_dir, paths, size, channels, decode)
+    pixels, rows, reasons, stats = update_cache(cache_dir, folder, paths, size, channels, decode)
     # pixels: read-only memory map (rows, C, S, S); path i is pixels[rows[i]] (rows[i] = -1: reasons[i] says why)
 
-Files, per split and image size and channels (KEY = <split>-<size>px-<channels>ch-<hash of the folder>):
+Files, per folder and image size and channels (KEY = <folder>-<size>px-<channels>ch-<hash of the folder>;
+the folder is the one that holds every file of the list, e.g. DATA/train for DATA/train/<class>/*):
     KEY.<generation>.npy   uint8 (rows, C, S, S), a plain .npy that numpy.load(mmap_mode="r") opens
-    KEY.index.pt          file paths (relative to the split folder), size and mtime, row (-1 = unreadable),
+    KEY.index.pt          file paths (relative to the folder), size and mtime, row (-1 = unreadable),
                            the reason a file is unreadable, and the array's name, row count and a checksum
 
+Several lists of files under one folder share its cache (train and the val carved from it, evaluate.py's test
+list): loading one list keeps the other lists' entries, and when the index is rewritten anyway (something was
+decoded or compacted) an entry of another list is kept only while its file's size and mtime still match.
 A changed or new file is decoded and appended as a new row; the old row goes stale. When more than
 COMPACT_SHARE of the rows are stale the live rows are copied to a new generation. The array is written and
 fsynced before the index, which is replaced atomically and is the only thing that says which rows are valid:
@@ -54,14 +58,14 @@ class CacheWarning(UserWarning):
     """A cache file was damaged or inconsistent and is being rebuilt."""
 
 
-def cache_key(split_dir: str | Path, size: int, channels: int) -> str:
-    folder = Path(split_dir).resolve()
+def cache_key(folder: str | Path, size: int, channels: int) -> str:
+    folder = Path(folder).resolve()
     digest = hashlib.sha1(f"{folder}|{size}|{channels}|{CACHE_VERSION}".encode()).hexdigest()[:16]
     return f"{folder.name}-{size}px-{channels}ch-{digest}"
 
 
-def index_path(cache_dir: str | Path, split_dir: str | Path, size: int, channels: int) -> Path:
-    return Path(cache_dir) / f"{cache_key(split_dir, size, channels)}.index.pt"
+def index_path(cache_dir: str | Path, folder: str | Path, size: int, channels: int) -> Path:
+    return Path(cache_dir) / f"{cache_key(folder, size, channels)}.index.pt"
 
 
 # ---------------------------------------------------------------- the index
@@ -217,20 +221,20 @@ def _compact(cache_dir: Path, key: str, arr: np.ndarray, live_rows: np.ndarray,
     return name, remap
 
 
-def update_cache(cache_dir: str | Path, split_dir: str | Path, paths: list[str], size: int, channels: int,
+def update_cache(cache_dir: str | Path, folder: str | Path, paths: list[str], size: int, channels: int,
                  decode: Decoder) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
-    """Bring the split's cache up to date with `paths` and return (the array, memory-mapped read-only; the row
-    of each path in it, -1 when unreadable; the reason per path, '' when readable; stats {decoded, reused,
-    stale_rows, compacted}).
+    """Bring the cache of `folder` up to date with `paths` (files under it) and return (the array, memory-mapped
+    read-only; the row of each path in it, -1 when unreadable; the reason per path, '' when readable; stats
+    {decoded, reused, stale_rows, compacted}).
 
     A file is reused when its path, size and mtime match the index; every other file is decoded (by `decode`)
     and appended. Nothing but one block of rows is held in memory at a time.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(split_dir, size, channels)
+    key = cache_key(folder, size, channels)
     with _locked(cache_dir / f"{key}.lock"):  # torchrun's ranks load at once: one decodes, the others reuse
-        return _update(cache_dir, key, split_dir, paths, size, channels, decode)
+        return _update(cache_dir, key, str(folder), paths, size, channels, decode)
 
 
 @contextlib.contextmanager
@@ -246,19 +250,32 @@ def _locked(path: Path):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _update(cache_dir: Path, key: str, split_dir: str | Path, paths: list[str], size: int, channels: int,
+def file_stats(paths: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes, mtimes in ns) of the files; -1 and -1 for a file that cannot be stat'ed (missing)."""
+    sizes, mtimes = [], []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            sizes.append(-1)
+            mtimes.append(-1)
+        else:
+            sizes.append(st.st_size)
+            mtimes.append(st.st_mtime_ns)
+    return np.array(sizes, np.int64), np.array(mtimes, np.int64)
+
+
+def _update(cache_dir: Path, key: str, folder: str, paths: list[str], size: int, channels: int,
             decode: Decoder) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
-    prefix, row_shape = str(split_dir).rstrip(os.sep) + os.sep, (channels, size, size)
+    prefix, row_shape = folder.rstrip(os.sep) + os.sep, (channels, size, size)
     index_file = cache_dir / f"{key}.index.pt"
     names = [p[len(prefix):] if p.startswith(prefix) else p for p in paths]
-    sizes, mtimes = np.empty(len(paths), np.int64), np.empty(len(paths), np.int64)
-    for i, p in enumerate(paths):
-        st = os.stat(p)
-        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+    sizes, mtimes = file_stats(paths)
 
     index = _load_index(index_file, row_shape)
     rows, reasons = np.full(len(paths), -1, dtype=np.int64), [""] * len(paths)
     todo = list(range(len(paths)))
+    other = np.zeros(0, np.int64)  # index entries of files not in this list: another list's (train's val)
     array_name, n_rows = f"{key}.{uuid.uuid4().hex[:8]}.npy", 0
     if index is not None:
         array_name, n_rows = index["meta"]["array"], int(index["meta"]["rows"])
@@ -270,21 +287,42 @@ def _update(cache_dir: Path, key: str, split_dir: str | Path, paths: list[str], 
         for i in np.flatnonzero(same & (rows < 0)).tolist():  # unreadable before and unchanged: same reason
             reasons[i] = index["reasons"][j[i]]
         todo = np.flatnonzero(~same).tolist()
+        mine = np.zeros(len(index["names"]), dtype=bool)
+        mine[j[j >= 0]] = True
+        other = np.flatnonzero(~mine)
     else:
         _new_array(cache_dir / array_name, row_shape)
     _remove_orphans(cache_dir, key, array_name)
+    checked: list[np.ndarray] = []
+
+    def others() -> np.ndarray:
+        """The other lists' entries whose files are unchanged (checked once, the first time the index is
+        rewritten): a file deleted or changed since drops out, and its row goes stale."""
+        if not checked:
+            osizes, omtimes = file_stats(os.path.join(folder, index["names"][k]) for k in other.tolist())
+            ok = (osizes >= 0) & (osizes == old("sizes", other)) & (omtimes == old("mtimes", other))
+            checked.append(other[ok])
+        return checked[0]
+
+    def old(field: str, entries: np.ndarray) -> np.ndarray:
+        """A column of the index read at the start, for these entries."""
+        return index[field][entries] if len(entries) else np.zeros(0, np.int64)
 
     def save(pending: list[int] = ()) -> None:
-        """Write the index for every file but the `pending` ones (not decoded yet)."""
+        """Write the index for every file but the `pending` ones (not decoded yet), and the other lists' files."""
         keep = np.ones(len(names), dtype=bool)
         keep[list(pending)] = False
-        pick = np.flatnonzero(keep).tolist() if len(pending) else range(len(names))
+        pick, kept = np.flatnonzero(keep).tolist(), others()
         meta = {"version": CACHE_VERSION, "row_shape": list(row_shape), "array": array_name, "rows": n_rows,
-                "entries": len(pick), "tail_crc": _tail_crc(map_rows(cache_dir / array_name, n_rows), n_rows)}
-        write_index(index_file, meta, [names[i] for i in pick], sizes[keep], mtimes[keep], rows[keep],
-                    [reasons[i] for i in pick])
+                "entries": len(pick) + len(kept),
+                "tail_crc": _tail_crc(map_rows(cache_dir / array_name, n_rows), n_rows)}
+        write_index(index_file, meta, [names[i] for i in pick] + [index["names"][k] for k in kept.tolist()],
+                    np.concatenate([sizes[keep], old("sizes", kept)]),
+                    np.concatenate([mtimes[keep], old("mtimes", kept)]), np.concatenate([rows[keep], other_rows]),
+                    [reasons[i] for i in pick] + [index["reasons"][k] for k in kept.tolist()])
 
     # Decode what is new or changed, appending it block by block; a failed file gets row -1 and its reason.
+    other_rows = old("rows", others() if todo else other)  # checked when the index is rewritten anyway
     block_rows = max(1, BLOCK_BYTES // math.prod(row_shape))
     decoded = iter(decode([paths[i] for i in todo])) if todo else iter(())
     for start in range(0, len(todo), block_rows):
@@ -300,15 +338,19 @@ def _update(cache_dir: Path, key: str, split_dir: str | Path, paths: list[str], 
         done = start + len(chunk)
         if done % (INDEX_EVERY_BYTES // BLOCK_BYTES * block_rows) < block_rows and done < len(todo):
             save(todo[done:])  # progress that a run killed during a long decode keeps
-    live = rows[rows >= 0]
+    # Rows no entry uses are stale: replaced files, and (once checked) other lists' files changed or gone.
+    live = np.unique(np.concatenate([rows[rows >= 0], other_rows[other_rows >= 0]]))
     stale = n_rows - len(live)
     compacted = n_rows > 0 and stale / n_rows > COMPACT_SHARE
+    if compacted and not checked:
+        other_rows = old("rows", others())  # entries about to be rewritten: drop the other lists' gone files
+        live = np.unique(np.concatenate([rows[rows >= 0], other_rows[other_rows >= 0]]))
     if compacted:
-        array_name, remap = _compact(cache_dir, key, map_rows(cache_dir / array_name, n_rows), live,
-                                     row_shape)
+        array_name, remap = _compact(cache_dir, key, map_rows(cache_dir / array_name, n_rows), live, row_shape)
         rows = np.where(rows >= 0, remap[np.maximum(rows, 0)], -1)
+        other_rows = np.where(other_rows >= 0, remap[np.maximum(other_rows, 0)], -1)
         n_rows = len(live)
-    if todo or compacted or index is None or len(index["names"]) != len(names) or index["names"] != names:
+    if todo or compacted or index is None:
         save()
     if compacted:
         _remove_orphans(cache_dir, key, array_name)

@@ -27,9 +27,15 @@ def _f(default, help: str):
 @dataclass
 class TrainConfig:
     # data
-    data: str = _f("Dataset", "dataset root holding train/<class>/*, and optionally val/ and test/")
-    classes: list[str] = _f([], "train on these class folders only (default: every non-hidden folder)")
-    val_fraction: float = _f(0.2, "share of train/ held out (stratified) when there is no val/ folder")
+    data: str = _f("Dataset", "dataset folder: class folders, split folders (train/val/test and their aliases), "
+                   "or images with --labels / --labels-from-name; see README 'Your data'")
+    labels: str = _f("", "CSV/TSV of file,label rows (columns found by header name); '' = labels from folders")
+    label_columns: list[str] = _f([], "FILE_COL LABEL_COL of --labels when the header names are not the usual ones")
+    labels_from_name: bool = _f(False, "label = the file name before its number (cat.12.jpg -> cat)")
+    name_pattern: str = _f("", "regex searched in each file name; its one group is the label (implies names)")
+    classes: list[str] = _f([], "train on these classes only (default: every class found)")
+    val_fraction: float = _f(0.2, "share of train held out (stratified) when there is no val split")
+    test_fraction: float = _f(0.0, "share of train held out as test (stratified) when there is no test split")
     image_size: int = _f(64, "side of the square input; small keeps CPU training fast")
     channels: int = _f(1, "1 = grayscale (the default), 3 = RGB")
     cache_dir: str = _f("cache", "where decoded images are kept so later runs skip JPEG decoding ('' = off)")
@@ -108,16 +114,32 @@ def _flag_kwargs(f: dataclasses.Field, hints: dict) -> dict:
     return kwargs
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per TrainConfig field; unspecified flags are left out of the result."""
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+# Where the labels come from: the flags every script that reads a dataset takes (train, evaluate, check, split).
+SOURCE_FIELDS = ("labels", "label_columns", "labels_from_name", "name_pattern")
+# What decides the carved val/test splits, besides the source.
+CARVE_FIELDS = ("classes", "val_fraction", "test_fraction", "seed")
+
+
+def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None,
+              default_note: str = "") -> argparse.ArgumentParser:
+    """One flag per TrainConfig field (or per field in `names`); flags not given are left out of the result."""
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
         kwargs = _flag_kwargs(f, hints)
-        kwargs["help"] += f" (default: {getattr(defaults, f.name)!r})"
+        kwargs["help"] += default_note or f" (default: {getattr(defaults, f.name)!r})"
+        kwargs["default"] = argparse.SUPPRESS
+        if f.name == "label_columns":
+            kwargs.update(nargs=2, metavar=("FILE_COL", "LABEL_COL"))
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return parser
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per TrainConfig field; unspecified flags are left out of the result."""
+    return add_flags(argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS))
 
 
 # What an invocation does rather than how a run trains: not taken over from a saved config.json.

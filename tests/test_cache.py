@@ -15,7 +15,8 @@ import dataset
 import train
 from bench import synthetic_set
 from common import UserError
-from dataset import RowView, find_classes, load_split, make_synthetic
+from dataset import RowView, load_items, make_synthetic
+from layout import read_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +35,11 @@ def decoded(monkeypatch):
     return calls
 
 
-def load(split_dir, cache_dir, size=16):
-    return load_split(split_dir, find_classes(split_dir), size, 1, str(cache_dir), 0)
+def load(split_dir, cache_dir, size=16, items=None):
+    """split_dir/<class>/* (or these items of it) decoded as train.py decodes a split."""
+    lay = read_layout(split_dir, val_fraction=0)
+    return load_items(lay.items["train"] if items is None else items, lay.classes, "train", size, 1,
+                      str(cache_dir), 0)
 
 
 def pixels(split) -> torch.Tensor:
@@ -170,6 +174,31 @@ def test_compaction_keeps_every_row_reachable(split_dir, tmp_path, decoded):
     assert torch.equal(pixels(last), load(split_dir, "").images)
     assert [int(last.images[i].max()) for i in range(6)] == [10, 11, 20, 21, 22, 23]
     assert mid.paths == paths
+
+
+def test_lists_under_one_folder_share_its_cache_and_keep_each_others_entries(split_dir, tmp_path, decoded):
+    """train and the val carved from it: loading one never costs the other a decode; a file of the other list
+    that is deleted drops out when the index is next rewritten."""
+    items = read_layout(split_dir, val_fraction=0).items["train"]
+    train, val = items[::2], items[1::2]
+    load(split_dir, tmp_path / "c", items=train)
+    load(split_dir, tmp_path / "c", items=val)
+    assert decoded == [[p for p, _ in train], [p for p, _ in val]] and len(files(tmp_path / "c", "*.npy")) == 1
+    again_train, again_val = load(split_dir, tmp_path / "c", items=train), load(split_dir, tmp_path / "c", items=val)
+    assert len(decoded) == 2  # nothing decoded again
+    assert torch.equal(pixels(again_val), load(split_dir, "", items=val).images)
+    assert torch.equal(pixels(again_train), load(split_dir, "", items=train).images)
+    gone = Path(val[0][0])
+    gone.unlink()
+    new = split_dir / "cat" / "new.png"
+    Image.new("L", (24, 24), 7).save(new)
+    load(split_dir, tmp_path / "c", items=[*train, (str(new), "cat")])  # rewrites the index: val is checked
+    assert decoded[-1] == [str(new)]
+    index = cache.read_index(files(tmp_path / "c", "*.index.pt")[0])
+    assert str(gone.relative_to(split_dir)) not in index["names"] and "cat/new.png" in index["names"]
+    assert len(index["names"]) == len(items)  # every train and val file but the gone one, and the new one
+    n = len(decoded)
+    assert len(load(split_dir, tmp_path / "c", items=val[1:]).paths) == len(val) - 1 and len(decoded) == n
 
 
 def test_subsets_are_lazy_views_of_the_map(split_dir, tmp_path):
