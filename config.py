@@ -13,15 +13,24 @@ import typing
 from dataclasses import dataclass, field
 
 
+DESCRIPTION = """Train a ResNet image classifier on a folder of images (DATA/train/<class>/*, optionally val/ and test/).
+
+Every flag below is a field of TrainConfig in config.py, shown with its reason and default. With --resume the
+saved run's settings are the defaults and the flags given override them."""
+ARCHS = ("resnet_small", "resnet18", "resnet50")
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad path, no checkpoint yet...): printed as one line, no traceback."""
 
 
-def _f(default, help: str):
-    """A dataclass field with a one-line reason, which becomes the flag's help text."""
+def _f(default, help: str, choices: tuple = ()):
+    """A dataclass field with a one-line reason, which becomes the flag's help text; `choices` are the only values
+    the flag accepts (checked when the flags are parsed, before any data is read)."""
+    meta = {"help": help, "choices": choices}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -31,12 +40,12 @@ class TrainConfig:
     classes: list[str] = _f([], "train on these class folders only (default: every non-hidden folder)")
     val_fraction: float = _f(0.2, "share of train/ held out (stratified) when there is no val/ folder")
     image_size: int = _f(64, "side of the square input; small keeps CPU training fast")
-    channels: int = _f(1, "1 = grayscale (the default), 3 = RGB")
+    channels: int = _f(1, "1 = grayscale, 3 = RGB", choices=(1, 3))
     cache_dir: str = _f("cache", "where decoded images are kept so later runs skip JPEG decoding ('' = off)")
     max_bad_fraction: float = _f(0.5, "stop when more than this share of image files cannot be read")
     workers: int = _f(2, "processes that decode images on the first run (0 = in this process)")
     # model
-    arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision)")
+    arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision)", choices=ARCHS)
     width: int = _f(48, "channels of resnet_small's first stage; the width sets CPU speed")
     pretrained: bool = _f(False, "start resnet18/resnet50 from ImageNet weights (needs internet or --weights)")
     weights: str = _f("", "local torchvision state_dict to start from (implies --pretrained)")
@@ -50,7 +59,8 @@ class TrainConfig:
     warmup_epochs: float = _f(1.0, "linear learning-rate warmup before the cosine decay")
     label_smoothing: float = _f(0.1, "softens targets; helps accuracy a little on noisy photos")
     ema_decay: float = _f(0.995, "evaluate and save a moving average of the weights, with this per-step decay (0 = off)")
-    class_weights: str = _f("none", "'auto' weights the loss by inverse class frequency; 'none' does not")
+    class_weights: str = _f("none", "'auto' weights the loss by inverse class frequency; 'none' does not",
+                            choices=("auto", "none"))
     patience: int = _f(0, "stop after this many epochs without a better val accuracy (0 = off)")
     time_budget: float = _f(0.0, "stop training after this many seconds (0 = no limit)")
     # augmentation and evaluation
@@ -85,6 +95,8 @@ class TrainConfig:
 def _flag_kwargs(f: dataclasses.Field, hints: dict) -> dict:
     typ = hints[f.name]
     kwargs = {"help": f.metadata.get("help", ""), "dest": f.name}
+    if f.metadata.get("choices"):
+        kwargs["choices"] = f.metadata["choices"]
     if typ is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(typ) is list:
@@ -95,14 +107,20 @@ def _flag_kwargs(f: dataclasses.Field, hints: dict) -> dict:
     return kwargs
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per TrainConfig field; unspecified flags are left out of the result."""
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per TrainConfig field; unspecified flags are left out of the result.
+
+    Each help line ends with the default once: the field's own wording when its reason already says what the
+    default does ("(default: every non-hidden folder)"), else its value."""
+    parser = argparse.ArgumentParser(usage="%(prog)s [--data DIR] [--epochs N] [--arch NAME] [other flags below]",
+                                     description=description, argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         kwargs = _flag_kwargs(f, hints)
-        kwargs["help"] += f" (default: {getattr(defaults, f.name)!r})"
+        if "(default:" not in kwargs["help"]:
+            kwargs["help"] += f" (default: {getattr(defaults, f.name)!r})"
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return parser
 

@@ -20,9 +20,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from config import UserError
+from config import ARCHS, UserError
 
-ARCHS = ("resnet_small", "resnet18", "resnet50")
 CHECKPOINT_VERSION = 1
 
 
