@@ -52,7 +52,7 @@ def find_classes(split_dir: str | Path, wanted: list[str] | None = None) -> list
 
 
 def list_images(split_dir: str | Path, classes: list[str]) -> tuple[list[str], list[int], list[str]]:
-    """(image paths, labels, ignored non-image files) for the given classes, in a stable order."""
+    """(image paths, labels, files skipped for their extension) for the given classes, in a stable order."""
     paths, labels, ignored = [], [], []
     for label, name in enumerate(classes):
         folder = Path(split_dir) / name
@@ -65,8 +65,17 @@ def list_images(split_dir: str | Path, classes: list[str]) -> tuple[list[str], l
                 paths.append(str(p))
                 labels.append(label)
             else:
-                ignored.append(str(p))  # Thumbs.db, notes.txt...
+                ignored.append(str(p))  # Thumbs.db, notes.txt, but also photo.jfif or a name without a dot
     return paths, labels, ignored
+
+
+def skipped_note(ignored: list[str], limit: int = 5) -> str:
+    """One line that counts and names the files skipped for their extension ('' when there are none)."""
+    if not ignored:
+        return ""
+    names = ", ".join(ignored[:limit]) + (f" and {len(ignored) - limit} more" if len(ignored) > limit else "")
+    return (f"skipped {len(ignored)} file(s) whose extension is not one of {' '.join(sorted(IMAGE_EXTENSIONS))}: "
+            f"{names} (rename any that are images)")
 
 
 # ---------------------------------------------------------------- decoding
@@ -328,6 +337,9 @@ def load_data(data: str, classes: list[str] | None, size: int, channels: int, va
         bad, ignored = train.bad, train.ignored
         train, val = train.subset(train_idx), train.subset(val_idx)
         train.bad, train.ignored = bad, ignored
+    note = skipped_note(train.ignored + val.ignored)
+    if note:
+        print(note)
     return train, val, names
 
 
@@ -454,7 +466,7 @@ def data_report(data_dir: str | Path, max_bad_fraction: float = 0.5, workers: in
     Keys: counts {split: {class: readable images}}, unreadable [{path, reason}], modes and formats {name: n},
     sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not what the
     extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
-    empty_classes, hidden_folders, hidden_files, ignored (non-image files), imbalance (largest / smallest
+    empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest / smallest
     train class, None when one is empty), fatal and warnings [messages].
     """
     from collections import Counter, defaultdict
@@ -595,7 +607,8 @@ def format_report(r: dict, limit: int = 20) -> str:
     section("identical files within a split", [" = ".join(g) for g in r["duplicates"]])
     section("class folders without image files", r["empty_classes"])
     section("hidden folders, ignored", r["hidden_folders"])
-    section("non-image files, ignored", r["ignored"])
+    section(f"skipped for their extension, not one of {' '.join(sorted(IMAGE_EXTENSIONS))} (rename any that are "
+            "images)", r["ignored"])
     if r["hidden_files"]:
         lines.append(f"hidden files, ignored: {len(r['hidden_files'])} (.DS_Store and the like)")
     section("quarantined", [f"{src} -> {dst}" for src, dst in r.get("quarantined", [])])

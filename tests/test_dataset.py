@@ -242,3 +242,17 @@ def test_real_photos_decode_to_gray_64(tmp_path):
             out = decode_image(path, 64)
             assert out.shape == (1, 64, 64) and out.dtype == np.uint8
             assert out.std() > 5  # a photo, not a blank
+
+
+def test_files_skipped_for_their_extension_are_counted_and_named(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "d", 4, size=24, splits=("train", "val"))
+    Image.new("L", (24, 24)).save(data / "train" / "cat" / "photo.jfif", format="JPEG")
+    Image.new("L", (24, 24)).save(data / "val" / "dog" / "IMG_0042", format="JPEG")
+    train, val, _ = load_data(str(data), None, 24, 1, 0.2, 0)
+    assert len(train.paths) == 8 and len(val.paths) == 4
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"skipped 2 file(s) whose extension is not one of .bmp .gif .jpeg .jpg .pgm .png .ppm .tif .tiff "
+                     f".webp: {data}/train/cat/photo.jfif, {data}/val/dog/IMG_0042 (rename any that are images)"]
+    assert dataset.skipped_note([]) == ""
+    assert dataset.skipped_note([f"f{i}" for i in range(7)], limit=2).endswith(": f0, f1 and 5 more (rename any that "
+                                                                               "are images)")

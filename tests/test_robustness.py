@@ -41,8 +41,13 @@ def test_training_uses_the_good_images_and_names_each_bad_one(nasty_data, tmp_pa
     for rel in NASTY_UNREADABLE:
         assert out.count(f"skipped unreadable image {nasty_data / rel}: ") == 1, rel
     assert f"skipped {len(NASTY_UNREADABLE)} unreadable image(s) in total" in out
-    for rel in NASTY_IGNORED + NASTY_READABLE:
+    for rel in NASTY_READABLE:
         assert Path(rel).name not in out, rel
+    # Files skipped for their extension are counted and named once, at start-up.
+    note = [line for line in out.splitlines() if line.startswith("skipped ") and "extension" in line]
+    assert len(note) == 1 and note[0].startswith(f"skipped {len(NASTY_IGNORED)} file(s) whose extension")
+    for rel in NASTY_IGNORED:
+        assert out.count(str(nasty_data / rel)) == 1, rel
     assert model_from_checkpoint(load_checkpoint(tmp_path / "models" / "best_model.pth"))
 
 
@@ -82,6 +87,10 @@ def test_check_command_prints_report_and_quarantines(nasty_data, tmp_path, capsy
         assert rel in out
         assert (jail / rel).is_file() and not (nasty_data / rel).exists()
     assert "train/dog/dog_0001.png = val/dog/leaked_dog_0001.png" in out and "verdict: ok to train" in out
+    assert (f"skipped for their extension, not one of .bmp .gif .jpeg .jpg .pgm .png .ppm .tif .tiff .webp "
+            f"(rename any that are images) ({len(NASTY_IGNORED)}):") in out
+    for rel in NASTY_IGNORED:
+        assert f"\n  {rel}\n" in out, rel
     # Quarantined files are gone from the data, so the next check is clean and nothing was deleted.
     assert dataset.main(["check", str(nasty_data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["unreadable"] == []
