@@ -61,10 +61,24 @@ def pick_amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     if not enabled:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Only where the GPU computes bf16 natively (Ampere and later): T4/V100-class cards emulate it, slowly.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+def needs_grad_scaler(amp_dtype: torch.dtype | None) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and fp32 needs none."""
+    return amp_dtype == torch.float16
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """What the start-up line says about the arithmetic: 'fp32', 'bf16 autocast' or 'fp16 autocast + GradScaler'."""
+    if amp_dtype is None:
+        return "fp32"
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype] + " autocast"
+    return name + (" + GradScaler" if needs_grad_scaler(amp_dtype) else "")
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -246,7 +260,8 @@ def ema_of(model: nn.Module, decay: float) -> AveragedModel:
 
 def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
                     device: torch.device, cfg: TrainConfig, generator: torch.Generator,
-                    amp_dtype: torch.dtype | None, deadline: float, ema: AveragedModel | None = None) -> dict:
+                    amp_dtype: torch.dtype | None, deadline: float, ema: AveragedModel | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> dict:
     """One pass over the training images, augmented on whole batches; returns mean loss, accuracy, counts."""
     from tqdm import tqdm
 
@@ -290,8 +305,13 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
                 raise UserError(f"training loss became NaN/inf in {skipped} steps; lower --lr (now {cfg.lr})")
             continue
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # fp16: scaled loss; steps whose gradients overflowed are skipped and the scale lowered
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
         if ema is not None:
             ema.update_parameters(unwrap(model))
@@ -424,6 +444,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     rank, world = rank_world()
     is_main = rank == 0
     amp_dtype = pick_amp_dtype(device, cfg.amp)
+    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(amp_dtype) else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if not cfg.run_name:
@@ -431,7 +452,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     print("config:", format_config(cfg))
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                                  else f" ({torch.get_num_threads()} threads)")
-          + f", {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}"
+          + f", {precision_name(amp_dtype)}"
           + (f", {world} processes ({dist.get_backend()}), batch size {cfg.batch_size} per process"
              if world > 1 else ""))
     # Fetched before the data so a missing download fails fast; a resumed run has its weights already.
@@ -516,7 +537,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                 print(f"epoch {epoch}: backbone unfrozen")
             t_epoch = time.time()
             tr = train_one_epoch(train_model, train, optimizer, scheduler, loss_fn, device, cfg, generator,
-                                 amp_dtype, deadline, ema)
+                                 amp_dtype, deadline, ema, scaler)
             epoch_train_seconds = time.time() - t_epoch
             train_seconds += epoch_train_seconds
             ev = evaluate(eval_model, val, device, cfg.tta, cfg.channels_last, amp_dtype, normalization_for(cfg))
