@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 
 
-DESCRIPTION = """Train a ResNet image classifier on a folder of images (DATA/train/<class>/*, optionally val/ and test/).
+DESCRIPTION = """Train a ResNet image classifier on a folder of images: DATA/train/<class>/*, optionally val/, test/.
 
 Every flag below is a field of TrainConfig in config.py, shown with its reason and default. With --resume the
 saved run's settings are the defaults and the flags given override them."""
@@ -70,7 +70,8 @@ class TrainConfig:
     tta: bool = _f(True, "evaluate on the image and its mirror and average (flip test-time augmentation)")
     # machine
     device: str = _f("auto", "auto picks cuda, then mps, then cpu")
-    amp: bool = _f(True, "mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (~2x faster)")
+    amp: bool = _f(True, "mixed precision: bf16 on GPUs and CPUs that compute it natively (~2x faster), "
+                         "fp16 with a GradScaler on other GPUs")
     channels_last: bool = _f(True, "memory layout that makes convolutions faster on CPU and GPU")
     compile: bool = _f(False, "torch.compile the model (CUDA; slow first epoch)")
     seed: int = _f(0, "seed for the split, the initial weights, shuffling and augmentation")

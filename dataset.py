@@ -466,8 +466,8 @@ def data_report(data_dir: str | Path, max_bad_fraction: float = 0.5, workers: in
     Keys: counts {split: {class: readable images}}, unreadable [{path, reason}], modes and formats {name: n},
     sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not what the
     extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
-    empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest / smallest
-    train class, None when one is empty), fatal and warnings [messages].
+    empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest /
+    smallest train class, None when one is empty), fatal and warnings [messages].
     """
     from collections import Counter, defaultdict
 
