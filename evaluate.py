@@ -207,7 +207,7 @@ def feature_sizes(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module
     return sizes
 
 
-def gradcam_layer(model: nn.Module, x: torch.Tensor, name: str = "auto") -> tuple[str, nn.Module]:
+def pick_cam_layer(model: nn.Module, x: torch.Tensor, name: str = "auto") -> tuple[str, nn.Module]:
     """(name, module) of the layer Grad-CAM weighs for input x: `name` as in model.named_modules(), or 'auto', the
     deepest residual stage with at least MIN_CAM_CELLS cells a side (resnet_small at 64x64: layers.1, 8x8; its
     last stage is 2x2, a single blob), or the first stage when none is that fine."""
@@ -224,6 +224,14 @@ def gradcam_layer(model: nn.Module, x: torch.Tensor, name: str = "auto") -> tupl
     return chosen, stages[chosen]
 
 
+def gradcam_layer(model: nn.Module, x: torch.Tensor | None = None, name: str = "auto") -> nn.Module:
+    """The module pick_cam_layer chooses; without x, for a 64x64 input."""
+    if x is None:
+        in_channels = next(m for m in unwrap(model).modules() if isinstance(m, nn.Conv2d)).in_channels
+        x = torch.zeros(1, in_channels, 64, 64)
+    return pick_cam_layer(model, x, name)[1]
+
+
 def gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_idx: int | None = None,
             tta: bool = False) -> torch.Tensor:
     """Grad-CAM heatmap (H, W) in [0, 1] at the size of x (1, C, H, W), for class_idx (default: the predicted one).
@@ -235,8 +243,8 @@ def explain(model: nn.Module, x: torch.Tensor, layer: str = "auto", tta: bool = 
             class_idx: int | None = None) -> GradCam:
     """Grad-CAM of a normalized image x (1, C, H, W) with the prediction it explains, as inference.py makes it:
     with tta the logits are averaged with the mirror image's and the two heatmaps too (the mirror's flipped back);
-    probabilities are the softmax of the logits / temperature. `layer`: a module name or 'auto' (gradcam_layer)."""
-    name, module = gradcam_layer(model, x, layer)
+    probabilities are the softmax of the logits / temperature. `layer`: a module name or 'auto' (pick_cam_layer)."""
+    name, module = pick_cam_layer(model, x, layer)
     cam, logits, class_idx, cells = _gradcam(model, x, module, class_idx, tta)
     probs = torch.softmax(logits[0] / temperature, 0)
     return GradCam(cam, class_idx, probs[class_idx].item(), probs, name, cells)

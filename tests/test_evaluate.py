@@ -166,7 +166,7 @@ def test_gradcam_has_the_input_size_and_is_not_constant(trained):
     ckpt = load_checkpoint(trained["checkpoint"])
     model = model_from_checkpoint(ckpt)
     x = image_tensor(next((trained["data"] / "test" / "cat").iterdir()), ckpt["image_size"], ckpt["channels"])
-    name, layer = evaluate.gradcam_layer(model, x)
+    name, layer = evaluate.pick_cam_layer(model, x)
     assert (name, layer) == ("layers.0", model.layers[0])  # 32 px: 8x8 cells there, 4x4 in the next stage
     cam = evaluate.gradcam(model, x, layer)
     assert cam.shape == (ckpt["image_size"], ckpt["image_size"])
@@ -181,6 +181,7 @@ def test_gradcam_of_the_default_model_at_64_px_has_at_least_8x8_cells():
     x = torch.rand(1, 1, 64, 64) * 2 - 1
     result = evaluate.explain(model, x)
     assert result.layer == "layers.1" and result.cells == (8, 8)
+    assert evaluate.gradcam_layer(model) is model.layers[1]
     assert result.cam.shape == (64, 64)
     # A map with 8x8 cells varies within each 16x16 quarter, which a 2x2 map upsampled never does much.
     quarters = result.cam.unfold(0, 32, 32).unfold(1, 32, 32).reshape(4, -1)
@@ -191,9 +192,10 @@ def test_gradcam_of_the_default_model_at_64_px_has_at_least_8x8_cells():
 
 def test_gradcam_finds_the_stages_of_torchvision_resnets():
     model = build_model("resnet18", 3, 1, image_size=64).eval()
-    assert evaluate.gradcam_layer(model, torch.randn(1, 1, 64, 64)) == ("layer3", model.layer3)  # 8x8
-    assert evaluate.gradcam_layer(model, torch.randn(1, 1, 48, 40)) == ("layer2", model.layer2)  # 12x10
-    assert evaluate.gradcam_layer(model, torch.randn(1, 1, 48, 40), "layer4") == ("layer4", model.layer4)
+    assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 64, 64)) == ("layer3", model.layer3)  # 8x8
+    assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 48, 40)) == ("layer2", model.layer2)  # 12x10
+    assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 48, 40), "layer4") == ("layer4", model.layer4)
+    assert evaluate.gradcam_layer(model) is model.layer3  # the one-argument call: for 64x64 input
     cam = evaluate.gradcam(model, torch.randn(1, 1, 48, 40), model.layer4, class_idx=2)
     assert cam.shape == (48, 40) and 0 <= cam.min() <= cam.max() <= 1
 
