@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := demo_data
+DATA   ?= ../shared/data/catdog
 
 .PHONY: setup demo test bench clean
 
@@ -27,8 +28,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Ours against the plain pipeline (baseline.py) on real photos: `make bench DATA=path/to/dataset`.
 bench: setup
-	$(PY) bench.py --data ../shared/data/catdog
+	$(PY) bench.py --data $(DATA)
 
 clean:
 	rm -rf $(DEMO) models/demo curves/demo logs/demo

@@ -8,7 +8,8 @@ Usage:
 Prints one JSON object: train images/s for each, our decode time (cold cache), seconds to reach 80/85/90% val
 accuracy for each (null if never; wall time since training started, evaluation included), best val accuracy,
 the share of our epochs' time spent on data after the first epoch, and the ratios.
-The baseline is `../shared/bench/seed_baseline.py` (ImageFolder + PIL transforms, torchvision ResNet-18, Adam).
+The baseline is baseline.py in this folder (ImageFolder + PIL transforms every epoch, torchvision ResNet-18,
+Adam), run in this process after ours.
 """
 from __future__ import annotations
 
@@ -17,18 +18,16 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from baseline import train_baseline
 from config import TrainConfig, UserError, parse_config
 from dataset import load_data
 
-BASELINE = Path(__file__).resolve().parent.parent / "shared" / "bench" / "seed_baseline.py"
 TARGETS = (0.80, 0.85, 0.90)
 
 
@@ -61,14 +60,7 @@ def bench_ours(cfg: TrainConfig) -> dict:
 
 
 def bench_baseline(data: str, epochs: int, max_seconds: float, workers: int) -> dict:
-    if not BASELINE.is_file():
-        raise UserError(f"baseline script not found at {BASELINE}")
-    cmd = [sys.executable, str(BASELINE), data, "--epochs", str(epochs), "--max-seconds", str(max_seconds),
-           "--workers", str(workers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"baseline failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
-    hist = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    hist = list(train_baseline(data, epochs, max_seconds, workers))
     return {"train_images_per_s": round(sum(h["train_images_per_s"] for h in hist) / len(hist), 1),
             **{f"seconds_to_{round(t * 100)}": seconds_to(hist, t, "val_acc", "elapsed_s") for t in TARGETS},
             "best_val_acc": max(h["val_acc"] for h in hist), "epochs": len(hist),
