@@ -1,11 +1,12 @@
-# Two commands on a fresh machine:  `make demo`  (train + inference on synthetic data)  and  `make test`.
+# Two commands on a fresh machine:  `make demo`  (train + inference on synthetic data)  and  `make test`
+# (`make test-fast` leaves out the slow tests).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := demo_data
 DATA   ?= ../shared/data/catdog
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,17 +17,22 @@ $(VENV)/.installed: requirements.txt
 setup: $(VENV)/.installed
 
 # A smoke test of the whole pipeline on a small synthetic set (not real photos): train, inference, evaluate.
-# Its outputs go to models/demo and curves/demo, so a real run's models/best_model.pth is never overwritten.
+# Its outputs go to models/demo, curves/demo and logs/demo, apart from real runs; a second demo moves the first
+# to models/demo/<its run name>/ and curves/demo/<its run name>/, as train.py does with every run.
 demo: setup
 	$(PY) dataset.py demo $(DEMO)
 	$(PY) train.py --data $(DEMO) --epochs 8 --batch-size 32 --workers 0 \
-		--out-dir models/demo --curves-dir curves/demo --run-name demo
+		--out-dir models/demo --curves-dir curves/demo --log-dir logs/demo
 	$(PY) inference.py --checkpoint models/demo/best_model.pth --image $(DEMO)/test/dog/dog_0000.png
 	$(PY) inference.py --checkpoint models/demo/best_model.pth --image $(DEMO)/test --csv curves/demo/predictions.csv
 	$(PY) evaluate.py --checkpoint models/demo/best_model.pth --data $(DEMO) --split test --out-dir curves/demo
 
 test: setup
 	$(PY) -m pytest -q
+
+# The quick subset while editing: everything but the tests marked slow (pytest.ini), in well under 30 s.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 # Ours against the plain pipeline (baseline.py) on real photos: `make bench DATA=path/to/dataset`.
 bench: setup

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from torchvision.models import resnet18
 
-from config import UserError
+from common import UserError
 
 
 def pil_transforms(size: int, train: bool) -> transforms.Compose:

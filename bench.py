@@ -24,8 +24,10 @@ import time
 
 import torch
 
+import train
 from baseline import train_baseline
-from config import TrainConfig, UserError, parse_config
+from common import UserError
+from config import TrainConfig, parse_config
 from dataset import load_data
 
 TARGETS = (0.80, 0.85, 0.90)
@@ -37,8 +39,6 @@ def seconds_to(history: list[dict], target: float, acc_key: str, time_key: str) 
 
 
 def bench_ours(cfg: TrainConfig) -> dict:
-    import train
-
     # Decode into an empty cache first, so the decode time is the cold one a first run pays.
     t0 = time.time()
     tr, va, _ = load_data(cfg.data, cfg.classes or None, cfg.image_size, cfg.channels, cfg.val_fraction, cfg.seed,

@@ -3,6 +3,7 @@
 Usage (from other scripts):
     cfg = parse_config(argv)          # flags --batch-size etc. come from TrainConfig's fields
     cfg = parse_config(argv, base)    # flags given on the command line override `base`
+    cfg = parse_config(["--config", "logs/<run>/config.json", "--epochs", "5"])   # a saved run's settings, 5 epochs
 """
 from __future__ import annotations
 
@@ -11,17 +12,15 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from common import UserError  # noqa: F401  (defined in common.py; still importable from here)
 
 DESCRIPTION = """Train a ResNet image classifier on a folder of images: DATA/train/<class>/*, optionally val/, test/.
 
 Every flag below is a field of TrainConfig in config.py, shown with its reason and default. With --resume the
 saved run's settings are the defaults and the flags given override them."""
 ARCHS = ("resnet_small", "resnet18", "resnet50")
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad path, no checkpoint yet...): printed as one line, no traceback."""
 
 
 def _f(default, help: str, choices: tuple = ()):
@@ -68,6 +67,10 @@ class TrainConfig:
     max_rotation: float = _f(10.0, "random rotation range in degrees during training")
     max_shift: float = _f(0.1, "random shift, as a share of the image side, during training")
     tta: bool = _f(True, "evaluate on the image and its mirror and average (flip test-time augmentation)")
+    # images of no known class (novelty.py)
+    novelty_score: str = _f("layer_mahalanobis", "score fitted on the train features at the end, for --reject: msp, "
+                            "energy, knn, mahalanobis or layer_mahalanobis (measured best); 'none' skips it")
+    accept_rate: float = _f(0.95, "share of known (val) images the stored novelty threshold accepts")
     # machine
     device: str = _f("auto", "auto picks cuda, then mps, then cpu")
     amp: bool = _f(True, "mixed precision: bf16 on GPUs and CPUs that compute it natively (~2x faster), "
@@ -79,9 +82,16 @@ class TrainConfig:
     out_dir: str = _f("models", "where best_model.pth and last.pth are written")
     log_dir: str = _f("logs", "TensorBoard runs go to LOG_DIR/<run-name>/")
     curves_dir: str = _f("curves", "PNG plots of the run")
-    run_name: str = _f("", "name of the TensorBoard run (default: date-time and arch)")
+    run_name: str = _f("", "name of the run: LOG_DIR/<run-name>/, and the folder its files move to when a later run "
+                           "starts (default: date-time and arch; a name already used gets -2, -3...)")
     resume: bool = _f(False, "continue from OUT_DIR/last.pth with its settings (flags given override them)")
+    config: str = _f("", "start from this saved config.json (LOG_DIR/<run>/config.json); flags given override it")
     check_only: bool = _f(False, "report on the data (counts, unreadable files, duplicates) and exit")
+
+    @property
+    def uses_pretrained(self) -> bool:
+        """--weights implies --pretrained."""
+        return self.pretrained or bool(self.weights)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,15 +136,52 @@ def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
     return parser
 
 
+# What an invocation does rather than how a run trains: not taken over from a saved config.json.
+NOT_SETTINGS = ("run_name", "resume", "check_only", "config")
+
+
+def _fits(value, typ) -> bool:
+    """Whether a JSON value can be the value of a field of type `typ` (an int is a float; a bool is neither)."""
+    if typing.get_origin(typ) is list:
+        return isinstance(value, list) and all(isinstance(v, typing.get_args(typ)[0]) for v in value)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return type(value) is typ
+
+
+def load_config_file(path: str | Path) -> TrainConfig:
+    """The settings of a saved config.json (what train.py writes to LOG_DIR/<run>/config.json), checked field by
+    field; its run name, --resume and --check-only are not taken over (a new run gets its own name)."""
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--config {path}: not a readable JSON file ({e})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--config {path}: expected a JSON object of settings, as train.py writes")
+    hints, defaults = typing.get_type_hints(TrainConfig), TrainConfig()
+    for name, value in saved.items():
+        if name not in hints or name in NOT_SETTINGS:
+            continue
+        if not _fits(value, hints[name]):
+            raise UserError(f"--config {path}: {name} should be {getattr(hints[name], '__name__', hints[name])}, "
+                            f"not {value!r}")
+    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k not in NOT_SETTINGS})
+    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in NOT_SETTINGS})
+
+
 def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
-    """Parse flags; those given override `base` (the defaults, or a resumed run's settings)."""
+    """Parse flags; those given override `base` (the defaults, a resumed run's settings, or with --config FILE
+    that file's settings), the rest keep it."""
     given = vars(build_parser().parse_args(argv))
+    if given.get("config"):
+        if given.get("resume"):
+            raise UserError("--config starts a new run from saved settings and --resume continues last.pth with "
+                            "its own: give one of them")
+        base = load_config_file(given["config"])
     return dataclasses.replace(base or TrainConfig(), **given)
-
-
-def given_flags(argv: list[str] | None) -> dict:
-    """Only the settings named on the command line, e.g. to apply on top of a resumed run's config."""
-    return vars(build_parser().parse_args(argv))
 
 
 def format_config(cfg: TrainConfig) -> str:

@@ -1,9 +1,8 @@
 """ImageFolder-style data: discovery, decoding once into a cache, and batch augmentation on tensors.
 
 Usage:
-    python dataset.py check DATA [--quarantine DIR]   # data report: counts, unreadable files, duplicates
-    python dataset.py check DATA --json               # the same report as JSON; exit 1 on fatal problems
     python dataset.py demo DIR                        # write a small synthetic cat/dog-like set for a smoke test
+    python check_data.py DATA                         # the data report (it moved to its own script)
 
 Layout: DATA/train/<class>/*, optionally DATA/val/<class>/* and DATA/test/<class>/*. Each image is decoded
 once (grayscale, IMAGE_SIZE x IMAGE_SIZE, uint8) and kept in CACHE_DIR keyed by path, size and mtime, so
@@ -11,7 +10,9 @@ later epochs and later runs skip JPEG decoding; augmentation then runs on whole 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
+import io
 import math
 import os
 import sys
@@ -19,15 +20,15 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from config import UserError
+from common import IMAGE_EXTENSIONS, UserError, save_atomic
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 CACHE_VERSION = 1
 # The cache stores pixels as uint8 and training sees (x / 127.5 - 1), i.e. mean 0.5 and std 0.5 of [0, 1].
 NORMALIZATION = {"mean": 0.5, "std": 0.5}
@@ -51,6 +52,16 @@ def find_classes(split_dir: str | Path, wanted: list[str] | None = None) -> list
     return sorted(wanted)
 
 
+def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under folder, recursively and sorted; hidden files and folders are neither."""
+    images, others = [], []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or any(is_hidden(part) for part in p.relative_to(folder).parts):
+            continue  # .DS_Store, ._resource forks, files in hidden folders
+        (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)  # others: Thumbs.db, notes.txt...
+    return images, others
+
+
 def list_images(split_dir: str | Path, classes: list[str]) -> tuple[list[str], list[int], list[str]]:
     """(image paths, labels, files skipped for their extension) for the given classes, in a stable order."""
     paths, labels, ignored = [], [], []
@@ -58,14 +69,10 @@ def list_images(split_dir: str | Path, classes: list[str]) -> tuple[list[str], l
         folder = Path(split_dir) / name
         if not folder.is_dir():
             continue
-        for p in sorted(folder.rglob("*")):
-            if not p.is_file() or any(is_hidden(part) for part in p.relative_to(folder).parts):
-                continue  # .DS_Store, ._resource forks, files in hidden folders
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(str(p))
-                labels.append(label)
-            else:
-                ignored.append(str(p))  # Thumbs.db, notes.txt, but also photo.jfif or a name without a dot
+        images, others = image_files(folder)
+        paths += [str(p) for p in images]
+        labels += [label] * len(images)
+        ignored += [str(p) for p in others]
     return paths, labels, ignored
 
 
@@ -76,6 +83,26 @@ def skipped_note(ignored: list[str], limit: int = 5) -> str:
     names = ", ".join(ignored[:limit]) + (f" and {len(ignored) - limit} more" if len(ignored) > limit else "")
     return (f"skipped {len(ignored)} file(s) whose extension is not one of {' '.join(sorted(IMAGE_EXTENSIONS))}: "
             f"{names} (rename any that are images)")
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files as given, image files inside folders (recursively), and glob patterns, in order, without repeats."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = image_files(p)[0]
+            if not found:
+                raise UserError(f"no image files in folder {p}")
+            out.extend(found)
+        elif any(ch in item for ch in "*?[") and not p.exists():
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise UserError(f"no files match {item!r}")
+            out.extend(matches)
+        else:
+            out.append(p)  # a missing file is reported per image, so the others are still answered
+    return list(dict.fromkeys(out))
 
 
 # ---------------------------------------------------------------- decoding
@@ -107,13 +134,17 @@ def preprocess(img: Image.Image, size: int, channels: int = 1) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
-def decode_image(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
+def decode_image(path: str | Path | BinaryIO, size: int, channels: int = 1) -> np.ndarray:
     """Read one image file (type by content, not extension) to uint8 (channels, size, size), or raise BadImage."""
     try:
         with warnings.catch_warnings():
             # Beyond PIL's pixel limit an image may be a decompression bomb: refuse it rather than fill memory.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                    # The warning filter above is process-wide, so in a threaded server another thread may
+                    # have reset it: check the limit here too.
+                    raise Image.DecompressionBombError(f"{img.width * img.height} pixels")
                 if img.format == "JPEG":
                     # Decode at a reduced scale straight to the target mode: several times faster on large photos.
                     img.draft("L" if channels == 1 else "RGB", (size, size))
@@ -129,6 +160,11 @@ def decode_image(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
         raise BadImage(f"cannot decode: {e}") from None
 
 
+def decode_bytes(data: bytes, size: int, channels: int = 1) -> np.ndarray:
+    """An image file's bytes (an upload) as decode_image decodes the file: same result, same BadImage reasons."""
+    return decode_image(io.BytesIO(data), size, channels)
+
+
 def _decode_or_reason(args: tuple) -> tuple[np.ndarray | None, str]:
     path, size, channels = args
     try:
@@ -137,18 +173,28 @@ def _decode_or_reason(args: tuple) -> tuple[np.ndarray | None, str]:
         return None, str(e)
 
 
-def to_float(x: torch.Tensor, mean: float | list[float] = 0.5, std: float | list[float] = 0.5) -> torch.Tensor:
+def to_float(x: torch.Tensor, mean: float | list[float] = NORMALIZATION["mean"],
+             std: float | list[float] = NORMALIZATION["std"]) -> torch.Tensor:
     """uint8 pixels (..., C, H, W) to floats (x / 255 - mean) / std; mean and std are one value or one per channel.
 
     The default (0.5, 0.5) maps to [-1, 1]; other statistics (ImageNet's, for pretrained weights) come from the
     checkpoint's "normalization" so training, inference and export agree.
     """
-    if mean == 0.5 and std == 0.5:
+    if mean == 0.5 and std == 0.5:  # (x / 255 - 0.5) / 0.5 in one pass
         return x.float().div_(127.5).sub_(1.0)
     shape = (-1, 1, 1)
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(shape)
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(shape)
     return x.float().div_(255.0).sub_(m).div_(s)
+
+
+def to_uint8(x: torch.Tensor, mean: float | list[float] = NORMALIZATION["mean"],
+             std: float | list[float] = NORMALIZATION["std"]) -> torch.Tensor:
+    """to_float undone: normalized floats (..., C, H, W) back to uint8 pixels, for pictures of what the network saw."""
+    shape = (-1, 1, 1)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(shape)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(shape)
+    return (x.float() * s + m).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def image_tensor(path: str | Path, size: int, channels: int = 1, normalization: dict | None = None) -> torch.Tensor:
@@ -194,8 +240,6 @@ def _read_cache(path: Path) -> dict[str, tuple]:
 
 
 def _write_cache(path: Path, paths: list[str], stats: list, pixels: list, reasons: list[str]) -> None:
-    from model import save_atomic  # model imports config only; late import keeps dataset.py light to import
-
     rows, good = [], []
     for p in pixels:
         rows.append(len(good) if p is not None else -1)
@@ -309,7 +353,7 @@ def check_split(split: Split, classes: list[str], where: str, max_bad_fraction: 
     total = len(split.paths) + len(split.bad)
     if total and len(split.bad) / total > max_bad_fraction:
         raise UserError(f"{len(split.bad)} of {total} image files in {where} cannot be read "
-                        f"(more than {max_bad_fraction:.0%}); run `python dataset.py check` on the data "
+                        f"(more than {max_bad_fraction:.0%}); run `python check_data.py DATA` for a report "
                         f"(first: {split.bad[0][0]}: {split.bad[0][1]})")
     counts = torch.bincount(split.labels, minlength=len(classes))
     empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
@@ -423,233 +467,6 @@ def make_synthetic(root: str | Path, n_per_class: dict[str, int] | int = 60, siz
     return root
 
 
-# ---------------------------------------------------------------- data report (python dataset.py check)
-
-SPLITS = ("train", "val", "test")
-TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model
-FORMATS_BY_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP", ".gif": "GIF",
-                     ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM"}
-
-
-def file_sha1(path: str | Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def image_header(path: str | Path) -> tuple[str, str, tuple[int, int]] | None:
-    """(format, mode, (width, height)) read from the header only, without decoding pixels; None if unreadable."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return img.format or "", img.mode, img.size
-    except Exception:  # any failure is reported by the full decode, with its reason
-        return None
-
-
-def hidden_entries(split_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(hidden folders, hidden files) under split_dir, which discovery skips; nothing inside hidden folders."""
-    folders, files = [], []
-    for here, dirs, names in os.walk(split_dir):
-        folders += [Path(here) / d for d in dirs if is_hidden(d)]
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-        files += [Path(here) / n for n in names if is_hidden(n)]
-    return sorted(folders), sorted(files)
-
-
-def data_report(data_dir: str | Path, max_bad_fraction: float = 0.5, workers: int = 0) -> dict:
-    """Everything `python dataset.py check` shows, as plain data (paths relative to data_dir).
-
-    Keys: counts {split: {class: readable images}}, unreadable [{path, reason}], modes and formats {name: n},
-    sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not what the
-    extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
-    empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest /
-    smallest train class, None when one is empty), fatal and warnings [messages].
-    """
-    from collections import Counter, defaultdict
-
-    root = Path(data_dir)
-    check_layout(root, "train")
-
-    def rel(p: str | Path) -> str:
-        return Path(p).relative_to(root).as_posix()
-
-    r: dict = {"data": str(root), "classes": find_classes(root / "train"), "counts": {}, "unreadable": [],
-               "modes": {}, "formats": {}, "sizes": {}, "tiny": [], "mismatched": [], "duplicates": [],
-               "leaks": [], "empty_classes": [], "hidden_folders": [], "hidden_files": [], "ignored": [],
-               "imbalance": None, "fatal": [], "warnings": []}
-    entries = []  # (split, class, path) of every image file
-    for split in SPLITS:
-        split_dir = root / split
-        if not split_dir.is_dir():
-            continue
-        classes = find_classes(split_dir)
-        paths, labels, ignored = list_images(split_dir, classes)
-        entries += [(split, classes[k], p) for p, k in zip(paths, labels)]
-        r["counts"][split] = {c: 0 for c in classes}
-        present = set(labels)
-        r["empty_classes"] += [f"{split}/{c}" for k, c in enumerate(classes) if k not in present]
-        folders, files = hidden_entries(split_dir)
-        r["hidden_folders"] += [rel(p) for p in folders]
-        r["hidden_files"] += [rel(p) for p in files]
-        r["ignored"] += [rel(p) for p in ignored]
-
-    decoded = decode_files([p for _, _, p in entries], TINY_SIDE, 1, workers, desc="checking")
-    modes, formats, sizes = Counter(), Counter(), Counter()
-    by_hash, bad_per_split, files_per_split = defaultdict(list), Counter(), Counter()
-    for (split, cls, path), (_, reason) in zip(entries, decoded):
-        files_per_split[split] += 1
-        if reason:
-            bad_per_split[split] += 1
-            r["unreadable"].append({"path": rel(path), "reason": reason})
-            continue
-        r["counts"][split][cls] += 1
-        by_hash[file_sha1(path)].append((split, rel(path)))
-        header = image_header(path)
-        if header is None:
-            continue
-        fmt, mode, size = header
-        modes[mode] += 1
-        formats[fmt] += 1
-        sizes[size] += 1
-        if min(size) < TINY_SIDE:
-            r["tiny"].append({"path": rel(path), "size": list(size)})
-        expected = FORMATS_BY_SUFFIX.get(Path(path).suffix.lower())
-        if expected and fmt != expected:
-            r["mismatched"].append({"path": rel(path), "format": fmt})
-    r["modes"], r["formats"] = dict(modes.most_common()), dict(formats.most_common())
-    if sizes:
-        by_area = sorted(sizes, key=lambda s: (s[0] * s[1], s))
-        r["sizes"] = {"min": list(by_area[0]), "max": list(by_area[-1]),
-                      "most_common": [[w, h, n] for (w, h), n in sizes.most_common(5)]}
-    for group in by_hash.values():
-        if len(group) > 1:
-            splits = {s for s, _ in group}
-            (r["leaks"] if len(splits) > 1 else r["duplicates"]).append([p for _, p in group])
-
-    _judge(r, files_per_split, bad_per_split, max_bad_fraction)
-    return r
-
-
-def _judge(r: dict, files: dict, bad: dict, max_bad_fraction: float) -> None:
-    """Fill r['fatal'] (training would stop or be meaningless) and r['warnings'], and the imbalance."""
-    classes, counts = r["classes"], r["counts"]
-    if len(classes) < 2:
-        r["fatal"].append(f"train/ has {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); "
-                          "a classifier needs at least 2")
-    for split in ("train", "val"):
-        if split not in counts:
-            continue
-        no_images = [c for c in classes if counts[split].get(c, 0) == 0]
-        if no_images:
-            r["fatal"].append(f"{split}/ has no readable image for class(es): {', '.join(no_images)}")
-    for split, n in files.items():
-        if n and bad[split] / n > max_bad_fraction:
-            message = f"{bad[split]} of {n} image files in {split}/ cannot be read"
-            (r["fatal"] if split != "test" else r["warnings"]).append(message)
-    train_counts = [counts["train"][c] for c in classes]
-    if len(classes) >= 2 and min(train_counts) > 0:
-        r["imbalance"] = round(max(train_counts) / min(train_counts), 2)
-        if r["imbalance"] >= 1.5:
-            r["warnings"].append(f"classes are imbalanced ({r['imbalance']}x); consider --class-weights auto")
-    for split in ("val", "test"):
-        extra = sorted(set(counts.get(split, {})) - set(classes))
-        if extra:
-            r["warnings"].append(f"{split}/ has class folder(s) not in train/, which are ignored: {', '.join(extra)}")
-    if "val" not in counts:
-        r["warnings"].append("no val/ folder: train.py holds out --val-fraction of train/ instead")
-    if r["leaks"]:
-        r["warnings"].append(f"{len(r['leaks'])} file(s) appear in more than one split (leakage inflates val/test "
-                             "accuracy): remove the copies")
-    if r["duplicates"]:
-        r["warnings"].append(f"{len(r['duplicates'])} group(s) of identical files within a split")
-    if r["unreadable"]:
-        r["warnings"].append(f"{len(r['unreadable'])} unreadable file(s) will be skipped "
-                             "(move them away with --quarantine DIR)")
-
-
-def format_report(r: dict, limit: int = 20) -> str:
-    """The report as text for a terminal; long lists are cut at `limit` lines (--json has everything)."""
-    lines = [f"data: {r['data']}"]
-    splits = list(r["counts"])
-    names = sorted(set(r["classes"]).union(*(r["counts"][s] for s in splits)))
-    width = max([len(n) for n in names] + [5])
-    lines.append(f"  {'class':<{width}}" + "".join(f"{s:>8}" for s in splits))
-    for name in names:
-        lines.append(f"  {name:<{width}}" + "".join(f"{r['counts'][s].get(name, '-'):>8}" for s in splits))
-    lines.append(f"  {'total':<{width}}" + "".join(f"{sum(r['counts'][s].values()):>8}" for s in splits))
-    if r["imbalance"] is not None:
-        lines.append(f"class imbalance in train (largest / smallest): {r['imbalance']}x")
-    if r["modes"]:
-        lines.append("image modes: " + ", ".join(f"{m} {n}" for m, n in r["modes"].items()))
-        lines.append("file types: " + ", ".join(f"{m} {n}" for m, n in r["formats"].items()))
-    if r["sizes"]:
-        s = r["sizes"]
-        lines.append(f"sizes: smallest {s['min'][0]}x{s['min'][1]}, largest {s['max'][0]}x{s['max'][1]}, "
-                     "most common " + ", ".join(f"{w}x{h} ({n})" for w, h, n in s["most_common"]))
-
-    def section(title: str, items: list[str]) -> None:
-        if items:
-            lines.append(f"{title} ({len(items)}):")
-            lines.extend(f"  {item}" for item in items[:limit])
-            if len(items) > limit:
-                lines.append(f"  ... and {len(items) - limit} more (see --json)")
-
-    section("unreadable files, skipped by training", [f"{u['path']}: {u['reason']}" for u in r["unreadable"]])
-    section(f"tiny images (a side under {TINY_SIDE} px)", [f"{t['path']} ({t['size'][0]}x{t['size'][1]})"
-                                                           for t in r["tiny"]])
-    section("content differs from the extension (read by content, fine)",
-            [f"{m['path']}: {m['format']}" for m in r["mismatched"]])
-    section("identical files in more than one split (leakage)", [" = ".join(g) for g in r["leaks"]])
-    section("identical files within a split", [" = ".join(g) for g in r["duplicates"]])
-    section("class folders without image files", r["empty_classes"])
-    section("hidden folders, ignored", r["hidden_folders"])
-    section(f"skipped for their extension, not one of {' '.join(sorted(IMAGE_EXTENSIONS))} (rename any that are "
-            "images)", r["ignored"])
-    if r["hidden_files"]:
-        lines.append(f"hidden files, ignored: {len(r['hidden_files'])} (.DS_Store and the like)")
-    section("quarantined", [f"{src} -> {dst}" for src, dst in r.get("quarantined", [])])
-    lines += [f"warning: {w}" for w in r["warnings"]]
-    lines += [f"FATAL: {f}" for f in r["fatal"]]
-    lines.append("verdict: " + ("cannot train on this data" if r["fatal"] else "ok to train"))
-    return "\n".join(lines)
-
-
-def quarantine(data_dir: str | Path, rel_paths: list[str], dest: str | Path) -> list[tuple[str, str]]:
-    """Move files (paths relative to data_dir) under dest with the same relative paths; never overwrites."""
-    import shutil
-
-    root, dest = Path(data_dir).resolve(), Path(dest).resolve()
-    if any(dest.is_relative_to(root / s) for s in SPLITS):
-        raise UserError(f"--quarantine {dest} is inside the data's split folders; pick a folder outside them")
-    moved = []
-    for rel_path in rel_paths:
-        src, dst = root / rel_path, dest / rel_path
-        n = 1
-        while dst.exists():  # a file quarantined by an earlier check keeps its place
-            dst = dest / Path(rel_path).with_name(f"{Path(rel_path).stem}.{n}{Path(rel_path).suffix}")
-            n += 1
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(src, dst)
-        moved.append((str(src), str(dst)))
-    return moved
-
-
-def check_command(data: str, quarantine_dir: str = "", as_json: bool = False, max_bad_fraction: float = 0.5,
-                  workers: int = 2) -> int:
-    """`python dataset.py check`: print the report; 1 when training on this data would fail, else 0."""
-    import json
-
-    report = data_report(data, max_bad_fraction, workers)
-    if quarantine_dir and report["unreadable"]:
-        report["quarantined"] = quarantine(data, [u["path"] for u in report["unreadable"]], quarantine_dir)
-    print(json.dumps(report, indent=2) if as_json else format_report(report))
-    return 1 if report["fatal"] else 0
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -659,18 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("dir")
     p_demo.add_argument("--per-class", type=int, default=150)
     p_demo.add_argument("--seed", type=int, default=0)
-    p_check = sub.add_parser("check", help="report on a dataset before training")
-    p_check.add_argument("data")
-    p_check.add_argument("--quarantine", metavar="DIR", default="",
-                         help="move unreadable files into DIR, keeping their paths relative to DATA")
-    p_check.add_argument("--json", action="store_true", help="print the full report as JSON")
-    p_check.add_argument("--max-bad-fraction", type=float, default=0.5,
-                         help="a split with more unreadable files than this share is fatal")
-    p_check.add_argument("--workers", type=int, default=2, help="processes that decode images")
+    p_check = sub.add_parser("check", help="moved: python check_data.py DATA")
+    p_check.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
-            return check_command(args.data, args.quarantine, args.json, args.max_bad_fraction, args.workers)
+            raise UserError(f"the data report moved to its own script: python check_data.py {' '.join(args.rest)}")
         if args.command == "demo":
             make_synthetic(args.dir, args.per_class, seed=args.seed)
             print(f"wrote a synthetic dataset to {args.dir} (train/val/test, classes cat and dog)")

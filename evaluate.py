@@ -6,17 +6,23 @@ Usage:
     python evaluate.py --data Dataset --checkpoint models/best_model.pth --out-dir curves --gallery 32
     python evaluate.py --gradcam photo.jpg more/*.jpg       # heatmaps of what the predicted class looked at
     python evaluate.py --gradcam photo.jpg --cam-layer layers.0    # a finer map (16x16 at 64x64), from stage 1
+    python evaluate.py --data ../shared/data/catdog --split val --unknown-dir other_photos/   # novelty scores
 
 Writes OUT_DIR/metrics.json, confusion_matrix.png (counts and row-normalized), most_confident_wrong.png and
 most_confident_wrong.csv; with --gradcam, OUT_DIR/gradcam_<image name>.png. The class names, image size,
 channels and softmax temperature come from the checkpoint.
+OUT_DIR defaults to curves/<run name>/ (the training run's curves folder and name, from the checkpoint).
+
+--unknown-dir DIR (images of no known class, any layout or a flat folder) tells them apart from the split's
+images by the checkpoint's novelty scores: AUROC and the false-positive rate at 95% true-positive rate of each
+score, and at the stored threshold the shares of known images rejected and of unknown images accepted, in
+metrics.json under "unknown", and OUT_DIR/unknown_scores.png (both histograms and the threshold).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -25,118 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import UserError
-from dataset import BadImage, check_layout, decode_image, find_classes, load_split, to_float
-from model import load_checkpoint, model_from_checkpoint, predict_logits, unwrap
-
-
-# ---------------------------------------------------------------- metrics (pure functions on tensors)
-
-def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(num_classes, num_classes) int64 counts: rows are the true classes, columns the predicted ones."""
-    flat = y_true.long() * num_classes + y_pred.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def classification_report(cm: torch.Tensor, class_names: list[str]) -> dict:
-    """Per-class precision, recall, F1 and support from a confusion matrix, with macro and weighted averages.
-
-    A class that is never predicted gets precision 0 and one with no images recall 0 (as scikit-learn's
-    zero_division=0), instead of a division by zero.
-    """
-    cm = cm.double()
-    tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
-    # tp is 0 wherever a denominator is 0, so clamping the denominator to 1 yields exactly 0 there.
-    precision = tp / predicted.clamp(min=1)
-    recall = tp / support.clamp(min=1)
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    total = support.sum().item()
-    weights = support / max(total, 1)
-
-    def averages(w: torch.Tensor) -> dict:
-        return {"precision": (precision * w).sum().item(), "recall": (recall * w).sum().item(),
-                "f1": (f1 * w).sum().item(), "support": int(total)}
-
-    per_class = {name: {"precision": p, "recall": r, "f1": f, "support": int(s)}
-                 for name, p, r, f, s in zip(class_names, precision.tolist(), recall.tolist(), f1.tolist(),
-                                             support.tolist())}
-    return {"per_class": per_class, "accuracy": tp.sum().item() / max(total, 1),
-            "macro avg": averages(torch.full_like(support, 1 / len(class_names))),
-            "weighted avg": averages(weights)}
-
-
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Share of images whose true class is among the k highest logits."""
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == labels[:, None]).any(1).double().mean().item()
-
-
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
-    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins by image count."""
-    if len(labels) == 0:
-        return float("nan")
-    conf, pred = probs.double().max(1)
-    correct = (pred == labels).double()
-    inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1]
-    bins = torch.bucketize(conf, inner_edges)  # bin i holds (edge_i, edge_i+1]
-    conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
-    correct_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
-    # sum over bins of n_b/N * |acc_b - conf_b| == sum over bins of |correct_b - conf_b| / N
-    return ((conf_sum - correct_sum).abs().sum() / len(labels)).item()
-
-
-def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood (cross-entropy) of the softmax of logits / temperature."""
-    return F.cross_entropy(logits.double() / temperature, labels).item()
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, low: float = 0.01, high: float = 100.0,
-                    steps: int = 50) -> float:
-    """The softmax temperature T in [low, high] that minimises the NLL of logits / T.
-
-    A golden-section search on log T: the NLL is convex in 1/T, hence has a single minimum along log T,
-    which the search brackets without gradients or a learning rate. Dividing by T keeps every argmax.
-    """
-    if len(labels) == 0:
-        return 1.0
-    logits = logits.double()
-    a, b = math.log(low), math.log(high)
-    ratio = (math.sqrt(5) - 1) / 2
-    x1, x2 = b - ratio * (b - a), a + ratio * (b - a)
-    f1, f2 = nll(logits, labels, math.exp(x1)), nll(logits, labels, math.exp(x2))
-    for _ in range(steps):
-        if f1 <= f2:
-            b, x2, f2 = x2, x1, f1
-            x1 = b - ratio * (b - a)
-            f1 = nll(logits, labels, math.exp(x1))
-        else:
-            a, x1, f1 = x1, x2, f2
-            x2 = a + ratio * (b - a)
-            f2 = nll(logits, labels, math.exp(x2))
-    return math.exp((a + b) / 2)
-
-
-def most_confident_wrong(probs: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of the (at most n) misclassified images, most confident prediction first."""
-    conf, pred = probs.max(1)
-    wrong = (pred != labels).nonzero().flatten()
-    return wrong[conf[wrong].argsort(descending=True, stable=True)][:n]
-
-
-def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str],
-                    temperature: float = 1.0) -> dict:
-    """Everything metrics.json holds, in plain types: loss, accuracy, top-5, calibration, per-class figures."""
-    k = len(class_names)
-    cm = confusion_matrix(labels, logits.argmax(1), k)
-    probs = torch.softmax(logits.double() / temperature, 1)
-    out = {"images": len(labels), "loss": nll(logits, labels), **classification_report(cm, class_names)}
-    if k > 5:
-        out["top5_accuracy"] = topk_accuracy(logits, labels, 5)
-    out.update(temperature=temperature, loss_calibrated=nll(logits, labels, temperature),
-               ece_uncalibrated=expected_calibration_error(torch.softmax(logits.double(), 1), labels),
-               ece=expected_calibration_error(probs, labels), classes=list(class_names),
-               confusion_matrix=cm.tolist())
-    return out
+from checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
+                        novelty_of, run_name_of, tta_of, temperature_of)
+from common import UserError, pick_device
+from dataset import BadImage, check_layout, decode_image, expand_inputs, find_classes, load_split, to_float
+from metrics import compute_metrics, most_confident_wrong
+from model import predict_logits, unwrap
+from novelty import extract_features, load_images, novelty_score, unknown_report
+from plots import plot_confusion_matrix, plot_gallery, plot_gradcam, plot_unknown_scores, save_figure
 
 
 def format_report(m: dict) -> str:
@@ -295,90 +197,6 @@ def _gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_i
     return cam, logits.detach(), class_idx, cells
 
 
-# ---------------------------------------------------------------- plots (matplotlib Figures, no pyplot state)
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _show_image(ax, image: torch.Tensor) -> None:
-    """A uint8 (C, H, W) image on an axis, grayscale or RGB, without ticks."""
-    if image.shape[0] == 1:
-        ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=255)
-    else:
-        ax.imshow(image.permute(1, 2, 0).numpy())
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def plot_confusion_matrix(cm: torch.Tensor, class_names: list[str]):
-    """Counts and row-normalized (recall per true class) matrices side by side.
-
-    The figure grows with the number of classes and the font shrinks, so 40 classes stay readable;
-    numbers are written in the cells only while they fit (up to 15 classes).
-    """
-    k = len(class_names)
-    side = min(4.0 + 0.25 * k, 16.0)
-    font = max(5.0, min(10.0, 280.0 / k))
-    fig = _figure(2 * side + 2, side + 1)
-    axes = fig.subplots(1, 2)
-    rows = cm.double() / cm.sum(1, keepdim=True).clamp(min=1)
-    for ax, values, title, fmt in ((axes[0], cm.double(), "counts", "{:.0f}"),
-                                   (axes[1], rows, "row-normalized (recall)", "{:.2f}")):
-        im = ax.imshow(values.numpy(), cmap="Blues", vmin=0, vmax=max(values.max().item(), 1e-12))
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-        ax.set_title(title)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_xticks(range(k), class_names, rotation=90, fontsize=font)
-        ax.set_yticks(range(k), class_names, fontsize=font)
-        if k <= 15:
-            top = values.max().item()
-            for i in range(k):
-                for j in range(k):
-                    v = values[i, j].item()
-                    ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=font,
-                            color="white" if v > top / 2 else "black")
-    return fig
-
-
-def plot_gallery(images: torch.Tensor, captions: list[str], columns: int = 8):
-    """A grid of uint8 (N, C, H, W) images with a caption above each."""
-    n = max(1, len(images))
-    cols = min(columns, n)
-    rows = math.ceil(n / cols)
-    fig = _figure(1.9 * cols, 2.5 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False).flatten()
-    for ax in axes:
-        ax.axis("off")
-    for ax, image, caption in zip(axes, images, captions):
-        _show_image(ax, image)
-        ax.axis("on")
-        ax.set_title(caption, fontsize=7)
-    if len(images) == 0:
-        axes[0].text(0.5, 0.5, "no images to show", ha="center", va="center")
-    return fig
-
-
-def plot_gradcam(image: torch.Tensor, cam: torch.Tensor, title: str):
-    """The input beside the input overlaid with the Grad-CAM heatmap."""
-    fig = _figure(6, 3.3)
-    left, right = fig.subplots(1, 2)
-    _show_image(left, image)
-    left.set_title("input", fontsize=9)
-    _show_image(right, image)
-    right.imshow(cam.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    right.set_title(title, fontsize=9)
-    return fig
-
-
-def save_figure(fig, path: Path, dpi: int = 100) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
-
-
 # ---------------------------------------------------------------- commands
 
 def check_classes(found: list[str], expected: list[str], where: Path, subset_ok: bool = False) -> None:
@@ -405,6 +223,15 @@ def split_dir_of(data: str, split: str) -> Path:
     return check_layout(data, split)
 
 
+def out_dir_of(out_dir: str | None, ckpt: dict) -> Path:
+    """--out-dir, else the training run's curves folder and run name (curves/<run name>/), so evaluating one run
+    never overwrites another's figures; plain curves/ for a checkpoint that records no run name."""
+    if out_dir:
+        return Path(out_dir)
+    cfg = config_of(ckpt)
+    return Path(cfg.get("curves_dir") or "curves") / run_name_of(ckpt)
+
+
 def write_gallery(idx: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
                   paths: list[str], classes: list[str], out: Path) -> None:
     """most_confident_wrong.png (a captioned grid) and most_confident_wrong.csv for the images at idx."""
@@ -421,10 +248,43 @@ def write_gallery(idx: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, 
     save_figure(plot_gallery(images[idx], captions), out / "most_confident_wrong.png")
 
 
+def unknown_section(ckpt: dict, model: nn.Module, known_images: torch.Tensor, args: argparse.Namespace,
+                    device: torch.device, out: Path) -> dict:
+    """metrics.json's "unknown": the split's images (known) against those under --unknown-dir, for every novelty
+    score the checkpoint holds; also writes unknown_scores.png for the score --reject uses."""
+    novelty = novelty_of(ckpt, needed_by="--unknown-dir")
+    images, _, bad = load_images(args.unknown_dir, ckpt["image_size"], ckpt["channels"], args.workers)
+    for path, reason in bad:
+        print(f"skipped unreadable image {path}: {reason}")
+
+    def features(x: torch.Tensor) -> dict:
+        return extract_features(model, x, device, args.batch_size, tta=novelty["tta"],
+                                normalization=normalization_of(ckpt))
+
+    known, unknown = features(known_images), features(images)
+    name, threshold = novelty["score"], novelty["threshold"]
+    report = unknown_report(novelty["states"], name, threshold, known, unknown)
+    state = novelty["states"][name]
+    save_figure(plot_unknown_scores(novelty_score(state, known), novelty_score(state, unknown), threshold, name),
+                out / "unknown_scores.png")
+    print(f"\nunknown images: {len(images)} from {args.unknown_dir}"
+          + (f" ({len(bad)} unreadable skipped)" if bad else "") + f" against {len(known_images)} known")
+    print(f"{'score':<18}  {'AUROC':>6}  {'FPR at 95% TPR':>14}")
+    for score, r in report["by_score"].items():
+        used = "  (--reject)" if score == name else ""
+        print(f"{score:<18}  {r['auroc']:>6.3f}  {r['fpr_at_95_tpr']:>14.1%}{used}")
+    print(f"at the stored threshold {threshold:.4g} ({name}): {report['known_rejected']:.1%} of the known images "
+          f"rejected, {report['unknown_accepted']:.1%} of the unknown ones accepted; "
+          f"wrote {out / 'unknown_scores.png'}")
+    return report
+
+
 def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
     """Metrics of the checkpoint on DATA/SPLIT, printed and written to OUT_DIR with the plots and the gallery."""
     ckpt = load_checkpoint(args.checkpoint)
-    classes, cfg = ckpt["classes"], ckpt.get("config", {})
+    if args.unknown_dir:
+        novelty_of(ckpt, needed_by="--unknown-dir")  # before the work, not after it
+    classes, cfg = ckpt["classes"], config_of(ckpt)
     data = args.data or cfg.get("data")
     if not data:
         raise UserError("give the dataset with --data DIR")
@@ -436,20 +296,22 @@ def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
     if len(split.labels) == 0:
         raise UserError(f"no readable images in {split_dir}")
 
-    tta = cfg.get("tta", False) if args.tta is None else args.tta
-    temperature = float(ckpt.get("temperature", 1.0))
+    tta = tta_of(ckpt) if args.tta is None else args.tta
+    temperature = temperature_of(ckpt)
     model = model_from_checkpoint(ckpt).to(device)
     logits = predict_logits(model, split.images, device, args.batch_size, tta=tta,
-                            normalization=ckpt["normalization"])
+                            normalization=normalization_of(ckpt))
     metrics = compute_metrics(logits, split.labels, classes, temperature)
     print(f"{args.checkpoint} on {split_dir}: {len(split.labels)} images"
           + (f", {len(split.bad)} unreadable skipped" if split.bad else "") + f", tta {tta}\n")
     print(format_report(metrics))
 
-    out = Path(args.out_dir)
+    out = out_dir_of(args.out_dir, ckpt)
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(args.checkpoint), "data": str(split_dir), "tta": tta,
               "skipped": [list(b) for b in split.bad], **metrics}
+    if args.unknown_dir:
+        report["unknown"] = unknown_section(ckpt, model, split.images, args, device, out)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     save_figure(plot_confusion_matrix(torch.tensor(metrics["confusion_matrix"]), classes),
                 out / "confusion_matrix.png")
@@ -466,14 +328,11 @@ def gradcam_images(args: argparse.Namespace) -> int:
 
     Preprocessing, mirror averaging (--tta, default as in training) and temperature are inference.py's, so the
     label and confidence printed are the ones `python inference.py --image` prints."""
-    from inference import expand_inputs
-
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt)
-    classes, temperature = ckpt["classes"], float(ckpt.get("temperature", 1.0))
-    tta = ckpt.get("config", {}).get("tta", False) if args.tta is None else args.tta
-    norm = ckpt["normalization"]
-    out, used, failed, told = Path(args.out_dir), set(), 0, False
+    classes, temperature, norm = ckpt["classes"], temperature_of(ckpt), normalization_of(ckpt)
+    tta = tta_of(ckpt) if args.tta is None else args.tta
+    out, used, failed, told = out_dir_of(args.out_dir, ckpt), set(), 0, False
     for path in expand_inputs(args.gradcam):
         try:
             image = torch.from_numpy(decode_image(path, ckpt["image_size"], ckpt["channels"]))
@@ -502,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="dataset root with <split>/<class>/* (default: the one the model trained on)")
     parser.add_argument("--split", default="test", help="which split folder to evaluate (default: test)")
-    parser.add_argument("--checkpoint", default="models/best_model.pth", help="checkpoint written by train.py")
-    parser.add_argument("--out-dir", default="curves", help="where metrics.json and the PNGs go (default: curves)")
+    parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
+    parser.add_argument("--out-dir", help="where metrics.json and the PNGs go (default: curves/<run name>/, from "
+                        "the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     parser.add_argument("--gallery", type=int, default=32,
                         help="how many most confidently wrong images to show (default: 32)")
@@ -512,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the mirrored image (default: as in training)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--unknown-dir", metavar="DIR",
+                        help="images of no known class (any layout): how well the novelty scores tell them apart")
     parser.add_argument("--gradcam", nargs="+", metavar="IMAGE",
                         help="instead of evaluating: write Grad-CAM heatmaps of these images, folders or globs")
     parser.add_argument("--cam-layer", default="auto", metavar="NAME",
@@ -523,8 +385,6 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--batch-size must be at least 1 and --gallery at least 0")
         if args.gradcam:
             return gradcam_images(args)
-        from train import pick_device  # train.py imports this module lazily; importing it here avoids a cycle
-
         evaluate_split(args, pick_device(args.device))
         return 0
     except UserError as e:

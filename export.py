@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from config import UserError
+from checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of
+from common import UserError
 from dataset import to_float
-from model import load_checkpoint, model_from_checkpoint
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4
@@ -38,13 +38,13 @@ TOLERANCE = 1e-4
 
 def preprocessing(ckpt: dict) -> dict:
     """What a deployment must do to an image before the exported model: everything the checkpoint knows."""
-    norm = ckpt["normalization"]
+    norm = normalization_of(ckpt)
     channels = ckpt["channels"]
     mean = norm["mean"] if isinstance(norm["mean"], list) else [norm["mean"]] * channels
     std = norm["std"] if isinstance(norm["std"], list) else [norm["std"]] * channels
     return {"classes": list(ckpt["classes"]), "input_shape": [1, channels, ckpt["image_size"], ckpt["image_size"]],
             "color": "grayscale" if channels == 1 else "RGB", "resize": "bilinear, whole image, no crop",
-            "scale": "1/255", "mean": mean, "std": std, "temperature": float(ckpt.get("temperature", 1.0))}
+            "scale": "1/255", "mean": mean, "std": std, "temperature": temperature_of(ckpt)}
 
 
 def describe(pre: dict) -> str:
@@ -59,7 +59,8 @@ def sample_inputs(ckpt: dict, n: int = 4, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     s, c = ckpt["image_size"], ckpt["channels"]
     pixels = torch.randint(0, 256, (n, c, s, s), generator=g, dtype=torch.uint8)
-    return to_float(pixels, ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
+    norm = normalization_of(ckpt)
+    return to_float(pixels, norm["mean"], norm["std"])
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
@@ -140,7 +141,7 @@ def export(ckpt: dict, out: Path, formats: list[str], check: bool = True) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="models/best_model.pth", help="checkpoint written by train.py")
+    parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write")
     parser.add_argument("--out", default="models/model", help="output path without suffix (.pt, .onnx, .json)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,

@@ -6,83 +6,99 @@ Usage:
     python inference.py --image photos/ --json                     # one JSON object per image
     python inference.py --image photos/ --csv predictions.csv
     python inference.py --image x.jpg --threshold 0.8              # "unknown" below 80% confidence
+    python inference.py --image photos/ --reject --json            # "unknown" when of no known class
     python inference.py --image x.jpg --checkpoint models/best_model.pth
 
-Needs nothing but the checkpoint: class names, image size, channels and normalization travel inside it.
+Needs nothing but the checkpoint: class names, image size, channels and normalization travel inside it, and
+the novelty score and threshold that --reject uses (fitted at the end of training; see novelty.py).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from config import UserError
-from dataset import IMAGE_EXTENSIONS, BadImage, decode_image, is_hidden
-from model import load_checkpoint, model_from_checkpoint, predict_logits
+from checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, novelty_of, tta_of,
+                        temperature_of)
+from common import UserError
+from dataset import BadImage, decode_image, expand_inputs
+from model import predict_logits
+from novelty import extract_features, novelty_score
 
 
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files as given, image files inside folders (recursively), and glob patterns, in order, without repeats."""
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(is_hidden(part) for part in f.relative_to(p).parts))
-            if not found:
-                raise UserError(f"no image files in folder {p}")
-            out.extend(found)
-        elif any(ch in item for ch in "*?[") and not p.exists():
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise UserError(f"no files match {item!r}")
-            out.extend(matches)
-        else:
-            out.append(p)  # a missing file is reported per image, so the others are still answered
-    return list(dict.fromkeys(out))
+def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: float = 0.0,
+                   tta: bool | None = None, reject: bool = False) -> list[dict]:
+    """One {'label', 'confidence', 'probabilities'} per decoded uint8 (C, S, S) image, all in one batch, plus
+    {'novelty_score', 'known'} when the checkpoint has a novelty score (known: score <= its stored threshold).
+
+    The prediction inference.py prints and serve.py answers: the checkpoint's softmax temperature is applied,
+    below `threshold` the label is 'unknown', and with `reject` also when the image is of no known class (a
+    checkpoint without a novelty score is then a UserError that says to retrain). tta=None uses the training
+    run's setting; the novelty score always uses the setting its threshold was chosen with.
+    """
+    novelty = novelty_of(ckpt, needed_by="--reject" if reject else "")
+    if not images:
+        return []
+    classes, norm = ckpt["classes"], normalization_of(ckpt)
+    tta = tta_of(ckpt) if tta is None else tta
+    batch = torch.stack([torch.as_tensor(im) for im in images])
+    scores = None
+    if novelty is not None:
+        features = extract_features(model, batch, tta=novelty["tta"], normalization=norm)
+        scores = novelty_score(novelty["states"][novelty["score"]], features).tolist()
+    if novelty is not None and tta == novelty["tta"]:
+        logits = features["logits"]  # the same numbers predict_logits gives, without a second pass
+    else:
+        logits = predict_logits(model, batch, torch.device("cpu"), tta=tta, normalization=norm)
+    results = []
+    for i, pr in enumerate(torch.softmax(logits / temperature_of(ckpt), dim=1)):
+        conf, k = pr.max(0)
+        known = scores is None or scores[i] <= novelty["threshold"]
+        label = classes[k] if conf.item() >= threshold and (known or not reject) else "unknown"
+        result = {"label": label, "confidence": round(conf.item(), 4),
+                  "probabilities": {c: round(v, 4) for c, v in zip(classes, pr.tolist())}}
+        if scores is not None:
+            result.update(novelty_score=round(scores[i], 4), known=known)
+        results.append(result)
+    return results
 
 
-def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | None = None) -> list[dict]:
-    """One result per path: {'path', 'label', 'confidence', 'probabilities'} or {'path', 'error'}."""
+def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | None = None,
+             reject: bool = False) -> list[dict]:
+    """One result per path: {'path', 'label', 'confidence', 'probabilities'[, 'novelty_score', 'known']} or
+    {'path', 'error'}."""
+    novelty_of(ckpt, needed_by="--reject" if reject else "")  # before decoding anything
     model = model_from_checkpoint(ckpt)
-    size, channels, classes = ckpt["image_size"], ckpt["channels"], ckpt["classes"]
-    tta = ckpt.get("config", {}).get("tta", False) if tta is None else tta
-    temperature = float(ckpt.get("temperature", 1.0))
     results, images, good = [], [], []
     for p in paths:
         try:
             if not p.is_file():
                 raise BadImage("file not found")
-            images.append(torch.from_numpy(decode_image(p, size, channels)))
+            images.append(decode_image(p, ckpt["image_size"], ckpt["channels"]))
             good.append(len(results))
             results.append({"path": str(p)})
         except BadImage as e:
             results.append({"path": str(p), "error": str(e)})
-    if images:
-        logits = predict_logits(model, torch.stack(images), torch.device("cpu"), tta=tta,
-                                normalization=ckpt["normalization"])
-        probs = torch.softmax(logits / temperature, dim=1)
-        for i, pr in zip(good, probs):
-            conf, k = pr.max(0)
-            label = classes[k] if conf.item() >= threshold else "unknown"
-            results[i].update(label=label, confidence=round(conf.item(), 4),
-                              probabilities={c: round(v, 4) for c, v in zip(classes, pr.tolist())})
+    for i, prediction in zip(good, predict_images(model, ckpt, images, threshold, tta, reject)):
+        results[i].update(prediction)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", nargs="+", required=True, help="image files, folders or glob patterns")
-    parser.add_argument("--checkpoint", default="models/best_model.pth", help="checkpoint written by train.py")
+    parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--csv", metavar="FILE", help="also write path,label,confidence,... rows to FILE")
     parser.add_argument("--threshold", type=float, default=0.0,
                         help="answer 'unknown' when the top probability is below this (0-1)")
+    parser.add_argument("--reject", action="store_true",
+                        help="answer 'unknown' when the image's novelty score says it is of no known class "
+                             "(the score and threshold stored at the end of training)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the mirrored image (default: as in training)")
     args = parser.parse_args(argv)
@@ -91,28 +107,33 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
         ckpt = load_checkpoint(args.checkpoint)
         paths = expand_inputs(args.image)
-        results = classify(paths, ckpt, args.threshold, args.tta)
+        results = classify(paths, ckpt, args.threshold, args.tta, args.reject)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for r in results:
+        # With --reject: "dog  0.97  novelty 1.52 known" or "unknown  0.91  novelty 9.80 no known class".
+        novelty = (f"  novelty {r['novelty_score']:.2f} {'known' if r['known'] else 'no known class'}"
+                   if args.reject and "novelty_score" in r else "")
         if args.json:
             print(json.dumps(r))
         elif "error" in r:
             print(f"error: {r['path']}: {r['error']}", file=sys.stderr)
         elif len(results) == 1:
-            print(f"{r['label']}  {r['confidence']:.2f}")
+            print(f"{r['label']}  {r['confidence']:.2f}{novelty}")
         else:
-            print(f"{r['path']}  {r['label']}  {r['confidence']:.2f}")
+            print(f"{r['path']}  {r['label']}  {r['confidence']:.2f}{novelty}")
     if args.csv:
         classes = ckpt["classes"]
+        extra = ["novelty_score", "known"] if novelty_of(ckpt) is not None else []
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "confidence", *classes, "error"])
+            w.writerow(["path", "label", "confidence", *classes, *extra, "error"])
             for r in results:
                 probs = r.get("probabilities", {})
                 w.writerow([r["path"], r.get("label", ""), r.get("confidence", ""),
-                            *[probs.get(c, "") for c in classes], r.get("error", "")])
+                            *[probs.get(c, "") for c in classes], *[r.get(k, "") for k in extra],
+                            r.get("error", "")])
     bad = [r for r in results if "error" in r]
     if bad and len(results) > 1 and not args.json:
         print(f"{len(bad)} of {len(results)} images could not be read", file=sys.stderr)

@@ -1,28 +1,24 @@
-"""ResNets for small images with a 1-channel (or RGB) stem and an N-logit head, and safe checkpoints.
+"""ResNets for small images with a 1-channel (or RGB) stem and an N-logit head, pretrained weights, prediction.
 
 Usage:
     model = build_model("resnet_small", num_classes=2)            # fast on a CPU at 64x64
     model = build_model("resnet18", num_classes=10, in_channels=3)
     state = adapt_state_dict(load_pretrained("resnet18"), in_channels=1)   # ImageNet weights, gray stem
     model = build_model("resnet18", num_classes=10, pretrained_state=state)
-    ckpt = load_checkpoint("models/best_model.pth")                # weights_only=True, validated
-    model = model_from_checkpoint(ckpt)
+    logits = predict_logits(model, uint8_images, torch.device("cpu"), tta=True)
+Checkpoints (saving, loading, rebuilding the model from one) are checkpoint.py's.
 """
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torchvision
 
-from config import ARCHS, UserError
-
-CHECKPOINT_VERSION = 1
+from common import UserError
+from config import ARCHS, TrainConfig
+from dataset import NORMALIZATION, to_float
 
 
 class BasicBlock(nn.Module):
@@ -53,7 +49,8 @@ class SmallResNet(nn.Module):
     stage at 32x32 is as accurate but slower.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 48, blocks: tuple = (1, 1, 1, 1)):
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = TrainConfig.width,
+                 blocks: tuple = (1, 1, 1, 1)):
         super().__init__()
         half = width // 2
         self.stem = nn.Sequential(
@@ -97,7 +94,7 @@ def adapt_torchvision_resnet(model: nn.Module, num_classes: int, in_channels: in
     return model
 
 
-def build_model(arch: str, num_classes: int, in_channels: int = 1, width: int = 48,
+def build_model(arch: str, num_classes: int, in_channels: int = 1, width: int = TrainConfig.width,
                 image_size: int = 64, pretrained_state: dict | None = None) -> nn.Module:
     """The network; `pretrained_state` (from adapt_state_dict) fills every layer but the new head."""
     if arch == "resnet_small":
@@ -130,6 +127,11 @@ def pretrained_normalization(channels: int) -> dict:
     if channels == 3:
         return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     return {"mean": [round(sum(IMAGENET_MEAN) / 3, 3)], "std": [round(sum(IMAGENET_STD) / 3, 3)]}
+
+
+def input_normalization(pretrained: bool, channels: int) -> dict:
+    """The {"mean", "std"} a network is trained with: ImageNet's for pretrained weights, else [-1, 1]."""
+    return pretrained_normalization(channels) if pretrained else dict(NORMALIZATION)
 
 
 def load_pretrained(arch: str, weights_path: str = "") -> dict:
@@ -191,79 +193,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def save_atomic(obj: dict, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a crash leaves the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # fsync the folder so the rename itself survives a power cut.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-REQUIRED_KEYS = ("format_version", "model_state", "arch", "classes", "image_size", "channels", "normalization")
-
-
-def load_checkpoint(path: str | Path, hint: str = "run train.py first") -> dict:
-    """Load a checkpoint without running any code in it (weights_only=True) and check its fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}; {hint}")
-    if not zipfile.is_zipfile(path):  # else a text or truncated file reaches the unpickler and looks malicious
-        raise UserError(f"cannot read checkpoint {path}: not a file written by torch.save, or cut short")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message is a page of advice to load it unsafely; keep only what was found in the file.
-        found = [line.split("error:", 1)[1].split(". ")[0].strip() for line in str(e).splitlines()
-                 if "WeightsUnpickler error:" in line]
-        raise UserError(f"refusing to load {path}: it holds objects other than tensors and plain data, "
-                        f"which could run code ({(found or [str(e).splitlines()[0]])[0][:200]})") from None
-    except Exception as e:  # truncated zip, not a torch file at all...
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        raise UserError(f"{path} is not a checkpoint written by train.py (missing fields)")
-    if ckpt["format_version"] > CHECKPOINT_VERSION:
-        raise UserError(f"{path} has format version {ckpt['format_version']}; this code reads up to "
-                        f"{CHECKPOINT_VERSION}: update the code")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    """Rebuild the network a checkpoint describes and load its weights (eval mode, CPU)."""
-    cfg = ckpt.get("config", {})
-    model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["channels"], cfg.get("width", 48),
-                        ckpt["image_size"])
-    try:
-        model.load_state_dict(ckpt["model_state"])
-    except RuntimeError as e:
-        # The first line only names the model class; the next one says which weights clash.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise UserError(f"checkpoint weights do not fit arch {ckpt['arch']!r} with {len(ckpt['classes'])} "
-                        f"classes: {lines[min(1, len(lines) - 1)][:200]}") from None
-    return model.eval()
-
-
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512,
                    tta: bool = False, channels_last: bool = False,
                    amp_dtype: torch.dtype | None = None, normalization: dict | None = None) -> torch.Tensor:
     """Logits (N, classes) on the CPU for uint8 images (N, C, S, S); with tta, averaged with the mirror image.
     `normalization` is the checkpoint's {"mean", "std"} (default: dataset.NORMALIZATION)."""
-    from dataset import NORMALIZATION, to_float  # dataset imports model lazily too; both stay importable alone
-
     norm = normalization or NORMALIZATION
     model.eval()
     out = []

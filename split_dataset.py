@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from config import UserError
+from common import SPLITS, UserError
 from dataset import find_classes, list_images, stratified_split_k
 
-SPLITS = ("train", "val", "test")
 MODES = ("copy", "link", "move")
 
 

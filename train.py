@@ -5,6 +5,8 @@ Usage:
     python train.py --data PATH --epochs 20 --arch resnet18
     python train.py --data PATH --classes cat dog      # only these class folders
     python train.py --resume                           # continue from models/last.pth
+    python train.py --resume --epochs 60               # train on: a fresh cosine over the added epochs
+    python train.py --config logs/RUN/config.json --seed 1   # a saved run's settings, a flag changed
     python train.py --arch resnet50 --pretrained --freeze-epochs 3 --lr 1e-3   # ImageNet weights, two phases
     python train.py --arch resnet18 --weights resnet18-f37072fd.pth            # weights file, no internet needed
     torchrun --nproc_per_node=4 train.py --data PATH   # DistributedDataParallel, one process per GPU
@@ -12,7 +14,8 @@ Usage:
     tensorboard --logdir logs
 
 Writes models/best_model.pth (best val accuracy), models/last.pth (every epoch, for --resume),
-logs/<run-name>/ (TensorBoard and config.json) and curves/ (PNG plots).
+logs/<run-name>/ (TensorBoard, config.json, results.csv) and curves/ (PNG plots). A new run first moves the
+previous run's files to models/<its run name>/ and curves/<its run name>/; --resume continues in place.
 """
 from __future__ import annotations
 
@@ -22,31 +25,29 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from config import TrainConfig, UserError, format_config, given_flags
-from dataset import NORMALIZATION, Split, augment, batches, load_data, to_float
-from model import (CHECKPOINT_VERSION, adapt_state_dict, build_model, load_checkpoint, load_pretrained,
-                   model_from_checkpoint, predict_logits, pretrained_normalization, save_atomic, unwrap)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
+from check_data import check_data
+from checkpoint import (BEST, LAST, build_checkpoint, config_of, load_checkpoint, load_resume_checkpoint,
+                        model_from_checkpoint, normalization_of, novelty_record, resume_state_of, save_checkpoint,
+                        temperature_of, tta_of, with_novelty, with_resume_state, with_temperature)
+from common import UserError, pick_device, remove_stale_temp_files
+from config import TrainConfig, format_config, parse_config
+from dataset import Split, augment, batches, find_classes, load_data, load_split, to_float, to_uint8
+from metrics import confusion_matrix, correct_count, expected_calibration_error, fit_temperature, loss_sum
+from model import adapt_state_dict, build_model, input_normalization, load_pretrained, predict_logits, unwrap
+from novelty import (SCORES, accepted, extract_features, fit_states, novelty_score, state_bytes,
+                     threshold_for_accept_rate, unknown_report)
+from plots import plot_confusion_matrix, plot_gallery, plot_history, save_figure
+from runs import (RESULTS, TRAIN_BATCH, TRAINING_CURVES, append_result, archive_previous_run, rewrite_results,
+                  unique_run_name)
 
 
 def cpu_has_bf16() -> bool:
@@ -91,6 +92,45 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
+class LRSchedule:
+    """The learning-rate factor per step, LambdaLR's lambda: warmup_cosine, or two_phase_schedule when fine-tuning
+    starts with a frozen backbone; after replan (--resume with another --epochs), a fresh cosine from the factor
+    reached down to 0 at the new end.
+
+    Plain attributes only: LambdaLR saves them in its state_dict (last.pth) and sets them again when that is
+    loaded, so a run resumed once more continues the same schedule."""
+
+    def __init__(self, warmup_steps: int, phase1_steps: int, total_steps: int):
+        self.warmup_steps, self.phase1_steps, self.total_steps = warmup_steps, phase1_steps, total_steps
+        self.restart_step, self.restart_factor = -1, 1.0  # where replan started the fresh cosine, and its height
+
+    def __call__(self, step: int) -> float:
+        if 0 <= self.restart_step <= step:
+            progress = (step - self.restart_step) / max(1, self.total_steps - self.restart_step)
+            return self.restart_factor * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if 0 < self.phase1_steps < self.total_steps:
+            return two_phase_schedule(self.warmup_steps, self.phase1_steps, self.total_steps)(step)
+        return warmup_cosine(self.warmup_steps, self.total_steps)(step)
+
+    def replan(self, step: int, total_steps: int, phase1_steps: int) -> str:
+        """From `step` on, a fresh cosine down to 0 at `total_steps`, starting at this step's factor, so the
+        learning rate does not jump ('fresh'). A schedule that had reached its end (factor 0) starts instead from
+        the factor a schedule planned for `total_steps` from the beginning has at `step` ('ended'). While the
+        backbone is still to be unfrozen (fine-tuning), the two-phase schedule planned for `total_steps` follows,
+        whose second phase starts with its own warmup ('two-phase')."""
+        factor = self(step)
+        self.restart_step, self.total_steps, self.phase1_steps = -1, total_steps, phase1_steps
+        if step <= phase1_steps < total_steps:
+            return "two-phase"
+        if factor == 0.0:
+            factor = self(step)
+            how = "ended"
+        else:
+            how = "fresh"
+        self.restart_step, self.restart_factor = step, factor
+        return how
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     # Decay conv and linear weights only: shrinking BN scales and biases just fights the normalisation.
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -100,15 +140,6 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 
 # ---------------------------------------------------------------- transfer learning
-
-def uses_pretrained(cfg: TrainConfig) -> bool:
-    return cfg.pretrained or bool(cfg.weights)
-
-
-def normalization_for(cfg: TrainConfig) -> dict:
-    """ImageNet statistics for pretrained weights, the [-1, 1] default otherwise; stored in the checkpoint."""
-    return pretrained_normalization(cfg.channels) if uses_pretrained(cfg) else dict(NORMALIZATION)
-
 
 def is_head(param_name: str) -> bool:
     return param_name.startswith("fc.")
@@ -142,7 +173,7 @@ def finetune_param_groups(model: nn.Module, lr: float, weight_decay: float, back
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.freeze_epochs > 0 or uses_pretrained(cfg):
+    if cfg.freeze_epochs > 0 or cfg.uses_pretrained:
         groups = finetune_param_groups(model, cfg.lr, cfg.weight_decay, cfg.backbone_lr_factor)
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -163,6 +194,11 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_main_rank() -> bool:
+    """The process that prints, logs and writes files: the only one, or rank 0 under torchrun."""
+    return rank_world()[0] == 0
 
 
 def init_distributed(device: torch.device) -> torch.device:
@@ -258,22 +294,236 @@ def ema_of(model: nn.Module, decay: float) -> AveragedModel:
     return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
 
-def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
-                    device: torch.device, cfg: TrainConfig, generator: torch.Generator,
-                    amp_dtype: torch.dtype | None, deadline: float, ema: AveragedModel | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> dict:
+# ---------------------------------------------------------------- one run, step by step
+
+@dataclass
+class Trainer:
+    """What the training steps share, built once per run by build_trainer."""
+    model: nn.Module                      # the network itself
+    ema: AveragedModel | None             # a moving average of its weights, evaluated and saved when on
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loss_fn: nn.Module
+    generator: torch.Generator            # shuffling and augmentation draws
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    normalization: dict                   # {"mean", "std"} the pixels are normalized with
+    steps_per_epoch: int                  # per process
+    scaler: torch.amp.GradScaler | None = None  # loss scaling, for fp16 autocast only
+    train_model: nn.Module | None = None  # what the steps call: the model under DDP / torch.compile (set_phase)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """Evaluated each epoch and saved as the checkpoint's weights."""
+        return self.model if self.ema is None else self.ema.module
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what --resume restores, and what the summary reports."""
+    start_epoch: int = 0                  # epochs finished before this process started
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
+    saved_epoch: int = 0                  # the last epoch whose last.pth was written
+    train_seconds: float = 0.0            # training time of all epochs so far, carried over by --resume
+    started: float = field(default_factory=time.time)
+
+
+def set_up(cfg: TrainConfig) -> tuple[TrainConfig, torch.device, torch.dtype | None]:
+    """Seed, pick the device (joining torchrun's process group) and precision, name the run, print settings."""
+    torch.manual_seed(cfg.seed)
+    device = init_distributed(pick_device(cfg.device))
+    world = rank_world()[1]
+    amp_dtype = pick_amp_dtype(device, cfg.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    cfg = name_run(cfg)
+    print("config:", format_config(cfg))
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+                                 else f" ({torch.get_num_threads()} threads)")
+          + f", {precision_name(amp_dtype)}"
+          + (f", {world} processes ({dist.get_backend()}), batch size {cfg.batch_size} per process"
+             if world > 1 else ""))
+    return cfg, device, amp_dtype
+
+
+def name_run(cfg: TrainConfig) -> TrainConfig:
+    """A new run gets a name no earlier run has in LOG_DIR, OUT_DIR or CURVES_DIR (default: date-time and arch;
+    a name in use gets -2, -3...); a resumed run keeps its own."""
+    if cfg.resume:
+        return cfg
+    wanted = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}"
+    name = unique_run_name(wanted, [cfg.log_dir, cfg.out_dir, cfg.curves_dir])
+    if cfg.run_name and name != cfg.run_name:
+        print(f"run name {cfg.run_name!r} is taken (an earlier run's folder exists); this run is {name!r}")
+    return dataclasses.replace(cfg, run_name=name)
+
+
+def fetch_pretrained(cfg: TrainConfig) -> dict | None:
+    """The adapted ImageNet weights when asked for; fetched before the data so a missing download fails fast."""
+    if not cfg.uses_pretrained:
+        return None
+    state = adapt_state_dict(load_pretrained(cfg.arch, cfg.weights), cfg.channels)
+    print(f"pretrained: {cfg.weights or 'torchvision ImageNet weights'}, "
+          f"normalization {input_normalization(True, cfg.channels)}")
+    return state
+
+
+def load_training_data(cfg: TrainConfig, device: torch.device, expected_classes: list[str] | None
+                       ) -> tuple[Split, Split, list[str]]:
+    """Train and val splits, decoded once (cached), reported, and the training images put on the device."""
+    t0 = time.time()
+    train, val, classes = load_data(cfg.data, cfg.classes or None, cfg.image_size, cfg.channels, cfg.val_fraction,
+                                    cfg.seed, cfg.cache_dir, cfg.workers, cfg.max_bad_fraction)
+    if expected_classes is not None and expected_classes != classes:
+        raise UserError(f"the checkpoint's classes {expected_classes} differ from the data's {classes}")
+    print(f"data: {len(train.paths)} train / {len(val.paths)} val images, classes {classes}, "
+          f"loaded in {time.time() - t0:.1f}s")
+    for path, reason in train.bad + val.bad:
+        print(f"skipped unreadable image {path}: {reason}")
+    if train.bad or val.bad:
+        print(f"skipped {len(train.bad) + len(val.bad)} unreadable image(s) in total")
+    # Kept on the training device for the whole run: on a GPU no batch crosses the PCIe bus again.
+    train.images, train.labels = train.images.to(device), train.labels.to(device)
+    if len(train.paths) < cfg.batch_size:
+        print(f"note: only {len(train.paths)} training images; each epoch is one batch of that size")
+    return train, val, classes
+
+
+def build_trainer(cfg: TrainConfig, train: Split, num_classes: int, device: torch.device,
+                  amp_dtype: torch.dtype | None, pretrained_state: dict | None) -> Trainer:
+    """The model, its moving average, loss, optimizer and learning-rate schedule."""
+    model = build_model(cfg.arch, num_classes, cfg.channels, cfg.width, cfg.image_size,
+                        pretrained_state=pretrained_state).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    weights = class_weight_tensor(train.labels, num_classes, cfg.class_weights)
+    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                                  label_smoothing=cfg.label_smoothing)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = max(1, len(train.paths) // rank_world()[1] // cfg.batch_size)
+    warmup_steps, total_steps = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
+    phase1_steps = min(cfg.freeze_epochs, cfg.epochs) * steps_per_epoch
+    schedule = LRSchedule(warmup_steps, phase1_steps, total_steps)
+    return Trainer(model, ema_of(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, optimizer,
+                   torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), loss_fn,
+                   torch.Generator().manual_seed(cfg.seed), device, amp_dtype,
+                   input_normalization(cfg.uses_pretrained, cfg.channels), steps_per_epoch,
+                   torch.amp.GradScaler(device.type) if needs_grad_scaler(amp_dtype) else None)
+
+
+def restore(t: Trainer, cfg: TrainConfig, ckpt: dict) -> Progress:
+    """Continue from last.pth: raw and averaged weights, optimizer, schedule, random state, history; with another
+    --epochs than the saved run planned, the schedule is replanned (replan_schedule)."""
+    state = resume_state_of(ckpt)
+    # With EMA, model_state holds the average (what inference uses) and raw_model_state what training resumes.
+    t.model.load_state_dict(state["raw_model_state"])
+    if t.ema is not None:
+        t.ema.module.load_state_dict(state["ema_state"])
+        t.ema.n_averaged.fill_(state["ema_steps"])
+    t.optimizer.load_state_dict(state["optimizer_state"])
+    t.scheduler.load_state_dict(state["scheduler_state"])
+    set_rng_state(state["rng"], t.generator)
+    best = state["best"]
+    print(f"resuming after epoch {state['epoch']} (best val acc {best['acc']:.4f} at epoch {best['epoch']})")
+    history = state["history"]
+    planned = config_of(ckpt).get("epochs", cfg.epochs)
+    if planned != cfg.epochs:
+        replan_schedule(t, cfg, state["epoch"], planned)
+    return Progress(state["epoch"], history, best, saved_epoch=state["epoch"],
+                    train_seconds=history[-1]["train_seconds"] if history else 0.0)
+
+
+def replan_schedule(t: Trainer, cfg: TrainConfig, epoch: int, planned: int) -> None:
+    """--resume with another --epochs: the remaining epochs get a fresh cosine from the current learning rate down
+    to 0 (LRSchedule.replan has the details), and the start-up output says so."""
+    schedule, step = t.scheduler.lr_lambdas[0], t.scheduler.last_epoch
+    how = schedule.replan(step, cfg.epochs * t.steps_per_epoch,
+                          min(cfg.freeze_epochs, cfg.epochs) * t.steps_per_epoch)
+    for group, base in zip(t.optimizer.param_groups, t.scheduler.base_lrs):
+        group["lr"] = base * schedule(step)
+    lr = t.optimizer.param_groups[-1]["lr"]
+    print(f"--epochs {planned} -> {cfg.epochs}: " + (
+        f"the learning rate follows the two-phase schedule planned for {cfg.epochs} epochs (lr {lr:.2e} now)"
+        if how == "two-phase" else
+        f"the learning rate follows a fresh cosine from {lr:.2e} after epoch {epoch} down to 0 at epoch "
+        f"{cfg.epochs}" + (f" (the saved run had finished its schedule at lr 0, so it starts where a "
+                           f"{cfg.epochs}-epoch schedule is after epoch {epoch})" if how == "ended" else "")))
+
+
+def set_phase(t: Trainer, cfg: TrainConfig, epoch: int) -> bool:
+    """Freeze the backbone for the first --freeze-epochs, unfreeze it after, and (re)wrap the model for
+    training, since DDP only syncs the parameters that were trainable when it was built. True while frozen."""
+    frozen, first_call = epoch <= cfg.freeze_epochs, t.train_model is None
+    set_backbone_trainable(t.model, not frozen)
+    if frozen and first_call:
+        print(f"epochs 1-{cfg.freeze_epochs}: training the head only; then the backbone at lr x "
+              f"{cfg.backbone_lr_factor}")
+    elif not first_call:
+        print(f"epoch {epoch}: backbone unfrozen")
+    t.train_model = wrap_for_training(t.model, cfg, t.device)
+    return frozen
+
+
+def make_room(cfg: TrainConfig, progress: Progress) -> None:
+    """On the main rank, before anything is written: a new run moves the previous run's checkpoints and plots to
+    OUT_DIR/<its run name>/ and CURVES_DIR/<its run name>/ (never deleting) and says where; a resumed run
+    continues in place, its results.csv cut back to the epochs last.pth holds."""
+    if not is_main_rank():
+        return
+    if progress.start_epoch:
+        rewrite_results(Path(cfg.log_dir) / cfg.run_name / RESULTS, progress.history)
+        return
+    for name, folders in archive_previous_run(cfg.out_dir, cfg.curves_dir).items():
+        print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")
+
+
+def train_batch_images(images: torch.Tensor, labels: torch.Tensor, classes: list[str], cfg: TrainConfig,
+                       normalization: dict, n: int = 16) -> tuple[torch.Tensor, list[str]]:
+    """n training images, as the network sees them (the training augmentation, on a generator of their own so the
+    run's draws are not changed), back to uint8, and their class names."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randperm(len(labels), generator=generator)[:n]
+    x = to_float(images[idx.to(images.device)].cpu(), normalization["mean"], normalization["std"])
+    x = augment(x, cfg.flip, cfg.max_rotation, cfg.max_shift, generator)
+    names = [classes[int(k)] for k in labels[idx.to(labels.device)]]
+    return to_uint8(x, normalization["mean"], normalization["std"]), names
+
+
+def save_train_batch(cfg: TrainConfig, train: Split, classes: list[str], normalization: dict) -> None:
+    """CURVES_DIR/train_batch.png: 16 augmented training images with their labels, to check the augmentation."""
+    if not is_main_rank() or len(train.labels) == 0:
+        return
+    images, captions = train_batch_images(train.images, train.labels, classes, cfg, normalization)
+    path = save_figure(plot_gallery(images, captions), Path(cfg.curves_dir) / TRAIN_BATCH)
+    print(f"augmented training images: {path}")
+
+
+def open_run_log(cfg: TrainConfig):
+    """On the main rank: clear temp files of a run killed while saving, write config.json, open TensorBoard."""
+    from torch.utils.tensorboard import SummaryWriter  # slow to import; only training needs it
+
+    if not is_main_rank():
+        return None
+    remove_stale_temp_files(cfg.out_dir, "*.pth")
+    run_dir = Path(cfg.log_dir) / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(format_config(cfg))
+    return SummaryWriter(str(run_dir))
+
+
+def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float) -> dict:
     """One pass over the training images, augmented on whole batches; returns mean loss, accuracy, counts."""
     from tqdm import tqdm
 
+    model, device = t.train_model, t.device
     train_mode(model)
     rank, world = rank_world()
-    norm = normalization_for(cfg)
     images, labels = data.images.to(device), data.labels.to(device)
-    loss_sum = correct = seen = skipped = steps = 0
-    steps_total = len(images) // world // cfg.batch_size or 1
+    total_loss = correct = seen = skipped = steps = 0
     # Under torchrun the ranks share one generator state, so augmentation draws repeat across ranks, each on
     # different images; that keeps the permutations in step without passing state between processes.
-    bar = tqdm(shard_batches(len(images), cfg.batch_size, generator, rank, world), total=steps_total,
+    bar = tqdm(shard_batches(len(images), cfg.batch_size, t.generator, rank, world), total=t.steps_per_epoch,
                leave=False, desc="train", mininterval=1.0, file=sys.stderr, disable=rank != 0)
     # The forward pass of a skipped step has already moved BatchNorm's running statistics: keep a copy to undo it.
     buffers = list(model.buffers())
@@ -282,8 +532,8 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
     for idx in bar:
         t_data = time.perf_counter()
         idx = idx.to(device)
-        x = augment(to_float(images[idx], norm["mean"], norm["std"]), cfg.flip, cfg.max_rotation, cfg.max_shift,
-                    generator)
+        x = augment(to_float(images[idx], t.normalization["mean"], t.normalization["std"]), cfg.flip,
+                    cfg.max_rotation, cfg.max_shift, t.generator)
         y = labels[idx]
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -291,45 +541,45 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
         with torch.no_grad():
             for b, saved in zip(buffers, saved_buffers):
                 saved.copy_(b)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            loss = t.loss_fn(logits.float(), y)
         if any_rank(not torch.isfinite(loss).item(), device):
             # A NaN/inf step would poison the weights: skip it, count it, and stop if it keeps happening.
             skipped += 1
             with torch.no_grad():
                 for b, saved in zip(buffers, saved_buffers):
                     b.copy_(saved)
-            optimizer.zero_grad(set_to_none=True)
-            if skipped > max(3, steps_total // 10):
+            t.optimizer.zero_grad(set_to_none=True)
+            if skipped > max(3, t.steps_per_epoch // 10):
                 raise UserError(f"training loss became NaN/inf in {skipped} steps; lower --lr (now {cfg.lr})")
             continue
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
+        t.optimizer.zero_grad(set_to_none=True)
+        if t.scaler is None:
             loss.backward()
-            optimizer.step()
+            t.optimizer.step()
         else:  # fp16: scaled loss; steps whose gradients overflowed are skipped and the scale lowered
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(unwrap(model))
+            t.scaler.scale(loss).backward()
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+        t.scheduler.step()
+        if t.ema is not None:
+            t.ema.update_parameters(unwrap(model))
         steps += 1
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        total_loss += loss.item() * len(y)
+        correct += correct_count(logits, y)
         seen += len(y)
         if steps % 10 == 0:
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
         if deadline < math.inf and any_rank(time.time() > deadline, device):
             break
     bar.close()
-    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], device)
-    return {"loss": loss_sum / max(1, seen), "acc": correct / max(1, seen), "images": int(seen),
+    total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], device)
+    return {"loss": total_loss / max(1, seen), "acc": correct / max(1, seen), "images": int(seen),
             "skipped_steps": skipped, "data_seconds": data_seconds}
 
 
-def evaluate(model: nn.Module, data: Split, device: torch.device, tta: bool = False, channels_last: bool = False,
+def validate(model: nn.Module, data: Split, device: torch.device, tta: bool = False, channels_last: bool = False,
              amp_dtype: torch.dtype | None = None, normalization: dict | None = None) -> dict:
     """Plain cross-entropy loss and accuracy over a split, and top-5 accuracy ('top5') with more than 5 classes.
     Under torchrun each rank scores every world-th image and the sums are reduced: all ranks get the same numbers."""
@@ -340,14 +590,79 @@ def evaluate(model: nn.Module, data: Split, device: torch.device, tta: bool = Fa
                             normalization=normalization)
     labels, n = data.labels, len(data.labels)
     num_classes = unwrap(model).fc.out_features
-    loss_sum = F.cross_entropy(logits, labels, reduction="sum").item() if n else 0.0
-    correct = (logits.argmax(1) == labels).sum().item() if n else 0
-    top5 = ((logits.topk(5, 1).indices == labels[:, None]).any(1).sum().item() if n and num_classes > 5 else 0)
-    loss_sum, correct, top5, n = all_reduce_sum([loss_sum, correct, top5, n], device)
-    out = {"loss": loss_sum / n if n else float("nan"), "acc": correct / n if n else float("nan")}
+    top5 = correct_count(logits, labels, 5) if num_classes > 5 else 0
+    total_loss, correct, top5, n = all_reduce_sum([loss_sum(logits, labels), correct_count(logits, labels), top5, n],
+                                                  device)
+    out = {"loss": total_loss / n if n else float("nan"), "acc": correct / n if n else float("nan")}
     if num_classes > 5:
         out["top5"] = top5 / n if n else float("nan")
     return out
+
+
+def record_epoch(progress: Progress, epoch: int, tr: dict, ev: dict, lr: float, train_seconds: float,
+                 epoch_started: float) -> dict:
+    """Append the epoch's figures to the history (what last.pth, the curves and bench.py read) and return them."""
+    progress.train_seconds += train_seconds
+    h = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": ev["loss"],
+         "val_acc": ev["acc"], "lr": lr, "train_seconds": round(progress.train_seconds, 2),
+         "epoch_seconds": round(time.time() - epoch_started, 2),
+         "train_images_per_s": round(tr["images"] / max(1e-9, train_seconds), 1),
+         "train_images": tr["images"], "skipped_steps": tr["skipped_steps"],
+         "data_seconds": round(tr["data_seconds"], 2), "elapsed_seconds": round(time.time() - progress.started, 2)}
+    if "top5" in ev:
+        h["val_top5"] = ev["top5"]
+    progress.history.append(h)
+    return h
+
+
+def log_epoch(writer, h: dict, cfg: TrainConfig) -> None:
+    """The epoch's scalars to TensorBoard and its row to LOG_DIR/<run-name>/results.csv (flushed to disk)."""
+    if writer is None:
+        return
+    append_result(Path(cfg.log_dir) / cfg.run_name / RESULTS, h)
+    for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_acc", "acc/train"),
+                     ("val_acc", "acc/val"), ("val_top5", "acc5/val"), ("lr", "lr")):
+        if key in h:
+            writer.add_scalar(tag, h[key], h["epoch"])
+    writer.flush()
+
+
+def epoch_line(h: dict, epochs: int, improved: bool) -> str:
+    top5 = f" top5 {h['val_top5']:.4f}" if "val_top5" in h else ""
+    return (f"epoch {h['epoch']}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
+            f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}{top5}  lr {h['lr']:.2e}  {h['epoch_seconds']:.1f}s"
+            + ("  *best*" if improved else "")
+            + (f"  ({h['skipped_steps']} NaN/inf steps skipped)" if h["skipped_steps"] else ""))
+
+
+def is_finite(t: Trainer, val_loss: float) -> bool:
+    """False once the val loss or any weight (raw or averaged) is NaN/inf."""
+    nets = (t.model,) if t.eval_model is t.model else (t.model, t.eval_model)
+    return math.isfinite(val_loss) and all(torch.isfinite(p).all() for net in nets for p in net.parameters())
+
+
+def save_epoch(t: Trainer, cfg: TrainConfig, classes: list[str], progress: Progress, metrics: dict,
+               improved: bool, finite: bool) -> None:
+    """best_model.pth when val accuracy improved; last.pth, with what --resume needs, unless the model broke
+    (a broken model must not replace the last good state that --resume starts from)."""
+    epoch = progress.history[-1]["epoch"]
+    ckpt = build_checkpoint(t.eval_model, cfg, classes, epoch, metrics, progress.history, progress.best)
+    if improved:
+        save_checkpoint(ckpt, Path(cfg.out_dir) / BEST)
+    if finite:
+        ckpt = with_resume_state(ckpt, t.optimizer, t.scheduler, rng_state(t.generator),
+                                 raw_model=t.model if t.ema is not None else None,
+                                 ema_steps=int(t.ema.n_averaged) if t.ema is not None else 0)
+        save_checkpoint(ckpt, Path(cfg.out_dir) / LAST)
+
+
+def stop_reason(cfg: TrainConfig, progress: Progress, epoch: int, deadline: float) -> str:
+    """Why training stops after this epoch (early stopping, time budget), or '' to go on."""
+    if cfg.patience and epoch - progress.best["epoch"] >= cfg.patience:
+        return f"early stop: no better val accuracy for {cfg.patience} epochs"
+    if time.time() > deadline:
+        return f"time budget of {cfg.time_budget:.0f}s reached"
+    return ""
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -364,55 +679,19 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_checkpoint(model: nn.Module, cfg: TrainConfig, classes: list[str], epoch: int, metrics: dict,
-                    history: list[dict], best: dict) -> dict:
-    """The self-sufficient checkpoint: everything inference and evaluation need, in plain types."""
-    return {"format_version": CHECKPOINT_VERSION, "model_state": unwrap(model).state_dict(), "arch": cfg.arch,
-            "classes": list(classes), "image_size": cfg.image_size, "channels": cfg.channels,
-            "normalization": normalization_for(cfg), "config": cfg.to_dict(), "epoch": epoch, "metrics": metrics,
-            "best": dict(best), "history": history, "temperature": 1.0}
-
-
-def plot_history(history: list[dict], path: Path) -> None:
-    """Loss, accuracy and learning-rate curves per epoch as one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-    for key, axis, title in (("loss", ax[0], "loss"), ("acc", ax[1], "accuracy")):
-        axis.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train")
-        axis.plot(ep, [h[f"val_{key}"] for h in history], "o-", label="val")
-        axis.set_title(title)
-        axis.legend()
-    ax[2].plot(ep, [h["lr"] for h in history], "o-")
-    ax[2].set_title("learning rate (end of epoch)")
-    for axis in ax:
-        axis.set_xlabel("epoch")
-        axis.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool, writer) -> dict:
     """Fit a softmax temperature for the best model on val and store it in its checkpoint (inference and
     evaluate.py divide the logits by it); also log the val confusion matrix to TensorBoard.
 
     Returns the temperature and the expected calibration error on val before and after it.
     """
-    from evaluate import confusion_matrix, expected_calibration_error, fit_temperature, plot_confusion_matrix
-
     ckpt = load_checkpoint(path)
     logits = predict_logits(model_from_checkpoint(ckpt).to(device), val.images, device, tta=tta,
-                            normalization=ckpt["normalization"])
+                            normalization=normalization_of(ckpt))
     temperature = fit_temperature(logits, val.labels)
     before = expected_calibration_error(torch.softmax(logits, 1), val.labels)
     after = expected_calibration_error(torch.softmax(logits / temperature, 1), val.labels)
-    ckpt["temperature"] = temperature
-    save_atomic(ckpt, path)
+    save_checkpoint(with_temperature(ckpt, temperature), path)
     cm = confusion_matrix(val.labels, logits.argmax(1), len(ckpt["classes"]))
     if writer is not None:
         writer.add_figure("confusion_matrix/val", plot_confusion_matrix(cm, ckpt["classes"]), ckpt["epoch"])
@@ -421,211 +700,163 @@ def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool
     return {"temperature": temperature, "val_ece_before": before, "val_ece_after": after}
 
 
-def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, dict | None]:
-    """Settings from flags; with --resume, the saved run's settings with the given flags on top."""
-    given = given_flags(argv)
-    cfg = dataclasses.replace(TrainConfig(), **given)
-    if not cfg.resume:
-        return cfg, None
-    ckpt = load_checkpoint(Path(cfg.out_dir) / "last.pth", hint="nothing to resume: train without --resume first")
-    if "optimizer_state" not in ckpt:
-        raise UserError(f"{Path(cfg.out_dir) / 'last.pth'} has no optimizer state to resume from")
-    return dataclasses.replace(TrainConfig.from_dict(ckpt["config"]), **given), ckpt
+def check_novelty_settings(cfg: TrainConfig) -> None:
+    """Refuse a bad --novelty-score or --accept-rate before training rather than after it."""
+    if cfg.novelty_score != "none" and cfg.novelty_score not in SCORES:
+        raise UserError(f"--novelty-score must be one of {', '.join(SCORES)} or none, not {cfg.novelty_score!r}")
+    if not 0.0 < cfg.accept_rate <= 1.0:
+        raise UserError(f"--accept-rate must be in (0, 1], not {cfg.accept_rate}")
+
+
+def left_out_images(cfg: TrainConfig, classes: list[str]) -> tuple[Split | None, list[str]]:
+    """With --classes, the other class folders of DATA/val (else DATA/train): images of no class the model knows,
+    for the report at the end of training only (never trained on, never used to choose the threshold)."""
+    if not cfg.classes:
+        return None, []
+    for folder in (Path(cfg.data) / "val", Path(cfg.data) / "train"):
+        others = [c for c in find_classes(folder) if c not in classes] if folder.is_dir() else []
+        if others:
+            # No cache: a cache file holds one split folder's listed classes, and the known ones' must stay.
+            split = load_split(folder, others, cfg.image_size, cfg.channels, workers=cfg.workers)
+            return (split if len(split.labels) else None), others
+    return None, []
+
+
+def fit_novelty(path: Path, train: Split, val: Split, cfg: TrainConfig, device: torch.device) -> dict:
+    """Fit the novelty scores on the best model's train features, choose the threshold that accepts
+    --accept-rate of val, store both in its checkpoint; report on the left-out classes when there are some."""
+    started = time.time()
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt).to(device)
+    tta = tta_of(ckpt)
+
+    def features(images: torch.Tensor) -> dict:
+        return extract_features(model, images, device, tta=tta, normalization=normalization_of(ckpt),
+                                channels_last=cfg.channels_last)
+
+    states = fit_states(features(train.images), train.labels.cpu(), len(ckpt["classes"]), cfg.novelty_score,
+                        temperature_of(ckpt))
+    val_features = features(val.images)
+    val_scores = novelty_score(states[cfg.novelty_score], val_features)
+    threshold = threshold_for_accept_rate(val_scores, cfg.accept_rate)
+    seconds = time.time() - started
+    save_checkpoint(with_novelty(ckpt, novelty_record(states, cfg.novelty_score, threshold, cfg.accept_rate, tta,
+                                                      seconds, len(train.labels))), path)
+    size = sum(state_bytes(s) for s in states.values())
+    print(f"novelty score {cfg.novelty_score}: fitted on {len(train.labels)} train images in {seconds:.1f}s "
+          f"({size / 1e6:.1f} MB stored, scores {', '.join(states)}); threshold {threshold:.4g} accepts "
+          f"{accepted(val_scores, threshold).double().mean().item():.1%} of val (--accept-rate {cfg.accept_rate})")
+    out = {"novelty_score": cfg.novelty_score, "novelty_threshold": threshold, "novelty_seconds": round(seconds, 1),
+           "novelty_bytes": size}
+    left_out, left_out_names = left_out_images(cfg, ckpt["classes"])
+    if left_out is not None:
+        report = unknown_report(states, cfg.novelty_score, threshold, val_features, features(left_out.images))
+        out["known_unknowns"] = {"classes": left_out_names, "images": len(left_out.labels), **report}
+        print(f"left-out classes as unknown images ({', '.join(left_out_names)}: {len(left_out.labels)} images): "
+              f"{cfg.novelty_score} AUROC {report['auroc']:.3f}, FPR at 95% TPR {report['fpr_at_95_tpr']:.1%}; "
+              f"at the stored threshold {report['known_rejected']:.1%} of val rejected, "
+              f"{report['unknown_accepted']:.1%} of the left-out images accepted")
+    return out
+
+
+def summarise(cfg: TrainConfig, t: Trainer, train: Split, val: Split, progress: Progress, writer,
+              stopped: str) -> dict:
+    """Print why training stopped, plot the curves, calibrate the best model and fit its novelty score;
+    returns the summary."""
+    if stopped:
+        print(stopped)
+    best, out_dir = progress.best, Path(cfg.out_dir)
+    if progress.history and is_main_rank():
+        plot_history(progress.history, Path(cfg.curves_dir) / TRAINING_CURVES)
+    finished = is_main_rank() and best["epoch"] and len(val.labels)
+    calibration = calibrate_best_model(out_dir / BEST, val, t.device, cfg.tta, writer) if finished else {}
+    if writer is not None:
+        writer.close()
+    novelty = {}
+    if finished and cfg.novelty_score != "none":
+        novelty = fit_novelty(out_dir / BEST, train, val, cfg, t.device)
+    summary = {"best_val_acc": best["acc"], "best_epoch": best["epoch"],
+               "epochs_run": len(progress.history) - progress.start_epoch,
+               "train_seconds": round(progress.train_seconds, 1),
+               "wall_seconds": round(time.time() - progress.started, 1),
+               "checkpoint": str(out_dir / BEST), "history": progress.history, **calibration, **novelty}
+    if best["epoch"]:
+        cost = f" (novelty score: {novelty['novelty_seconds']:.0f}s of it)" if novelty else ""
+        print(f"done: best val acc {best['acc']:.4f} at epoch {best['epoch']}, {summary['wall_seconds']:.0f}s{cost}, "
+              f"saved {summary['checkpoint']}")
+    if rank_world()[1] > 1:
+        dist.barrier()  # no rank leaves (and tears down the group) while rank 0 still writes
+    return summary
 
 
 def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     """Train as `cfg` says; returns the summary (best accuracy, epoch, seconds, checkpoint path)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    # -- seed and device
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    device = init_distributed(pick_device(cfg.device))
-    rank, world = rank_world()
-    is_main = rank == 0
-    amp_dtype = pick_amp_dtype(device, cfg.amp)
-    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(amp_dtype) else None
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if not cfg.run_name:
-        cfg = dataclasses.replace(cfg, run_name=f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}")
-    print("config:", format_config(cfg))
-    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-                                 else f" ({torch.get_num_threads()} threads)")
-          + f", {precision_name(amp_dtype)}"
-          + (f", {world} processes ({dist.get_backend()}), batch size {cfg.batch_size} per process"
-             if world > 1 else ""))
-    # Fetched before the data so a missing download fails fast; a resumed run has its weights already.
-    pretrained_state = None
-    if uses_pretrained(cfg) and resume_ckpt is None:
-        pretrained_state = adapt_state_dict(load_pretrained(cfg.arch, cfg.weights), cfg.channels)
-        print(f"pretrained: {cfg.weights or 'torchvision ImageNet weights'}, normalization {normalization_for(cfg)}")
-
-    # -- data: decoded once (cached), then kept as uint8 tensors
-    t0 = time.time()
-    train, val, classes = load_data(cfg.data, cfg.classes or None, cfg.image_size, cfg.channels, cfg.val_fraction,
-                                    cfg.seed, cfg.cache_dir, cfg.workers, cfg.max_bad_fraction)
-    if resume_ckpt is not None and resume_ckpt["classes"] != classes:
-        raise UserError(f"the checkpoint's classes {resume_ckpt['classes']} differ from the data's {classes}")
-    print(f"data: {len(train.paths)} train / {len(val.paths)} val images, classes {classes}, "
-          f"loaded in {time.time() - t0:.1f}s")
-    for path, reason in train.bad + val.bad:
-        print(f"skipped unreadable image {path}: {reason}")
-    if train.bad or val.bad:
-        print(f"skipped {len(train.bad) + len(val.bad)} unreadable image(s) in total")
-    # Kept on the training device for the whole run: on a GPU no batch crosses the PCIe bus again.
-    train.images, train.labels = train.images.to(device), train.labels.to(device)
-    if len(train.paths) < cfg.batch_size:
-        print(f"note: only {len(train.paths)} training images; each epoch is one batch of that size")
-
-    # -- model, loss, optimizer, schedule
-    model = build_model(cfg.arch, len(classes), cfg.channels, cfg.width, cfg.image_size,
-                        pretrained_state=pretrained_state).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    weights = class_weight_tensor(train.labels, len(classes), cfg.class_weights)
-    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
-                                  label_smoothing=cfg.label_smoothing)
-    optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = max(1, len(train.paths) // world // cfg.batch_size)
-    warmup_steps, total_steps = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
-    phase1_steps = min(cfg.freeze_epochs, cfg.epochs) * steps_per_epoch
-    schedule = (two_phase_schedule(warmup_steps, phase1_steps, total_steps) if 0 < phase1_steps < total_steps
-                else warmup_cosine(warmup_steps, total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ema = ema_of(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    start_epoch, history = 0, []
-    best = {"acc": -1.0, "epoch": 0}
-    if resume_ckpt is not None:
-        # With EMA, model_state holds the average (what inference uses) and raw_model_state what training resumes.
-        model.load_state_dict(resume_ckpt.get("raw_model_state", resume_ckpt["model_state"]))
-        if ema is not None:
-            ema.module.load_state_dict(resume_ckpt["model_state"])
-            ema.n_averaged.fill_(resume_ckpt.get("ema_steps", 0))
-        optimizer.load_state_dict(resume_ckpt["optimizer_state"])
-        scheduler.load_state_dict(resume_ckpt["scheduler_state"])
-        set_rng_state(resume_ckpt["rng"], generator)
-        start_epoch, history, best = resume_ckpt["epoch"], resume_ckpt["history"], resume_ckpt["best"]
-        print(f"resuming after epoch {start_epoch} (best val acc {best['acc']:.4f} at epoch {best['epoch']})")
-    frozen = start_epoch < cfg.freeze_epochs
-    if frozen:
-        set_backbone_trainable(model, False)
-        print(f"epochs 1-{cfg.freeze_epochs}: training the head only; then the backbone at lr x "
-              f"{cfg.backbone_lr_factor}")
-    train_model = wrap_for_training(model, cfg, device)
-    eval_model = model if ema is None else ema.module  # evaluated, and saved as the checkpoint's weights
-
-    # -- loop
-    out_dir, run_dir = Path(cfg.out_dir), Path(cfg.log_dir) / cfg.run_name
-    writer = None
-    if is_main:
-        for stale in out_dir.glob(".*.pth.*.tmp"):  # save_atomic's temp file of a run killed while saving
-            stale.unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(format_config(cfg))
-        writer = SummaryWriter(str(run_dir))
-    t_start = time.time()
-    train_seconds = history[-1]["train_seconds"] if history else 0.0  # cumulative, carried over by --resume
-    deadline = t_start + cfg.time_budget - train_seconds if cfg.time_budget > 0 else float("inf")
-    stopped, saved_epoch = "", start_epoch
+    check_novelty_settings(cfg)
+    cfg, device, amp_dtype = set_up(cfg)
+    pretrained_state = fetch_pretrained(cfg) if resume_ckpt is None else None  # a resumed run has its weights
+    train, val, classes = load_training_data(cfg, device, resume_ckpt["classes"] if resume_ckpt else None)
+    t = build_trainer(cfg, train, len(classes), device, amp_dtype, pretrained_state)
+    progress = restore(t, cfg, resume_ckpt) if resume_ckpt is not None else Progress()
+    frozen = set_phase(t, cfg, progress.start_epoch + 1)
+    make_room(cfg, progress)
+    writer = open_run_log(cfg)
+    save_train_batch(cfg, train, classes, t.normalization)
+    progress.started = time.time()
+    deadline = progress.started + cfg.time_budget - progress.train_seconds if cfg.time_budget > 0 else math.inf
+    stopped = ""
     try:
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        for epoch in range(progress.start_epoch + 1, cfg.epochs + 1):
             if frozen and epoch > cfg.freeze_epochs:
-                frozen = False
-                set_backbone_trainable(model, True)
-                train_model = wrap_for_training(model, cfg, device)
-                print(f"epoch {epoch}: backbone unfrozen")
-            t_epoch = time.time()
-            tr = train_one_epoch(train_model, train, optimizer, scheduler, loss_fn, device, cfg, generator,
-                                 amp_dtype, deadline, ema, scaler)
-            epoch_train_seconds = time.time() - t_epoch
-            train_seconds += epoch_train_seconds
-            ev = evaluate(eval_model, val, device, cfg.tta, cfg.channels_last, amp_dtype, normalization_for(cfg))
-            lr = optimizer.param_groups[-1]["lr"]  # the head's, when the backbone has a lower one
-            h = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": ev["loss"],
-                 "val_acc": ev["acc"], "lr": lr, "train_seconds": round(train_seconds, 2),
-                 "epoch_seconds": round(time.time() - t_epoch, 2),
-                 "train_images_per_s": round(tr["images"] / max(1e-9, epoch_train_seconds), 1),
-                 "train_images": tr["images"], "skipped_steps": tr["skipped_steps"],
-                 "data_seconds": round(tr["data_seconds"], 2), "elapsed_seconds": round(time.time() - t_start, 2)}
-            if "top5" in ev:
-                h["val_top5"] = ev["top5"]
-            history.append(h)
-            for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_acc", "acc/train"),
-                             ("val_acc", "acc/val"), ("val_top5", "acc5/val"), ("lr", "lr")):
-                if writer is not None and key in h:
-                    writer.add_scalar(tag, h[key], epoch)
-            if writer is not None:
-                writer.flush()
-            nets = (model,) if eval_model is model else (model, eval_model)
-            finite = math.isfinite(ev["loss"]) and all(torch.isfinite(p).all()
-                                                       for net in nets for p in net.parameters())
-            improved = finite and ev["acc"] > best["acc"]
+                frozen = set_phase(t, cfg, epoch)
+            epoch_started = time.time()
+            tr = train_one_epoch(t, train, cfg, deadline)
+            train_seconds = time.time() - epoch_started
+            ev = validate(t.eval_model, val, device, cfg.tta, cfg.channels_last, amp_dtype, t.normalization)
+            lr = t.optimizer.param_groups[-1]["lr"]  # the head's, when the backbone has a lower one
+            h = record_epoch(progress, epoch, tr, ev, lr, train_seconds, epoch_started)
+            log_epoch(writer, h, cfg)
+            finite = is_finite(t, ev["loss"])
+            improved = finite and ev["acc"] > progress.best["acc"]
             if improved:
-                best = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"]}
-            if is_main:
-                ckpt = make_checkpoint(eval_model, cfg, classes, epoch, {"val": ev, "train": tr}, history, best)
-                if improved:
-                    save_atomic(ckpt, out_dir / "best_model.pth")
-                ckpt.update(optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
-                            rng=rng_state(generator))
-                if ema is not None:
-                    ckpt.update(raw_model_state=unwrap(model).state_dict(), ema_steps=int(ema.n_averaged))
-                if finite:  # a broken model must not replace the last good state that --resume starts from
-                    save_atomic(ckpt, out_dir / "last.pth")
+                progress.best = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"]}
+            if is_main_rank():
+                save_epoch(t, cfg, classes, progress, {"val": ev, "train": tr}, improved, finite)
             if finite:
-                saved_epoch = epoch
-            top5 = f" top5 {ev['top5']:.4f}" if "top5" in ev else ""
-            print(f"epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
-                  f"val loss {ev['loss']:.4f} acc {ev['acc']:.4f}{top5}  lr {lr:.2e}  {h['epoch_seconds']:.1f}s"
-                  + ("  *best*" if improved else "")
-                  + (f"  ({tr['skipped_steps']} NaN/inf steps skipped)" if tr["skipped_steps"] else ""), flush=True)
+                progress.saved_epoch = epoch
+            print(epoch_line(h, cfg.epochs, improved), flush=True)
             if not finite:
-                kept = "best_model.pth and last.pth were kept" if saved_epoch else "nothing was saved"
+                kept = "best_model.pth and last.pth were kept" if progress.saved_epoch else "nothing was saved"
                 raise UserError(f"the model's weights or val loss became NaN/inf in epoch {epoch}; {kept}; "
                                 f"lower --lr (now {cfg.lr})")
-            if cfg.patience and epoch - best["epoch"] >= cfg.patience:
-                stopped = f"early stop: no better val accuracy for {cfg.patience} epochs"
-                break
-            if time.time() > deadline:
-                stopped = f"time budget of {cfg.time_budget:.0f}s reached"
+            stopped = stop_reason(cfg, progress, epoch, deadline)
+            if stopped:
                 break
     except KeyboardInterrupt:
         # Only the epochs whose last.pth was written count: Ctrl-C may land between an epoch and its save.
-        stopped = (f"interrupted; {out_dir / 'last.pth'} holds epoch {saved_epoch}: continue with --resume"
-                   if saved_epoch else "interrupted before the first epoch ended; nothing saved")
+        stopped = (f"interrupted; {Path(cfg.out_dir) / LAST} holds epoch {progress.saved_epoch}: continue with "
+                   f"--resume" if progress.saved_epoch else "interrupted before the first epoch ended; nothing saved")
     finally:
         if writer is not None:
             writer.flush()
+    return summarise(cfg, t, train, val, progress, writer, stopped)
 
-    # -- summary
-    if stopped:
-        print(stopped)
-    if history and is_main:
-        plot_history(history, Path(cfg.curves_dir) / "training_curves.png")
-    calibration = calibrate_best_model(out_dir / "best_model.pth", val, device, cfg.tta, writer) \
-        if is_main and best["epoch"] and len(val.labels) else {}
-    if writer is not None:
-        writer.close()
-    summary = {"best_val_acc": best["acc"], "best_epoch": best["epoch"], "epochs_run": len(history) - start_epoch,
-               "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - t_start, 1),
-               "checkpoint": str(out_dir / "best_model.pth"), "history": history, **calibration}
-    if best["epoch"]:
-        print(f"done: best val acc {best['acc']:.4f} at epoch {best['epoch']}, {summary['wall_seconds']:.0f}s, "
-              f"saved {summary['checkpoint']}")
-    if world > 1:
-        dist.barrier()  # no rank leaves (and tears down the group) while rank 0 still writes
-    return summary
+
+def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, dict | None]:
+    """Settings from flags; with --resume, the saved run's settings with the given flags on top."""
+    cfg = parse_config(argv)
+    if not cfg.resume:
+        return cfg, None
+    ckpt = load_resume_checkpoint(cfg.out_dir)
+    return parse_config(argv, TrainConfig.from_dict(config_of(ckpt))), ckpt
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume_ckpt = resolve_config(argv)
         if cfg.check_only:
-            from dataset import main as dataset_main
-            return dataset_main(["check", cfg.data, "--max-bad-fraction", str(cfg.max_bad_fraction)])
+            return check_data(cfg.data, max_bad_fraction=cfg.max_bad_fraction, workers=cfg.workers)
         if resume_ckpt is not None and resume_ckpt["epoch"] >= cfg.epochs:
-            print(f"{cfg.out_dir}/last.pth already finished {resume_ckpt['epoch']} of {cfg.epochs} epochs; "
+            print(f"{cfg.out_dir}/{LAST} already finished {resume_ckpt['epoch']} of {cfg.epochs} epochs; "
                   "pass a larger --epochs to train on")
             return 0
         with quiet_unless_rank0():

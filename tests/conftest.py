@@ -5,8 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 
-from dataset import make_synthetic
+from checkpoint import model_from_checkpoint
+from dataset import image_tensor, make_synthetic
+from metrics import confusion_matrix
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -34,6 +38,36 @@ def trained(tmp_path_factory) -> dict:
     assert train.main(train_args(data, out, "--epochs", "3")) == 0
     return {"data": data, "out": out, "checkpoint": out / "models" / "best_model.pth"}
 
+
+def expected_answer(ckpt: dict, image) -> tuple[str, float]:
+    """Label and confidence computed by hand: the network on the image and its mirror, softmax with temperature."""
+    x = image_tensor(image, ckpt["image_size"], ckpt["channels"], ckpt["normalization"])
+    model = model_from_checkpoint(ckpt)
+    with torch.no_grad():
+        logits = (model(x) + model(x.flip(-1))) / 2 if ckpt["tta"] else model(x)
+    conf, k = torch.softmax(logits[0] / ckpt["temperature"], 0).max(0)
+    return ckpt["classes"][int(k)], conf.item()
+
+
+def fixed_confusion_matrix() -> torch.Tensor:
+    """Rows true, columns predicted: 'c' is never predicted, 'd' has no images and is never predicted."""
+    y_true = [0, 0, 0, 0, 1, 1, 1, 2, 2]
+    y_pred = [0, 0, 0, 1, 0, 1, 1, 0, 1]
+    return confusion_matrix(torch.tensor(y_true), torch.tensor(y_pred), 4)
+
+
+def imagenet_like_resnet18(path):
+    """A torchvision resnet18 state_dict saved to `path`, with non-trivial BatchNorm statistics so that loading
+    them (or not) shows in the outputs."""
+    torch.manual_seed(5)
+    rgb = torchvision.models.resnet18(weights=None)
+    for m in rgb.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.normal_(0, 0.1)
+    torch.save(rgb.state_dict(), path)
+    return rgb.eval()
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:

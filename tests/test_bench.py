@@ -4,9 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+import pytest
 
-import baseline
 import bench
 from dataset import make_synthetic
 
@@ -19,6 +18,7 @@ def test_seconds_to_finds_the_first_epoch_reaching_a_target():
     assert bench.seconds_to(hist, 0.95, "val_acc", "t") is None
 
 
+@pytest.mark.slow
 def test_bench_prints_one_json_object(tmp_path, capsys):
     data = make_synthetic(tmp_path / "d", 8, size=24, splits=("train", "val"))
     assert bench.main(["--data", str(data), "--epochs", "2", "--skip-baseline", "--workers", "0",
@@ -31,7 +31,7 @@ def test_bench_prints_one_json_object(tmp_path, capsys):
     assert set(ours) >= {"seconds_to_80", "seconds_to_85", "seconds_to_90", "best_val_acc"}
 
 
-
+@pytest.mark.slow
 def test_bench_runs_the_baseline_from_a_clone_without_shared(tmp_path):
     """A fresh clone has no ../shared: bench.py still compares against its own baseline.py."""
     clone = tmp_path / "clone"
@@ -50,28 +50,3 @@ def test_bench_runs_the_baseline_from_a_clone_without_shared(tmp_path):
     assert base["epochs"] == 2 and len(base["val_acc_per_epoch"]) == 2
     assert base["train_images_per_s"] > 0 and 0 <= base["best_val_acc"] <= 1
     assert result["ratios"]["train_images_per_s"] > 0
-
-
-def test_baseline_follows_the_recipe():
-    """1-channel 7x7 stem, one logit per class; transforms resize to 64x64 and normalize to [-1, 1]."""
-    from PIL import Image
-
-    net = baseline.gray_resnet18(3)
-    assert net.conv1.in_channels == 1 and net.conv1.kernel_size == (7, 7) and net.fc.out_features == 3
-    assert net(torch.zeros(2, 1, 64, 64)).shape == (2, 3)
-    x = baseline.pil_transforms(64, train=False)(Image.new("RGB", (100, 80), (255, 255, 255)))
-    assert x.shape == (1, 64, 64) and torch.allclose(x, torch.ones_like(x))
-
-
-def test_baseline_yields_one_row_per_epoch(tmp_path, capsys):
-    data = make_synthetic(tmp_path / "d", 4, size=24, splits=("train", "test"))
-    assert baseline.main(["--data", str(data), "--epochs", "2", "--workers", "0"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert all(set(r) == {"epoch", "train_images_per_s", "val_acc", "elapsed_s"} for r in rows)
-
-
-def test_baseline_without_a_val_or_test_folder_says_so(tmp_path, capsys):
-    data = make_synthetic(tmp_path / "d", 4, size=24, splits=("train",))
-    assert baseline.main(["--data", str(data)]) == 2
-    assert "neither val/ nor test/" in capsys.readouterr().err

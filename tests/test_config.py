@@ -1,8 +1,10 @@
 import dataclasses
+import json
 import typing
 
 import pytest
 
+from common import UserError
 from config import TrainConfig, build_parser, parse_config
 
 
@@ -31,11 +33,17 @@ def test_flags_parse_to_field_types():
         assert isinstance(value, origin), f.name
 
 
-def test_defaults_match_the_issue():
-    cfg = parse_config([])
-    assert cfg == TrainConfig()
-    assert (cfg.data, cfg.image_size, cfg.out_dir, cfg.log_dir, cfg.device, cfg.patience) == (
-        "Dataset", 64, "models", "logs", "auto", 0)
+def test_documented_defaults():
+    cfg = TrainConfig()
+    assert (cfg.data, cfg.image_size, cfg.channels, cfg.width, cfg.out_dir, cfg.log_dir, cfg.device, cfg.patience,
+            cfg.tta) == ("Dataset", 64, 1, 48, "models", "logs", "auto", 0, True)
+
+
+def test_flags_not_given_keep_the_base_values():
+    # The parser must leave unnamed flags out: filling in their defaults would undo a resumed run's settings.
+    base = TrainConfig(data="saved", epochs=5, tta=False, classes=["a", "b"], lr=0.5)
+    assert parse_config([], base) == base
+    assert parse_config(["--tta"], base) == TrainConfig(data="saved", epochs=5, tta=True, classes=["a", "b"], lr=0.5)
 
 
 def test_given_flags_override_a_base_config():
@@ -81,3 +89,31 @@ def test_a_value_outside_a_fixed_set_fails_before_any_data_is_read(flag, bad, ti
 
 def test_choices_accept_every_listed_value():
     assert parse_config(["--arch", "resnet50", "--class-weights", "auto", "--channels", "3"]).channels == 3
+
+
+def test_config_file_is_the_base_and_flags_override_it(tmp_path):
+    saved = parse_config(["--lr", "0.01", "--classes", "cat", "dog", "--run-name", "old", "--resume"]).to_dict()
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    cfg = parse_config(["--config", str(path), "--epochs", "7"])
+    assert cfg.lr == 0.01 and cfg.classes == ["cat", "dog"] and cfg.epochs == 7 and cfg.config == str(path)
+    assert cfg.run_name == "" and cfg.resume is False  # what that invocation did, not a setting
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"), ("{not json", "not a readable JSON file"), ("[1, 2]", "expected a JSON object"),
+    ('{"epochs": "5"}', "epochs should be int, not '5'"), ('{"lr": true}', "lr should be float"),
+])
+def test_a_bad_config_file_is_a_user_error(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        parse_config(["--config", str(path)])
+
+
+def test_config_file_and_resume_do_not_go_together(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{}")
+    with pytest.raises(UserError, match="give one of them"):
+        parse_config(["--config", str(path), "--resume"])

@@ -1,12 +1,11 @@
-import io
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import dataset
-from config import UserError
+from common import UserError
+from conftest import NASTY_READABLE
 from dataset import (augment, batch_affine, batch_flip_lr, decode_image, find_classes, image_tensor, list_images,
                      load_data, load_split, make_synthetic, preprocess, random_affine, stratified_split, to_float)
 
@@ -256,3 +255,13 @@ def test_files_skipped_for_their_extension_are_counted_and_named(tmp_path, capsy
     assert dataset.skipped_note([]) == ""
     assert dataset.skipped_note([f"f{i}" for i in range(7)], limit=2).endswith(": f0, f1 and 5 more (rename any that "
                                                                                "are images)")
+
+
+def test_each_odd_but_valid_image_decodes(nasty_data):
+    for rel in NASTY_READABLE:
+        assert dataset.decode_image(nasty_data / rel, 32).shape == (1, 32, 32), rel
+
+
+def test_the_old_check_command_points_to_check_data(capsys):
+    assert dataset.main(["check", "Dataset", "--json"]) == 2
+    assert "python check_data.py Dataset --json" in capsys.readouterr().err

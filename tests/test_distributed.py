@@ -3,11 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import train_args
 from dataset import batches
-from model import load_checkpoint, model_from_checkpoint
 from train import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ def test_shards_are_disjoint_equal_and_agree_with_one_process():
     assert one == [b.tolist() for b in batches(n, bs, True, torch.Generator().manual_seed(7), drop_last=True)]
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_train_and_write_one_checkpoint(tiny_data, tmp_path):
     # Two epochs with the first frozen: DDP is rebuilt when the backbone is unfrozen.
     argv = train_args(tiny_data, tmp_path, "--device", "cpu", "--epochs", "2", "--freeze-epochs", "1")

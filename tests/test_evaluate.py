@@ -1,124 +1,30 @@
+"""evaluate.py: the metrics table, metrics.json and plots of a checkpoint on a split, and Grad-CAM."""
 import csv
 import json
-import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
 import inference
-import train
-from config import UserError, parse_config
-from conftest import train_args
-from dataset import image_tensor, make_synthetic
-from model import build_model, load_checkpoint, model_from_checkpoint, save_atomic
-
-NAMES = ["a", "b", "c", "d"]
-
-
-def fixed_confusion_matrix() -> torch.Tensor:
-    """Rows true, columns predicted: 'c' is never predicted, 'd' has no images and is never predicted."""
-    y_true = [0, 0, 0, 0, 1, 1, 1, 2, 2]
-    y_pred = [0, 0, 0, 1, 0, 1, 1, 0, 1]
-    return evaluate.confusion_matrix(torch.tensor(y_true), torch.tensor(y_pred), 4)
-
-
-def test_confusion_matrix_counts():
-    assert fixed_confusion_matrix().tolist() == [[3, 1, 0, 0], [1, 2, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
-
-
-def test_report_against_hand_computed_values_without_division_by_zero():
-    r = evaluate.classification_report(fixed_confusion_matrix(), NAMES)
-    a, b, c, d = (r["per_class"][n] for n in NAMES)
-    assert (a["precision"], a["recall"], a["f1"], a["support"]) == pytest.approx((3 / 5, 3 / 4, 2 / 3, 4))
-    assert (b["precision"], b["recall"], b["f1"], b["support"]) == pytest.approx((2 / 4, 2 / 3, 4 / 7, 3))
-    assert (c["precision"], c["recall"], c["f1"], c["support"]) == (0.0, 0.0, 0.0, 2)
-    assert (d["precision"], d["recall"], d["f1"], d["support"]) == (0.0, 0.0, 0.0, 0)
-    assert r["accuracy"] == pytest.approx(5 / 9)
-    macro, weighted = r["macro avg"], r["weighted avg"]
-    assert (macro["precision"], macro["recall"], macro["f1"]) == pytest.approx(
-        ((3 / 5 + 2 / 4) / 4, (3 / 4 + 2 / 3) / 4, (2 / 3 + 4 / 7) / 4))
-    assert (weighted["precision"], weighted["recall"], weighted["f1"]) == pytest.approx(
-        ((4 * 3 / 5 + 3 * 2 / 4) / 9, 5 / 9, (4 * 2 / 3 + 3 * 4 / 7) / 9))
-    assert macro["support"] == weighted["support"] == 9
-    assert json.loads(json.dumps(r)) == r  # plain types, no NaN
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import UserError, save_atomic
+from dataset import image_tensor
+from metrics import compute_metrics
+from model import build_model
 
 
 def test_format_report_is_a_table_with_every_class():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    m = evaluate.compute_metrics(logits, torch.tensor([0, 1, 1]), ["cat", "dog"])
+    m = compute_metrics(logits, torch.tensor([0, 1, 1]), ["cat", "dog"])
     text = evaluate.format_report(m)
     assert "precision" in text and "weighted avg" in text and "macro avg" in text
     dog = next(line for line in text.splitlines() if line.startswith("dog"))
     assert dog.split()[1:] == ["1.0000", "0.5000", "0.6667", "2"]
     assert "top5_accuracy" not in m
-
-
-def test_topk_accuracy_and_most_confident_wrong():
-    logits = torch.tensor([[5.0, 4, 0, 0, 0, 0], [0, 0, 0, 0, 0, 9], [3, 0, 0, 0, 0, 1], [0, 2, 0, 0, 0, 0]])
-    labels = torch.tensor([1, 0, 0, 1])
-    assert evaluate.topk_accuracy(logits, labels, 1) == pytest.approx(2 / 4)
-    assert evaluate.topk_accuracy(logits, labels, 2) == pytest.approx(3 / 4)
-    assert "top5_accuracy" in evaluate.compute_metrics(logits, labels, list("uvwxyz"))
-    probs = logits.softmax(1)
-    assert evaluate.most_confident_wrong(probs, labels, 10).tolist() == [1, 0]
-    assert evaluate.most_confident_wrong(probs, labels, 1).tolist() == [1]
-
-
-def test_expected_calibration_error_hand_computed():
-    probs = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.65, 0.35], [0.25, 0.75]])
-    labels = torch.tensor([0, 1, 0, 1])  # right, wrong, right, right; each in its own bin of 10
-    assert evaluate.expected_calibration_error(probs, labels, n_bins=10) == pytest.approx(
-        (0.05 + 0.85 + 0.35 + 0.25) / 4)
-    # One bin holding 0.85 and 0.65 confidence, half right: |0.5 - 0.75| = 0.25.
-    assert evaluate.expected_calibration_error(probs[1:3], labels[1:3], n_bins=1) == pytest.approx(0.25)
-
-
-def test_temperature_scaling_keeps_argmax_and_lowers_nll_on_overconfident_logits():
-    # 100 two-class predictions with a logit gap of 10 (99.995% sure) of which only 70 are right: the best
-    # temperature makes sigmoid(10 / T) = 0.7, i.e. T = 10 / ln(7/3).
-    labels = torch.zeros(100, dtype=torch.long)
-    labels[70:] = 1
-    logits = torch.tensor([[10.0, 0.0]]).repeat(100, 1)
-    t = evaluate.fit_temperature(logits, labels)
-    assert t == pytest.approx(10 / math.log(7 / 3), rel=1e-4)
-    assert evaluate.nll(logits, labels, t) < evaluate.nll(logits, labels) - 1
-    probs_after = torch.softmax(logits / t, 1)
-    assert torch.equal(probs_after.argmax(1), logits.argmax(1))
-    assert evaluate.expected_calibration_error(probs_after, labels) < \
-        evaluate.expected_calibration_error(logits.softmax(1), labels)
-
-
-def test_temperature_keeps_argmax_on_random_logits():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(200, 5, generator=g) * 6
-    labels = torch.randint(0, 5, (200,), generator=g)
-    t = evaluate.fit_temperature(logits, labels)
-    assert torch.equal((logits / t).argmax(1), logits.argmax(1))
-    assert evaluate.nll(logits, labels, t) <= evaluate.nll(logits, labels)
-    assert evaluate.fit_temperature(logits[:0], labels[:0]) == 1.0
-
-
-def test_plots_are_pngs_that_grow_with_the_number_of_classes(tmp_path):
-    small = evaluate.save_figure(evaluate.plot_confusion_matrix(fixed_confusion_matrix(), NAMES), tmp_path / "s.png")
-    g = torch.Generator().manual_seed(0)
-    cm40 = evaluate.confusion_matrix(torch.randint(0, 40, (800,), generator=g),
-                                     torch.randint(0, 40, (800,), generator=g), 40)
-    names = [f"animal_{i:02d}" for i in range(40)]
-    big = evaluate.save_figure(evaluate.plot_confusion_matrix(cm40, names), tmp_path / "big.png")
-    images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
-    grid = evaluate.save_figure(evaluate.plot_gallery(images, ["x"] * 3), tmp_path / "g.png")
-    empty = evaluate.save_figure(evaluate.plot_gallery(images[:0], []), tmp_path / "e.png")
-    sizes = {}
-    for p in (small, big, grid, empty):
-        with Image.open(p) as im:
-            im.verify()
-            sizes[p.name] = im.size
-    assert sizes["big.png"][0] > sizes["s.png"][0] and sizes["big.png"][1] > sizes["s.png"][1]
 
 
 def test_main_writes_table_json_pngs_and_csv(trained, tmp_path, capsys):
@@ -132,7 +38,10 @@ def test_main_writes_table_json_pngs_and_csv(trained, tmp_path, capsys):
     assert m["classes"] == ["cat", "dog"] and m["images"] == n
     assert sum(map(sum, m["confusion_matrix"])) == n
     assert m["temperature"] == pytest.approx(load_checkpoint(trained["checkpoint"])["temperature"])
-    assert set(m["per_class"]) == {"cat", "dog"} and 0 <= m["per_class"]["dog"]["recall"] <= 1
+    cm = m["confusion_matrix"]
+    assert set(m["per_class"]) == {"cat", "dog"}
+    assert m["per_class"]["dog"]["recall"] == pytest.approx(cm[1][1] / sum(cm[1]))
+    assert m["accuracy"] == pytest.approx((cm[0][0] + cm[1][1]) / n)
     for name in ("confusion_matrix.png", "most_confident_wrong.png"):
         with Image.open(out / name) as im:
             im.verify()
@@ -191,13 +100,14 @@ def test_gradcam_of_the_default_model_at_64_px_has_at_least_8x8_cells():
 
 
 def test_gradcam_finds_the_stages_of_torchvision_resnets():
+    torch.manual_seed(0)
     model = build_model("resnet18", 3, 1, image_size=64).eval()
     assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 64, 64)) == ("layer3", model.layer3)  # 8x8
     assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 48, 40)) == ("layer2", model.layer2)  # 12x10
     assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 48, 40), "layer4") == ("layer4", model.layer4)
     assert evaluate.gradcam_layer(model) is model.layer3  # the one-argument call: for 64x64 input
     cam = evaluate.gradcam(model, torch.randn(1, 1, 48, 40), model.layer4, class_idx=2)
-    assert cam.shape == (48, 40) and 0 <= cam.min() <= cam.max() <= 1
+    assert cam.shape == (48, 40) and cam.min() == 0 and cam.max() == 1
 
 
 def test_cam_layer_that_is_not_there_or_not_a_feature_map_is_refused():
@@ -261,43 +171,10 @@ def test_gradcam_command_writes_pngs_and_reports_bad_files(trained, tmp_path, ca
         im.verify()
 
 
-def test_training_fits_a_temperature_and_logs_the_confusion_matrix(tiny_data, tmp_path, capsys):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    summary = train.run(parse_config(train_args(tiny_data, tmp_path, "--epochs", "2")))
-    assert "calibration on val: temperature" in capsys.readouterr().out
-    ckpt = load_checkpoint(tmp_path / "models" / "best_model.pth")
-    assert ckpt["temperature"] == summary["temperature"] != 1.0
-    assert 0 <= summary["val_ece_after"] <= 1 and 0 <= summary["val_ece_before"] <= 1
-    acc = EventAccumulator(str(tmp_path / "logs" / "t"))
-    acc.Reload()
-    assert "confusion_matrix/val" in acc.Tags()["images"]
-    assert "acc/val" in acc.Tags()["scalars"]
-
-
-def test_threshold_answers_unknown_with_the_stored_temperature(trained, tmp_path, capsys):
-    ckpt = load_checkpoint(trained["checkpoint"])
-    ckpt["temperature"] = 1e4  # flattens every prediction to about 50/50
-    path = tmp_path / "hot.pth"
-    save_atomic(ckpt, path)
-    folder = str(trained["data"] / "test")
-    assert inference.main(["--image", folder, "--json", "--threshold", "0.6", "--checkpoint", str(path)]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert rows and all(r["label"] == "unknown" and r["confidence"] < 0.51 for r in rows)
-    assert inference.main(["--image", folder, "--json", "--threshold", "0.4", "--checkpoint", str(path)]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert all(r["label"] in ("cat", "dog") for r in rows)
-
-
-def test_class_weights_change_the_loss(tmp_path):
-    data = make_synthetic(tmp_path / "d", {"cat": 24, "dog": 8}, size=32, seed=3)
-    losses = {}
-    for mode in ("none", "auto"):
-        assert train.main(train_args(data, tmp_path / mode, "--class-weights", mode, "--label-smoothing", "0")) == 0
-        losses[mode] = torch.load(tmp_path / mode / "models" / "last.pth", weights_only=True)["history"][0]
-    assert losses["auto"]["train_loss"] != pytest.approx(losses["none"]["train_loss"], rel=1e-3)
-    # Inverse-frequency weights make a mistake on the rare class cost more.
-    labels = torch.tensor([0, 0, 0, 1])
-    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [2.0, 0.0]])
-    w = train.class_weight_tensor(labels, 2, "auto")
-    assert F.cross_entropy(logits, labels, weight=w) > F.cross_entropy(logits, labels)
+def test_without_out_dir_it_writes_under_the_runs_own_curves_folder(trained, capsys):
+    assert evaluate.main(["--checkpoint", str(trained["checkpoint"]), "--data", str(trained["data"]),
+                          "--gallery", "2", "--workers", "0"]) == 0
+    # The run was trained with --curves-dir OUT/curves --run-name t.
+    run_curves = trained["out"] / "curves" / "t"
+    assert (run_curves / "metrics.json").is_file() and (run_curves / "confusion_matrix.png").is_file()
+    assert not (trained["out"] / "curves" / "metrics.json").exists()

@@ -7,7 +7,7 @@ import torch
 import export
 import inference
 from dataset import image_tensor
-from model import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

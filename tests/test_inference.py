@@ -2,15 +2,18 @@ import csv
 import json
 
 import pytest
+import torch
 
 import inference
+from checkpoint import load_checkpoint, save_checkpoint
+from conftest import expected_answer
 
 
 def test_single_image_prints_label_and_confidence(trained, capsys):
     img = next((trained["data"] / "test" / "dog").iterdir())
     assert inference.main(["--image", str(img), "--checkpoint", str(trained["checkpoint"])]) == 0
-    label, conf = capsys.readouterr().out.split()
-    assert label in ("cat", "dog") and 0.5 <= float(conf) <= 1.0
+    label, conf = expected_answer(load_checkpoint(trained["checkpoint"]), img)
+    assert capsys.readouterr().out == f"{label}  {conf:.2f}\n"
 
 
 def test_folder_json_and_csv(trained, tmp_path, capsys):
@@ -61,6 +64,8 @@ def test_batch_answers_good_files_and_lists_bad_ones(trained, tmp_path, capsys):
     ("not_a_checkpoint", "cannot read checkpoint"),
     ("code_in_checkpoint", "refusing to load"),
 ])
+
+
 def test_errors_are_one_clear_line(trained, tmp_path, capsys, setup, message):
     ckpt = str(trained["checkpoint"])
     image = str(next((trained["data"] / "test" / "cat").iterdir()))
@@ -81,7 +86,6 @@ def test_errors_are_one_clear_line(trained, tmp_path, capsys, setup, message):
         ckpt = str(tmp_path / "notes.pth")
         (tmp_path / "notes.pth").write_text("not a checkpoint")
     else:
-        import torch
         raw = torch.load(ckpt, weights_only=True)
         if setup == "wrong_classes":
             raw["classes"] = ["cat", "dog", "horse"]  # 3 names for a 2-logit head
@@ -94,3 +98,17 @@ def test_errors_are_one_clear_line(trained, tmp_path, capsys, setup, message):
     code = inference.main(["--image", image, "--checkpoint", ckpt, *extra])
     err = capsys.readouterr().err
     assert code != 0 and message in err and "Traceback" not in err
+
+
+def test_threshold_answers_unknown_with_the_stored_temperature(trained, tmp_path, capsys):
+    ckpt = load_checkpoint(trained["checkpoint"])
+    ckpt["temperature"] = 1e4  # flattens every prediction to about 50/50
+    path = tmp_path / "hot.pth"
+    save_checkpoint(ckpt, path)
+    folder = str(trained["data"] / "test")
+    assert inference.main(["--image", folder, "--json", "--threshold", "0.6", "--checkpoint", str(path)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows and all(r["label"] == "unknown" and r["confidence"] < 0.51 for r in rows)
+    assert inference.main(["--image", folder, "--json", "--threshold", "0.4", "--checkpoint", str(path)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(r["label"] in ("cat", "dog") for r in rows)

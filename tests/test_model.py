@@ -1,15 +1,22 @@
-import pickle
+"""model.py: the networks, pretrained weights for a gray stem, and prediction with the right normalization."""
+import urllib.error
 
 import pytest
 import torch
+import torchvision
+from torchvision.transforms.functional import normalize
 
-from config import UserError
-from model import (SmallResNet, build_model, load_checkpoint, model_from_checkpoint, predict_logits, save_atomic,
-                   unwrap)
+from common import UserError
+from conftest import imagenet_like_resnet18
+from dataset import to_float
+from model import (SmallResNet, adapt_state_dict, build_model, load_pretrained, predict_logits,
+                   pretrained_normalization, unwrap)
 
 
 @pytest.mark.parametrize("arch,channels,classes", [("resnet_small", 1, 2), ("resnet_small", 3, 5),
                                                    ("resnet18", 1, 2), ("resnet50", 1, 3)])
+
+
 def test_output_shape(arch, channels, classes):
     model = build_model(arch, classes, channels, width=8).eval()
     with torch.no_grad():
@@ -46,69 +53,76 @@ def test_unwrap_removes_wrappers():
     assert unwrap(Wrapper(model)) is model
 
 
-def _checkpoint(model, arch="resnet_small"):
-    return {"format_version": 1, "model_state": model.state_dict(), "arch": arch, "classes": ["cat", "dog"],
-            "image_size": 32, "channels": 1, "normalization": {"mean": 0.5, "std": 0.5}, "config": {"width": 8}}
+def test_gray_adaptation_sums_rgb_weights_and_matches_the_rgb_model(tmp_path):
+    rgb = imagenet_like_resnet18(tmp_path / "r18.pth")
+    state = adapt_state_dict(load_pretrained("resnet18", str(tmp_path / "r18.pth")), in_channels=1)
+    assert not any(k.startswith("fc.") for k in state)
+    assert torch.equal(state["conv1.weight"], rgb.conv1.weight.detach().sum(1, keepdim=True))
+
+    # Same 1000-class head as the RGB model, so the whole outputs can be compared.
+    gray = build_model("resnet18", 1000, 1, image_size=224, pretrained_state=state).eval()
+    gray.fc.load_state_dict(rgb.fc.state_dict())
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(gray(x), rgb(x.expand(-1, 3, -1, -1)), atol=1e-4)
 
 
-def test_checkpoint_round_trip_with_weights_only(tmp_path):
-    model = SmallResNet(2, 1, 8).eval()
-    save_atomic(_checkpoint(model), tmp_path / "m.pth")
-    assert not list(tmp_path.glob(".*tmp"))
-    raw = torch.load(tmp_path / "m.pth", weights_only=True)
-    assert raw["classes"] == ["cat", "dog"]
-    loaded = model_from_checkpoint(load_checkpoint(tmp_path / "m.pth"))
-    x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
-    dev = torch.device("cpu")
-    assert torch.allclose(predict_logits(model, x, dev), predict_logits(loaded, x, dev))
+def test_rgb_keeps_the_weights_and_the_head_is_new(tmp_path):
+    rgb = imagenet_like_resnet18(tmp_path / "r18.pth")
+    state = adapt_state_dict(torch.load(tmp_path / "r18.pth", weights_only=True), in_channels=3)
+    model = build_model("resnet18", 7, 3, image_size=224, pretrained_state=state).eval()
+    assert torch.equal(model.conv1.weight, rgb.conv1.weight)
+    assert model.fc.out_features == 7
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 64)
+        feats = torch.nn.Sequential(*list(model.children())[:-1])(x)
+        ref = torch.nn.Sequential(*list(rgb.children())[:-1])(x)
+    assert torch.allclose(feats, ref, atol=1e-5)
 
 
-class Payload:
-    def __reduce__(self):
-        import pathlib
-        return (pathlib.Path.touch, (pathlib.Path(self.target),))
+def test_failed_download_points_to_weights(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(UserError, match=r"--weights PATH") as err:
+        load_pretrained("resnet18")
+    assert "https://download.pytorch.org/models/resnet18" in str(err.value)
 
 
-def test_malicious_checkpoint_is_refused_and_does_not_run(tmp_path):
-    marker = tmp_path / "pwned"
-    p = Payload()
-    p.target = str(marker)
-    evil = _checkpoint(SmallResNet(2, 1, 8))
-    evil["extra"] = p
-    torch.save(evil, tmp_path / "evil.pth")
-    with pytest.raises(UserError, match="refusing to load"):
-        load_checkpoint(tmp_path / "evil.pth")
-    assert not marker.exists()
-
-
-def test_not_a_checkpoint_and_missing_and_wrong_arch(tmp_path):
-    with pytest.raises(UserError, match="run train.py first"):
-        load_checkpoint(tmp_path / "none.pth")
+def test_bad_weights_and_archs_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="resnet18 or resnet50"):
+        load_pretrained("resnet_small")
+    with pytest.raises(UserError, match="no such file"):
+        load_pretrained("resnet18", str(tmp_path / "none.pth"))
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(UserError, match="cannot read checkpoint"):
-        load_checkpoint(tmp_path / "junk.pth")
-    torch.save({"a": 1}, tmp_path / "dict.pth")
-    with pytest.raises(UserError, match="not a checkpoint"):
-        load_checkpoint(tmp_path / "dict.pth")
-    wrong = _checkpoint(SmallResNet(3, 1, 8))  # 3 outputs, but 2 class names
-    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(UserError, match="cannot read"):
+        load_pretrained("resnet18", str(tmp_path / "junk.pth"))
+    torch.save({"a": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="not a torchvision ResNet"):
+        load_pretrained("resnet18", str(tmp_path / "other.pth"))
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     with pytest.raises(UserError, match="do not fit"):
-        model_from_checkpoint(load_checkpoint(tmp_path / "wrong.pth"))
-    newer = {**_checkpoint(SmallResNet(2, 1, 8)), "format_version": 99}
-    torch.save(newer, tmp_path / "newer.pth")
-    with pytest.raises(UserError, match="format version 99"):
-        load_checkpoint(tmp_path / "newer.pth")
+        build_model("resnet50", 2, pretrained_state=adapt_state_dict(
+            torch.load(tmp_path / "r18.pth", weights_only=True), 1))
 
 
-def test_save_atomic_keeps_old_file_when_writing_fails(tmp_path):
-    path = tmp_path / "m.pth"
-    save_atomic({"v": 1}, path)
+def test_pretrained_normalization_is_imagenet_and_to_float_applies_it():
+    assert pretrained_normalization(1) == {"mean": [0.449], "std": [0.226]}
+    norm = pretrained_normalization(3)
+    assert norm == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    x = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    assert torch.allclose(to_float(x, norm["mean"], norm["std"]), normalize(x.float() / 255, **norm), atol=1e-6)
+    gray = torch.randint(0, 256, (1, 5, 5), dtype=torch.uint8)  # one unbatched image
+    assert torch.allclose(to_float(gray, [0.449], [0.226]), (gray.float() / 255 - 0.449) / 0.226, atol=1e-6)
 
-    class Boom:
-        def __reduce__(self):
-            raise RuntimeError("boom")
 
-    with pytest.raises((RuntimeError, pickle.PicklingError)):
-        save_atomic({"v": Boom()}, path)
-    assert torch.load(path, weights_only=True) == {"v": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]
+def test_predict_logits_default_normalization_is_unchanged():
+    model = SmallResNet(2, 1, 8).eval()
+    x = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        ref = model(x.float() / 127.5 - 1)
+    assert torch.allclose(predict_logits(model, x, cpu), ref, atol=1e-6)
+    assert torch.allclose(predict_logits(model, x, cpu, normalization={"mean": [0.5], "std": [0.5]}), ref,
+                          atol=1e-5)

@@ -1,12 +1,20 @@
+"""train.py: checkpoints, logs and curves of a run, resume, EMA, schedules, fine-tuning, calibration."""
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import inference
 import train
-from conftest import train_args
-from dataset import make_synthetic
-from model import load_checkpoint, model_from_checkpoint, predict_logits
+from checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
+from config import parse_config
+from conftest import expected_answer, imagenet_like_resnet18, train_args
+from dataset import Split, augment, image_tensor, load_data, make_synthetic, to_float
+from metrics import expected_calibration_error
+from model import SmallResNet, adapt_state_dict, build_model, predict_logits
+from runs import read_results
 
 
 def test_one_epoch_writes_checkpoints_logs_and_curves(tiny_data, tmp_path, capsys):
@@ -19,8 +27,112 @@ def test_one_epoch_writes_checkpoints_logs_and_curves(tiny_data, tmp_path, capsy
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert json.loads((run_dir / "config.json").read_text())["epochs"] == 1
     assert (tmp_path / "curves" / "training_curves.png").is_file()
+    history = torch.load(tmp_path / "models" / "last.pth", weights_only=True)["history"]
+    rows = read_results(run_dir / "results.csv")
+    assert [r["epoch"] for r in rows] == [1]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "train_images_per_s"):
+        assert rows[0][key] == pytest.approx(history[0][key]), key
+    assert "val_top5" not in rows[0]  # two classes: no top-5 in the epoch line, none in the table
+    # 16 tiles: plot_gallery's 8 columns x 2 rows of 1.9 x 2.5 inches at 100 dpi.
+    from PIL import Image
+    with Image.open(tmp_path / "curves" / "train_batch.png") as png:
+        assert png.size == (1520, 500)
+    assert "augmented training images: " in out
 
 
+def test_train_batch_is_16_augmented_training_images_with_their_labels():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(40) % 3
+    cfg = parse_config(["--seed", "5"])
+    norm = {"mean": 0.5, "std": 0.5}
+    shown, names = train.train_batch_images(images, labels, ["a", "b", "c"], cfg, norm)
+    assert shown.shape == (16, 1, 16, 16) and shown.dtype == torch.uint8 and len(names) == 16
+    # The same draws as training's augment(), on a generator of their own seeded with --seed.
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randperm(40, generator=g)[:16]
+    assert names == [["a", "b", "c"][int(k)] for k in labels[idx]]
+    expected = augment(to_float(images[idx]), cfg.flip, cfg.max_rotation, cfg.max_shift, g)
+    assert torch.allclose(shown.float(), (expected * 127.5 + 127.5).round().clamp(0, 255), atol=1)
+    assert not torch.equal(shown, images[idx])  # augmented, not the raw pixels
+
+
+@pytest.mark.slow
+def test_a_second_run_moves_the_first_aside_and_both_keep_their_results(tiny_data, tmp_path, capsys):
+    # No --run-name: both get the date-time name, unique even within the same second.
+    assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2", "--run-name", "")) == 0
+    first = load_checkpoint(tmp_path / "models" / "best_model.pth")
+    name = run_name_of(first)
+    capsys.readouterr()
+    assert train.main(train_args(tiny_data, tmp_path, "--run-name", "", "--seed", "1")) == 0
+    out = capsys.readouterr().out
+    second = load_checkpoint(tmp_path / "models" / "best_model.pth")
+    assert run_name_of(second) != name and second["config"]["seed"] == 1
+    assert f"previous run {name!r} moved to {tmp_path / 'models' / name}/ and {tmp_path / 'curves' / name}/" in out
+    kept = load_checkpoint(tmp_path / "models" / name / "best_model.pth")
+    assert kept["metrics"] == first["metrics"] and kept["best"] == first["best"] and kept["epoch"] == first["epoch"]
+    assert all(torch.equal(kept["model_state"][k], v) for k, v in first["model_state"].items())
+    assert load_checkpoint(tmp_path / "models" / name / "last.pth")["epoch"] == 2
+    assert {p.name for p in (tmp_path / "curves" / name).iterdir()} == {"training_curves.png", "train_batch.png"}
+    assert (tmp_path / "curves" / "training_curves.png").is_file()  # the new run's
+    assert len(read_results(tmp_path / "logs" / name / "results.csv")) == 2
+    assert len(read_results(tmp_path / "logs" / run_name_of(second) / "results.csv")) == 1
+
+
+@pytest.mark.slow
+def test_config_file_reproduces_a_run(tiny_data, tmp_path, capsys):
+    flags = ["--epochs", "2", "--lr", "2e-3", "--seed", "3", "--no-flip", "--label-smoothing", "0.05"]
+    assert train.main(train_args(tiny_data, tmp_path, *flags)) == 0
+    first = load_checkpoint(tmp_path / "models" / "last.pth")
+    capsys.readouterr()
+    saved = tmp_path / "logs" / "t" / "config.json"
+    assert train.main(["--config", str(saved)]) == 0  # everything, even the folders, from the file
+    again = load_checkpoint(tmp_path / "models" / "last.pth")
+    assert run_name_of(again) not in ("", "t")  # a new run with a name of its own; the first moved to models/t/
+    different = {k for k in first["config"] if first["config"][k] != again["config"][k]}
+    assert different == {"run_name", "config"} and again["config"]["config"] == str(saved)
+    assert [h["val_loss"] for h in again["history"]] == [h["val_loss"] for h in first["history"]]
+    assert load_checkpoint(tmp_path / "models" / "t" / "last.pth")["history"] == first["history"]
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_runs_a_fresh_cosine_over_the_added_ones(tiny_data, tmp_path, capsys):
+    assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2", "--lr", "1e-3")) == 0
+    capsys.readouterr()
+    assert train.main(["--resume", "--out-dir", str(tmp_path / "models"), "--epochs", "4"]) == 0
+    out = capsys.readouterr().out
+    # The 2-epoch run ended at lr 0, so the fresh cosine starts where a 4-epoch schedule is after epoch 2:
+    # 1 warmup epoch of 4, then (2 - 1) / (4 - 1) of the cosine: 0.5 * (1 + cos(pi / 3)) = 0.75 of the peak.
+    assert "--epochs 2 -> 4: the learning rate follows a fresh cosine from 7.50e-04 after epoch 2" in out
+    lrs = [h["lr"] for h in load_checkpoint(tmp_path / "models" / "last.pth")["history"]]
+    assert lrs[1] == 0.0 and lrs[2] == pytest.approx(1e-3 * 0.75 * 0.5) and lrs[3] == pytest.approx(0.0, abs=1e-12)
+    assert [r["epoch"] for r in read_results(tmp_path / "logs" / "t" / "results.csv")] == [1, 2, 3, 4]
+
+
+def test_a_replanned_schedule_is_continuous_ends_at_zero_and_survives_a_resume():
+    schedule = train.LRSchedule(warmup_steps=10, phase1_steps=0, total_steps=100)
+    assert schedule.replan(40, 200, 0) == "fresh"  # interrupted mid-way: from the factor it had, no jump
+    before = train.warmup_cosine(10, 100)(40)
+    assert schedule(40) == pytest.approx(before)
+    assert schedule(120) == pytest.approx(before * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert schedule(200) == 0.0 and all(schedule(s) >= schedule(s + 1) for s in range(40, 200))
+    # LambdaLR keeps the replanned schedule in its state_dict, as last.pth does.
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    saved = torch.optim.lr_scheduler.LambdaLR(opt, schedule).state_dict()
+    fresh = train.LRSchedule(warmup_steps=10, phase1_steps=0, total_steps=100)
+    torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                                      fresh).load_state_dict(saved)
+    assert [fresh(s) for s in (40, 120, 200)] == [schedule(s) for s in (40, 120, 200)]
+
+
+def test_replanning_before_the_backbone_is_unfrozen_keeps_the_two_phase_schedule():
+    schedule = train.LRSchedule(warmup_steps=10, phase1_steps=100, total_steps=100)  # all frozen, 100 steps
+    assert schedule.replan(100, 300, 100) == "two-phase"
+    assert [schedule(s) for s in (100, 150, 300)] == \
+        [train.two_phase_schedule(10, 100, 300)(s) for s in (100, 150, 300)]
+
+
+@pytest.mark.slow
 def test_tensorboard_gets_the_named_scalars(tiny_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -32,20 +144,7 @@ def test_tensorboard_gets_the_named_scalars(tiny_data, tmp_path):
     assert [e.step for e in acc.Scalars("acc/val")] == [1, 2]
 
 
-def test_checkpoint_is_self_sufficient_and_round_trips(trained):
-    raw = torch.load(trained["checkpoint"], weights_only=True)
-    assert raw["classes"] == ["cat", "dog"] and raw["image_size"] == 32 and raw["channels"] == 1
-    assert raw["normalization"] == {"mean": 0.5, "std": 0.5}
-    assert isinstance(raw["config"], dict) and raw["config"]["arch"] == "resnet_small"
-    assert 1 <= raw["epoch"] <= 3 and "val" in raw["metrics"]
-    assert not any(k.startswith(("module.", "_orig_mod.")) for k in raw["model_state"])
-    model = model_from_checkpoint(load_checkpoint(trained["checkpoint"]))
-    x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
-    again = model_from_checkpoint(load_checkpoint(trained["checkpoint"]))
-    cpu = torch.device("cpu")
-    assert torch.equal(predict_logits(model, x, cpu), predict_logits(again, x, cpu))
-
-
+@pytest.mark.slow
 def test_resume_continues_at_the_right_epoch(tiny_data, tmp_path, capsys):
     assert train.main(train_args(tiny_data, tmp_path, "--epochs", "1")) == 0
     first = torch.load(tmp_path / "models" / "last.pth", weights_only=True)
@@ -61,6 +160,7 @@ def test_resume_continues_at_the_right_epoch(tiny_data, tmp_path, capsys):
     assert last["config"]["data"] == str(tiny_data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", ["0", "0.9"])
 def test_resume_equals_an_uninterrupted_run(tiny_data, tmp_path, ema):
     a, b = tmp_path / "a", tmp_path / "b"
@@ -94,6 +194,7 @@ def test_ema_is_a_moving_average_with_a_short_warmup():
     assert ema.module[1].num_batches_tracked.item() == model[1].num_batches_tracked.item()
 
 
+@pytest.mark.slow
 def test_with_ema_the_checkpoint_holds_the_average_and_last_pth_the_raw_weights(tiny_data, tmp_path):
     assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2", "--ema-decay", "0.9")) == 0
     last = torch.load(tmp_path / "models" / "last.pth", weights_only=True)
@@ -103,6 +204,7 @@ def test_with_ema_the_checkpoint_holds_the_average_and_last_pth_the_raw_weights(
     assert not torch.equal(averaged["fc.weight"], raw["fc.weight"])
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tiny_data, tmp_path):
     for run in ("a", "b"):
         assert train.main(train_args(tiny_data, tmp_path / run, "--epochs", "2")) == 0
@@ -111,6 +213,7 @@ def test_same_seed_same_metrics(tiny_data, tmp_path):
            [(h["train_loss"], h["val_loss"], h["val_acc"]) for h in hb]
 
 
+@pytest.mark.slow
 def test_classes_subset_and_val_split_without_val_folder(tmp_path, capsys):
     data = make_synthetic(tmp_path / "d", {"cat": 10, "dog": 10, "horse": 10}, size=24, splits=("train",))
     assert train.main(train_args(data, tmp_path, "--classes", "cat", "dog")) == 0
@@ -118,6 +221,7 @@ def test_classes_subset_and_val_split_without_val_folder(tmp_path, capsys):
     assert torch.load(tmp_path / "models" / "best_model.pth", weights_only=True)["classes"] == ["cat", "dog"]
 
 
+@pytest.mark.slow
 def test_early_stopping(tiny_data, tmp_path, capsys):
     train.main(train_args(tiny_data, tmp_path, "--epochs", "30", "--patience", "1", "--lr", "0"))
     out = capsys.readouterr().out
@@ -149,3 +253,223 @@ def test_user_errors_exit_nonzero_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code != 0, message
         assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_training_fits_a_temperature_and_logs_the_confusion_matrix(tiny_data, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = train.run(parse_config(train_args(tiny_data, tmp_path, "--epochs", "2")))
+    assert "calibration on val: temperature" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "models" / "best_model.pth")
+    assert ckpt["temperature"] == summary["temperature"] != 1.0
+    # The reported calibration errors are those of the saved model's val predictions, before and after.
+    _, val, _ = load_data(str(tiny_data), None, 32, 1, 0.2, 0)
+    logits = predict_logits(model_from_checkpoint(ckpt), val.images, torch.device("cpu"), tta=True)
+    for key, t in (("val_ece_before", 1.0), ("val_ece_after", ckpt["temperature"])):
+        assert summary[key] == pytest.approx(expected_calibration_error(torch.softmax(logits / t, 1), val.labels),
+                                             abs=1e-9), key
+    acc = EventAccumulator(str(tmp_path / "logs" / "t"))
+    acc.Reload()
+    assert "confusion_matrix/val" in acc.Tags()["images"]
+    assert "acc/val" in acc.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_class_weights_change_the_loss(tmp_path):
+    data = make_synthetic(tmp_path / "d", {"cat": 24, "dog": 8}, size=32, seed=3)
+    losses = {}
+    for mode in ("none", "auto"):
+        assert train.main(train_args(data, tmp_path / mode, "--class-weights", mode, "--label-smoothing", "0")) == 0
+        losses[mode] = torch.load(tmp_path / mode / "models" / "last.pth", weights_only=True)["history"][0]
+    assert losses["auto"]["train_loss"] != pytest.approx(losses["none"]["train_loss"], rel=1e-3)
+    # Inverse-frequency weights make a mistake on the rare class cost more.
+    labels = torch.tensor([0, 0, 0, 1])
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [2.0, 0.0]])
+    w = train.class_weight_tensor(labels, 2, "auto")
+    assert F.cross_entropy(logits, labels, weight=w) > F.cross_entropy(logits, labels)
+
+
+def test_pretrained_needs_a_torchvision_arch(tiny_data, tmp_path, capsys):
+    code = train.main(train_args(tiny_data, tmp_path, "--pretrained"))  # arch resnet_small
+    err = capsys.readouterr().err
+    assert code == 2 and "resnet18 or resnet50" in err and "Traceback" not in err
+
+
+def _backbone(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def test_param_groups_freeze_and_frozen_batchnorm():
+    model = SmallResNet(3, 1, 8)
+    groups = train.finetune_param_groups(model, 1e-2, 0.05, 0.1)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    assert {id(p) for g in groups[2:] for p in g["params"]} == {id(model.fc.weight), id(model.fc.bias)}
+
+    train.set_backbone_trainable(model, False)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    train.train_mode(model)
+    assert model.training and model.fc.training
+    assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    train.set_backbone_trainable(model, True)
+    train.train_mode(model)
+    assert all(p.requires_grad for p in model.parameters()) and all(m.training for m in model.modules())
+
+
+@pytest.mark.slow
+def test_two_phase_fine_tuning_from_a_weights_file(tmp_path, capsys):
+    """Phase 1 leaves the pretrained backbone exactly as loaded; phase 2 (after --resume) changes it."""
+    data = make_synthetic(tmp_path / "d", 8, size=24, seed=1)
+    weights = tmp_path / "r18.pth"
+    imagenet_like_resnet18(weights)
+    expected = adapt_state_dict(torch.load(weights, weights_only=True), 1)
+    # 16 px keeps resnet18 quick on a CPU: 8x8 after its stem.
+    argv = train_args(data, tmp_path, "--arch", "resnet18", "--weights", str(weights), "--freeze-epochs", "1",
+                      "--lr", "1e-2", "--image-size", "16", "--no-tta")
+    assert train.main(argv) == 0
+    assert "training the head only" in capsys.readouterr().out
+    phase1 = torch.load(tmp_path / "models" / "last.pth", weights_only=True)
+    assert phase1["normalization"] == {"mean": [0.449], "std": [0.226]}
+    state1 = phase1["model_state"]
+    for k, v in _backbone(state1).items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, expected[k]), k  # weights and BatchNorm statistics untouched
+    assert not torch.equal(state1["fc.weight"], build_model("resnet18", 2, 1, image_size=16).fc.weight)
+
+    # The resumed run starts in phase 2 (the unfreezing within one run is tested with torchrun, in
+    # test_distributed.py, where DDP must be rebuilt).
+    assert train.main(["--resume", "--out-dir", str(tmp_path / "models"), "--epochs", "2"]) == 0
+    assert "epoch 2/2" in capsys.readouterr().out
+    phase2 = torch.load(tmp_path / "models" / "last.pth", weights_only=True)
+    changed = [k for k, v in _backbone(phase2["model_state"]).items() if not torch.equal(v, state1[k])]
+    assert "conv1.weight" in changed and "layer4.1.conv2.weight" in changed
+    lrs = [g["lr"] for g in phase2["optimizer_state"]["param_groups"]]
+    assert lrs[0] == pytest.approx(lrs[2] * 0.1) and lrs[2] > 0
+
+    # Inference normalizes with the checkpoint's statistics, not the [-1, 1] default.
+    ckpt = load_checkpoint(tmp_path / "models" / "last.pth")
+    image = next((data / "test" / "cat").iterdir())
+    result = inference.classify([image], ckpt, tta=False)[0]
+    x = image_tensor(image, 16, 1, ckpt["normalization"])
+    with torch.no_grad():
+        probs = torch.softmax(model_from_checkpoint(ckpt)(x), 1)[0]
+    assert result["confidence"] == pytest.approx(probs.max().item(), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_image_size_48_and_rgb_end_to_end(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "d", 8, size=56, seed=3)
+    assert train.main(train_args(data, tmp_path, "--image-size", "48", "--channels", "3")) == 0
+    ckpt = load_checkpoint(tmp_path / "models" / "best_model.pth")
+    assert (ckpt["image_size"], ckpt["channels"]) == (48, 3)
+    assert model_from_checkpoint(ckpt).stem[0].in_channels == 3
+    capsys.readouterr()
+    image = next((data / "test" / "dog").iterdir())
+    assert inference.main(["--image", str(image), "--checkpoint", str(tmp_path / "models" / "best_model.pth")]) == 0
+    label, conf = expected_answer(ckpt, image)
+    assert capsys.readouterr().out == f"{label}  {conf:.2f}\n"
+
+
+@pytest.mark.slow
+def test_many_classes_report_top5(tmp_path, capsys):
+    classes = {f"shape{k:02d}": 4 for k in range(12)}
+    data = make_synthetic(tmp_path / "d", classes, size=40, seed=4)
+    assert train.main(train_args(data, tmp_path)) == 0
+    assert " top5 " in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "models" / "last.pth")
+    assert ckpt["classes"] == sorted(classes)
+    h = ckpt["history"][0]
+    assert h["val_acc"] <= h["val_top5"]  # the right class among the best 5 at least as often as first
+    results = inference.classify(sorted((data / "test").rglob("*.png"))[:3], ckpt)
+    assert all(r["label"] in classes for r in results)
+
+
+class _Lookup(torch.nn.Module):
+    """Returns preset logits for images whose pixels all hold their row number."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+        self.fc = torch.nn.Linear(1, logits.shape[1])
+
+    def forward(self, x):
+        rows = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()
+        return self.logits[rows]
+
+
+def test_evaluate_top5_counts_a_label_among_the_five_best():
+    logits = torch.tensor([[9.0, 8, 7, 6, 5, 4, 3],    # label 0: top-1
+                           [9.0, 8, 7, 6, 5, 4, 3],    # label 4: top-5 only
+                           [9.0, 8, 7, 6, 5, 4, 3],    # label 6: neither
+                           [0.0, 0, 0, 0, 0, 0, 9]])   # label 6: top-1
+    images = torch.arange(4, dtype=torch.uint8)[:, None, None, None].expand(4, 1, 2, 2).clone()
+    data = Split(images, torch.tensor([0, 4, 6, 6]), ["a", "b", "c", "d"])
+    ev = train.validate(_Lookup(logits), data, torch.device("cpu"))
+    assert ev["acc"] == 0.5 and ev["top5"] == 0.75
+    assert "top5" not in train.validate(_Lookup(logits[:, :5]), Split(images, torch.tensor([0, 4, 1, 1]),
+                                                                       ["a", "b", "c", "d"]), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- mixed precision
+# Which autocast dtype each device gets, and fp16 training through a GradScaler (CPU tests; the CUDA queries are
+# replaced by stand-ins for the GPUs in question).
+
+CUDA = torch.device("cuda")
+
+
+def fake_gpu(native_bf16: bool, emulated_bf16: bool):
+    """A torch.cuda.is_bf16_supported for a GPU that computes bf16 natively (A100, H100...), only emulates it
+    (T4, V100: counted by the default including_emulation=True), or has none."""
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native_bf16 or (including_emulation and emulated_bf16)
+    return is_bf16_supported
+
+
+@pytest.mark.parametrize("native, emulated, expected", [(True, True, torch.bfloat16), (False, True, torch.float16),
+                                                        (False, False, torch.float16)])
+def test_cuda_uses_bf16_only_where_it_is_native(monkeypatch, native, emulated, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake_gpu(native, emulated))
+    assert train.pick_amp_dtype(CUDA, enabled=True) is expected
+    assert train.pick_amp_dtype(CUDA, enabled=False) is None
+
+
+@pytest.mark.parametrize("native_cpu, expected", [(True, torch.bfloat16), (False, None)])
+def test_cpu_uses_bf16_where_native_else_fp32(monkeypatch, native_cpu, expected):
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: native_cpu)
+    assert train.pick_amp_dtype(torch.device("cpu"), enabled=True) is expected
+    assert train.pick_amp_dtype(torch.device("mps"), enabled=True) is None
+
+
+def test_only_fp16_needs_a_grad_scaler_and_the_start_up_line_says_which():
+    assert [train.needs_grad_scaler(d) for d in (torch.float16, torch.bfloat16, None)] == [True, False, False]
+    assert train.precision_name(torch.float16) == "fp16 autocast + GradScaler"
+    assert train.precision_name(torch.bfloat16) == "bf16 autocast"
+    assert train.precision_name(None) == "fp32"
+
+
+def test_fp16_training_steps_go_through_the_grad_scaler(tiny_data, tmp_path, monkeypatch, capsys):
+    """fp16 as on a GPU without native bf16 (CPU autocast computes fp16 too): every step is scaled, stepped by the
+    scaler and followed by its update, and the run trains and saves as usual."""
+    calls = {"scale": 0, "step": 0, "update": 0}
+    for name in calls:
+        original = getattr(torch.amp.GradScaler, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.amp.GradScaler, name, spy)
+    monkeypatch.setattr(train, "pick_amp_dtype", lambda device, enabled: torch.float16 if enabled else None)
+    assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2")) == 0
+    out = capsys.readouterr().out
+    assert "fp16 autocast + GradScaler" in out.split("device: ", 1)[1].splitlines()[0]
+    steps = 2 * (32 // 8)  # 16 train images per class, batch 8
+    assert calls == {"scale": steps, "step": steps, "update": steps}
+    assert (tmp_path / "models" / "best_model.pth").is_file()
+
+
+def test_without_fp16_there_is_no_grad_scaler(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", lambda *a, **k: pytest.fail("GradScaler built"))
+    assert train.main(train_args(tiny_data, tmp_path, "--no-amp")) == 0
+    assert "fp32" in capsys.readouterr().out.split("device: ", 1)[1].splitlines()[0]

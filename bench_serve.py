@@ -1,0 +1,192 @@
+"""Benchmark serve.py: requests/s and latency of single-image requests at 1, 8 and 32 concurrent clients, and
+the server's memory before and after 5,000 requests.
+
+Usage:
+    python bench_serve.py                                    # first trains the default model 1 epoch on synthetic data
+    python bench_serve.py --checkpoint models/best_model.pth --image photo.jpg
+    python bench_serve.py --requests 500 --memory-requests 2000 -- --threads 1 --torch-threads 2   # serve.py flags
+
+The server runs as `python serve.py` in its own process on a free localhost port; the clients are threads of
+this process, each with its own keep-alive connection, sending one image as the raw body of POST /predict.
+Without --image the image is a generated 200x200 JPEG (the size of the cat/dog photos). Speed depends on the
+architecture, width and image size, not on how well the model was trained. Prints a Markdown table, then one
+JSON object with the same figures.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import train
+from checkpoint import load_checkpoint, width_of
+from common import UserError
+from dataset import make_synthetic
+
+ROOT = Path(__file__).resolve().parent
+CLIENTS = (1, 8, 32)
+
+
+def train_default_model(work: Path) -> Path:
+    """The default architecture (train.py's defaults) after 1 epoch on a small synthetic set: its checkpoint."""
+    data = make_synthetic(work / "data", 32, size=64, seed=0)
+    flags = ["--data", str(data), "--epochs", "1", "--workers", "0", "--out-dir", str(work / "models"),
+             "--log-dir", str(work / "logs"), "--curves-dir", str(work / "curves"), "--cache-dir",
+             str(work / "cache"), "--run-name", "bench_serve"]
+    with contextlib.redirect_stdout(sys.stderr):  # stdout keeps only the figures
+        code = train.main(flags)
+    if code != 0:
+        raise UserError("training the benchmark's model failed")
+    return work / "models" / "best_model.pth"
+
+
+def sample_jpeg(size: int = 200) -> bytes:
+    """A photo-sized RGB JPEG: a gradient with noise, so it compresses like a photo rather than a flat colour."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    pixels = np.stack([xx, yy, (xx + yy) // 2], -1) + rng.integers(-40, 40, (size, size, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process in MiB (Linux /proc), or None elsewhere."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def start_server(checkpoint: Path, port: int, flags: list[str]) -> subprocess.Popen:
+    """serve.py in its own process, returned once /health answers."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(checkpoint), "--port",
+                             str(port), "--log-level", "warning", *flags], cwd=ROOT, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise UserError("serve.py did not start") from None
+            time.sleep(0.2)
+
+
+def load(port: int, image: bytes, clients: int, requests: int) -> dict:
+    """`requests` POST /predict of one image from `clients` threads: throughput and latency percentiles."""
+    latencies: list[float] = []
+    failures = []
+    lock = threading.Lock()
+    counts = [requests // clients + (i < requests % clients) for i in range(clients)]
+
+    def client(n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        mine = []
+        try:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                conn.request("POST", "/predict", body=image, headers={"Content-Type": "image/jpeg"})
+                response = conn.getresponse()
+                body = response.read()
+                mine.append(time.perf_counter() - t0)
+                if response.status != 200:
+                    failures.append(f"{response.status} {body[:200]!r}")
+        finally:
+            conn.close()
+            with lock:
+                latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in counts]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if failures or len(latencies) != requests:
+        raise UserError(f"{len(failures)} failed requests, e.g. {failures[:1]}; {len(latencies)} of {requests} done")
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {"clients": clients, "requests": requests, "requests_per_s": round(requests / wall, 1),
+            "p50_ms": round(q[49] * 1000, 1), "p99_ms": round(q[98] * 1000, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="", help="checkpoint to serve (default: train the default model "
+                        "1 epoch on synthetic data in a temporary folder)")
+    parser.add_argument("--image", default="", help="the image every request sends (default: a generated JPEG)")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per concurrency level (default: 1000)")
+    parser.add_argument("--memory-requests", type=int, default=5000,
+                        help="requests between the two memory readings (default: 5000)")
+    argv = sys.argv[1:] if argv is None else argv
+    serve_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:len(argv) - len(serve_flags) - (1 if "--" in argv else 0)])
+    try:
+        if args.requests < max(CLIENTS) or args.memory_requests < 1:
+            raise UserError(f"--requests must be at least {max(CLIENTS)} and --memory-requests at least 1")
+        with tempfile.TemporaryDirectory() as work:
+            checkpoint = Path(args.checkpoint) if args.checkpoint else train_default_model(Path(work))
+            image = Path(args.image).read_bytes() if args.image else sample_jpeg()
+            port = free_port()
+            server = start_server(checkpoint, port, serve_flags)
+            try:
+                rss_started = rss_mb(server.pid)
+                load(port, image, 8, 100)  # warm-up: first calls allocate the batch-of-one buffers
+                rows = [load(port, image, c, args.requests) for c in CLIENTS]
+                rss_before = rss_mb(server.pid)
+                memory_run = load(port, image, 8, args.memory_requests)
+                rss_after = rss_mb(server.pid)
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+            ckpt = load_checkpoint(checkpoint)
+    except (UserError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model = (f"{ckpt['arch']} width {width_of(ckpt)}, {ckpt['image_size']}x{ckpt['image_size']}"
+             f" {ckpt['channels']}-channel input, {len(ckpt['classes'])} classes")
+    print(f"{model}; {len(image)}-byte image; serve.py flags: {' '.join(serve_flags) or 'the defaults'}\n")
+    print("| clients | requests/s | p50 latency | p99 latency |\n|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['clients']} | {r['requests_per_s']} | {r['p50_ms']} ms | {r['p99_ms']} ms |")
+    print(f"\nserver RSS: {rss_started} MiB started, {rss_before} MiB before and {rss_after} MiB after "
+          f"{args.memory_requests} more requests ({memory_run['requests_per_s']} requests/s)\n")
+    result = {"machine": {"cpu_cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+              "checkpoint": args.checkpoint or "the default model, 1 epoch on synthetic data", "model": model,
+              "image_bytes": len(image), "serve_flags": serve_flags, "levels": rows,
+              "rss_mb": {"started": rss_started, "before": rss_before, "after": rss_after,
+                         "requests_between": args.memory_requests}}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Report on a dataset before training: counts, unreadable files and why, duplicates, leakage; quarantine.
+
+Usage:
+    python check_data.py DATA                          # the report; exit 1 when training on it would fail
+    python check_data.py DATA --json                   # the full report as JSON
+    python check_data.py DATA --quarantine bad_files   # move unreadable files out (never deletes)
+    python train.py --data DATA --check-only           # the same report
+
+DATA has the layout train.py reads: DATA/train/<class>/*, optionally DATA/val/ and DATA/test/.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from PIL import Image
+
+from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, SPLITS, UserError
+from dataset import check_layout, decode_files, find_classes, is_hidden, list_images
+
+TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model
+
+
+def file_sha1(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def image_header(path: str | Path) -> tuple[str, str, tuple[int, int]] | None:
+    """(format, mode, (width, height)) read from the header only, without decoding pixels; None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.format or "", img.mode, img.size
+    except Exception:  # any failure is reported by the full decode, with its reason
+        return None
+
+
+def hidden_entries(split_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(hidden folders, hidden files) under split_dir, which discovery skips; nothing inside hidden folders."""
+    folders, files = [], []
+    for here, dirs, names in os.walk(split_dir):
+        folders += [Path(here) / d for d in dirs if is_hidden(d)]
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        files += [Path(here) / n for n in names if is_hidden(n)]
+    return sorted(folders), sorted(files)
+
+
+def data_report(data_dir: str | Path, max_bad_fraction: float = 0.5, workers: int = 0) -> dict:
+    """Everything `python check_data.py` shows, as plain data (paths relative to data_dir).
+
+    Keys: counts {split: {class: readable images}}, unreadable [{path, reason}], modes and formats {name: n},
+    sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not what the
+    extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
+    empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest /
+    smallest train class, None when one is empty), fatal and warnings [messages].
+    """
+    root = Path(data_dir)
+    check_layout(root, "train")
+
+    def rel(p: str | Path) -> str:
+        return Path(p).relative_to(root).as_posix()
+
+    r: dict = {"data": str(root), "classes": find_classes(root / "train"), "counts": {}, "unreadable": [],
+               "modes": {}, "formats": {}, "sizes": {}, "tiny": [], "mismatched": [], "duplicates": [],
+               "leaks": [], "empty_classes": [], "hidden_folders": [], "hidden_files": [], "ignored": [],
+               "imbalance": None, "fatal": [], "warnings": []}
+    entries = []  # (split, class, path) of every image file
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        classes = find_classes(split_dir)
+        paths, labels, ignored = list_images(split_dir, classes)
+        entries += [(split, classes[k], p) for p, k in zip(paths, labels)]
+        r["counts"][split] = {c: 0 for c in classes}
+        present = set(labels)
+        r["empty_classes"] += [f"{split}/{c}" for k, c in enumerate(classes) if k not in present]
+        folders, files = hidden_entries(split_dir)
+        r["hidden_folders"] += [rel(p) for p in folders]
+        r["hidden_files"] += [rel(p) for p in files]
+        r["ignored"] += [rel(p) for p in ignored]
+
+    decoded = decode_files([p for _, _, p in entries], TINY_SIDE, 1, workers, desc="checking")
+    modes, formats, sizes = Counter(), Counter(), Counter()
+    by_hash, bad_per_split, files_per_split = defaultdict(list), Counter(), Counter()
+    for (split, cls, path), (_, reason) in zip(entries, decoded):
+        files_per_split[split] += 1
+        if reason:
+            bad_per_split[split] += 1
+            r["unreadable"].append({"path": rel(path), "reason": reason})
+            continue
+        r["counts"][split][cls] += 1
+        by_hash[file_sha1(path)].append((split, rel(path)))
+        header = image_header(path)
+        if header is None:
+            continue
+        fmt, mode, size = header
+        modes[mode] += 1
+        formats[fmt] += 1
+        sizes[size] += 1
+        if min(size) < TINY_SIDE:
+            r["tiny"].append({"path": rel(path), "size": list(size)})
+        expected = FORMATS_BY_SUFFIX.get(Path(path).suffix.lower())
+        if expected and fmt != expected:
+            r["mismatched"].append({"path": rel(path), "format": fmt})
+    r["modes"], r["formats"] = dict(modes.most_common()), dict(formats.most_common())
+    if sizes:
+        by_area = sorted(sizes, key=lambda s: (s[0] * s[1], s))
+        r["sizes"] = {"min": list(by_area[0]), "max": list(by_area[-1]),
+                      "most_common": [[w, h, n] for (w, h), n in sizes.most_common(5)]}
+    for group in by_hash.values():
+        if len(group) > 1:
+            splits = {s for s, _ in group}
+            (r["leaks"] if len(splits) > 1 else r["duplicates"]).append([p for _, p in group])
+
+    _judge(r, files_per_split, bad_per_split, max_bad_fraction)
+    return r
+
+
+def _judge(r: dict, files: dict, bad: dict, max_bad_fraction: float) -> None:
+    """Fill r['fatal'] (training would stop or be meaningless) and r['warnings'], and the imbalance."""
+    classes, counts = r["classes"], r["counts"]
+    if len(classes) < 2:
+        r["fatal"].append(f"train/ has {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); "
+                          "a classifier needs at least 2")
+    for split in ("train", "val"):
+        if split not in counts:
+            continue
+        no_images = [c for c in classes if counts[split].get(c, 0) == 0]
+        if no_images:
+            r["fatal"].append(f"{split}/ has no readable image for class(es): {', '.join(no_images)}")
+    for split, n in files.items():
+        if n and bad[split] / n > max_bad_fraction:
+            message = f"{bad[split]} of {n} image files in {split}/ cannot be read"
+            (r["fatal"] if split != "test" else r["warnings"]).append(message)
+    train_counts = [counts["train"][c] for c in classes]
+    if len(classes) >= 2 and min(train_counts) > 0:
+        r["imbalance"] = round(max(train_counts) / min(train_counts), 2)
+        if r["imbalance"] >= 1.5:
+            r["warnings"].append(f"classes are imbalanced ({r['imbalance']}x); consider --class-weights auto")
+    for split in ("val", "test"):
+        extra = sorted(set(counts.get(split, {})) - set(classes))
+        if extra:
+            r["warnings"].append(f"{split}/ has class folder(s) not in train/, which are ignored: {', '.join(extra)}")
+    if "val" not in counts:
+        r["warnings"].append("no val/ folder: train.py holds out --val-fraction of train/ instead")
+    if r["leaks"]:
+        r["warnings"].append(f"{len(r['leaks'])} file(s) appear in more than one split (leakage inflates val/test "
+                             "accuracy): remove the copies")
+    if r["duplicates"]:
+        r["warnings"].append(f"{len(r['duplicates'])} group(s) of identical files within a split")
+    if r["unreadable"]:
+        r["warnings"].append(f"{len(r['unreadable'])} unreadable file(s) will be skipped "
+                             "(move them away with --quarantine DIR)")
+
+
+def format_report(r: dict, limit: int = 20) -> str:
+    """The report as text for a terminal; long lists are cut at `limit` lines (--json has everything)."""
+    lines = [f"data: {r['data']}"]
+    splits = list(r["counts"])
+    names = sorted(set(r["classes"]).union(*(r["counts"][s] for s in splits)))
+    width = max([len(n) for n in names] + [5])
+    lines.append(f"  {'class':<{width}}" + "".join(f"{s:>8}" for s in splits))
+    for name in names:
+        lines.append(f"  {name:<{width}}" + "".join(f"{r['counts'][s].get(name, '-'):>8}" for s in splits))
+    lines.append(f"  {'total':<{width}}" + "".join(f"{sum(r['counts'][s].values()):>8}" for s in splits))
+    if r["imbalance"] is not None:
+        lines.append(f"class imbalance in train (largest / smallest): {r['imbalance']}x")
+    if r["modes"]:
+        lines.append("image modes: " + ", ".join(f"{m} {n}" for m, n in r["modes"].items()))
+        lines.append("file types: " + ", ".join(f"{m} {n}" for m, n in r["formats"].items()))
+    if r["sizes"]:
+        s = r["sizes"]
+        lines.append(f"sizes: smallest {s['min'][0]}x{s['min'][1]}, largest {s['max'][0]}x{s['max'][1]}, "
+                     "most common " + ", ".join(f"{w}x{h} ({n})" for w, h, n in s["most_common"]))
+
+    def section(title: str, items: list[str]) -> None:
+        if items:
+            lines.append(f"{title} ({len(items)}):")
+            lines.extend(f"  {item}" for item in items[:limit])
+            if len(items) > limit:
+                lines.append(f"  ... and {len(items) - limit} more (see --json)")
+
+    section("unreadable files, skipped by training", [f"{u['path']}: {u['reason']}" for u in r["unreadable"]])
+    section(f"tiny images (a side under {TINY_SIDE} px)", [f"{t['path']} ({t['size'][0]}x{t['size'][1]})"
+                                                           for t in r["tiny"]])
+    section("content differs from the extension (read by content, fine)",
+            [f"{m['path']}: {m['format']}" for m in r["mismatched"]])
+    section("identical files in more than one split (leakage)", [" = ".join(g) for g in r["leaks"]])
+    section("identical files within a split", [" = ".join(g) for g in r["duplicates"]])
+    section("class folders without image files", r["empty_classes"])
+    section("hidden folders, ignored", r["hidden_folders"])
+    section(f"skipped for their extension, not one of {' '.join(sorted(IMAGE_EXTENSIONS))} (rename any that are "
+            "images)", r["ignored"])
+    if r["hidden_files"]:
+        lines.append(f"hidden files, ignored: {len(r['hidden_files'])} (.DS_Store and the like)")
+    section("quarantined", [f"{src} -> {dst}" for src, dst in r.get("quarantined", [])])
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    lines += [f"FATAL: {f}" for f in r["fatal"]]
+    lines.append("verdict: " + ("cannot train on this data" if r["fatal"] else "ok to train"))
+    return "\n".join(lines)
+
+
+def quarantine(data_dir: str | Path, rel_paths: list[str], dest: str | Path) -> list[tuple[str, str]]:
+    """Move files (paths relative to data_dir) under dest with the same relative paths; never overwrites."""
+    root, dest = Path(data_dir).resolve(), Path(dest).resolve()
+    if any(dest.is_relative_to(root / s) for s in SPLITS):
+        raise UserError(f"--quarantine {dest} is inside the data's split folders; pick a folder outside them")
+    moved = []
+    for rel_path in rel_paths:
+        src, dst = root / rel_path, dest / rel_path
+        n = 1
+        while dst.exists():  # a file quarantined by an earlier check keeps its place
+            dst = dest / Path(rel_path).with_name(f"{Path(rel_path).stem}.{n}{Path(rel_path).suffix}")
+            n += 1
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(src, dst)
+        moved.append((str(src), str(dst)))
+    return moved
+
+
+def check_data(data: str, quarantine_dir: str = "", as_json: bool = False, max_bad_fraction: float = 0.5,
+               workers: int = 2) -> int:
+    """Print the report (and quarantine unreadable files when asked); 1 when training on this data would fail."""
+    report = data_report(data, max_bad_fraction, workers)
+    if quarantine_dir and report["unreadable"]:
+        report["quarantined"] = quarantine(data, [u["path"] for u in report["unreadable"]], quarantine_dir)
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
+    return 1 if report["fatal"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", help="dataset root with train/<class>/* (and optionally val/, test/)")
+    parser.add_argument("--quarantine", metavar="DIR", default="",
+                        help="move unreadable files into DIR, keeping their paths relative to DATA")
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.5,
+                        help="a split with more unreadable files than this share is fatal")
+    parser.add_argument("--workers", type=int, default=2, help="processes that decode images")
+    args = parser.parse_args(argv)
+    try:
+        return check_data(args.data, args.quarantine, args.json, args.max_bad_fraction, args.workers)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Small pieces every script shares: the user-error type, split names, image extensions, device choice, atomic
+writes. The bottom of the import graph: it imports no other module of this project.
+
+Usage (from other scripts):
+    raise UserError("no dataset at ...")      # main() prints it as one line, no traceback
+    device = pick_device("auto")              # cuda, then mps, then cpu
+    save_atomic(obj, "models/last.pth")       # the old file or the new one, never half of one
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+SPLITS = ("train", "val", "test")
+# The file extensions read as images, and the PIL format each should hold (check_data.py names mismatches).
+FORMATS_BY_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP", ".gif": "GIF",
+                     ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM"}
+IMAGE_EXTENSIONS = set(FORMATS_BY_SUFFIX)
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, no checkpoint yet...): printed as one line, no traceback."""
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; a named device is checked where that is cheap."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"  # save_atomic writes .NAME.<random>.tmp beside NAME
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: a crash leaves the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # fsync the folder so the rename itself survives a power cut.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temp_files(folder: str | Path, name_pattern: str = "*") -> None:
+    """Delete save_atomic's temp files left in `folder` by a process killed while saving."""
+    for stale in Path(folder).glob(f"{TEMP_PREFIX}{name_pattern}.*{TEMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)

@@ -1,0 +1,134 @@
+"""Metrics: pure functions on logits, labels and confusion matrices, used by train.py and evaluate.py.
+
+Usage (from other scripts):
+    cm = confusion_matrix(labels, logits.argmax(1), num_classes)
+    m = compute_metrics(logits, labels, class_names, temperature)   # what evaluate.py writes to metrics.json
+    t = fit_temperature(val_logits, val_labels)                     # softmax temperature for calibration
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) int64 counts: rows are the true classes, columns the predicted ones."""
+    flat = y_true.long() * num_classes + y_pred.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def classification_report(cm: torch.Tensor, class_names: list[str]) -> dict:
+    """Per-class precision, recall, F1 and support from a confusion matrix, with macro and weighted averages.
+
+    A class that is never predicted gets precision 0 and one with no images recall 0 (as scikit-learn's
+    zero_division=0), instead of a division by zero.
+    """
+    cm = cm.double()
+    tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
+    # tp is 0 wherever a denominator is 0, so clamping the denominator to 1 yields exactly 0 there.
+    precision = tp / predicted.clamp(min=1)
+    recall = tp / support.clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    total = support.sum().item()
+    weights = support / max(total, 1)
+
+    def averages(w: torch.Tensor) -> dict:
+        return {"precision": (precision * w).sum().item(), "recall": (recall * w).sum().item(),
+                "f1": (f1 * w).sum().item(), "support": int(total)}
+
+    per_class = {name: {"precision": p, "recall": r, "f1": f, "support": int(s)}
+                 for name, p, r, f, s in zip(class_names, precision.tolist(), recall.tolist(), f1.tolist(),
+                                             support.tolist())}
+    return {"per_class": per_class, "accuracy": tp.sum().item() / max(total, 1),
+            "macro avg": averages(torch.full_like(support, 1 / len(class_names))),
+            "weighted avg": averages(weights)}
+
+
+def correct_count(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> int:
+    """How many images have their true class among the k highest logits (k = 1: the prediction is right)."""
+    if len(labels) == 0:
+        return 0
+    if k == 1:  # argmax: ties go to the first class, as everywhere else
+        return int((logits.argmax(1) == labels).sum().item())
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return int((top == labels[:, None]).any(1).sum().item())
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Share of images whose true class is among the k highest logits."""
+    return correct_count(logits, labels, k) / len(labels) if len(labels) else float("nan")
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed plain cross-entropy (no label smoothing or class weights): per-process sums add up across ranks."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum").item() if len(labels) else 0.0
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins by image count."""
+    if len(labels) == 0:
+        return float("nan")
+    conf, pred = probs.double().max(1)
+    correct = (pred == labels).double()
+    inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1]
+    bins = torch.bucketize(conf, inner_edges)  # bin i holds (edge_i, edge_i+1]
+    conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
+    correct_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
+    # sum over bins of n_b/N * |acc_b - conf_b| == sum over bins of |correct_b - conf_b| / N
+    return ((conf_sum - correct_sum).abs().sum() / len(labels)).item()
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood (cross-entropy) of the softmax of logits / temperature."""
+    return F.cross_entropy(logits.double() / temperature, labels).item()
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, low: float = 0.01, high: float = 100.0,
+                    steps: int = 50) -> float:
+    """The softmax temperature T in [low, high] that minimises the NLL of logits / T.
+
+    A golden-section search on log T: the NLL is convex in 1/T, hence has a single minimum along log T,
+    which the search brackets without gradients or a learning rate. Dividing by T keeps every argmax.
+    """
+    if len(labels) == 0:
+        return 1.0
+    logits = logits.double()
+    a, b = math.log(low), math.log(high)
+    ratio = (math.sqrt(5) - 1) / 2
+    x1, x2 = b - ratio * (b - a), a + ratio * (b - a)
+    f1, f2 = nll(logits, labels, math.exp(x1)), nll(logits, labels, math.exp(x2))
+    for _ in range(steps):
+        if f1 <= f2:
+            b, x2, f2 = x2, x1, f1
+            x1 = b - ratio * (b - a)
+            f1 = nll(logits, labels, math.exp(x1))
+        else:
+            a, x1, f1 = x1, x2, f2
+            x2 = a + ratio * (b - a)
+            f2 = nll(logits, labels, math.exp(x2))
+    return math.exp((a + b) / 2)
+
+
+def most_confident_wrong(probs: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the (at most n) misclassified images, most confident prediction first."""
+    conf, pred = probs.max(1)
+    wrong = (pred != labels).nonzero().flatten()
+    return wrong[conf[wrong].argsort(descending=True, stable=True)][:n]
+
+
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str],
+                    temperature: float = 1.0) -> dict:
+    """Everything metrics.json holds, in plain types: loss, accuracy, top-5, calibration, per-class figures."""
+    k = len(class_names)
+    cm = confusion_matrix(labels, logits.argmax(1), k)
+    probs = torch.softmax(logits.double() / temperature, 1)
+    out = {"images": len(labels), "loss": nll(logits, labels), **classification_report(cm, class_names)}
+    if k > 5:
+        out["top5_accuracy"] = topk_accuracy(logits, labels, 5)
+    out.update(temperature=temperature, loss_calibrated=nll(logits, labels, temperature),
+               ece_uncalibrated=expected_calibration_error(torch.softmax(logits.double(), 1), labels),
+               ece=expected_calibration_error(probs, labels), classes=list(class_names),
+               confusion_matrix=cm.tolist())
+    return out

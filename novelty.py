@@ -1,0 +1,508 @@
+"""Novelty scores: does an image belong to any known class? Scores, thresholds, metrics and a synthetic unknown set.
+
+Usage:
+    python novelty.py unknown DIR --count 600            # write synthetic far-away images (shapes, noise, text...)
+
+    feats = extract_features(model, images, normalization=ckpt["normalization"], tta=True)
+    state = fit_score("layer_mahalanobis", train_feats, train_labels, num_classes)  # plain dict, weights_only-safe
+    scores = novelty_score(state, feats)                      # one per image; higher = less like any known class
+    threshold = threshold_for_accept_rate(val_scores, 0.95)   # accept when score <= threshold
+    states = fit_states(train_feats, train_labels, num_classes)  # the chosen score + the others within 10 MB
+    unknown_report(states, "layer_mahalanobis", threshold, val_feats, unknown_feats)  # metrics.json "unknown"
+    auroc(known_scores, unknown_scores), fpr_at_tpr(known_scores, unknown_scores, 0.95)
+
+Every score is oriented the same way: the higher, the less the image looks like the training classes.
+  msp                1 - max softmax probability (the confidence --threshold already uses)
+  energy             -T * logsumexp(logits / T)
+  knn                L2 distance from the L2-normalised penultimate feature to its k-th nearest training feature
+                     (a float16 subsample of the training features is kept)
+  mahalanobis        smallest Mahalanobis distance of the L2-normalised penultimate feature to a class mean
+                     (shared covariance, shrunk towards a multiple of the identity)
+  layer_mahalanobis  the same distance on the per-channel mean and spread of every stage's feature maps, from the
+                     stem to the penultimate; each stage's distance is standardised by its spread over the
+                     training images, and the largest counts. The default (DEFAULT_SCORE): on the 64 px cat/dog
+                     model the penultimate features alone place charts, text and flat images among the cats and
+                     dogs (AUROC 0.58-0.67 for every penultimate score), while the early stages' statistics tell
+                     them apart (0.98).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from common import UserError
+from dataset import NORMALIZATION, decode_files, expand_inputs, to_float
+from model import unwrap
+
+SCORES = ("msp", "energy", "knn", "mahalanobis", "layer_mahalanobis")
+DEFAULT_SCORE = "layer_mahalanobis"
+STATE_VERSION = 1
+MAX_STAGE_CHANNELS = 256  # wider stages are averaged over neighbouring channels: a stage adds at most 512 values
+STATE_BUDGET = 10_000_000  # bytes of score states a checkpoint may hold (the chosen score's is always kept)
+KNN_BANK_BYTES = 4_000_000  # the kNN bank stored beside the chosen score: ~5,000 features of 384 values
+
+
+# ---------------------------------------------------------------- features
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """The final linear layer (`fc` in SmallResNet and torchvision ResNets): its input is the penultimate feature."""
+    head = getattr(unwrap(model), "fc", None)
+    if not isinstance(head, nn.Linear):
+        raise UserError(f"do not know where the classifier head of {type(unwrap(model)).__name__} is "
+                        f"(expected a Linear layer named fc)")
+    return head
+
+
+def feature_stages(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are the feature maps of each stage, from the stem to the last residual stage:
+    SmallResNet's stem and blocks, or a torchvision ResNet's stem (up to its max-pool) and layer1-layer4."""
+    model = unwrap(model)
+    if all(hasattr(model, n) for n in ("maxpool", "layer1", "layer2", "layer3", "layer4")):
+        return [model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4]
+    if hasattr(model, "stem") and hasattr(model, "layers"):
+        return [model.stem, *model.layers]
+    raise UserError(f"do not know the stages of {type(model).__name__} for the layer_mahalanobis score")
+
+
+def forward_stages(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(each stage's feature maps, the penultimate feature) of one forward pass, calling the stages in turn as
+    the model's own forward does. No hooks: threads that share the model (serve.py) never see each other's."""
+    model = unwrap(model)
+    if hasattr(model, "layer4"):  # torchvision ResNet
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+        pool = model.avgpool
+    else:  # SmallResNet
+        x = model.stem(x)
+        stages, pool = list(model.layers), model.pool
+    maps = [x]
+    for stage in stages:
+        x = stage(x)
+        maps.append(x)
+    return maps, torch.flatten(pool(x), 1)
+
+
+def stage_statistics(maps: torch.Tensor, max_channels: int = MAX_STAGE_CHANNELS) -> torch.Tensor:
+    """Per-channel mean and standard deviation over space of feature maps (N, C, H, W) -> (N, 2 * min(C, max)),
+    float32; beyond `max_channels`, neighbouring channels' statistics are averaged."""
+    maps = maps.float()
+    stats = [maps.mean((2, 3)), maps.std((2, 3), correction=0)]
+    if maps.shape[1] > max_channels:
+        stats = [F.adaptive_avg_pool1d(s[:, None], max_channels)[:, 0] for s in stats]
+    return torch.cat(stats, 1)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu",
+                     batch_size: int = 512, tta: bool = False, normalization: dict | None = None,
+                     amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict:
+    """What every score needs, float32 on the CPU, for uint8 images (N, C, S, S):
+    {"penultimate": (N, D), "logits": (N, classes), "stages": [(N, d_s) per stage]}.
+
+    The stages are called in turn (forward_stages), exactly as the model's forward does; the logits are the head
+    applied to the penultimate feature. With tta everything is averaged over the image and its mirror; the head
+    being linear, the logits are then exactly the average of both images' logits, as model.predict_logits gives.
+    """
+    device = torch.device(device)
+    norm = normalization or NORMALIZATION
+    head, stages = head_of(model), feature_stages(model)
+    model.eval()
+    penultimate, stats = [], []
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start:start + batch_size].to(device, non_blocking=True), norm["mean"], norm["std"])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        views = [x, x.flip(-1)] if tta else [x]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            passes = [forward_stages(model, v) for v in views]
+        penultimate.append(torch.stack([p.float() for _, p in passes]).mean(0).cpu())
+        stats.append([torch.stack([stage_statistics(maps[i]) for maps, _ in passes]).mean(0).cpu()
+                      for i in range(len(stages))])
+    if not penultimate:
+        return {"penultimate": torch.zeros(0, head.in_features), "logits": torch.zeros(0, head.out_features),
+                "stages": [torch.zeros(0, 0) for _ in stages]}
+    penultimate = torch.cat(penultimate)
+    logits = F.linear(penultimate, head.weight.float().cpu(),
+                      None if head.bias is None else head.bias.float().cpu())
+    return {"penultimate": penultimate, "logits": logits,
+            "stages": [torch.cat([batch[i] for batch in stats]) for i in range(len(stages))]}
+
+
+# ---------------------------------------------------------------- fitting a score's state
+
+def fit_knn(features: torch.Tensor, k: int = 10, max_bytes: int = 8_000_000, seed: int = 0) -> dict:
+    """kNN state: the L2-normalised features in float16, subsampled at random to fit in `max_bytes`."""
+    if len(features) == 0:
+        raise ValueError("fit_knn needs at least one training feature")
+    bank = F.normalize(features.float(), dim=1)
+    keep = max(1, min(len(bank), max_bytes // (2 * bank.shape[1])))
+    if keep < len(bank):
+        idx = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:keep]
+        bank = bank[idx.sort().values]
+    return {"score": "knn", "k": int(min(k, len(bank))), "bank": bank.half().contiguous()}
+
+
+def class_gaussians(features: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float = 0.01
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class means (K, D), precision (D, D)), float32, of the L2-normalised features with one covariance shared
+    by all classes, shrunk towards (its mean variance) x identity so that a small set still inverts. Classes
+    without images get no mean."""
+    x = F.normalize(features.double(), dim=1)
+    labels = labels.long()
+    present = [c for c in range(num_classes) if (labels == c).any()]
+    if not present:
+        raise ValueError("class_gaussians needs at least one training feature")
+    means = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
+    for c in present:
+        means[c] = x[labels == c].mean(0)
+    centred = x - means[labels]
+    cov = centred.T @ centred / len(x)
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * (cov.trace() / d).clamp(min=1e-12) * torch.eye(d, dtype=cov.dtype)
+    return means[present].float(), torch.linalg.pinv(cov, hermitian=True).float()
+
+
+def mahalanobis_distance(means: torch.Tensor, precision: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Smallest squared Mahalanobis distance of each L2-normalised feature to a class mean."""
+    x = F.normalize(features.float(), dim=1)
+    diff = x[:, None, :] - means[None].float()                       # (N, K, D)
+    return torch.einsum("nkd,de,nke->nk", diff, precision.float(), diff).min(1).values
+
+
+def fit_mahalanobis(features: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float = 0.01) -> dict:
+    """Mahalanobis state on the penultimate features: class means and the shared precision."""
+    means, precision = class_gaussians(features, labels, num_classes, shrinkage)
+    return {"score": "mahalanobis", "means": means, "precision": precision}
+
+
+def fit_layer_mahalanobis(stages: list[torch.Tensor], labels: torch.Tensor, num_classes: int,
+                          shrinkage: float = 0.01) -> dict:
+    """layer_mahalanobis state: for each stage, class means, the shared precision, and the mean and standard
+    deviation of the training images' own distances, which put every stage on the same scale."""
+    means, precisions, centre, scale = [], [], [], []
+    for x in stages:
+        m, p = class_gaussians(x, labels, num_classes, shrinkage)
+        d = mahalanobis_distance(m, p, x).double()
+        means.append(m)
+        precisions.append(p)
+        centre.append(d.mean().item())
+        scale.append(max(d.std(correction=0).item(), 1e-12))
+    return {"score": "layer_mahalanobis", "means": means, "precisions": precisions,
+            "centre": torch.tensor(centre), "scale": torch.tensor(scale)}
+
+
+def fit_score(name: str, features: dict, labels: torch.Tensor, num_classes: int,
+              temperature: float = 1.0, **options) -> dict:
+    """The state `novelty_score` needs for score `name`, from the training images' extract_features output:
+    a plain dict of tensors, lists of tensors, ints, floats and strings (loads with weights_only=True)."""
+    if name in ("msp", "energy"):
+        state = {"score": name}
+    elif name == "knn":
+        state = fit_knn(features["penultimate"], **options)
+    elif name == "mahalanobis":
+        state = fit_mahalanobis(features["penultimate"], labels, num_classes, **options)
+    elif name == "layer_mahalanobis":
+        state = fit_layer_mahalanobis(features["stages"], labels, num_classes, **options)
+    else:
+        raise UserError(f"unknown novelty score {name!r}; choose one of {', '.join(SCORES)}")
+    state.update(version=STATE_VERSION, temperature=float(temperature))
+    return state
+
+
+# ---------------------------------------------------------------- scoring
+
+def knn_distance(bank: torch.Tensor, features: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """L2 distance of each L2-normalised feature to its k-th nearest row of `bank` (rows already normalised)."""
+    bank = bank.float()
+    q = F.normalize(features.float(), dim=1)
+    out = []
+    for i in range(0, len(q), chunk):
+        kth = (q[i:i + chunk] @ bank.T).topk(k, dim=1).values[:, -1]
+        out.append((2 - 2 * kth).clamp(min=0).sqrt())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def novelty_score(state: dict, features: dict) -> torch.Tensor:
+    """One score per image (float32) from extract_features output: the higher, the less like any known class."""
+    name, t = state["score"], float(state.get("temperature", 1.0))
+    if name == "msp":
+        return 1 - torch.softmax(features["logits"].float() / t, dim=1).max(1).values
+    if name == "energy":
+        return -t * torch.logsumexp(features["logits"].float() / t, dim=1)
+    if name == "knn":
+        return knn_distance(state["bank"], features["penultimate"], int(state["k"]))
+    if name == "mahalanobis":
+        return mahalanobis_distance(state["means"], state["precision"], features["penultimate"])
+    if name == "layer_mahalanobis":
+        if len(features["stages"]) != len(state["means"]):
+            raise UserError(f"the novelty state has {len(state['means'])} stages, the model "
+                            f"{len(features['stages'])}: the checkpoint does not match")
+        z = [(mahalanobis_distance(m, p, x) - c) / s for m, p, x, c, s in
+             zip(state["means"], state["precisions"], features["stages"], state["centre"].tolist(),
+                 state["scale"].tolist())]
+        return torch.stack(z).max(0).values
+    raise UserError(f"unknown novelty score {name!r} in the checkpoint; this code knows {', '.join(SCORES)}")
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes the state's tensors take (about what it adds to a checkpoint)."""
+    tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
+    tensors += [t for v in state.values() if isinstance(v, list) for t in v if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---------------------------------------------------------------- thresholds and metrics
+
+def threshold_for_accept_rate(known_scores: torch.Tensor, accept_rate: float = 0.95) -> float:
+    """The smallest threshold that accepts (score <= threshold) at least `accept_rate` of `known_scores`."""
+    if not 0.0 < accept_rate <= 1.0:
+        raise UserError(f"--accept-rate must be in (0, 1], not {accept_rate}")
+    if len(known_scores) == 0:
+        raise ValueError("cannot choose a threshold without scores of known images")
+    s = known_scores.double().sort().values
+    # The 1e-9 guards against 0.95 * 20 = 19.000000000000004 asking for a 20th image.
+    return s[max(0, math.ceil(accept_rate * len(s) - 1e-9) - 1)].item()
+
+
+def accepted(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """True where an image counts as of a known class."""
+    return scores.double() <= threshold
+
+
+def auroc(known_scores: torch.Tensor, unknown_scores: torch.Tensor) -> float:
+    """Area under the ROC curve of telling unknown from known by a higher score: the probability that an unknown
+    image scores above a known one, ties counting half (the Mann-Whitney statistic)."""
+    if len(known_scores) == 0 or len(unknown_scores) == 0:
+        return float("nan")
+    k = known_scores.double().sort().values
+    u = unknown_scores.double()
+    below = torch.searchsorted(k, u, right=False).double()       # known scores strictly below each unknown one
+    not_above = torch.searchsorted(k, u, right=True).double()    # ... below or equal
+    return ((below + not_above) / 2).sum().item() / (len(k) * len(u))
+
+
+def fpr_at_tpr(known_scores: torch.Tensor, unknown_scores: torch.Tensor, tpr: float = 0.95) -> float:
+    """Share of unknown images accepted by the threshold that accepts `tpr` of the known ones (known = positive);
+    fpr_at_tpr(known, unknown, 0.95) is the usual FPR at 95% TPR."""
+    if len(known_scores) == 0 or len(unknown_scores) == 0:
+        return float("nan")
+    return accepted(unknown_scores, threshold_for_accept_rate(known_scores, tpr)).double().mean().item()
+
+
+def separation_report(known_scores: torch.Tensor, unknown_scores: torch.Tensor, threshold: float) -> dict:
+    """AUROC, FPR at 95% TPR, and at `threshold` the shares of known images rejected and unknown ones accepted."""
+    return {"auroc": auroc(known_scores, unknown_scores),
+            "fpr_at_95_tpr": fpr_at_tpr(known_scores, unknown_scores, 0.95),
+            "known_rejected": (~accepted(known_scores, threshold)).double().mean().item(),
+            "unknown_accepted": accepted(unknown_scores, threshold).double().mean().item()}
+
+
+def fit_states(features: dict, labels: torch.Tensor, num_classes: int, chosen: str = DEFAULT_SCORE,
+               temperature: float = 1.0, budget: int = STATE_BUDGET) -> dict[str, dict]:
+    """{score name: state} for the chosen score and, while the total stays under `budget` bytes, the others
+    (so evaluate.py can compare every score with nothing but the checkpoint). msp and energy cost nothing."""
+    if chosen not in SCORES:
+        raise UserError(f"unknown novelty score {chosen!r}; choose one of {', '.join(SCORES)}")
+    states = {chosen: fit_score(chosen, features, labels, num_classes, temperature)}
+    used = state_bytes(states[chosen])
+    for name in (n for n in SCORES if n != chosen):
+        options = {"max_bytes": KNN_BANK_BYTES} if name == "knn" else {}
+        try:
+            state = fit_score(name, features, labels, num_classes, temperature, **options)
+        except (ValueError, UserError, RuntimeError):  # e.g. a model whose stages are unknown
+            continue
+        if used + state_bytes(state) <= budget:
+            states[name] = state
+            used += state_bytes(state)
+    return states
+
+
+def scores_by_name(states: dict[str, dict], features: dict) -> dict[str, torch.Tensor]:
+    """Every stored score of these images, in SCORES order."""
+    return {name: novelty_score(states[name], features) for name in SCORES if name in states}
+
+
+def unknown_report(states: dict[str, dict], chosen: str, threshold: float, known: dict, unknown: dict) -> dict:
+    """What metrics.json holds under "unknown": the chosen score's AUROC, FPR at 95% TPR and, at `threshold`,
+    the shares of known images rejected and unknown ones accepted; "by_score" gives AUROC and FPR for every
+    stored score. `known` and `unknown` are extract_features outputs."""
+    known_scores, unknown_scores = scores_by_name(states, known), scores_by_name(states, unknown)
+    out = {"score": chosen, **separation_report(known_scores[chosen], unknown_scores[chosen], threshold)}
+    out["by_score"] = {name: {"auroc": auroc(known_scores[name], unknown_scores[name]),
+                              "fpr_at_95_tpr": fpr_at_tpr(known_scores[name], unknown_scores[name], 0.95)}
+                       for name in known_scores}
+    return out
+
+
+def load_images(folder: str | Path, size: int, channels: int, workers: int = 0
+                ) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
+    """Every image under `folder`, in any layout (class folders or flat), decoded: (uint8 (N, C, S, S), paths,
+    [(path, reason)] of the unreadable ones)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"no folder at {folder}")
+    paths = [str(p) for p in expand_inputs([str(folder)])]
+    decoded = decode_files(paths, size, channels, workers, desc=f"decoding {folder.name}")
+    good = [(p, torch.from_numpy(a)) for p, (a, _) in zip(paths, decoded) if a is not None]
+    bad = [(p, reason) for p, (a, reason) in zip(paths, decoded) if a is None]
+    if not good:
+        raise UserError(f"no readable images in {folder}")
+    return torch.stack([im for _, im in good]), [p for p, _ in good], bad
+
+
+# ---------------------------------------------------------------- a synthetic set of far-away images
+
+UNKNOWN_KINDS = ("shapes", "noise", "smooth_noise", "gradient", "text", "chart", "stripes", "checkers", "blank")
+WORDS = ("total", "invoice", "settings", "error", "cancel", "update", "report", "2024", "page", "login", "OK",
+         "download", "price", "chapter", "lorem", "ipsum", "graph", "menu", "file", "help", "x = 3.14")
+
+
+def _color(rng: np.random.Generator, low: int = 0, high: int = 256) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(low, high, 3))
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: one fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _draw_kind(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+    s = size
+    if kind == "noise":
+        return Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8), "RGB")
+    if kind == "smooth_noise":
+        cells = int(rng.integers(2, 9))
+        small = Image.fromarray(rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8), "RGB")
+        return small.resize((s, s), Image.BICUBIC)
+    if kind == "gradient":
+        yy, xx = np.mgrid[0:s, 0:s] / (s - 1)
+        if rng.random() < 0.5:
+            a = rng.uniform(0, 2 * np.pi)
+            t = (xx * np.cos(a) + yy * np.sin(a))
+        else:
+            cx, cy = rng.uniform(0, 1, 2)
+            t = np.hypot(xx - cx, yy - cy)
+        t = (t - t.min()) / max(t.max() - t.min(), 1e-9)
+        c0, c1 = np.array(_color(rng)), np.array(_color(rng))
+        return Image.fromarray((c0 + (c1 - c0) * t[..., None]).astype(np.uint8), "RGB")
+    if kind == "stripes":
+        yy, xx = np.mgrid[0:s, 0:s] / s
+        a, freq = rng.uniform(0, np.pi), rng.uniform(2, 12)
+        wave = np.sin(2 * np.pi * freq * (xx * np.cos(a) + yy * np.sin(a)))
+        wave = wave > 0 if rng.random() < 0.5 else (wave + 1) / 2
+        c0, c1 = np.array(_color(rng)), np.array(_color(rng))
+        return Image.fromarray((c0 + (c1 - c0) * np.asarray(wave, float)[..., None]).astype(np.uint8), "RGB")
+    if kind == "checkers":
+        n = int(rng.integers(2, 12))
+        yy, xx = np.mgrid[0:s, 0:s] * n // s
+        board = (xx + yy) % 2
+        c0, c1 = np.array(_color(rng)), np.array(_color(rng))
+        return Image.fromarray(np.where(board[..., None] == 1, c1, c0).astype(np.uint8), "RGB")
+    if kind == "blank":
+        base = np.array(_color(rng, 60, 250), dtype=float)
+        arr = base + rng.normal(0, rng.uniform(0, 6), (s, s, 3))
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    bg = _color(rng, 200, 256) if kind in ("text", "chart") else _color(rng)
+    img = Image.new("RGB", (s, s), bg)
+    draw = ImageDraw.Draw(img)
+    if kind == "shapes":
+        for _ in range(int(rng.integers(1, 6))):
+            x0, y0 = rng.uniform(-0.1, 0.8, 2) * s
+            w, h = rng.uniform(0.1, 0.6, 2) * s
+            box = [x0, y0, x0 + w, y0 + h]
+            shape = rng.integers(0, 4)
+            if shape == 0:
+                draw.rectangle(box, fill=_color(rng))
+            elif shape == 1:
+                draw.ellipse(box, fill=_color(rng))
+            elif shape == 2:
+                draw.polygon([tuple(p) for p in rng.uniform(0, 1, (int(rng.integers(3, 7)), 2)) * s],
+                             fill=_color(rng))
+            else:
+                draw.line(box, fill=_color(rng), width=int(rng.integers(1, max(2, s // 10))))
+    elif kind == "text":
+        y = rng.uniform(0, 0.1) * s
+        while y < s:
+            fs = int(rng.integers(max(6, s // 14), max(8, s // 5)))
+            line = " ".join(rng.choice(WORDS, int(rng.integers(1, 5))))
+            draw.text((rng.uniform(0, 0.2) * s, y), line, fill=_color(rng, 0, 120), font=_font(fs))
+            y += fs * rng.uniform(1.1, 1.8)
+    else:  # chart: axes with bars, a line or a pie
+        m = s // 8
+        style = rng.integers(0, 3)
+        if style == 2:
+            start = 0.0
+            for frac in rng.dirichlet(np.ones(int(rng.integers(2, 7)))):
+                draw.pieslice([m, m, s - m, s - m], start, start + 360 * frac, fill=_color(rng))
+                start += 360 * frac
+        else:
+            draw.line([m, m, m, s - m, s - m, s - m], fill=(0, 0, 0), width=max(1, s // 64))
+            n = int(rng.integers(3, 12))
+            values = rng.uniform(0.1, 1, n) * (s - 2 * m)
+            xs = np.linspace(m + 2, s - m - 2, n + 1)
+            if style == 0:
+                color = _color(rng, 0, 200)
+                for i, v in enumerate(values):
+                    draw.rectangle([xs[i] + 1, s - m - v, xs[i + 1] - 1, s - m - 1], fill=color)
+            else:
+                pts = [((xs[i] + xs[i + 1]) / 2, s - m - v) for i, v in enumerate(values)]
+                draw.line(pts, fill=_color(rng, 0, 200), width=max(1, s // 40))
+    return img
+
+
+def make_unknown_images(count: int, size: int = 128, seed: int = 0,
+                        kinds: tuple[str, ...] = UNKNOWN_KINDS) -> list[tuple[str, Image.Image]]:
+    """`count` RGB images of no natural class, as (kind, image): shapes, noise, smooth noise, gradients, rendered
+    text, charts, stripes, checkerboards and blank walls, in turn; some blurred. The same seed gives the same set."""
+    for kind in kinds:
+        if kind not in UNKNOWN_KINDS:
+            raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(UNKNOWN_KINDS)}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        img = _draw_kind(kind, size, rng)
+        if kind not in ("noise", "blank") and rng.random() < 0.25:
+            img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.5) * size / 128))
+        out.append((kind, img))
+    return out
+
+
+def write_unknown_set(root: str | Path, count: int = 600, size: int = 128, seed: int = 0) -> Path:
+    """Save make_unknown_images as ROOT/<kind>_<i>.png (a flat folder) and return ROOT."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (kind, img) in enumerate(make_unknown_images(count, size, seed)):
+        img.save(root / f"{kind}_{i:05d}.png")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("unknown", help="write synthetic far-away images (a flat folder of PNGs)")
+    p.add_argument("dir")
+    p.add_argument("--count", type=int, default=600)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.count < 1 or args.size < 8:
+        print("error: --count must be at least 1 and --size at least 8", file=sys.stderr)
+        return 2
+    root = write_unknown_set(args.dir, args.count, args.size, args.seed)
+    print(f"wrote {args.count} images to {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

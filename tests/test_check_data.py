@@ -1,0 +1,103 @@
+"""check_data.py: the data report on a dirty folder, quarantine, fatal problems, and train.py --check-only."""
+import json
+
+import pytest
+
+import check_data
+import train
+from common import IMAGE_EXTENSIONS
+from conftest import NASTY_DUPLICATE, NASTY_IGNORED, NASTY_LEAK, NASTY_UNREADABLE
+from dataset import make_synthetic
+
+
+def test_data_report_counts_problems_and_duplicates(nasty_data):
+    r = check_data.data_report(nasty_data)
+    assert r["classes"] == ["cat", "dog"]
+    assert r["counts"] == {"train": {"cat": 17, "dog": 16}, "val": {"cat": 3, "dog": 4}}
+    assert sorted(u["path"] for u in r["unreadable"]) == sorted(NASTY_UNREADABLE)
+    reasons = {u["path"]: u["reason"] for u in r["unreadable"]}
+    assert "decompression-bomb" in reasons["train/dog/bomb.png"]
+    assert "decompression-bomb" in reasons["train/cat/bomb_warning.png"]
+    assert "truncated" in reasons["train/cat/truncated.jpg"]
+    assert r["duplicates"] == [list(NASTY_DUPLICATE)]
+    assert r["leaks"] == [list(NASTY_LEAK)]
+    assert r["tiny"] == [{"path": "train/dog/one_pixel.png", "size": [1, 1]}]
+    assert r["mismatched"] == [{"path": "train/dog/webp_named.png", "format": "WEBP"}]
+    assert {"CMYK", "I;16", "P", "RGBA", "RGB", "L"} <= set(r["modes"])
+    assert r["sizes"]["min"] == [1, 1] and r["sizes"]["most_common"][0] == [40, 40, 34]
+    assert sorted(r["ignored"]) == sorted(NASTY_IGNORED)
+    assert r["hidden_folders"] == ["train/.ipynb_checkpoints"]
+    assert len(r["hidden_files"]) == 3
+    assert r["imbalance"] == pytest.approx(17 / 16, abs=0.01)
+    assert r["fatal"] == [] and any("leakage" in w for w in r["warnings"])
+    json.dumps(r)  # --json prints it as is
+
+
+def test_check_command_prints_report_and_quarantines(nasty_data, tmp_path, capsys):
+    jail = tmp_path / "quarantine"
+    assert check_data.main([str(nasty_data), "--quarantine", str(jail)]) == 0
+    out = capsys.readouterr().out
+    for rel in NASTY_UNREADABLE:
+        assert rel in out
+        assert (jail / rel).is_file() and not (nasty_data / rel).exists()
+    assert "train/dog/dog_0001.png = val/dog/leaked_dog_0001.png" in out and "verdict: ok to train" in out
+    assert (f"skipped for their extension, not one of {' '.join(sorted(IMAGE_EXTENSIONS))} (rename any that are "
+            f"images) ({len(NASTY_IGNORED)}):") in out
+    for rel in NASTY_IGNORED:
+        assert f"\n  {rel}\n" in out, rel
+    # Quarantined files are gone from the data, so the next check is clean and nothing was deleted.
+    assert check_data.main([str(nasty_data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unreadable"] == []
+    assert len(list(jail.rglob("*.*"))) == len(NASTY_UNREADABLE)
+
+
+def test_quarantine_refuses_a_folder_inside_the_data(nasty_data, capsys):
+    assert check_data.main([str(nasty_data), "--quarantine", str(nasty_data / "train" / "bad")]) == 2
+    assert "inside the data's split folders" in capsys.readouterr().err
+    assert (nasty_data / NASTY_UNREADABLE[0]).exists()
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("one_class", "a classifier needs at least 2"),
+    ("empty_class", "train/ has no readable image for class(es): horse"),
+    ("all_bad_class", "train/ has no readable image for class(es): horse"),
+    ("mostly_bad", "cannot be read"),
+    ("val_missing_class", "val/ has no readable image for class(es): dog"),
+])
+
+
+def test_fatal_problems_exit_nonzero(tmp_path, capsys, problem, message):
+    data = make_synthetic(tmp_path / "d", 3, size=24, splits=("train",))
+    if problem == "one_class":
+        for f in (data / "train" / "dog").iterdir():
+            f.unlink()
+        (data / "train" / "dog").rmdir()
+    elif problem == "empty_class":
+        (data / "train" / "horse").mkdir()
+    elif problem == "all_bad_class":
+        (data / "train" / "horse").mkdir()
+        (data / "train" / "horse" / "h.jpg").write_bytes(b"")
+    elif problem == "mostly_bad":
+        for i in range(8):
+            (data / "train" / "cat" / f"bad{i}.png").write_text("no")
+    else:
+        make_synthetic(data, {"cat": 8}, size=24, splits=("val",))
+    assert check_data.main([str(data)]) == 1
+    out = capsys.readouterr().out
+    assert any(line.startswith("FATAL: ") and message in line for line in out.splitlines()), out
+    assert "verdict: cannot train on this data" in out
+    if problem == "empty_class":
+        assert "train/horse" in out.split("class folders without image files")[1]
+
+
+def test_check_without_train_folder_and_train_check_only(tmp_path, capsys):
+    assert check_data.main([str(tmp_path)]) == 2
+    assert "no train/ folder" in capsys.readouterr().err
+    data = make_synthetic(tmp_path / "d", 3, size=24, splits=("train", "test"))
+    assert train.main(["--check-only", "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "test" in out.splitlines()[1] and "no val/ folder" in out
+    assert not (tmp_path / "models").exists()
+
+
+# ---------------------------------------------------------------- crashes and Ctrl-C

@@ -1,0 +1,37 @@
+"""common.py: atomic writes and device choice."""
+import pickle
+
+import pytest
+import torch
+
+from common import UserError, pick_device, remove_stale_temp_files, save_atomic
+
+
+def test_save_atomic_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "m.pth"
+    save_atomic({"v": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises((RuntimeError, pickle.PicklingError)):
+        save_atomic({"v": Boom()}, path)
+    assert torch.load(path, weights_only=True) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]
+
+
+def test_stale_temp_files_are_removed_and_nothing_else(tmp_path):
+    save_atomic({"v": 1}, tmp_path / "last.pth")
+    (tmp_path / ".last.pth.k3j_x9.tmp").write_bytes(b"half a checkpoint")  # a save killed midway
+    (tmp_path / "notes.tmp").write_text("not ours")
+    remove_stale_temp_files(tmp_path, "*.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth", "notes.tmp"]
+
+
+def test_pick_device(monkeypatch):
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto").type in ("mps", "cpu")
+    with pytest.raises(UserError, match="sees no CUDA GPU; use --device cpu"):
+        pick_device("cuda:1")

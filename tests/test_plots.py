@@ -1,0 +1,27 @@
+"""plots.py: PNG files that open, and confusion matrices that grow with the number of classes."""
+import torch
+from PIL import Image
+
+import plots
+from metrics import confusion_matrix
+from conftest import fixed_confusion_matrix
+
+NAMES = ["a", "b", "c", "d"]
+
+
+def test_plots_are_pngs_that_grow_with_the_number_of_classes(tmp_path):
+    small = plots.save_figure(plots.plot_confusion_matrix(fixed_confusion_matrix(), NAMES), tmp_path / "s.png")
+    g = torch.Generator().manual_seed(0)
+    cm40 = confusion_matrix(torch.randint(0, 40, (800,), generator=g),
+                                     torch.randint(0, 40, (800,), generator=g), 40)
+    names = [f"animal_{i:02d}" for i in range(40)]
+    big = plots.save_figure(plots.plot_confusion_matrix(cm40, names), tmp_path / "big.png")
+    images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    grid = plots.save_figure(plots.plot_gallery(images, ["x"] * 3), tmp_path / "g.png")
+    empty = plots.save_figure(plots.plot_gallery(images[:0], []), tmp_path / "e.png")
+    sizes = {}
+    for p in (small, big, grid, empty):
+        with Image.open(p) as im:
+            im.verify()
+            sizes[p.name] = im.size
+    assert sizes["big.png"][0] > sizes["s.png"][0] and sizes["big.png"][1] > sizes["s.png"][1]

@@ -1,0 +1,359 @@
+"""serve.py: the HTTP API through FastAPI's test client, a real server over sockets, and the page in Chromium."""
+import asyncio
+import base64
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+import bench_serve
+import dataset
+import inference
+import serve
+from checkpoint import load_checkpoint
+from conftest import NASTY_READABLE, NASTY_UNREADABLE
+
+NOVELTY = ("novelty_score", "known")  # what predict_images adds when the checkpoint has a novelty score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(trained) -> dict:
+    return load_checkpoint(trained["checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def client(ckpt):
+    with TestClient(serve.create_app(ckpt, "best_model.pth")) as c:
+        yield c
+
+
+def sample_images(trained) -> list[Path]:
+    return sorted((trained["data"] / "test").rglob("*.png"))
+
+
+def inference_json(paths: list[Path], checkpoint: Path, capsys, *flags: str) -> list[dict]:
+    inference.main(["--image", *map(str, paths), "--json", "--checkpoint", str(checkpoint), *flags])
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def as_files(paths: list[Path]) -> list[tuple]:
+    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+
+
+def assert_still_serving(client, image: Path) -> None:
+    r = client.post("/predict", content=image.read_bytes())
+    assert r.status_code == 200 and r.json()[0]["label"] in ("cat", "dog")
+
+
+# ---------------------------------------------------------------- the API
+
+def test_predict_answers_what_inference_prints(trained, nasty_data, client, capsys):
+    paths = sample_images(trained) + [nasty_data / rel for rel in NASTY_READABLE]  # CMYK, 16-bit, GIF, EXIF...
+    expected = inference_json(paths, trained["checkpoint"], capsys)
+    r = client.post("/predict", files=as_files(paths))
+    assert r.status_code == 200
+    got = r.json()
+    assert [g["file"] for g in got] == [p.name for p in paths]  # one object per image, in order
+    assert len({e["confidence"] for e in expected}) > 5  # the answers differ, so their order is checked
+    for g, e in zip(got, expected):
+        assert g["label"] == e["label"] and g["probabilities"].keys() == e["probabilities"].keys()
+        assert g["probabilities"] == pytest.approx(e["probabilities"], abs=2e-4)
+        assert g["confidence"] == pytest.approx(e["confidence"], abs=2e-4)
+    # one image as the raw body answers the same
+    single = client.post("/predict", content=paths[0].read_bytes(), headers={"content-type": "image/png"})
+    assert single.status_code == 200
+    assert single.json()[0]["probabilities"] == pytest.approx(expected[0]["probabilities"], abs=2e-4)
+
+
+def test_threshold_answers_unknown(trained, ckpt, capsys):
+    paths = sample_images(trained)[:4]
+    expected = inference_json(paths, trained["checkpoint"], capsys, "--threshold", "0.99")
+    with TestClient(serve.create_app(ckpt, threshold=0.99)) as c:
+        got = c.post("/predict", files=as_files(paths)).json()
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    assert all((g["label"] == "unknown") == (g["confidence"] < 0.99) for g in got)
+    assert any(g["label"] == "unknown" for g in got)
+
+
+def test_health_reports_the_checkpoint(client, ckpt):
+    h = client.get("/health").json()
+    assert h["ok"] is True and h["classes"] == ["cat", "dog"] and h["epoch"] == ckpt["epoch"]
+    assert h["val_acc"] == round(ckpt["metrics"]["val"]["acc"], 4) and h["checkpoint"] == "best_model.pth"
+
+
+def test_gradcam_gives_the_prediction_and_a_heatmap(trained, ckpt, client):
+    image = sample_images(trained)[0]
+    r = client.post("/gradcam", content=image.read_bytes())
+    assert r.status_code == 200
+    g = r.json()
+    assert {k: g[k] for k in ("label", "confidence", "probabilities", *NOVELTY)} == \
+        client.post("/predict", content=image.read_bytes()).json()[0]
+    assert g["heatmap_class"] == g["label"]
+    prefix = "data:image/png;base64,"
+    assert g["heatmap"].startswith(prefix)
+    heat = Image.open(io.BytesIO(base64.b64decode(g["heatmap"][len(prefix):])))
+    assert heat.format == "PNG" and heat.size == (ckpt["image_size"],) * 2 and heat.mode == "RGB"
+    two = client.post("/gradcam", files=as_files(sample_images(trained)[:2]))
+    assert two.status_code == 400 and two.json() == {"error": "/gradcam takes one image, not 2"}
+
+
+def test_page_is_self_contained(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert 'type="file"' in page and "/gradcam" in page and 'name="viewport"' in page
+    assert "http://" not in page and "https://" not in page  # no CDN, fonts or scripts from elsewhere
+
+
+@pytest.mark.parametrize("rel", NASTY_UNREADABLE)  # empty, truncated, text, over PIL's pixel limit (2 kinds)
+def test_unreadable_upload_gets_400_with_inference_reason(nasty_data, trained, client, capsys, rel):
+    path = nasty_data / rel
+    assert inference.main(["--image", str(path), "--checkpoint", str(trained["checkpoint"])]) == 1
+    reason = capsys.readouterr().err.strip().split(f"{path}: ", 1)[1]
+    raw = client.post("/predict", content=path.read_bytes())
+    assert raw.status_code == 400 and raw.json() == {"error": reason}
+    form = client.post("/predict", files=as_files([path]))
+    assert form.status_code == 400 and form.json() == {"error": f"{path.name}: {reason}"}
+    cam = client.post("/gradcam", content=path.read_bytes())
+    assert cam.status_code == 400 and cam.json() == {"error": reason}
+    assert_still_serving(client, sample_images(trained)[0])
+
+
+def test_empty_body_gets_400(trained, client):
+    r = client.post("/predict")
+    assert r.status_code == 400 and "not an image PIL can identify (empty" in r.json()["error"]
+    assert_still_serving(client, sample_images(trained)[0])
+
+
+def test_a_bad_image_among_good_ones_is_named_and_the_good_ones_answered(trained, client, tmp_path):
+    good = sample_images(trained)[:2]
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a picture")
+    r = client.post("/predict", files=as_files([good[0], bad, good[1]]))
+    assert r.status_code == 400
+    body = r.json()
+    assert body["error"] == "notes.jpg: not an image PIL can identify (empty, corrupt or another file type)"
+    answered = {"file", "label", "confidence", "probabilities", *NOVELTY}  # the trained checkpoint has a novelty score
+    assert [set(x) for x in body["results"]] == [answered, {"file", "error"}, answered]
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"image": ("a.png", b"x", "image/png")}, "no field 'files' in the form (its fields: image)"),
+    ({"files": (None, "hello")}, "the field 'files' must hold file uploads, not text"),
+])
+def test_wrong_form_field_gets_422(trained, client, fields, message):
+    r = client.post("/predict", files=fields)
+    assert r.status_code == 422 and message in r.json()["error"]
+    assert_still_serving(client, sample_images(trained)[0])
+
+
+def test_malformed_multipart_and_unknown_path_get_json_errors(client):
+    r = client.post("/predict", content=b"garbage", headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 400 and r.json() == {"error": "Invalid multipart data."}
+    assert client.get("/nothing").json() == {"error": "Not Found"}
+    assert client.get("/predict").status_code == 405
+
+
+def test_upload_over_the_limit_gets_413(trained, ckpt):
+    image = sample_images(trained)[0]
+    limit_mb = (len(image.read_bytes()) + 1) / 2**20  # this image fits, one more byte would not
+    with TestClient(serve.create_app(ckpt, max_upload_mb=limit_mb)) as c:
+        assert c.post("/predict", content=image.read_bytes()).status_code == 200
+        r = c.post("/predict", content=image.read_bytes() + b"\0\0")
+        assert r.status_code == 413 and "limit of" in r.json()["error"] and "--max-upload-mb" in r.json()["error"]
+        assert c.post("/predict", content=image.read_bytes()).status_code == 200
+
+
+def test_body_of_unannounced_length_is_cut_off_at_the_limit(ckpt):
+    """A chunked body (no Content-Length) is refused once the bytes read pass the limit, not read to its end."""
+    app = serve.create_app(ckpt, max_upload_mb=1.0)
+    chunks, pulled, sent = 50, [0], []
+
+    async def receive():
+        pulled[0] += 1
+        return {"type": "http.request", "body": b"\0" * 2**18, "more_body": pulled[0] < chunks}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"test"), (b"transfer-encoding", b"chunked")], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert pulled[0] == 5  # 4 x 256 KiB fit in 1 MiB; the 5th passes it and nothing more is read
+    assert "limit of 1 MB" in json.loads(sent[1]["body"])["error"]
+
+
+def test_100_requests_from_8_threads_answer_consistently(trained, client):
+    images = sample_images(trained)[:5]
+    reference = {p: client.post("/predict", content=p.read_bytes()).json()[0] for p in images}
+
+    def one(i: int) -> tuple[Path, int, dict]:
+        p = images[i % len(images)]
+        if i % 4 == 0:  # some batches too: a request's images share one forward pass
+            r = client.post("/predict", files=as_files([p, images[0]]))
+            return p, r.status_code, {k: v for k, v in r.json()[0].items() if k != "file"}
+        r = client.post("/predict", content=p.read_bytes())
+        return p, r.status_code, r.json()[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(100)))
+    assert [code for _, code, _ in answers] == [200] * 100
+    for p, _, got in answers:
+        assert got["label"] == reference[p]["label"]
+        assert got["probabilities"] == pytest.approx(reference[p]["probabilities"], abs=2e-4)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--checkpoint", "no/such.pth"], "no checkpoint at no/such.pth"),
+    (["--threshold", "1.5"], "--threshold must be between 0 and 1"),
+    (["--max-upload-mb", "0"], "--max-upload-mb must be above 0"),
+])
+def test_command_line_errors_are_one_line(argv, message, capsys):
+    assert serve.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- a real server
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """`python serve.py` in a subprocess on a free localhost port: {'url', 'port', 'banner'}."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(trained["checkpoint"]), "--port",
+                             str(port), "--max-upload-mb", "1", "--log-level", "warning"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        banner = proc.stdout.readline()
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"serve.py did not start: {banner}{proc.stdout.read() if proc.poll() else ''}")
+                time.sleep(0.2)
+        yield {"url": url, "port": port, "banner": banner}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:
+    """Send a request's head (and some body, perhaps less than it announces) and read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            data = s.recv(65536)
+            if not data:
+                break
+            answer += data
+        return answer
+
+
+@pytest.mark.slow
+def test_real_server_prints_its_address_and_refuses_big_uploads_without_reading_them(server):
+    assert f"at http://127.0.0.1:{server['port']}/ (this machine only)" in server["banner"]
+    # Announces 1 GB, sends 10 bytes: answered at once, without waiting for the rest.
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 1000000000\r\n\r\n")
+    t0 = time.time()
+    answer = raw_request(server["port"], head, b"0123456789")
+    assert answer.startswith(b"HTTP/1.1 413") and b"limit of 1 MB" in answer
+    assert time.time() - t0 < 20  # not the 1 GB it announced
+    health = json.loads(urllib.request.urlopen(f"{server['url']}/health", timeout=10).read())
+    assert health["ok"] and health["max_upload_mb"] == 1
+
+
+@pytest.mark.slow
+def test_page_in_headless_chromium(server, tmp_path):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    upload = tmp_path / "upload.png"
+    yy, xx = np.mgrid[0:90, 0:120]
+    Image.fromarray(np.stack([xx * 2, yy * 2, (xx + yy)], -1).astype(np.uint8), "RGB").save(upload)
+    with upload.open("rb") as f:
+        request = urllib.request.Request(f"{server['url']}/predict", data=f.read(), method="POST")
+    expected = json.loads(urllib.request.urlopen(request, timeout=30).read())[0]
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=390,844"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        browser.get(server["url"] + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "best_model.pth: cat, dog" in b.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "file").send_keys(str(upload))
+        wait.until(lambda b: b.execute_script(
+            "const h = document.getElementById('heatmap');"
+            "return !h.hidden && h.complete && h.naturalWidth > 0 && h.getBoundingClientRect().width > 0;"))
+        label = browser.find_element(By.ID, "label").text
+        assert label.startswith(expected["label"]) and f"{100 * expected['confidence']:.1f}%" in label
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 2
+        photo, heat = (browser.find_element(By.ID, i).rect for i in ("photo", "heatmap"))
+        assert (heat["width"], heat["height"]) == pytest.approx((photo["width"], photo["height"]), abs=1)
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        assert browser.find_element(By.ID, "error").text == ""
+        shot = tmp_path / "serve_page.png"
+        assert browser.save_screenshot(str(shot)) and Image.open(shot).size[0] > 0
+    finally:
+        browser.quit()
+
+
+def test_pixel_limit_holds_when_another_thread_resets_the_warning_filter(nasty_data, monkeypatch):
+    """decode_image turns PIL's bomb warning into an error with a process-wide filter; a server's other threads
+    can reset that filter mid-decode, so the limit is also checked explicitly."""
+    monkeypatch.setattr(warnings, "simplefilter", lambda *args, **kwargs: None)  # as if reset by another thread
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        with pytest.raises(dataset.BadImage, match="decompression-bomb pixel limit"):
+            dataset.decode_bytes((nasty_data / "train/cat/bomb_warning.png").read_bytes(), 32)
+
+
+@pytest.mark.slow
+def test_bench_serve_prints_a_table_and_the_memory(trained, capsys):
+    assert bench_serve.main(["--checkpoint", str(trained["checkpoint"]), "--requests", "32",
+                             "--memory-requests", "16", "--", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    table, result = out.split("\n{", 1)
+    result = json.loads("{" + result)
+    assert [r["clients"] for r in result["levels"]] == [1, 8, 32]
+    assert all(r["requests"] == 32 and r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+               for r in result["levels"])
+    assert result["serve_flags"] == ["--threads", "1"] and result["rss_mb"]["after"] > 0
+    assert "| 32 |" in table and "MiB after 16 more requests" in table
