@@ -13,7 +13,7 @@ from dataset import make_synthetic
 def test_data_report_counts_problems_and_duplicates(nasty_data):
     r = check_data.data_report(nasty_data)
     assert r["classes"] == ["cat", "dog"]
-    assert r["counts"] == {"train": {"cat": 17, "dog": 16}, "val": {"cat": 3, "dog": 4}}
+    assert r["counts"] == {"train": {"cat": 18, "dog": 17}, "val": {"cat": 3, "dog": 4}}
     assert sorted(u["path"] for u in r["unreadable"]) == sorted(NASTY_UNREADABLE)
     reasons = {u["path"]: u["reason"] for u in r["unreadable"]}
     assert "decompression-bomb" in reasons["train/dog/bomb.png"]
@@ -28,7 +28,7 @@ def test_data_report_counts_problems_and_duplicates(nasty_data):
     assert sorted(r["ignored"]) == sorted(NASTY_IGNORED)
     assert r["hidden_folders"] == ["train/.ipynb_checkpoints"]
     assert len(r["hidden_files"]) == 3
-    assert r["imbalance"] == pytest.approx(17 / 16, abs=0.01)
+    assert r["imbalance"] == pytest.approx(18 / 17, abs=0.01)
     assert r["fatal"] == [] and any("leakage" in w for w in r["warnings"])
     json.dumps(r)  # --json prints it as is
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -243,15 +245,21 @@ def test_real_photos_decode_to_gray_64(tmp_path):
             assert out.std() > 5  # a photo, not a blank
 
 
-def test_files_skipped_for_their_extension_are_counted_and_named(tmp_path, capsys):
+def test_jfif_and_jpe_are_read_as_jpegs_and_other_extensions_are_counted_and_named(tmp_path, capsys):
     data = make_synthetic(tmp_path / "d", 4, size=24, splits=("train", "val"))
-    Image.new("L", (24, 24)).save(data / "train" / "cat" / "photo.jfif", format="JPEG")
+    Image.new("L", (24, 24), 10).save(data / "train" / "cat" / "photo.jfif", format="JPEG")
+    Image.new("L", (24, 24), 250).save(data / "train" / "dog" / "OLD_CAMERA.JPE", format="JPEG")
     Image.new("L", (24, 24)).save(data / "val" / "dog" / "IMG_0042", format="JPEG")
+    (data / "train" / "cat" / "live.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
     train, val, _ = load_data(str(data), None, 24, 1, 0.2, 0)
-    assert len(train.paths) == 8 and len(val.paths) == 4
+    assert len(train.paths) == 10 and len(val.paths) == 4
+    labels = dict(zip((Path(p).name for p in train.paths), train.labels.tolist()))
+    assert labels["photo.jfif"] == 0 and labels["OLD_CAMERA.JPE"] == 1
+    assert train.images[train.paths.index(str(data / "train" / "dog" / "OLD_CAMERA.JPE"))].float().mean() > 240
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"skipped 2 file(s) whose extension is not one of .bmp .gif .jpeg .jpg .pgm .png .ppm .tif .tiff "
-                     f".webp: {data}/train/cat/photo.jfif, {data}/val/dog/IMG_0042 (rename any that are images)"]
+    assert lines == [f"skipped 2 file(s) whose extension is not one of .bmp .gif .jfif .jpe .jpeg .jpg .pgm .png .ppm "
+                     f".tif .tiff .webp: {data}/train/cat/live.heic, {data}/val/dog/IMG_0042 (rename any that are "
+                     f"images)"]
     assert dataset.skipped_note([]) == ""
     assert dataset.skipped_note([f"f{i}" for i in range(7)], limit=2).endswith(": f0, f1 and 5 more (rename any that "
                                                                                "are images)")

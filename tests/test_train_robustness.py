@@ -36,8 +36,8 @@ def one_thread():
 def test_training_uses_the_good_images_and_names_each_bad_one(nasty_data, tmp_path, capsys):
     assert train.main(train_args(nasty_data, tmp_path)) == 0
     out = capsys.readouterr().out
-    # 24 synthetic + 8 odd-but-valid + 1 duplicate in train; 6 synthetic + 1 leaked copy in val
-    assert "data: 33 train / 7 val images" in out
+    # 24 synthetic + 10 odd-but-valid + 1 duplicate in train; 6 synthetic + 1 leaked copy in val
+    assert "data: 35 train / 7 val images" in out
     for rel in NASTY_UNREADABLE:
         assert out.count(f"skipped unreadable image {nasty_data / rel}: ") == 1, rel
     assert f"skipped {len(NASTY_UNREADABLE)} unreadable image(s) in total" in out
