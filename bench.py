@@ -9,7 +9,9 @@ Prints one JSON object: train images/s for each, our decode time (cold cache), s
 accuracy for each (null if never; wall time since training started, evaluation included), best val accuracy,
 the share of our epochs' time spent on data after the first epoch, and the ratios.
 The baseline is baseline.py in this folder (ImageFolder + PIL transforms every epoch, torchvision ResNet-18,
-Adam), run in this process after ours.
+Adam), run in this process after ours. DATA may be any layout train.py reads (train.py flags such as --labels go after --); the baseline needs
+DATA/train and DATA/val folders, so other layouts are first written as hard links to a temporary
+train/val(/test) copy (split_dataset.py --mode link) with the same carve our run uses.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from baseline import train_baseline
 from common import UserError
 from config import TrainConfig, parse_config
 from dataset import load_data
+from layout import Layout, layout_of
+from split_dataset import split_dataset
 
 TARGETS = (0.80, 0.85, 0.90)
 
@@ -41,8 +45,8 @@ def seconds_to(history: list[dict], target: float, acc_key: str, time_key: str) 
 def bench_ours(cfg: TrainConfig) -> dict:
     # Decode into an empty cache first, so the decode time is the cold one a first run pays.
     t0 = time.time()
-    tr, va, _ = load_data(cfg.data, cfg.classes or None, cfg.image_size, cfg.channels, cfg.val_fraction, cfg.seed,
-                          cfg.cache_dir, cfg.workers, cfg.max_bad_fraction)
+    tr, va = load_data(layout_of(cfg), cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers,
+                       cfg.max_bad_fraction)
     decode_s = time.time() - t0
     n_images = len(tr.paths) + len(va.paths) + len(tr.bad) + len(va.bad)
     summary = train.run(cfg)
@@ -57,6 +61,20 @@ def bench_ours(cfg: TrainConfig) -> dict:
             "wall_seconds": summary["wall_seconds"],
             "data_share_after_first_epoch": round(data_share, 4),
             "val_acc_per_epoch": [round(h["val_acc"], 4) for h in hist]}
+
+
+def baseline_data(cfg: TrainConfig, lay: Layout, scratch: str) -> str:
+    """A folder the baseline's ImageFolder reads (DATA/train and DATA/val of class folders) holding the same
+    train and val files as our run: DATA itself when it is that already, else hard links under `scratch`."""
+    if lay.source == "folders" and lay.folders.get("train") == "train" and lay.folders.get("val") == "val" \
+            and not cfg.classes:
+        return cfg.data
+    dst = Path(scratch) / "baseline-data"
+    ratios = [1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction] + ([cfg.test_fraction] if cfg.test_fraction
+                                                                             else [])
+    source = {k: getattr(cfg, k) for k in ("labels", "label_columns", "labels_from_name", "name_pattern", "classes")}
+    split_dataset(cfg.data, dst, ratios, cfg.seed, "link", source)
+    return str(dst)
 
 
 def bench_baseline(data: str, epochs: int, max_seconds: float, workers: int) -> dict:
@@ -90,12 +108,14 @@ def main(argv: list[str] | None = None) -> int:
                                       out_dir=f"{tmp}/models", log_dir=f"{tmp}/logs", curves_dir=f"{tmp}/curves",
                                       run_name="bench")
             ours = bench_ours(cfg)
+            if not args.skip_baseline:
+                base_data = baseline_data(cfg, layout_of(cfg), scratch)
+                base = bench_baseline(base_data, args.baseline_epochs, args.baseline_seconds, args.workers)
         result = {"machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                               "python": platform.python_version(), "torch": torch.__version__},
                   "data": args.data, "ours": ours}
         if not args.skip_baseline:
-            base = bench_baseline(args.data, args.baseline_epochs, args.baseline_seconds, args.workers)
             result["baseline"] = base
             result["ratios"] = {"train_images_per_s": round(ours["train_images_per_s"] / base["train_images_per_s"], 2)}
             for t in TARGETS:

@@ -2,11 +2,13 @@
 
 Usage:
     python check_data.py DATA                          # the report; exit 1 when training on it would fail
+    python check_data.py DATA --labels DATA/labels.csv # labels in a table (or --labels-from-name), as train.py
     python check_data.py DATA --json                   # the full report as JSON
     python check_data.py DATA --quarantine bad_files   # move unreadable files out (never deletes)
     python train.py --data DATA --check-only           # the same report
 
-DATA has the layout train.py reads: DATA/train/<class>/*, optionally DATA/val/ and DATA/test/.
+DATA is read as train.py reads it (layout.py): class folders with or without split folders, a labels table,
+or labels in file names. The report starts with the 'layout:' line and the files left out, by kind.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, SPLITS, UserError
-from dataset import check_layout, decode_files, find_classes, is_hidden, list_images
+from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError, is_hidden
+from config import CARVE_FIELDS, SOURCE_FIELDS, TrainConfig, add_flags
+from dataset import decode_files
+from layout import EMPTY, SKIPPED, Layout, layout_of, layout_splits
 
 TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model
 
@@ -57,40 +61,40 @@ def hidden_entries(split_dir: Path) -> tuple[list[Path], list[Path]]:
     return sorted(folders), sorted(files)
 
 
-def data_report(data_dir: str | Path, max_bad_fraction: float = 0.5, workers: int = 0) -> dict:
-    """Everything `python check_data.py` shows, as plain data (paths relative to data_dir).
+def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) -> dict:
+    """Everything `python check_data.py` shows, as plain data (paths relative to DATA when inside it).
 
-    Keys: counts {split: {class: readable images}}, unreadable [{path, reason}], modes and formats {name: n},
-    sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not what the
-    extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
+    Keys: layout (the 'layout:' line), problems {kind: [items]} (files the layout leaves out), counts {split:
+    {class: readable images}} with carved val/test counted, unreadable [{path, reason}], modes and formats
+    {name: n}, sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not
+    what the extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
     empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest /
     smallest train class, None when one is empty), fatal and warnings [messages].
     """
-    root = Path(data_dir)
-    check_layout(root, "train")
+    root = Path(lay.root).absolute()
 
     def rel(p: str | Path) -> str:
-        return Path(p).relative_to(root).as_posix()
+        try:
+            return Path(p).absolute().relative_to(root).as_posix()
+        except ValueError:  # a table may name files outside DATA
+            return str(p)
 
-    r: dict = {"data": str(root), "classes": find_classes(root / "train"), "counts": {}, "unreadable": [],
-               "modes": {}, "formats": {}, "sizes": {}, "tiny": [], "mismatched": [], "duplicates": [],
-               "leaks": [], "empty_classes": [], "hidden_folders": [], "hidden_files": [], "ignored": [],
-               "imbalance": None, "fatal": [], "warnings": []}
+    r: dict = {"data": lay.root, "layout": lay.description, "problems": lay.problems, "classes": list(lay.classes),
+               "carve": dict(lay.carve), "counts": {}, "unreadable": [], "modes": {}, "formats": {}, "sizes": {},
+               "tiny": [], "mismatched": [], "duplicates": [], "leaks": [],
+               "empty_classes": [f.rstrip("/") for f in lay.problems.get(EMPTY, [])], "hidden_folders": [],
+               "hidden_files": [], "ignored": list(lay.problems.get(SKIPPED, [])), "imbalance": None, "fatal": [],
+               "warnings": []}
     entries = []  # (split, class, path) of every image file
-    for split in SPLITS:
-        split_dir = root / split
-        if not split_dir.is_dir():
+    for split, items in layout_splits(lay).items():
+        if not items and split != "train":
             continue
-        classes = find_classes(split_dir)
-        paths, labels, ignored = list_images(split_dir, classes)
-        entries += [(split, classes[k], p) for p, k in zip(paths, labels)]
-        r["counts"][split] = {c: 0 for c in classes}
-        present = set(labels)
-        r["empty_classes"] += [f"{split}/{c}" for k, c in enumerate(classes) if k not in present]
-        folders, files = hidden_entries(split_dir)
+        entries += [(split, c, p) for p, c in items]
+        r["counts"][split] = {c: 0 for c in lay.classes}
+    for folder in sorted(set(lay.folder_paths.values())):
+        folders, files = hidden_entries(Path(folder))
         r["hidden_folders"] += [rel(p) for p in folders]
         r["hidden_files"] += [rel(p) for p in files]
-        r["ignored"] += [rel(p) for p in ignored]
 
     decoded = decode_files([p for _, _, p in entries], TINY_SIDE, 1, workers, desc="checking")
     modes, formats, sizes = Counter(), Counter(), Counter()
@@ -133,29 +137,29 @@ def _judge(r: dict, files: dict, bad: dict, max_bad_fraction: float) -> None:
     """Fill r['fatal'] (training would stop or be meaningless) and r['warnings'], and the imbalance."""
     classes, counts = r["classes"], r["counts"]
     if len(classes) < 2:
-        r["fatal"].append(f"train/ has {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); "
+        r["fatal"].append(f"train has {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
                           "a classifier needs at least 2")
     for split in ("train", "val"):
         if split not in counts:
             continue
         no_images = [c for c in classes if counts[split].get(c, 0) == 0]
         if no_images:
-            r["fatal"].append(f"{split}/ has no readable image for class(es): {', '.join(no_images)}")
+            r["fatal"].append(f"{split} has no readable image for class(es): {', '.join(no_images)}")
     for split, n in files.items():
         if n and bad[split] / n > max_bad_fraction:
-            message = f"{bad[split]} of {n} image files in {split}/ cannot be read"
+            message = f"{bad[split]} of {n} image files in {split} cannot be read"
             (r["fatal"] if split != "test" else r["warnings"]).append(message)
     train_counts = [counts["train"][c] for c in classes]
     if len(classes) >= 2 and min(train_counts) > 0:
         r["imbalance"] = round(max(train_counts) / min(train_counts), 2)
         if r["imbalance"] >= 1.5:
             r["warnings"].append(f"classes are imbalanced ({r['imbalance']}x); consider --class-weights auto")
-    for split in ("val", "test"):
-        extra = sorted(set(counts.get(split, {})) - set(classes))
-        if extra:
-            r["warnings"].append(f"{split}/ has class folder(s) not in train/, which are ignored: {', '.join(extra)}")
     if "val" not in counts:
-        r["warnings"].append("no val/ folder: train.py holds out --val-fraction of train/ instead")
+        r["warnings"].append("no val split and --val-fraction 0: train.py needs a val folder, a split column "
+                             "or --val-fraction above 0")
+    elif "val" in r["carve"]:
+        r["warnings"].append(f"no val split: train.py holds out --val-fraction {r['carve']['val']:g} of train "
+                             "instead (stratified)")
     if r["leaks"]:
         r["warnings"].append(f"{len(r['leaks'])} file(s) appear in more than one split (leakage inflates val/test "
                              "accuracy): remove the copies")
@@ -168,7 +172,7 @@ def _judge(r: dict, files: dict, bad: dict, max_bad_fraction: float) -> None:
 
 def format_report(r: dict, limit: int = 20) -> str:
     """The report as text for a terminal; long lists are cut at `limit` lines (--json has everything)."""
-    lines = [f"data: {r['data']}"]
+    lines = [r["layout"], f"data: {r['data']}"]
     splits = list(r["counts"])
     names = sorted(set(r["classes"]).union(*(r["counts"][s] for s in splits)))
     width = max([len(n) for n in names] + [5])
@@ -193,6 +197,9 @@ def format_report(r: dict, limit: int = 20) -> str:
             if len(items) > limit:
                 lines.append(f"  ... and {len(items) - limit} more (see --json)")
 
+    section("layout problems (files left out)", [f"{len(v)} {k}: " + ", ".join(v[:10])
+                                                 + (f", ... ({len(v) - 10} more)" if len(v) > 10 else "")
+                                                 for k, v in r["problems"].items()])
     section("unreadable files, skipped by training", [f"{u['path']}: {u['reason']}" for u in r["unreadable"]])
     section(f"tiny images (a side under {TINY_SIDE} px)", [f"{t['path']} ({t['size'][0]}x{t['size'][1]})"
                                                            for t in r["tiny"]])
@@ -213,14 +220,18 @@ def format_report(r: dict, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-def quarantine(data_dir: str | Path, rel_paths: list[str], dest: str | Path) -> list[tuple[str, str]]:
-    """Move files (paths relative to data_dir) under dest with the same relative paths; never overwrites."""
+def quarantine(data_dir: str | Path, rel_paths: list[str], dest: str | Path,
+               split_folders: list[str] = ()) -> list[tuple[str, str]]:
+    """Move files (paths relative to data_dir, or absolute) under dest with the same relative paths (absolute
+    ones by name); never overwrites. None of `split_folders` (absolute) may hold dest."""
     root, dest = Path(data_dir).resolve(), Path(dest).resolve()
-    if any(dest.is_relative_to(root / s) for s in SPLITS):
+    if any(dest.is_relative_to(Path(s).resolve()) for s in split_folders):
         raise UserError(f"--quarantine {dest} is inside the data's split folders; pick a folder outside them")
     moved = []
     for rel_path in rel_paths:
-        src, dst = root / rel_path, dest / rel_path
+        src = root / rel_path
+        rel_path = Path(rel_path).name if Path(rel_path).is_absolute() else rel_path
+        dst = dest / rel_path
         n = 1
         while dst.exists():  # a file quarantined by an earlier check keeps its place
             dst = dest / Path(rel_path).with_name(f"{Path(rel_path).stem}.{n}{Path(rel_path).suffix}")
@@ -231,28 +242,39 @@ def quarantine(data_dir: str | Path, rel_paths: list[str], dest: str | Path) -> 
     return moved
 
 
-def check_data(data: str, quarantine_dir: str = "", as_json: bool = False, max_bad_fraction: float = 0.5,
-               workers: int = 2) -> int:
-    """Print the report (and quarantine unreadable files when asked); 1 when training on this data would fail."""
-    report = data_report(data, max_bad_fraction, workers)
+def check_data(cfg: TrainConfig, quarantine_dir: str = "", as_json: bool = False) -> int:
+    """Print the report of cfg.data read with cfg's label source and carve (and quarantine unreadable files
+    when asked); 1 when training on this data would fail, 2 when there is no dataset to report on."""
+    try:
+        lay = layout_of(cfg, need=None)
+    except UserError as e:
+        if not Path(cfg.data).is_dir():
+            raise
+        print(f"data: {cfg.data}\nFATAL: {e}\nverdict: cannot train on this data")
+        return 1
+    report = data_report(lay, cfg.max_bad_fraction, cfg.workers)
     if quarantine_dir and report["unreadable"]:
-        report["quarantined"] = quarantine(data, [u["path"] for u in report["unreadable"]], quarantine_dir)
+        report["quarantined"] = quarantine(lay.root, [u["path"] for u in report["unreadable"]], quarantine_dir,
+                                           list(lay.folder_paths.values()))
     print(json.dumps(report, indent=2) if as_json else format_report(report))
     return 1 if report["fatal"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", help="dataset root with train/<class>/* (and optionally val/, test/)")
+    parser.add_argument("data", help="dataset folder, read as train.py --data reads it (README 'Your data')")
     parser.add_argument("--quarantine", metavar="DIR", default="",
                         help="move unreadable files into DIR, keeping their paths relative to DATA")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.add_argument("--max-bad-fraction", type=float, default=0.5,
                         help="a split with more unreadable files than this share is fatal")
     parser.add_argument("--workers", type=int, default=2, help="processes that decode images")
+    add_flags(parser, SOURCE_FIELDS + CARVE_FIELDS)
     args = parser.parse_args(argv)
+    settings = {k: v for k, v in vars(args).items() if k in SOURCE_FIELDS + CARVE_FIELDS}
+    cfg = TrainConfig(data=args.data, max_bad_fraction=args.max_bad_fraction, workers=args.workers, **settings)
     try:
-        return check_data(args.data, args.quarantine, args.json, args.max_bad_fraction, args.workers)
+        return check_data(cfg, args.quarantine, args.json)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

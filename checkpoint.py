@@ -20,6 +20,8 @@ Format version 2, a dict of plain types and tensors:
     temperature      softmax temperature fitted on val at the end of training (1.0 before that)
     config           every TrainConfig field, as a plain dict
     epoch, metrics {"val", "train"}, best {"acc", "epoch", "loss"}, history [one record per epoch]
+    layout           how the data was read: {"description", "source", "folders", "carve", "val_files_sha1"}
+                     (absent in older files; evaluate.py rebuilds a carved val/test from config)
   novelty (optional) what tells images of no known class apart, fitted at the end of training (novelty.py):
                    {"score": the name used, "states": {score name: plain dict of tensors and numbers},
                     "threshold": accept an image when its score <= this, "accept_rate": the share of val images
@@ -53,9 +55,9 @@ NOVELTY_KEYS = ("score", "states", "threshold", "accept_rate", "tta")
 
 
 def build_checkpoint(model: nn.Module, cfg: TrainConfig, classes: list[str], epoch: int, metrics: dict,
-                     history: list[dict], best: dict) -> dict:
+                     history: list[dict], best: dict, layout: dict | None = None) -> dict:
     """The self-sufficient checkpoint: everything inference and evaluation need, in plain types."""
-    return {"format_version": FORMAT_VERSION, "model_state": unwrap(model).state_dict(), "arch": cfg.arch,
+    return {"layout": dict(layout or {}), "format_version": FORMAT_VERSION, "model_state": unwrap(model).state_dict(), "arch": cfg.arch,
             "classes": list(classes), "image_size": cfg.image_size, "channels": cfg.channels, "width": cfg.width,
             "normalization": input_normalization(cfg.uses_pretrained, cfg.channels), "tta": cfg.tta,
             "temperature": 1.0, "config": cfg.to_dict(), "epoch": epoch, "metrics": metrics, "best": dict(best),
@@ -191,6 +193,12 @@ def novelty_of(ckpt: dict, needed_by: str = "") -> dict | None:
 def config_of(ckpt: dict) -> dict:
     """The training settings as saved (a plain dict; empty for a hand-made checkpoint without them)."""
     return ckpt.get("config") or {}
+
+
+def layout_info_of(ckpt: dict) -> dict:
+    """How the training data was read (the 'layout:' line, label source, folders, carve, val_files_sha1); {}
+    for files written before it was stored."""
+    return ckpt.get("layout") or {}
 
 
 def run_name_of(ckpt: dict) -> str:

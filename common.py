@@ -15,11 +15,22 @@ from pathlib import Path
 import torch
 
 SPLITS = ("train", "val", "test")
+# Folder names (and table values) read as each split, compared lower-case with '-' and ' ' as '_' (layout.py).
+SPLIT_ALIASES = {
+    "train": ("train", "training", "training_set", "train_set", "trn"),
+    "val": ("val", "valid", "validation", "val_set", "dev"),
+    "test": ("test", "testing", "test_set", "eval"),
+}
 # The file extensions read as images (in any case), and the PIL format each should hold (check_data.py names
 # mismatches). .jfif is what browsers often save a JPEG as; .jpe is an old JPEG extension.
 FORMATS_BY_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG", ".bmp": "BMP",
                      ".webp": "WEBP", ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM"}
 IMAGE_EXTENSIONS = set(FORMATS_BY_SUFFIX)
+
+
+def is_hidden(name: str) -> bool:
+    """.DS_Store, .ipynb_checkpoints, __MACOSX: never images, classes or splits."""
+    return name.startswith(".") or name.startswith("__")
 
 
 class UserError(Exception):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from common import UserError  # noqa: F401  (defined in common.py; still importable from here)
 
-DESCRIPTION = """Train a ResNet image classifier on a folder of images: DATA/train/<class>/*, optionally val/, test/.
+DESCRIPTION = """Train a ResNet image classifier on a folder of images: class folders, train/val/test split folders,
+or images labelled by a table (--labels) or by their names (--labels-from-name); see README 'Your data'.
 
 Every flag below is a field of TrainConfig in config.py, shown with its reason and default. With --resume the
 saved run's settings are the defaults and the flags given override them."""
@@ -35,9 +36,15 @@ def _f(default, help: str, choices: tuple = ()):
 @dataclass
 class TrainConfig:
     # data
-    data: str = _f("Dataset", "dataset root holding train/<class>/*, and optionally val/ and test/")
-    classes: list[str] = _f([], "train on these class folders only (default: every non-hidden folder)")
-    val_fraction: float = _f(0.2, "share of train/ held out (stratified) when there is no val/ folder")
+    data: str = _f("Dataset", "dataset folder: class folders, split folders (train/val/test and their aliases), "
+                   "or images with --labels / --labels-from-name; see README 'Your data'")
+    labels: str = _f("", "CSV/TSV of file,label rows (columns found by header name); '' = labels from folders")
+    label_columns: list[str] = _f([], "FILE_COL LABEL_COL of --labels when the header names are not the usual ones")
+    labels_from_name: bool = _f(False, "label = the file name before its number (cat.12.jpg -> cat)")
+    name_pattern: str = _f("", "regex searched in each file name; its one group is the label (implies names)")
+    classes: list[str] = _f([], "train on these classes only (default: every class found)")
+    val_fraction: float = _f(0.2, "share of train held out (stratified) when there is no val split")
+    test_fraction: float = _f(0.0, "share of train held out as test (stratified) when there is no test split")
     image_size: int = _f(64, "side of the square input; small keeps CPU training fast")
     channels: int = _f(1, "1 = grayscale, 3 = RGB", choices=(1, 3))
     cache_dir: str = _f("cache", "where decoded images are kept so later runs skip JPEG decoding ('' = off)")
@@ -118,22 +125,41 @@ def _flag_kwargs(f: dataclasses.Field, hints: dict) -> dict:
     return kwargs
 
 
+# Where the labels come from: the flags every script that reads a dataset takes (train, evaluate, check, split).
+SOURCE_FIELDS = ("labels", "label_columns", "labels_from_name", "name_pattern")
+# What decides the carved val/test splits, besides the source.
+CARVE_FIELDS = ("classes", "val_fraction", "test_fraction", "seed")
+
+
+def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None,
+              default_note: str = "") -> argparse.ArgumentParser:
+    """One flag per TrainConfig field (or per field in `names`); flags not given are left out of the result."""
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
+        kwargs = _flag_kwargs(f, hints)
+        if default_note:
+            kwargs["help"] += default_note
+        elif "(default:" not in kwargs["help"]:  # a reason that already says what the default does keeps its own
+            kwargs["help"] += f" (default: {getattr(defaults, f.name)!r})"
+        kwargs["default"] = argparse.SUPPRESS
+        if f.name == "label_columns":
+            kwargs.update(nargs=2, metavar=("FILE_COL", "LABEL_COL"))
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    return parser
+
+
 def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
     """An argparse parser with one flag per TrainConfig field; unspecified flags are left out of the result.
 
     Each help line ends with the default once: the field's own wording when its reason already says what the
-    default does ("(default: every non-hidden folder)"), else its value."""
+    default does ("(default: every class found)"), else its value."""
     parser = argparse.ArgumentParser(usage="%(prog)s [--data DIR] [--epochs N] [--arch NAME] [other flags below]",
                                      description=description, argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        kwargs = _flag_kwargs(f, hints)
-        if "(default:" not in kwargs["help"]:
-            kwargs["help"] += f" (default: {getattr(defaults, f.name)!r})"
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-    return parser
+    return add_flags(parser)
 
 
 # What an invocation does rather than how a run trains: not taken over from a saved config.json.

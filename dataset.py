@@ -1,12 +1,13 @@
-"""ImageFolder-style data: discovery, decoding once into a cache, and batch augmentation on tensors.
+"""Image data: decoding file lists once into a cache, the train/val splits, and batch augmentation on tensors.
 
 Usage:
     python dataset.py demo DIR                        # write a small synthetic cat/dog-like set for a smoke test
     python check_data.py DATA                         # the data report (it moved to its own script)
 
-Layout: DATA/train/<class>/*, optionally DATA/val/<class>/* and DATA/test/<class>/*. Each image is decoded
-once (grayscale, IMAGE_SIZE x IMAGE_SIZE, uint8) and kept in CACHE_DIR keyed by path, size and mtime, so
-later epochs and later runs skip JPEG decoding; augmentation then runs on whole batches of tensors.
+Which files there are and their labels comes from layout.py (any folder layout, a labels table, file names).
+Each image is decoded once (grayscale, IMAGE_SIZE x IMAGE_SIZE, uint8) and kept in CACHE_DIR keyed by path,
+size and mtime, so later epochs and later runs skip JPEG decoding, whatever layout the files came from;
+augmentation then runs on whole batches of tensors.
 """
 from __future__ import annotations
 
@@ -27,30 +28,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from common import IMAGE_EXTENSIONS, UserError, save_atomic
+from common import IMAGE_EXTENSIONS, UserError, is_hidden, save_atomic
+from layout import Layout, layout_splits
 
 CACHE_VERSION = 1
 # The cache stores pixels as uint8 and training sees (x / 127.5 - 1), i.e. mean 0.5 and std 0.5 of [0, 1].
 NORMALIZATION = {"mean": 0.5, "std": 0.5}
 
 
-# ---------------------------------------------------------------- discovery
-
-def is_hidden(name: str) -> bool:
-    return name.startswith(".") or name.startswith("__")
-
-
-def find_classes(split_dir: str | Path, wanted: list[str] | None = None) -> list[str]:
-    """Sorted class folder names under split_dir; hidden folders (.ipynb_checkpoints) are not classes."""
-    split_dir = Path(split_dir)
-    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not is_hidden(p.name))
-    if not wanted:
-        return found
-    missing = [c for c in wanted if c not in found]
-    if missing:
-        raise UserError(f"--classes {' '.join(missing)} not found in {split_dir} (it has: {', '.join(found)})")
-    return sorted(wanted)
-
+# ---------------------------------------------------------------- files
 
 def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """(image files, other files) under folder, recursively and sorted; hidden files and folders are neither."""
@@ -60,29 +46,6 @@ def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
             continue  # .DS_Store, ._resource forks, files in hidden folders
         (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)  # others: Thumbs.db, notes.txt...
     return images, others
-
-
-def list_images(split_dir: str | Path, classes: list[str]) -> tuple[list[str], list[int], list[str]]:
-    """(image paths, labels, files skipped for their extension) for the given classes, in a stable order."""
-    paths, labels, ignored = [], [], []
-    for label, name in enumerate(classes):
-        folder = Path(split_dir) / name
-        if not folder.is_dir():
-            continue
-        images, others = image_files(folder)
-        paths += [str(p) for p in images]
-        labels += [label] * len(images)
-        ignored += [str(p) for p in others]
-    return paths, labels, ignored
-
-
-def skipped_note(ignored: list[str], limit: int = 5) -> str:
-    """One line that counts and names the files skipped for their extension ('' when there are none)."""
-    if not ignored:
-        return ""
-    names = ", ".join(ignored[:limit]) + (f" and {len(ignored) - limit} more" if len(ignored) > limit else "")
-    return (f"skipped {len(ignored)} file(s) whose extension is not one of {' '.join(sorted(IMAGE_EXTENSIONS))}: "
-            f"{names} (rename any that are images)")
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
@@ -212,7 +175,6 @@ class Split:
     labels: torch.Tensor
     paths: list[str]
     bad: list[tuple[str, str]] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
 
     def subset(self, idx: torch.Tensor) -> "Split":
         return Split(self.images[idx], self.labels[idx], [self.paths[i] for i in idx.tolist()])
@@ -223,9 +185,12 @@ def _stat_key(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def cache_file(cache_dir: str | Path, split_dir: str | Path, size: int, channels: int) -> Path:
-    key = f"{Path(split_dir).resolve()}|{size}|{channels}|{CACHE_VERSION}"
-    return Path(cache_dir) / f"{Path(split_dir).name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+def cache_file(cache_dir: str | Path, paths: list[str], size: int, channels: int) -> Path:
+    """The cache file of a list of files: keyed by the folder that holds them all (for DATA/train/<class>/* the
+    split folder, as before), so a carved val shares train's file and any layout of the same files hits it."""
+    folder = Path(os.path.commonpath(paths)) if paths else Path(".")
+    key = f"{folder.resolve()}|{size}|{channels}|{CACHE_VERSION}"
+    return Path(cache_dir) / f"{folder.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
 
 
 def _read_cache(path: Path) -> dict[str, tuple]:
@@ -264,12 +229,12 @@ def decode_files(paths: list[str], size: int, channels: int, workers: int,
                          disable=not show, leave=False))
 
 
-def load_split(split_dir: str | Path, classes: list[str], size: int, channels: int = 1,
+def load_split(paths: list[str], labels: list[int], name: str, size: int, channels: int = 1,
                cache_dir: str = "", workers: int = 0) -> Split:
-    """Decode every image of a split, reusing cached pixels for files whose size and mtime are unchanged."""
-    paths, labels, ignored = list_images(split_dir, classes)
-    stats = [_stat_key(p) for p in paths]
-    cfile = cache_file(cache_dir, split_dir, size, channels) if cache_dir else None
+    """Decode a list of image files with their class indices, reusing cached pixels for files whose size and
+    mtime are unchanged. `name` (train, val...) labels the progress bar."""
+    stats = [_stat_key(p) if os.path.exists(p) else (-1, -1) for p in paths]
+    cfile = cache_file(cache_dir, paths, size, channels) if cache_dir and paths else None
     cached = _read_cache(cfile) if cfile else {}
     results: list = [None] * len(paths)
     todo = []
@@ -280,72 +245,29 @@ def load_split(split_dir: str | Path, classes: list[str], size: int, channels: i
         else:
             todo.append(i)
     if todo:
-        fresh = decode_files([paths[i] for i in todo], size, channels, workers,
-                             desc=f"decoding {Path(split_dir).name}")
+        fresh = decode_files([paths[i] for i in todo], size, channels, workers, desc=f"decoding {name}")
         for i, r in zip(todo, fresh):
             results[i] = (torch.from_numpy(r[0]) if r[0] is not None else None, r[1])
         if cfile:
-            _write_cache(cfile, paths, stats, [r[0] for r in results], [r[1] for r in results])
+            # Keep the entries of other lists sharing this file (train and its carved val) that are still current.
+            mine = set(paths)
+            others = [(p, c) for p, c in cached.items() if p not in mine and os.path.exists(p) and _stat_key(p) == c[0]]
+            _write_cache(cfile, paths + [p for p, _ in others], stats + [list(c[0]) for _, c in others],
+                         [r[0] for r in results] + [c[1] for _, c in others],
+                         [r[1] for r in results] + [c[2] for _, c in others])
     keep = [i for i, r in enumerate(results) if r[0] is not None]
     images = (torch.stack([results[i][0] for i in keep]) if keep
               else torch.zeros(0, channels, size, size, dtype=torch.uint8))
     return Split(images=images, labels=torch.tensor([labels[i] for i in keep], dtype=torch.int64),
                  paths=[paths[i] for i in keep], bad=[(paths[i], results[i][1]) for i in range(len(paths))
-                                                      if results[i][0] is None], ignored=ignored)
+                                                      if results[i][0] is None])
 
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, val indices): `fraction` of each class goes to val, the same for the same seed."""
-    g = torch.Generator().manual_seed(seed)
-    train_idx, val_idx = [], []
-    for c in labels.unique(sorted=True).tolist():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n_val = min(len(idx) - 1, max(1, round(len(idx) * fraction))) if len(idx) > 1 else 0
-        val_idx.append(idx[:n_val])
-        train_idx.append(idx[n_val:])
-    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
-
-
-def stratified_split_k(labels: torch.Tensor, ratios: list[float], seed: int) -> list[torch.Tensor]:
-    """Sorted index tensors, one per ratio (e.g. train/val/test = 0.7/0.15/0.15), with every class divided in
-    those ratios; counts are rounded by largest remainder so each image is used exactly once, and a split with
-    a share gets at least one image of every class that has enough. Same seed, same split.
-    """
-    g = torch.Generator().manual_seed(seed)
-    parts: list[list[torch.Tensor]] = [[] for _ in ratios]
-    for c in labels.unique(sorted=True).tolist():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        exact = [len(idx) * r / sum(ratios) for r in ratios]
-        counts = [math.floor(e) for e in exact]
-        by_remainder = sorted(range(len(ratios)), key=lambda k: (counts[k] - exact[k], k))
-        for k in by_remainder[:len(idx) - sum(counts)]:
-            counts[k] += 1
-        for k, r in enumerate(ratios):
-            largest = max(range(len(counts)), key=lambda j: counts[j])
-            if r > 0 and counts[k] == 0 and counts[largest] > 1:
-                counts[k], counts[largest] = 1, counts[largest] - 1
-        start = 0
-        for k, n in enumerate(counts):
-            parts[k].append(idx[start:start + n])
-            start += n
-    return [torch.cat(p).sort().values if p else torch.zeros(0, dtype=torch.int64) for p in parts]
-
-
-LAYOUT_HELP = ("expected DATA/train/<class>/<images> (e.g. Dataset/train/cat/1.jpg, Dataset/train/dog/2.jpg), "
-               "optionally with DATA/val/<class>/ and DATA/test/<class>/")
-
-
-def check_layout(data: str | Path, split: str = "train") -> Path:
-    """The split folder, or a UserError that says which layout is expected."""
-    root = Path(data)
-    if not root.is_dir():
-        raise UserError(f"no dataset at {root}: {LAYOUT_HELP}")
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise UserError(f"no {split}/ folder in {root}: {LAYOUT_HELP}")
-    return split_dir
+def load_items(items: list[tuple[str, str]], classes: list[str], name: str, size: int, channels: int = 1,
+               cache_dir: str = "", workers: int = 0) -> Split:
+    """load_split of layout items (path, class name), labelled by their index in `classes`."""
+    index = {c: k for k, c in enumerate(classes)}
+    return load_split([p for p, _ in items], [index[c] for _, c in items], name, size, channels, cache_dir, workers)
 
 
 def check_split(split: Split, classes: list[str], where: str, max_bad_fraction: float) -> None:
@@ -358,33 +280,24 @@ def check_split(split: Split, classes: list[str], where: str, max_bad_fraction: 
     counts = torch.bincount(split.labels, minlength=len(classes))
     empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
     if empty:
-        raise UserError(f"class folder(s) with no readable images in {where}: {', '.join(empty)}")
+        raise UserError(f"class(es) with no readable images in {where}: {', '.join(empty)}")
 
 
-def load_data(data: str, classes: list[str] | None, size: int, channels: int, val_fraction: float, seed: int,
-              cache_dir: str = "", workers: int = 0, max_bad_fraction: float = 0.5
-              ) -> tuple[Split, Split, list[str]]:
-    """(train, val, class names) from DATA/train and DATA/val, or a stratified split of train when no val/."""
-    train_dir = check_layout(data, "train")
-    names = find_classes(train_dir, classes)
-    if len(names) < 2:
-        raise UserError(f"found {len(names)} class folder(s) in {train_dir} ({', '.join(names) or 'none'}); "
-                        f"a classifier needs at least 2: {LAYOUT_HELP}")
-    train = load_split(train_dir, names, size, channels, cache_dir, workers)
-    check_split(train, names, str(train_dir), max_bad_fraction)
-    val_dir = Path(data) / "val"
-    if val_dir.is_dir():
-        val = load_split(val_dir, names, size, channels, cache_dir, workers)
-        check_split(val, names, str(val_dir), max_bad_fraction)
-    else:
-        train_idx, val_idx = stratified_split(train.labels, val_fraction, seed)
-        bad, ignored = train.bad, train.ignored
-        train, val = train.subset(train_idx), train.subset(val_idx)
-        train.bad, train.ignored = bad, ignored
-    note = skipped_note(train.ignored + val.ignored)
-    if note:
-        print(note)
-    return train, val, names
+def load_data(lay: Layout, size: int, channels: int, cache_dir: str = "", workers: int = 0,
+              max_bad_fraction: float = 0.5) -> tuple[Split, Split]:
+    """(train, val) of a layout: the carve is applied to the file lists first (so a file that later becomes
+    unreadable does not reshuffle val), then each split is decoded (cached) and checked."""
+    splits = layout_splits(lay)
+    if not splits["val"]:
+        raise UserError(f"no val split in {lay.root}: give a val folder, a split column in --labels, or "
+                        "--val-fraction above 0")
+    out = []
+    for name in ("train", "val"):
+        split = load_items(splits[name], lay.classes, name, size, channels, cache_dir, workers)
+        check_split(split, lay.classes, f"{name} ({lay.folders.get(name, lay.folders.get('train', lay.root))})",
+                    max_bad_fraction)
+        out.append(split)
+    return out[0], out[1]
 
 
 def batches(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,

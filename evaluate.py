@@ -1,8 +1,9 @@
 """Evaluate a trained checkpoint: metrics, confusion matrix, most confidently wrong images, Grad-CAM heatmaps.
 
 Usage:
-    python evaluate.py --data Dataset                      # the test/ split, with models/best_model.pth
+    python evaluate.py --data Dataset                      # the test split, with models/best_model.pth
     python evaluate.py --data ../shared/data/catdog --split val
+    python evaluate.py --split val                         # the data, labels and carved val the model trained on
     python evaluate.py --data Dataset --checkpoint models/best_model.pth --out-dir curves --gallery 32
     python evaluate.py --gradcam photo.jpg more/*.jpg       # heatmaps of what the predicted class looked at
     python evaluate.py --gradcam photo.jpg --cam-layer layers.0    # a finer map (16x16 at 64x64), from stage 1
@@ -10,7 +11,9 @@ Usage:
 
 Writes OUT_DIR/metrics.json, confusion_matrix.png (counts and row-normalized), most_confident_wrong.png and
 most_confident_wrong.csv; with --gradcam, OUT_DIR/gradcam_<image name>.png. The class names, image size,
-channels and softmax temperature come from the checkpoint.
+channels and softmax temperature come from the checkpoint. The data is read as train.py read it (layout.py,
+with the checkpoint's --labels/--labels-from-name/--name-pattern unless given), so a val or test split that
+train.py carved out of train (--val-fraction, --test-fraction, --seed) is carved again, file for file.
 OUT_DIR defaults to curves/<run name>/ (the training run's curves folder and name, from the checkpoint).
 
 --unknown-dir DIR (images of no known class, any layout or a flat folder) tells them apart from the split's
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -33,8 +37,10 @@ import torch.nn.functional as F
 
 from checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
                         novelty_of, run_name_of, tta_of, temperature_of)
-from common import UserError, pick_device
-from dataset import BadImage, check_layout, decode_image, expand_inputs, find_classes, load_split, to_float
+from common import SPLITS, UserError, pick_device
+from config import SOURCE_FIELDS, TrainConfig, add_flags
+from dataset import BadImage, decode_image, expand_inputs, load_items, to_float
+from layout import layout_of, layout_splits, split_of
 from metrics import compute_metrics, most_confident_wrong
 from model import predict_logits, unwrap
 from novelty import extract_features, load_images, novelty_score, unknown_report
@@ -199,28 +205,28 @@ def _gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_i
 
 # ---------------------------------------------------------------- commands
 
-def check_classes(found: list[str], expected: list[str], where: Path, subset_ok: bool = False) -> None:
-    """Refuse data whose class folders differ from the checkpoint's classes, naming the differences.
+def check_classes(found: list[str], expected: list[str], where: str, subset_ok: bool = False) -> None:
+    """Refuse data whose classes differ from the checkpoint's classes, naming the differences.
 
-    Extra folders are allowed when the model was trained on chosen classes (--classes): training ignored them too.
+    Extra classes are allowed when the model was trained on chosen classes (--classes): training ignored them too.
     """
     missing = [c for c in expected if c not in found]
     extra = [] if subset_ok else [c for c in found if c not in expected]
     if missing or extra:
         parts = ([f"missing from the data: {', '.join(missing)}"] if missing else []) + \
                 ([f"not in the checkpoint: {', '.join(extra)}"] if extra else [])
-        raise UserError(f"the class folders in {where} do not match the checkpoint's classes "
+        raise UserError(f"the classes in {where} do not match the checkpoint's classes "
                         f"({', '.join(expected)}): {'; '.join(parts)}")
 
 
-def split_dir_of(data: str, split: str) -> Path:
-    """DATA/SPLIT, or a UserError that names the splits there are."""
-    root = Path(data)
-    if root.is_dir() and not (root / split).is_dir():
-        there = find_classes(root)  # the same non-hidden subfolder listing that finds class folders
-        raise UserError(f"no {split}/ folder in {root} (it has: {', '.join(there) or 'nothing'}); "
-                        f"choose one with --split")
-    return check_layout(data, split)
+def data_settings(args: argparse.Namespace, saved: dict) -> TrainConfig:
+    """The training run's data settings (label source, classes, carve fractions, seed) with --data and the
+    label-source flags given here on top."""
+    data = args.data or saved.get("data")
+    if not data:
+        raise UserError("give the dataset with --data DIR")
+    given = {k: getattr(args, k) for k in SOURCE_FIELDS if hasattr(args, k)}
+    return dataclasses.replace(TrainConfig.from_dict(saved), data=data, **given)
 
 
 def out_dir_of(out_dir: str | None, ckpt: dict) -> Path:
@@ -285,16 +291,20 @@ def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
     if args.unknown_dir:
         novelty_of(ckpt, needed_by="--unknown-dir")  # before the work, not after it
     classes, cfg = ckpt["classes"], config_of(ckpt)
-    data = args.data or cfg.get("data")
-    if not data:
-        raise UserError("give the dataset with --data DIR")
-    split_dir = split_dir_of(data, args.split)
-    check_classes(find_classes(split_dir), classes, split_dir, subset_ok=bool(cfg.get("classes")))
-    split = load_split(split_dir, classes, ckpt["image_size"], ckpt["channels"], args.cache_dir, args.workers)
+    split_name = split_of(args.split)
+    if split_name is None:
+        raise UserError(f"--split {args.split!r}: choose one of {', '.join(SPLITS)}")
+    settings = data_settings(args, cfg)
+    lay = layout_of(settings, need=split_name)
+    print(lay.description)
+    check_classes(lay.classes, classes, settings.data, subset_ok=bool(settings.classes))
+    items = [(p, c) for p, c in layout_splits(lay)[split_name] if c in classes]
+    where = f"{settings.data} ({split_name}" + (", carved from train" if split_name in lay.carve else "") + ")"
+    split = load_items(items, classes, split_name, ckpt["image_size"], ckpt["channels"], args.cache_dir, args.workers)
     for path, reason in split.bad:
         print(f"skipped unreadable image {path}: {reason}")
     if len(split.labels) == 0:
-        raise UserError(f"no readable images in {split_dir}")
+        raise UserError(f"no readable images in {where}")
 
     tta = tta_of(ckpt) if args.tta is None else args.tta
     temperature = temperature_of(ckpt)
@@ -302,13 +312,14 @@ def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
     logits = predict_logits(model, split.images, device, args.batch_size, tta=tta,
                             normalization=normalization_of(ckpt))
     metrics = compute_metrics(logits, split.labels, classes, temperature)
-    print(f"{args.checkpoint} on {split_dir}: {len(split.labels)} images"
+    print(f"{args.checkpoint} on {where}: {len(split.labels)} images"
           + (f", {len(split.bad)} unreadable skipped" if split.bad else "") + f", tta {tta}\n")
     print(format_report(metrics))
 
     out = out_dir_of(args.out_dir, ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"checkpoint": str(args.checkpoint), "data": str(split_dir), "tta": tta,
+    report = {"checkpoint": str(args.checkpoint), "data": str(settings.data), "split": split_name,
+              "layout": lay.description, "tta": tta,
               "skipped": [list(b) for b in split.bad], **metrics}
     if args.unknown_dir:
         report["unknown"] = unknown_section(ckpt, model, split.images, args, device, out)
@@ -359,8 +370,10 @@ def gradcam_images(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="dataset root with <split>/<class>/* (default: the one the model trained on)")
-    parser.add_argument("--split", default="test", help="which split folder to evaluate (default: test)")
+    parser.add_argument("--data", help="dataset folder, any layout train.py reads (default: the one the model "
+                        "trained on)")
+    parser.add_argument("--split", default="test", help="train, val or test (default: test); a split train.py "
+                        "carved from train is carved again the same way")
     parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
     parser.add_argument("--out-dir", help="where metrics.json and the PNGs go (default: curves/<run name>/, from "
                         "the checkpoint)")
@@ -379,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cam-layer", default="auto", metavar="NAME",
                         help="layer Grad-CAM weighs, e.g. layers.0-layers.3 (resnet_small) or layer1-layer4 "
                              "(resnet18/50); auto: the deepest stage with at least 8x8 cells (default: auto)")
+    add_flags(parser, SOURCE_FIELDS, default_note=" (default: as in training)")
     args = parser.parse_args(argv)
     try:
         if args.batch_size < 1 or args.gallery < 0:

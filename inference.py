@@ -5,6 +5,8 @@ Usage:
     python inference.py --image a.jpg b.png photos/ "more/*.jpg"   # several files, folders, globs
     python inference.py --image photos/ --json                     # one JSON object per image
     python inference.py --image photos/ --csv predictions.csv
+    python inference.py --image test/ --csv submission.csv --csv-columns id,label   # Kaggle-style: file stem, label
+    python inference.py --image test/ --csv submission.csv --csv-columns id,dog     # id and P(dog)
     python inference.py --image x.jpg --threshold 0.8              # "unknown" below 80% confidence
     python inference.py --image photos/ --reject --json            # "unknown" when of no known class
     python inference.py --image x.jpg --checkpoint models/best_model.pth
@@ -88,12 +90,44 @@ def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | 
     return results
 
 
+FIXED_COLUMNS = ("id", "path", "label", "confidence", "error")
+NOVELTY_COLUMNS = ("novelty_score", "known")  # only with a checkpoint that has a novelty score
+
+
+def csv_columns(spec: str, classes: list[str], novelty: bool = False) -> list[str]:
+    """The --csv-columns list (default: path, label, confidence, one probability per class, the novelty score and
+    verdict when the checkpoint has them, error), checked."""
+    extra = list(NOVELTY_COLUMNS) if novelty else []
+    if not spec:
+        return ["path", "label", "confidence", *classes, *extra, "error"]
+    columns = [c.strip() for c in spec.split(",") if c.strip()]
+    allowed = [*FIXED_COLUMNS, *extra, *classes]
+    unknown = [c for c in columns if c not in allowed]
+    if unknown or not columns:
+        raise UserError(f"--csv-columns: unknown column(s) {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(allowed)} (a class name gives that class's probability)")
+    return columns
+
+
+def csv_row(r: dict, columns: list[str]) -> list:
+    """One result as the cells of `columns`; id is the file name without its extension."""
+    values = {"id": Path(r["path"]).stem, "path": r["path"], "label": r.get("label", ""),
+              "confidence": r.get("confidence", ""), "error": r.get("error", ""),
+              **{k: r.get(k, "") for k in NOVELTY_COLUMNS}}
+    probs = r.get("probabilities", {})
+    return [values[c] if c in values else probs.get(c, "") for c in columns]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", nargs="+", required=True, help="image files, folders or glob patterns")
     parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--csv", metavar="FILE", help="also write path,label,confidence,... rows to FILE")
+    parser.add_argument("--csv-columns", metavar="LIST", default="",
+                        help="comma list of --csv columns from id (the file stem), path, label, confidence, error "
+                        "and class names (their probability), e.g. id,label for a submission (default: path, "
+                        "label, confidence, every class, error)")
     parser.add_argument("--threshold", type=float, default=0.0,
                         help="answer 'unknown' when the top probability is below this (0-1)")
     parser.add_argument("--reject", action="store_true",
@@ -106,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 0.0 <= args.threshold <= 1.0:
             raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
         ckpt = load_checkpoint(args.checkpoint)
+        columns = csv_columns(args.csv_columns, ckpt["classes"], novelty_of(ckpt) is not None)
         paths = expand_inputs(args.image)
         results = classify(paths, ckpt, args.threshold, args.tta, args.reject)
     except UserError as e:
@@ -124,16 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{r['path']}  {r['label']}  {r['confidence']:.2f}{novelty}")
     if args.csv:
-        classes = ckpt["classes"]
-        extra = ["novelty_score", "known"] if novelty_of(ckpt) is not None else []
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "confidence", *classes, *extra, "error"])
-            for r in results:
-                probs = r.get("probabilities", {})
-                w.writerow([r["path"], r.get("label", ""), r.get("confidence", ""),
-                            *[probs.get(c, "") for c in classes], *[r.get(k, "") for k in extra],
-                            r.get("error", "")])
+            w.writerow(columns)
+            w.writerows(csv_row(r, columns) for r in results)
     bad = [r for r in results if "error" in r]
     if bad and len(results) > 1 and not args.json:
         print(f"{len(bad)} of {len(results)} images could not be read", file=sys.stderr)

@@ -1,15 +1,19 @@
-"""Split a flat class-folder collection into train/val/test, reproducibly and stratified.
+"""Write any dataset layout train.py reads as DST/train|val|test/<class>/, reproducibly and stratified.
 
 Usage:
     python split_dataset.py SRC DST                               # 0.7/0.15/0.15, copies, seed 0
+    python split_dataset.py dog-breed Dataset --labels dog-breed/labels.csv   # labels from a table
+    python split_dataset.py dogs-vs-cats Dataset --labels-from-name          # cat.0.jpg -> cat
     python split_dataset.py photos Dataset --ratios 0.8 0.1 0.1 --seed 1
     python split_dataset.py photos Dataset --ratios 0.8 0.2       # train and val only
     python split_dataset.py photos Dataset --mode link            # hard links (symlinks across disks)
     python split_dataset.py photos Dataset --mode move            # moves the originals: only when asked
 
-SRC holds <class>/<images> (subfolders inside a class are kept); DST must be new or empty and gets
-DST/train|val|test/<class>/. Every class is divided in the given ratios (stratified), so small classes keep
-their share in each split, and the same seed gives the same split. Non-image files are left out.
+SRC is read as train.py --data reads it (layout.py: class folders, split folders and their aliases, a labels
+table, labels in file names). DST must be new or empty and gets DST/<split>/<class>/<file name>. Split folders
+SRC already has are kept; the missing val/test shares are carved from train, each class divided in the given
+ratios (stratified, the same carve train.py uses), so the same seed gives the same split. Files left out (no
+label, not an image...) are counted and named.
 """
 from __future__ import annotations
 
@@ -19,10 +23,9 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from common import SPLITS, UserError
-from dataset import find_classes, list_images, stratified_split_k
+from common import UserError
+from config import SOURCE_FIELDS, TrainConfig, add_flags
+from layout import format_problems, layout_of, layout_splits
 
 MODES = ("copy", "link", "move")
 
@@ -37,23 +40,32 @@ def check_ratios(ratios: list[float]) -> list[float]:
     return ratios
 
 
-def plan_split(src: Path, ratios: list[float], seed: int) -> tuple[dict[str, list[tuple[Path, Path]]], list[str]]:
-    """({split: [(source file, path relative to DST)]}, ignored non-image files) without touching any file."""
+def plan_split(src: Path, ratios: list[float], seed: int, source: dict | None = None
+               ) -> dict[str, list[tuple[Path, Path]]]:
+    """{split: [(source file, path relative to DST)]} without touching any file; prints the 'layout:' line and
+    the files left out. `source`: TrainConfig's label-source fields (labels, labels_from_name...)."""
     if not src.is_dir():
         raise UserError(f"no folder at {src}")
-    classes = find_classes(src)
-    if set(classes) & set(SPLITS):
-        raise UserError(f"{src} already has {'/'.join(sorted(set(classes) & set(SPLITS)))} folders; expected "
-                        f"SRC/<class>/<images>, e.g. {src}/cat/1.jpg")
-    if len(classes) < 2:
-        raise UserError(f"found {len(classes)} class folder(s) in {src}; expected SRC/<class>/<images> with 2 or more")
-    paths, labels, ignored = list_images(src, classes)
-    parts = stratified_split_k(torch.tensor(labels, dtype=torch.int64), ratios, seed)
+    cfg = TrainConfig(data=str(src), val_fraction=ratios[1], test_fraction=ratios[2] if len(ratios) > 2 else 0.0,
+                      seed=seed, **(source or {}))
+    lay = layout_of(cfg)
+    print(lay.description)
+    problems = format_problems(lay)
+    if problems:
+        print(problems)
     plan = {}
-    for name, idx in zip(SPLITS, parts):
-        files = [Path(paths[i]) for i in idx.tolist()]
-        plan[name] = [(f, Path(name) / f.relative_to(src)) for f in files]
-    return plan, ignored
+    for name, items in layout_splits(lay).items():
+        used: set[tuple[str, str]] = set()
+        plan[name] = []
+        for path, cls in items:
+            f = Path(path)
+            target, n = f.name, 1
+            while (cls, target) in used:  # same name in two folders of one class (a flat table's files)
+                target = f"{f.stem}_{n}{f.suffix}"
+                n += 1
+            used.add((cls, target))
+            plan[name].append((f, Path(name) / cls / target))
+    return {name: files for name, files in plan.items() if files}
 
 
 def place(source: Path, target: Path, mode: str) -> None:
@@ -70,8 +82,8 @@ def place(source: Path, target: Path, mode: str) -> None:
 
 
 def split_dataset(src: str | Path, dst: str | Path, ratios: list[float], seed: int = 0,
-                  mode: str = "copy") -> dict[str, dict[str, int]]:
-    """Copy (link, move) SRC/<class>/* into DST/<split>/<class>/*; returns {split: {class: count}}."""
+                  mode: str = "copy", source: dict | None = None) -> dict[str, dict[str, int]]:
+    """Copy (link, move) SRC's images into DST/<split>/<class>/*; returns {split: {class: count}}."""
     src, dst = Path(src), Path(dst)
     check_ratios(ratios)
     if mode not in MODES:
@@ -80,7 +92,7 @@ def split_dataset(src: str | Path, dst: str | Path, ratios: list[float], seed: i
         raise UserError(f"{dst} exists and is not an empty folder; choose a new DST")
     if dst.resolve().is_relative_to(src.resolve()):
         raise UserError(f"DST {dst} is inside SRC {src}; it would be read as a class folder next time")
-    plan, ignored = plan_split(src, ratios, seed)
+    plan = plan_split(src, ratios, seed, source)
     counts: dict[str, dict[str, int]] = {}
     for split, files in plan.items():
         counts[split] = {}
@@ -88,8 +100,6 @@ def split_dataset(src: str | Path, dst: str | Path, ratios: list[float], seed: i
             place(source, dst / rel, mode)
             cls = rel.parts[1]
             counts[split][cls] = counts[split].get(cls, 0) + 1
-    if ignored:
-        print(f"left out {len(ignored)} non-image file(s), e.g. {ignored[0]}")
     return counts
 
 
@@ -105,16 +115,18 @@ def format_counts(counts: dict[str, dict[str, int]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="folder of class folders: SRC/<class>/<images>")
+    parser.add_argument("src", help="dataset folder, any layout train.py reads (README 'Your data')")
     parser.add_argument("dst", help="new (or empty) folder for DST/train|val|test/<class>/")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.15, 0.15],
                         help="shares of train, val and (optionally) test; they add up to 1")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same split")
     parser.add_argument("--mode", choices=MODES, default="copy",
                         help="copy (default), link (hard link, else symlink) or move the originals")
+    add_flags(parser, SOURCE_FIELDS)
     args = parser.parse_args(argv)
+    source = {k: v for k, v in vars(args).items() if k in SOURCE_FIELDS}
     try:
-        counts = split_dataset(args.src, args.dst, args.ratios, args.seed, args.mode)
+        counts = split_dataset(args.src, args.dst, args.ratios, args.seed, args.mode, source)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

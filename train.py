@@ -1,9 +1,11 @@
 """Train a ResNet image classifier on a folder of images.
 
 Usage:
-    python train.py                                    # trains on ./Dataset (DATA/train/<class>/*)
+    python train.py                                    # trains on ./Dataset (any layout: README "Your data")
     python train.py --data PATH --epochs 20 --arch resnet18
-    python train.py --data PATH --classes cat dog      # only these class folders
+    python train.py --data PATH --classes cat dog      # only these classes
+    python train.py --data dog-breed --labels dog-breed/labels.csv   # labels in a CSV (id,breed)
+    python train.py --data dogs-vs-cats --labels-from-name           # train/cat.0.jpg -> cat
     python train.py --resume                           # continue from models/last.pth
     python train.py --resume --epochs 60               # train on: a fresh cosine over the added epochs
     python train.py --config logs/RUN/config.json --seed 1   # a saved run's settings, a flag changed
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import signal
@@ -37,12 +40,14 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 
 from check_data import check_data
-from checkpoint import (BEST, LAST, build_checkpoint, config_of, load_checkpoint, load_resume_checkpoint,
-                        model_from_checkpoint, normalization_of, novelty_record, resume_state_of, save_checkpoint,
-                        temperature_of, tta_of, with_novelty, with_resume_state, with_temperature)
+from checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_checkpoint,
+                        load_resume_checkpoint, model_from_checkpoint, normalization_of, novelty_record,
+                        resume_state_of, save_checkpoint, temperature_of, tta_of, with_novelty, with_resume_state,
+                        with_temperature)
 from common import UserError, pick_device, remove_stale_temp_files
 from config import TrainConfig, format_config, parse_config
-from dataset import Split, augment, batches, find_classes, load_data, load_split, to_float, to_uint8
+from dataset import Split, augment, batches, load_data, load_items, to_float, to_uint8
+from layout import Layout, format_problems, layout_of, layout_splits
 from metrics import confusion_matrix, correct_count, expected_calibration_error, fit_temperature, loss_sum
 from model import adapt_state_dict, build_model, input_normalization, load_pretrained, predict_logits, unwrap
 from novelty import (SCORES, accepted, extract_features, fit_states, novelty_score, state_bytes,
@@ -414,14 +419,32 @@ def fetch_pretrained(cfg: TrainConfig) -> dict | None:
     return state
 
 
-def load_training_data(cfg: TrainConfig, device: torch.device, expected_classes: list[str] | None
+def read_data_layout(cfg: TrainConfig, resume_ckpt: dict | None) -> tuple[Layout, dict]:
+    """Which files train and val are, printed as the 'layout:' line and the problems (first 10 of each kind),
+    and what the checkpoint records of it; a resumed run whose carved val differs from its first one is named."""
+    lay = layout_of(cfg)
+    print(lay.description)
+    problems = format_problems(lay)
+    if problems:
+        print("data problems (left out):\n" + "\n".join(f"  {line}" for line in problems.splitlines()))
+    val_paths = sorted(p for p, _ in layout_splits(lay)["val"])
+    info = {"description": lay.description, "source": lay.source, "folders": dict(lay.folders),
+            "carve": dict(lay.carve), "val_files_sha1": hashlib.sha1("\n".join(val_paths).encode()).hexdigest()}
+    before = layout_info_of(resume_ckpt).get("val_files_sha1") if resume_ckpt is not None else None
+    if resume_ckpt is not None and lay.carve.get("val") and before != info["val_files_sha1"]:
+        print("warning: the val split carved now differs from the one this run started with (a version before "
+              "the one-carve change, or other files/settings); its val accuracies are not comparable")
+    return lay, info
+
+
+def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expected_classes: list[str] | None
                        ) -> tuple[Split, Split, list[str]]:
     """Train and val splits, decoded once (cached), reported, and the training images put on the device."""
     t0 = time.time()
-    train, val, classes = load_data(cfg.data, cfg.classes or None, cfg.image_size, cfg.channels, cfg.val_fraction,
-                                    cfg.seed, cfg.cache_dir, cfg.workers, cfg.max_bad_fraction)
+    classes = lay.classes
     if expected_classes is not None and expected_classes != classes:
         raise UserError(f"the checkpoint's classes {expected_classes} differ from the data's {classes}")
+    train, val = load_data(lay, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers, cfg.max_bad_fraction)
     print(f"data: {len(train.paths)} train / {len(val.paths)} val images, classes {classes}, "
           f"loaded in {time.time() - t0:.1f}s")
     for path, reason in train.bad + val.bad:
@@ -699,12 +722,12 @@ def is_finite(t: Trainer, val_loss: float) -> bool:
     return math.isfinite(val_loss) and all(torch.isfinite(p).all() for net in nets for p in net.parameters())
 
 
-def save_epoch(t: Trainer, cfg: TrainConfig, classes: list[str], progress: Progress, metrics: dict,
+def save_epoch(t: Trainer, cfg: TrainConfig, classes: list[str], layout: dict, progress: Progress, metrics: dict,
                improved: bool, finite: bool) -> None:
     """best_model.pth when val accuracy improved; last.pth, with what --resume needs, unless the model broke
     (a broken model must not replace the last good state that --resume starts from)."""
     epoch = progress.history[-1]["epoch"]
-    ckpt = build_checkpoint(t.eval_model, cfg, classes, epoch, metrics, progress.history, progress.best)
+    ckpt = build_checkpoint(t.eval_model, cfg, classes, epoch, metrics, progress.history, progress.best, layout)
     if improved:
         save_checkpoint(ckpt, Path(cfg.out_dir) / BEST)
     if finite:
@@ -767,15 +790,17 @@ def check_novelty_settings(cfg: TrainConfig) -> None:
 
 
 def left_out_images(cfg: TrainConfig, classes: list[str]) -> tuple[Split | None, list[str]]:
-    """With --classes, the other class folders of DATA/val (else DATA/train): images of no class the model knows,
-    for the report at the end of training only (never trained on, never used to choose the threshold)."""
+    """With --classes, the images of the other classes in val (else train), read as the run read its data:
+    images of no class the model knows, for the report at the end of training only (never trained on, never
+    used to choose the threshold)."""
     if not cfg.classes:
         return None, []
-    for folder in (Path(cfg.data) / "val", Path(cfg.data) / "train"):
-        others = [c for c in find_classes(folder) if c not in classes] if folder.is_dir() else []
-        if others:
-            # No cache: a cache file holds one split folder's listed classes, and the known ones' must stay.
-            split = load_split(folder, others, cfg.image_size, cfg.channels, workers=cfg.workers)
+    everything = layout_of(dataclasses.replace(cfg, classes=[]), need=None)
+    for name in ("val", "train"):
+        items = [(p, c) for p, c in everything.items[name] if c not in classes]
+        if items:
+            others = sorted({c for _, c in items})
+            split = load_items(items, others, name, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers)
             return (split if len(split.labels) else None), others
     return None, []
 
@@ -852,7 +877,8 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     check_novelty_settings(cfg)
     cfg, device, amp_dtype = set_up(cfg)
     pretrained_state = fetch_pretrained(cfg) if resume_ckpt is None else None  # a resumed run has its weights
-    train, val, classes = load_training_data(cfg, device, resume_ckpt["classes"] if resume_ckpt else None)
+    lay, layout_info = read_data_layout(cfg, resume_ckpt)
+    train, val, classes = load_training_data(cfg, lay, device, resume_ckpt["classes"] if resume_ckpt else None)
     t = build_trainer(cfg, train, len(classes), device, amp_dtype, pretrained_state)
     progress = restore(t, cfg, resume_ckpt) if resume_ckpt is not None else Progress()
     frozen = set_phase(t, cfg, progress.start_epoch + 1)
@@ -884,7 +910,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                 if improved:
                     progress.best = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"]}
                 if is_main_rank():
-                    save_epoch(t, cfg, classes, progress, {"val": ev, "train": tr}, improved, finite)
+                    save_epoch(t, cfg, classes, layout_info, progress, {"val": ev, "train": tr}, improved, finite)
                 if finite:
                     progress.saved_epoch = epoch
                 print(epoch_line(h, cfg.epochs, improved), flush=True)
@@ -922,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume_ckpt = resolve_config(argv)
         if cfg.check_only:
-            return check_data(cfg.data, max_bad_fraction=cfg.max_bad_fraction, workers=cfg.workers)
+            return check_data(cfg)
         if resume_ckpt is not None and resume_ckpt["epoch"] >= cfg.epochs:
             print(f"{cfg.out_dir}/{LAST} already finished {resume_ckpt['epoch']} of {cfg.epochs} epochs; "
                   "pass a larger --epochs to train on")

@@ -9,10 +9,17 @@ import torch
 import torchvision
 
 from checkpoint import model_from_checkpoint
-from dataset import image_tensor, make_synthetic
+from dataset import image_tensor, load_items, make_synthetic
+from layout import read_layout
 from metrics import confusion_matrix
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def load_folder(folder: Path, classes: list[str], size: int, channels: int = 1):
+    """The decoded Split of folder/<class>/* for these classes (labels = their index), as train.py reads it."""
+    items = read_layout(folder, classes=classes, val_fraction=0).items["train"]
+    return load_items(items, classes, Path(folder).name, size, channels)
 
 
 @pytest.fixture

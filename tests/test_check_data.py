@@ -8,10 +8,12 @@ import train
 from common import IMAGE_EXTENSIONS
 from conftest import NASTY_DUPLICATE, NASTY_IGNORED, NASTY_LEAK, NASTY_UNREADABLE
 from dataset import make_synthetic
+from layout import MISSING, UNLABELED, UNPARSABLE, read_layout
 
 
 def test_data_report_counts_problems_and_duplicates(nasty_data):
-    r = check_data.data_report(nasty_data)
+    r = check_data.data_report(read_layout(nasty_data))
+    assert r["layout"] == "layout: classes from folders in train/ (train) and val/ (val)"
     assert r["classes"] == ["cat", "dog"]
     assert r["counts"] == {"train": {"cat": 18, "dog": 17}, "val": {"cat": 3, "dog": 4}}
     assert sorted(u["path"] for u in r["unreadable"]) == sorted(NASTY_UNREADABLE)
@@ -59,10 +61,9 @@ def test_quarantine_refuses_a_folder_inside_the_data(nasty_data, capsys):
 
 @pytest.mark.parametrize("problem,message", [
     ("one_class", "a classifier needs at least 2"),
-    ("empty_class", "train/ has no readable image for class(es): horse"),
-    ("all_bad_class", "train/ has no readable image for class(es): horse"),
+    ("all_bad_class", "train has no readable image for class(es): horse"),
     ("mostly_bad", "cannot be read"),
-    ("val_missing_class", "val/ has no readable image for class(es): dog"),
+    ("val_missing_class", "val has no readable image for class(es): dog"),
 ])
 
 
@@ -72,8 +73,6 @@ def test_fatal_problems_exit_nonzero(tmp_path, capsys, problem, message):
         for f in (data / "train" / "dog").iterdir():
             f.unlink()
         (data / "train" / "dog").rmdir()
-    elif problem == "empty_class":
-        (data / "train" / "horse").mkdir()
     elif problem == "all_bad_class":
         (data / "train" / "horse").mkdir()
         (data / "train" / "horse" / "h.jpg").write_bytes(b"")
@@ -86,17 +85,54 @@ def test_fatal_problems_exit_nonzero(tmp_path, capsys, problem, message):
     out = capsys.readouterr().out
     assert any(line.startswith("FATAL: ") and message in line for line in out.splitlines()), out
     assert "verdict: cannot train on this data" in out
-    if problem == "empty_class":
-        assert "train/horse" in out.split("class folders without image files")[1]
+
+
+def test_an_empty_class_folder_is_reported_not_fatal(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "d", 3, size=24, splits=("train",))
+    (data / "train" / "horse").mkdir()
+    assert check_data.main([str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "train/horse" in out.split("class folders without image files")[1] and "verdict: ok to train" in out
+
+
+def test_check_on_a_name_labelled_flat_folder_reports_layout_and_unparsable_names(tmp_path, capsys):
+    flat = make_synthetic(tmp_path / "gen", 4, size=24, splits=("train",))
+    data = tmp_path / "dogs-vs-cats" / "train"
+    data.mkdir(parents=True)
+    for i, f in enumerate(sorted(flat.rglob("*.png"))):
+        f.rename(data / f"{f.parent.name}.{i}.png")
+    (data / "IMG.png").write_bytes((data / "cat.0.png").read_bytes())
+    assert check_data.main([str(data.parent), "--labels-from-name", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["layout"] == ("layout: labels from file names (the name before its number) in train/ (train); "
+                           "val = 20% of train (stratified, seed 0)")
+    assert r["classes"] == ["cat", "dog"] and r["problems"] == {UNPARSABLE: ["train/IMG.png"]}
+    assert r["counts"] == {"train": {"cat": 3, "dog": 3}, "val": {"cat": 1, "dog": 1}}
+    assert check_data.main([str(data.parent)]) == 1  # without the flag: no class folders, the fix is named
+    assert "add --labels-from-name" in capsys.readouterr().out
+
+
+def test_check_on_a_table_names_missing_rows_and_unlabelled_images(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "d", 3, size=24, splits=("train",))
+    files = sorted(p.relative_to(data / "train").as_posix() for p in data.rglob("*.png"))
+    rows = [f"{f.rsplit('.', 1)[0]},{f.split('/')[0]}" for f in files[1:]] + ["cat/ghost,cat"]
+    (data / "labels.csv").write_text("id,breed\n" + "\n".join(rows) + "\n")
+    assert check_data.main([str(data), "--labels", str(data / "labels.csv")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == ("layout: labels from labels.csv (columns id -> breed) for the files in train/ "
+                                   "(train); val = 20% of train (stratified, seed 0)")
+    assert f"1 {MISSING}: cat/ghost (line 7)" in out and f"1 {UNLABELED}: train/{files[0]}" in out
 
 
 def test_check_without_train_folder_and_train_check_only(tmp_path, capsys):
-    assert check_data.main([str(tmp_path)]) == 2
-    assert "no train/ folder" in capsys.readouterr().err
+    assert check_data.main([str(tmp_path / "nope")]) == 2
+    assert "no dataset folder at" in capsys.readouterr().err
     data = make_synthetic(tmp_path / "d", 3, size=24, splits=("train", "test"))
     assert train.main(["--check-only", "--data", str(data)]) == 0
     out = capsys.readouterr().out
-    assert "test" in out.splitlines()[1] and "no val/ folder" in out
+    assert out.splitlines()[0] == ("layout: classes from folders in train/ (train) and test/ (test); val = 20% of "
+                                   "train (stratified, seed 0)")
+    assert "test" in out.splitlines()[2] and "holds out --val-fraction 0.2 of train" in out
     assert not (tmp_path / "models").exists()
 
 

@@ -9,6 +9,7 @@ from checkpoint import (FORMAT_VERSION, LAST, build_checkpoint, load_checkpoint,
 from common import UserError, save_atomic
 from config import TrainConfig
 from dataset import load_data
+from layout import read_layout
 from model import SmallResNet, predict_logits
 
 
@@ -77,7 +78,7 @@ def test_checkpoint_is_self_sufficient_and_holds_the_trained_model(trained):
     # The loaded network scores on val what the trained one scored when this checkpoint was saved.
     ckpt = load_checkpoint(trained["checkpoint"])
     model = model_from_checkpoint(ckpt).to(memory_format=torch.channels_last)
-    _, val, _ = load_data(str(trained["data"]), None, 32, 1, 0.2, 0)
+    _, val = load_data(read_layout(trained["data"]), 32, 1)
     cpu = torch.device("cpu")
     ev = train.validate(model, val, cpu, tta=True, channels_last=True, amp_dtype=train.pick_amp_dtype(cpu, True),
                         normalization=normalization_of(ckpt))

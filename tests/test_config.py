@@ -71,7 +71,7 @@ def test_help_starts_with_a_description_and_shows_each_default_once():
     helps = {a.dest: a.help for a in parser._actions if a.dest != "help"}
     assert all(h.count("default") == 1 for h in helps.values()), helps
     assert helps["arch"].endswith("(default: 'resnet_small')")
-    assert helps["classes"].endswith("(default: every non-hidden folder)")
+    assert helps["classes"].endswith("(default: every class found)")
 
 
 @pytest.mark.parametrize("flag, bad", [("--arch", "resnet19"), ("--class-weights", "balanced"), ("--channels", "2")])

@@ -8,40 +8,38 @@ from PIL import Image
 import dataset
 from common import UserError
 from conftest import NASTY_READABLE
-from dataset import (augment, batch_affine, batch_flip_lr, decode_image, find_classes, image_tensor, list_images,
-                     load_data, load_split, make_synthetic, preprocess, random_affine, stratified_split, to_float)
+from dataset import (augment, batch_affine, batch_flip_lr, decode_image, image_tensor, load_data, load_split,
+                     make_synthetic, preprocess, random_affine, to_float)
+from layout import SKIPPED, layout_splits, read_layout
+
+
+def files_of(split_dir):
+    """(paths, labels) of split_dir/<class>/* as read_layout lists them, labels indexing its sorted classes."""
+    lay = read_layout(split_dir, val_fraction=0)
+    items = lay.items["train"]
+    return [p for p, _ in items], [lay.classes.index(c) for _, c in items]
 
 
 def test_classes_sorted_hidden_ignored_and_subset(tmp_path):
     for name in ("horse", "dog", "cat", ".ipynb_checkpoints", "__MACOSX"):
         (tmp_path / name).mkdir()
-    assert find_classes(tmp_path) == ["cat", "dog", "horse"]
-    assert find_classes(tmp_path, ["dog", "cat"]) == ["cat", "dog"]
+        Image.new("L", (8, 8)).save(tmp_path / name / "a.png")
+    assert read_layout(tmp_path).classes == ["cat", "dog", "horse"]
+    assert read_layout(tmp_path, classes=["dog", "cat"]).classes == ["cat", "dog"]
     with pytest.raises(UserError, match="zebra"):
-        find_classes(tmp_path, ["cat", "zebra"])
+        read_layout(tmp_path, classes=["cat", "zebra"])
 
 
-def test_list_images_skips_non_images_and_hidden_files(tmp_path):
-    (tmp_path / "cat").mkdir()
-    Image.new("L", (8, 8)).save(tmp_path / "cat" / "a.png")
+def test_non_image_and_hidden_files_are_not_images(tmp_path):
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        Image.new("L", (8, 8)).save(tmp_path / c / "a.png")
     Image.new("L", (8, 8)).save(tmp_path / "cat" / "B.JPG", format="JPEG")
     for junk in ("Thumbs.db", "notes.txt", ".DS_Store", "._a.png"):
         (tmp_path / "cat" / junk).write_bytes(b"x")
-    paths, labels, ignored = list_images(tmp_path, ["cat"])
-    assert [p.rsplit("/", 1)[1] for p in paths] == ["B.JPG", "a.png"]
-    assert labels == [0, 0]
-    assert sorted(p.rsplit("/", 1)[1] for p in ignored) == ["Thumbs.db", "notes.txt"]
-
-
-def test_stratified_split_is_reproducible_and_keeps_class_shares():
-    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
-    tr1, va1 = stratified_split(labels, 0.2, seed=3)
-    tr2, va2 = stratified_split(labels, 0.2, seed=3)
-    assert torch.equal(va1, va2) and torch.equal(tr1, tr2)
-    assert torch.bincount(labels[va1]).tolist() == [10, 6, 4]
-    assert sorted(torch.cat([tr1, va1]).tolist()) == list(range(100))
-    _, va3 = stratified_split(labels, 0.2, seed=4)
-    assert not torch.equal(va1, va3)
+    paths, labels = files_of(tmp_path)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["B.JPG", "a.png", "a.png"] and labels == [0, 0, 1]
+    assert sorted(read_layout(tmp_path).problems[SKIPPED]) == ["cat/Thumbs.db", "cat/notes.txt"]
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "LA", "1"])
@@ -167,23 +165,22 @@ def _touch_changed(path, color):
 
 def test_cache_hits_invalidates_and_equals_a_fresh_decode(tmp_path, monkeypatch):
     data = make_synthetic(tmp_path / "d", 5, size=24, splits=("train",))
-    split_dir = data / "train"
-    classes = find_classes(split_dir)
+    paths, labels = files_of(data / "train")
     cache = tmp_path / "cache"
-    first = load_split(split_dir, classes, 16, 1, str(cache), 0)
-    fresh = load_split(split_dir, classes, 16, 1, "", 0)
+    first = load_split(paths, labels, "train", 16, 1, str(cache), 0)
+    fresh = load_split(paths, labels, "train", 16, 1, "", 0)
     assert torch.equal(first.images, fresh.images) and torch.equal(first.labels, fresh.labels)
-    assert list(cache.iterdir())
+    assert first.labels.tolist() == labels and list(cache.iterdir())
 
     calls = []
     real = dataset.decode_files
     monkeypatch.setattr(dataset, "decode_files", lambda paths, *a, **k: calls.append(list(paths)) or real(paths, *a, **k))
-    second = load_split(split_dir, classes, 16, 1, str(cache), 0)
+    second = load_split(paths, labels, "train", 16, 1, str(cache), 0)
     assert calls == [] and torch.equal(second.images, first.images)
 
-    changed = split_dir / "dog" / "dog_0002.png"
+    changed = data / "train" / "dog" / "dog_0002.png"
     _touch_changed(changed, 255)
-    third = load_split(split_dir, classes, 16, 1, str(cache), 0)
+    third = load_split(paths, labels, "train", 16, 1, str(cache), 0)
     assert calls == [[str(changed)]]
     row = third.paths.index(str(changed))
     assert third.images[row].min() == 255
@@ -193,34 +190,56 @@ def test_cache_hits_invalidates_and_equals_a_fresh_decode(tmp_path, monkeypatch)
 
 def test_cache_is_per_size(tmp_path):
     data = make_synthetic(tmp_path / "d", 2, size=24, splits=("train",))
-    classes = find_classes(data / "train")
-    a = load_split(data / "train", classes, 16, 1, str(tmp_path / "c"), 0)
-    b = load_split(data / "train", classes, 8, 1, str(tmp_path / "c"), 0)
+    paths, labels = files_of(data / "train")
+    a = load_split(paths, labels, "train", 16, 1, str(tmp_path / "c"), 0)
+    b = load_split(paths, labels, "train", 8, 1, str(tmp_path / "c"), 0)
     assert a.images.shape[-1] == 16 and b.images.shape[-1] == 8
 
 
-def test_load_data_splits_train_when_there_is_no_val(tmp_path):
+def test_cache_is_shared_by_a_carved_val_and_reused_by_another_layout_of_the_same_files(tmp_path, monkeypatch):
+    data = make_synthetic(tmp_path / "d", 6, size=24, splits=("train",))
+    lay = read_layout(data)
+    cache = str(tmp_path / "cache")
+    train, val = load_data(lay, 16, 1, cache)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # train and its carved val: one cache file
+    calls = []
+    real = dataset.decode_files
+    monkeypatch.setattr(dataset, "decode_files", lambda paths, *a, **k: calls.append(list(paths)) or real(paths, *a, **k))
+    again, again_val = load_data(lay, 16, 1, cache)
+    assert calls == [] and again.paths == train.paths and again_val.paths == val.paths
+    # The same files labelled by a table instead of folders: still no decoding.
+    rows = "\n".join(f"{p.relative_to(data).as_posix()},{p.parent.name}" for p in sorted(data.rglob("*.png")))
+    (data / "labels.csv").write_text("file,label\n" + rows + "\n")
+    by_table = read_layout(data, labels_file=data / "labels.csv")
+    table_train, table_val = load_data(by_table, 16, 1, cache)
+    assert calls == [] and sorted(table_train.paths + table_val.paths) == sorted(train.paths + val.paths)
+
+
+def test_load_data_carves_val_from_train_when_there_is_no_val(tmp_path):
     data = make_synthetic(tmp_path / "d", 10, size=24, splits=("train",))
-    train, val, classes = load_data(str(data), None, 16, 1, 0.2, 0)
-    assert classes == ["cat", "dog"]
+    lay = read_layout(data)
+    train, val = load_data(lay, 16, 1)
+    assert lay.classes == ["cat", "dog"]
     assert len(train.paths) == 16 and len(val.paths) == 4
     assert not set(train.paths) & set(val.paths)
     assert torch.bincount(val.labels).tolist() == [2, 2]
+    assert val.paths == [p for p, _ in layout_splits(lay)["val"]]  # the one carve: what evaluate.py rebuilds
 
 
 def test_load_data_errors_are_clear(tmp_path):
-    with pytest.raises(UserError, match="no dataset at"):
-        load_data(str(tmp_path / "nope"), None, 16, 1, 0.2, 0)
-    (tmp_path / "flat").mkdir()
-    with pytest.raises(UserError, match="no train/ folder"):
-        load_data(str(tmp_path / "flat"), None, 16, 1, 0.2, 0)
+    with pytest.raises(UserError, match="no dataset folder at"):
+        read_layout(tmp_path / "nope")
     one = make_synthetic(tmp_path / "one", {"cat": 4}, size=24, splits=("train",))
     with pytest.raises(UserError, match="at least 2"):
-        load_data(str(one), None, 16, 1, 0.2, 0)
-    empty = make_synthetic(tmp_path / "empty", 4, size=24, splits=("train",))
-    (empty / "train" / "horse").mkdir()
+        read_layout(one)
+    data = make_synthetic(tmp_path / "d", 4, size=24, splits=("train",))
+    with pytest.raises(UserError, match="no val split.*--val-fraction above 0"):
+        load_data(read_layout(data, val_fraction=0), 16, 1)
+    (data / "train" / "horse").mkdir()
+    (data / "train" / "horse" / "h.png").write_bytes(b"")
+    (data / "train" / "horse" / "h2.png").write_bytes(b"")
     with pytest.raises(UserError, match="no readable images.*horse"):
-        load_data(str(empty), None, 16, 1, 0.2, 0)
+        load_data(read_layout(data), 16, 1)
 
 
 def test_mostly_unreadable_data_stops(tmp_path):
@@ -228,7 +247,7 @@ def test_mostly_unreadable_data_stops(tmp_path):
     for i in range(6):
         (data / "train" / "cat" / f"broken{i}.jpg").write_bytes(b"not an image")
     with pytest.raises(UserError, match="cannot be read"):
-        load_data(str(data), None, 16, 1, 0.2, 0, max_bad_fraction=0.5)
+        load_data(read_layout(data), 16, 1, max_bad_fraction=0.5)
 
 
 def test_real_photos_decode_to_gray_64(tmp_path):
@@ -245,24 +264,19 @@ def test_real_photos_decode_to_gray_64(tmp_path):
             assert out.std() > 5  # a photo, not a blank
 
 
-def test_jfif_and_jpe_are_read_as_jpegs_and_other_extensions_are_counted_and_named(tmp_path, capsys):
+def test_jfif_and_jpe_are_read_as_jpegs_and_other_extensions_are_counted_and_named(tmp_path):
     data = make_synthetic(tmp_path / "d", 4, size=24, splits=("train", "val"))
     Image.new("L", (24, 24), 10).save(data / "train" / "cat" / "photo.jfif", format="JPEG")
     Image.new("L", (24, 24), 250).save(data / "train" / "dog" / "OLD_CAMERA.JPE", format="JPEG")
     Image.new("L", (24, 24)).save(data / "val" / "dog" / "IMG_0042", format="JPEG")
     (data / "train" / "cat" / "live.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
-    train, val, _ = load_data(str(data), None, 24, 1, 0.2, 0)
+    lay = read_layout(data)
+    assert sorted(lay.problems[SKIPPED]) == ["train/cat/live.heic", "val/dog/IMG_0042"]
+    train, val = load_data(lay, 24, 1)
     assert len(train.paths) == 10 and len(val.paths) == 4
     labels = dict(zip((Path(p).name for p in train.paths), train.labels.tolist()))
     assert labels["photo.jfif"] == 0 and labels["OLD_CAMERA.JPE"] == 1
     assert train.images[train.paths.index(str(data / "train" / "dog" / "OLD_CAMERA.JPE"))].float().mean() > 240
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"skipped 2 file(s) whose extension is not one of .bmp .gif .jfif .jpe .jpeg .jpg .pgm .png .ppm "
-                     f".tif .tiff .webp: {data}/train/cat/live.heic, {data}/val/dog/IMG_0042 (rename any that are "
-                     f"images)"]
-    assert dataset.skipped_note([]) == ""
-    assert dataset.skipped_note([f"f{i}" for i in range(7)], limit=2).endswith(": f0, f1 and 5 more (rename any that "
-                                                                               "are images)")
 
 
 def test_each_odd_but_valid_image_decodes(nasty_data):

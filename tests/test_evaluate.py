@@ -13,6 +13,7 @@ import inference
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import UserError, save_atomic
 from dataset import image_tensor
+from layout import layout_splits, read_layout
 from metrics import compute_metrics
 from model import build_model
 
@@ -63,12 +64,35 @@ def test_class_mismatch_and_missing_split_are_clear_errors(trained, tmp_path, ca
     assert err.startswith("error: ") and "Traceback" not in err
     assert "missing from the data: dog" in err and "not in the checkpoint: horse" in err
     assert evaluate.main(["--data", str(data), "--split", "val", "--checkpoint", ckpt]) == 2
-    assert "no val/ folder" in capsys.readouterr().err
+    assert "no val images in" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     # A model trained with --classes cat dog ignores other folders, as training did; a missing class is an error.
     evaluate.check_classes(["cat", "dog", "horse"], ["cat", "dog"], data, subset_ok=True)
     with pytest.raises(UserError, match="missing from the data: dog"):
         evaluate.check_classes(["cat", "horse"], ["cat", "dog"], data, subset_ok=True)
+
+
+@pytest.mark.slow
+def test_evaluate_rebuilds_the_carved_val_the_model_was_selected_on(tmp_path, capsys):
+    from conftest import train_args
+    from dataset import make_synthetic
+    import train
+
+    data = make_synthetic(tmp_path / "gen", 14, size=32, splits=("train",)) / "train"  # class folders, no split
+    assert train.main(train_args(data, tmp_path, "--val-fraction", "0.25", "--seed", "3", "--no-amp")) == 0
+    ckpt_path = tmp_path / "models" / "best_model.pth"
+    ckpt = load_checkpoint(ckpt_path)
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(ckpt_path), "--split", "val", "--out-dir", str(out), "--workers", "0",
+                          "--no-tta" if not ckpt["tta"] else "--tta"]) == 0
+    text = capsys.readouterr().out
+    assert "layout: classes from folders in train/ (no split folders); val = 25% of train (stratified, seed 3)" in text
+    m = json.loads((out / "metrics.json").read_text())
+    val = layout_splits(read_layout(data, val_fraction=0.25, seed=3))["val"]
+    assert m["images"] == len(val) == 6 and m["split"] == "val"
+    assert m["accuracy"] == ckpt["metrics"]["val"]["acc"]  # the same images, the same model
+    assert evaluate.main(["--checkpoint", str(ckpt_path), "--split", "test", "--out-dir", str(out)]) == 2
+    assert "train.py --test-fraction 0.1" in capsys.readouterr().err
 
 
 def test_gradcam_has_the_input_size_and_is_not_constant(trained):

@@ -53,6 +53,28 @@ def test_batch_answers_good_files_and_lists_bad_ones(trained, tmp_path, capsys):
     assert "2 of 3 images could not be read" in captured.err
 
 
+def test_csv_columns_write_a_submission_with_the_file_stem_as_id(trained, tmp_path, capsys):
+    folder = trained["data"] / "test"
+    files = sorted(folder.rglob("*.png"))
+    sub = tmp_path / "submission.csv"
+    ckpt = str(trained["checkpoint"])
+    assert inference.main(["--image", str(folder), "--csv", str(sub), "--csv-columns", "id,label",
+                           "--checkpoint", ckpt]) == 0
+    rows = list(csv.reader(sub.open()))
+    assert rows[0] == ["id", "label"]
+    answers = {f.stem: expected_answer(load_checkpoint(ckpt), f)[0] for f in files}
+    assert {r[0]: r[1] for r in rows[1:]} == answers and len(rows) == len(files) + 1
+    assert inference.main(["--image", str(files[0]), "--csv", str(sub), "--csv-columns", "id,dog",
+                           "--checkpoint", ckpt]) == 0
+    (head, (stem, p_dog)) = list(csv.reader(sub.open()))
+    assert head == ["id", "dog"] and stem == files[0].stem and 0 <= float(p_dog) <= 1
+    capsys.readouterr()
+    assert inference.main(["--image", str(files[0]), "--csv", str(tmp_path / "x.csv"), "--csv-columns", "id,breed",
+                           "--checkpoint", ckpt]) == 2
+    assert "unknown column(s) breed; choose from id, path, label, confidence, error, novelty_score, known, cat, dog" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
+
+
 @pytest.mark.parametrize("setup,message", [
     ("no_checkpoint", "run train.py first"),
     ("missing_image", "file not found"),

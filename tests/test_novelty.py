@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import novelty as nv
 from common import UserError
-from dataset import decode_image, load_split, make_synthetic
+from conftest import load_folder
+from dataset import decode_image, make_synthetic
 from model import build_model, predict_logits
 
 
@@ -198,8 +199,8 @@ def test_unknown_images_are_deterministic_and_cover_every_kind(tmp_path):
 def small_model(tmp_path_factory):
     """resnet_small (width 8, 32 px) trained on make_synthetic's triangles and squares: model, train and val splits."""
     root = make_synthetic(tmp_path_factory.mktemp("novelty") / "data", 120, size=32, seed=4, splits=("train", "val"))
-    train = load_split(root / "train", ["cat", "dog"], 32)
-    val = load_split(root / "val", ["cat", "dog"], 32)
+    train = load_folder(root / "train", ["cat", "dog"], 32)
+    val = load_folder(root / "val", ["cat", "dog"], 32)
     torch.manual_seed(0)
     model = build_model("resnet_small", 2, 1, width=8)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -19,14 +19,14 @@ import train
 from checkpoint import load_checkpoint, novelty_of, save_checkpoint, with_novelty
 from common import UserError
 from config import TrainConfig
-from conftest import train_args
-from dataset import load_split, make_synthetic
+from conftest import load_folder, train_args
+from dataset import make_synthetic
 
 
 def val_scores(ckpt: dict, data: Path) -> torch.Tensor:
     """The stored score of every val image, computed again from the checkpoint alone."""
     novelty = novelty_of(ckpt)
-    val = load_split(data / "val", ckpt["classes"], ckpt["image_size"], ckpt["channels"])
+    val = load_folder(data / "val", ckpt["classes"], ckpt["image_size"], ckpt["channels"])
     model = inference.model_from_checkpoint(ckpt)
     feats = nv.extract_features(model, val.images, tta=novelty["tta"], normalization=ckpt["normalization"])
     return nv.novelty_score(novelty["states"][novelty["score"]], feats)
@@ -166,7 +166,7 @@ def test_evaluate_unknown_dir_writes_the_metrics_and_the_histogram(trained, tmp_
     # the known share rejected is the test images' at the stored threshold
     ckpt = load_checkpoint(trained["checkpoint"])
     novelty = novelty_of(ckpt)
-    test = load_split(trained["data"] / "test", ckpt["classes"], ckpt["image_size"], ckpt["channels"])
+    test = load_folder(trained["data"] / "test", ckpt["classes"], ckpt["image_size"], ckpt["channels"])
     feats = nv.extract_features(inference.model_from_checkpoint(ckpt), test.images, tta=novelty["tta"],
                                 normalization=ckpt["normalization"])
     scores = nv.novelty_score(novelty["states"][novelty["score"]], feats)

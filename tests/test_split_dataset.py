@@ -1,10 +1,10 @@
-"""split_dataset.py: reproducible, stratified train/val/test folders from a flat class-folder collection."""
+"""split_dataset.py: reproducible, stratified train/val/test folders from any layout train.py reads."""
 import os
 
 import pytest
-import torch
 
-from dataset import load_data, make_synthetic, stratified_split_k
+from dataset import load_data, make_synthetic
+from layout import SKIPPED, read_layout
 from split_dataset import main, split_dataset
 
 
@@ -23,15 +23,16 @@ def _files(root):
 def test_ratios_stratified_and_every_image_once(flat, tmp_path, capsys):
     dst = tmp_path / "out"
     assert main([str(flat), str(dst), "--ratios", "0.7", "0.15", "0.15"]) == 0
-    assert "left out 1 non-image file" in capsys.readouterr().out
+    assert f"1 {SKIPPED}: a/notes.txt" in capsys.readouterr().out
     counts = {s: {c: len(list((dst / s / c).iterdir())) for c in "abc"} for s in ("train", "val", "test")}
     assert counts == {"train": {"a": 14, "b": 7, "c": 5}, "val": {"a": 3, "b": 2, "c": 1},
                       "test": {"a": 3, "b": 1, "c": 1}}
     names = sorted(p.name for p in dst.rglob("*.png"))
     assert names == sorted(p.name for p in flat.rglob("*.png"))  # each image in exactly one split
     assert len(list(flat.rglob("*.png"))) == 37  # copies: the originals stay
-    train, val, classes = load_data(str(dst), None, 16, 1, 0.2, 0)  # train.py reads the result
-    assert classes == ["a", "b", "c"] and len(train.paths) == 26 and len(val.paths) == 6
+    lay = read_layout(dst)  # train.py reads the result
+    train, val = load_data(lay, 16, 1)
+    assert lay.classes == ["a", "b", "c"] and len(train.paths) == 26 and len(val.paths) == 6
 
 
 def test_same_seed_same_split_other_seed_other_split(flat, tmp_path):
@@ -41,13 +42,28 @@ def test_same_seed_same_split_other_seed_other_split(flat, tmp_path):
     assert _files(tmp_path / "x") != _files(tmp_path / "z")
 
 
-def test_k_way_split_keeps_class_shares_and_small_classes_in_every_split():
-    labels = torch.tensor([0] * 100 + [1] * 3)
-    parts = stratified_split_k(labels, [0.7, 0.15, 0.15], seed=0)
-    assert [torch.bincount(labels[p], minlength=2).tolist() for p in parts] == [[70, 1], [15, 1], [15, 1]]
-    assert sorted(torch.cat(parts).tolist()) == list(range(103))
-    two = stratified_split_k(labels, [0.8, 0.2], seed=0)
-    assert [len(p) for p in two] == [82, 21]
+def test_a_csv_source_becomes_canonical_class_folders(tmp_path, capsys):
+    gen = make_synthetic(tmp_path / "gen", {"a": 10, "b": 10}, size=16, splits=("train",))
+    src = tmp_path / "breeds"
+    (src / "train").mkdir(parents=True)
+    rows = []
+    for i, f in enumerate(sorted(gen.rglob("*.png"))):
+        f.rename(src / "train" / f"{i:03d}.png")
+        rows.append(f"{i:03d},{'big dog' if f.parent.name == 'a' else 'small dog'}")
+    (src / "labels.csv").write_text("id,breed\n" + "\n".join(rows) + "\n")
+    assert main([str(src), str(tmp_path / "out"), "--labels", str(src / "labels.csv"), "--ratios", "0.8", "0.2"]) == 0
+    assert "layout: labels from labels.csv (columns id -> breed)" in capsys.readouterr().out
+    counts = {s: {c: len(list((tmp_path / "out" / s / c).iterdir())) for c in ("big dog", "small dog")}
+              for s in ("train", "val")}
+    assert counts == {"train": {"big dog": 8, "small dog": 8}, "val": {"big dog": 2, "small dog": 2}}
+    assert read_layout(tmp_path / "out").classes == ["big dog", "small dog"]
+
+
+def test_split_folders_in_the_source_are_kept_and_only_the_missing_split_carved(tmp_path):
+    src = make_synthetic(tmp_path / "src", 10, size=16, splits=("train", "test"))  # test: 2 per class
+    counts = split_dataset(src, tmp_path / "out", [0.8, 0.2])
+    assert counts["test"] == {"cat": 2, "dog": 2} and counts["val"] == {"cat": 2, "dog": 2}
+    assert counts["train"] == {"cat": 8, "dog": 8}
 
 
 def test_link_and_move_modes(flat, tmp_path):
@@ -70,12 +86,10 @@ def test_bad_ratios_are_user_errors(flat, tmp_path, capsys, extra, message):
     assert err.startswith("error: ") and message in err and not (tmp_path / "out").exists()
 
 
-def test_refuses_non_empty_destination_and_already_split_source(flat, tmp_path, capsys):
+def test_refuses_non_empty_destination_and_destination_inside_source(flat, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert main([str(flat), str(tmp_path / "full")]) == 2
     assert "not an empty folder" in capsys.readouterr().err
-    assert main([str(flat.parent), str(tmp_path / "out")]) == 2  # gen/ holds train/: already split
-    assert "already has train folders" in capsys.readouterr().err
     assert main([str(flat), str(flat / "split")]) == 2
     assert "inside SRC" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
 from config import parse_config
 from conftest import expected_answer, imagenet_like_resnet18, train_args
 from dataset import Split, augment, image_tensor, load_data, make_synthetic, to_float
+from layout import read_layout
 from metrics import expected_calibration_error
 from model import SmallResNet, adapt_state_dict, build_model, predict_logits
 from runs import read_results
@@ -221,6 +222,48 @@ def test_classes_subset_and_val_split_without_val_folder(tmp_path, capsys):
     assert torch.load(tmp_path / "models" / "best_model.pth", weights_only=True)["classes"] == ["cat", "dog"]
 
 
+def test_one_short_run_from_a_csv_labelled_set(tmp_path, capsys):
+    """Dog Breed style: DATA/train/<id>.png and labels.csv id,breed with ids without the extension."""
+    gen = make_synthetic(tmp_path / "gen", {"a": 12, "b": 12}, size=32, splits=("train",))
+    data = tmp_path / "dog-breed"
+    (data / "train").mkdir(parents=True)
+    rows = []
+    for i, f in enumerate(sorted(gen.rglob("*.png"))):
+        f.rename(data / "train" / f"{i:04x}.png")
+        rows.append(f"{i:04x},{'great pyrenees' if f.parent.name == 'a' else 'beagle'}")
+    (data / "labels.csv").write_text("id,breed\n" + "\n".join(rows) + "\nmissing01,beagle\n")
+    assert train.main(train_args(data, tmp_path, "--labels", str(data / "labels.csv"))) == 0
+    out = capsys.readouterr().out
+    assert ("layout: labels from labels.csv (columns id -> breed) for the files in train/ (train); val = 20% of "
+            "train (stratified, seed 0)") in out.splitlines()
+    assert "1 table rows whose file is missing: missing01 (line 26)" in out
+    assert "data: 20 train / 4 val images, classes ['beagle', 'great pyrenees']" in out
+    ckpt = load_checkpoint(tmp_path / "models" / "best_model.pth")
+    assert ckpt["classes"] == ["beagle", "great pyrenees"] and ckpt["config"]["labels"] == str(data / "labels.csv")
+    assert ckpt["layout"]["source"] == "table" and ckpt["layout"]["carve"] == {"val": 0.2}
+
+
+@pytest.mark.slow
+def test_cat_and_dog_nested_layout_and_labels_from_names(tmp_path, capsys):
+    gen = make_synthetic(tmp_path / "gen", 10, size=32, splits=("train", "test"))
+    nested = tmp_path / "cat-and-dog"
+    for split, name in (("train", "training_set"), ("test", "test_set")):
+        for cls in ("cat", "dog"):
+            (nested / name / name).mkdir(parents=True, exist_ok=True)
+            (gen / split / cls).rename(nested / name / name / f"{cls}s")
+    assert train.main(train_args(nested, tmp_path / "a", "--classes", "dogs", "cats")) == 0
+    out = capsys.readouterr().out
+    assert ("layout: classes from folders in training_set/training_set/ (train) and test_set/test_set/ (test); "
+            "val = 20% of train (stratified, seed 0)") in out.splitlines()
+    assert "data: 16 train / 4 val images, classes ['cats', 'dogs']" in out
+    flat = tmp_path / "dogs-vs-cats" / "train"
+    flat.mkdir(parents=True)
+    for i, f in enumerate(sorted(nested.rglob("*.png"))):
+        (flat / f"{f.parent.name[:-1]}.{i}.png").symlink_to(f)
+    assert train.main(train_args(flat.parent, tmp_path / "b", "--labels-from-name")) == 0
+    assert "data: 20 train / 4 val images, classes ['cat', 'dog']" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_early_stopping(tiny_data, tmp_path, capsys):
     train.main(train_args(tiny_data, tmp_path, "--epochs", "30", "--patience", "1", "--lr", "0"))
@@ -244,7 +287,9 @@ def test_user_errors_exit_nonzero_with_one_line(tmp_path, capsys):
     one = make_synthetic(tmp_path / "one", {"cat": 4}, size=24, splits=("train",))
     data = make_synthetic(tmp_path / "d", 4, size=24, splits=("train",))
     # A bad --arch is refused by argparse before any data is read: test_config.py checks that.
-    cases = [(train_args(tmp_path / "missing", tmp_path), "no dataset at"),
+    cases = [(train_args(tmp_path / "missing", tmp_path), "no dataset folder at"),
+             (train_args(data, tmp_path, "--val-fraction", "0"), "no val split"),
+             (train_args(data, tmp_path, "--labels", str(tmp_path / "none.csv")), "no labels table at"),
              (train_args(one, tmp_path), "at least 2"),
              (train_args(data, tmp_path, "--resume"), "nothing to resume"),
              (train_args(data, tmp_path, "--classes", "cat", "zebra"), "zebra")]
@@ -264,7 +309,7 @@ def test_training_fits_a_temperature_and_logs_the_confusion_matrix(tiny_data, tm
     ckpt = load_checkpoint(tmp_path / "models" / "best_model.pth")
     assert ckpt["temperature"] == summary["temperature"] != 1.0
     # The reported calibration errors are those of the saved model's val predictions, before and after.
-    _, val, _ = load_data(str(tiny_data), None, 32, 1, 0.2, 0)
+    _, val = load_data(read_layout(tiny_data), 32, 1)
     logits = predict_logits(model_from_checkpoint(ckpt), val.images, torch.device("cpu"), tta=True)
     for key, t in (("val_ece_before", 1.0), ("val_ece_after", ckpt["temperature"])):
         assert summary[key] == pytest.approx(expected_calibration_error(torch.softmax(logits / t, 1), val.labels),

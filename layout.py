@@ -1,0 +1,588 @@
+"""Read a dataset as it was downloaded: which image files there are, their labels, and their splits.
+
+Usage (from other scripts):
+    lay = read_layout("Dataset")                                    # class folders, with or without split folders
+    lay = read_layout("dog-breed", labels_file="dog-breed/labels.csv")   # labels in a CSV or TSV table
+    lay = read_layout("dogs-vs-cats", labels_from_name=True)        # cat.0.jpg -> cat
+    lay = read_layout("pets", name_pattern=r"^(.+)_\\d+\\.jpg$")      # one group = the label
+    lay = layout_of(cfg)                                            # the same, from a TrainConfig
+    print(lay.description); print(format_problems(lay))
+    splits = layout_splits(lay)                                     # {"train", "val", "test"}: the carve applied
+
+Recognised (split folder names are case-insensitive; '-' and ' ' read as '_'):
+    DATA/<class>/*                              no split folders: val (and test) carved from it, stratified
+    DATA/<split>/<class>/*                      train|training|training_set|train_set|trn,
+                                                val|valid|validation|val_set|dev, test|testing|test_set|eval
+    DATA/training_set/training_set/<class>/*    a repeated level, as zips unpack
+    DATA/dataset/training_set/<class>/*         single wrapper folders
+    --data catdog/train                         one split folder of classes
+    DATA/train/<id>.jpg + --labels labels.csv   labels (and optionally splits) in a table
+    DATA/train/cat.0.jpg + --labels-from-name   labels in file names (or --name-pattern REGEX)
+Nothing is dropped silently: every file or row left out is named under a kind in Layout.problems.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, UserError, is_hidden
+from config import TrainConfig
+# Header names that hold the file and the label, in order of preference (compared as lower_snake_case).
+FILE_COLUMNS = ("file", "filename", "file_name", "filepath", "file_path", "path", "image", "image_path",
+                "image_name", "image_id", "img", "id")
+LABEL_COLUMNS = ("label", "class", "class_name", "category", "breed", "target", "species")
+SPLIT_COLUMNS = ("split", "fold", "subset")
+# The name before a trailing separator and number: cat.123 -> cat, great_pyrenees_158 -> great_pyrenees, Cat1 -> Cat.
+DEFAULT_NAME_RULE = re.compile(r"^(.*[^\d\s._-])[\s._-]*\d+$")
+
+# Problem kinds, each a plural phrase that reads after a count: "3 table rows whose file is missing: ...".
+MISSING = "table rows whose file is missing"
+NO_LABEL = "table rows with no label"
+NO_FILE = "table rows with no file"
+BAD_SPLIT = "table rows with an unknown split"
+SEVERAL = "table rows matching several files"
+CONFLICT = "files with two different labels"
+UNLABELED = "images with no label in the table"
+UNLABELED_FOLDERS = "folders with no labelled image"
+LOOSE = "images outside the class folders"
+UNPARSABLE = "file names the rule cannot parse"
+SKIPPED = "files skipped for their extension"
+NOT_READ = "folders that are not split folders"
+EMPTY = "class folders with no images"
+NOT_IN_TRAIN = "val/test classes that train lacks"
+SINGLE = "classes with a single image"
+
+
+@dataclass
+class Layout:
+    classes: list[str]                            # sorted class names (may contain spaces)
+    items: dict[str, list[tuple[str, str]]]       # split -> [(absolute file path, class name)], stable order
+    carve: dict[str, float]                       # splits still to carve from train, e.g. {"val": 0.2}
+    problems: dict[str, list[str]]                # kind -> offending items (paths relative to root)
+    description: str                              # the one "layout: ..." line
+    root: str = ""                                # the DATA folder as given
+    seed: int = 0                                 # seed of the carve
+    source: str = "folders"                       # where the labels come from: folders, names or table
+    folders: dict[str, str] = field(default_factory=dict)  # split -> the folder it was read from, as shown
+    folder_paths: dict[str, str] = field(default_factory=dict)  # split -> that folder's absolute path
+
+
+# ---------------------------------------------------------------- names
+
+def split_of(name: str) -> str | None:
+    """'train', 'val' or 'test' when a folder or table value names a split (Training_Set -> train), else None."""
+    key = re.sub(r"[\s-]+", "_", name.strip().lower())
+    return next((s for s, aliases in SPLIT_ALIASES.items() if key in aliases), None)
+
+
+def _column_key(name: str) -> str:
+    return re.sub(r"[\s-]+", "_", name.strip().lower())
+
+
+def name_rule(pattern: str | None = None):
+    """A function file name -> label or None: the default rule, or `pattern` searched in the file name
+    (e.g. 'cat.12.jpg') whose one group (or group named 'label') is the label."""
+    if not pattern:
+        return lambda filename: _match_label(DEFAULT_NAME_RULE.match(Path(filename).stem))
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"--name-pattern {pattern!r} is not a valid regular expression: {e}") from None
+    if "label" not in regex.groupindex and regex.groups != 1:
+        raise UserError(f"--name-pattern {pattern!r} has {regex.groups} groups; it needs one group (or one named "
+                        r"'label') for the label, e.g. '^(.+)_\d+\.jpg$'")
+    group = "label" if "label" in regex.groupindex else 1
+    return lambda filename: _match_label(regex.search(filename), group)
+
+
+def _match_label(m: re.Match | None, group: int | str = 1) -> str | None:
+    label = (m.group(group) or "").strip() if m else ""
+    return label or None
+
+
+# ---------------------------------------------------------------- folders
+
+def _abs(p: str | Path) -> Path:
+    """Absolute, without resolving symlinks: the path as the user's folders show it (and as caches key it)."""
+    return Path(os.path.abspath(p))
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _subdirs(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_dir() and not is_hidden(p.name))
+
+
+def _files(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_file() and not is_hidden(p.name))
+
+
+def _walk(d: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under d, recursively, sorted; hidden files and folders are left out."""
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(d):
+        dirnames[:] = sorted(n for n in dirnames if not is_hidden(n))
+        for n in sorted(filenames):
+            if not is_hidden(n):
+                p = Path(dirpath) / n
+                (images if _is_image(p) else others).append(p)
+    return images, others
+
+
+def _unwrap(root: Path) -> Path:
+    """Descend single wrapper folders (DATA/dataset/...) that hold no images of their own."""
+    d = root
+    while True:
+        dirs = _subdirs(d)
+        if len(dirs) != 1 or split_of(dirs[0].name) or any(_is_image(f) for f in _files(d)) \
+                or any(_is_image(f) for f in _files(dirs[0])):
+            return d
+        d = dirs[0]
+
+
+def _collapse(split_dir: Path) -> Path:
+    """training_set/training_set/ -> the inner folder: a split folder whose only content is one of its kind."""
+    d = split_dir
+    while True:
+        dirs = _subdirs(d)
+        if len(dirs) != 1 or split_of(dirs[0].name) != split_of(split_dir.name) \
+                or any(_is_image(f) for f in _files(d)):
+            return d
+        d = dirs[0]
+
+
+def _images(n: int) -> str:
+    return f"{n} image" + ("" if n == 1 else "s")
+
+
+def _has_images(d: Path) -> bool:
+    return any(_is_image(f) for f in _files(d))
+
+
+def _find_split_dirs(base: Path, by_folder: bool) -> tuple[dict[str, Path], list[Path]]:
+    """({split: folder}, other folders next to them); {} when base holds no split folders."""
+    named, others = defaultdict(list), []
+    for d in _subdirs(base):
+        s = split_of(d.name)
+        (named[s] if s else others).append(d)
+    if not named:
+        return {}, []
+    if by_folder and any(_has_images(d) for d in others) and \
+            all(_has_images(d) and not _subdirs(d) for ds in named.values() for d in ds):
+        return {}, []  # class folders, one of them named like a split (e.g. the class 'train' among vehicles)
+    for s, ds in named.items():
+        if len(ds) > 1:
+            raise UserError(f"ambiguous layout in {base}: {' and '.join(d.name + '/' for d in ds)} both look like "
+                            f"the {s} split; point --data at the one to use, or move the other out of {base}")
+    return {s: _collapse(named[s][0]) for s in SPLITS if s in named}, others
+
+
+# ---------------------------------------------------------------- labels from folders, names, a table
+
+def _from_folders(split_dirs: dict[str, Path], problems, rel) -> dict[str, list[tuple[str, str]]]:
+    items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+    flat = []  # (split folder, its images) without any class folder
+    for s, d in split_dirs.items():
+        class_dirs = _subdirs(d)
+        loose = [f for f in _files(d) if _is_image(f)]
+        if loose and not class_dirs:
+            flat.append((d, loose))
+            continue
+        problems[LOOSE] += [rel(f) for f in loose]
+        for c in class_dirs:
+            images, others = _walk(c)
+            problems[SKIPPED] += [rel(f) for f in others]
+            if not images:
+                problems[EMPTY].append(rel(c) + "/")
+            items[s] += [(str(_abs(f)), c.name) for f in images]
+    if flat and not any(items.values()):
+        d, loose = flat[0]
+        tables = sorted({t for t in _files(Path(rel.root)) + _files(d) if t.suffix.lower() in (".csv", ".tsv")})
+        table_hint = f"--labels {tables[0]}" if tables else "--labels FILE.csv"
+        raise UserError(f"{d} holds {len(loose)} images and no class folders, so nothing says their labels: if the "
+                        f"label is in the file name (as in {loose[0].name}), add --labels-from-name (or --name-pattern "
+                        f"REGEX); if it is in a table, add {table_hint}; or put each class in its own folder "
+                        f"({d.name}/cat/, {d.name}/dog/)")
+    for d, loose in flat:
+        problems[LOOSE] += [rel(f) for f in loose]
+    return items
+
+
+def _from_names(split_dirs: dict[str, Path], rule, tops: set[Path], problems, rel) -> dict[str, list[tuple[str, str]]]:
+    items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+    for s, d in split_dirs.items():
+        images, others = _walk(d)
+        problems[SKIPPED] += [rel(f) for f in others if f.parent not in tops]  # not DATA/labels.csv, README
+        for f in images:
+            label = rule(f.name)
+            if label is None:
+                problems[UNPARSABLE].append(rel(f))
+            else:
+                items[s].append((str(_abs(f)), label))
+    return items
+
+
+def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a CSV or TSV file; the delimiter is the one of , ; tab that the header line uses."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = f.readline()
+            f.seek(0)
+            delimiter = "\t" if path.suffix.lower() == ".tsv" else max(",;\t", key=first.count)
+            rows = [r for r in csv.reader(f, delimiter=delimiter) if any(cell.strip() for cell in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"cannot read the labels table {path}: {e}") from None
+    if not rows:
+        raise UserError(f"the labels table {path} is empty")
+    return [h.strip() for h in rows[0]], rows[1:]
+
+
+def find_columns(header: list[str], label_columns: list[str] | tuple[str, ...] | None, table: Path
+                 ) -> tuple[int, int, int | None]:
+    """(file column, label column, split column or None) by header name, or as given by --label-columns."""
+    keys = [_column_key(h) for h in header]
+
+    def pick(wanted: tuple[str, ...]) -> int | None:
+        return next((keys.index(w) for w in wanted if w in keys), None)
+
+    if label_columns:
+        if len(label_columns) != 2:
+            raise UserError(f"--label-columns takes two column names, FILE_COL LABEL_COL, not {list(label_columns)}")
+        found = [pick((_column_key(c),)) for c in label_columns]
+        if None in found:
+            missing = [c for c, i in zip(label_columns, found) if i is None]
+            raise UserError(f"--label-columns: no column {' or '.join(map(repr, missing))} in {table} "
+                            f"(its columns: {', '.join(header)})")
+        file_col, label_col = found
+    else:
+        file_col, label_col = pick(FILE_COLUMNS), pick(LABEL_COLUMNS)
+        if file_col is None or label_col is None:
+            raise UserError(f"cannot tell which columns of {table} hold the file and the label (its columns: "
+                            f"{', '.join(header)}); name them with --label-columns FILE_COL LABEL_COL")
+    split_col = pick(SPLIT_COLUMNS)
+    return file_col, label_col, None if split_col in (file_col, label_col) else split_col
+
+
+class _Resolver:
+    """File cells to files: relative to several folders, with or without the image extension; one directory
+    listing per folder, so a 10,000-row table costs about as many dictionary look-ups."""
+
+    def __init__(self, bases: list[Path]):
+        self.bases = list(dict.fromkeys(bases))
+        self.listings: dict[Path, tuple[set[str], dict[str, list[str]]]] = {}
+
+    def _listing(self, d: Path) -> tuple[set[str], dict[str, list[str]]]:
+        if d not in self.listings:
+            try:
+                names = {n for n in os.listdir(d) if not is_hidden(n)}
+            except OSError:
+                names = set()
+            stems = defaultdict(list)
+            for n in sorted(names):
+                if _is_image(Path(n)):
+                    stems[n[:n.rfind(".")]].append(n)
+            self.listings[d] = names, stems
+        return self.listings[d]
+
+    def __call__(self, cell: str) -> list[Path]:
+        cell = cell.strip().replace("\\", "/")
+        rel = Path(cell)
+        for base in ([Path(rel.anchor)] if rel.is_absolute() else self.bases):
+            p = base / rel
+            names, stems = self._listing(p.parent)
+            if p.name in names and (p.parent / p.name).is_file():
+                return [p]
+            if p.name in stems:
+                return [p.parent / n for n in stems[p.name]]
+        return []
+
+
+def _from_table(table: Path, label_columns, split_dirs: dict[str, Path], others: list[Path], root: Path,
+                base: Path, problems, rel) -> tuple[dict[str, list[tuple[str, str]]], str]:
+    header, rows = read_table(table)
+    file_col, label_col, split_col = find_columns(header, label_columns, table)
+    if split_col is not None and not any(split_of(r[split_col]) for r in rows if len(r) > split_col):
+        split_col = None  # e.g. a k-fold column 0..4: not train/val/test
+    resolve = _Resolver([table.parent, root, base, *split_dirs.values()])
+    folder_split = {_abs(d): s for s, d in split_dirs.items()}
+    labels: dict[Path, tuple[str, str]] = {}
+    conflicts: dict[Path, set[str]] = {}
+    named: set[Path] = set()  # files that rows name, used or not: not reported again as unlabelled
+    for n, row in enumerate(rows, start=2):
+        cell = row[file_col].strip() if len(row) > file_col else ""
+        label = row[label_col].strip() if len(row) > label_col else ""
+        if not cell:
+            problems[NO_FILE].append(f"line {n}")
+            continue
+        found = resolve(cell)
+        named.update(_abs(p) for p in found)
+        if not found:
+            problems[MISSING].append(f"{cell} (line {n})")
+            continue
+        if len(found) > 1:
+            problems[SEVERAL].append(f"{cell} (line {n}: {', '.join(p.name for p in found)})")
+            continue
+        path = _abs(found[0])
+        if not _is_image(path):
+            problems[SKIPPED].append(f"{cell} (line {n})")
+            continue
+        if not label:
+            problems[NO_LABEL].append(f"{cell} (line {n})")
+            continue
+        if split_col is not None:
+            value = row[split_col].strip() if len(row) > split_col else ""
+            split = split_of(value)
+            if split is None:
+                problems[BAD_SPLIT].append(f"{cell} (line {n}: {value!r})")
+                continue
+        else:
+            split = next((s for d, s in folder_split.items() if d in path.parents), "train")
+        if path in labels and labels[path][1] != label:
+            conflicts.setdefault(path, {labels[path][1]}).add(label)
+        else:
+            labels[path] = (split, label)
+    for path, names in conflicts.items():
+        del labels[path]
+        problems[CONFLICT].append(f"{rel(path)} ({', '.join(sorted(names))})")
+    unlabeled = defaultdict(list)  # folder -> images there that the table does not name
+    holders = {p.parent for p in named}
+    for d in [*split_dirs.values(), *others]:
+        images, non_images = _walk(d)
+        problems[SKIPPED] += [rel(f) for f in non_images
+                              if f.parent not in (root, base) and _abs(f) != _abs(table)]
+        for f in images:
+            if _abs(f) not in named:
+                unlabeled[f.parent].append(f)
+    for folder, files in sorted(unlabeled.items()):
+        if _abs(folder) in holders:
+            problems[UNLABELED] += [rel(f) for f in files]
+        else:
+            problems[UNLABELED_FOLDERS].append(f"{rel(folder)}/ ({_images(len(files))})")
+    items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+    for path, (split, label) in sorted(labels.items()):
+        items[split].append((str(path), label))
+    columns = f"columns {header[file_col]} -> {header[label_col]}"
+    if split_col is not None:
+        columns += f", split from column {header[split_col]}"
+    return items, columns
+
+
+# ---------------------------------------------------------------- the layout
+
+def read_layout(data: str | Path, *, labels_file: str | Path | None = None, label_columns: list[str] | None = None,
+                labels_from_name: bool = False, name_pattern: str | None = None, val_fraction: float = 0.2,
+                test_fraction: float = 0.0, seed: int = 0, classes: list[str] | None = None,
+                need: str | None = "train") -> Layout:
+    """What DATA holds: class names, files per split, what is still to carve from train, and the problems.
+
+    Labels come from class folders (the default), from a table (labels_file, columns by header name or
+    label_columns), or from file names (labels_from_name / name_pattern). `need` is the split the caller
+    reads ('train' for training); a UserError says what to change when it would have no images, or when
+    there are fewer than 2 classes.
+    """
+    root = Path(data)
+    if not root.is_dir():
+        raise UserError(f"no dataset folder at {root}: expected DATA/<class>/<images> or DATA/train/<class>/<images>"
+                        f" (see the README's 'Your data')")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UserError(f"--val-fraction {val_fraction:g} and --test-fraction {test_fraction:g} must each lie in "
+                        f"[0, 1) and leave some of train: their sum must be below 1")
+    if labels_file and (labels_from_name or name_pattern):
+        raise UserError("give the labels one way: --labels FILE or --labels-from-name/--name-pattern, not both")
+    table = Path(labels_file) if labels_file else None
+    if table is not None and not table.is_file():
+        raise UserError(f"no labels table at {table}")
+    source = "table" if table else "names" if (labels_from_name or name_pattern) else "folders"
+    rule = name_rule(name_pattern) if source == "names" else None
+
+    problems: dict[str, list[str]] = defaultdict(list)
+    rel = _relative_to(root)
+    base = _unwrap(root)
+    split_dirs, others = _find_split_dirs(base, source == "folders")
+    if source != "table":  # a table may name files anywhere; its unlabelled images are reported instead
+        problems[NOT_READ] += [f"{rel(d)}/ ({_images(n)})" for d in others if (n := len(_walk(d)[0]))]
+    single = not split_dirs
+    if single:
+        split_dirs = {"train": base}
+    columns = ""
+    if source == "table":
+        items, columns = _from_table(table, label_columns, split_dirs, others, root, base, problems, rel)
+    elif source == "names":
+        items = _from_names(split_dirs, rule, {root, base}, problems, rel)
+    else:
+        items = _from_folders(split_dirs, problems, rel)
+
+    names = _choose_classes(items, classes, problems)
+    carve = {}
+    if items["train"]:
+        if not items["val"] and val_fraction > 0:
+            carve["val"] = val_fraction
+        if not items["test"] and test_fraction > 0:
+            carve["test"] = test_fraction
+    lay = Layout(classes=names, items=items, carve=carve, problems={k: v for k, v in problems.items() if v},
+                 description="", root=str(root), seed=seed, source=source,
+                 folders={s: rel(d) for s, d in split_dirs.items()},
+                 folder_paths={s: str(_abs(d)) for s, d in split_dirs.items()})
+    lay.description = describe(lay, single, table, columns, name_pattern)
+    _check_usable(lay, need, table, columns, rule is not None, rel(base))
+    return lay
+
+
+def layout_of(cfg: TrainConfig, need: str | None = "train") -> Layout:
+    """read_layout with a run's settings: the one place that maps TrainConfig's data fields onto it."""
+    return read_layout(cfg.data, labels_file=cfg.labels or None, label_columns=cfg.label_columns or None,
+                       labels_from_name=cfg.labels_from_name, name_pattern=cfg.name_pattern or None,
+                       val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
+                       classes=cfg.classes or None, need=need)
+
+
+class _relative_to:
+    """Paths as the user would type them: relative to DATA when inside it."""
+
+    def __init__(self, root: Path):
+        self.root = str(root)
+        self.absolute = _abs(root)
+
+    def __call__(self, p: Path) -> str:
+        try:
+            r = _abs(p).relative_to(self.absolute).as_posix()
+            return r if r != "." else self.absolute.name
+        except ValueError:
+            return str(p)
+
+
+def _choose_classes(items: dict[str, list[tuple[str, str]]], wanted: list[str] | None, problems) -> list[str]:
+    """Sorted class names of train (of every split when there is no train), narrowed to `wanted`; items of
+    other classes are removed, and val/test images of a class train lacks are reported."""
+    everywhere = sorted({c for split in items.values() for _, c in split})
+    found = sorted({c for _, c in items["train"]}) if items["train"] else everywhere
+    for s in ("val", "test"):
+        lacking = defaultdict(int)
+        for _, c in items[s]:
+            if c not in found:
+                lacking[c] += 1
+        problems[NOT_IN_TRAIN] += [f"{s}: {c} ({_images(n)})" for c, n in sorted(lacking.items())]
+    names = found
+    if wanted:
+        missing = [c for c in wanted if c not in found]
+        if missing:
+            raise UserError(f"--classes {' '.join(missing)} not found in the data (it has: {', '.join(found)})")
+        names = sorted(set(wanted))
+    keep = set(names)
+    for s in SPLITS:
+        items[s] = [(p, c) for p, c in items[s] if c in keep]
+    totals = defaultdict(int)
+    for split in items.values():
+        for _, c in split:
+            totals[c] += 1
+    problems[SINGLE] += [c for c in names if totals[c] == 1]
+    return names
+
+
+def describe(lay: Layout, single: bool, table: Path | None, columns: str, name_pattern: str | None) -> str:
+    """The one 'layout: ...' line that says what was understood."""
+    if single:
+        where = f"{lay.folders['train']}/ (no split folders)"
+    else:
+        parts = [f"{lay.folders[s]}/ ({s})" for s in SPLITS if s in lay.folders and lay.items[s]] or \
+                [f"{lay.folders[s]}/ ({s})" for s in SPLITS if s in lay.folders]
+        where = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    if lay.source == "table":
+        text = f"labels from {table.name} ({columns}) for the files in {where}"
+    elif lay.source == "names":
+        rule = f"pattern {name_pattern!r}" if name_pattern else "the name before its number"
+        text = f"labels from file names ({rule}) in {where}"
+    else:
+        text = f"classes from folders in {where}"
+    if lay.carve:
+        shares = " and ".join(f"{s} = {f:.0%}" for s, f in lay.carve.items())
+        text += f"; {shares} of train (stratified, seed {lay.seed})"
+    return f"layout: {text}"
+
+
+def _check_usable(lay: Layout, need: str | None, table: Path | None, columns: str, by_name: bool, where: str) -> None:
+    """Stop only when training cannot go on: no images, or fewer than 2 classes; say which rule or column to use."""
+    if not any(lay.items.values()):
+        hint = {"table": f"no row of {table} names a file found under {lay.root} (tried relative to the table's "
+                         "folder, DATA and the split folders, with and without the extension)",
+                "names": "no file name gave a label; give --name-pattern REGEX with one group for the label",
+                "folders": f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in class folders under {lay.root}"}
+        raise UserError(f"no labelled images: {hint[lay.source]}" + _first_problems(lay))
+    if len(lay.classes) < 2:
+        found = f"{len(lay.classes)} class ({', '.join(lay.classes)})"
+        hint = {"table": f"check the label column ({columns}), or choose it with --label-columns FILE_COL LABEL_COL",
+                "names": "give --name-pattern REGEX whose one group is the label (e.g. '^([a-z]+)[._]')",
+                "folders": f"put each class in its own folder under {where}/ (cat/, dog/), or take the labels from "
+                           "a table (--labels FILE) or the file names (--labels-from-name)"}
+        raise UserError(f"found {found}; a classifier needs at least 2: {hint[lay.source]}" + _first_problems(lay))
+    if need and not lay.items.get(need) and need not in lay.carve:
+        there = ", ".join(f"{f}/ ({s})" for s, f in lay.folders.items()) or "none"
+        aliases = "|".join(SPLIT_ALIASES[need])
+        carved = f", or one carved from train (train.py --{need}-fraction 0.1)" if need in ("val", "test") else ""
+        raise UserError(f"no {need} images in {lay.root}: found {there}; a {need} split is a folder named "
+                        f"{aliases}, or a split column in --labels{carved}")
+
+
+def _first_problems(lay: Layout) -> str:
+    text = format_problems(lay, limit=3)
+    return f" ({text.replace(chr(10), '; ')})" if text else ""
+
+
+def format_problems(lay: Layout, limit: int = 10) -> str:
+    """One line per kind of problem: the count and the first `limit` items; '' when there are none."""
+    lines = []
+    for kind, entries in lay.problems.items():
+        shown = ", ".join(entries[:limit]) + (f", ... ({len(entries) - limit} more)" if len(entries) > limit else "")
+        lines.append(f"{len(entries)} {kind}: {shown}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- carving val/test from train
+
+def carve_indices(labels: list, ratios: list[float], seed: int) -> list[list[int]]:
+    """Sorted index lists, one per ratio (e.g. train/val/test = 0.7/0.2/0.1), each class divided in those
+    ratios: counts rounded by largest remainder so each index is used once, and a split with a share gets at
+    least one image of every class that has more than one. Same labels and seed, same lists."""
+    rng = random.Random(seed)
+    by_class = defaultdict(list)
+    for i, c in enumerate(labels):
+        by_class[c].append(i)
+    parts: list[list[int]] = [[] for _ in ratios]
+    for c in sorted(by_class):
+        idx = by_class[c]
+        rng.shuffle(idx)
+        exact = [len(idx) * r / sum(ratios) for r in ratios]
+        counts = [int(e) for e in exact]
+        for k in sorted(range(len(ratios)), key=lambda k: (counts[k] - exact[k], k))[:len(idx) - sum(counts)]:
+            counts[k] += 1
+        for k, r in enumerate(ratios):
+            largest = max(range(len(counts)), key=lambda j: counts[j])
+            if r > 0 and counts[k] == 0 and counts[largest] > 1:
+                counts[k], counts[largest] = 1, counts[largest] - 1
+        start = 0
+        for k, n in enumerate(counts):
+            parts[k] += idx[start:start + n]
+            start += n
+    return [sorted(p) for p in parts]
+
+
+def carve(items: list[tuple[str, str]], fractions: dict[str, float], seed: int) -> dict[str, list[tuple[str, str]]]:
+    """{'train': the rest, and one list per fraction} from (path, class) items, stratified by class."""
+    ratios = [1 - sum(fractions.values()), *fractions.values()]
+    parts = carve_indices([c for _, c in items], ratios, seed)
+    return {name: [items[i] for i in idx] for name, idx in zip(["train", *fractions], parts)}
+
+
+def layout_splits(lay: Layout) -> dict[str, list[tuple[str, str]]]:
+    """Every split's (path, class) items with lay.carve applied to train, by lay.seed."""
+    out = {s: list(v) for s, v in lay.items.items()}
+    if lay.carve:
+        out.update(carve(lay.items["train"], lay.carve, lay.seed))
+    return out
