@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := demo_data
+DATA   ?= ../shared/data/catdog
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -33,8 +34,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# Ours against the plain pipeline (baseline.py) on real photos: `make bench DATA=path/to/dataset`.
 bench: setup
-	$(PY) bench.py --data ../shared/data/catdog
+	$(PY) bench.py --data $(DATA)
 
 clean:
 	rm -rf $(DEMO) models/demo curves/demo logs/demo

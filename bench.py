@@ -11,8 +11,8 @@ Usage:
 Prints one JSON object: train images/s for each, our decode time (cold cache), seconds to reach 80/85/90% val
 accuracy for each (null if never; wall time since training started, evaluation included), best val accuracy,
 the share of our epochs' time spent on data after the first epoch, and the ratios.
-The baseline is `../shared/bench/seed_baseline.py` (ImageFolder + PIL transforms, torchvision ResNet-18, Adam).
-DATA may be any layout train.py reads (train.py flags such as --labels go after --); the baseline needs
+The baseline is baseline.py in this folder (ImageFolder + PIL transforms every epoch, torchvision ResNet-18,
+Adam), run in this process after ours. DATA may be any layout train.py reads (train.py flags such as --labels go after --); the baseline needs
 DATA/train and DATA/val folders, so other layouts are first written as hard links to a temporary
 train/val(/test) copy (split_dataset.py --mode link) with the same carve our run uses.
 
@@ -38,18 +38,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import train
+from baseline import train_baseline
 from common import UserError
 from config import TrainConfig, parse_config
 from dataset import load_data
 from layout import Layout, layout_of
 from split_dataset import split_dataset
 
-BASELINE = Path(__file__).resolve().parent.parent / "shared" / "bench" / "seed_baseline.py"
 TARGETS = (0.80, 0.85, 0.90)
 
 
@@ -94,14 +93,7 @@ def baseline_data(cfg: TrainConfig, lay: Layout, scratch: str) -> str:
 
 
 def bench_baseline(data: str, epochs: int, max_seconds: float, workers: int) -> dict:
-    if not BASELINE.is_file():
-        raise UserError(f"baseline script not found at {BASELINE}")
-    cmd = [sys.executable, str(BASELINE), data, "--epochs", str(epochs), "--max-seconds", str(max_seconds),
-           "--workers", str(workers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"baseline failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
-    hist = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    hist = list(train_baseline(data, epochs, max_seconds, workers))
     return {"train_images_per_s": round(sum(h["train_images_per_s"] for h in hist) / len(hist), 1),
             **{f"seconds_to_{round(t * 100)}": seconds_to(hist, t, "val_acc", "elapsed_s") for t in TARGETS},
             "best_val_acc": max(h["val_acc"] for h in hist), "epochs": len(hist),

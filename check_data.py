@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from common import FORMATS_BY_SUFFIX, UserError, is_hidden
+from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError, is_hidden
 from config import CARVE_FIELDS, SOURCE_FIELDS, TrainConfig, add_flags
 from dataset import decode_files
 from layout import EMPTY, SKIPPED, Layout, layout_of, layout_splits
@@ -68,8 +68,8 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
     {class: readable images}} with carved val/test counted, unreadable [{path, reason}], modes and formats
     {name: n}, sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not
     what the extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
-    empty_classes, hidden_folders, hidden_files, ignored (non-image files), imbalance (largest / smallest train
-    class, None when one is empty), fatal and warnings [messages].
+    empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest /
+    smallest train class, None when one is empty), fatal and warnings [messages].
     """
     root = Path(lay.root).absolute()
 
@@ -209,7 +209,8 @@ def format_report(r: dict, limit: int = 20) -> str:
     section("identical files within a split", [" = ".join(g) for g in r["duplicates"]])
     section("class folders without image files", r["empty_classes"])
     section("hidden folders, ignored", r["hidden_folders"])
-    section("non-image files, ignored", r["ignored"])
+    section(f"skipped for their extension, not one of {' '.join(sorted(IMAGE_EXTENSIONS))} (rename any that are "
+            "images)", r["ignored"])
     if r["hidden_files"]:
         lines.append(f"hidden files, ignored: {len(r['hidden_files'])} (.DS_Store and the like)")
     section("quarantined", [f"{src} -> {dst}" for src, dst in r.get("quarantined", [])])

@@ -21,9 +21,10 @@ SPLIT_ALIASES = {
     "val": ("val", "valid", "validation", "val_set", "dev"),
     "test": ("test", "testing", "test_set", "eval"),
 }
-# The file extensions read as images, and the PIL format each should hold (check_data.py names mismatches).
-FORMATS_BY_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP", ".gif": "GIF",
-                     ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM"}
+# The file extensions read as images (in any case), and the PIL format each should hold (check_data.py names
+# mismatches). .jfif is what browsers often save a JPEG as; .jpe is an old JPEG extension.
+FORMATS_BY_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG", ".bmp": "BMP",
+                     ".webp": "WEBP", ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM"}
 IMAGE_EXTENSIONS = set(FORMATS_BY_SUFFIX)
 
 

@@ -16,12 +16,21 @@ from pathlib import Path
 
 from common import UserError  # noqa: F401  (defined in common.py; still importable from here)
 
+DESCRIPTION = """Train a ResNet image classifier on a folder of images: class folders, train/val/test split folders,
+or images labelled by a table (--labels) or by their names (--labels-from-name); see README 'Your data'.
 
-def _f(default, help: str):
-    """A dataclass field with a one-line reason, which becomes the flag's help text."""
+Every flag below is a field of TrainConfig in config.py, shown with its reason and default. With --resume the
+saved run's settings are the defaults and the flags given override them."""
+ARCHS = ("resnet_small", "resnet18", "resnet50")
+
+
+def _f(default, help: str, choices: tuple = ()):
+    """A dataclass field with a one-line reason, which becomes the flag's help text; `choices` are the only values
+    the flag accepts (checked when the flags are parsed, before any data is read)."""
+    meta = {"help": help, "choices": choices}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -37,14 +46,14 @@ class TrainConfig:
     val_fraction: float = _f(0.2, "share of train held out (stratified) when there is no val split")
     test_fraction: float = _f(0.0, "share of train held out as test (stratified) when there is no test split")
     image_size: int = _f(64, "side of the square input; small keeps CPU training fast")
-    channels: int = _f(1, "1 = grayscale (the default), 3 = RGB")
+    channels: int = _f(1, "1 = grayscale, 3 = RGB", choices=(1, 3))
     cache_dir: str = _f("cache", "where decoded images are kept so later runs skip JPEG decoding ('' = off)")
     max_bad_fraction: float = _f(0.5, "stop when more than this share of image files cannot be read")
     workers: int = _f(2, "processes that decode images on the first run (0 = in this process)")
     data_placement: str = _f("auto", "'device': every training image on the device (on CPU: in RAM); 'map': "
                              "batches read from the cache's memory map; 'auto': device on CUDA when it fits")
     # model
-    arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision)")
+    arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision)", choices=ARCHS)
     width: int = _f(48, "channels of resnet_small's first stage; the width sets CPU speed")
     pretrained: bool = _f(False, "start resnet18/resnet50 from ImageNet weights (needs internet or --weights)")
     weights: str = _f("", "local torchvision state_dict to start from (implies --pretrained)")
@@ -58,7 +67,8 @@ class TrainConfig:
     warmup_epochs: float = _f(1.0, "linear learning-rate warmup before the cosine decay")
     label_smoothing: float = _f(0.1, "softens targets; helps accuracy a little on noisy photos")
     ema_decay: float = _f(0.995, "evaluate and save a moving average of the weights, with this per-step decay (0 = off)")
-    class_weights: str = _f("none", "'auto' weights the loss by inverse class frequency; 'none' does not")
+    class_weights: str = _f("none", "'auto' weights the loss by inverse class frequency; 'none' does not",
+                            choices=("auto", "none"))
     patience: int = _f(0, "stop after this many epochs without a better val accuracy (0 = off)")
     time_budget: float = _f(0.0, "stop training after this many seconds (0 = no limit)")
     # augmentation and evaluation
@@ -72,7 +82,8 @@ class TrainConfig:
     accept_rate: float = _f(0.95, "share of known (val) images the stored novelty threshold accepts")
     # machine
     device: str = _f("auto", "auto picks cuda, then mps, then cpu")
-    amp: bool = _f(True, "mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (~2x faster)")
+    amp: bool = _f(True, "mixed precision: bf16 on GPUs and CPUs that compute it natively (~2x faster), "
+                         "fp16 with a GradScaler on other GPUs")
     channels_last: bool = _f(True, "memory layout that makes convolutions faster on CPU and GPU")
     compile: bool = _f(False, "torch.compile the model (CUDA; slow first epoch)")
     seed: int = _f(0, "seed for the split, the initial weights, shuffling and augmentation")
@@ -104,6 +115,8 @@ class TrainConfig:
 def _flag_kwargs(f: dataclasses.Field, hints: dict) -> dict:
     typ = hints[f.name]
     kwargs = {"help": f.metadata.get("help", ""), "dest": f.name}
+    if f.metadata.get("choices"):
+        kwargs["choices"] = f.metadata["choices"]
     if typ is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(typ) is list:
@@ -129,7 +142,10 @@ def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = N
         if names is not None and f.name not in names:
             continue
         kwargs = _flag_kwargs(f, hints)
-        kwargs["help"] += default_note or f" (default: {getattr(defaults, f.name)!r})"
+        if default_note:
+            kwargs["help"] += default_note
+        elif "(default:" not in kwargs["help"]:  # a reason that already says what the default does keeps its own
+            kwargs["help"] += f" (default: {getattr(defaults, f.name)!r})"
         kwargs["default"] = argparse.SUPPRESS
         if f.name == "label_columns":
             kwargs.update(nargs=2, metavar=("FILE_COL", "LABEL_COL"))
@@ -137,9 +153,15 @@ def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = N
     return parser
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per TrainConfig field; unspecified flags are left out of the result."""
-    return add_flags(argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS))
+def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per TrainConfig field; unspecified flags are left out of the result.
+
+    Each help line ends with the default once: the field's own wording when its reason already says what the
+    default does ("(default: every class found)"), else its value."""
+    parser = argparse.ArgumentParser(usage="%(prog)s [--data DIR] [--epochs N] [--arch NAME] [other flags below]",
+                                     description=description, argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_flags(parser)
 
 
 # What an invocation does rather than how a run trains: not taken over from a saved config.json.

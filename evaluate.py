@@ -6,6 +6,7 @@ Usage:
     python evaluate.py --split val                         # the data, labels and carved val the model trained on
     python evaluate.py --data Dataset --checkpoint models/best_model.pth --out-dir curves --gallery 32
     python evaluate.py --gradcam photo.jpg more/*.jpg       # heatmaps of what the predicted class looked at
+    python evaluate.py --gradcam photo.jpg --cam-layer layers.0    # a finer map (16x16 at 64x64), from stage 1
     python evaluate.py --data ../shared/data/catdog --split val --unknown-dir other_photos/   # novelty scores
 
 Writes OUT_DIR/metrics.json, confusion_matrix.png (counts and row-normalized), most_confident_wrong.png and
@@ -28,6 +29,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -69,48 +71,136 @@ def format_report(m: dict) -> str:
 
 
 # ---------------------------------------------------------------- Grad-CAM
+# The grad-cam package (pytorch-grad-cam 1.5.7) was weighed against these lines: it would add opencv, scikit-learn,
+# scipy and ttach; its smoothing runs six passes (mirror x brightness 0.9/1/1.1), each explaining its own argmax of
+# a raw logit, not one class of mirror-averaged logits; and it returns no probabilities. Here one forward and one
+# backward pass give the map and the very prediction inference.py prints.
 
-def gradcam_layer(model: nn.Module) -> nn.Module:
-    """The last residual stage, whose feature maps Grad-CAM weighs: SmallResNet.layers[-1] or torchvision layer4."""
+MIN_CAM_CELLS = 8  # the auto layer is the deepest stage whose map has at least this many cells a side
+
+
+class GradCam(NamedTuple):
+    """What explain() returns: the heatmap (H, W) in [0, 1] at the input's size, the class it explains, that
+    class's probability and all probabilities (softmax of the logits / temperature, as inference.py), the layer."""
+    cam: torch.Tensor
+    class_idx: int
+    probability: float
+    probabilities: torch.Tensor
+    layer: str
+    cells: tuple[int, int]
+
+
+def cam_stages(model: nn.Module) -> dict[str, nn.Module]:
+    """The residual stages Grad-CAM can weigh, shallow to deep, by module name: layers.0-3 of resnet_small,
+    layer1-4 of torchvision ResNets."""
     model = unwrap(model)
     if hasattr(model, "layer4"):
-        return model.layer4
+        return {f"layer{i}": getattr(model, f"layer{i}") for i in range(1, 5)}
     if hasattr(model, "layers"):
-        return model.layers[-1]
-    raise UserError(f"do not know where the last residual stage of {type(model).__name__} is for Grad-CAM")
+        return {f"layers.{i}": m for i, m in enumerate(model.layers)}
+    raise UserError(f"do not know where the residual stages of {type(model).__name__} are for Grad-CAM")
 
 
-def gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_idx: int | None = None
-            ) -> torch.Tensor:
+def feature_sizes(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
+    """(height, width) of each named layer's output for input x."""
+    sizes = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: sizes.__setitem__(n, tuple(out.shape[-2:])))
+             for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            unwrap(model).eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def pick_cam_layer(model: nn.Module, x: torch.Tensor, name: str = "auto") -> tuple[str, nn.Module]:
+    """(name, module) of the layer Grad-CAM weighs for input x: `name` as in model.named_modules(), or 'auto', the
+    deepest residual stage with at least MIN_CAM_CELLS cells a side (resnet_small at 64x64: layers.1, 8x8; its
+    last stage is 2x2, a single blob), or the first stage when none is that fine."""
+    stages = cam_stages(model)
+    if name != "auto":
+        modules = dict(unwrap(model).named_modules())
+        if not name or name not in modules:
+            raise UserError(f"--cam-layer {name!r} is not a layer of this {type(unwrap(model)).__name__}; "
+                            f"its stages: {', '.join(stages)} (or auto)")
+        return name, modules[name]
+    sizes = feature_sizes(model, x, stages)
+    fine = [n for n in stages if min(sizes[n]) >= MIN_CAM_CELLS]
+    chosen = fine[-1] if fine else next(iter(stages))
+    return chosen, stages[chosen]
+
+
+def gradcam_layer(model: nn.Module, x: torch.Tensor | None = None, name: str = "auto") -> nn.Module:
+    """The module pick_cam_layer chooses; without x, for a 64x64 input."""
+    if x is None:
+        in_channels = next(m for m in unwrap(model).modules() if isinstance(m, nn.Conv2d)).in_channels
+        x = torch.zeros(1, in_channels, 64, 64)
+    return pick_cam_layer(model, x, name)[1]
+
+
+def gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_idx: int | None = None,
+            tta: bool = False) -> torch.Tensor:
     """Grad-CAM heatmap (H, W) in [0, 1] at the size of x (1, C, H, W), for class_idx (default: the predicted one).
+    Same as explain(...).cam for a layer given as a module."""
+    return _gradcam(model, x, target_layer, class_idx, tta)[0]
 
-    The target layer's activations are caught by a forward hook and their gradients by a hook on that output;
-    each channel is weighted by its mean gradient, the weighted sum is ReLU'd, upsampled and scaled to [0, 1].
+
+def explain(model: nn.Module, x: torch.Tensor, layer: str = "auto", tta: bool = False, temperature: float = 1.0,
+            class_idx: int | None = None) -> GradCam:
+    """Grad-CAM of a normalized image x (1, C, H, W) with the prediction it explains, as inference.py makes it:
+    with tta the logits are averaged with the mirror image's and the two heatmaps too (the mirror's flipped back);
+    probabilities are the softmax of the logits / temperature. `layer`: a module name or 'auto' (pick_cam_layer)."""
+    name, module = pick_cam_layer(model, x, layer)
+    cam, logits, class_idx, cells = _gradcam(model, x, module, class_idx, tta)
+    probs = torch.softmax(logits[0] / temperature, 0)
+    return GradCam(cam, class_idx, probs[class_idx].item(), probs, name, cells)
+
+
+def _gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_idx: int | None, tta: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]:
+    """(heatmap, logits (1, K), explained class, cells of the layer's map).
+
+    The layer's activations are caught by a forward hook and their gradients by a hook on that output; each
+    channel is weighted by its mean gradient, the weighted sum is ReLU'd, upsampled and scaled to [0, 1].
     The score explained is the class's logit minus the mean logit, which is what the softmax decides on: a raw
     logit that all classes share a negative offset in would leave the predicted class an all-zero map.
+    The logits are computed as model.predict_logits computes them, so the probabilities equal inference.py's.
     """
-    caught: dict[str, torch.Tensor] = {}
+    caught: list[dict[str, torch.Tensor]] = []
 
     def on_forward(module, inputs, output):
-        caught["act"] = output
-        output.register_hook(lambda grad: caught.__setitem__("grad", grad))
+        entry = {"act": output}
+        output.register_hook(lambda grad: entry.__setitem__("grad", grad))
+        caught.append(entry)
 
     handle = target_layer.register_forward_hook(on_forward)
     model.eval()
     try:
         with torch.enable_grad():
-            logits = model(x)
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(-1)).float()) / 2
             if class_idx is None:
                 class_idx = int(logits[0].argmax())
             model.zero_grad(set_to_none=True)
             (logits[0, class_idx] - logits[0].mean()).backward()
     finally:
         handle.remove()
-    act, grad = caught["act"].detach(), caught["grad"].detach()
-    cam = torch.relu((grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
+    if not caught or caught[0]["act"].dim() != 4:
+        raise UserError("Grad-CAM needs a layer whose output is a feature map (N, C, H, W), such as a residual stage")
+    cams = []
+    for i, entry in enumerate(caught):  # the image, then (with tta) its mirror, whose map is flipped back
+        act, grad = entry["act"].detach(), entry["grad"].detach()
+        cam = torch.relu((grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
+        cams.append(cam.flip(-1) if i else cam)
+    cam = torch.stack(cams).mean(0)
+    cells = tuple(cam.shape[-2:])
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     span = cam.max() - cam.min()
-    return (cam - cam.min()) / span if span > 0 else torch.zeros_like(cam)
+    cam = (cam - cam.min()) / span if span > 0 else torch.zeros_like(cam)
+    return cam, logits.detach(), class_idx, cells
 
 
 # ---------------------------------------------------------------- commands
@@ -245,12 +335,15 @@ def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def gradcam_images(args: argparse.Namespace) -> int:
-    """A Grad-CAM PNG per image for its predicted class; unreadable images are reported and skipped."""
+    """A Grad-CAM PNG per image for its predicted class; unreadable images are reported and skipped.
+
+    Preprocessing, mirror averaging (--tta, default as in training) and temperature are inference.py's, so the
+    label and confidence printed are the ones `python inference.py --image` prints."""
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt)
-    layer = gradcam_layer(model)
     classes, temperature, norm = ckpt["classes"], temperature_of(ckpt), normalization_of(ckpt)
-    out, used, failed = out_dir_of(args.out_dir, ckpt), set(), 0
+    tta = tta_of(ckpt) if args.tta is None else args.tta
+    out, used, failed, told = out_dir_of(args.out_dir, ckpt), set(), 0, False
     for path in expand_inputs(args.gradcam):
         try:
             image = torch.from_numpy(decode_image(path, ckpt["image_size"], ckpt["channels"]))
@@ -259,18 +352,19 @@ def gradcam_images(args: argparse.Namespace) -> int:
             failed += 1
             continue
         x = to_float(image[None], norm["mean"], norm["std"])
-        cam = gradcam(model, x, layer)
-        # Without the mirror TTA, so the class and confidence shown are those of the pass the heatmap explains.
-        with torch.no_grad():
-            conf, k = torch.softmax(model(x)[0] / temperature, 0).max(0)
-        label = classes[int(k)]
+        result = explain(model, x, args.cam_layer, tta, temperature)
+        if not told:
+            print(f"Grad-CAM on {result.layer} ({result.cells[0]}x{result.cells[1]} cells at "
+                  f"{ckpt['image_size']}x{ckpt['image_size']} input), tta {tta}")
+            told = True
+        label = classes[result.class_idx]
         name, n = f"gradcam_{path.stem}.png", 1
         while name in used:  # two photos with the same name in different folders
             n += 1
             name = f"gradcam_{path.stem}_{n}.png"
         used.add(name)
-        fig = plot_gradcam(image, cam, f"Grad-CAM: {label} {conf.item():.2f}")
-        print(f"{path}  {label}  {conf.item():.2f}  -> {save_figure(fig, out / name)}")
+        fig = plot_gradcam(image, result.cam, f"Grad-CAM ({result.layer}): {label} {result.probability:.2f}")
+        print(f"{path}  {label}  {result.probability:.2f}  -> {save_figure(fig, out / name)}")
     return 1 if failed else 0
 
 
@@ -295,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="images of no known class (any layout): how well the novelty scores tell them apart")
     parser.add_argument("--gradcam", nargs="+", metavar="IMAGE",
                         help="instead of evaluating: write Grad-CAM heatmaps of these images, folders or globs")
+    parser.add_argument("--cam-layer", default="auto", metavar="NAME",
+                        help="layer Grad-CAM weighs, e.g. layers.0-layers.3 (resnet_small) or layer1-layer4 "
+                             "(resnet18/50); auto: the deepest stage with at least 8x8 cells (default: auto)")
     add_flags(parser, SOURCE_FIELDS, default_note=" (default: as in training)")
     args = parser.parse_args(argv)
     try:

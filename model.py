@@ -17,10 +17,8 @@ import torch.nn as nn
 import torchvision
 
 from common import UserError
-from config import TrainConfig
+from config import ARCHS, TrainConfig
 from dataset import NORMALIZATION, to_float
-
-ARCHS = ("resnet_small", "resnet18", "resnet50")
 
 
 class BasicBlock(nn.Module):

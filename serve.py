@@ -37,10 +37,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of,
-                        val_accuracy_of)
+                        tta_of, val_accuracy_of)
 from common import UserError
 from dataset import BadImage, decode_bytes, to_float
-from evaluate import gradcam, gradcam_layer
+from evaluate import explain, pick_cam_layer
 from inference import predict_images
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
@@ -121,12 +121,14 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
                tta: bool | None = None, threads: int = 2) -> FastAPI:
     """The ASGI app for one loaded checkpoint; `name` is what /health reports as its checkpoint."""
     model = model_from_checkpoint(ckpt)
-    # Grad-CAM hooks a layer and runs backward: on its own copy of the model, one request at a time, so the
-    # hooks never see another request's forward pass.
-    cam_model = copy.deepcopy(model)
-    cam_layer, cam_lock = gradcam_layer(cam_model), threading.Lock()
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="model")
     size, channels, classes = ckpt["image_size"], ckpt["channels"], ckpt["classes"]
+    # Grad-CAM hooks a layer and runs backward: on its own copy of the model, one request at a time, so the
+    # hooks never see another request's forward pass. Its layer is chosen once, for the checkpoint's image size;
+    # mirror averaging and temperature are the predictions' own, so the map explains the prediction returned.
+    cam_model = copy.deepcopy(model)
+    cam_layer = pick_cam_layer(cam_model, torch.zeros(1, channels, size, size))[0]
+    cam_tta, temperature, cam_lock = tta_of(ckpt) if tta is None else tta, temperature_of(ckpt), threading.Lock()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="model")
     page = PAGE.read_text()
 
     @asynccontextmanager
@@ -168,8 +170,9 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
             raise ApiError(400, message, **({"results": results} if len(results) > 1 else {}))
         return results
 
-    def explain(upload: tuple[str | None, bytes]) -> dict:
-        """The prediction of one upload and the Grad-CAM heatmap of the class it predicts."""
+    def predict_and_explain(upload: tuple[str | None, bytes]) -> dict:
+        """The prediction of one upload and the Grad-CAM heatmap of the class it predicts (evaluate.explain, with
+        the same mirror averaging and temperature as the prediction)."""
         result = predict_uploads([upload])[0]  # a 400 if unreadable; else decoding it again costs a millisecond
         image = torch.as_tensor(decode_bytes(upload[1], size, channels))
         probs = result["probabilities"]
@@ -177,7 +180,7 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         norm = normalization_of(ckpt)
         x = to_float(image[None], norm["mean"], norm["std"])
         with cam_lock:
-            cam = gradcam(cam_model, x, cam_layer, k)
+            cam = explain(cam_model, x, cam_layer, cam_tta, temperature, class_idx=k).cam
         return {**result, "heatmap_class": classes[k], "heatmap": heatmap_png(cam)}
 
     @app.get("/", response_class=HTMLResponse)
@@ -205,7 +208,7 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         uploads = await read_uploads(request)
         if len(uploads) != 1:
             raise ApiError(400, f"/gradcam takes one image, not {len(uploads)}")
-        return await in_pool(explain, uploads[0])
+        return await in_pool(predict_and_explain, uploads[0])
 
     return app
 

@@ -26,7 +26,9 @@ import dataclasses
 import hashlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -67,10 +69,24 @@ def pick_amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     if not enabled:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Only where the GPU computes bf16 natively (Ampere and later): T4/V100-class cards emulate it, slowly.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+def needs_grad_scaler(amp_dtype: torch.dtype | None) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and fp32 needs none."""
+    return amp_dtype == torch.float16
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """What the start-up line says about the arithmetic: 'fp32', 'bf16 autocast' or 'fp16 autocast + GradScaler'."""
+    if amp_dtype is None:
+        return "fp32"
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype] + " autocast"
+    return name + (" + GradScaler" if needs_grad_scaler(amp_dtype) else "")
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -323,6 +339,49 @@ def ema_of(model: nn.Module, decay: float) -> AveragedModel:
     return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
 
+# ---------------------------------------------------------------- Ctrl-C
+
+class CtrlC:
+    """Ctrl-C during the epochs: the first asks the run to stop after the training step in progress (train_one_epoch
+    checks `requested` after each step); a second raises KeyboardInterrupt at once. Nothing is raised inside a
+    library call on the first, so no TensorBoard writer or progress bar is left half-way through a write."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        try:  # os.write, not print: a handler that prints can land inside another print to the same stream
+            os.write(2, b"\nCtrl-C: stopping after this training step (press it again to stop at once)\n")
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_after_the_step():
+    """Install a CtrlC as the SIGINT handler while the block runs and put the previous handler back after. Off the
+    main thread (where Python cannot set handlers) it only yields a CtrlC that is never requested."""
+    ctrl_c = CtrlC()
+    if threading.current_thread() is not threading.main_thread():
+        yield ctrl_c
+        return
+    previous = signal.signal(signal.SIGINT, ctrl_c)
+    try:
+        yield ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def interrupted_message(out_dir: str, saved_epoch: int, note: str = "") -> str:
+    """What the run says when Ctrl-C stopped it: which epoch last.pth holds (only saved epochs count)."""
+    if not saved_epoch:
+        return "interrupted; nothing saved: no epoch had ended" + (f" ({note})" if note else "")
+    return (f"interrupted; {Path(out_dir) / LAST} holds epoch {saved_epoch}: continue with --resume"
+            + (f" ({note})" if note else ""))
+
+
 # ---------------------------------------------------------------- one run, step by step
 
 @dataclass
@@ -338,6 +397,7 @@ class Trainer:
     amp_dtype: torch.dtype | None
     normalization: dict                   # {"mean", "std"} the pixels are normalized with
     steps_per_epoch: int                  # per process
+    scaler: torch.amp.GradScaler | None = None  # loss scaling, for fp16 autocast only
     train_model: nn.Module | None = None  # what the steps call: the model under DDP / torch.compile (set_phase)
 
     @property
@@ -369,7 +429,7 @@ def set_up(cfg: TrainConfig) -> tuple[TrainConfig, torch.device, torch.dtype | N
     print("config:", format_config(cfg))
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                                  else f" ({torch.get_num_threads()} threads)")
-          + f", {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}"
+          + f", {precision_name(amp_dtype)}"
           + (f", {world} processes ({dist.get_backend()}), batch size {cfg.batch_size} per process"
              if world > 1 else ""))
     return cfg, device, amp_dtype
@@ -455,7 +515,8 @@ def build_trainer(cfg: TrainConfig, train: Split, num_classes: int, device: torc
     return Trainer(model, ema_of(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, optimizer,
                    torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), loss_fn,
                    torch.Generator().manual_seed(cfg.seed), device, amp_dtype,
-                   input_normalization(cfg.uses_pretrained, cfg.channels), steps_per_epoch)
+                   input_normalization(cfg.uses_pretrained, cfg.channels), steps_per_epoch,
+                   torch.amp.GradScaler(device.type) if needs_grad_scaler(amp_dtype) else None)
 
 
 def restore(t: Trainer, cfg: TrainConfig, ckpt: dict) -> Progress:
@@ -558,8 +619,10 @@ def open_run_log(cfg: TrainConfig):
     return SummaryWriter(str(run_dir))
 
 
-def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float) -> dict:
-    """One pass over the training images, augmented on whole batches; returns mean loss, accuracy, counts."""
+def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float, ctrl_c: CtrlC | None = None
+                    ) -> dict:
+    """One pass over the training images, augmented on whole batches; returns mean loss, accuracy, counts, and
+    'interrupted' when a Ctrl-C (ctrl_c.requested, on any rank) ended it after a step, before its end."""
     from tqdm import tqdm
 
     model, device = t.train_model, t.device
@@ -575,6 +638,7 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float) 
     buffers = list(model.buffers())
     saved_buffers = [b.detach().clone() for b in buffers]
     data_seconds = 0.0  # time spent fetching and augmenting batches (exact on CPU; CUDA runs it async)
+    interrupted = False
     for idx in bar:
         t_data = time.perf_counter()
         x = augment(to_float(fetch_batch(images, idx, device), t.normalization["mean"], t.normalization["std"]),
@@ -589,7 +653,10 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float) 
         with torch.autocast(device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
             logits = model(x)
             loss = t.loss_fn(logits.float(), y)
-        if any_rank(not torch.isfinite(loss).item(), device):
+        # The ranks agree on both in one reduction: skip this step (NaN/inf), and stop after it (Ctrl-C).
+        nonfinite, stop = (v > 0 for v in all_reduce_sum(
+            [float(not torch.isfinite(loss).item()), float(ctrl_c is not None and ctrl_c.requested)], device))
+        if nonfinite:
             # A NaN/inf step would poison the weights: skip it, count it, and stop if it keeps happening.
             skipped += 1
             with torch.no_grad():
@@ -598,10 +665,18 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float) 
             t.optimizer.zero_grad(set_to_none=True)
             if skipped > max(3, t.steps_per_epoch // 10):
                 raise UserError(f"training loss became NaN/inf in {skipped} steps; lower --lr (now {cfg.lr})")
+            if stop:
+                interrupted = True
+                break
             continue
         t.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t.optimizer.step()
+        if t.scaler is None:
+            loss.backward()
+            t.optimizer.step()
+        else:  # fp16: scaled loss; steps whose gradients overflowed are skipped and the scale lowered
+            t.scaler.scale(loss).backward()
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
         t.scheduler.step()
         if t.ema is not None:
             t.ema.update_parameters(unwrap(model))
@@ -611,12 +686,16 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float) 
         seen += len(y)
         if steps % 10 == 0:
             bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+        if stop:
+            interrupted = True
+            break
         if deadline < math.inf and any_rank(time.time() > deadline, device):
             break
     bar.close()
+    interrupted = interrupted and steps + skipped < t.steps_per_epoch  # stopped on its last step: a whole epoch
     total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], device)
     return {"loss": total_loss / max(1, seen), "acc": correct / max(1, seen), "images": int(seen),
-            "skipped_steps": skipped, "data_seconds": data_seconds}
+            "skipped_steps": skipped, "data_seconds": data_seconds, "interrupted": interrupted}
 
 
 def validate(model: nn.Module, data: Split, device: torch.device, tta: bool = False, channels_last: bool = False,
@@ -846,42 +925,52 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     save_train_batch(cfg, train, classes, t.normalization)
     progress.started = time.time()
     deadline = progress.started + cfg.time_budget - progress.train_seconds if cfg.time_budget > 0 else math.inf
-    stopped = ""
+    stopped, at_once = "", False
     try:
-        for epoch in range(progress.start_epoch + 1, cfg.epochs + 1):
-            if frozen and epoch > cfg.freeze_epochs:
-                frozen = set_phase(t, cfg, epoch)
-            epoch_started = time.time()
-            tr = train_one_epoch(t, train, cfg, deadline)
-            train_seconds = time.time() - epoch_started
-            ev = validate(t.eval_model, val, device, cfg.tta, cfg.channels_last, amp_dtype, t.normalization)
-            lr = t.optimizer.param_groups[-1]["lr"]  # the head's, when the backbone has a lower one
-            h = record_epoch(progress, epoch, tr, ev, lr, train_seconds, epoch_started)
-            log_epoch(writer, h, cfg)
-            finite = is_finite(t, ev["loss"])
-            improved = finite and ev["acc"] > progress.best["acc"]
-            if improved:
-                progress.best = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"]}
-            if is_main_rank():
-                save_epoch(t, cfg, classes, layout_info, progress, {"val": ev, "train": tr}, improved, finite)
-            if finite:
-                progress.saved_epoch = epoch
-            print(epoch_line(h, cfg.epochs, improved), flush=True)
-            if not finite:
-                kept = "best_model.pth and last.pth were kept" if progress.saved_epoch else "nothing was saved"
-                raise UserError(f"the model's weights or val loss became NaN/inf in epoch {epoch}; {kept}; "
-                                f"lower --lr (now {cfg.lr})")
-            stopped = stop_reason(cfg, progress, epoch, deadline)
-            if stopped:
-                break
+        with ctrl_c_stops_after_the_step() as ctrl_c:
+            for epoch in range(progress.start_epoch + 1, cfg.epochs + 1):
+                if frozen and epoch > cfg.freeze_epochs:
+                    frozen = set_phase(t, cfg, epoch)
+                epoch_started = time.time()
+                tr = train_one_epoch(t, train, cfg, deadline, ctrl_c)
+                if tr.pop("interrupted"):
+                    stopped = interrupted_message(cfg.out_dir, progress.saved_epoch,
+                                                  f"Ctrl-C stopped epoch {epoch} after a step; that epoch is not "
+                                                  "saved, --resume starts it again")
+                    break
+                train_seconds = time.time() - epoch_started
+                ev = validate(t.eval_model, val, device, cfg.tta, cfg.channels_last, amp_dtype, t.normalization)
+                lr = t.optimizer.param_groups[-1]["lr"]  # the head's, when the backbone has a lower one
+                h = record_epoch(progress, epoch, tr, ev, lr, train_seconds, epoch_started)
+                log_epoch(writer, h, cfg)
+                finite = is_finite(t, ev["loss"])
+                improved = finite and ev["acc"] > progress.best["acc"]
+                if improved:
+                    progress.best = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"]}
+                if is_main_rank():
+                    save_epoch(t, cfg, classes, layout_info, progress, {"val": ev, "train": tr}, improved, finite)
+                if finite:
+                    progress.saved_epoch = epoch
+                print(epoch_line(h, cfg.epochs, improved), flush=True)
+                if not finite:
+                    kept = "best_model.pth and last.pth were kept" if progress.saved_epoch else "nothing was saved"
+                    raise UserError(f"the model's weights or val loss became NaN/inf in epoch {epoch}; {kept}; "
+                                    f"lower --lr (now {cfg.lr})")
+                stopped = stop_reason(cfg, progress, epoch, deadline)
+                if not stopped and any_rank(ctrl_c.requested, device):  # pressed in the last step or the save
+                    stopped = interrupted_message(cfg.out_dir, progress.saved_epoch,
+                                                  f"Ctrl-C stopped the run after epoch {epoch}")
+                if stopped:
+                    break
     except KeyboardInterrupt:
-        # Only the epochs whose last.pth was written count: Ctrl-C may land between an epoch and its save.
-        stopped = (f"interrupted; {Path(cfg.out_dir) / LAST} holds epoch {progress.saved_epoch}: continue with "
-                   f"--resume" if progress.saved_epoch else "interrupted before the first epoch ended; nothing saved")
+        # The second Ctrl-C, raised wherever the run was (even inside TensorBoard's writer, which is then left
+        # alone: flushing it could wait forever). Only epochs whose last.pth was written count.
+        stopped, at_once = interrupted_message(cfg.out_dir, progress.saved_epoch, "a second Ctrl-C stopped it at "
+                                               "once"), True
     finally:
-        if writer is not None:
+        if writer is not None and not at_once:
             writer.flush()
-    return summarise(cfg, t, train, val, progress, writer, stopped)
+    return summarise(cfg, t, train, val, progress, None if at_once else writer, stopped)
 
 
 def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, dict | None]:

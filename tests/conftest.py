@@ -92,10 +92,12 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
 # Files of the nasty folder, relative to its root, by what should happen to them.
 NASTY_READABLE = ["train/cat/cmyk.jpg", "train/cat/sixteen_bit.png", "train/cat/palette_transparent.png",
                   "train/cat/rgba.png", "train/dog/animated.gif", "train/dog/one_pixel.png",
-                  "train/dog/exif_rotated.jpg", "train/dog/webp_named.png"]
+                  "train/dog/exif_rotated.jpg", "train/dog/webp_named.png",
+                  "train/cat/saved_from_browser.jfif", "train/dog/camera.JPE"]  # JPEGs by other names
 NASTY_UNREADABLE = ["train/cat/zero_bytes.jpg", "train/cat/truncated.jpg", "train/dog/text_named.jpg",
                     "train/dog/bomb.png", "train/cat/bomb_warning.png"]
-NASTY_IGNORED = ["train/cat/Thumbs.db", "train/dog/notes.txt"]
+NASTY_IGNORED = ["train/cat/Thumbs.db", "train/dog/notes.txt", "train/dog/IMG_0042", "train/cat/live.heic"]
+# the last two are photos (a JPEG without an extension, a HEIC PIL cannot read), skipped for their extension
 NASTY_DUPLICATE = ("train/cat/cat_0000.png", "train/cat/copy_of_cat_0000.png")
 NASTY_LEAK = ("train/dog/dog_0001.png", "val/dog/leaked_dog_0001.png")
 
@@ -139,6 +141,10 @@ def nasty_data(tmp_path: Path) -> Path:
 
     (cat / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 not an image")
     (dog / "notes.txt").write_text("dogs from grandma's phone\n")
+    photo.save(cat / "saved_from_browser.jfif", format="JPEG")
+    photo.transpose(Image.FLIP_TOP_BOTTOM).save(dog / "camera.JPE", format="JPEG")
+    photo.save(dog / "IMG_0042", format="JPEG")
+    (cat / "live.heic").write_bytes(b"\x00\x00\x00\x18ftypheic not decodable here")
     for folder in (cat, dog, root / "val" / "cat"):
         (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (root / "train" / ".ipynb_checkpoints").mkdir()

@@ -1,9 +1,15 @@
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import bench
 from dataset import make_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_seconds_to_finds_the_first_epoch_reaching_a_target():
@@ -24,3 +30,23 @@ def test_bench_prints_one_json_object(tmp_path, capsys):
     assert 0 <= ours["data_share_after_first_epoch"] < 1
     assert set(ours) >= {"seconds_to_80", "seconds_to_85", "seconds_to_90", "best_val_acc"}
 
+
+@pytest.mark.slow
+def test_bench_runs_the_baseline_from_a_clone_without_shared(tmp_path):
+    """A fresh clone has no ../shared: bench.py still compares against its own baseline.py."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for script in REPO.glob("*.py"):
+        shutil.copy(script, clone)
+    assert not (tmp_path / "shared").exists()
+    data = make_synthetic(tmp_path / "d", 8, size=24, splits=("train", "val"))
+    proc = subprocess.run([sys.executable, "bench.py", "--data", str(data), "--epochs", "1", "--workers", "0",
+                           "--time-budget", "20", "--baseline-epochs", "2", "--baseline-seconds", "20",
+                           "--", "--batch-size", "8", "--image-size", "32", "--width", "8"],
+                          cwd=clone, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
+    base = result["baseline"]
+    assert base["epochs"] == 2 and len(base["val_acc_per_epoch"]) == 2
+    assert base["train_images_per_s"] > 0 and 0 <= base["best_val_acc"] <= 1
+    assert result["ratios"]["train_images_per_s"] > 0

@@ -5,6 +5,7 @@ import pytest
 
 import check_data
 import train
+from common import IMAGE_EXTENSIONS
 from conftest import NASTY_DUPLICATE, NASTY_IGNORED, NASTY_LEAK, NASTY_UNREADABLE
 from dataset import make_synthetic
 from layout import MISSING, UNLABELED, UNPARSABLE, read_layout
@@ -14,7 +15,7 @@ def test_data_report_counts_problems_and_duplicates(nasty_data):
     r = check_data.data_report(read_layout(nasty_data))
     assert r["layout"] == "layout: classes from folders in train/ (train) and val/ (val)"
     assert r["classes"] == ["cat", "dog"]
-    assert r["counts"] == {"train": {"cat": 17, "dog": 16}, "val": {"cat": 3, "dog": 4}}
+    assert r["counts"] == {"train": {"cat": 18, "dog": 17}, "val": {"cat": 3, "dog": 4}}
     assert sorted(u["path"] for u in r["unreadable"]) == sorted(NASTY_UNREADABLE)
     reasons = {u["path"]: u["reason"] for u in r["unreadable"]}
     assert "decompression-bomb" in reasons["train/dog/bomb.png"]
@@ -29,7 +30,7 @@ def test_data_report_counts_problems_and_duplicates(nasty_data):
     assert sorted(r["ignored"]) == sorted(NASTY_IGNORED)
     assert r["hidden_folders"] == ["train/.ipynb_checkpoints"]
     assert len(r["hidden_files"]) == 3
-    assert r["imbalance"] == pytest.approx(17 / 16, abs=0.01)
+    assert r["imbalance"] == pytest.approx(18 / 17, abs=0.01)
     assert r["fatal"] == [] and any("leakage" in w for w in r["warnings"])
     json.dumps(r)  # --json prints it as is
 
@@ -42,6 +43,10 @@ def test_check_command_prints_report_and_quarantines(nasty_data, tmp_path, capsy
         assert rel in out
         assert (jail / rel).is_file() and not (nasty_data / rel).exists()
     assert "train/dog/dog_0001.png = val/dog/leaked_dog_0001.png" in out and "verdict: ok to train" in out
+    assert (f"skipped for their extension, not one of {' '.join(sorted(IMAGE_EXTENSIONS))} (rename any that are "
+            f"images) ({len(NASTY_IGNORED)}):") in out
+    for rel in NASTY_IGNORED:
+        assert f"\n  {rel}\n" in out, rel
     # Quarantined files are gone from the data, so the next check is clean and nothing was deleted.
     assert check_data.main([str(nasty_data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["unreadable"] == []

@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from common import UserError, pick_device, remove_stale_temp_files, save_atomic
+from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError, pick_device, remove_stale_temp_files, save_atomic
 
 
 def test_save_atomic_keeps_old_file_when_writing_fails(tmp_path):
@@ -35,3 +35,9 @@ def test_pick_device(monkeypatch):
     assert pick_device("auto").type in ("mps", "cpu")
     with pytest.raises(UserError, match="sees no CUDA GPU; use --device cpu"):
         pick_device("cuda:1")
+
+
+def test_jfif_and_jpe_are_jpeg_extensions():
+    assert {".jfif", ".jpe", ".jpg", ".jpeg"} <= IMAGE_EXTENSIONS
+    assert {FORMATS_BY_SUFFIX[s] for s in (".jfif", ".jpe", ".jpg", ".jpeg")} == {"JPEG"}
+    assert not {".heic", ".txt", ".db", ""} & IMAGE_EXTENSIONS

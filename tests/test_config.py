@@ -62,6 +62,35 @@ def test_round_trip_through_dict():
     assert TrainConfig.from_dict({**cfg.to_dict(), "field_from_the_future": 1}) == cfg
 
 
+def test_help_starts_with_a_description_and_shows_each_default_once():
+    parser = build_parser()
+    text = parser.format_help()
+    usage, description = text.split("\n\n")[:2]
+    assert usage.startswith("usage:") and len(usage.splitlines()) == 1
+    assert description.startswith("Train a ResNet image classifier")
+    helps = {a.dest: a.help for a in parser._actions if a.dest != "help"}
+    assert all(h.count("default") == 1 for h in helps.values()), helps
+    assert helps["arch"].endswith("(default: 'resnet_small')")
+    assert helps["classes"].endswith("(default: every class found)")
+
+
+@pytest.mark.parametrize("flag, bad", [("--arch", "resnet19"), ("--class-weights", "balanced"), ("--channels", "2")])
+def test_a_value_outside_a_fixed_set_fails_before_any_data_is_read(flag, bad, tiny_data, tmp_path, capsys):
+    import train
+    from conftest import train_args
+
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(tiny_data, tmp_path, flag, bad))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: invalid choice: " in err and bad in err.split("invalid choice: ")[1].split(" ")[0]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "logs").exists()
+
+
+def test_choices_accept_every_listed_value():
+    assert parse_config(["--arch", "resnet50", "--class-weights", "auto", "--channels", "3"]).channels == 3
+
+
 def test_config_file_is_the_base_and_flags_override_it(tmp_path):
     saved = parse_config(["--lr", "0.01", "--classes", "cat", "dog", "--run-name", "old", "--resume"]).to_dict()
     path = tmp_path / "config.json"

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -260,6 +262,21 @@ def test_real_photos_decode_to_gray_64(tmp_path):
             out = decode_image(path, 64)
             assert out.shape == (1, 64, 64) and out.dtype == np.uint8
             assert out.std() > 5  # a photo, not a blank
+
+
+def test_jfif_and_jpe_are_read_as_jpegs_and_other_extensions_are_counted_and_named(tmp_path):
+    data = make_synthetic(tmp_path / "d", 4, size=24, splits=("train", "val"))
+    Image.new("L", (24, 24), 10).save(data / "train" / "cat" / "photo.jfif", format="JPEG")
+    Image.new("L", (24, 24), 250).save(data / "train" / "dog" / "OLD_CAMERA.JPE", format="JPEG")
+    Image.new("L", (24, 24)).save(data / "val" / "dog" / "IMG_0042", format="JPEG")
+    (data / "train" / "cat" / "live.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    lay = read_layout(data)
+    assert sorted(lay.problems[SKIPPED]) == ["train/cat/live.heic", "val/dog/IMG_0042"]
+    train, val = load_data(lay, 24, 1)
+    assert len(train.paths) == 10 and len(val.paths) == 4
+    labels = dict(zip((Path(p).name for p in train.paths), train.labels.tolist()))
+    assert labels["photo.jfif"] == 0 and labels["OLD_CAMERA.JPE"] == 1
+    assert train.images[train.paths.index(str(data / "train" / "dog" / "OLD_CAMERA.JPE"))].float().mean() > 240
 
 
 def test_each_odd_but_valid_image_decodes(nasty_data):

@@ -2,14 +2,16 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 import evaluate
+import inference
 from checkpoint import load_checkpoint, model_from_checkpoint
-from common import UserError
+from common import UserError, save_atomic
 from dataset import image_tensor
 from layout import layout_splits, read_layout
 from metrics import compute_metrics
@@ -96,9 +98,9 @@ def test_evaluate_rebuilds_the_carved_val_the_model_was_selected_on(tmp_path, ca
 def test_gradcam_has_the_input_size_and_is_not_constant(trained):
     ckpt = load_checkpoint(trained["checkpoint"])
     model = model_from_checkpoint(ckpt)
-    layer = evaluate.gradcam_layer(model)
-    assert layer is model.layers[-1]
     x = image_tensor(next((trained["data"] / "test" / "cat").iterdir()), ckpt["image_size"], ckpt["channels"])
+    name, layer = evaluate.pick_cam_layer(model, x)
+    assert (name, layer) == ("layers.0", model.layers[0])  # 32 px: 8x8 cells there, 4x4 in the next stage
     cam = evaluate.gradcam(model, x, layer)
     assert cam.shape == (ckpt["image_size"], ckpt["image_size"])
     assert cam.min() == 0 and cam.max() == 1 and cam.std() > 0.05
@@ -106,12 +108,77 @@ def test_gradcam_has_the_input_size_and_is_not_constant(trained):
     assert not torch.equal(cam, evaluate.gradcam(model, x, layer, class_idx=1 - int(model(x).argmax())))
 
 
-def test_gradcam_finds_layer4_of_torchvision_resnets():
+def test_gradcam_of_the_default_model_at_64_px_has_at_least_8x8_cells():
     torch.manual_seed(0)
-    model = build_model("resnet18", 3, 1, image_size=48).eval()
-    assert evaluate.gradcam_layer(model) is model.layer4
+    model = build_model("resnet_small", 2).eval()
+    x = torch.rand(1, 1, 64, 64) * 2 - 1
+    result = evaluate.explain(model, x)
+    assert result.layer == "layers.1" and result.cells == (8, 8)
+    assert evaluate.gradcam_layer(model) is model.layers[1]
+    assert result.cam.shape == (64, 64)
+    # A map with 8x8 cells varies within each 16x16 quarter, which a 2x2 map upsampled never does much.
+    quarters = result.cam.unfold(0, 32, 32).unfold(1, 32, 32).reshape(4, -1)
+    assert (quarters.std(1) > 0.05).all()
+    assert evaluate.explain(model, x, "layers.0").cells == (16, 16)
+    assert evaluate.explain(model, x, "layers.3").cells == (2, 2)
+
+
+def test_gradcam_finds_the_stages_of_torchvision_resnets():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, 1, image_size=64).eval()
+    assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 64, 64)) == ("layer3", model.layer3)  # 8x8
+    assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 48, 40)) == ("layer2", model.layer2)  # 12x10
+    assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 48, 40), "layer4") == ("layer4", model.layer4)
+    assert evaluate.gradcam_layer(model) is model.layer3  # the one-argument call: for 64x64 input
     cam = evaluate.gradcam(model, torch.randn(1, 1, 48, 40), model.layer4, class_idx=2)
     assert cam.shape == (48, 40) and cam.min() == 0 and cam.max() == 1
+
+
+def test_cam_layer_that_is_not_there_or_not_a_feature_map_is_refused():
+    model = build_model("resnet_small", 2, width=8).eval()
+    x = torch.zeros(1, 1, 64, 64)
+    with pytest.raises(UserError, match=r"'layer4' is not a layer of this SmallResNet; its stages: layers.0, "
+                                        r"layers.1, layers.2, layers.3 \(or auto\)"):
+        evaluate.explain(model, x, "layer4")
+    with pytest.raises(UserError, match="feature map"):
+        evaluate.explain(model, x, "fc")
+
+
+def test_mirror_averaged_gradcam_of_a_mirrored_image_is_the_mirrored_map():
+    torch.manual_seed(1)
+    model = build_model("resnet_small", 3, width=8).eval()
+    x = torch.rand(1, 1, 64, 64) * 2 - 1
+    plain, mirrored = evaluate.explain(model, x, tta=True), evaluate.explain(model, x.flip(-1), tta=True)
+    assert plain.class_idx == mirrored.class_idx
+    assert torch.allclose(plain.cam.flip(-1), mirrored.cam, atol=1e-5)
+    assert not torch.allclose(evaluate.explain(model, x).cam, plain.cam, atol=1e-3)  # tta changes the map
+
+
+@pytest.mark.parametrize("tta", ["--tta", "--no-tta"])
+def test_gradcam_prints_the_label_and_confidence_inference_prints(trained, tmp_path, capsys, tta):
+    # The toy model answers ~0.50 for every image; a random head with larger weights gives confidences that differ
+    # from image to image and with the mirror, and a temperature that is not 1 checks that it is applied.
+    raw = load_checkpoint(trained["checkpoint"])
+    w = raw["model_state"]["fc.weight"]
+    g = torch.Generator().manual_seed(0)
+    raw["model_state"]["fc.weight"] = torch.randn(w.shape, generator=g) * w.abs().mean() * 20
+    raw["temperature"] = 2.0
+    save_atomic(raw, tmp_path / "sharp.pth")
+    images = [str(p) for p in sorted((trained["data"] / "test").rglob("*.png"))]
+    ckpt = ["--checkpoint", str(tmp_path / "sharp.pth"), tta]
+    assert inference.main(["--image", *images, *ckpt]) == 0
+    expected = capsys.readouterr().out.splitlines()
+    assert evaluate.main(["--gradcam", *images, "--out-dir", str(tmp_path), *ckpt]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"Grad-CAM on layers.0 (8x8 cells at 32x32 input), tta {tta == '--tta'}"
+    assert [line.split("  -> ")[0] for line in lines[1:]] == expected
+    assert len({line.split()[2] for line in expected}) > 2  # confidences that differ, so a mismatch would show
+    # The exact probabilities too, not only their two printed decimals.
+    model = model_from_checkpoint(raw)
+    for row in inference.classify([Path(p) for p in images], raw, tta=tta == "--tta"):
+        x = image_tensor(row["path"], raw["image_size"], raw["channels"])
+        result = evaluate.explain(model, x, tta=tta == "--tta", temperature=raw["temperature"])
+        assert [round(p, 4) for p in result.probabilities.tolist()] == list(row["probabilities"].values())
 
 
 def test_gradcam_command_writes_pngs_and_reports_bad_files(trained, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """train.py when things go wrong: dirty data, SIGKILL mid-run, Ctrl-C, NaN losses and diverging weights."""
 import math
+import os
 import random
 import re
 import signal
@@ -36,22 +37,22 @@ def one_thread():
 def test_training_uses_the_good_images_and_names_each_bad_one(nasty_data, tmp_path, capsys):
     assert train.main(train_args(nasty_data, tmp_path)) == 0
     out = capsys.readouterr().out
-    # 24 synthetic + 8 odd-but-valid + 1 duplicate in train; 6 synthetic + 1 leaked copy in val
-    assert "data: 33 train / 7 val images" in out
+    # 24 synthetic + 10 odd-but-valid + 1 duplicate in train; 6 synthetic + 1 leaked copy in val
+    assert "data: 35 train / 7 val images" in out
     for rel in NASTY_UNREADABLE:
         assert out.count(f"skipped unreadable image {nasty_data / rel}: ") == 1, rel
     assert f"skipped {len(NASTY_UNREADABLE)} unreadable image(s) in total" in out
     for rel in NASTY_READABLE:
         assert Path(rel).name not in out, rel
     # Non-image files are not dropped silently either: named once, in the start-up list of files left out.
-    assert f"  2 files skipped for their extension: {', '.join(sorted(NASTY_IGNORED))}" in out.splitlines()
+    assert f"  {len(NASTY_IGNORED)} files skipped for their extension: {', '.join(sorted(NASTY_IGNORED))}" in out.splitlines()
     assert model_from_checkpoint(load_checkpoint(tmp_path / "models" / "best_model.pth"))
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen, list[str], threading.Event]:
     """train.py in a child process; its stdout lines are collected by a thread, `epoch_seen` set on each epoch.
     Another thread drains stderr (the progress bar), so a full pipe never blocks the child."""
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines: list[str] = []
@@ -149,10 +150,49 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_data, tmp_path):
     err = "".join(proc.stderr_text)
     out = "".join(lines)
     assert code == 0 and "Traceback" not in err, err
+    assert "Ctrl-C: stopping after this training step" in err
     match = re.search(r"interrupted; (.+last\.pth) holds epoch (\d+): continue with --resume", out)
     assert match, out
     ckpt = load_checkpoint(match.group(1))
     assert ckpt["epoch"] == int(match.group(2)) >= 1
+
+
+def _ctrl_c_during_step(monkeypatch, step: int, presses: int) -> list:
+    """Press Ctrl-C (SIGINT to this process) `presses` times while the step-th training batch (counted over the
+    run) is handed out; returns the batches handed out, which tells how many steps ran."""
+    taken = []
+    original = train.shard_batches
+
+    def batches_with_ctrl_c(*args, **kwargs):
+        for idx in original(*args, **kwargs):
+            taken.append(idx)
+            if len(taken) == step:
+                for _ in range(presses):
+                    os.kill(os.getpid(), signal.SIGINT)
+            yield idx
+    monkeypatch.setattr(train, "shard_batches", batches_with_ctrl_c)
+    return taken
+
+
+@pytest.mark.parametrize("presses, step, saved, note", [
+    (1, 6, 1, "Ctrl-C stopped epoch 2 after a step; that epoch is not saved, --resume starts it again"),
+    (1, 4, 1, "Ctrl-C stopped the run after epoch 1"),  # the last step of epoch 1: that epoch is whole, and saved
+    (2, 6, 1, "a second Ctrl-C stopped it at once"),
+])
+def test_ctrl_c_stops_after_the_step_and_a_second_at_once(tiny_data, tmp_path, capfd, monkeypatch, presses, step,
+                                                          saved, note):
+    handler = signal.getsignal(signal.SIGINT)
+    taken = _ctrl_c_during_step(monkeypatch, step, presses)
+    assert train.main(train_args(tiny_data, tmp_path, "--epochs", "5", "--novelty-score", "none")) == 0
+    out, err = capfd.readouterr()
+    assert len(taken) == step  # 4 steps an epoch (32 images, batch 8): not one step after the Ctrl-C
+    last = tmp_path / "models" / "last.pth"
+    assert f"interrupted; {last} holds epoch {saved}: continue with --resume ({note})" in out
+    assert load_checkpoint(last)["epoch"] == saved
+    assert "done: best val acc" in out  # summarised as usual
+    assert err.count("Ctrl-C: stopping after this training step (press it again to stop at once)") == 1
+    assert signal.getsignal(signal.SIGINT) is handler  # the previous handler is back
+    assert [r["epoch"] for r in read_results(tmp_path / "logs" / "t" / "results.csv")] == list(range(1, saved + 1))
 
 
 # ---------------------------------------------------------------- NaN / inf
