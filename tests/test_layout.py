@@ -1,5 +1,6 @@
 """layout.py: datasets as people download them (split/class folders, wrappers, tables, names) into file lists."""
 import io
+import os
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -8,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from common import UserError
+from common import IMAGE_EXTENSIONS, UserError, is_hidden
 from layout import (CONFLICT, EMPTY, LOOSE, MISSING, NO_LABEL, NOT_IN_TRAIN, NOT_READ, SEVERAL, SINGLE, SKIPPED,
                     UNLABELED, UNLABELED_FOLDERS, UNPARSABLE, carve, carve_indices, format_problems, layout_splits,
-                    name_rule, read_layout, split_of)
+                    name_rule, read_layout, split_of, walk_files)
 
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP"}
 
@@ -359,3 +360,30 @@ def test_a_table_without_split_column_takes_the_split_from_the_folder(tmp_path):
     lay = read_layout(data, labels_file=data / "labels.csv")
     assert [rel(lay, s) for s in ("train", "val")] == [["train/1.jpg", "train/2.jpg"], ["val/3.jpg", "val/4.jpg"]]
     assert lay.carve == {} and lay.problems == {}
+
+
+def _os_walk_files(d: Path) -> tuple[list[str], list[str]]:
+    """The listing walk_files replaces (os.walk, sorted, hidden entries left out), as a reference."""
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(d):
+        dirnames[:] = sorted(n for n in dirnames if not is_hidden(n))
+        for n in sorted(filenames):
+            if not is_hidden(n):
+                p = Path(dirpath) / n
+                (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(str(p))
+    return images, others
+
+
+def test_walk_files_lists_what_os_walk_lists_in_its_order(tmp_path):
+    root = make(tmp_path / "d", "z.jpg", "a.PNG", "sub/b.jpg", "sub/deeper/c.jpeg", "sub/x.txt", ".DS_Store",
+                "notes.txt", ".hidden/e.jpg", "__MACOSX/f.jpg", "b/g.jpg", "h.", "Thumbs.db", "i.webp", "j.jpg.bak")
+    (tmp_path / "elsewhere").mkdir()
+    make(tmp_path / "elsewhere", "m.jpg", "dir/n.jpg")
+    (root / "link.jpg").symlink_to(tmp_path / "elsewhere" / "m.jpg")
+    (root / "linkdir").symlink_to(tmp_path / "elsewhere" / "dir", target_is_directory=True)  # not entered
+    (root / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    images, others = walk_files(str(root))
+    assert (images, others) == _os_walk_files(root)
+    assert [Path(p).relative_to(root).as_posix() for p in images] == [
+        "a.PNG", "broken.jpg", "i.webp", "link.jpg", "z.jpg", "b/g.jpg", "sub/b.jpg", "sub/deeper/c.jpeg"]
+    assert walk_files(str(tmp_path / "missing")) == ([], [])
