@@ -250,19 +250,45 @@ def _locked(path: Path):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
 def file_stats(paths: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
     """(sizes, mtimes in ns) of the files; -1 and -1 for a file that cannot be stat'ed (missing)."""
-    sizes, mtimes = [], []
-    for p in paths:
+    paths = list(paths)
+    try:
+        found = list(map(os.stat, paths))  # the usual case, at C speed: every file is there
+    except OSError:
+        found = [_stat_or_none(p) for p in paths]
+    sizes = np.fromiter((st.st_size if st else -1 for st in found), np.int64, len(found))
+    mtimes = np.fromiter((st.st_mtime_ns if st else -1 for st in found), np.int64, len(found))
+    return sizes, mtimes
+
+
+def match_entries(known: list[str], names: list[str]) -> np.ndarray:
+    """For each name, its position in `known` (-1 when absent). A list is stored in one run in the index, so the
+    usual warm start is one C-speed comparison of that run; otherwise a dictionary look-up per name."""
+    if names:
         try:
-            st = os.stat(p)
-        except OSError:
-            sizes.append(-1)
-            mtimes.append(-1)
-        else:
-            sizes.append(st.st_size)
-            mtimes.append(st.st_mtime_ns)
-    return np.array(sizes, np.int64), np.array(mtimes, np.int64)
+            k = known.index(names[0])
+        except ValueError:
+            k = -1
+        if k >= 0 and known[k:k + len(names)] == names:
+            return np.arange(k, k + len(names), dtype=np.int64)
+    where = {name: j for j, name in enumerate(known)}
+    return np.fromiter((where.get(name, -1) for name in names), np.int64, len(names))
+
+
+def _live(n_rows: int, *row_lists: np.ndarray) -> np.ndarray:
+    """Sorted rows of the array that some entry uses."""
+    used = np.zeros(n_rows, dtype=bool)
+    for rows in row_lists:
+        used[rows[rows >= 0]] = True
+    return np.flatnonzero(used)
 
 
 def _update(cache_dir: Path, key: str, folder: str, paths: list[str], size: int, channels: int,
@@ -279,8 +305,7 @@ def _update(cache_dir: Path, key: str, folder: str, paths: list[str], size: int,
     array_name, n_rows = f"{key}.{uuid.uuid4().hex[:8]}.npy", 0
     if index is not None:
         array_name, n_rows = index["meta"]["array"], int(index["meta"]["rows"])
-        where = {name: j for j, name in enumerate(index["names"])}
-        j = np.fromiter((where.get(name, -1) for name in names), np.int64, len(names))
+        j = match_entries(index["names"], names)
         known = np.maximum(j, 0)
         same = (j >= 0) & (index["sizes"][known] == sizes) & (index["mtimes"][known] == mtimes)
         rows[same] = index["rows"][j[same]]
@@ -339,12 +364,12 @@ def _update(cache_dir: Path, key: str, folder: str, paths: list[str], size: int,
         if done % (INDEX_EVERY_BYTES // BLOCK_BYTES * block_rows) < block_rows and done < len(todo):
             save(todo[done:])  # progress that a run killed during a long decode keeps
     # Rows no entry uses are stale: replaced files, and (once checked) other lists' files changed or gone.
-    live = np.unique(np.concatenate([rows[rows >= 0], other_rows[other_rows >= 0]]))
+    live = _live(n_rows, rows, other_rows)
     stale = n_rows - len(live)
     compacted = n_rows > 0 and stale / n_rows > COMPACT_SHARE
     if compacted and not checked:
         other_rows = old("rows", others())  # entries about to be rewritten: drop the other lists' gone files
-        live = np.unique(np.concatenate([rows[rows >= 0], other_rows[other_rows >= 0]]))
+        live = _live(n_rows, rows, other_rows)
     if compacted:
         array_name, remap = _compact(cache_dir, key, map_rows(cache_dir / array_name, n_rows), live, row_shape)
         rows = np.where(rows >= 0, remap[np.maximum(rows, 0)], -1)

@@ -259,12 +259,10 @@ def mapped_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 def cache_folder(paths: list[str]) -> str:
     """The folder that holds every file of the list (for DATA/train/<class>/* the split folder): the cache is
-    keyed by it, so a carved val shares train's cache and any layout of the same files finds it."""
-    folders = {os.path.dirname(p) for p in paths}
-    try:
-        return os.path.commonpath(list(folders)) or "."
-    except ValueError:  # absolute and relative paths mixed
-        return os.path.commonpath([os.path.abspath(f) for f in folders])
+    keyed by it, so a carved val shares train's cache and any layout of the same files finds it. Found from the
+    common prefix of the list's smallest and largest path, cut at its last separator: no work per file in Python."""
+    common = os.path.commonprefix([min(paths), max(paths)]) if paths else ""
+    return common[:common.rfind(os.sep)] or (os.sep if common.startswith(os.sep) else ".")
 
 
 def load_split(paths: list[str], labels: list[int], name: str, size: int, channels: int = 1,

@@ -266,3 +266,19 @@ def test_on_cuda_a_set_larger_than_half_the_free_memory_stays_in_the_map(split_d
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * n_bytes - 1, 10 * n_bytes))
     same, line = train.place_images(images, torch.device("cuda"), "auto")
     assert same is images and "batches read from the memory map" in line and "pinned-memory batches" in line
+
+
+def test_the_cache_folder_is_the_deepest_folder_holding_every_file():
+    assert dataset.cache_folder(["/d/train/cat/1.jpg", "/d/train/dog/2.jpg", "/d/train/cat/x/3.jpg"]) == "/d/train"
+    assert dataset.cache_folder(["/d/bc/1.jpg", "/d/bd/2.jpg"]) == "/d"  # a common prefix is not a folder
+    assert dataset.cache_folder(["/d/train/cat/1.jpg"]) == "/d/train/cat"
+    assert dataset.cache_folder(["/a/1.jpg", "/b/2.jpg"]) == "/"
+    assert dataset.cache_folder(["1.jpg", "2.jpg"]) == "." and dataset.cache_folder(["d/1.jpg", "d/2.jpg"]) == "d"
+
+
+def test_entries_are_matched_by_name_in_a_stored_run_or_one_by_one():
+    known = ["v/1", "v/2", "t/1", "t/2", "t/3"]
+    assert cache.match_entries(known, ["t/1", "t/2", "t/3"]).tolist() == [2, 3, 4]  # one stored run
+    assert cache.match_entries(known, ["t/1", "t/3", "new"]).tolist() == [2, 4, -1]
+    assert cache.match_entries(known, ["new", "v/2"]).tolist() == [-1, 1]
+    assert cache.match_entries([], ["a"]).tolist() == [-1] and cache.match_entries(known, []).tolist() == []
