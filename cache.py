@@ -258,14 +258,19 @@ def _stat_or_none(path: str) -> os.stat_result | None:
 
 
 def file_stats(paths: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(sizes, mtimes in ns) of the files; -1 and -1 for a file that cannot be stat'ed (missing)."""
+    """(sizes, mtimes in ns) of the files; -1 and -1 for a file that cannot be stat'ed (missing). A block of
+    files at a time: a stat result takes about 500 bytes, a million of them at once half a gigabyte."""
     paths = list(paths)
-    try:
-        found = list(map(os.stat, paths))  # the usual case, at C speed: every file is there
-    except OSError:
-        found = [_stat_or_none(p) for p in paths]
-    sizes = np.fromiter((st.st_size if st else -1 for st in found), np.int64, len(found))
-    mtimes = np.fromiter((st.st_mtime_ns if st else -1 for st in found), np.int64, len(found))
+    sizes, mtimes = np.empty(len(paths), np.int64), np.empty(len(paths), np.int64)
+    for start in range(0, len(paths), 1 << 14):
+        block = paths[start:start + (1 << 14)]
+        try:
+            found = list(map(os.stat, block))  # the usual case, at C speed: every file is there
+        except OSError:
+            found = [_stat_or_none(p) for p in block]
+        end = start + len(block)
+        sizes[start:end] = [st.st_size if st else -1 for st in found]
+        mtimes[start:end] = [st.st_mtime_ns if st else -1 for st in found]
     return sizes, mtimes
 
 
