@@ -4,6 +4,9 @@ Usage:
     python bench.py --data ../shared/data/catdog                      # ours (10 min budget), then the baseline
     python bench.py --data DATA --time-budget 150 --baseline-seconds 300
     python bench.py --data DATA --skip-baseline --epochs 12 -- --width 32 --lr 3e-3   # train.py flags after --
+    python bench.py scale --images 100000                             # memory and speed of the cache at scale
+    python bench.py scale --images 100000 --size 128 --channels 3 --work-dir /tmp/bench_data
+    python bench.py scale --data ../shared/data/catdog --repeats 2    # map vs in-RAM speed on real data
 
 Prints one JSON object: train images/s for each, our decode time (cold cache), seconds to reach 80/85/90% val
 accuracy for each (null if never; wall time since training started, evaluation included), best val accuracy,
@@ -12,17 +15,30 @@ The baseline is baseline.py in this folder (ImageFolder + PIL transforms every e
 Adam), run in this process after ours. DATA may be any layout train.py reads (train.py flags such as --labels go after --); the baseline needs
 DATA/train and DATA/val folders, so other layouts are first written as hard links to a temporary
 train/val(/test) copy (split_dataset.py --mode link) with the same carve our run uses.
+
+`scale` generates N synthetic JPEGs once under --work-dir (reused by later runs), then measures, each step in a
+fresh process: the cold decode into an empty cache, the warm load, and one training epoch (cut at
+--train-seconds) reading batches from the memory map and, for comparison, with every image in RAM
+(--data-placement device). It prints JSON with seconds, images/s, pixel bytes, and each process's peak RSS and
+peak anonymous memory (RssAnon in /proc/self/status, sampled every 10 ms; pages of the map are file pages,
+which the kernel can drop, and do not count). The decode's worker processes are not included. The novelty
+score fitted after training is left out unless --novelty-score is among the train.py flags.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -85,7 +101,178 @@ def bench_baseline(data: str, epochs: int, max_seconds: float, workers: int) -> 
             "wall_seconds": hist[-1]["elapsed_s"], "val_acc_per_epoch": [h["val_acc"] for h in hist]}
 
 
+# ---------------------------------------------------------------- bench.py scale
+
+class MemoryPeaks:
+    """Peak VmRSS and RssAnon of this process, read from /proc/self/status by a thread every `every` s."""
+
+    def __init__(self, every: float = 0.01):
+        import threading
+
+        self.peak = {"VmRSS": 0, "RssAnon": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+
+    @staticmethod
+    def now() -> dict:
+        out = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+        return out
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.sample()
+
+    def sample(self) -> None:
+        now = self.now()
+        for key in self.peak:
+            self.peak[key] = max(self.peak[key], now.get(key, 0))
+
+    def __enter__(self) -> "MemoryPeaks":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        self.peak["VmRSS"] = max(self.peak["VmRSS"], self.now().get("VmHWM", 0))  # the kernel's exact peak
+
+    def report(self) -> dict:
+        return {"peak_rss_mb": round(self.peak["VmRSS"] / 2**20), "peak_rss_anon_mb": round(self.peak["RssAnon"] / 2**20)}
+
+
+def _write_synthetic_chunk(job: tuple) -> int:
+    """Write the images numbered start..stop-1 of a generated set (run in a worker process)."""
+    from PIL import Image, ImageDraw
+    import numpy as np
+
+    root, start, stop, n_val, side, seed = job
+    rng = np.random.default_rng([seed, start])
+    for k in range(start, stop):
+        label = k % 2
+        split, number = ("val", k) if k < n_val else ("train", k - n_val)
+        folder = Path(root) / split / ("cat", "dog")[label] / f"{number // 10_000:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(rng.integers(0, 90, (side, side, 3), dtype=np.uint8), "RGB")
+        cx, cy = rng.uniform(0.35, 0.65, 2) * side
+        r, a0, corners = rng.uniform(0.2, 0.33) * side, rng.uniform(0, 2 * np.pi), label + 3
+        points = [(cx + r * np.cos(a0 + 2 * np.pi * j / corners), cy + r * np.sin(a0 + 2 * np.pi * j / corners))
+                  for j in range(corners)]
+        ImageDraw.Draw(img).polygon(points, fill=tuple(int(v) for v in rng.integers(150, 256, 3)))
+        img.save(folder / f"{number:07d}.jpg", quality=90)
+    return stop - start
+
+
+def synthetic_set(work_dir: Path, n: int, side: int, workers: int, seed: int = 0) -> Path:
+    """N generated JPEGs of side x side (2% of them in val/, two classes, 10,000 per folder), made once: a set
+    with its 'complete' marker is reused."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = work_dir / f"synthetic-{n}-{side}px"
+    if (root / "complete").is_file():
+        return root
+    n_val = max(2, n // 50)
+    jobs = [(str(root), i, min(n, i + 2000), n_val, side, seed) for i in range(0, n, 2000)]
+    t0 = time.time()
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        written = sum(pool.map(_write_synthetic_chunk, jobs))
+    (root / "complete").write_text(f"{written} images\n")
+    print(f"generated {written} images in {root} in {time.time() - t0:.0f}s", file=sys.stderr)
+    return root
+
+
+def measure(step: str, cfg: TrainConfig) -> dict:
+    """One step of `scale` in this process: 'load' (load_data) or 'train' (one epoch); seconds, memory peaks."""
+    with MemoryPeaks() as peaks:
+        t0 = time.time()
+        if step == "load":
+            tr, va = load_data(layout_of(cfg), cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers,
+                               cfg.max_bad_fraction)
+            out = {"seconds": round(time.time() - t0, 2), "images": len(tr.paths) + len(va.paths),
+                   "pixel_bytes": sum(math.prod(s.images.shape) for s in (tr, va))}
+        else:
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = train.run(cfg)
+            h = summary["history"][0]
+            out = {"train_images_per_s": h["train_images_per_s"], "train_images": h["train_images"],
+                   "train_seconds": h["train_seconds"], "wall_seconds": round(time.time() - t0, 1)}
+    return {**out, **peaks.report()}
+
+
+def _measure_in_subprocess(step: str, cfg: TrainConfig) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_measure", step, json.dumps(cfg.to_dict())]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"bench.py scale: the {step} step failed (exit {proc.returncode}; its output is above)")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{step} ({cfg.data_placement}): {json.dumps(result)}", file=sys.stderr)  # kept if a later step fails
+    return result
+
+
+def scale_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=100_000, help="how many synthetic images to generate")
+    parser.add_argument("--size", type=int, default=TrainConfig.image_size, help="training image side")
+    parser.add_argument("--channels", type=int, default=TrainConfig.channels)
+    parser.add_argument("--file-size", type=int, default=0, help="side of the generated JPEGs (default 1.5 x size)")
+    parser.add_argument("--data", default="", help="measure this dataset instead of generated images")
+    parser.add_argument("--work-dir", default="bench_data", help="generated images and caches, kept between runs")
+    parser.add_argument("--train-seconds", type=float, default=60.0, help="cut each training epoch after this")
+    parser.add_argument("--repeats", type=int, default=1, help="training runs per placement (they alternate)")
+    parser.add_argument("--skip-ram", action="store_true", help="do not train with every image in RAM")
+    parser.add_argument("--workers", type=int, default=2)
+    argv = list(argv)
+    train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
+    try:
+        work = Path(args.work_dir)
+        data = Path(args.data) if args.data else synthetic_set(work, args.images, args.file_size or
+                                                               round(args.size * 1.5), args.workers)
+        cache = work / f"cache-{data.name}-{args.size}px-{args.channels}ch"
+        cfg = dataclasses.replace(parse_config(train_flags), data=str(data), image_size=args.size,
+                                  channels=args.channels, workers=args.workers, cache_dir=str(cache), epochs=1,
+                                  time_budget=args.train_seconds, out_dir=str(work / "models"),
+                                  log_dir=str(work / "logs"), curves_dir=str(work / "curves"), run_name="scale")
+        if "--novelty-score" not in train_flags:  # it measures training; fitting novelty reads every train image
+            cfg = dataclasses.replace(cfg, novelty_score="none")
+        shutil.rmtree(cache, ignore_errors=True)
+        cold = _measure_in_subprocess("load", cfg)
+        warm = _measure_in_subprocess("load", cfg)
+        runs: dict[str, list] = {"map": [], "ram": []}
+        for _ in range(args.repeats):
+            for placement in ("map",) if args.skip_ram else ("map", "ram"):
+                step_cfg = dataclasses.replace(cfg, data_placement="map" if placement == "map" else "device")
+                runs[placement].append(_measure_in_subprocess("train", step_cfg))
+        result = {"machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                              "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+                              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+                  "data": str(data), "images": cold["images"], "image_size": args.size, "channels": args.channels,
+                  "pixel_bytes": cold["pixel_bytes"], "cold_decode": cold, "warm_load": warm,
+                  "train_map": runs["map"], "train_ram": runs["ram"]}
+        if runs["ram"]:
+            speed = {k: sum(r["train_images_per_s"] for r in v) / len(v) for k, v in runs.items()}
+            result["map_vs_ram_images_per_s"] = round(speed["map"] / speed["ram"], 3)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scale"]:
+        return scale_main(argv[1:])
+    if argv[:1] == ["_measure"]:  # one step of `scale`, in its own process
+        print(json.dumps(measure(argv[1], TrainConfig.from_dict(json.loads(argv[2])))))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/catdog")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="our planned epochs")
@@ -97,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work-dir", default="", help="keep our run's cache, models, logs, curves here "
                         "(default: a temporary folder, removed at the end)")
-    argv = sys.argv[1:] if argv is None else argv
     train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
     try:

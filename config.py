@@ -50,6 +50,8 @@ class TrainConfig:
     cache_dir: str = _f("cache", "where decoded images are kept so later runs skip JPEG decoding ('' = off)")
     max_bad_fraction: float = _f(0.5, "stop when more than this share of image files cannot be read")
     workers: int = _f(2, "processes that decode images on the first run (0 = in this process)")
+    data_placement: str = _f("auto", "'device': every training image on the device (on CPU: in RAM); 'map': "
+                             "batches read from the cache's memory map; 'auto': device on CUDA when it fits")
     # model
     arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision)", choices=ARCHS)
     width: int = _f(48, "channels of resnet_small's first stage; the width sets CPU speed")

@@ -5,33 +5,34 @@ Usage:
     python check_data.py DATA                         # the data report (it moved to its own script)
 
 Which files there are and their labels comes from layout.py (any folder layout, a labels table, file names).
-Each image is decoded once (grayscale, IMAGE_SIZE x IMAGE_SIZE, uint8) and kept in CACHE_DIR keyed by path,
-size and mtime, so later epochs and later runs skip JPEG decoding, whatever layout the files came from;
-augmentation then runs on whole batches of tensors.
+Each image is decoded once (grayscale, IMAGE_SIZE x IMAGE_SIZE, uint8) into a memory-mapped array in CACHE_DIR
+keyed by path, size and mtime (cache.py), so later epochs and later runs skip JPEG decoding, whatever layout the
+files came from, and read batches from the map; augmentation then runs on whole batches of tensors.
 """
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
+import itertools
 import math
 import os
 import sys
 import warnings
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from common import IMAGE_EXTENSIONS, UserError, is_hidden, save_atomic
+from cache import update_cache
+from common import IMAGE_EXTENSIONS, UserError, is_hidden
 from layout import Layout, layout_splits
 
-CACHE_VERSION = 1
 # The cache stores pixels as uint8 and training sees (x / 127.5 - 1), i.e. mean 0.5 and std 0.5 of [0, 1].
 NORMALIZATION = {"mean": 0.5, "std": 0.5}
 
@@ -168,99 +169,131 @@ def image_tensor(path: str | Path, size: int, channels: int = 1, normalization: 
 
 # ---------------------------------------------------------------- cache and splits
 
+class RowView:
+    """Chosen rows of a uint8 image tensor (usually the read-only memory map of the cache), read only when
+    indexed: a subset or reordering that copies no pixels. view[idx] is a plain tensor of those images."""
+
+    def __init__(self, base: torch.Tensor, rows: torch.Tensor):
+        self.base, self.rows = base, rows
+
+    @classmethod
+    def of(cls, images: "torch.Tensor | RowView", idx: torch.Tensor) -> "RowView":
+        return cls(images.base, images.rows[idx]) if isinstance(images, RowView) else cls(images, idx)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        return self.base[self.rows[key]]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.base.shape[1:]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
+        """All the rows as one tensor on `device`: this does hold every pixel in memory."""
+        return self.base[self.rows].to(device, non_blocking=non_blocking)
+
+
 @dataclass
 class Split:
-    """A decoded split: uint8 images (N, C, S, S), int64 labels, their paths, and the files that failed."""
-    images: torch.Tensor
+    """A decoded split: uint8 images (N, C, S, S), int64 labels, their paths, and the files that failed.
+    With a cache the images are a read-only memory map (or a RowView of one): index them a batch at a time."""
+    images: torch.Tensor | RowView
     labels: torch.Tensor
     paths: list[str]
     bad: list[tuple[str, str]] = field(default_factory=list)
 
     def subset(self, idx: torch.Tensor) -> "Split":
-        return Split(self.images[idx], self.labels[idx], [self.paths[i] for i in idx.tolist()])
+        return Split(RowView.of(self.images, idx), self.labels[idx], [self.paths[i] for i in idx.tolist()])
 
 
-def _stat_key(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
-
-
-def cache_file(cache_dir: str | Path, paths: list[str], size: int, channels: int) -> Path:
-    """The cache file of a list of files: keyed by the folder that holds them all (for DATA/train/<class>/* the
-    split folder, as before), so a carved val shares train's file and any layout of the same files hits it."""
-    folder = Path(os.path.commonpath(paths)) if paths else Path(".")
-    key = f"{folder.resolve()}|{size}|{channels}|{CACHE_VERSION}"
-    return Path(cache_dir) / f"{folder.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
-
-
-def _read_cache(path: Path) -> dict[str, tuple]:
-    """{file path: ((size, mtime_ns), pixels or None, reason)} from a cache file; {} if absent or unreadable."""
-    try:
-        c = torch.load(path, weights_only=True)
-        stats = c["stats"].tolist()
-        return {p: (tuple(stats[i]), c["images"][c["rows"][i]] if c["rows"][i] >= 0 else None, c["reasons"][i])
-                for i, p in enumerate(c["paths"])}
-    except Exception:  # absent, from an older version, or damaged: decode again
-        return {}
-
-
-def _write_cache(path: Path, paths: list[str], stats: list, pixels: list, reasons: list[str]) -> None:
-    rows, good = [], []
-    for p in pixels:
-        rows.append(len(good) if p is not None else -1)
-        if p is not None:
-            good.append(p)
-    images = torch.stack(good) if good else torch.zeros(0, dtype=torch.uint8)
-    save_atomic({"version": CACHE_VERSION, "paths": paths, "stats": torch.tensor(stats, dtype=torch.int64),
-                 "rows": rows, "reasons": reasons, "images": images}, path)
+def _decode_chunk(jobs: list[tuple]) -> list[tuple[np.ndarray | None, str]]:
+    return [_decode_or_reason(j) for j in jobs]
 
 
 def decode_files(paths: list[str], size: int, channels: int, workers: int,
-                 desc: str = "decoding") -> list[tuple[np.ndarray | None, str]]:
-    """Decode many files, in `workers` processes when there are enough of them to pay for starting those."""
+                 desc: str = "decoding") -> Iterator[tuple[np.ndarray | None, str]]:
+    """Decode many files lazily and in order, in `workers` processes when there are enough of them to pay for
+    starting those. Only a few chunks of about 4 MiB of pixels are in flight at a time, so however many files
+    there are, memory holds what the caller keeps, not every decoded image."""
     from tqdm import tqdm
 
     jobs = [(p, size, channels) for p in paths]
-    show = len(jobs) >= 500
+    bar = tqdm(total=len(jobs), desc=desc, disable=len(jobs) < 500, leave=False)
     if workers <= 0 or len(jobs) < 200:
-        return [_decode_or_reason(j) for j in tqdm(jobs, desc=desc, disable=not show, leave=False)]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(_decode_or_reason, jobs, chunksize=64), total=len(jobs), desc=desc,
-                         disable=not show, leave=False))
+        for job in jobs:
+            yield _decode_or_reason(job)
+            bar.update()
+        bar.close()
+        return
+    step = max(1, min(64, (4 << 20) // (size * size * channels)))
+    chunks = (jobs[i:i + step] for i in range(0, len(jobs), step))
+    pool = ProcessPoolExecutor(workers)
+    try:
+        pending = deque(pool.submit(_decode_chunk, c) for c in itertools.islice(chunks, 4 * workers))
+        while pending:
+            done = pending.popleft().result()
+            pending.extend(pool.submit(_decode_chunk, c) for c in itertools.islice(chunks, 1))
+            bar.update(len(done))
+            yield from done
+    finally:
+        pool.shutdown(cancel_futures=True)
+        bar.close()
+
+
+def mapped_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """A read-only numpy memory map as a tensor sharing its pages (writing to it would fault, so nothing may)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(pixels)
+
+
+def cache_folder(paths: list[str]) -> str:
+    """The folder that holds every file of the list (for DATA/train/<class>/* the split folder): the cache is
+    keyed by it, so a carved val shares train's cache and any layout of the same files finds it."""
+    folders = {os.path.dirname(p) for p in paths}
+    try:
+        return os.path.commonpath(list(folders)) or "."
+    except ValueError:  # absolute and relative paths mixed
+        return os.path.commonpath([os.path.abspath(f) for f in folders])
 
 
 def load_split(paths: list[str], labels: list[int], name: str, size: int, channels: int = 1,
                cache_dir: str = "", workers: int = 0) -> Split:
-    """Decode a list of image files with their class indices, reusing cached pixels for files whose size and
-    mtime are unchanged. `name` (train, val...) labels the progress bar."""
-    stats = [_stat_key(p) if os.path.exists(p) else (-1, -1) for p in paths]
-    cfile = cache_file(cache_dir, paths, size, channels) if cache_dir and paths else None
-    cached = _read_cache(cfile) if cfile else {}
-    results: list = [None] * len(paths)
-    todo = []
-    for i, (p, st) in enumerate(zip(paths, stats)):
-        hit = cached.get(p)
-        if hit is not None and hit[0] == st:
-            results[i] = (hit[1], hit[2])
-        else:
-            todo.append(i)
-    if todo:
-        fresh = decode_files([paths[i] for i in todo], size, channels, workers, desc=f"decoding {name}")
-        for i, r in zip(todo, fresh):
-            results[i] = (torch.from_numpy(r[0]) if r[0] is not None else None, r[1])
-        if cfile:
-            # Keep the entries of other lists sharing this file (train and its carved val) that are still current.
-            mine = set(paths)
-            others = [(p, c) for p, c in cached.items() if p not in mine and os.path.exists(p) and _stat_key(p) == c[0]]
-            _write_cache(cfile, paths + [p for p, _ in others], stats + [list(c[0]) for _, c in others],
-                         [r[0] for r in results] + [c[1] for _, c in others],
-                         [r[1] for r in results] + [c[2] for _, c in others])
-    keep = [i for i, r in enumerate(results) if r[0] is not None]
-    images = (torch.stack([results[i][0] for i in keep]) if keep
-              else torch.zeros(0, channels, size, size, dtype=torch.uint8))
-    return Split(images=images, labels=torch.tensor([labels[i] for i in keep], dtype=torch.int64),
-                 paths=[paths[i] for i in keep], bad=[(paths[i], results[i][1]) for i in range(len(paths))
-                                                      if results[i][0] is None])
+    """Decode a list of image files with their class indices. With cache_dir, files new or changed since the
+    last run (by path, size and mtime) are decoded into the memory-mapped cache (cache.py) and the images are read
+    from the map; without one they are decoded into memory. `name` (train, val...) labels the progress bar."""
+
+    def decode(some: list[str]):
+        return decode_files(some, size, channels, workers, desc=f"decoding {name}")
+
+    if cache_dir and paths:
+        pixels, rows, reasons, _ = update_cache(cache_dir, cache_folder(paths), paths, size, channels, decode)
+        base = mapped_tensor(pixels)
+    else:
+        decoded = list(decode(paths))
+        reasons = [reason for _, reason in decoded]
+        good = [p for p, _ in decoded if p is not None]
+        ok = np.array([p is not None for p, _ in decoded], dtype=bool)
+        rows = np.where(ok, np.cumsum(ok) - 1, -1).astype(np.int64)
+        base = (torch.from_numpy(np.stack(good)) if good
+                else torch.zeros(0, channels, size, size, dtype=torch.uint8))
+    keep = np.flatnonzero(rows >= 0)
+    order = torch.from_numpy(rows[keep])
+    images = base if torch.equal(order, torch.arange(len(base))) else RowView(base, order)
+    kept = keep.tolist()
+    return Split(images=images, labels=torch.tensor([labels[i] for i in kept], dtype=torch.int64),
+                 paths=[paths[i] for i in kept],
+                 bad=[(paths[i], reasons[i]) for i in np.flatnonzero(rows < 0).tolist()])
 
 
 def load_items(items: list[tuple[str, str]], classes: list[str], name: str, size: int, channels: int = 1,

@@ -352,7 +352,7 @@ def load_images(folder: str | Path, size: int, channels: int, workers: int = 0
     if not folder.is_dir():
         raise UserError(f"no folder at {folder}")
     paths = [str(p) for p in expand_inputs([str(folder)])]
-    decoded = decode_files(paths, size, channels, workers, desc=f"decoding {folder.name}")
+    decoded = list(decode_files(paths, size, channels, workers, desc=f"decoding {folder.name}"))
     good = [(p, torch.from_numpy(a)) for p, (a, _) in zip(paths, decoded) if a is not None]
     bad = [(p, reason) for p, (a, reason) in zip(paths, decoded) if a is None]
     if not good:

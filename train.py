@@ -46,7 +46,7 @@ from checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of,
                         with_temperature)
 from common import UserError, pick_device, remove_stale_temp_files
 from config import TrainConfig, format_config, parse_config
-from dataset import Split, augment, batches, load_data, load_items, to_float, to_uint8
+from dataset import RowView, Split, augment, batches, load_data, load_items, to_float, to_uint8
 from layout import Layout, format_problems, layout_of, layout_splits
 from metrics import confusion_matrix, correct_count, expected_calibration_error, fit_temperature, loss_sum
 from model import adapt_state_dict, build_model, input_normalization, load_pretrained, predict_logits, unwrap
@@ -274,6 +274,44 @@ def wrap_for_training(model: nn.Module, cfg: TrainConfig, device: torch.device) 
     return torch.compile(model) if cfg.compile else model
 
 
+def place_images(images: torch.Tensor | RowView, device: torch.device, placement: str
+                 ) -> tuple[torch.Tensor | RowView, str]:
+    """Where training reads its images from, and a line saying so. 'device' copies the whole set there once (on a
+    GPU no batch crosses the PCIe bus again; on CPU it is a copy in RAM); 'map' leaves it in the cache's memory
+    map and each batch reads its rows (the OS page cache keeps the hot pages). 'auto' is 'device' on CUDA when
+    the pixels take at most half of the free GPU memory, 'device' on MPS, and 'map' on CPU, where a RAM copy
+    would only duplicate the page cache."""
+    if placement not in ("auto", "device", "map"):
+        raise UserError(f"--data-placement must be auto, device or map, not {placement!r}")
+    n_bytes = math.prod(images.shape) * images.dtype.itemsize
+    size = f"{n_bytes / 2**30:.2f} GiB of pixels"
+    if placement == "auto":
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            placement = "device" if n_bytes <= free // 2 else "map"
+            size += f", {free / 2**30:.1f} GiB free on the GPU"
+        else:
+            placement = "device" if device.type == "mps" else "map"
+    if placement == "map":
+        how = ", pinned-memory batches to the GPU" if device.type == "cuda" else ""
+        return images, f"training images: batches read from the memory map ({size}{how})"
+    whole = torch.empty(images.shape, dtype=images.dtype, device=device)
+    for i in range(0, len(whole), 4096):  # in blocks: the host never holds a second full copy on the way
+        whole[i:i + 4096] = images[i:i + 4096].to(device)
+    return whole, f"training images: whole set on {device} ({size})"
+
+
+def fetch_batch(images: torch.Tensor | RowView, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One batch of uint8 images on `device`: indexed where they are when the whole set is there, else read from
+    the memory map (in pinned memory on CUDA, so the copy to the GPU is asynchronous)."""
+    if images.device.type == device.type:
+        return images[idx.to(images.device)]
+    batch = images[idx]
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
+
+
 def class_weight_tensor(labels: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor | None:
     """Inverse-frequency loss weights (mean 1) for mode 'auto', None for 'none'."""
     if mode == "none":
@@ -439,7 +477,7 @@ def read_data_layout(cfg: TrainConfig, resume_ckpt: dict | None) -> tuple[Layout
 
 def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expected_classes: list[str] | None
                        ) -> tuple[Split, Split, list[str]]:
-    """Train and val splits, decoded once (cached), reported, and the training images put on the device."""
+    """Train and val splits, decoded once (cached), reported, and the training images placed (place_images)."""
     t0 = time.time()
     classes = lay.classes
     if expected_classes is not None and expected_classes != classes:
@@ -451,8 +489,9 @@ def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expe
         print(f"skipped unreadable image {path}: {reason}")
     if train.bad or val.bad:
         print(f"skipped {len(train.bad) + len(val.bad)} unreadable image(s) in total")
-    # Kept on the training device for the whole run: on a GPU no batch crosses the PCIe bus again.
-    train.images, train.labels = train.images.to(device), train.labels.to(device)
+    train.images, placement = place_images(train.images, device, cfg.data_placement)
+    train.labels = train.labels.to(device)
+    print(placement)
     if len(train.paths) < cfg.batch_size:
         print(f"note: only {len(train.paths)} training images; each epoch is one batch of that size")
     return train, val, classes
@@ -589,7 +628,7 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float, 
     model, device = t.train_model, t.device
     train_mode(model)
     rank, world = rank_world()
-    images, labels = data.images.to(device), data.labels.to(device)
+    images, labels = data.images, data.labels.to(device)  # images: on the device, or the cache's memory map
     total_loss = correct = seen = skipped = steps = 0
     # Under torchrun the ranks share one generator state, so augmentation draws repeat across ranks, each on
     # different images; that keeps the permutations in step without passing state between processes.
@@ -602,10 +641,9 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float, 
     interrupted = False
     for idx in bar:
         t_data = time.perf_counter()
-        idx = idx.to(device)
-        x = augment(to_float(images[idx], t.normalization["mean"], t.normalization["std"]), cfg.flip,
-                    cfg.max_rotation, cfg.max_shift, t.generator)
-        y = labels[idx]
+        x = augment(to_float(fetch_batch(images, idx, device), t.normalization["mean"], t.normalization["std"]),
+                    cfg.flip, cfg.max_rotation, cfg.max_shift, t.generator)
+        y = labels[idx.to(device)]
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         data_seconds += time.perf_counter() - t_data

@@ -1,0 +1,359 @@
+"""The decoded-image cache: one memory-mapped uint8 array per folder of files, plus a small index of the files in it.
+
+Usage (from dataset.py):
+    pixels, rows, reasons, stats = update_cache(cache_dir, folder, paths, size, channels, decode)
+    # pixels: read-only memory map (rows, C, S, S); path i is pixels[rows[i]] (rows[i] = -1: reasons[i] says why)
+
+Files, per folder and image size and channels (KEY = <folder>-<size>px-<channels>ch-<hash of the folder>;
+the folder is the one that holds every file of the list, e.g. DATA/train for DATA/train/<class>/*):
+    KEY.<generation>.npy   uint8 (rows, C, S, S), a plain .npy that numpy.load(mmap_mode="r") opens
+    KEY.index.pt          file paths (relative to the folder), size and mtime, row (-1 = unreadable),
+                           the reason a file is unreadable, and the array's name, row count and a checksum
+
+Several lists of files under one folder share its cache (train and the val carved from it, evaluate.py's test
+list): loading one list keeps the other lists' entries, and when the index is rewritten anyway (something was
+decoded or compacted) an entry of another list is kept only while its file's size and mtime still match.
+A changed or new file is decoded and appended as a new row; the old row goes stale. When more than
+COMPACT_SHARE of the rows are stale the live rows are copied to a new generation. The array is written and
+fsynced before the index, which is replaced atomically and is the only thing that says which rows are valid:
+a crash leaves the previous index, whose rows are all still intact. An index or array that is cut short or
+does not match (size, row count, checksum of the last rows) is rebuilt with a warning, never trusted.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import os
+import pickle
+import uuid
+import warnings
+import zlib
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+from common import save_atomic
+
+CACHE_VERSION = 2
+COMPACT_SHARE = 0.25  # rewrite the array once more than this share of its rows belong to no current file
+BLOCK_BYTES = 16 << 20  # pixels decoded, written or copied at a time: bounds memory whatever the split's size
+INDEX_EVERY_BYTES = 1 << 30  # a long first decode saves its progress this often, so a killed run resumes
+TAIL_BYTES = 1 << 16  # the checksum covers the last this-many bytes of the valid rows
+
+# decode(paths) yields (uint8 (C, S, S) array or None, reason) per path, in order.
+Decoder = Callable[[list[str]], Iterable[tuple["np.ndarray | None", str]]]
+
+
+class CacheWarning(UserWarning):
+    """A cache file was damaged or inconsistent and is being rebuilt."""
+
+
+def cache_key(folder: str | Path, size: int, channels: int) -> str:
+    folder = Path(folder).resolve()
+    digest = hashlib.sha1(f"{folder}|{size}|{channels}|{CACHE_VERSION}".encode()).hexdigest()[:16]
+    return f"{folder.name}-{size}px-{channels}ch-{digest}"
+
+
+def index_path(cache_dir: str | Path, folder: str | Path, size: int, channels: int) -> Path:
+    return Path(cache_dir) / f"{cache_key(folder, size, channels)}.index.pt"
+
+
+# ---------------------------------------------------------------- the index
+
+def _blob(strings: list[str]) -> np.ndarray:
+    return np.frombuffer("\0".join(strings).encode("utf-8", "surrogateescape"), dtype=np.uint8)
+
+
+def _unblob(blob: np.ndarray, n: int) -> list[str]:
+    return blob.tobytes().decode("utf-8", "surrogateescape").split("\0") if n else []
+
+
+def _checksum(arrays: list[np.ndarray]) -> int:
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1), crc)
+    return crc
+
+
+def write_index(path: Path, meta: dict, names: list[str], sizes: np.ndarray, mtimes: np.ndarray,
+                rows: np.ndarray, reasons: list[str]) -> None:
+    """Write the index atomically (save_atomic: temp file, fsync, rename), with a checksum of its contents."""
+    arrays = {"names": _blob(names), "sizes": np.asarray(sizes, np.int64), "mtimes": np.asarray(mtimes, np.int64),
+              "rows": np.asarray(rows, np.int64), "reasons": _blob(reasons)}
+    meta = {**meta, "crc": _checksum(list(arrays.values()))}
+    save_atomic({"meta": json.dumps(meta), **{k: torch.from_numpy(v.copy()) for k, v in arrays.items()}}, path)
+
+
+def read_index(path: Path) -> dict:
+    """The index as {meta, names, sizes, mtimes, rows, reasons}; raises on anything cut short, malformed or not
+    matching its checksum."""
+    raw = torch.load(path, weights_only=True)
+    meta = json.loads(raw["meta"])
+    arrays = {k: raw[k].numpy() for k in ("names", "sizes", "mtimes", "rows", "reasons")}
+    if meta.get("version") != CACHE_VERSION or meta.get("crc") != _checksum(list(arrays.values())):
+        raise ValueError("the index does not match its checksum")
+    n = int(meta["entries"])
+    out = {"meta": meta, **arrays, "names": _unblob(arrays["names"], n), "reasons": _unblob(arrays["reasons"], n)}
+    if not all(len(out[k]) == n for k in out if k != "meta"):
+        raise ValueError("index entries disagree with its header")
+    return out
+
+
+# ---------------------------------------------------------------- the array
+
+def _tail_crc(arr: np.ndarray, rows: int) -> int:
+    flat = arr.reshape(-1)[: rows * int(np.prod(arr.shape[1:]))]
+    return zlib.crc32(flat[-TAIL_BYTES:].tobytes()) if rows else 0
+
+
+def _read_header(f) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran order, dtype) of an open .npy file, leaving it at the first data byte."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+def map_rows(path: Path, rows: int) -> np.ndarray:
+    """The first `rows` rows of a .npy array file, memory-mapped read-only; raises if the file is shorter."""
+    with open(path, "rb") as f:
+        shape, fortran, dtype = _read_header(f)
+        offset = f.tell()
+    if dtype != np.uint8 or fortran or not shape or shape[0] < rows:
+        raise ValueError(f"{path.name} holds {dtype} {shape}, fewer than the {rows} rows expected")
+    row_shape = tuple(shape[1:])
+    if offset + rows * int(np.prod(row_shape)) > os.path.getsize(path):
+        raise ValueError(f"{path.name} is shorter than {rows} rows: cut short")
+    if rows == 0:
+        return np.zeros((0, *row_shape), dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(rows, *row_shape))
+
+
+def _open_array(path: Path, rows: int, row_shape: tuple, tail_crc: int) -> np.ndarray:
+    """The first `rows` rows of a cache array, memory-mapped read-only; raises if it is short or not the one the
+    index describes."""
+    arr = map_rows(path, rows)
+    if tuple(arr.shape[1:]) != row_shape:
+        raise ValueError(f"{path.name} holds rows of {arr.shape[1:]}, the index expects {row_shape}")
+    if _tail_crc(arr, rows) != tail_crc:
+        raise ValueError(f"{path.name}: the checksum of its last rows does not match the index")
+    return arr
+
+
+def _new_array(path: Path, row_shape: tuple) -> None:
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(0, *row_shape)).flush()
+
+
+def _append_rows(path: Path, start: int, blocks: Iterator[np.ndarray], row_shape: tuple) -> int:
+    """Write blocks of rows after row `start` (dropping anything beyond it), fsync, then rewrite the .npy header's
+    row count; returns the new row count. numpy pads .npy headers so the row count can grow in place."""
+    row_bytes = int(np.prod(row_shape))
+    with open(path, "r+b") as f:
+        _read_header(f)
+        offset = f.tell()
+        f.seek(offset + start * row_bytes)
+        rows = start
+        for block in blocks:
+            f.write(np.ascontiguousarray(block, dtype=np.uint8).tobytes())
+            rows += len(block)
+        f.truncate()
+        f.flush()
+        os.fsync(f.fileno())
+        f.seek(0)
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (rows, *row_shape)})
+        if f.tell() != offset:
+            raise RuntimeError("the .npy header changed length")  # numpy's padding makes this impossible
+        f.flush()
+        os.fsync(f.fileno())
+    return rows
+
+
+# ---------------------------------------------------------------- building and updating
+
+def _load_index(index_file: Path, row_shape: tuple) -> dict | None:
+    """The index when it and its array are present and consistent; None for a new cache. A damaged or
+    inconsistent pair is dropped with a CacheWarning, so that it gets rebuilt."""
+    if not index_file.exists():
+        return None
+    try:
+        index = read_index(index_file)
+        meta = index["meta"]
+        if tuple(meta["row_shape"]) != row_shape:
+            raise ValueError(f"rows of {meta['row_shape']}, expected {list(row_shape)}")
+        _open_array(index_file.parent / meta["array"], int(meta["rows"]), row_shape, int(meta["tail_crc"]))
+        if len(index["rows"]) and int(index["rows"].max()) >= int(meta["rows"]):
+            raise ValueError("the index points past the end of the array")
+        return index
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        warnings.warn(f"decoded-image cache {index_file} is damaged or incomplete ({e}); rebuilding it",
+                      CacheWarning, stacklevel=3)
+        index_file.unlink(missing_ok=True)
+        return None
+
+
+def _remove_orphans(cache_dir: Path, key: str, keep: str) -> None:
+    """Arrays of this key that the index no longer names: an old generation, or one a crash left behind."""
+    for p in cache_dir.glob(f"{key}.*.npy"):
+        if p.name != keep:
+            p.unlink(missing_ok=True)
+    for p in cache_dir.glob(f".{key}.index.pt.*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def _compact(cache_dir: Path, key: str, arr: np.ndarray, live_rows: np.ndarray,
+             row_shape: tuple) -> tuple[str, np.ndarray]:
+    """Copy the live rows, in their order in `arr`, into a new generation; (its file name, old row -> new row)."""
+    name, kept = f"{key}.{uuid.uuid4().hex[:8]}.npy", np.sort(live_rows)
+    step = max(1, BLOCK_BYTES // math.prod(row_shape))
+    _new_array(cache_dir / name, row_shape)
+    _append_rows(cache_dir / name, 0, (arr[kept[i:i + step]] for i in range(0, len(kept), step)), row_shape)
+    remap = np.full(len(arr), -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    return name, remap
+
+
+def update_cache(cache_dir: str | Path, folder: str | Path, paths: list[str], size: int, channels: int,
+                 decode: Decoder) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+    """Bring the cache of `folder` up to date with `paths` (files under it) and return (the array, memory-mapped
+    read-only; the row of each path in it, -1 when unreadable; the reason per path, '' when readable; stats
+    {decoded, reused, stale_rows, compacted}).
+
+    A file is reused when its path, size and mtime match the index; every other file is decoded (by `decode`)
+    and appended. Nothing but one block of rows is held in memory at a time.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(folder, size, channels)
+    with _locked(cache_dir / f"{key}.lock"):  # torchrun's ranks load at once: one decodes, the others reuse
+        return _update(cache_dir, key, str(folder), paths, size, channels, decode)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path` for as long as the block runs (a no-op where fcntl is missing: Windows)."""
+    with open(path, "a+b") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def file_stats(paths: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes, mtimes in ns) of the files; -1 and -1 for a file that cannot be stat'ed (missing)."""
+    sizes, mtimes = [], []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            sizes.append(-1)
+            mtimes.append(-1)
+        else:
+            sizes.append(st.st_size)
+            mtimes.append(st.st_mtime_ns)
+    return np.array(sizes, np.int64), np.array(mtimes, np.int64)
+
+
+def _update(cache_dir: Path, key: str, folder: str, paths: list[str], size: int, channels: int,
+            decode: Decoder) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+    prefix, row_shape = folder.rstrip(os.sep) + os.sep, (channels, size, size)
+    index_file = cache_dir / f"{key}.index.pt"
+    names = [p[len(prefix):] if p.startswith(prefix) else p for p in paths]
+    sizes, mtimes = file_stats(paths)
+
+    index = _load_index(index_file, row_shape)
+    rows, reasons = np.full(len(paths), -1, dtype=np.int64), [""] * len(paths)
+    todo = list(range(len(paths)))
+    other = np.zeros(0, np.int64)  # index entries of files not in this list: another list's (train's val)
+    array_name, n_rows = f"{key}.{uuid.uuid4().hex[:8]}.npy", 0
+    if index is not None:
+        array_name, n_rows = index["meta"]["array"], int(index["meta"]["rows"])
+        where = {name: j for j, name in enumerate(index["names"])}
+        j = np.fromiter((where.get(name, -1) for name in names), np.int64, len(names))
+        known = np.maximum(j, 0)
+        same = (j >= 0) & (index["sizes"][known] == sizes) & (index["mtimes"][known] == mtimes)
+        rows[same] = index["rows"][j[same]]
+        for i in np.flatnonzero(same & (rows < 0)).tolist():  # unreadable before and unchanged: same reason
+            reasons[i] = index["reasons"][j[i]]
+        todo = np.flatnonzero(~same).tolist()
+        mine = np.zeros(len(index["names"]), dtype=bool)
+        mine[j[j >= 0]] = True
+        other = np.flatnonzero(~mine)
+    else:
+        _new_array(cache_dir / array_name, row_shape)
+    _remove_orphans(cache_dir, key, array_name)
+    checked: list[np.ndarray] = []
+
+    def others() -> np.ndarray:
+        """The other lists' entries whose files are unchanged (checked once, the first time the index is
+        rewritten): a file deleted or changed since drops out, and its row goes stale."""
+        if not checked:
+            osizes, omtimes = file_stats(os.path.join(folder, index["names"][k]) for k in other.tolist())
+            ok = (osizes >= 0) & (osizes == old("sizes", other)) & (omtimes == old("mtimes", other))
+            checked.append(other[ok])
+        return checked[0]
+
+    def old(field: str, entries: np.ndarray) -> np.ndarray:
+        """A column of the index read at the start, for these entries."""
+        return index[field][entries] if len(entries) else np.zeros(0, np.int64)
+
+    def save(pending: list[int] = ()) -> None:
+        """Write the index for every file but the `pending` ones (not decoded yet), and the other lists' files."""
+        keep = np.ones(len(names), dtype=bool)
+        keep[list(pending)] = False
+        pick, kept = np.flatnonzero(keep).tolist(), others()
+        meta = {"version": CACHE_VERSION, "row_shape": list(row_shape), "array": array_name, "rows": n_rows,
+                "entries": len(pick) + len(kept),
+                "tail_crc": _tail_crc(map_rows(cache_dir / array_name, n_rows), n_rows)}
+        write_index(index_file, meta, [names[i] for i in pick] + [index["names"][k] for k in kept.tolist()],
+                    np.concatenate([sizes[keep], old("sizes", kept)]),
+                    np.concatenate([mtimes[keep], old("mtimes", kept)]), np.concatenate([rows[keep], other_rows]),
+                    [reasons[i] for i in pick] + [index["reasons"][k] for k in kept.tolist()])
+
+    # Decode what is new or changed, appending it block by block; a failed file gets row -1 and its reason.
+    other_rows = old("rows", others() if todo else other)  # checked when the index is rewritten anyway
+    block_rows = max(1, BLOCK_BYTES // math.prod(row_shape))
+    decoded = iter(decode([paths[i] for i in todo])) if todo else iter(())
+    for start in range(0, len(todo), block_rows):
+        chunk = todo[start:start + block_rows]
+        block = []
+        for i, (pixels, reason) in zip(chunk, itertools.islice(decoded, len(chunk))):
+            reasons[i] = reason
+            if pixels is not None:
+                rows[i] = n_rows + len(block)
+                block.append(pixels)
+        if block:
+            n_rows = _append_rows(cache_dir / array_name, n_rows, iter([np.stack(block)]), row_shape)
+        done = start + len(chunk)
+        if done % (INDEX_EVERY_BYTES // BLOCK_BYTES * block_rows) < block_rows and done < len(todo):
+            save(todo[done:])  # progress that a run killed during a long decode keeps
+    # Rows no entry uses are stale: replaced files, and (once checked) other lists' files changed or gone.
+    live = np.unique(np.concatenate([rows[rows >= 0], other_rows[other_rows >= 0]]))
+    stale = n_rows - len(live)
+    compacted = n_rows > 0 and stale / n_rows > COMPACT_SHARE
+    if compacted and not checked:
+        other_rows = old("rows", others())  # entries about to be rewritten: drop the other lists' gone files
+        live = np.unique(np.concatenate([rows[rows >= 0], other_rows[other_rows >= 0]]))
+    if compacted:
+        array_name, remap = _compact(cache_dir, key, map_rows(cache_dir / array_name, n_rows), live, row_shape)
+        rows = np.where(rows >= 0, remap[np.maximum(rows, 0)], -1)
+        other_rows = np.where(other_rows >= 0, remap[np.maximum(other_rows, 0)], -1)
+        n_rows = len(live)
+    if todo or compacted or index is None:
+        save()
+    if compacted:
+        _remove_orphans(cache_dir, key, array_name)
+    return map_rows(cache_dir / array_name, n_rows), rows, reasons, {
+        "decoded": len(todo), "reused": len(paths) - len(todo), "stale_rows": 0 if compacted else stale,
+        "compacted": compacted}

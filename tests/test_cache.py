@@ -1,0 +1,268 @@
+"""The memory-mapped cache (cache.py) through load_split: reuse, appends, damage, compaction, and memory."""
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cache
+import dataset
+import train
+from bench import synthetic_set
+from common import UserError
+from dataset import RowView, load_items, make_synthetic
+from layout import read_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def split_dir(tmp_path):
+    return make_synthetic(tmp_path / "d", 6, size=24, splits=("train",)) / "train"
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The lists of paths load_split sends to the decoder, call by call."""
+    calls = []
+    real = dataset.decode_files
+    monkeypatch.setattr(dataset, "decode_files", lambda paths, *a, **k: calls.append(list(paths)) or real(paths, *a, **k))
+    return calls
+
+
+def load(split_dir, cache_dir, size=16, items=None):
+    """split_dir/<class>/* (or these items of it) decoded as train.py decodes a split."""
+    lay = read_layout(split_dir, val_fraction=0)
+    return load_items(lay.items["train"] if items is None else items, lay.classes, "train", size, 1,
+                      str(cache_dir), 0)
+
+
+def pixels(split) -> torch.Tensor:
+    return split.images[torch.arange(len(split.images))]
+
+
+def by_path(split) -> dict:
+    return {p: pixels(split)[i] for i, p in enumerate(split.paths)}
+
+
+def mapping_of(address: int) -> tuple[str, str]:
+    """(file, permissions) of the memory mapping holding `address`, from /proc/self/maps."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[-1] if len(fields) > 5 else "", fields[1]
+    return "", ""
+
+
+def files(cache_dir, pattern):
+    return sorted(Path(cache_dir).glob(pattern))
+
+
+def test_round_trip_equals_a_fresh_decode_and_is_a_read_only_map(split_dir, tmp_path, decoded):
+    first = load(split_dir, tmp_path / "c")
+    fresh = load(split_dir, "")
+    again = load(split_dir, tmp_path / "c")
+    assert len(decoded) == 2  # the cached load decoded nothing
+    for s in (first, again):
+        assert s.paths == fresh.paths and torch.equal(s.labels, fresh.labels)
+        assert torch.equal(pixels(s), fresh.images) and s.images.dtype == torch.uint8
+    [npy] = files(tmp_path / "c", "train-16px-1ch-*.npy")  # image size and channels in the name
+    assert isinstance(again.images, torch.Tensor) and mapping_of(again.images.data_ptr()) == (str(npy), "r--s")
+    assert np.array_equal(np.load(npy, mmap_mode="r"), fresh.images.numpy())
+
+
+def test_new_files_are_the_only_ones_decoded_and_are_appended(split_dir, tmp_path, decoded):
+    first = load(split_dir, tmp_path / "c")
+    [npy] = files(tmp_path / "c", "*.npy")
+    added = [split_dir / "cat" / "new_a.png", split_dir / "dog" / "new_b.png"]
+    for i, p in enumerate(added):
+        Image.new("L", (30, 30), 40 + 100 * i).save(p)
+    second = load(split_dir, tmp_path / "c")
+    assert decoded[1] == sorted(str(p) for p in added)
+    assert files(tmp_path / "c", "*.npy") == [npy]  # appended in place: the same generation
+    assert np.load(npy, mmap_mode="r").shape[0] == len(first.paths) + 2
+    assert isinstance(second.images, RowView)  # the new rows sit at the end, out of path order
+    old, new = by_path(first), by_path(second)
+    assert all(torch.equal(new[p], old[p]) for p in old)
+    assert new[str(added[0])].unique().tolist() == [40] and new[str(added[1])].unique().tolist() == [140]
+
+
+def test_a_changed_file_is_decoded_again(split_dir, tmp_path, decoded):
+    first = load(split_dir, tmp_path / "c")
+    changed = split_dir / "dog" / "dog_0002.png"
+    Image.new("L", (40, 40), 255).save(changed)
+    second = load(split_dir, tmp_path / "c")
+    assert decoded[1] == [str(changed)]
+    assert second.paths == first.paths
+    row = second.paths.index(str(changed))
+    assert second.images[row].min() == 255 and first.images[row].min() < 255
+    others = [i for i, p in enumerate(second.paths) if p != str(changed)]
+    assert torch.equal(second.images[others], first.images[others])
+    assert torch.equal(pixels(second), load(split_dir, "").images)
+
+
+def test_unreadable_files_are_remembered_with_their_reason(split_dir, tmp_path, decoded):
+    (split_dir / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    first = load(split_dir, tmp_path / "c")
+    second = load(split_dir, tmp_path / "c")
+    assert len(decoded) == 1
+    assert second.bad == first.bad == [(str(split_dir / "cat" / "broken.jpg"), first.bad[0][1])]
+    assert "PIL" in first.bad[0][1] and str(split_dir / "cat" / "broken.jpg") not in second.paths
+
+
+@pytest.mark.parametrize("damage", ["truncate array", "truncate index", "garbage index", "rows overwritten",
+                                    "array missing"])
+def test_a_damaged_cache_is_rebuilt_with_a_warning(split_dir, tmp_path, decoded, damage):
+    n = len(load(split_dir, tmp_path / "c").paths)  # (its map is not read again: the file gets damaged)
+    [npy], [index] = files(tmp_path / "c", "*.npy"), files(tmp_path / "c", "*.index.pt")
+    if damage == "truncate array":
+        npy.write_bytes(npy.read_bytes()[: npy.stat().st_size - 100])
+    elif damage == "truncate index":
+        index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+    elif damage == "garbage index":
+        index.write_bytes(b"\0" * 300)
+    elif damage == "rows overwritten":  # same length, different pixels at the end: the checksum catches it
+        with open(npy, "r+b") as f:
+            f.seek(-50, 2)
+            f.write(b"\x07" * 50)
+    else:
+        npy.unlink()
+    with pytest.warns(cache.CacheWarning, match="rebuilding"):
+        second = load(split_dir, tmp_path / "c")
+    assert len(decoded) == 2 and len(decoded[1]) == n  # every file decoded again
+    assert torch.equal(pixels(second), load(split_dir, "").images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt cache is whole again
+        load(split_dir, tmp_path / "c")
+    assert len(files(tmp_path / "c", "*.npy")) == 1
+
+
+def test_rows_written_after_the_index_by_a_killed_run_are_ignored(split_dir, tmp_path, decoded):
+    load(split_dir, tmp_path / "c")
+    [npy] = files(tmp_path / "c", "*.npy")
+    with open(npy, "ab") as f:  # an append that died before its index was written
+        f.write(b"\x09" * 16 * 16 * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = load(split_dir, tmp_path / "c")
+    assert len(decoded) == 1 and torch.equal(pixels(second), load(split_dir, "").images)
+
+
+def test_compaction_keeps_every_row_reachable(split_dir, tmp_path, decoded):
+    first = load(split_dir, tmp_path / "c")
+    [old_npy] = files(tmp_path / "c", "*.npy")
+    paths = first.paths
+    # Change 2 files (within the stale share: no compaction), then 4 more (past it) and remove 1.
+    for i, p in enumerate(paths[:2]):
+        Image.new("L", (40, 40), 10 + i).save(p)
+    mid = load(split_dir, tmp_path / "c")
+    assert files(tmp_path / "c", "*.npy") == [old_npy] and np.load(old_npy, mmap_mode="r").shape[0] == len(paths) + 2
+    for i, p in enumerate(paths[2:6]):
+        Image.new("L", (40, 40), 20 + i).save(p)
+    Path(paths[-1]).unlink()
+    last = load(split_dir, tmp_path / "c")
+    [new_npy] = files(tmp_path / "c", "*.npy")
+    assert new_npy != old_npy and not old_npy.exists()
+    assert np.load(new_npy, mmap_mode="r").shape[0] == len(paths) - 1  # only live rows are left
+    assert last.paths == paths[:-1]
+    assert torch.equal(pixels(last), load(split_dir, "").images)
+    assert [int(last.images[i].max()) for i in range(6)] == [10, 11, 20, 21, 22, 23]
+    assert mid.paths == paths
+
+
+def test_lists_under_one_folder_share_its_cache_and_keep_each_others_entries(split_dir, tmp_path, decoded):
+    """train and the val carved from it: loading one never costs the other a decode; a file of the other list
+    that is deleted drops out when the index is next rewritten."""
+    items = read_layout(split_dir, val_fraction=0).items["train"]
+    train, val = items[::2], items[1::2]
+    load(split_dir, tmp_path / "c", items=train)
+    load(split_dir, tmp_path / "c", items=val)
+    assert decoded == [[p for p, _ in train], [p for p, _ in val]] and len(files(tmp_path / "c", "*.npy")) == 1
+    again_train, again_val = load(split_dir, tmp_path / "c", items=train), load(split_dir, tmp_path / "c", items=val)
+    assert len(decoded) == 2  # nothing decoded again
+    assert torch.equal(pixels(again_val), load(split_dir, "", items=val).images)
+    assert torch.equal(pixels(again_train), load(split_dir, "", items=train).images)
+    gone = Path(val[0][0])
+    gone.unlink()
+    new = split_dir / "cat" / "new.png"
+    Image.new("L", (24, 24), 7).save(new)
+    load(split_dir, tmp_path / "c", items=[*train, (str(new), "cat")])  # rewrites the index: val is checked
+    assert decoded[-1] == [str(new)]
+    index = cache.read_index(files(tmp_path / "c", "*.index.pt")[0])
+    assert str(gone.relative_to(split_dir)) not in index["names"] and "cat/new.png" in index["names"]
+    assert len(index["names"]) == len(items)  # every train and val file but the gone one, and the new one
+    n = len(decoded)
+    assert len(load(split_dir, tmp_path / "c", items=val[1:]).paths) == len(val) - 1 and len(decoded) == n
+
+
+def test_subsets_are_lazy_views_of_the_map(split_dir, tmp_path):
+    whole = load(split_dir, tmp_path / "c")
+    part = whole.subset(torch.tensor([5, 1, 3]))
+    assert isinstance(part.images, RowView) and part.images.shape == (3, 1, 16, 16)
+    assert torch.equal(part.images[torch.arange(3)], whole.images[[5, 1, 3]])
+    again = part.subset(torch.tensor([2, 0]))
+    assert torch.equal(again.images[[0, 1]], whole.images[[3, 5]]) and again.paths == [whole.paths[3], whole.paths[5]]
+
+
+@pytest.mark.slow
+def test_training_over_data_larger_than_the_memory_bound_keeps_anonymous_memory_under_it(tmp_path):
+    """768 MiB of pixels, 2.4x the bound of 320 MiB over what importing the libraries takes (a run's own model,
+    batches, evaluation and plots, train_batch.png included, took 240-290 MiB of it): the first run (decoding every image into the cache,
+    then training) and a second one must keep RssAnon under that bound reading batches from the map; the same run
+    with the whole set in RAM must not (so the bound is tight enough to mean something)."""
+    data = synthetic_set(tmp_path, 4096, 24, workers=2)
+    side = 256  # 4096 x 3 x 256 x 256 bytes = 768 MiB
+    # --novelty-score none: the novelty fit after training (novelty.py) is not the training loop this bounds; its
+    # 512-image feature batches of 256 px RGB alone pass 1.3 GB.
+    base = ["--data", str(data), "--image-size", str(side), "--channels", "3", "--epochs", "1", "--batch-size", "16",
+            "--width", "4",
+            "--workers", "2", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "m"),
+            "--log-dir", str(tmp_path / "l"), "--curves-dir", str(tmp_path / "cv"), "--no-tta", "--ema-decay", "0",
+            "--time-budget", "3", "--novelty-score", "none"]
+    script = ("import json, sys, bench, train\n"
+              "with bench.MemoryPeaks() as m:\n"
+              "    train.main(sys.argv[1:])\n"
+              "print(json.dumps(m.peak))\n")
+    def peak_anon(placement: str) -> int:
+        r = subprocess.run([sys.executable, "-c", script, *base, "--data-placement", placement], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"training images: {'batches read from the memory map' if placement == 'map' else 'whole set'}" \
+            in r.stdout
+        return json.loads(r.stdout.strip().splitlines()[-1])["RssAnon"]
+
+    libraries = "import json, bench, train, evaluate, matplotlib.pyplot, torch.utils.tensorboard"
+    idle = subprocess.run([sys.executable, "-c", f"{libraries}; print(json.dumps(bench.MemoryPeaks.now()))"],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    bound = json.loads(idle.stdout)["RssAnon"] + 320 * 2**20
+    assert not (tmp_path / "cache").exists()
+    assert peak_anon("map") < bound  # decodes into the cache first
+    assert peak_anon("map") < bound < peak_anon("device")
+
+
+def test_training_reads_the_map_on_cpu_and_copies_it_only_when_asked(split_dir, tmp_path):
+    split = load(split_dir, tmp_path / "c")
+    view = split.subset(torch.tensor([4, 0, 2]))
+    cpu = torch.device("cpu")
+    same, line = train.place_images(view.images, cpu, "auto")
+    assert same is view.images and line.startswith("training images: batches read from the memory map")
+    whole, line = train.place_images(view.images, cpu, "device")
+    assert isinstance(whole, torch.Tensor) and torch.equal(whole, split.images[[4, 0, 2]])
+    assert line.startswith("training images: whole set on cpu")
+    assert torch.equal(train.fetch_batch(view.images, torch.tensor([2, 1]), cpu), split.images[[2, 0]])
+    with pytest.raises(UserError, match="--data-placement"):
+        train.place_images(view.images, cpu, "gpu")
+
+
+def test_on_cuda_a_set_larger_than_half_the_free_memory_stays_in_the_map(split_dir, tmp_path, monkeypatch):
+    images = load(split_dir, tmp_path / "c").images
+    n_bytes = images.numel()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * n_bytes - 1, 10 * n_bytes))
+    same, line = train.place_images(images, torch.device("cuda"), "auto")
+    assert same is images and "batches read from the memory map" in line and "pinned-memory batches" in line
