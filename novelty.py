@@ -20,10 +20,10 @@ Every score is oriented the same way: the higher, the less the image looks like 
                      (shared covariance, shrunk towards a multiple of the identity)
   layer_mahalanobis  the same distance on the per-channel mean and spread of every stage's feature maps, from the
                      stem to the penultimate; each stage's distance is standardised by its spread over the
-                     training images, and the largest counts. The default (DEFAULT_SCORE): on the 64 px cat/dog
-                     model the penultimate features alone place charts, text and flat images among the cats and
-                     dogs (AUROC 0.58-0.67 for every penultimate score), while the early stages' statistics tell
-                     them apart (0.98).
+                     training images, and the largest counts. The default (DEFAULT_SCORE): on the default 64 px
+                     cat/dog model the penultimate features alone place charts, text and flat images among the
+                     cats and dogs (AUROC 0.60-0.79 against synthetic far-away images for softmax, energy, kNN and
+                     Mahalanobis), while the early stages' statistics tell them apart (0.99, FPR at 95% TPR 4%).
 """
 from __future__ import annotations
 
@@ -94,7 +94,9 @@ def stage_statistics(maps: torch.Tensor, max_channels: int = MAX_STAGE_CHANNELS)
     """Per-channel mean and standard deviation over space of feature maps (N, C, H, W) -> (N, 2 * min(C, max)),
     float32; beyond `max_channels`, neighbouring channels' statistics are averaged."""
     maps = maps.float()
-    stats = [maps.mean((2, 3)), maps.std((2, 3), correction=0)]
+    mean = maps.mean((2, 3))
+    # E[x^2] - E[x]^2: on a CPU, 50x faster than Tensor.std over small maps, which dominated the cost of the hooks
+    stats = [mean, ((maps * maps).mean((2, 3)) - mean * mean).clamp(min=0).sqrt()]
     if maps.shape[1] > max_channels:
         stats = [F.adaptive_avg_pool1d(s[:, None], max_channels)[:, 0] for s in stats]
     return torch.cat(stats, 1)

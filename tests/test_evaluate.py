@@ -123,6 +123,7 @@ def test_gradcam_of_the_default_model_at_64_px_has_at_least_8x8_cells():
     assert evaluate.explain(model, x, "layers.3").cells == (2, 2)
 
 
+@pytest.mark.slow
 def test_gradcam_finds_the_stages_of_torchvision_resnets():
     torch.manual_seed(0)
     model = build_model("resnet18", 3, 1, image_size=64).eval()
@@ -144,6 +145,7 @@ def test_cam_layer_that_is_not_there_or_not_a_feature_map_is_refused():
         evaluate.explain(model, x, "fc")
 
 
+@pytest.mark.slow
 def test_mirror_averaged_gradcam_of_a_mirrored_image_is_the_mirrored_map():
     torch.manual_seed(1)
     model = build_model("resnet_small", 3, width=8).eval()
@@ -154,6 +156,7 @@ def test_mirror_averaged_gradcam_of_a_mirrored_image_is_the_mirrored_map():
     assert not torch.allclose(evaluate.explain(model, x).cam, plain.cam, atol=1e-3)  # tta changes the map
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", ["--tta", "--no-tta"])
 def test_gradcam_prints_the_label_and_confidence_inference_prints(trained, tmp_path, capsys, tta):
     # The toy model answers ~0.50 for every image; a random head with larger weights gives confidences that differ

@@ -10,6 +10,7 @@ from dataset import image_tensor
 from checkpoint import load_checkpoint, model_from_checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_matches_pytorch_and_the_documented_preprocessing(trained, tmp_path):
     ckpt = load_checkpoint(trained["checkpoint"])
@@ -29,6 +30,7 @@ def test_torchscript_matches_pytorch_and_the_documented_preprocessing(trained, t
         assert probs.max().item() == pytest.approx(want["confidence"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_for_any_batch_size(trained, tmp_path):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
@@ -43,6 +45,7 @@ def test_onnx_matches_pytorch_for_any_batch_size(trained, tmp_path):
             assert torch.allclose(torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), model(x), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_mismatch_is_reported(trained, tmp_path, monkeypatch):
     ckpt = load_checkpoint(trained["checkpoint"])
     monkeypatch.setattr(export, "check_torchscript", lambda *a: 0.5)
@@ -50,6 +53,7 @@ def test_a_mismatch_is_reported(trained, tmp_path, monkeypatch):
         export.export(ckpt, tmp_path / "model", ["torchscript"])
 
 
+@pytest.mark.slow
 def test_command_line_prints_preprocessing_and_errors_cleanly(trained, tmp_path, capsys):
     out = tmp_path / "m.v1"
     assert export.main(["--checkpoint", str(trained["checkpoint"]), "--format", "torchscript",

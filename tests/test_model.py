@@ -53,6 +53,7 @@ def test_unwrap_removes_wrappers():
     assert unwrap(Wrapper(model)) is model
 
 
+@pytest.mark.slow
 def test_gray_adaptation_sums_rgb_weights_and_matches_the_rgb_model(tmp_path):
     rgb = imagenet_like_resnet18(tmp_path / "r18.pth")
     state = adapt_state_dict(load_pretrained("resnet18", str(tmp_path / "r18.pth")), in_channels=1)

@@ -143,6 +143,7 @@ def test_state_round_trips_through_weights_only_load(name):
 
 # ---------------------------------------------------------------- features of the project's models
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet_small", "resnet18"])
 @pytest.mark.parametrize("tta", [False, True])
 def test_features_are_the_head_input_and_give_the_models_logits(arch, tta):

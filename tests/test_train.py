@@ -18,6 +18,7 @@ from model import SmallResNet, adapt_state_dict, build_model, predict_logits
 from runs import read_results
 
 
+@pytest.mark.slow
 def test_one_epoch_writes_checkpoints_logs_and_curves(tiny_data, tmp_path, capsys):
     assert train.main(train_args(tiny_data, tmp_path)) == 0
     out = capsys.readouterr().out
@@ -222,6 +223,7 @@ def test_classes_subset_and_val_split_without_val_folder(tmp_path, capsys):
     assert torch.load(tmp_path / "models" / "best_model.pth", weights_only=True)["classes"] == ["cat", "dog"]
 
 
+@pytest.mark.slow
 def test_one_short_run_from_a_csv_labelled_set(tmp_path, capsys):
     """Dog Breed style: DATA/train/<id>.png and labels.csv id,breed with ids without the extension."""
     gen = make_synthetic(tmp_path / "gen", {"a": 12, "b": 12}, size=32, splits=("train",))
@@ -494,6 +496,7 @@ def test_only_fp16_needs_a_grad_scaler_and_the_start_up_line_says_which():
     assert train.precision_name(None) == "fp32"
 
 
+@pytest.mark.slow
 def test_fp16_training_steps_go_through_the_grad_scaler(tiny_data, tmp_path, monkeypatch, capsys):
     """fp16 as on a GPU without native bf16 (CPU autocast computes fp16 too): every step is scaled, stepped by the
     scaler and followed by its update, and the run trains and saves as usual."""
@@ -514,6 +517,7 @@ def test_fp16_training_steps_go_through_the_grad_scaler(tiny_data, tmp_path, mon
     assert (tmp_path / "models" / "best_model.pth").is_file()
 
 
+@pytest.mark.slow
 def test_without_fp16_there_is_no_grad_scaler(tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.amp.GradScaler, "__init__", lambda *a, **k: pytest.fail("GradScaler built"))
     assert train.main(train_args(tiny_data, tmp_path, "--no-amp")) == 0
