@@ -27,8 +27,8 @@ Format version 2, a dict of plain types and tensors:
                     "threshold": accept an image when its score <= this, "accept_rate": the share of val images
                     accepted at that threshold when it was chosen, "tta": features averaged with the mirror,
                     "fit_seconds", "train_images"}. Files without it (older ones) load; --reject needs it.
-  and in last.pth, for --resume: optimizer_state, scheduler_state, rng, and with EMA raw_model_state (the
-  weights training continues from) and ema_steps.
+  and in last.pth, for --resume: optimizer_state, scheduler_state, rng, with EMA raw_model_state (the
+  weights training continues from) and ema_steps, and with fp16 autocast scaler_state (the GradScaler's scale).
 Version 1 files (no top-level width and tta; temperature optional) load as version 2 with the values version 1
 readers used: config's width and tta, else the defaults width 48 and tta off, and temperature 1.0.
 """
@@ -54,10 +54,23 @@ RESUME_KEYS = ("optimizer_state", "scheduler_state", "rng")
 NOVELTY_KEYS = ("score", "states", "threshold", "accept_rate", "tta")
 
 
+def on_cpu(obj):
+    """`obj` (a state dict, or dicts and lists of them) with every tensor copied to the CPU: a checkpoint written
+    on a GPU then loads with a plain torch.load on a machine without one."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def build_checkpoint(model: nn.Module, cfg: TrainConfig, classes: list[str], epoch: int, metrics: dict,
                      history: list[dict], best: dict, layout: dict | None = None) -> dict:
-    """The self-sufficient checkpoint: everything inference and evaluation need, in plain types."""
-    return {"layout": dict(layout or {}), "format_version": FORMAT_VERSION, "model_state": unwrap(model).state_dict(), "arch": cfg.arch,
+    """The self-sufficient checkpoint: everything inference and evaluation need, in plain types and CPU tensors."""
+    return {"layout": dict(layout or {}), "format_version": FORMAT_VERSION,
+            "model_state": on_cpu(unwrap(model).state_dict()), "arch": cfg.arch,
             "classes": list(classes), "image_size": cfg.image_size, "channels": cfg.channels, "width": cfg.width,
             "normalization": input_normalization(cfg.uses_pretrained, cfg.channels), "tta": cfg.tta,
             "temperature": 1.0, "config": cfg.to_dict(), "epoch": epoch, "metrics": metrics, "best": dict(best),
@@ -65,11 +78,16 @@ def build_checkpoint(model: nn.Module, cfg: TrainConfig, classes: list[str], epo
 
 
 def with_resume_state(ckpt: dict, optimizer: torch.optim.Optimizer, scheduler, rng: dict,
-                      raw_model: nn.Module | None = None, ema_steps: int = 0) -> dict:
-    """The checkpoint plus what --resume needs; `raw_model` is the trained network when `ckpt` holds its EMA."""
-    out = {**ckpt, "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(), "rng": rng}
+                      raw_model: nn.Module | None = None, ema_steps: int = 0,
+                      scaler: torch.amp.GradScaler | None = None) -> dict:
+    """The checkpoint plus what --resume needs; `raw_model` is the trained network when `ckpt` holds its EMA;
+    `scaler` the fp16 loss scaler, whose scale a resumed run continues from."""
+    out = {**ckpt, "optimizer_state": on_cpu(optimizer.state_dict()), "scheduler_state": scheduler.state_dict(),
+           "rng": rng}  # the optimizer's state goes back to its parameters' device when loaded
     if raw_model is not None:
-        out.update(raw_model_state=unwrap(raw_model).state_dict(), ema_steps=int(ema_steps))
+        out.update(raw_model_state=on_cpu(unwrap(raw_model).state_dict()), ema_steps=int(ema_steps))
+    if scaler is not None:
+        out["scaler_state"] = scaler.state_dict()
     return out
 
 
@@ -209,5 +227,6 @@ def run_name_of(ckpt: dict) -> str:
 def resume_state_of(ckpt: dict) -> dict:
     """What --resume restores, from last.pth: weights, EMA, optimizer, schedule, random state, progress."""
     return {"raw_model_state": ckpt.get("raw_model_state", ckpt["model_state"]), "ema_state": ckpt["model_state"],
-            "ema_steps": ckpt.get("ema_steps", 0), **{k: ckpt[k] for k in RESUME_KEYS},
+            "ema_steps": ckpt.get("ema_steps", 0), "scaler_state": ckpt.get("scaler_state"),
+            **{k: ckpt[k] for k in RESUME_KEYS},
             "epoch": ckpt["epoch"], "history": ckpt["history"], "best": ckpt["best"]}

@@ -4,7 +4,7 @@ import torch
 
 import train
 from checkpoint import (FORMAT_VERSION, LAST, build_checkpoint, load_checkpoint, load_resume_checkpoint,
-                        model_from_checkpoint, normalization_of, save_checkpoint, temperature_of, tta_of,
+                        model_from_checkpoint, normalization_of, on_cpu, save_checkpoint, temperature_of, tta_of,
                         val_accuracy_of, width_of, with_temperature)
 from common import UserError, save_atomic
 from config import TrainConfig
@@ -123,3 +123,17 @@ def test_resume_needs_the_optimizer_state(tmp_path):
         load_resume_checkpoint(tmp_path)
     with pytest.raises(UserError, match="nothing to resume"):
         load_resume_checkpoint(tmp_path / "elsewhere")
+
+
+def test_on_cpu_keeps_the_structure_and_copies_the_tensors():
+    """What build_checkpoint and with_resume_state apply to state dicts written on a GPU (checked there by hand:
+    a last.pth trained on CUDA loads with a plain torch.load on a machine without one)."""
+    w = torch.ones(2, requires_grad=True)
+    state = {"a": w * 2, "b": [torch.zeros(1), (torch.ones(1), 3)], "c": "x", "d": None}
+    out = on_cpu(state)
+    assert set(out) == set(state) and out["c"] == "x" and out["d"] is None
+    assert isinstance(out["b"], list) and isinstance(out["b"][1], tuple) and out["b"][1][1] == 3
+    assert torch.equal(out["a"], torch.full((2,), 2.0)) and not out["a"].requires_grad
+    model = SmallResNet(2, 1, 8)
+    ckpt = build_checkpoint(model, TrainConfig(width=8), ["a", "b"], 1, {}, [], {})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ckpt["model_state"].items())
