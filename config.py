@@ -22,6 +22,8 @@ or images labelled by a table (--labels) or by their names (--labels-from-name);
 Every flag below is a field of TrainConfig in config.py, shown with its reason and default. With --resume the
 saved run's settings are the defaults and the flags given override them."""
 ARCHS = ("resnet_small", "resnet18", "resnet50")
+NOVELTY_SCORES = ("msp", "energy", "knn", "mahalanobis", "layer_mahalanobis")  # defined in novelty.py
+PLACEMENTS = ("auto", "device", "map")
 
 
 def _f(default, help: str, choices: tuple = ()):
@@ -51,7 +53,8 @@ class TrainConfig:
     max_bad_fraction: float = _f(0.5, "stop when more than this share of image files cannot be read")
     workers: int = _f(2, "processes that decode images on the first run (0 = in this process)")
     data_placement: str = _f("auto", "'device': every training image on the device (on CPU: in RAM); 'map': "
-                             "batches read from the cache's memory map; 'auto': device on CUDA when it fits")
+                             "batches read from the cache's memory map; 'auto': device on CUDA when it fits",
+                             choices=PLACEMENTS)
     # model
     arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision)", choices=ARCHS)
     width: int = _f(48, "channels of resnet_small's first stage; the width sets CPU speed")
@@ -78,8 +81,11 @@ class TrainConfig:
     tta: bool = _f(True, "evaluate on the image and its mirror and average (flip test-time augmentation)")
     # images of no known class (novelty.py)
     novelty_score: str = _f("layer_mahalanobis", "score fitted on the train features at the end, for --reject: msp, "
-                            "energy, knn, mahalanobis or layer_mahalanobis (measured best); 'none' skips it")
+                            "energy, knn, mahalanobis or layer_mahalanobis (measured best); 'none' skips it",
+                            choices=(*NOVELTY_SCORES, "none"))
     accept_rate: float = _f(0.95, "share of known (val) images the stored novelty threshold accepts")
+    novelty_max_images: int = _f(20_000, "fit the novelty score on a stratified sample of this many train images "
+                                 "(bounds its memory and time on big sets); 0 uses all")
     # machine
     device: str = _f("auto", "auto picks cuda, then mps, then cpu")
     amp: bool = _f(True, "mixed precision: bf16 on GPUs and CPUs that compute it natively (~2x faster), "
@@ -110,6 +116,9 @@ class TrainConfig:
         """Build from a saved dict, ignoring keys of older or newer versions."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def _flag_kwargs(f: dataclasses.Field, hints: dict) -> dict:
@@ -196,6 +205,9 @@ def load_config_file(path: str | Path) -> TrainConfig:
         if not _fits(value, hints[name]):
             raise UserError(f"--config {path}: {name} should be {getattr(hints[name], '__name__', hints[name])}, "
                             f"not {value!r}")
+        choices = FIELDS[name].metadata["choices"]
+        if choices and value not in choices:
+            raise UserError(f"--config {path}: {name} should be one of {', '.join(map(str, choices))}, not {value!r}")
     cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k not in NOT_SETTINGS})
     return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in NOT_SETTINGS})
 

@@ -43,7 +43,7 @@ from dataset import BadImage, decode_image, expand_inputs, load_items, to_float
 from layout import layout_of, layout_splits, split_of
 from metrics import compute_metrics, most_confident_wrong
 from model import predict_logits, unwrap
-from novelty import extract_features, load_images, novelty_score, unknown_report
+from novelty import load_images, score_images, unknown_report
 from plots import plot_confusion_matrix, plot_gallery, plot_gradcam, plot_unknown_scores, save_figure
 
 
@@ -263,16 +263,13 @@ def unknown_section(ckpt: dict, model: nn.Module, known_images: torch.Tensor, ar
     for path, reason in bad:
         print(f"skipped unreadable image {path}: {reason}")
 
-    def features(x: torch.Tensor) -> dict:
-        return extract_features(model, x, device, args.batch_size, tta=novelty["tta"],
-                                normalization=normalization_of(ckpt))
-
-    known, unknown = features(known_images), features(images)
+    options = {"device": device, "batch_size": args.batch_size, "tta": novelty["tta"],
+               "normalization": normalization_of(ckpt)}
+    known = score_images(model, known_images, novelty["states"], **options)
+    unknown = score_images(model, images, novelty["states"], **options)
     name, threshold = novelty["score"], novelty["threshold"]
-    report = unknown_report(novelty["states"], name, threshold, known, unknown)
-    state = novelty["states"][name]
-    save_figure(plot_unknown_scores(novelty_score(state, known), novelty_score(state, unknown), threshold, name),
-                out / "unknown_scores.png")
+    report = unknown_report(name, threshold, known, unknown)
+    save_figure(plot_unknown_scores(known[name], unknown[name], threshold, name), out / "unknown_scores.png")
     print(f"\nunknown images: {len(images)} from {args.unknown_dir}"
           + (f" ({len(bad)} unreadable skipped)" if bad else "") + f" against {len(known_images)} known")
     print(f"{'score':<18}  {'AUROC':>6}  {'FPR at 95% TPR':>14}")

@@ -3,12 +3,14 @@
 Usage:
     python novelty.py unknown DIR --count 600            # write synthetic far-away images (shapes, noise, text...)
 
-    feats = extract_features(model, images, normalization=ckpt["normalization"], tta=True)
-    state = fit_score("layer_mahalanobis", train_feats, train_labels, num_classes)  # plain dict, weights_only-safe
+    rows = fit_sample(train_labels, 20_000)                   # what to fit on: a stratified sample past 20,000
+    train_feats = extract_features(model, train_images[rows], normalization=ckpt["normalization"], tta=True)
+    state = fit_score("layer_mahalanobis", train_feats, train_labels[rows], num_classes)  # plain dict, weights_only-safe
+    states = fit_states(train_feats, train_labels[rows], num_classes)  # the chosen score + the others within 10 MB
     scores = novelty_score(state, feats)                      # one per image; higher = less like any known class
-    threshold = threshold_for_accept_rate(val_scores, 0.95)   # accept when score <= threshold
-    states = fit_states(train_feats, train_labels, num_classes)  # the chosen score + the others within 10 MB
-    unknown_report(states, "layer_mahalanobis", threshold, val_feats, unknown_feats)  # metrics.json "unknown"
+    val_scores = score_images(model, val_images, states)      # {score name: scores}, a chunk of features at a time
+    threshold = threshold_for_accept_rate(val_scores["layer_mahalanobis"], 0.95)  # accept when score <= threshold
+    unknown_report("layer_mahalanobis", threshold, val_scores, unknown_scores)  # metrics.json "unknown"
     auroc(known_scores, unknown_scores), fpr_at_tpr(known_scores, unknown_scores, 0.95)
 
 Every score is oriented the same way: the higher, the less the image looks like the training classes.
@@ -39,15 +41,18 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from common import UserError
-from dataset import NORMALIZATION, decode_files, expand_inputs, to_float
+from config import NOVELTY_SCORES
+from dataset import NORMALIZATION, RowView, decode_files, expand_inputs, to_float
 from model import unwrap
 
-SCORES = ("msp", "energy", "knn", "mahalanobis", "layer_mahalanobis")
+SCORES = NOVELTY_SCORES  # the names, which config.py's --novelty-score accepts; defined below
 DEFAULT_SCORE = "layer_mahalanobis"
 STATE_VERSION = 1
 MAX_STAGE_CHANNELS = 256  # wider stages are averaged over neighbouring channels: a stage adds at most 512 values
 STATE_BUDGET = 10_000_000  # bytes of score states a checkpoint may hold (the chosen score's is always kept)
 KNN_BANK_BYTES = 4_000_000  # the kNN bank stored beside the chosen score: ~5,000 features of 384 values
+FEATURE_BATCH_VALUES = 2**20  # pixel values per forward pass: 256 images at 64 px gray, 21 at 128 px RGB
+SCORE_CHUNK = 4096  # images whose features score_images holds at once (about 7 KB each for the default model)
 
 
 # ---------------------------------------------------------------- features
@@ -104,7 +109,7 @@ def stage_statistics(maps: torch.Tensor, max_channels: int = MAX_STAGE_CHANNELS)
 
 @torch.no_grad()
 def extract_features(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu",
-                     batch_size: int = 512, tta: bool = False, normalization: dict | None = None,
+                     batch_size: int | None = None, tta: bool = False, normalization: dict | None = None,
                      amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict:
     """What every score needs, float32 on the CPU, for uint8 images (N, C, S, S):
     {"penultimate": (N, D), "logits": (N, classes), "stages": [(N, d_s) per stage]}.
@@ -112,8 +117,10 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
     The stages are called in turn (forward_stages), exactly as the model's forward does; the logits are the head
     applied to the penultimate feature. With tta everything is averaged over the image and its mirror; the head
     being linear, the logits are then exactly the average of both images' logits, as model.predict_logits gives.
+    The features of every image are kept: for a whole split use score_images, and fit on a fit_sample.
     """
     device = torch.device(device)
+    batch_size = batch_size or feature_batch_size(images)
     norm = normalization or NORMALIZATION
     head, stages = head_of(model), feature_stages(model)
     model.eval()
@@ -123,11 +130,14 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         views = [x, x.flip(-1)] if tta else [x]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            passes = [forward_stages(model, v) for v in views]
-        penultimate.append(torch.stack([p.float() for _, p in passes]).mean(0).cpu())
-        stats.append([torch.stack([stage_statistics(maps[i]) for maps, _ in passes]).mean(0).cpu()
-                      for i in range(len(stages))])
+        passes = []  # (penultimate, [statistics per stage]) of each view; its feature maps are freed at once
+        for v in views:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                maps, pen = forward_stages(model, v)
+            passes.append((pen.float(), [stage_statistics(m) for m in maps]))
+            del maps
+        penultimate.append(torch.stack([p for p, _ in passes]).mean(0).cpu())
+        stats.append([torch.stack([st[i] for _, st in passes]).mean(0).cpu() for i in range(len(stages))])
     if not penultimate:
         return {"penultimate": torch.zeros(0, head.in_features), "logits": torch.zeros(0, head.out_features),
                 "stages": [torch.zeros(0, 0) for _ in stages]}
@@ -136,6 +146,29 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
                       None if head.bias is None else head.bias.float().cpu())
     return {"penultimate": penultimate, "logits": logits,
             "stages": [torch.cat([batch[i] for batch in stats]) for i in range(len(stages))]}
+
+
+def feature_batch_size(images: torch.Tensor) -> int:
+    """Images per forward pass in extract_features when the caller does not say: at most 256, and at most
+    FEATURE_BATCH_VALUES pixel values. Every stage's feature maps of a batch are alive at once (the default
+    model's first stage has 48 channels at full resolution: 0.8 MB an image at 64 px), so this bounds memory."""
+    return max(1, min(256, FEATURE_BATCH_VALUES // max(1, math.prod(images.shape[1:]))))
+
+
+def fit_sample(labels: torch.Tensor, limit: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of the training images to fit the scores on: all of them when there are at most `limit`
+    (or `limit` <= 0), else a random sample of about `limit` in which every class keeps its share, rounded up,
+    so no class is left out. The features of the sample are what fitting holds in memory (about 7 KB an image
+    for the default model), so this bounds it whatever the size of the training set."""
+    n = len(labels)
+    if limit <= 0 or n <= limit:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().flatten()
+        picked.append(rows[torch.randperm(len(rows), generator=generator)[:math.ceil(limit * len(rows) / n)]])
+    return torch.cat(picked).sort().values
 
 
 # ---------------------------------------------------------------- fitting a score's state
@@ -332,11 +365,26 @@ def scores_by_name(states: dict[str, dict], features: dict) -> dict[str, torch.T
     return {name: novelty_score(states[name], features) for name in SCORES if name in states}
 
 
-def unknown_report(states: dict[str, dict], chosen: str, threshold: float, known: dict, unknown: dict) -> dict:
+def score_images(model: nn.Module, images: torch.Tensor, states: dict[str, dict], chunk: int = SCORE_CHUNK,
+                 **options) -> dict[str, torch.Tensor]:
+    """scores_by_name of every image, from the features of `chunk` images at a time: only the scores are kept,
+    so a split of any size (a uint8 tensor or a RowView of the cache's map) can be scored. `options` go to
+    extract_features (device, tta, normalization, ...)."""
+    def rows(i: int) -> torch.Tensor | RowView:  # a view: slicing a RowView would read the whole chunk at once
+        if isinstance(images, RowView):
+            return RowView.of(images, torch.arange(i, min(i + chunk, len(images))))
+        return images[i:i + chunk]
+
+    parts = [scores_by_name(states, extract_features(model, rows(i), **options)) for i in range(0, len(images), chunk)]
+    return {name: torch.cat([p[name] for p in parts]) if parts else torch.zeros(0)
+            for name in SCORES if name in states}
+
+
+def unknown_report(chosen: str, threshold: float, known_scores: dict[str, torch.Tensor],
+                   unknown_scores: dict[str, torch.Tensor]) -> dict:
     """What metrics.json holds under "unknown": the chosen score's AUROC, FPR at 95% TPR and, at `threshold`,
     the shares of known images rejected and unknown ones accepted; "by_score" gives AUROC and FPR for every
-    stored score. `known` and `unknown` are extract_features outputs."""
-    known_scores, unknown_scores = scores_by_name(states, known), scores_by_name(states, unknown)
+    stored score. `known_scores` and `unknown_scores` are score_images (or scores_by_name) outputs."""
     out = {"score": chosen, **separation_report(known_scores[chosen], unknown_scores[chosen], threshold)}
     out["by_score"] = {name: {"auroc": auroc(known_scores[name], unknown_scores[name]),
                               "fpr_at_95_tpr": fpr_at_tpr(known_scores[name], unknown_scores[name], 0.95)}

@@ -50,7 +50,7 @@ from dataset import RowView, Split, augment, batches, load_data, load_items, to_
 from layout import Layout, format_problems, layout_of, layout_splits
 from metrics import confusion_matrix, correct_count, expected_calibration_error, fit_temperature, loss_sum
 from model import adapt_state_dict, build_model, input_normalization, load_pretrained, predict_logits, unwrap
-from novelty import (SCORES, accepted, extract_features, fit_states, novelty_score, state_bytes,
+from novelty import (SCORES, accepted, extract_features, fit_sample, fit_states, score_images, state_bytes,
                      threshold_for_accept_rate, unknown_report)
 from plots import plot_confusion_matrix, plot_gallery, plot_history, save_figure
 from runs import (RESULTS, TRAIN_BATCH, TRAINING_CURVES, append_result, archive_previous_run, rewrite_results,
@@ -531,6 +531,8 @@ def restore(t: Trainer, cfg: TrainConfig, ckpt: dict) -> Progress:
     t.optimizer.load_state_dict(state["optimizer_state"])
     t.scheduler.load_state_dict(state["scheduler_state"])
     set_rng_state(state["rng"], t.generator)
+    if t.scaler is not None and state["scaler_state"]:  # else (a run saved on bf16 or fp32) it starts afresh
+        t.scaler.load_state_dict(state["scaler_state"])
     best = state["best"]
     print(f"resuming after epoch {state['epoch']} (best val acc {best['acc']:.4f} at epoch {best['epoch']})")
     history = state["history"]
@@ -771,7 +773,7 @@ def save_epoch(t: Trainer, cfg: TrainConfig, classes: list[str], layout: dict, p
     if finite:
         ckpt = with_resume_state(ckpt, t.optimizer, t.scheduler, rng_state(t.generator),
                                  raw_model=t.model if t.ema is not None else None,
-                                 ema_steps=int(t.ema.n_averaged) if t.ema is not None else 0)
+                                 ema_steps=int(t.ema.n_averaged) if t.ema is not None else 0, scaler=t.scaler)
         save_checkpoint(ckpt, Path(cfg.out_dir) / LAST)
 
 
@@ -844,34 +846,37 @@ def left_out_images(cfg: TrainConfig, classes: list[str]) -> tuple[Split | None,
 
 
 def fit_novelty(path: Path, train: Split, val: Split, cfg: TrainConfig, device: torch.device) -> dict:
-    """Fit the novelty scores on the best model's train features, choose the threshold that accepts
-    --accept-rate of val, store both in its checkpoint; report on the left-out classes when there are some."""
+    """Fit the novelty scores on the best model's features of (a stratified sample of) the train images, choose
+    the threshold that accepts --accept-rate of val, store both in its checkpoint; report on the left-out classes
+    when there are some. Only the sample's features are held at once, so memory does not grow with the data."""
     started = time.time()
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt).to(device)
     tta = tta_of(ckpt)
-
-    def features(images: torch.Tensor) -> dict:
-        return extract_features(model, images, device, tta=tta, normalization=normalization_of(ckpt),
-                                channels_last=cfg.channels_last)
-
-    states = fit_states(features(train.images), train.labels.cpu(), len(ckpt["classes"]), cfg.novelty_score,
-                        temperature_of(ckpt))
-    val_features = features(val.images)
-    val_scores = novelty_score(states[cfg.novelty_score], val_features)
-    threshold = threshold_for_accept_rate(val_scores, cfg.accept_rate)
+    options = {"device": device, "tta": tta, "normalization": normalization_of(ckpt),
+               "channels_last": cfg.channels_last, "batch_size": cfg.batch_size}  # no bigger than training's
+    sample = train.subset(fit_sample(train.labels.cpu(), cfg.novelty_max_images, cfg.seed))
+    states = fit_states(extract_features(model, sample.images, **options), sample.labels.cpu(),
+                        len(ckpt["classes"]), cfg.novelty_score, temperature_of(ckpt))
+    val_scores = score_images(model, val.images, states, **options)
+    threshold = threshold_for_accept_rate(val_scores[cfg.novelty_score], cfg.accept_rate)
     seconds = time.time() - started
+    n_fit = len(sample.labels)
     save_checkpoint(with_novelty(ckpt, novelty_record(states, cfg.novelty_score, threshold, cfg.accept_rate, tta,
-                                                      seconds, len(train.labels))), path)
+                                                      seconds, n_fit)), path)
     size = sum(state_bytes(s) for s in states.values())
-    print(f"novelty score {cfg.novelty_score}: fitted on {len(train.labels)} train images in {seconds:.1f}s "
+    fitted_on = (f"{n_fit} train images" if n_fit == len(train.labels) else
+                 f"a stratified sample of {n_fit} of the {len(train.labels)} train images (--novelty-max-images)")
+    print(f"novelty score {cfg.novelty_score}: fitted on {fitted_on} in {seconds:.1f}s "
           f"({size / 1e6:.1f} MB stored, scores {', '.join(states)}); threshold {threshold:.4g} accepts "
-          f"{accepted(val_scores, threshold).double().mean().item():.1%} of val (--accept-rate {cfg.accept_rate})")
+          f"{accepted(val_scores[cfg.novelty_score], threshold).double().mean().item():.1%} of val "
+          f"(--accept-rate {cfg.accept_rate})")
     out = {"novelty_score": cfg.novelty_score, "novelty_threshold": threshold, "novelty_seconds": round(seconds, 1),
-           "novelty_bytes": size}
+           "novelty_bytes": size, "novelty_train_images": n_fit}
     left_out, left_out_names = left_out_images(cfg, ckpt["classes"])
     if left_out is not None:
-        report = unknown_report(states, cfg.novelty_score, threshold, val_features, features(left_out.images))
+        report = unknown_report(cfg.novelty_score, threshold, val_scores,
+                                score_images(model, left_out.images, states, **options))
         out["known_unknowns"] = {"classes": left_out_names, "images": len(left_out.labels), **report}
         print(f"left-out classes as unknown images ({', '.join(left_out_names)}: {len(left_out.labels)} images): "
               f"{cfg.novelty_score} AUROC {report['auroc']:.3f}, FPR at 95% TPR {report['fpr_at_95_tpr']:.1%}; "

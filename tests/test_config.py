@@ -74,7 +74,8 @@ def test_help_starts_with_a_description_and_shows_each_default_once():
     assert helps["classes"].endswith("(default: every class found)")
 
 
-@pytest.mark.parametrize("flag, bad", [("--arch", "resnet19"), ("--class-weights", "balanced"), ("--channels", "2")])
+@pytest.mark.parametrize("flag, bad", [("--arch", "resnet19"), ("--class-weights", "balanced"), ("--channels", "2"),
+                                       ("--novelty-score", "odin"), ("--data-placement", "gpu")])
 def test_a_value_outside_a_fixed_set_fails_before_any_data_is_read(flag, bad, tiny_data, tmp_path, capsys):
     import train
     from conftest import train_args
@@ -88,7 +89,11 @@ def test_a_value_outside_a_fixed_set_fails_before_any_data_is_read(flag, bad, ti
 
 
 def test_choices_accept_every_listed_value():
-    assert parse_config(["--arch", "resnet50", "--class-weights", "auto", "--channels", "3"]).channels == 3
+    cfg = parse_config(["--arch", "resnet50", "--class-weights", "auto", "--channels", "3", "--novelty-score", "none",
+                        "--data-placement", "map"])
+    assert (cfg.arch, cfg.class_weights, cfg.channels, cfg.novelty_score, cfg.data_placement) == \
+        ("resnet50", "auto", 3, "none", "map")
+    assert parse_config(["--novelty-score", "knn"]).novelty_score == "knn"
 
 
 def test_config_file_is_the_base_and_flags_override_it(tmp_path):
@@ -103,6 +108,8 @@ def test_config_file_is_the_base_and_flags_override_it(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (None, "no such file"), ("{not json", "not a readable JSON file"), ("[1, 2]", "expected a JSON object"),
     ('{"epochs": "5"}', "epochs should be int, not '5'"), ('{"lr": true}', "lr should be float"),
+    ('{"arch": "resnet19"}', "arch should be one of resnet_small, resnet18, resnet50, not 'resnet19'"),
+    ('{"channels": 2}', "channels should be one of 1, 3, not 2"),
 ])
 def test_a_bad_config_file_is_a_user_error(tmp_path, content, message):
     path = tmp_path / "config.json"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import novelty as nv
 from common import UserError
 from conftest import load_folder
-from dataset import decode_image, make_synthetic
+from dataset import RowView, decode_image, make_synthetic
 from model import build_model, predict_logits
 
 
@@ -163,6 +163,40 @@ def test_features_are_the_head_input_and_give_the_models_logits(arch, tta):
     if channels[-1] <= nv.MAX_STAGE_CHANNELS:
         assert torch.allclose(feats["stages"][-1][:, :channels[-1]], feats["penultimate"], atol=1e-5)
     assert nv.extract_features(model, images[:0])["penultimate"].shape == (0, model.fc.in_features)
+
+
+def test_fit_sample_keeps_every_class_and_its_share():
+    labels = torch.tensor([0] * 990 + [1] * 9 + [2])[torch.randperm(1000, generator=torch.Generator().manual_seed(1))]
+    rows = nv.fit_sample(labels, 100, seed=0)
+    assert torch.equal(rows, rows.unique())  # sorted, no repeats
+    counts = torch.bincount(labels[rows], minlength=3).tolist()
+    assert counts == [99, 1, 1]  # each class's share of 100, rounded up: the single class-2 image is kept
+    assert torch.equal(nv.fit_sample(labels, 100, seed=0), rows)
+    assert not torch.equal(nv.fit_sample(labels, 100, seed=1), rows)
+    assert torch.equal(nv.fit_sample(labels, 1000), torch.arange(1000))
+    assert torch.equal(nv.fit_sample(labels, 0), torch.arange(1000))
+
+
+def test_feature_batches_hold_a_bounded_number_of_pixel_values():
+    assert nv.feature_batch_size(torch.zeros(1, 1, 32, 32, dtype=torch.uint8)) == 256
+    assert nv.feature_batch_size(torch.zeros(1, 1, 64, 64, dtype=torch.uint8)) == 256
+    assert nv.feature_batch_size(torch.zeros(1, 3, 128, 128, dtype=torch.uint8)) == 21
+    assert nv.feature_batch_size(torch.zeros(1, 3, 256, 256, dtype=torch.uint8)) == 5
+    assert nv.feature_batch_size(torch.zeros(1, 3, 4096, 4096, dtype=torch.uint8)) == 1
+
+
+def test_scoring_in_chunks_gives_the_scores_of_one_pass():
+    torch.manual_seed(0)
+    model = build_model("resnet_small", num_classes=2, in_channels=1, width=8, image_size=16).eval()
+    images = torch.randint(0, 256, (11, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([0, 1] * 5 + [0])
+    states = nv.fit_states(nv.extract_features(model, images), labels, 2)
+    at_once = nv.scores_by_name(states, nv.extract_features(model, images, tta=True))
+    chunked = nv.score_images(model, RowView(images, torch.arange(11)), states, chunk=4, tta=True, batch_size=3)
+    assert list(chunked) == list(at_once) == list(nv.SCORES)
+    for name in nv.SCORES:
+        assert chunked[name].shape == (11,) and torch.allclose(chunked[name], at_once[name], atol=1e-5), name
+    assert all(len(v) == 0 for v in nv.score_images(model, images[:0], states).values())
 
 
 def test_stage_statistics_average_neighbouring_channels_of_wide_stages():

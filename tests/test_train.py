@@ -522,3 +522,29 @@ def test_without_fp16_there_is_no_grad_scaler(tiny_data, tmp_path, monkeypatch, 
     monkeypatch.setattr(torch.amp.GradScaler, "__init__", lambda *a, **k: pytest.fail("GradScaler built"))
     assert train.main(train_args(tiny_data, tmp_path, "--no-amp")) == 0
     assert "fp32" in capsys.readouterr().out.split("device: ", 1)[1].splitlines()[0]
+
+
+def test_the_fp16_loss_scale_survives_a_resume(tmp_path):
+    """With fp16 autocast (CUDA GPUs without bf16) last.pth keeps the GradScaler's scale and --resume restores it,
+    rather than starting again from 65,536 and skipping steps until it has shrunk back."""
+    cfg = parse_config(["--out-dir", str(tmp_path), "--width", "4", "--image-size", "16", "--epochs", "2"])
+    data = Split(torch.zeros(8, 1, 16, 16, dtype=torch.uint8), torch.tensor([0, 1] * 4), [f"{i}.png" for i in range(8)])
+    cpu = torch.device("cpu")
+    saved = train.build_trainer(cfg, data, 2, cpu, torch.float16, None)
+    saved.scaler.scale(torch.ones(()))  # the scale starts at 65,536 on first use
+    saved.scaler.update(new_scale=512.0)
+    progress = train.Progress(history=[{"epoch": 1, "train_seconds": 1.0}], best={"acc": 0.5, "epoch": 1})
+    train.save_epoch(saved, cfg, ["a", "b"], {}, progress, {"val": {}, "train": {}}, improved=False, finite=True)
+    last = load_checkpoint(tmp_path / train.LAST)
+    assert last["scaler_state"]["scale"] == 512.0
+    resumed = train.build_trainer(cfg, data, 2, cpu, torch.float16, None)
+    assert train.restore(resumed, cfg, last).start_epoch == 1
+    assert resumed.scaler.get_scale() == 512.0
+    # a last.pth written without loss scaling (bf16, fp32) resumes under fp16 with a fresh scaler
+    plain = train.build_trainer(cfg, data, 2, cpu, None, None)
+    train.save_epoch(plain, cfg, ["a", "b"], {}, progress, {"val": {}, "train": {}}, improved=False, finite=True)
+    assert "scaler_state" not in load_checkpoint(tmp_path / train.LAST)
+    fresh = train.build_trainer(cfg, data, 2, cpu, torch.float16, None)
+    train.restore(fresh, cfg, load_checkpoint(tmp_path / train.LAST))
+    fresh.scaler.scale(torch.ones(()))
+    assert fresh.scaler.get_scale() == 65536.0
