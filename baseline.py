@@ -3,11 +3,13 @@
 Usage:
     python baseline.py --data ../shared/data/catdog                 # 1 epoch, one JSON line per epoch
     python baseline.py --data DATA --epochs 3 --max-seconds 400 --workers 2
+    python baseline.py --data DATA --device cuda                   # the same pipeline on a GPU
 
 Recipe: torchvision ImageFolder, with PIL decoding and transforms on every image of every epoch (grayscale,
 resize to 64x64, random mirror and rotation of up to 10 degrees for training, [-1, 1] normalization);
 torchvision ResNet-18 (weights=None) whose first convolution takes 1 channel and whose head has one logit per
-class; Adam at lr 1e-3, cross-entropy, batch 32. DATA holds train/<class>/* and val/<class>/* (or test/).
+class; Adam at lr 1e-3, cross-entropy, batch 32; the model on --device and each batch copied there (pinned on
+CUDA). DATA holds train/<class>/* and val/<class>/* (or test/).
 Each line: epoch, train images/s, val accuracy and wall seconds since training started (evaluation included).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from torchvision.models import resnet18
 
-from common import UserError
+from common import UserError, pick_device
 
 
 def pil_transforms(size: int, train: bool) -> transforms.Compose:
@@ -51,21 +53,23 @@ def eval_folder(data: Path) -> Path:
     raise UserError(f"{data} has neither val/ nor test/ to measure accuracy on")
 
 
-def accuracy(model: nn.Module, loader: DataLoader) -> float:
+def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
     model.eval()
     right = total = 0
     with torch.no_grad():
         for x, y in loader:
-            right += int((model(x).argmax(1) == y).sum())
+            right += int((model(x.to(device)).argmax(1).cpu() == y).sum())
             total += len(y)
     return right / max(1, total)
 
 
 def train_baseline(data: str, epochs: int = 1, max_seconds: float = float("inf"), workers: int = 2,
-                   batch_size: int = 32, size: int = 64, seed: int = 0) -> Iterator[dict]:
-    """Train the plain pipeline, yielding {epoch, train_images_per_s, val_acc, elapsed_s} after each epoch.
+                   batch_size: int = 32, size: int = 64, seed: int = 0, device: str = "cpu") -> Iterator[dict]:
+    """Train the plain pipeline on `device` (the model there, each batch copied to it, as the usual
+    `.to(device)` scripts do), yielding {epoch, train_images_per_s, val_acc, elapsed_s} after each epoch.
     Past max_seconds the current epoch stops after its step, is evaluated, and is the last one."""
     torch.manual_seed(seed)
+    device = pick_device(device)
     root = Path(data)
     if not (root / "train").is_dir():
         raise UserError(f"no train/ folder in {root}")
@@ -73,9 +77,10 @@ def train_baseline(data: str, epochs: int = 1, max_seconds: float = float("inf")
     val_set = datasets.ImageFolder(str(eval_folder(root)), pil_transforms(size, train=False))
     if val_set.classes != train_set.classes:
         raise UserError(f"class folders differ: train {train_set.classes}, eval {val_set.classes}")
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers)
-    val_loader = DataLoader(val_set, batch_size=128, num_workers=workers)
-    model = gray_resnet18(len(train_set.classes))
+    pin = device.type == "cuda"
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=pin)
+    val_loader = DataLoader(val_set, batch_size=128, num_workers=workers, pin_memory=pin)
+    model = gray_resnet18(len(train_set.classes)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
     start = time.time()
@@ -84,13 +89,13 @@ def train_baseline(data: str, epochs: int = 1, max_seconds: float = float("inf")
         t_epoch, images = time.time(), 0
         for x, y in train_loader:
             optimizer.zero_grad()
-            criterion(model(x), y).backward()
+            criterion(model(x.to(device)), y.to(device)).backward()
             optimizer.step()
             images += len(y)
             if time.time() - start > max_seconds:
                 break
         speed = images / (time.time() - t_epoch)
-        yield {"epoch": epoch, "train_images_per_s": round(speed, 1), "val_acc": round(accuracy(model, val_loader), 4),
+        yield {"epoch": epoch, "train_images_per_s": round(speed, 1), "val_acc": round(accuracy(model, val_loader, device), 4),
                "elapsed_s": round(time.time() - start, 1)}
         if time.time() - start > max_seconds:
             return
@@ -103,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
                         help="stop after the step that passes this many seconds (default: no limit)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes (default: 2)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")
     args = parser.parse_args(argv)
     try:
-        for row in train_baseline(args.data, args.epochs, args.max_seconds, args.workers):
+        for row in train_baseline(args.data, args.epochs, args.max_seconds, args.workers, device=args.device):
             print(json.dumps(row), flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ Prints one JSON object: train images/s for each, our decode time (cold cache), s
 accuracy for each (null if never; wall time since training started, evaluation included), best val accuracy,
 the share of our epochs' time spent on data after the first epoch, and the ratios.
 The baseline is baseline.py in this folder (ImageFolder + PIL transforms every epoch, torchvision ResNet-18,
-Adam), run in this process after ours. DATA may be any layout train.py reads (train.py flags such as --labels go after --); the baseline needs
+Adam), run in this process after ours and on the same device (--device). DATA may be any layout train.py reads (train.py flags such as --labels go after --); the baseline needs
 DATA/train and DATA/val folders, so other layouts are first written as hard links to a temporary
 train/val(/test) copy (split_dataset.py --mode link) with the same carve our run uses.
 
@@ -21,8 +21,9 @@ fresh process: the cold decode into an empty cache, the warm load, and one train
 --train-seconds) reading batches from the memory map and, for comparison, with every image in RAM
 (--data-placement device). It prints JSON with seconds, images/s, pixel bytes, and each process's peak RSS and
 peak anonymous memory (RssAnon in /proc/self/status, sampled every 10 ms; pages of the map are file pages,
-which the kernel can drop, and do not count). The decode's worker processes are not included. The novelty
-score fitted after training is left out unless --novelty-score is among the train.py flags.
+which the kernel can drop, and do not count). The decode's worker processes are not included. The training
+step is a whole train.py run: the epoch, validation, and the novelty score fitted at the end (on at most
+--novelty-max-images train images; its seconds are reported; `-- --novelty-score none` leaves it out).
 """
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ def baseline_data(cfg: TrainConfig, lay: Layout, scratch: str) -> str:
     return str(dst)
 
 
-def bench_baseline(data: str, epochs: int, max_seconds: float, workers: int) -> dict:
-    hist = list(train_baseline(data, epochs, max_seconds, workers))
+def bench_baseline(data: str, epochs: int, max_seconds: float, workers: int, device: str) -> dict:
+    hist = list(train_baseline(data, epochs, max_seconds, workers, device=device))
     return {"train_images_per_s": round(sum(h["train_images_per_s"] for h in hist) / len(hist), 1),
             **{f"seconds_to_{round(t * 100)}": seconds_to(hist, t, "val_acc", "elapsed_s") for t in TARGETS},
             "best_val_acc": max(h["val_acc"] for h in hist), "epochs": len(hist),
@@ -201,7 +202,8 @@ def measure(step: str, cfg: TrainConfig) -> dict:
                 summary = train.run(cfg)
             h = summary["history"][0]
             out = {"train_images_per_s": h["train_images_per_s"], "train_images": h["train_images"],
-                   "train_seconds": h["train_seconds"], "wall_seconds": round(time.time() - t0, 1)}
+                   "train_seconds": h["train_seconds"], "novelty_seconds": summary.get("novelty_seconds"),
+                   "wall_seconds": round(time.time() - t0, 1)}
     return {**out, **peaks.report()}
 
 
@@ -240,8 +242,6 @@ def scale_main(argv: list[str]) -> int:
                                   channels=args.channels, workers=args.workers, cache_dir=str(cache), epochs=1,
                                   time_budget=args.train_seconds, out_dir=str(work / "models"),
                                   log_dir=str(work / "logs"), curves_dir=str(work / "curves"), run_name="scale")
-        if "--novelty-score" not in train_flags:  # it measures training; fitting novelty reads every train image
-            cfg = dataclasses.replace(cfg, novelty_score="none")
         shutil.rmtree(cache, ignore_errors=True)
         cold = _measure_in_subprocess("load", cfg)
         warm = _measure_in_subprocess("load", cfg)
@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             ours = bench_ours(cfg)
             if not args.skip_baseline:
                 base_data = baseline_data(cfg, layout_of(cfg), scratch)
-                base = bench_baseline(base_data, args.baseline_epochs, args.baseline_seconds, args.workers)
+                base = bench_baseline(base_data, args.baseline_epochs, args.baseline_seconds, args.workers,
+                                      args.device)
         result = {"machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                               "python": platform.python_version(), "torch": torch.__version__},

@@ -41,7 +41,7 @@ def test_bench_runs_the_baseline_from_a_clone_without_shared(tmp_path):
     assert not (tmp_path / "shared").exists()
     data = make_synthetic(tmp_path / "d", 8, size=24, splits=("train", "val"))
     proc = subprocess.run([sys.executable, "bench.py", "--data", str(data), "--epochs", "1", "--workers", "0",
-                           "--time-budget", "20", "--baseline-epochs", "2", "--baseline-seconds", "20",
+                           "--time-budget", "20", "--baseline-epochs", "2", "--baseline-seconds", "120",
                            "--", "--batch-size", "8", "--image-size", "32", "--width", "8"],
                           cwd=clone, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
