@@ -29,9 +29,10 @@ def tiny_data(tmp_path: Path) -> Path:
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """Fast flags for a toy run whose outputs all stay under `out`."""
+    """Fast flags for a toy run whose outputs all stay under `out`; on the CPU also where a GPU is, so that the
+    numbers tests recompute on the CPU match (a GPU's TF32 convolutions differ in the 4th digit)."""
     return ["--data", str(data), "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--width", "8",
-            "--workers", "0", "--out-dir", str(out / "models"), "--log-dir", str(out / "logs"),
+            "--workers", "0", "--device", "cpu", "--out-dir", str(out / "models"), "--log-dir", str(out / "logs"),
             "--curves-dir", str(out / "curves"), "--cache-dir", str(out / "cache"), "--run-name", "t", *extra]
 
 
