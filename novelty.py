@@ -7,7 +7,7 @@ Usage:
     train_feats = extract_features(model, train_images[rows], normalization=ckpt["normalization"], tta=True)
     state = fit_score("layer_mahalanobis", train_feats, train_labels[rows], num_classes)  # plain dict, weights_only-safe
     states = fit_states(train_feats, train_labels[rows], num_classes)  # the chosen score + the others within 10 MB
-    scores = novelty_score(state, feats)                      # one per image; higher = less like any known class
+    scores = novelty_score(state, extract_features(model, images))  # one per image; higher = less like any known class
     val_scores = score_images(model, val_images, states)      # {score name: scores}, a chunk of features at a time
     threshold = threshold_for_accept_rate(val_scores["layer_mahalanobis"], 0.95)  # accept when score <= threshold
     unknown_report("layer_mahalanobis", threshold, val_scores, unknown_scores)  # metrics.json "unknown"
@@ -45,7 +45,7 @@ from config import NOVELTY_SCORES
 from dataset import NORMALIZATION, RowView, decode_files, expand_inputs, to_float
 from model import unwrap
 
-SCORES = NOVELTY_SCORES  # the names, which config.py's --novelty-score accepts; defined below
+SCORES = NOVELTY_SCORES  # the names --novelty-score accepts (config.py); each is computed in novelty_score below
 DEFAULT_SCORE = "layer_mahalanobis"
 STATE_VERSION = 1
 MAX_STAGE_CHANNELS = 256  # wider stages are averaged over neighbouring channels: a stage adds at most 512 values
