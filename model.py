@@ -10,6 +10,7 @@ Checkpoints (saving, loading, rebuilding the model from one) are checkpoint.py's
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -194,12 +195,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512,
+def batch_size_for(images: torch.Tensor, max_values: int = 2**22, max_images: int = 512) -> int:
+    """Images per forward pass: at most `max_images`, and at most `max_values` pixel values, so that a batch's
+    floats stay bounded whatever the image size (512 at 64 px gray, 21 at 256 px RGB by default)."""
+    return max(1, min(max_images, max_values // max(1, math.prod(images.shape[1:]))))
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int | None = None,
                    tta: bool = False, channels_last: bool = False,
                    amp_dtype: torch.dtype | None = None, normalization: dict | None = None) -> torch.Tensor:
     """Logits (N, classes) on the CPU for uint8 images (N, C, S, S); with tta, averaged with the mirror image.
-    `normalization` is the checkpoint's {"mean", "std"} (default: dataset.NORMALIZATION)."""
+    `normalization` is the checkpoint's {"mean", "std"} (default: dataset.NORMALIZATION); `batch_size` defaults
+    to batch_size_for(images)."""
     norm = normalization or NORMALIZATION
+    batch_size = batch_size or batch_size_for(images)
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):

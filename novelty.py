@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from common import UserError
 from config import NOVELTY_SCORES
 from dataset import NORMALIZATION, RowView, decode_files, expand_inputs, to_float
-from model import unwrap
+from model import batch_size_for, unwrap
 
 SCORES = NOVELTY_SCORES  # the names --novelty-score accepts (config.py); each is computed in novelty_score below
 DEFAULT_SCORE = "layer_mahalanobis"
@@ -152,7 +152,7 @@ def feature_batch_size(images: torch.Tensor) -> int:
     """Images per forward pass in extract_features when the caller does not say: at most 256, and at most
     FEATURE_BATCH_VALUES pixel values. Every stage's feature maps of a batch are alive at once (the default
     model's first stage has 48 channels at full resolution: 0.8 MB an image at 64 px), so this bounds memory."""
-    return max(1, min(256, FEATURE_BATCH_VALUES // max(1, math.prod(images.shape[1:]))))
+    return batch_size_for(images, FEATURE_BATCH_VALUES, 256)
 
 
 def fit_sample(labels: torch.Tensor, limit: int, seed: int = 0) -> torch.Tensor:
@@ -370,10 +370,8 @@ def score_images(model: nn.Module, images: torch.Tensor, states: dict[str, dict]
     """scores_by_name of every image, from the features of `chunk` images at a time: only the scores are kept,
     so a split of any size (a uint8 tensor or a RowView of the cache's map) can be scored. `options` go to
     extract_features (device, tta, normalization, ...)."""
-    def rows(i: int) -> torch.Tensor | RowView:  # a view: slicing a RowView would read the whole chunk at once
-        if isinstance(images, RowView):
-            return RowView.of(images, torch.arange(i, min(i + chunk, len(images))))
-        return images[i:i + chunk]
+    def rows(i: int) -> RowView:  # lazy: indexing the whole chunk at once would read all its pixels
+        return RowView.of(images, torch.arange(i, min(i + chunk, len(images))))
 
     parts = [scores_by_name(states, extract_features(model, rows(i), **options)) for i in range(0, len(images), chunk)]
     return {name: torch.cat([p[name] for p in parts]) if parts else torch.zeros(0)
