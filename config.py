@@ -118,9 +118,6 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
 def _flag_kwargs(f: dataclasses.Field, hints: dict) -> dict:
     typ = hints[f.name]
     kwargs = {"help": f.metadata.get("help", ""), "dest": f.name}
@@ -199,15 +196,16 @@ def load_config_file(path: str | Path) -> TrainConfig:
     if not isinstance(saved, dict):
         raise UserError(f"--config {path}: expected a JSON object of settings, as train.py writes")
     hints, defaults = typing.get_type_hints(TrainConfig), TrainConfig()
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
     for name, value in saved.items():
         if name not in hints or name in NOT_SETTINGS:
             continue
         if not _fits(value, hints[name]):
             raise UserError(f"--config {path}: {name} should be {getattr(hints[name], '__name__', hints[name])}, "
                             f"not {value!r}")
-        choices = FIELDS[name].metadata["choices"]
-        if choices and value not in choices:
-            raise UserError(f"--config {path}: {name} should be one of {', '.join(map(str, choices))}, not {value!r}")
+        if choices[name] and value not in choices[name]:
+            raise UserError(f"--config {path}: {name} should be one of {', '.join(map(str, choices[name]))}, "
+                            f"not {value!r}")
     cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k not in NOT_SETTINGS})
     return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in NOT_SETTINGS})
 

@@ -28,6 +28,21 @@ def tiny_data(tmp_path: Path) -> Path:
     return make_synthetic(tmp_path / "data", 16, size=40, seed=1)
 
 
+def table_labelled_set(root: Path, per_class: int, size: int, labels: tuple[str, str], id_format: str,
+                       extra_rows: str = "") -> Path:
+    """Dog Breed style: ROOT/train/<id>.png, numbered in file order, and ROOT/labels.csv with `id,breed` rows
+    whose ids have no extension (generated class a -> labels[0], b -> labels[1]), then `extra_rows`."""
+    gen = make_synthetic(root.parent / f"{root.name}-gen", {"a": per_class, "b": per_class}, size=size,
+                         splits=("train",))
+    (root / "train").mkdir(parents=True)
+    rows = []
+    for i, f in enumerate(sorted(gen.rglob("*.png"))):
+        f.rename(root / "train" / f"{id_format.format(i)}.png")
+        rows.append(f"{id_format.format(i)},{labels[f.parent.name == 'b']}")
+    (root / "labels.csv").write_text("id,breed\n" + "\n".join(rows) + "\n" + extra_rows)
+    return root
+
+
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     """Fast flags for a toy run whose outputs all stay under `out`; on the CPU also where a GPU is, so that the
     numbers tests recompute on the CPU match (a GPU's TF32 convolutions differ in the 4th digit)."""

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from conftest import table_labelled_set
 from dataset import load_data, make_synthetic
 from layout import SKIPPED, read_layout
 from split_dataset import main, split_dataset
@@ -43,14 +44,7 @@ def test_same_seed_same_split_other_seed_other_split(flat, tmp_path):
 
 
 def test_a_csv_source_becomes_canonical_class_folders(tmp_path, capsys):
-    gen = make_synthetic(tmp_path / "gen", {"a": 10, "b": 10}, size=16, splits=("train",))
-    src = tmp_path / "breeds"
-    (src / "train").mkdir(parents=True)
-    rows = []
-    for i, f in enumerate(sorted(gen.rglob("*.png"))):
-        f.rename(src / "train" / f"{i:03d}.png")
-        rows.append(f"{i:03d},{'big dog' if f.parent.name == 'a' else 'small dog'}")
-    (src / "labels.csv").write_text("id,breed\n" + "\n".join(rows) + "\n")
+    src = table_labelled_set(tmp_path / "breeds", 10, 16, ("big dog", "small dog"), "{:03d}")
     assert main([str(src), str(tmp_path / "out"), "--labels", str(src / "labels.csv"), "--ratios", "0.8", "0.2"]) == 0
     assert "layout: labels from labels.csv (columns id -> breed)" in capsys.readouterr().out
     counts = {s: {c: len(list((tmp_path / "out" / s / c).iterdir())) for c in ("big dog", "small dog")}

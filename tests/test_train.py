@@ -10,7 +10,7 @@ import inference
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
 from config import parse_config
-from conftest import expected_answer, imagenet_like_resnet18, train_args
+from conftest import expected_answer, imagenet_like_resnet18, table_labelled_set, train_args
 from dataset import Split, augment, image_tensor, load_data, make_synthetic, to_float
 from layout import read_layout
 from metrics import expected_calibration_error
@@ -226,14 +226,8 @@ def test_classes_subset_and_val_split_without_val_folder(tmp_path, capsys):
 @pytest.mark.slow
 def test_one_short_run_from_a_csv_labelled_set(tmp_path, capsys):
     """Dog Breed style: DATA/train/<id>.png and labels.csv id,breed with ids without the extension."""
-    gen = make_synthetic(tmp_path / "gen", {"a": 12, "b": 12}, size=32, splits=("train",))
-    data = tmp_path / "dog-breed"
-    (data / "train").mkdir(parents=True)
-    rows = []
-    for i, f in enumerate(sorted(gen.rglob("*.png"))):
-        f.rename(data / "train" / f"{i:04x}.png")
-        rows.append(f"{i:04x},{'great pyrenees' if f.parent.name == 'a' else 'beagle'}")
-    (data / "labels.csv").write_text("id,breed\n" + "\n".join(rows) + "\nmissing01,beagle\n")
+    data = table_labelled_set(tmp_path / "dog-breed", 12, 32, ("great pyrenees", "beagle"), "{:04x}",
+                              extra_rows="missing01,beagle\n")
     assert train.main(train_args(data, tmp_path, "--labels", str(data / "labels.csv"))) == 0
     out = capsys.readouterr().out
     assert ("layout: labels from labels.csv (columns id -> breed) for the files in train/ (train); val = 20% of "
