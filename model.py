@@ -194,17 +194,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-@torch.no_grad()
 def batch_size_for(images: torch.Tensor, max_values: int = 2**22, max_images: int = 512) -> int:
     """Images per forward pass: at most `max_images`, and at most `max_values` pixel values, so that a batch's
     floats stay bounded whatever the image size (512 at 64 px gray, 21 at 256 px RGB by default)."""
     return max(1, min(max_images, max_values // max(1, math.prod(images.shape[1:]))))
 
 
+@torch.inference_mode()
 def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int | None = None,
                    tta: bool = False, channels_last: bool = False,
                    amp_dtype: torch.dtype | None = None, normalization: dict | None = None) -> torch.Tensor:
     """Logits (N, classes) on the CPU for uint8 images (N, C, S, S); with tta, averaged with the mirror image.
+    Runs under inference mode: no autograd graph is built, so a batch's activations are freed as soon as it is
+    scored, even for a model whose parameters require grad (the EMA model in training).
     `normalization` is the checkpoint's {"mean", "std"} (default: dataset.NORMALIZATION); `batch_size` defaults
     to batch_size_for(images)."""
     norm = normalization or NORMALIZATION

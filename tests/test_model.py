@@ -127,3 +127,18 @@ def test_predict_logits_default_normalization_is_unchanged():
     assert torch.allclose(predict_logits(model, x, cpu), ref, atol=1e-6)
     assert torch.allclose(predict_logits(model, x, cpu, normalization={"mean": [0.5], "std": [0.5]}), ref,
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_predict_logits_builds_no_autograd_graph(tta):
+    """A model whose parameters require grad (the EMA model in training) must not make prediction keep any
+    batch's activations for a backward pass: nothing is saved for backward, and the logits carry no graph."""
+    model = SmallResNet(2, 1, 8)
+    assert all(p.requires_grad for p in model.parameters())
+    images = torch.randint(0, 256, (40, 1, 32, 32), dtype=torch.uint8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        logits = predict_logits(model, images, torch.device("cpu"), batch_size=16, tta=tta)
+    assert logits.shape == (40, 2)
+    assert logits.grad_fn is None and not logits.requires_grad
+    assert sum(saved) == 0  # with a graph, every convolution's input of every batch would be held here
