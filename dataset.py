@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from cache import update_cache
-from common import IMAGE_EXTENSIONS, UserError, is_hidden
-from layout import Layout, layout_splits
+from common import UserError
+from layout import Layout, layout_splits, walk_files
 
 # The cache stores pixels as uint8 and training sees (x / 127.5 - 1), i.e. mean 0.5 and std 0.5 of [0, 1].
 NORMALIZATION = {"mean": 0.5, "std": 0.5}
@@ -40,13 +40,10 @@ NORMALIZATION = {"mean": 0.5, "std": 0.5}
 # ---------------------------------------------------------------- files
 
 def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under folder, recursively and sorted; hidden files and folders are neither."""
-    images, others = [], []
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or any(is_hidden(part) for part in p.relative_to(folder).parts):
-            continue  # .DS_Store, ._resource forks, files in hidden folders
-        (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)  # others: Thumbs.db, notes.txt...
-    return images, others
+    """(image files, other files) under folder, recursively (symlinked folders too) and sorted; hidden files
+    and folders are neither. The listing is layout.walk_files'."""
+    images, others = walk_files(str(folder))
+    return sorted(map(Path, images)), sorted(map(Path, others))
 
 
 def expand_inputs(items: list[str]) -> list[Path]:

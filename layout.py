@@ -132,18 +132,24 @@ def _suffix(name: str) -> str:
 
 def walk_files(d: str) -> tuple[list[str], list[str]]:
     """(image files, other files) under folder d as path strings that start with d, recursively, in os.walk's
-    order (a folder's files by name, then each subfolder by name); hidden files and folders are left out, and
-    symlinked folders are not entered. One os.scandir per folder and no Path per file: a million files are
-    listed in a few seconds."""
+    order (a folder's files by name, then each subfolder by name); hidden files and folders are left out.
+    Symlinked folders are entered (a folder of links to class folders reads like the folders themselves); a link
+    back to a folder it sits in is a loop, refused with a UserError naming it. One os.scandir per folder and no
+    Path per file: a million files are listed in a few seconds."""
     images, others = [], []
     exts = IMAGE_EXTENSIONS
+    inside: set[str] = set()  # real paths of the folders being visited (the current one and those above it)
 
     def visit(here: str) -> None:
+        real = os.path.realpath(here)
+        if real in inside:
+            raise UserError(f"symlink loop: {here} leads back to {real}, a folder it is inside")
         try:
             with os.scandir(here) as it:
                 entries = list(it)
         except OSError:
             return
+        inside.add(real)
         files, dirs = [], []
         for e in entries:
             if is_hidden(e.name):
@@ -152,15 +158,13 @@ def walk_files(d: str) -> tuple[list[str], list[str]]:
                 is_dir = e.is_dir()
             except OSError:
                 is_dir = False
-            if not is_dir:
-                files.append(e.name)
-            elif not e.is_symlink():
-                dirs.append(e.name)
+            (dirs if is_dir else files).append(e.name)
         prefix = here if here.endswith(os.sep) else here + os.sep
         for n in sorted(files):
             (images if _suffix(n).lower() in exts else others).append(prefix + n)
         for n in sorted(dirs):
             visit(prefix + n)
+        inside.discard(real)
 
     visit(str(d))
     return images, others

@@ -363,9 +363,9 @@ def test_a_table_without_split_column_takes_the_split_from_the_folder(tmp_path):
 
 
 def _os_walk_files(d: Path) -> tuple[list[str], list[str]]:
-    """The listing walk_files replaces (os.walk, sorted, hidden entries left out), as a reference."""
+    """The listing walk_files replaces (os.walk following links, sorted, hidden entries left out), as a reference."""
     images, others = [], []
-    for dirpath, dirnames, filenames in os.walk(d):
+    for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
         dirnames[:] = sorted(n for n in dirnames if not is_hidden(n))
         for n in sorted(filenames):
             if not is_hidden(n):
@@ -380,10 +380,24 @@ def test_walk_files_lists_what_os_walk_lists_in_its_order(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     make(tmp_path / "elsewhere", "m.jpg", "dir/n.jpg")
     (root / "link.jpg").symlink_to(tmp_path / "elsewhere" / "m.jpg")
-    (root / "linkdir").symlink_to(tmp_path / "elsewhere" / "dir", target_is_directory=True)  # not entered
+    (root / "linkdir").symlink_to(tmp_path / "elsewhere" / "dir", target_is_directory=True)  # entered
     (root / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
     images, others = walk_files(str(root))
     assert (images, others) == _os_walk_files(root)
     assert [Path(p).relative_to(root).as_posix() for p in images] == [
-        "a.PNG", "broken.jpg", "i.webp", "link.jpg", "z.jpg", "b/g.jpg", "sub/b.jpg", "sub/deeper/c.jpeg"]
+        "a.PNG", "broken.jpg", "i.webp", "link.jpg", "z.jpg", "b/g.jpg", "linkdir/n.jpg", "sub/b.jpg",
+        "sub/deeper/c.jpeg"]
     assert walk_files(str(tmp_path / "missing")) == ([], [])
+
+
+def test_a_folder_of_symlinked_class_folders_reads_like_the_folders_and_a_loop_is_refused(tmp_path):
+    real = make(tmp_path / "real", "cat/1.jpg", "cat/2.jpg", "dog/3.jpg", "dog/4.jpg")
+    links = tmp_path / "links"
+    links.mkdir()
+    for c in ("cat", "dog"):
+        (links / c).symlink_to(real / c, target_is_directory=True)
+    lay = read_layout(links, val_fraction=0)
+    assert lay.classes == ["cat", "dog"] and len(lay.items["train"]) == 4
+    (links / "cat" / "again").symlink_to(links, target_is_directory=True)  # real/cat/again -> links
+    with pytest.raises(UserError, match="symlink loop: .*again"):
+        walk_files(str(links))
