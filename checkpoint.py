@@ -7,7 +7,7 @@ Usage (from other scripts):
     model = model_from_checkpoint(ckpt)                  # eval mode, CPU
     tta_of(ckpt), temperature_of(ckpt), width_of(ckpt), normalization_of(ckpt), val_accuracy_of(ckpt),
     run_name_of(ckpt)
-    ckpt = with_novelty(ckpt, novelty_record(states, "layer_mahalanobis", threshold, 0.95, tta, seconds, n))
+    ckpt = with_novelty(ckpt, novelty_record(states, "combined", threshold, 0.95, tta, seconds, n))
     novelty = novelty_of(ckpt)                           # None for a checkpoint trained before it existed
     novelty = novelty_of(ckpt, needed_by="--reject")     # ... or a UserError that says to retrain
 
@@ -161,7 +161,8 @@ def load_resume_checkpoint(out_dir: str | Path) -> dict:
 
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
     """Rebuild the network a checkpoint describes and load its weights (eval mode, CPU)."""
-    model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["channels"], width_of(ckpt), ckpt["image_size"])
+    model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["channels"], width_of(ckpt), ckpt["image_size"],
+                        rotation_head="rot.weight" in ckpt["model_state"])
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as e:

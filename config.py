@@ -22,7 +22,7 @@ or images labelled by a table (--labels) or by their names (--labels-from-name);
 Every flag below is a field of TrainConfig in config.py, shown with its reason and default. With --resume the
 saved run's settings are the defaults and the flags given override them."""
 ARCHS = ("resnet_small", "resnet18", "resnet50")
-NOVELTY_SCORES = ("msp", "energy", "knn", "mahalanobis", "layer_mahalanobis")  # defined in novelty.py
+NOVELTY_SCORES = ("combined", "msp", "energy", "knn", "mahalanobis", "layer_mahalanobis", "rotation")  # novelty.py
 PLACEMENTS = ("auto", "device", "map")
 
 
@@ -80,9 +80,19 @@ class TrainConfig:
     max_shift: float = _f(0.1, "random shift, as a share of the image side, during training")
     tta: bool = _f(True, "evaluate on the image and its mirror and average (flip test-time augmentation)")
     # images of no known class (novelty.py)
-    novelty_score: str = _f("layer_mahalanobis", "score fitted on the train features at the end, for --reject: msp, "
-                            "energy, knn, mahalanobis or layer_mahalanobis (measured best); 'none' skips it",
+    novelty_score: str = _f("combined", "score fitted on the train features at the end, for --reject: combined "
+                            "(measured best on real photos), msp, energy, knn, mahalanobis, layer_mahalanobis or "
+                            "rotation (needs --rotation-weight); 'none' skips it",
                             choices=(*NOVELTY_SCORES, "none"))
+    rotation_weight: float = _f(0.0, "weight of a self-supervised loss: a 4-way head learns which quarter turn "
+                                "--rotation-share of each batch was given (0 = no rotation head)")
+    rotation_share: float = _f(0.25, "share of each batch copied, turned and given to the rotation head")
+    other: str = _f("", "folder of images of no class (any layout), e.g. what users send by mistake: trained "
+                    "towards a uniform prediction (outlier exposure); never a class, never in the accuracy")
+    other_synthetic: int = _f(500, "generated far-away images (novelty.py: shapes, text, noise...) added to the "
+                              "--other images, so that they are more varied")
+    other_weight: float = _f(0.5, "weight of the --other images' loss (cross-entropy to the uniform prediction)")
+    other_share: float = _f(0.5, "--other images added to each batch, as a share of the batch size")
     accept_rate: float = _f(0.95, "share of known (val) images the stored novelty threshold accepts")
     novelty_max_images: int = _f(20_000, "fit the novelty score on a stratified sample of this many train images "
                                  "(bounds its memory and time on big sets); 0 uses all")

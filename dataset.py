@@ -377,6 +377,29 @@ def augment(x: torch.Tensor, flip: bool, max_degrees: float, max_shift: float,
     return random_affine(x, max_degrees, max_shift, generator)
 
 
+def rotate_quarters(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Each square image x[i] of a (N, C, S, S) batch turned by turns[i] quarter turns (0-3) counter-clockwise."""
+    out = x.clone()
+    for k in range(1, 4):
+        rows = (turns == k).nonzero().flatten().to(x.device)
+        if len(rows):
+            out[rows] = torch.rot90(x[rows], k, (2, 3))
+    return out
+
+
+def random_crops(x: torch.Tensor, size: int, min_area: float, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """A random square crop of each image of a float (N, C, H, H) batch, of area uniform in [min_area, 1] x its
+    area, at a random place, resized (bilinear) to size x size."""
+    n = x.shape[0]
+    side = (min_area + (1 - min_area) * torch.rand(n, generator=generator)).sqrt()
+    centre = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1 - side)[:, None]
+    zero = torch.zeros(n)
+    theta = torch.stack([torch.stack([side, zero, centre[:, 0]], 1), torch.stack([zero, side, centre[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, torch.float32), [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 # ---------------------------------------------------------------- synthetic data and the command line
 
 def make_synthetic(root: str | Path, n_per_class: dict[str, int] | int = 60, size: int = 80, seed: int = 0,

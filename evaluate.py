@@ -43,7 +43,7 @@ from dataset import BadImage, decode_image, expand_inputs, load_items, to_float
 from layout import layout_of, layout_splits, split_of
 from metrics import compute_metrics, most_confident_wrong
 from model import predict_logits, unwrap
-from novelty import load_images, score_images, unknown_report
+from novelty import folder_groups, load_images, report_by_group, score_images, unknown_report
 from plots import plot_confusion_matrix, plot_gallery, plot_gradcam, plot_unknown_scores, save_figure
 
 
@@ -259,7 +259,7 @@ def unknown_section(ckpt: dict, model: nn.Module, known_images: torch.Tensor, ar
     """metrics.json's "unknown": the split's images (known) against those under --unknown-dir, for every novelty
     score the checkpoint holds; also writes unknown_scores.png for the score --reject uses."""
     novelty = novelty_of(ckpt, needed_by="--unknown-dir")
-    images, _, bad = load_images(args.unknown_dir, ckpt["image_size"], ckpt["channels"], args.workers)
+    images, paths, bad = load_images(args.unknown_dir, ckpt["image_size"], ckpt["channels"], args.workers)
     for path, reason in bad:
         print(f"skipped unreadable image {path}: {reason}")
 
@@ -269,13 +269,24 @@ def unknown_section(ckpt: dict, model: nn.Module, known_images: torch.Tensor, ar
     unknown = score_images(model, images, novelty["states"], **options)
     name, threshold = novelty["score"], novelty["threshold"]
     report = unknown_report(name, threshold, known, unknown)
-    save_figure(plot_unknown_scores(known[name], unknown[name], threshold, name), out / "unknown_scores.png")
+    groups = folder_groups(paths, args.unknown_dir)
+    report["by_folder"] = report_by_group(name, threshold, known, unknown, groups)
+    by_folder = {g: unknown[name][torch.tensor([i for i, h in enumerate(groups) if h == g])]
+                 for g in report["by_folder"]}
+    save_figure(plot_unknown_scores(known[name], unknown[name], threshold, name, by_folder),
+                out / "unknown_scores.png")
     print(f"\nunknown images: {len(images)} from {args.unknown_dir}"
           + (f" ({len(bad)} unreadable skipped)" if bad else "") + f" against {len(known_images)} known")
     print(f"{'score':<18}  {'AUROC':>6}  {'FPR at 95% TPR':>14}")
     for score, r in report["by_score"].items():
         used = "  (--reject)" if score == name else ""
         print(f"{score:<18}  {r['auroc']:>6.3f}  {r['fpr_at_95_tpr']:>14.1%}{used}")
+    if len(report["by_folder"]) > 1:
+        print(f"\n{'folder (' + name + ')':<24}  {'images':>6}  {'AUROC':>6}  {'FPR at 95% TPR':>14}  "
+              f"{'accepted at threshold':>21}")
+        for g, r in report["by_folder"].items():
+            print(f"{g:<24}  {r['images']:>6}  {r['auroc']:>6.3f}  {r['fpr_at_95_tpr']:>14.1%}  "
+                  f"{r['unknown_accepted']:>21.1%}")
     print(f"at the stored threshold {threshold:.4g} ({name}): {report['known_rejected']:.1%} of the known images "
           f"rejected, {report['unknown_accepted']:.1%} of the unknown ones accepted; "
           f"wrote {out / 'unknown_scores.png'}")

@@ -66,6 +66,12 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return F.cross_entropy(logits.float(), labels, reduction="sum").item() if len(labels) else 0.0
 
 
+def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the softmax of logits against the uniform distribution over the classes: the loss
+    that pushes images of no class towards "equally every class" (outlier exposure). Its minimum is log(K)."""
+    return -torch.log_softmax(logits, dim=1).mean(1).mean()
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins by image count."""
     if len(labels) == 0:

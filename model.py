@@ -96,19 +96,62 @@ def adapt_torchvision_resnet(model: nn.Module, num_classes: int, in_channels: in
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 1, width: int = TrainConfig.width,
-                image_size: int = 64, pretrained_state: dict | None = None) -> nn.Module:
-    """The network; `pretrained_state` (from adapt_state_dict) fills every layer but the new head."""
+                image_size: int = 64, pretrained_state: dict | None = None, rotation_head: bool = False) -> nn.Module:
+    """The network; `pretrained_state` (from adapt_state_dict) fills every layer but the new head.
+    `rotation_head` adds `rot`, a 4-way linear layer on the penultimate feature that tells which quarter turn
+    an image was given (trained beside the classifier; it scores images of no known class, novelty.py). The
+    model's forward stays the class logits alone."""
     if arch == "resnet_small":
         if pretrained_state is not None:
             raise UserError(PRETRAINED_ARCH_HELP)
-        return SmallResNet(num_classes, in_channels, width)
-    if arch in ("resnet18", "resnet50"):
+        model = SmallResNet(num_classes, in_channels, width)
+    elif arch in ("resnet18", "resnet50"):
         model = getattr(torchvision.models, arch)(weights=None)
         model = adapt_torchvision_resnet(model, num_classes, in_channels, image_size)
         if pretrained_state is not None:
             load_backbone(model, pretrained_state, arch)
-        return model
-    raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    else:
+        raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if rotation_head:
+        model.rot = nn.Linear(model.fc.in_features, 4)
+    return model
+
+
+def has_rotation_head(model: nn.Module) -> bool:
+    return isinstance(getattr(unwrap(model), "rot", None), nn.Linear)
+
+
+def forward_stages(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(each stage's feature maps, the penultimate feature) of one forward pass, calling the stages in turn as
+    the model's own forward does (the head applied to the penultimate feature gives its logits). No hooks:
+    threads that share the model (serve.py) never see each other's."""
+    model = unwrap(model)
+    if hasattr(model, "layer4"):  # torchvision ResNet
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+        pool = model.avgpool
+    else:  # SmallResNet
+        x = model.stem(x)
+        stages, pool = list(model.layers), model.pool
+    maps = [x]
+    for stage in stages:
+        x = stage(x)
+        maps.append(x)
+    return maps, torch.flatten(pool(x), 1)
+
+
+class WithRotationHead(nn.Module):
+    """What training calls for a model with a rotation head: one forward pass of a batch gives both heads'
+    logits (class, rotation). A module of its own so that DistributedDataParallel and torch.compile wrap the
+    whole step; it adds no weights (the checkpoint holds the model's, `rot` among them)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = forward_stages(self.model, x)[1]
+        return self.model.fc(features), self.model.rot(features)
 
 
 # ---------------------------------------------------------------- pretrained ImageNet weights

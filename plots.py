@@ -115,19 +115,35 @@ def plot_history(history: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_unknown_scores(known: torch.Tensor, unknown: torch.Tensor, threshold: float, score: str):
+def plot_unknown_scores(known: torch.Tensor, unknown: torch.Tensor, threshold: float, score: str,
+                        by_folder: dict[str, torch.Tensor] | None = None):
     """Histograms of the novelty scores of known and unknown images on shared bins, and the threshold: images
-    to its right are answered 'unknown'."""
-    fig = _figure(7, 3.8)
-    ax = fig.subplots()
-    both = torch.cat([known.double(), unknown.double(), torch.tensor([threshold], dtype=torch.float64)])
-    low, high = both.min().item(), both.max().item()
-    bins = torch.linspace(low, high if high > low else low + 1, 41).numpy()
+    to its right are answered 'unknown'. With `by_folder` ({folder: its unknown images' scores}, more than one),
+    a second panel shows each folder's scores as a box beside the known images', with the share accepted."""
+    groups = by_folder if by_folder and len(by_folder) > 1 else {}
+    fig = _figure(7, 3.8 + 0.32 * (len(groups) + 1) if groups else 3.8)
+    axes = fig.subplots(2, 1, height_ratios=[3.8, 0.32 * (len(groups) + 1)]) if groups else [fig.subplots()]
+    ax = axes[0]
+    both = torch.cat([known.double(), unknown.double()])
+    # the axis ends at the 99th percentile (or the threshold); the few scores beyond it fall in the last bin
+    low = min(both.min().item(), threshold)
+    high = max(torch.quantile(both, 0.99).item() if len(both) else low, threshold)
+    high = high if high > low else low + 1
+    bins = torch.linspace(low, high, 41).numpy()
     for values, label in ((known, f"known ({len(known)})"), (unknown, f"unknown ({len(unknown)})")):
-        ax.hist(values.double().numpy(), bins=bins, alpha=0.55, label=label,
+        ax.hist(values.double().clamp(max=high).numpy(), bins=bins, alpha=0.55, label=label,
                 weights=torch.full((len(values),), 1 / max(1, len(values)), dtype=torch.float64).numpy())
     ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
     ax.set_xlabel(f"novelty score ({score}; higher = less like any known class)")
     ax.set_ylabel("share of images")
     ax.legend()
+    if groups:
+        box = axes[1]
+        values = [known.double().numpy()] + [v.double().numpy() for v in groups.values()]
+        labels = ["known"] + [f"{g} ({(v.double() <= threshold).double().mean().item():.0%} accepted)"
+                              for g, v in groups.items()]
+        box.boxplot(values[::-1], vert=False, tick_labels=labels[::-1], showfliers=False, widths=0.6)
+        box.axvline(threshold, color="black", linestyle="--")
+        box.set_xlim(ax.get_xlim())
+        box.set_xlabel("novelty score by folder of the unknown set")
     return fig

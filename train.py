@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 from check_data import check_data
@@ -46,12 +47,15 @@ from checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of,
                         with_temperature)
 from common import UserError, pick_device, remove_stale_temp_files
 from config import TrainConfig, format_config, parse_config
-from dataset import RowView, Split, augment, batches, load_data, load_items, to_float, to_uint8
+from dataset import (RowView, Split, augment, batch_flip_lr, batches, expand_inputs, load_data, load_items,
+                     load_split, preprocess, random_crops, rotate_quarters, to_float, to_uint8)
 from layout import Layout, format_problems, layout_of, layout_splits
-from metrics import confusion_matrix, correct_count, expected_calibration_error, fit_temperature, loss_sum
-from model import adapt_state_dict, build_model, input_normalization, load_pretrained, predict_logits, unwrap
-from novelty import (SCORES, accepted, extract_features, fit_sample, fit_states, score_images, state_bytes,
-                     threshold_for_accept_rate, unknown_report)
+from metrics import (confusion_matrix, correct_count, expected_calibration_error, fit_temperature, loss_sum,
+                     uniform_cross_entropy)
+from model import (WithRotationHead, adapt_state_dict, build_model, has_rotation_head, input_normalization,
+                   load_pretrained, predict_logits, unwrap)
+from novelty import (SCORES, accepted, extract_features, fit_sample, fit_states, make_unknown_images, score_images,
+                     state_bytes, threshold_for_accept_rate, unknown_report)
 from plots import plot_confusion_matrix, plot_gallery, plot_history, save_figure
 from runs import (RESULTS, TRAIN_BATCH, TRAINING_CURVES, append_result, archive_previous_run, rewrite_results,
                   unique_run_name)
@@ -149,7 +153,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 # ---------------------------------------------------------------- transfer learning
 
 def is_head(param_name: str) -> bool:
-    return param_name.startswith("fc.")
+    return param_name.startswith(("fc.", "rot."))
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
@@ -268,6 +272,8 @@ def shard_batches(n: int, batch_size: int, generator: torch.Generator, rank: int
 def wrap_for_training(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The module the training steps call: DistributedDataParallel under torchrun, compiled with --compile.
     Built again when the backbone is unfrozen, since DDP only syncs parameters that were trainable when built."""
+    if has_rotation_head(model):
+        model = WithRotationHead(model)
     if rank_world()[1] > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
@@ -497,11 +503,33 @@ def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expe
     return train, val, classes
 
 
+def load_other_images(cfg: TrainConfig, device: torch.device) -> torch.Tensor | None:
+    """The --other images (every image file under the folder, any layout) and --other-synthetic generated ones,
+    uint8 at twice the training side (each step takes random crops of them), on the device; None without
+    --other. They are few (a class's worth), so they are held in memory."""
+    if not cfg.other:
+        return None
+    if not Path(cfg.other).is_dir():
+        raise UserError(f"--other {cfg.other}: no such folder")
+    side = 2 * cfg.image_size
+    paths = [str(p) for p in expand_inputs([cfg.other])]
+    other = load_split(paths, [0] * len(paths), "other", side, cfg.channels, cfg.cache_dir, cfg.workers)
+    if not len(other.labels):
+        raise UserError(f"--other {cfg.other}: none of its {len(paths)} image files could be read")
+    drawn = [torch.from_numpy(preprocess(img, side, cfg.channels))
+             for _, img in make_unknown_images(cfg.other_synthetic, side, seed=cfg.seed)]
+    images = torch.cat([other.images[torch.arange(len(other.labels))], *([torch.stack(drawn)] if drawn else [])])
+    print(f"other: {len(other.labels)} images of no class from {cfg.other} ({len(other.bad)} unreadable) and "
+          f"{len(drawn)} generated ones; {cfg.other_share:g} x batch size of them per step, in random crops, towards "
+          f"a uniform prediction (weight {cfg.other_weight:g})")
+    return images.to(device)
+
+
 def build_trainer(cfg: TrainConfig, train: Split, num_classes: int, device: torch.device,
                   amp_dtype: torch.dtype | None, pretrained_state: dict | None) -> Trainer:
     """The model, its moving average, loss, optimizer and learning-rate schedule."""
     model = build_model(cfg.arch, num_classes, cfg.channels, cfg.width, cfg.image_size,
-                        pretrained_state=pretrained_state).to(device)
+                        pretrained_state=pretrained_state, rotation_head=cfg.rotation_weight > 0).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     weights = class_weight_tensor(train.labels, num_classes, cfg.class_weights)
@@ -621,10 +649,55 @@ def open_run_log(cfg: TrainConfig):
     return SummaryWriter(str(run_dir))
 
 
-def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float, ctrl_c: CtrlC | None = None
-                    ) -> dict:
+def extra_images(t: Trainer, x: torch.Tensor, cfg: TrainConfig, other: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What a step adds to the augmented batch x: turned copies of its first --rotation-share images, with
+    their turns, for the rotation head; and --other-share random --other images (load_other_images), each a
+    random crop of 10-100% of its area, mirrored or not and given a random quarter turn: images of no class can
+    look any way."""
+    turned = turns = others = None
+    if cfg.rotation_weight > 0:
+        n = max(1, round(len(x) * cfg.rotation_share))
+        turns = torch.randint(0, 4, (n,), generator=t.generator)
+        turned = rotate_quarters(x[:n], turns)
+        turns = turns.to(t.device)
+    if other is not None:
+        n = max(1, round(len(x) * cfg.other_share))
+        idx = torch.randint(0, len(other), (n,), generator=t.generator)
+        crops = random_crops(to_float(other[idx.to(other.device)], t.normalization["mean"], t.normalization["std"]),
+                             x.shape[-1], 0.1, t.generator)
+        others = rotate_quarters(batch_flip_lr(crops, t.generator), torch.randint(0, 4, (n,), generator=t.generator))
+    return turned, turns, others
+
+
+def step_loss(t: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+              other: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, its classification part, the batch's class logits) of one training step, in one forward pass: the
+    classification loss on x, plus the rotation loss on its turned copies and the --other images' cross-entropy
+    to the uniform prediction when those are on (extra_images). The train loss reported is the classification
+    part alone, comparable with runs without them."""
+    turned, turns, others = extra_images(t, x, cfg, other)
+    parts = [x] + [p for p in (turned, others) if p is not None]
+    batch = torch.cat(parts) if len(parts) > 1 else x
+    if cfg.channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    n = len(x)
+    with torch.autocast(t.device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
+        out = model(batch)
+        logits, rot_logits = out if isinstance(out, tuple) else (out, None)
+        loss = class_loss = t.loss_fn(logits[:n].float(), y)
+        if turned is not None:
+            loss = loss + cfg.rotation_weight * F.cross_entropy(rot_logits[n:n + len(turned)].float(), turns)
+        if others is not None:
+            loss = loss + cfg.other_weight * uniform_cross_entropy(logits[len(batch) - len(others):].float())
+    return loss, class_loss.detach(), logits[:n]
+
+
+def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float, ctrl_c: CtrlC | None = None,
+                    other: torch.Tensor | None = None) -> dict:
     """One pass over the training images, augmented on whole batches; returns mean loss, accuracy, counts, and
-    'interrupted' when a Ctrl-C (ctrl_c.requested, on any rank) ended it after a step, before its end."""
+    'interrupted' when a Ctrl-C (ctrl_c.requested, on any rank) ended it after a step, before its end. `other`:
+    the --other images (step_loss)."""
     from tqdm import tqdm
 
     model, device = t.train_model, t.device
@@ -646,15 +719,11 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float, 
         x = augment(to_float(fetch_batch(images, idx, device), t.normalization["mean"], t.normalization["std"]),
                     cfg.flip, cfg.max_rotation, cfg.max_shift, t.generator)
         y = labels[idx.to(device)]
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         data_seconds += time.perf_counter() - t_data
         with torch.no_grad():
             for b, saved in zip(buffers, saved_buffers):
                 saved.copy_(b)
-        with torch.autocast(device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
-            logits = model(x)
-            loss = t.loss_fn(logits.float(), y)
+        loss, class_loss, logits = step_loss(t, model, x, y, cfg, other)
         # The ranks agree on both in one reduction: skip this step (NaN/inf), and stop after it (Ctrl-C).
         nonfinite, stop = (v > 0 for v in all_reduce_sum(
             [float(not torch.isfinite(loss).item()), float(ctrl_c is not None and ctrl_c.requested)], device))
@@ -681,9 +750,9 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float, 
             t.scaler.update()
         t.scheduler.step()
         if t.ema is not None:
-            t.ema.update_parameters(unwrap(model))
+            t.ema.update_parameters(t.model)
         steps += 1
-        total_loss += loss.item() * len(y)
+        total_loss += class_loss.item() * len(y)
         correct += correct_count(logits, y)
         seen += len(y)
         if steps % 10 == 0:
@@ -827,6 +896,8 @@ def check_novelty_settings(cfg: TrainConfig) -> None:
         raise UserError(f"--novelty-score must be one of {', '.join(SCORES)} or none, not {cfg.novelty_score!r}")
     if not 0.0 < cfg.accept_rate <= 1.0:
         raise UserError(f"--accept-rate must be in (0, 1], not {cfg.accept_rate}")
+    if cfg.novelty_score == "rotation" and cfg.rotation_weight <= 0:
+        raise UserError("--novelty-score rotation needs the rotation head: give --rotation-weight > 0")
 
 
 def left_out_images(cfg: TrainConfig, classes: list[str]) -> tuple[Split | None, list[str]]:
@@ -922,6 +993,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     pretrained_state = fetch_pretrained(cfg) if resume_ckpt is None else None  # a resumed run has its weights
     lay, layout_info = read_data_layout(cfg, resume_ckpt)
     train, val, classes = load_training_data(cfg, lay, device, resume_ckpt["classes"] if resume_ckpt else None)
+    other = load_other_images(cfg, device)
     t = build_trainer(cfg, train, len(classes), device, amp_dtype, pretrained_state)
     progress = restore(t, cfg, resume_ckpt) if resume_ckpt is not None else Progress()
     frozen = set_phase(t, cfg, progress.start_epoch + 1)
@@ -937,7 +1009,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                 if frozen and epoch > cfg.freeze_epochs:
                     frozen = set_phase(t, cfg, epoch)
                 epoch_started = time.time()
-                tr = train_one_epoch(t, train, cfg, deadline, ctrl_c)
+                tr = train_one_epoch(t, train, cfg, deadline, ctrl_c, other)
                 if tr.pop("interrupted"):
                     stopped = interrupted_message(cfg.out_dir, progress.saved_epoch,
                                                   f"Ctrl-C stopped epoch {epoch} after a step; that epoch is not "

@@ -126,7 +126,35 @@ def test_layer_mahalanobis_takes_the_most_unusual_stage():
 def small_features(n: int = 40, seed: int = 3) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"penultimate": torch.randn(n, 8, generator=g), "logits": torch.randn(n, 2, generator=g),
-            "stages": [torch.randn(n, 4, generator=g), torch.randn(n, 6, generator=g)]}
+            "stages": [torch.randn(n, 4, generator=g), torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)],
+            "rotation": torch.rand(n, generator=g)}
+
+
+@pytest.mark.parametrize("with_rotation", [False, True])
+def test_combined_adds_the_early_stages_energy_and_rotation_each_on_the_training_images_scale(with_rotation):
+    train = small_features(40)
+    query = small_features(7, seed=5)
+    if not with_rotation:
+        del train["rotation"], query["rotation"]
+    labels = torch.arange(40) % 2
+    state = nv.fit_score("combined", train, labels, 2, temperature=2.0)
+    assert state["rotation"] is with_rotation and len(state["means"]) == nv.COMBINED_STAGES == 2
+
+    def parts(f):  # by hand: the Mahalanobis distance of stages 0 and 1, energy at T = 2, the rotation surprise
+        out = [nv.mahalanobis_distance(*nv.class_gaussians(train["stages"][i], labels, 2), f["stages"][i])
+               for i in range(2)]
+        out.append(-2.0 * torch.logsumexp(f["logits"] / 2.0, 1))
+        return out + ([f["rotation"]] if with_rotation else [])
+
+    ref = [p.double() for p in parts(train)]
+    want = sum((p.double() - r.mean()) / r.std(correction=0) for p, r in zip(parts(query), ref))
+    assert torch.allclose(nv.novelty_score(state, query).double(), want, atol=1e-4)
+    # on the training images each part has mean 0 and spread 1, so the sum has mean 0
+    assert abs(nv.novelty_score(state, train).mean().item()) < 1e-4
+    if with_rotation:
+        del query["rotation"]
+        with pytest.raises(UserError, match="rotation head"):
+            nv.novelty_score(state, query)
 
 
 @pytest.mark.parametrize("name", nv.SCORES)
@@ -193,8 +221,9 @@ def test_scoring_in_chunks_gives_the_scores_of_one_pass():
     states = nv.fit_states(nv.extract_features(model, images), labels, 2)
     at_once = nv.scores_by_name(states, nv.extract_features(model, images, tta=True))
     chunked = nv.score_images(model, RowView(images, torch.arange(11)), states, chunk=4, tta=True, batch_size=3)
-    assert list(chunked) == list(at_once) == list(nv.SCORES)
-    for name in nv.SCORES:
+    stored = [n for n in nv.SCORES if n != "rotation"]  # no rotation head on this model
+    assert list(chunked) == list(at_once) == stored
+    for name in stored:
         assert chunked[name].shape == (11,) and torch.allclose(chunked[name], at_once[name], atol=1e-5), name
     assert all(len(v) == 0 for v in nv.score_images(model, images[:0], states).values())
 

@@ -25,3 +25,14 @@ def test_plots_are_pngs_that_grow_with_the_number_of_classes(tmp_path):
             im.verify()
             sizes[p.name] = im.size
     assert sizes["big.png"][0] > sizes["s.png"][0] and sizes["big.png"][1] > sizes["s.png"][1]
+
+
+def test_unknown_scores_adds_a_box_per_folder_with_its_accepted_share():
+    known, unknown = torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([2.5, 3.5, 4.0, 100.0])
+    fig = plots.plot_unknown_scores(known, unknown, 3.0, "combined", {"sea": unknown[:2], "street": unknown[2:]})
+    hist, boxes = fig.get_axes()
+    labels = [t.get_text() for t in boxes.get_yticklabels()]
+    assert labels == ["street (0% accepted)", "sea (50% accepted)", "known"]  # top to bottom: known first
+    # the one far score does not stretch the axis: it ends near the 99th percentile, not at 100
+    assert hist.get_xlim()[1] < 100
+    assert len(plots.plot_unknown_scores(known, unknown, 3.0, "combined", {"one": unknown}).get_axes()) == 1

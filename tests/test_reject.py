@@ -47,7 +47,7 @@ def test_training_stores_the_score_and_a_val_threshold_that_load_with_weights_on
     ckpt = load_checkpoint(trained["checkpoint"])
     novelty = novelty_of(ckpt)
     assert novelty["threshold"] == raw["novelty"]["threshold"] and novelty["score"] == nv.DEFAULT_SCORE == TrainConfig.novelty_score
-    assert set(novelty["states"]) == set(nv.SCORES) and novelty["accept_rate"] == TrainConfig.accept_rate
+    assert set(novelty["states"]) == set(nv.SCORES) - {"rotation"} and novelty["accept_rate"] == TrainConfig.accept_rate
     assert sum(nv.state_bytes(s) for s in novelty["states"].values()) < 10_000_000
     scores = val_scores(ckpt, trained["data"])
     share = nv.accepted(scores, novelty["threshold"]).double().mean().item()
@@ -160,11 +160,11 @@ def test_evaluate_unknown_dir_writes_the_metrics_and_the_histogram(trained, tmp_
     printed = capsys.readouterr().out
     assert "unknown images: 22 from" in printed  # 18 flat + 4 in subfolders, the text file ignored
     m = json.loads((out / "metrics.json").read_text())["unknown"]
-    assert set(m) == {"score", "auroc", "fpr_at_95_tpr", "known_rejected", "unknown_accepted", "by_score"}
-    assert m["score"] == nv.DEFAULT_SCORE and set(m["by_score"]) == set(nv.SCORES)
+    assert set(m) == {"score", "auroc", "fpr_at_95_tpr", "known_rejected", "unknown_accepted", "by_score", "by_folder"}
+    assert m["score"] == nv.DEFAULT_SCORE and set(m["by_score"]) == set(nv.SCORES) - {"rotation"}  # no rotation head
     assert all(set(r) == {"auroc", "fpr_at_95_tpr"} for r in m["by_score"].values())
     assert m["by_score"][m["score"]] == {"auroc": m["auroc"], "fpr_at_95_tpr": m["fpr_at_95_tpr"]}
-    assert all(0.0 <= v <= 1.0 for k, v in m.items() if k not in ("score", "by_score"))
+    assert all(0.0 <= v <= 1.0 for k, v in m.items() if k not in ("score", "by_score", "by_folder"))
     # the known share rejected is the test images' at the stored threshold
     ckpt = load_checkpoint(trained["checkpoint"])
     novelty = novelty_of(ckpt)
@@ -180,7 +180,7 @@ def test_a_training_set_over_the_limit_fits_the_score_on_a_stratified_sample(tmp
     data = make_synthetic(tmp_path / "data", 20, size=40, seed=3, splits=("train", "val"))
     out = tmp_path / "run"
     assert train.main(train_args(data, out, "--novelty-max-images", "9")) == 0
-    assert ("novelty score layer_mahalanobis: fitted on a stratified sample of 10 of the 40 train images "
+    assert ("novelty score combined: fitted on a stratified sample of 10 of the 40 train images "
             "(--novelty-max-images)") in capsys.readouterr().out  # 5 per class: 9 x 20/40, rounded up
     ckpt = load_checkpoint(out / "models" / "best_model.pth")
     novelty = novelty_of(ckpt)
@@ -197,7 +197,7 @@ def test_left_out_classes_are_reported_as_unknown_and_the_threshold_takes_the_ac
     assert train.main(train_args(data, out, "--classes", "cat", "dog", "--accept-rate", "0.6", "--epochs", "2")) == 0
     printed = capsys.readouterr().out
     assert "left-out classes as unknown images (horse: 5 images)" in printed
-    assert "novelty score layer_mahalanobis: fitted on 40 train images in" in printed
+    assert "novelty score combined: fitted on 40 train images in" in printed
     assert "(novelty score: " in printed.splitlines()[-1]  # the time it cost, in the summary line
     ckpt = load_checkpoint(out / "models" / "best_model.pth")
     assert ckpt["classes"] == ["cat", "dog"]
