@@ -43,7 +43,7 @@ from dataset import BadImage, decode_image, expand_inputs, load_items, to_float
 from layout import layout_of, layout_splits, split_of
 from metrics import compute_metrics, most_confident_wrong
 from model import predict_logits, unwrap
-from novelty import folder_groups, load_images, report_by_group, score_images, unknown_report
+from novelty import folder_groups, load_images, report_by_group, score_images, split_by_group, unknown_report
 from plots import plot_confusion_matrix, plot_gallery, plot_gradcam, plot_unknown_scores, save_figure
 
 
@@ -271,9 +271,7 @@ def unknown_section(ckpt: dict, model: nn.Module, known_images: torch.Tensor, ar
     report = unknown_report(name, threshold, known, unknown)
     groups = folder_groups(paths, args.unknown_dir)
     report["by_folder"] = report_by_group(name, threshold, known, unknown, groups)
-    by_folder = {g: unknown[name][torch.tensor([i for i, h in enumerate(groups) if h == g])]
-                 for g in report["by_folder"]}
-    save_figure(plot_unknown_scores(known[name], unknown[name], threshold, name, by_folder),
+    save_figure(plot_unknown_scores(known[name], unknown[name], threshold, name, split_by_group(unknown[name], groups)),
                 out / "unknown_scores.png")
     print(f"\nunknown images: {len(images)} from {args.unknown_dir}"
           + (f" ({len(bad)} unreadable skipped)" if bad else "") + f" against {len(known_images)} known")

@@ -453,18 +453,19 @@ def folder_groups(paths: list[str], root: str | Path) -> list[str]:
     return out
 
 
+def split_by_group(scores: torch.Tensor, groups: list[str]) -> dict[str, torch.Tensor]:
+    """{group: the scores of its images}, in sorted group order (groups[i] is image i's)."""
+    return {g: scores[torch.tensor([i for i, h in enumerate(groups) if h == g])] for g in sorted(set(groups))}
+
+
 def report_by_group(chosen: str, threshold: float, known_scores: dict[str, torch.Tensor],
                     unknown_scores: dict[str, torch.Tensor], groups: list[str]) -> dict[str, dict]:
     """{group: {"images", "auroc", "fpr_at_95_tpr", "unknown_accepted"}} of the chosen score, each group of
     unknown images against all the known ones, in sorted group order."""
-    out = {}
-    for g in sorted(set(groups)):
-        rows = torch.tensor([i for i, h in enumerate(groups) if h == g])
-        u = unknown_scores[chosen][rows]
-        out[g] = {"images": len(rows), "auroc": auroc(known_scores[chosen], u),
-                  "fpr_at_95_tpr": fpr_at_tpr(known_scores[chosen], u, 0.95),
-                  "unknown_accepted": accepted(u, threshold).double().mean().item()}
-    return out
+    known = known_scores[chosen]
+    return {g: {"images": len(u), "auroc": auroc(known, u), "fpr_at_95_tpr": fpr_at_tpr(known, u, 0.95),
+                "unknown_accepted": accepted(u, threshold).double().mean().item()}
+            for g, u in split_by_group(unknown_scores[chosen], groups).items()}
 
 
 def load_images(folder: str | Path, size: int, channels: int, workers: int = 0
