@@ -269,10 +269,9 @@ def unknown_section(ckpt: dict, model: nn.Module, known_images: torch.Tensor, ar
     unknown = score_images(model, images, novelty["states"], **options)
     name, threshold = novelty["score"], novelty["threshold"]
     report = unknown_report(name, threshold, known, unknown)
-    groups = folder_groups(paths, args.unknown_dir)
-    report["by_folder"] = report_by_group(name, threshold, known, unknown, groups)
-    save_figure(plot_unknown_scores(known[name], unknown[name], threshold, name, split_by_group(unknown[name], groups)),
-                out / "unknown_scores.png")
+    by_folder = split_by_group(unknown[name], folder_groups(paths, args.unknown_dir))
+    report["by_folder"] = report_by_group(known[name], by_folder, threshold)
+    save_figure(plot_unknown_scores(known[name], unknown[name], threshold, name, by_folder), out / "unknown_scores.png")
     print(f"\nunknown images: {len(images)} from {args.unknown_dir}"
           + (f" ({len(bad)} unreadable skipped)" if bad else "") + f" against {len(known_images)} known")
     print(f"{'score':<18}  {'AUROC':>6}  {'FPR at 95% TPR':>14}")

@@ -11,7 +11,8 @@ Usage:
     val_scores = score_images(model, val_images, states)      # {score name: scores}, a chunk of features at a time
     threshold = threshold_for_accept_rate(val_scores["combined"], 0.95)  # accept when score <= threshold
     unknown_report("combined", threshold, val_scores, unknown_scores)  # metrics.json "unknown"
-    report_by_group("combined", threshold, val_scores, unknown_scores, folder_groups(paths, root))  # per folder
+    report_by_group(val_scores["combined"], split_by_group(unknown_scores["combined"], folder_groups(paths, root)),
+                    threshold)                                # per folder of the unknown set
     auroc(known_scores, unknown_scores), fpr_at_tpr(known_scores, unknown_scores, 0.95)
 
 Every score is oriented the same way: the higher, the less the image looks like the training classes.
@@ -84,7 +85,8 @@ def feature_stages(model: nn.Module) -> list[nn.Module]:
         return [model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4]
     if hasattr(model, "stem") and hasattr(model, "layers"):
         return [model.stem, *model.layers]
-    raise UserError(f"do not know the stages of {type(model).__name__} for the layer_mahalanobis score")
+    raise UserError(f"do not know the stages of {type(model).__name__} for the stage scores (combined, "
+                    f"layer_mahalanobis)")
 
 
 def stage_statistics(maps: torch.Tensor, max_channels: int = MAX_STAGE_CHANNELS) -> torch.Tensor:
@@ -458,14 +460,13 @@ def split_by_group(scores: torch.Tensor, groups: list[str]) -> dict[str, torch.T
     return {g: scores[torch.tensor([i for i, h in enumerate(groups) if h == g])] for g in sorted(set(groups))}
 
 
-def report_by_group(chosen: str, threshold: float, known_scores: dict[str, torch.Tensor],
-                    unknown_scores: dict[str, torch.Tensor], groups: list[str]) -> dict[str, dict]:
-    """{group: {"images", "auroc", "fpr_at_95_tpr", "unknown_accepted"}} of the chosen score, each group of
-    unknown images against all the known ones, in sorted group order."""
-    known = known_scores[chosen]
+def report_by_group(known: torch.Tensor, unknown_by_group: dict[str, torch.Tensor], threshold: float
+                    ) -> dict[str, dict]:
+    """{group: {"images", "auroc", "fpr_at_95_tpr", "unknown_accepted"}}: each group's unknown scores (from
+    split_by_group) against all the known ones, one score's, in the groups' order."""
     return {g: {"images": len(u), "auroc": auroc(known, u), "fpr_at_95_tpr": fpr_at_tpr(known, u, 0.95),
                 "unknown_accepted": accepted(u, threshold).double().mean().item()}
-            for g, u in split_by_group(unknown_scores[chosen], groups).items()}
+            for g, u in unknown_by_group.items()}
 
 
 def load_images(folder: str | Path, size: int, channels: int, workers: int = 0
