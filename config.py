@@ -24,6 +24,8 @@ saved run's settings are the defaults and the flags given override them."""
 ARCHS = ("resnet_small", "resnet18", "resnet50")
 NOVELTY_SCORES = ("combined", "msp", "energy", "knn", "mahalanobis", "layer_mahalanobis", "rotation")  # novelty.py
 PLACEMENTS = ("auto", "device", "map")
+# The cache stores pixels as uint8 and the network sees (x / 127.5 - 1), i.e. mean 0.5 and std 0.5 of [0, 1].
+NORMALIZATION = {"mean": 0.5, "std": 0.5}
 
 
 def _f(default, help: str, choices: tuple = ()):

@@ -31,10 +31,8 @@ from PIL import Image, ImageOps
 
 from cache import update_cache
 from common import UserError
+from config import NORMALIZATION
 from layout import Layout, layout_splits, walk_files
-
-# The cache stores pixels as uint8 and training sees (x / 127.5 - 1), i.e. mean 0.5 and std 0.5 of [0, 1].
-NORMALIZATION = {"mean": 0.5, "std": 0.5}
 
 
 # ---------------------------------------------------------------- files

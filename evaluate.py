@@ -29,22 +29,20 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
                         novelty_of, run_name_of, tta_of, temperature_of)
 from common import SPLITS, UserError, pick_device
 from config import SOURCE_FIELDS, TrainConfig, add_flags
-from dataset import BadImage, decode_image, expand_inputs, load_items, to_float
+from dataset import BadImage, decode_image, expand_inputs, load_items
 from layout import layout_of, layout_splits, split_of
 from metrics import compute_metrics, most_confident_wrong
-from model import predict_logits, unwrap
-from novelty import folder_groups, load_images, report_by_group, score_images, split_by_group, unknown_report
+from novelty import folder_groups, load_images, report_by_group, split_by_group, unknown_report
 from plots import plot_confusion_matrix, plot_gallery, plot_gradcam, plot_unknown_scores, save_figure
+from predict import explain, normalize, predict_logits, score_images
 
 
 def format_report(m: dict) -> str:
@@ -68,139 +66,6 @@ def format_report(m: dict) -> str:
                   " " * cw + "".join(f"{c[:8]:>9}" for c in m["classes"])]
         lines += [f"{c:<{cw}}" + "".join(f"{v:>9}" for v in r) for c, r in zip(m["classes"], m["confusion_matrix"])]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- Grad-CAM
-# The grad-cam package (pytorch-grad-cam 1.5.7) was weighed against these lines: it would add opencv, scikit-learn,
-# scipy and ttach; its smoothing runs six passes (mirror x brightness 0.9/1/1.1), each explaining its own argmax of
-# a raw logit, not one class of mirror-averaged logits; and it returns no probabilities. Here one forward and one
-# backward pass give the map and the very prediction inference.py prints.
-
-MIN_CAM_CELLS = 8  # the auto layer is the deepest stage whose map has at least this many cells a side
-
-
-class GradCam(NamedTuple):
-    """What explain() returns: the heatmap (H, W) in [0, 1] at the input's size, the class it explains, that
-    class's probability and all probabilities (softmax of the logits / temperature, as inference.py), the layer."""
-    cam: torch.Tensor
-    class_idx: int
-    probability: float
-    probabilities: torch.Tensor
-    layer: str
-    cells: tuple[int, int]
-
-
-def cam_stages(model: nn.Module) -> dict[str, nn.Module]:
-    """The residual stages Grad-CAM can weigh, shallow to deep, by module name: layers.0-3 of resnet_small,
-    layer1-4 of torchvision ResNets."""
-    model = unwrap(model)
-    if hasattr(model, "layer4"):
-        return {f"layer{i}": getattr(model, f"layer{i}") for i in range(1, 5)}
-    if hasattr(model, "layers"):
-        return {f"layers.{i}": m for i, m in enumerate(model.layers)}
-    raise UserError(f"do not know where the residual stages of {type(model).__name__} are for Grad-CAM")
-
-
-def feature_sizes(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
-    """(height, width) of each named layer's output for input x."""
-    sizes = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: sizes.__setitem__(n, tuple(out.shape[-2:])))
-             for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            unwrap(model).eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
-
-
-def pick_cam_layer(model: nn.Module, x: torch.Tensor, name: str = "auto") -> tuple[str, nn.Module]:
-    """(name, module) of the layer Grad-CAM weighs for input x: `name` as in model.named_modules(), or 'auto', the
-    deepest residual stage with at least MIN_CAM_CELLS cells a side (resnet_small at 64x64: layers.1, 8x8; its
-    last stage is 2x2, a single blob), or the first stage when none is that fine."""
-    stages = cam_stages(model)
-    if name != "auto":
-        modules = dict(unwrap(model).named_modules())
-        if not name or name not in modules:
-            raise UserError(f"--cam-layer {name!r} is not a layer of this {type(unwrap(model)).__name__}; "
-                            f"its stages: {', '.join(stages)} (or auto)")
-        return name, modules[name]
-    sizes = feature_sizes(model, x, stages)
-    fine = [n for n in stages if min(sizes[n]) >= MIN_CAM_CELLS]
-    chosen = fine[-1] if fine else next(iter(stages))
-    return chosen, stages[chosen]
-
-
-def gradcam_layer(model: nn.Module, x: torch.Tensor | None = None, name: str = "auto") -> nn.Module:
-    """The module pick_cam_layer chooses; without x, for a 64x64 input."""
-    if x is None:
-        in_channels = next(m for m in unwrap(model).modules() if isinstance(m, nn.Conv2d)).in_channels
-        x = torch.zeros(1, in_channels, 64, 64)
-    return pick_cam_layer(model, x, name)[1]
-
-
-def gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_idx: int | None = None,
-            tta: bool = False) -> torch.Tensor:
-    """Grad-CAM heatmap (H, W) in [0, 1] at the size of x (1, C, H, W), for class_idx (default: the predicted one).
-    Same as explain(...).cam for a layer given as a module."""
-    return _gradcam(model, x, target_layer, class_idx, tta)[0]
-
-
-def explain(model: nn.Module, x: torch.Tensor, layer: str = "auto", tta: bool = False, temperature: float = 1.0,
-            class_idx: int | None = None) -> GradCam:
-    """Grad-CAM of a normalized image x (1, C, H, W) with the prediction it explains, as inference.py makes it:
-    with tta the logits are averaged with the mirror image's and the two heatmaps too (the mirror's flipped back);
-    probabilities are the softmax of the logits / temperature. `layer`: a module name or 'auto' (pick_cam_layer)."""
-    name, module = pick_cam_layer(model, x, layer)
-    cam, logits, class_idx, cells = _gradcam(model, x, module, class_idx, tta)
-    probs = torch.softmax(logits[0] / temperature, 0)
-    return GradCam(cam, class_idx, probs[class_idx].item(), probs, name, cells)
-
-
-def _gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_idx: int | None, tta: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]:
-    """(heatmap, logits (1, K), explained class, cells of the layer's map).
-
-    The layer's activations are caught by a forward hook and their gradients by a hook on that output; each
-    channel is weighted by its mean gradient, the weighted sum is ReLU'd, upsampled and scaled to [0, 1].
-    The score explained is the class's logit minus the mean logit, which is what the softmax decides on: a raw
-    logit that all classes share a negative offset in would leave the predicted class an all-zero map.
-    The logits are computed as model.predict_logits computes them, so the probabilities equal inference.py's.
-    """
-    caught: list[dict[str, torch.Tensor]] = []
-
-    def on_forward(module, inputs, output):
-        entry = {"act": output}
-        output.register_hook(lambda grad: entry.__setitem__("grad", grad))
-        caught.append(entry)
-
-    handle = target_layer.register_forward_hook(on_forward)
-    model.eval()
-    try:
-        with torch.enable_grad():
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(-1)).float()) / 2
-            if class_idx is None:
-                class_idx = int(logits[0].argmax())
-            model.zero_grad(set_to_none=True)
-            (logits[0, class_idx] - logits[0].mean()).backward()
-    finally:
-        handle.remove()
-    if not caught or caught[0]["act"].dim() != 4:
-        raise UserError("Grad-CAM needs a layer whose output is a feature map (N, C, H, W), such as a residual stage")
-    cams = []
-    for i, entry in enumerate(caught):  # the image, then (with tta) its mirror, whose map is flipped back
-        act, grad = entry["act"].detach(), entry["grad"].detach()
-        cam = torch.relu((grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
-        cams.append(cam.flip(-1) if i else cam)
-    cam = torch.stack(cams).mean(0)
-    cells = tuple(cam.shape[-2:])
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-    span = cam.max() - cam.min()
-    cam = (cam - cam.min()) / span if span > 0 else torch.zeros_like(cam)
-    return cam, logits.detach(), class_idx, cells
 
 
 # ---------------------------------------------------------------- commands
@@ -356,8 +221,7 @@ def gradcam_images(args: argparse.Namespace) -> int:
             print(f"error: {path}: {e}", file=sys.stderr)
             failed += 1
             continue
-        x = to_float(image[None], norm["mean"], norm["std"])
-        result = explain(model, x, args.cam_layer, tta, temperature)
+        result = explain(model, normalize(image[None], norm), args.cam_layer, tta, temperature)
         if not told:
             print(f"Grad-CAM on {result.layer} ({result.cells[0]}x{result.cells[1]} cells at "
                   f"{ckpt['image_size']}x{ckpt['image_size']} input), tta {tta}")

@@ -22,51 +22,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, novelty_of, tta_of,
-                        temperature_of)
+from checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, novelty_of
 from common import UserError
 from dataset import BadImage, decode_image, expand_inputs
-from model import predict_logits
-from novelty import extract_features, novelty_score
-
-
-def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: float = 0.0,
-                   tta: bool | None = None, reject: bool = False) -> list[dict]:
-    """One {'label', 'confidence', 'probabilities'} per decoded uint8 (C, S, S) image, all in one batch, plus
-    {'novelty_score', 'known'} when the checkpoint has a novelty score (known: score <= its stored threshold).
-
-    The prediction inference.py prints and serve.py answers: the checkpoint's softmax temperature is applied,
-    below `threshold` the label is 'unknown', and with `reject` also when the image is of no known class (a
-    checkpoint without a novelty score is then a UserError that says to retrain). tta=None uses the training
-    run's setting; the novelty score always uses the setting its threshold was chosen with.
-    """
-    novelty = novelty_of(ckpt, needed_by="--reject" if reject else "")
-    if not images:
-        return []
-    classes, norm = ckpt["classes"], normalization_of(ckpt)
-    tta = tta_of(ckpt) if tta is None else tta
-    batch = torch.stack([torch.as_tensor(im) for im in images])
-    scores = None
-    if novelty is not None:
-        features = extract_features(model, batch, tta=novelty["tta"], normalization=norm)
-        scores = novelty_score(novelty["states"][novelty["score"]], features).tolist()
-    if novelty is not None and tta == novelty["tta"]:
-        logits = features["logits"]  # the same numbers predict_logits gives, without a second pass
-    else:
-        logits = predict_logits(model, batch, torch.device("cpu"), tta=tta, normalization=norm)
-    results = []
-    for i, pr in enumerate(torch.softmax(logits / temperature_of(ckpt), dim=1)):
-        conf, k = pr.max(0)
-        known = scores is None or scores[i] <= novelty["threshold"]
-        label = classes[k] if conf.item() >= threshold and (known or not reject) else "unknown"
-        result = {"label": label, "confidence": round(conf.item(), 4),
-                  "probabilities": {c: round(v, 4) for c, v in zip(classes, pr.tolist())}}
-        if scores is not None:
-            result.update(novelty_score=round(scores[i], 4), known=known)
-        results.append(result)
-    return results
+from predict import predict_images
 
 
 def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | None = None,

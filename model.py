@@ -1,16 +1,15 @@
-"""ResNets for small images with a 1-channel (or RGB) stem and an N-logit head, pretrained weights, prediction.
+"""ResNets for small images with a 1-channel (or RGB) stem and an N-logit head, and pretrained weights.
 
 Usage:
     model = build_model("resnet_small", num_classes=2)            # fast on a CPU at 64x64
     model = build_model("resnet18", num_classes=10, in_channels=3)
     state = adapt_state_dict(load_pretrained("resnet18"), in_channels=1)   # ImageNet weights, gray stem
     model = build_model("resnet18", num_classes=10, pretrained_state=state)
-    logits = predict_logits(model, uint8_images, torch.device("cpu"), tta=True)
-Checkpoints (saving, loading, rebuilding the model from one) are checkpoint.py's.
+The networks and their weights only: checkpoints (saving, loading, rebuilding the model from one) are
+checkpoint.py's, predictions (the forward path with normalization, TTA, amp) predict.py's.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -18,8 +17,7 @@ import torch.nn as nn
 import torchvision
 
 from common import UserError
-from config import ARCHS, TrainConfig
-from dataset import NORMALIZATION, to_float
+from config import ARCHS, NORMALIZATION, TrainConfig
 
 
 class BasicBlock(nn.Module):
@@ -237,32 +235,3 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def batch_size_for(images: torch.Tensor, max_values: int = 2**22, max_images: int = 512) -> int:
-    """Images per forward pass: at most `max_images`, and at most `max_values` pixel values, so that a batch's
-    floats stay bounded whatever the image size (512 at 64 px gray, 21 at 256 px RGB by default)."""
-    return max(1, min(max_images, max_values // max(1, math.prod(images.shape[1:]))))
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int | None = None,
-                   tta: bool = False, channels_last: bool = False,
-                   amp_dtype: torch.dtype | None = None, normalization: dict | None = None) -> torch.Tensor:
-    """Logits (N, classes) on the CPU for uint8 images (N, C, S, S); with tta, averaged with the mirror image.
-    Runs under inference mode: no autograd graph is built, so a batch's activations are freed as soon as it is
-    scored, even for a model whose parameters require grad (the EMA model in training).
-    `normalization` is the checkpoint's {"mean", "std"} (default: dataset.NORMALIZATION); `batch_size` defaults
-    to batch_size_for(images)."""
-    norm = normalization or NORMALIZATION
-    batch_size = batch_size or batch_size_for(images)
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = to_float(images[i:i + batch_size].to(device, non_blocking=True), norm["mean"], norm["std"])
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(-1)).float()) / 2
-        out.append(logits.cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)

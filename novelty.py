@@ -46,128 +46,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from common import UserError
 from config import NOVELTY_SCORES
-from dataset import NORMALIZATION, RowView, decode_files, expand_inputs, rotate_quarters, to_float
-from model import batch_size_for, forward_stages, has_rotation_head, unwrap
+from dataset import decode_files, expand_inputs
 
 SCORES = NOVELTY_SCORES  # the names --novelty-score accepts (config.py); each is computed in novelty_score below
 DEFAULT_SCORE = "combined"
 COMBINED_STAGES = 2  # the combined score's early stages: the stem's and the first residual stage's statistics
 STATE_VERSION = 1
-MAX_STAGE_CHANNELS = 256  # wider stages are averaged over neighbouring channels: a stage adds at most 512 values
 STATE_BUDGET = 10_000_000  # bytes of score states a checkpoint may hold (the chosen score's is always kept)
 KNN_BANK_BYTES = 4_000_000  # the kNN bank stored beside the chosen score: ~5,000 features of 384 values
-FEATURE_BATCH_VALUES = 2**20  # pixel values per forward pass: 256 images at 64 px gray, 21 at 128 px RGB
-SCORE_CHUNK = 4096  # images whose features score_images holds at once (about 7 KB each for the default model)
 
 
 # ---------------------------------------------------------------- features
-
-def head_of(model: nn.Module) -> nn.Linear:
-    """The final linear layer (`fc` in SmallResNet and torchvision ResNets): its input is the penultimate feature."""
-    head = getattr(unwrap(model), "fc", None)
-    if not isinstance(head, nn.Linear):
-        raise UserError(f"do not know where the classifier head of {type(unwrap(model)).__name__} is "
-                        f"(expected a Linear layer named fc)")
-    return head
-
-
-def feature_stages(model: nn.Module) -> list[nn.Module]:
-    """The modules whose outputs are the feature maps of each stage, from the stem to the last residual stage:
-    SmallResNet's stem and blocks, or a torchvision ResNet's stem (up to its max-pool) and layer1-layer4."""
-    model = unwrap(model)
-    if all(hasattr(model, n) for n in ("maxpool", "layer1", "layer2", "layer3", "layer4")):
-        return [model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4]
-    if hasattr(model, "stem") and hasattr(model, "layers"):
-        return [model.stem, *model.layers]
-    raise UserError(f"do not know the stages of {type(model).__name__} for the stage scores (combined, "
-                    f"layer_mahalanobis)")
-
-
-def stage_statistics(maps: torch.Tensor, max_channels: int = MAX_STAGE_CHANNELS) -> torch.Tensor:
-    """Per-channel mean and standard deviation over space of feature maps (N, C, H, W) -> (N, 2 * min(C, max)),
-    float32; beyond `max_channels`, neighbouring channels' statistics are averaged."""
-    maps = maps.float()
-    mean = maps.mean((2, 3))
-    # E[x^2] - E[x]^2: on a CPU, 50x faster than Tensor.std over small maps, which dominated the cost of the hooks
-    stats = [mean, ((maps * maps).mean((2, 3)) - mean * mean).clamp(min=0).sqrt()]
-    if maps.shape[1] > max_channels:
-        stats = [F.adaptive_avg_pool1d(s[:, None], max_channels)[:, 0] for s in stats]
-    return torch.cat(stats, 1)
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu",
-                     batch_size: int | None = None, tta: bool = False, normalization: dict | None = None,
-                     amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict:
-    """What every score needs, float32 on the CPU, for uint8 images (N, C, S, S):
-    {"penultimate": (N, D), "logits": (N, classes), "stages": [(N, d_s) per stage]}.
-
-    The stages are called in turn (forward_stages), exactly as the model's forward does; the logits are the head
-    applied to the penultimate feature. With tta everything is averaged over the image and its mirror; the head
-    being linear, the logits are then exactly the average of both images' logits, as model.predict_logits gives.
-    The features of every image are kept: for a whole split use score_images, and fit on a fit_sample.
-    """
-    device = torch.device(device)
-    batch_size = batch_size or feature_batch_size(images)
-    norm = normalization or NORMALIZATION
-    head, stages = head_of(model), feature_stages(model)
-    rot = unwrap(model).rot if has_rotation_head(model) else None
-    model.eval()
-    penultimate, stats, surprise = [], [], []
-    for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size].to(device, non_blocking=True), norm["mean"], norm["std"])
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        views = [x, x.flip(-1)] if tta else [x]
-        passes = []  # (penultimate, [statistics per stage]) of each view; its feature maps are freed at once
-        for v in views:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                maps, pen = forward_stages(model, v)
-            passes.append((pen.float(), [stage_statistics(m) for m in maps]))
-            del maps
-        penultimate.append(torch.stack([p for p, _ in passes]).mean(0).cpu())
-        stats.append([torch.stack([st[i] for _, st in passes]).mean(0).cpu() for i in range(len(stages))])
-        if rot is not None:
-            surprise.append(torch.stack([rotation_surprise(model, rot, v, p, amp_dtype)
-                                         for v, (p, _) in zip(views, passes)]).mean(0).cpu())
-    if not penultimate:
-        return {"penultimate": torch.zeros(0, head.in_features), "logits": torch.zeros(0, head.out_features),
-                "stages": [torch.zeros(0, 0) for _ in stages]}
-    penultimate = torch.cat(penultimate)
-    logits = F.linear(penultimate, head.weight.float().cpu(),
-                      None if head.bias is None else head.bias.float().cpu())
-    out = {"penultimate": penultimate, "logits": logits,
-           "stages": [torch.cat([batch[i] for batch in stats]) for i in range(len(stages))]}
-    if rot is not None:
-        out["rotation"] = torch.cat(surprise)
-    return out
-
-
-def rotation_surprise(model: nn.Module, rot: nn.Linear, x: torch.Tensor, upright: torch.Tensor,
-                      amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """Mean over the four quarter turns of the rotation head's negative log-probability of the right turn, for a
-    normalized batch x whose upright penultimate features are `upright` (its other three turns take a forward
-    pass each). Low on images like the training ones, whose upright side the model learned to see."""
-    n = len(x)
-    turns = torch.arange(1, 4).repeat_interleave(n)
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        turned = forward_stages(model, rotate_quarters(x.repeat(3, 1, 1, 1), turns))[1].float()
-    logp = F.log_softmax(F.linear(torch.cat([upright, turned]), rot.weight.float(), rot.bias.float()), dim=1)
-    right = torch.cat([torch.zeros(n, dtype=torch.long), turns]).to(logp.device)
-    return -logp.gather(1, right[:, None])[:, 0].view(4, n).mean(0)
-
-
-def feature_batch_size(images: torch.Tensor) -> int:
-    """Images per forward pass in extract_features when the caller does not say: at most 256, and at most
-    FEATURE_BATCH_VALUES pixel values. Every stage's feature maps of a batch are alive at once (the default
-    model's first stage has 48 channels at full resolution: 0.8 MB an image at 64 px), so this bounds memory."""
-    return batch_size_for(images, FEATURE_BATCH_VALUES, 256)
 
 
 def fit_sample(labels: torch.Tensor, limit: int, seed: int = 0) -> torch.Tensor:
@@ -417,19 +311,6 @@ def fit_states(features: dict, labels: torch.Tensor, num_classes: int, chosen: s
 def scores_by_name(states: dict[str, dict], features: dict) -> dict[str, torch.Tensor]:
     """Every stored score of these images, in SCORES order."""
     return {name: novelty_score(states[name], features) for name in SCORES if name in states}
-
-
-def score_images(model: nn.Module, images: torch.Tensor, states: dict[str, dict], chunk: int = SCORE_CHUNK,
-                 **options) -> dict[str, torch.Tensor]:
-    """scores_by_name of every image, from the features of `chunk` images at a time: only the scores are kept,
-    so a split of any size (a uint8 tensor or a RowView of the cache's map) can be scored. `options` go to
-    extract_features (device, tta, normalization, ...)."""
-    def rows(i: int) -> RowView:  # lazy: indexing the whole chunk at once would read all its pixels
-        return RowView.of(images, torch.arange(i, min(i + chunk, len(images))))
-
-    parts = [scores_by_name(states, extract_features(model, rows(i), **options)) for i in range(0, len(images), chunk)]
-    return {name: torch.cat([p[name] for p in parts]) if parts else torch.zeros(0)
-            for name in SCORES if name in states}
 
 
 def unknown_report(chosen: str, threshold: float, known_scores: dict[str, torch.Tensor],

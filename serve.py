@@ -39,9 +39,8 @@ from starlette.exceptions import HTTPException
 from checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of,
                         tta_of, val_accuracy_of)
 from common import UserError
-from dataset import BadImage, decode_bytes, to_float
-from evaluate import explain, pick_cam_layer
-from inference import predict_images
+from dataset import BadImage, decode_bytes
+from predict import explain, normalize, pick_cam_layer, predict_images
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_IMAGES = 64  # images in one request: bounds the decoded batch whatever their file size
@@ -171,14 +170,13 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         return results
 
     def predict_and_explain(upload: tuple[str | None, bytes]) -> dict:
-        """The prediction of one upload and the Grad-CAM heatmap of the class it predicts (evaluate.explain, with
+        """The prediction of one upload and the Grad-CAM heatmap of the class it predicts (predict.explain, with
         the same mirror averaging and temperature as the prediction)."""
         result = predict_uploads([upload])[0]  # a 400 if unreadable; else decoding it again costs a millisecond
         image = torch.as_tensor(decode_bytes(upload[1], size, channels))
         probs = result["probabilities"]
         k = classes.index(result["label"] if result["label"] in classes else max(probs, key=probs.get))
-        norm = normalization_of(ckpt)
-        x = to_float(image[None], norm["mean"], norm["std"])
+        x = normalize(image[None], normalization_of(ckpt))
         with cam_lock:
             cam = explain(cam_model, x, cam_layer, cam_tta, temperature, class_idx=k).cam
         return {**result, "heatmap_class": classes[k], "heatmap": heatmap_png(cam)}

@@ -46,17 +46,18 @@ from checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of,
                         resume_state_of, save_checkpoint, temperature_of, tta_of, with_novelty, with_resume_state,
                         with_temperature)
 from common import UserError, pick_device, remove_stale_temp_files
-from config import TrainConfig, format_config, parse_config
+from config import NOVELTY_SCORES, TrainConfig, format_config, parse_config
 from dataset import (RowView, Split, augment, batch_flip_lr, batches, expand_inputs, load_data, load_items,
                      load_split, preprocess, random_crops, rotate_quarters, to_float, to_uint8)
 from layout import Layout, format_problems, layout_of, layout_splits
 from metrics import (confusion_matrix, correct_count, expected_calibration_error, fit_temperature, loss_sum,
                      uniform_cross_entropy)
 from model import (WithRotationHead, adapt_state_dict, build_model, has_rotation_head, input_normalization,
-                   load_pretrained, predict_logits, unwrap)
-from novelty import (SCORES, accepted, extract_features, fit_sample, fit_states, make_unknown_images, score_images,
-                     state_bytes, threshold_for_accept_rate, unknown_report)
+                   load_pretrained, unwrap)
+from novelty import (accepted, fit_sample, fit_states, make_unknown_images, state_bytes, threshold_for_accept_rate,
+                     unknown_report)
 from plots import plot_confusion_matrix, plot_gallery, plot_history, save_figure
+from predict import extract_features, predict_logits, score_images
 from runs import (RESULTS, TRAIN_BATCH, TRAINING_CURVES, append_result, archive_previous_run, rewrite_results,
                   unique_run_name)
 
@@ -892,8 +893,8 @@ def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool
 
 def check_novelty_settings(cfg: TrainConfig) -> None:
     """Refuse a bad --novelty-score or --accept-rate before training rather than after it."""
-    if cfg.novelty_score != "none" and cfg.novelty_score not in SCORES:
-        raise UserError(f"--novelty-score must be one of {', '.join(SCORES)} or none, not {cfg.novelty_score!r}")
+    if cfg.novelty_score != "none" and cfg.novelty_score not in NOVELTY_SCORES:
+        raise UserError(f"--novelty-score must be one of {', '.join(NOVELTY_SCORES)} or none, not {cfg.novelty_score!r}")
     if not 0.0 < cfg.accept_rate <= 1.0:
         raise UserError(f"--accept-rate must be in (0, 1], not {cfg.accept_rate}")
     if cfg.novelty_score == "rotation" and cfg.rotation_weight <= 0:

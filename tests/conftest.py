@@ -1,7 +1,6 @@
 """Shared fixtures: tiny generated datasets and a trained toy checkpoint, all under pytest's tmp_path."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -10,7 +10,8 @@ from common import UserError, save_atomic
 from config import TrainConfig
 from dataset import load_data
 from layout import read_layout
-from model import SmallResNet, predict_logits
+from model import SmallResNet
+from predict import predict_logits
 
 
 def _checkpoint(model, arch="resnet_small"):

@@ -10,6 +10,7 @@ from PIL import Image
 
 import evaluate
 import inference
+import predict
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import UserError, save_atomic
 from dataset import image_tensor
@@ -99,39 +100,39 @@ def test_gradcam_has_the_input_size_and_is_not_constant(trained):
     ckpt = load_checkpoint(trained["checkpoint"])
     model = model_from_checkpoint(ckpt)
     x = image_tensor(next((trained["data"] / "test" / "cat").iterdir()), ckpt["image_size"], ckpt["channels"])
-    name, layer = evaluate.pick_cam_layer(model, x)
+    name, layer = predict.pick_cam_layer(model, x)
     assert (name, layer) == ("layers.0", model.layers[0])  # 32 px: 8x8 cells there, 4x4 in the next stage
-    cam = evaluate.gradcam(model, x, layer)
+    cam = predict.gradcam(model, x, layer)
     assert cam.shape == (ckpt["image_size"], ckpt["image_size"])
     assert cam.min() == 0 and cam.max() == 1 and cam.std() > 0.05
     assert not layer._forward_hooks  # the hook is removed again
-    assert not torch.equal(cam, evaluate.gradcam(model, x, layer, class_idx=1 - int(model(x).argmax())))
+    assert not torch.equal(cam, predict.gradcam(model, x, layer, class_idx=1 - int(model(x).argmax())))
 
 
 def test_gradcam_of_the_default_model_at_64_px_has_at_least_8x8_cells():
     torch.manual_seed(0)
     model = build_model("resnet_small", 2).eval()
     x = torch.rand(1, 1, 64, 64) * 2 - 1
-    result = evaluate.explain(model, x)
+    result = predict.explain(model, x)
     assert result.layer == "layers.1" and result.cells == (8, 8)
-    assert evaluate.gradcam_layer(model) is model.layers[1]
+    assert predict.gradcam_layer(model) is model.layers[1]
     assert result.cam.shape == (64, 64)
     # A map with 8x8 cells varies within each 16x16 quarter, which a 2x2 map upsampled never does much.
     quarters = result.cam.unfold(0, 32, 32).unfold(1, 32, 32).reshape(4, -1)
     assert (quarters.std(1) > 0.05).all()
-    assert evaluate.explain(model, x, "layers.0").cells == (16, 16)
-    assert evaluate.explain(model, x, "layers.3").cells == (2, 2)
+    assert predict.explain(model, x, "layers.0").cells == (16, 16)
+    assert predict.explain(model, x, "layers.3").cells == (2, 2)
 
 
 @pytest.mark.slow
 def test_gradcam_finds_the_stages_of_torchvision_resnets():
     torch.manual_seed(0)
     model = build_model("resnet18", 3, 1, image_size=64).eval()
-    assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 64, 64)) == ("layer3", model.layer3)  # 8x8
-    assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 48, 40)) == ("layer2", model.layer2)  # 12x10
-    assert evaluate.pick_cam_layer(model, torch.randn(1, 1, 48, 40), "layer4") == ("layer4", model.layer4)
-    assert evaluate.gradcam_layer(model) is model.layer3  # the one-argument call: for 64x64 input
-    cam = evaluate.gradcam(model, torch.randn(1, 1, 48, 40), model.layer4, class_idx=2)
+    assert predict.pick_cam_layer(model, torch.randn(1, 1, 64, 64)) == ("layer3", model.layer3)  # 8x8
+    assert predict.pick_cam_layer(model, torch.randn(1, 1, 48, 40)) == ("layer2", model.layer2)  # 12x10
+    assert predict.pick_cam_layer(model, torch.randn(1, 1, 48, 40), "layer4") == ("layer4", model.layer4)
+    assert predict.gradcam_layer(model) is model.layer3  # the one-argument call: for 64x64 input
+    cam = predict.gradcam(model, torch.randn(1, 1, 48, 40), model.layer4, class_idx=2)
     assert cam.shape == (48, 40) and cam.min() == 0 and cam.max() == 1
 
 
@@ -140,9 +141,9 @@ def test_cam_layer_that_is_not_there_or_not_a_feature_map_is_refused():
     x = torch.zeros(1, 1, 64, 64)
     with pytest.raises(UserError, match=r"'layer4' is not a layer of this SmallResNet; its stages: layers.0, "
                                         r"layers.1, layers.2, layers.3 \(or auto\)"):
-        evaluate.explain(model, x, "layer4")
+        predict.explain(model, x, "layer4")
     with pytest.raises(UserError, match="feature map"):
-        evaluate.explain(model, x, "fc")
+        predict.explain(model, x, "fc")
 
 
 @pytest.mark.slow
@@ -150,10 +151,10 @@ def test_mirror_averaged_gradcam_of_a_mirrored_image_is_the_mirrored_map():
     torch.manual_seed(1)
     model = build_model("resnet_small", 3, width=8).eval()
     x = torch.rand(1, 1, 64, 64) * 2 - 1
-    plain, mirrored = evaluate.explain(model, x, tta=True), evaluate.explain(model, x.flip(-1), tta=True)
+    plain, mirrored = predict.explain(model, x, tta=True), predict.explain(model, x.flip(-1), tta=True)
     assert plain.class_idx == mirrored.class_idx
     assert torch.allclose(plain.cam.flip(-1), mirrored.cam, atol=1e-5)
-    assert not torch.allclose(evaluate.explain(model, x).cam, plain.cam, atol=1e-3)  # tta changes the map
+    assert not torch.allclose(predict.explain(model, x).cam, plain.cam, atol=1e-3)  # tta changes the map
 
 
 @pytest.mark.slow
@@ -180,7 +181,7 @@ def test_gradcam_prints_the_label_and_confidence_inference_prints(trained, tmp_p
     model = model_from_checkpoint(raw)
     for row in inference.classify([Path(p) for p in images], raw, tta=tta == "--tta"):
         x = image_tensor(row["path"], raw["image_size"], raw["channels"])
-        result = evaluate.explain(model, x, tta=tta == "--tta", temperature=raw["temperature"])
+        result = predict.explain(model, x, tta=tta == "--tta", temperature=raw["temperature"])
         assert [round(p, 4) for p in result.probabilities.tolist()] == list(row["probabilities"].values())
 
 

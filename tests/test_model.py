@@ -1,4 +1,4 @@
-"""model.py: the networks, pretrained weights for a gray stem, and prediction with the right normalization."""
+"""model.py: the networks and pretrained weights for a gray stem."""
 import urllib.error
 
 import pytest
@@ -9,8 +9,7 @@ from torchvision.transforms.functional import normalize
 from common import UserError
 from conftest import imagenet_like_resnet18
 from dataset import to_float
-from model import (SmallResNet, adapt_state_dict, build_model, load_pretrained, predict_logits,
-                   pretrained_normalization, unwrap)
+from model import SmallResNet, adapt_state_dict, build_model, load_pretrained, pretrained_normalization, unwrap
 
 
 @pytest.mark.parametrize("arch,channels,classes", [("resnet_small", 1, 2), ("resnet_small", 3, 5),
@@ -117,28 +116,3 @@ def test_pretrained_normalization_is_imagenet_and_to_float_applies_it():
     gray = torch.randint(0, 256, (1, 5, 5), dtype=torch.uint8)  # one unbatched image
     assert torch.allclose(to_float(gray, [0.449], [0.226]), (gray.float() / 255 - 0.449) / 0.226, atol=1e-6)
 
-
-def test_predict_logits_default_normalization_is_unchanged():
-    model = SmallResNet(2, 1, 8).eval()
-    x = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
-    cpu = torch.device("cpu")
-    with torch.no_grad():
-        ref = model(x.float() / 127.5 - 1)
-    assert torch.allclose(predict_logits(model, x, cpu), ref, atol=1e-6)
-    assert torch.allclose(predict_logits(model, x, cpu, normalization={"mean": [0.5], "std": [0.5]}), ref,
-                          atol=1e-5)
-
-
-@pytest.mark.parametrize("tta", [False, True])
-def test_predict_logits_builds_no_autograd_graph(tta):
-    """A model whose parameters require grad (the EMA model in training) must not make prediction keep any
-    batch's activations for a backward pass: nothing is saved for backward, and the logits carry no graph."""
-    model = SmallResNet(2, 1, 8)
-    assert all(p.requires_grad for p in model.parameters())
-    images = torch.randint(0, 256, (40, 1, 32, 32), dtype=torch.uint8)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        logits = predict_logits(model, images, torch.device("cpu"), batch_size=16, tta=tta)
-    assert logits.shape == (40, 2)
-    assert logits.grad_fn is None and not logits.requires_grad
-    assert sum(saved) == 0  # with a graph, every convolution's input of every batch would be held here

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import novelty as nv
+import predict
 from common import UserError
+from config import NOVELTY_SCORES
 from conftest import load_folder
 from dataset import RowView, decode_image, make_synthetic
-from model import build_model, predict_logits
+from model import build_model
 
 
 def brute_auroc(known: torch.Tensor, unknown: torch.Tensor) -> float:
@@ -157,7 +159,7 @@ def test_combined_adds_the_early_stages_energy_and_rotation_each_on_the_training
             nv.novelty_score(state, query)
 
 
-@pytest.mark.parametrize("name", nv.SCORES)
+@pytest.mark.parametrize("name", NOVELTY_SCORES)
 def test_state_round_trips_through_weights_only_load(name):
     state = nv.fit_score(name, small_features(), torch.arange(40) % 2, 2, temperature=1.5)
     buf = io.BytesIO()
@@ -178,19 +180,19 @@ def test_features_are_the_head_input_and_give_the_models_logits(arch, tta):
     torch.manual_seed(0)
     model = build_model(arch, num_classes=3, in_channels=1, width=8, image_size=32).eval()
     images = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8)
-    feats = nv.extract_features(model, images, tta=tta, batch_size=2)
+    feats = predict.extract_features(model, images, tta=tta, batch_size=2)
     assert feats["penultimate"].shape == (5, model.fc.in_features) and feats["logits"].shape == (5, 3)
-    want = predict_logits(model, images, torch.device("cpu"), tta=tta)
+    want = predict.predict_logits(model, images, torch.device("cpu"), tta=tta)
     assert torch.allclose(feats["logits"], want, atol=1e-4)
     assert torch.allclose(model.fc(feats["penultimate"]), want, atol=1e-4)
     # mean and spread per channel of the stem's and each stage's maps
     channels = [8, 8, 16, 32, 64] if arch == "resnet_small" else [64, 64, 128, 256, 512]
-    assert [f.shape for f in feats["stages"]] == [(5, 2 * min(c, nv.MAX_STAGE_CHANNELS)) for c in channels]
+    assert [f.shape for f in feats["stages"]] == [(5, 2 * min(c, predict.MAX_STAGE_CHANNELS)) for c in channels]
     assert all(torch.isfinite(f).all() for f in feats["stages"])
     # the last stage's channel means are the penultimate feature (global average pooling)
-    if channels[-1] <= nv.MAX_STAGE_CHANNELS:
+    if channels[-1] <= predict.MAX_STAGE_CHANNELS:
         assert torch.allclose(feats["stages"][-1][:, :channels[-1]], feats["penultimate"], atol=1e-5)
-    assert nv.extract_features(model, images[:0])["penultimate"].shape == (0, model.fc.in_features)
+    assert predict.extract_features(model, images[:0])["penultimate"].shape == (0, model.fc.in_features)
 
 
 def test_fit_sample_keeps_every_class_and_its_share():
@@ -206,11 +208,11 @@ def test_fit_sample_keeps_every_class_and_its_share():
 
 
 def test_feature_batches_hold_a_bounded_number_of_pixel_values():
-    assert nv.feature_batch_size(torch.zeros(1, 1, 32, 32, dtype=torch.uint8)) == 256
-    assert nv.feature_batch_size(torch.zeros(1, 1, 64, 64, dtype=torch.uint8)) == 256
-    assert nv.feature_batch_size(torch.zeros(1, 3, 128, 128, dtype=torch.uint8)) == 21
-    assert nv.feature_batch_size(torch.zeros(1, 3, 256, 256, dtype=torch.uint8)) == 5
-    assert nv.feature_batch_size(torch.zeros(1, 3, 4096, 4096, dtype=torch.uint8)) == 1
+    assert predict.feature_batch_size(torch.zeros(1, 1, 32, 32, dtype=torch.uint8)) == 256
+    assert predict.feature_batch_size(torch.zeros(1, 1, 64, 64, dtype=torch.uint8)) == 256
+    assert predict.feature_batch_size(torch.zeros(1, 3, 128, 128, dtype=torch.uint8)) == 21
+    assert predict.feature_batch_size(torch.zeros(1, 3, 256, 256, dtype=torch.uint8)) == 5
+    assert predict.feature_batch_size(torch.zeros(1, 3, 4096, 4096, dtype=torch.uint8)) == 1
 
 
 def test_scoring_in_chunks_gives_the_scores_of_one_pass():
@@ -218,27 +220,27 @@ def test_scoring_in_chunks_gives_the_scores_of_one_pass():
     model = build_model("resnet_small", num_classes=2, in_channels=1, width=8, image_size=16).eval()
     images = torch.randint(0, 256, (11, 1, 16, 16), dtype=torch.uint8)
     labels = torch.tensor([0, 1] * 5 + [0])
-    states = nv.fit_states(nv.extract_features(model, images), labels, 2)
-    at_once = nv.scores_by_name(states, nv.extract_features(model, images, tta=True))
-    chunked = nv.score_images(model, RowView(images, torch.arange(11)), states, chunk=4, tta=True, batch_size=3)
-    stored = [n for n in nv.SCORES if n != "rotation"]  # no rotation head on this model
+    states = nv.fit_states(predict.extract_features(model, images), labels, 2)
+    at_once = nv.scores_by_name(states, predict.extract_features(model, images, tta=True))
+    chunked = predict.score_images(model, RowView(images, torch.arange(11)), states, chunk=4, tta=True, batch_size=3)
+    stored = [n for n in NOVELTY_SCORES if n != "rotation"]  # no rotation head on this model
     assert list(chunked) == list(at_once) == stored
     for name in stored:
         assert chunked[name].shape == (11,) and torch.allclose(chunked[name], at_once[name], atol=1e-5), name
-    assert all(len(v) == 0 for v in nv.score_images(model, images[:0], states).values())
+    assert all(len(v) == 0 for v in predict.score_images(model, images[:0], states).values())
 
 
 def test_stage_statistics_average_neighbouring_channels_of_wide_stages():
     maps = torch.arange(2 * 6 * 2 * 2, dtype=torch.float32).reshape(2, 6, 2, 2)
-    stats = nv.stage_statistics(maps, max_channels=3)
+    stats = predict.stage_statistics(maps, max_channels=3)
     assert stats.shape == (2, 6)
     assert torch.allclose(stats[:, :3], maps.mean((2, 3)).reshape(2, 3, 2).mean(2))
-    assert torch.allclose(nv.stage_statistics(maps[:, :, :1, :1])[:, 6:], torch.zeros(2, 6))  # 1x1 maps: spread 0
+    assert torch.allclose(predict.stage_statistics(maps[:, :, :1, :1])[:, 6:], torch.zeros(2, 6))  # 1x1 maps: spread 0
 
 
 def test_features_need_a_known_model_layout():
     with pytest.raises(UserError, match="classifier head"):
-        nv.extract_features(torch.nn.Conv2d(1, 2, 3), torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+        predict.extract_features(torch.nn.Conv2d(1, 2, 3), torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
 
 
 # ---------------------------------------------------------------- the synthetic unknown set
@@ -287,7 +289,7 @@ def small_model(tmp_path_factory):
 @pytest.mark.slow  # its fixture trains 10 epochs
 def test_trained_model_ranks_synthetic_unknowns_above_known_images(small_model):
     model, train, val, unknown = small_model
-    ftr, fval, fun = (nv.extract_features(model, x, tta=True) for x in (train.images, val.images, unknown))
+    ftr, fval, fun = (predict.extract_features(model, x, tta=True) for x in (train.images, val.images, unknown))
     assert (fval["logits"].argmax(1) == val.labels).double().mean() >= 0.7  # the model did learn the two classes
     state = nv.fit_score(nv.DEFAULT_SCORE, ftr, train.labels, 2)
     known, unk = nv.novelty_score(state, fval), nv.novelty_score(state, fun)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import evaluate
 import novelty as nv
+import predict
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import load_folder, train_args
@@ -54,15 +54,15 @@ def test_rotation_head_is_extra_weights_that_checkpoints_carry_and_forward_ignor
     with torch.no_grad():
         logits, rot_logits = WithRotationHead(model)(x)
         assert torch.allclose(logits, model(x), atol=1e-6) and rot_logits.shape == (4, 4)
-    feats = nv.extract_features(model, torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8))
-    assert feats["rotation"].shape == (4,) and "rotation" not in nv.extract_features(
+    feats = predict.extract_features(model, torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8))
+    assert feats["rotation"].shape == (4,) and "rotation" not in predict.extract_features(
         plain, torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8))
 
 
 def test_rotation_surprise_is_the_mean_nll_of_the_right_turn():
     model = build_model("resnet_small", 2, 1, 8, rotation_head=True).eval()
     images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
-    got = nv.extract_features(model, images)["rotation"]
+    got = predict.extract_features(model, images)["rotation"]
     x = images.float() / 127.5 - 1
     want = torch.zeros(3)
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_other_images_trained_towards_uniform_score_higher_than_without(tmp_path
         assert ckpt["classes"] == ["cat", "dog"]
         model = model_from_checkpoint(ckpt)
         val = load_folder(data / "val", ckpt["classes"], 32)
-        scores = [nv.novelty_score({"score": "msp"}, nv.extract_features(model, images, tta=True))
+        scores = [nv.novelty_score({"score": "msp"}, predict.extract_features(model, images, tta=True))
                   for images in (nv.load_images(other, 32, 1)[0], val.images)]
         gap[name] = (scores[0].mean() - scores[1].mean()).item()
     # measured: without --other the model is surer of the drawn images than of val (gap -0.11 to -0.27 with 1 or 2

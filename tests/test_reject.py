@@ -15,10 +15,11 @@ from PIL import Image
 import evaluate
 import inference
 import novelty as nv
+import predict
 import train
 from checkpoint import load_checkpoint, novelty_of, save_checkpoint, with_novelty
 from common import UserError
-from config import TrainConfig
+from config import NOVELTY_SCORES, TrainConfig
 from conftest import load_folder, train_args
 from dataset import make_synthetic
 
@@ -28,7 +29,7 @@ def val_scores(ckpt: dict, data: Path) -> torch.Tensor:
     novelty = novelty_of(ckpt)
     val = load_folder(data / "val", ckpt["classes"], ckpt["image_size"], ckpt["channels"])
     model = inference.model_from_checkpoint(ckpt)
-    feats = nv.extract_features(model, val.images, tta=novelty["tta"], normalization=ckpt["normalization"])
+    feats = predict.extract_features(model, val.images, tta=novelty["tta"], normalization=ckpt["normalization"])
     return nv.novelty_score(novelty["states"][novelty["score"]], feats)
 
 
@@ -47,7 +48,7 @@ def test_training_stores_the_score_and_a_val_threshold_that_load_with_weights_on
     ckpt = load_checkpoint(trained["checkpoint"])
     novelty = novelty_of(ckpt)
     assert novelty["threshold"] == raw["novelty"]["threshold"] and novelty["score"] == nv.DEFAULT_SCORE == TrainConfig.novelty_score
-    assert set(novelty["states"]) == set(nv.SCORES) - {"rotation"} and novelty["accept_rate"] == TrainConfig.accept_rate
+    assert set(novelty["states"]) == set(NOVELTY_SCORES) - {"rotation"} and novelty["accept_rate"] == TrainConfig.accept_rate
     assert sum(nv.state_bytes(s) for s in novelty["states"].values()) < 10_000_000
     scores = val_scores(ckpt, trained["data"])
     share = nv.accepted(scores, novelty["threshold"]).double().mean().item()
@@ -161,7 +162,7 @@ def test_evaluate_unknown_dir_writes_the_metrics_and_the_histogram(trained, tmp_
     assert "unknown images: 22 from" in printed  # 18 flat + 4 in subfolders, the text file ignored
     m = json.loads((out / "metrics.json").read_text())["unknown"]
     assert set(m) == {"score", "auroc", "fpr_at_95_tpr", "known_rejected", "unknown_accepted", "by_score", "by_folder"}
-    assert m["score"] == nv.DEFAULT_SCORE and set(m["by_score"]) == set(nv.SCORES) - {"rotation"}  # no rotation head
+    assert m["score"] == nv.DEFAULT_SCORE and set(m["by_score"]) == set(NOVELTY_SCORES) - {"rotation"}  # no rotation head
     assert all(set(r) == {"auroc", "fpr_at_95_tpr"} for r in m["by_score"].values())
     assert m["by_score"][m["score"]] == {"auroc": m["auroc"], "fpr_at_95_tpr": m["fpr_at_95_tpr"]}
     assert all(0.0 <= v <= 1.0 for k, v in m.items() if k not in ("score", "by_score", "by_folder"))
@@ -169,7 +170,7 @@ def test_evaluate_unknown_dir_writes_the_metrics_and_the_histogram(trained, tmp_
     ckpt = load_checkpoint(trained["checkpoint"])
     novelty = novelty_of(ckpt)
     test = load_folder(trained["data"] / "test", ckpt["classes"], ckpt["image_size"], ckpt["channels"])
-    feats = nv.extract_features(inference.model_from_checkpoint(ckpt), test.images, tta=novelty["tta"],
+    feats = predict.extract_features(inference.model_from_checkpoint(ckpt), test.images, tta=novelty["tta"],
                                 normalization=ckpt["normalization"])
     scores = nv.novelty_score(novelty["states"][novelty["score"]], feats)
     assert m["known_rejected"] == pytest.approx((~nv.accepted(scores, novelty["threshold"])).double().mean().item())

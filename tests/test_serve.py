@@ -24,8 +24,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 import bench_serve
 import dataset
-import evaluate
 import inference
+import predict
 import serve
 from checkpoint import load_checkpoint, model_from_checkpoint, temperature_of, tta_of
 from conftest import NASTY_READABLE, NASTY_UNREADABLE
@@ -112,11 +112,11 @@ def test_gradcam_gives_the_prediction_and_a_heatmap(trained, ckpt, client):
     assert g["heatmap"].startswith(prefix)
     heat = Image.open(io.BytesIO(base64.b64decode(g["heatmap"][len(prefix):])))
     assert heat.format == "PNG" and heat.size == (ckpt["image_size"],) * 2 and heat.mode == "RGB"
-    # The map is evaluate.explain's for the predicted class, with the predictions' mirror averaging and temperature,
+    # The map is predict.explain's for the predicted class, with the predictions' mirror averaging and temperature,
     # on the layer chosen for the checkpoint's image size; its probabilities are the ones returned.
     assert tta_of(ckpt)
     x = dataset.image_tensor(image, ckpt["image_size"], ckpt["channels"])
-    cam = evaluate.explain(model_from_checkpoint(ckpt), x, tta=True, temperature=temperature_of(ckpt))
+    cam = predict.explain(model_from_checkpoint(ckpt), x, tta=True, temperature=temperature_of(ckpt))
     assert cam.layer == "layers.0" and ckpt["classes"][cam.class_idx] == g["heatmap_class"]
     assert g["heatmap"] == serve.heatmap_png(cam.cam)
     assert [round(p, 4) for p in cam.probabilities.tolist()] == list(g["probabilities"].values())

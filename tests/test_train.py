@@ -14,7 +14,8 @@ from conftest import expected_answer, imagenet_like_resnet18, table_labelled_set
 from dataset import Split, augment, image_tensor, load_data, make_synthetic, to_float
 from layout import read_layout
 from metrics import expected_calibration_error
-from model import SmallResNet, adapt_state_dict, build_model, predict_logits
+from model import SmallResNet, adapt_state_dict, build_model
+from predict import predict_logits
 from runs import read_results
 
 

@@ -1,0 +1,365 @@
+"""The one forward path: every prediction (validation, calibration, evaluate.py, inference.py, serve.py, the
+novelty fit) and every Grad-CAM map goes through the functions here, which normalize, mirror-average (TTA), cast
+(amp) and lay out (channels-last) a batch the same way.
+
+Usage:
+    logits = predict_logits(model, uint8_images, torch.device("cpu"), tta=True, normalization=ckpt_norm)
+    features = extract_features(model, uint8_images, tta=True)   # penultimate, logits, stage statistics
+    scores = score_images(model, images, states, tta=True)       # {novelty score name: scores}, chunk by chunk
+    results = predict_images(model, ckpt, decoded_images)         # labels, confidences, novelty: what users see
+    cam = explain(model, normalize(image[None], norm), "auto", tta=True).cam   # Grad-CAM heatmap
+No prediction builds an autograd graph (torch.inference_mode; no_grad for the features, which the novelty scores
+are fitted on): a batch's activations are freed as soon as it is scored.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import normalization_of, novelty_of, temperature_of, tta_of
+from common import UserError
+from config import NORMALIZATION
+from dataset import RowView, rotate_quarters, to_float
+from model import forward_stages, has_rotation_head, unwrap
+from novelty import SCORES, novelty_score, scores_by_name
+
+MAX_STAGE_CHANNELS = 256  # wider stages are averaged over neighbouring channels: a stage adds at most 512 values
+FEATURE_BATCH_VALUES = 2**20  # pixel values per forward pass: 256 images at 64 px gray, 21 at 128 px RGB
+SCORE_CHUNK = 4096  # images whose features score_images holds at once (about 7 KB each for the default model)
+MIN_CAM_CELLS = 8  # the auto layer is the deepest stage whose map has at least this many cells a side
+
+
+# ---------------------------------------------------------------- the batches a forward pass sees
+
+
+def batch_size_for(images: torch.Tensor, max_values: int = 2**22, max_images: int = 512) -> int:
+    """Images per forward pass: at most `max_images`, and at most `max_values` pixel values, so that a batch's
+    floats stay bounded whatever the image size (512 at 64 px gray, 21 at 256 px RGB by default)."""
+    return max(1, min(max_images, max_values // max(1, math.prod(images.shape[1:]))))
+
+
+def feature_batch_size(images: torch.Tensor) -> int:
+    """Images per forward pass in extract_features when the caller does not say: at most 256, and at most
+    FEATURE_BATCH_VALUES pixel values. Every stage's feature maps of a batch are alive at once (the default
+    model's first stage has 48 channels at full resolution: 0.8 MB an image at 64 px), so this bounds memory."""
+    return batch_size_for(images, FEATURE_BATCH_VALUES, 256)
+
+
+def normalize(images: torch.Tensor, normalization: dict | None = None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images (N, C, S, S) as the network takes them: floats normalized with the checkpoint's {"mean", "std"}
+    (default: config.NORMALIZATION), in channels-last memory when asked."""
+    norm = normalization or NORMALIZATION
+    x = to_float(images, norm["mean"], norm["std"])
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def normalized_batches(images: torch.Tensor, batch_size: int, device: torch.device, normalization: dict | None,
+                       channels_last: bool) -> Iterator[torch.Tensor]:
+    """The images, batch_size at a time, moved to the device and normalized (a RowView is read a batch at a time)."""
+    for i in range(0, len(images), batch_size):
+        yield normalize(images[i:i + batch_size].to(device, non_blocking=True), normalization, channels_last)
+
+
+def views(x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
+    """What test-time augmentation averages over: the batch, and with tta its mirror image."""
+    return [x, x.flip(-1)] if tta else [x]
+
+
+def amp(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to amp_dtype on the device, or nothing for plain fp32."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int | None = None,
+                   tta: bool = False, channels_last: bool = False,
+                   amp_dtype: torch.dtype | None = None, normalization: dict | None = None) -> torch.Tensor:
+    """Logits (N, classes) on the CPU for uint8 images (N, C, S, S); with tta, averaged with the mirror image.
+    Runs under inference mode: no autograd graph is built, so a batch's activations are freed as soon as it is
+    scored, even for a model whose parameters require grad (the EMA model in training).
+    `normalization` is the checkpoint's {"mean", "std"}; `batch_size` defaults to batch_size_for(images)."""
+    model.eval()
+    out = []
+    for x in normalized_batches(images, batch_size or batch_size_for(images), device, normalization, channels_last):
+        with amp(device, amp_dtype):
+            out.append(torch.stack([model(v).float() for v in views(x, tta)]).mean(0).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: float = 0.0,
+                   tta: bool | None = None, reject: bool = False) -> list[dict]:
+    """One {'label', 'confidence', 'probabilities'} per decoded uint8 (C, S, S) image, all in one batch, plus
+    {'novelty_score', 'known'} when the checkpoint has a novelty score (known: score <= its stored threshold).
+
+    The prediction inference.py prints and serve.py answers: the checkpoint's softmax temperature is applied,
+    below `threshold` the label is 'unknown', and with `reject` also when the image is of no known class (a
+    checkpoint without a novelty score is then a UserError that says to retrain). tta=None uses the training
+    run's setting; the novelty score always uses the setting its threshold was chosen with.
+    """
+    novelty = novelty_of(ckpt, needed_by="--reject" if reject else "")
+    if not images:
+        return []
+    classes, norm = ckpt["classes"], normalization_of(ckpt)
+    tta = tta_of(ckpt) if tta is None else tta
+    batch = torch.stack([torch.as_tensor(im) for im in images])
+    scores = None
+    if novelty is not None:
+        features = extract_features(model, batch, tta=novelty["tta"], normalization=norm)
+        scores = novelty_score(novelty["states"][novelty["score"]], features).tolist()
+    if novelty is not None and tta == novelty["tta"]:
+        logits = features["logits"]  # the same numbers predict_logits gives, without a second pass
+    else:
+        logits = predict_logits(model, batch, torch.device("cpu"), tta=tta, normalization=norm)
+    results = []
+    for i, pr in enumerate(torch.softmax(logits / temperature_of(ckpt), dim=1)):
+        conf, k = pr.max(0)
+        known = scores is None or scores[i] <= novelty["threshold"]
+        label = classes[k] if conf.item() >= threshold and (known or not reject) else "unknown"
+        result = {"label": label, "confidence": round(conf.item(), 4),
+                  "probabilities": {c: round(v, 4) for c, v in zip(classes, pr.tolist())}}
+        if scores is not None:
+            result.update(novelty_score=round(scores[i], 4), known=known)
+        results.append(result)
+    return results
+
+
+# ---------------------------------------------------------------- features for the novelty scores
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """The final linear layer (`fc` in SmallResNet and torchvision ResNets): its input is the penultimate feature."""
+    head = getattr(unwrap(model), "fc", None)
+    if not isinstance(head, nn.Linear):
+        raise UserError(f"do not know where the classifier head of {type(unwrap(model)).__name__} is "
+                        f"(expected a Linear layer named fc)")
+    return head
+
+
+def feature_stages(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are the feature maps of each stage, from the stem to the last residual stage:
+    SmallResNet's stem and blocks, or a torchvision ResNet's stem (up to its max-pool) and layer1-layer4."""
+    model = unwrap(model)
+    if all(hasattr(model, n) for n in ("maxpool", "layer1", "layer2", "layer3", "layer4")):
+        return [model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4]
+    if hasattr(model, "stem") and hasattr(model, "layers"):
+        return [model.stem, *model.layers]
+    raise UserError(f"do not know the stages of {type(model).__name__} for the stage scores (combined, "
+                    f"layer_mahalanobis)")
+
+
+def stage_statistics(maps: torch.Tensor, max_channels: int = MAX_STAGE_CHANNELS) -> torch.Tensor:
+    """Per-channel mean and standard deviation over space of feature maps (N, C, H, W) -> (N, 2 * min(C, max)),
+    float32; beyond `max_channels`, neighbouring channels' statistics are averaged."""
+    maps = maps.float()
+    mean = maps.mean((2, 3))
+    # E[x^2] - E[x]^2: on a CPU, 50x faster than Tensor.std over small maps, which dominated the cost of the hooks
+    stats = [mean, ((maps * maps).mean((2, 3)) - mean * mean).clamp(min=0).sqrt()]
+    if maps.shape[1] > max_channels:
+        stats = [F.adaptive_avg_pool1d(s[:, None], max_channels)[:, 0] for s in stats]
+    return torch.cat(stats, 1)
+
+
+@torch.no_grad()  # not inference mode: the scores are fitted on these tensors, which may need autograd
+def extract_features(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu",
+                     batch_size: int | None = None, tta: bool = False, normalization: dict | None = None,
+                     amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict:
+    """What every score needs, float32 on the CPU, for uint8 images (N, C, S, S):
+    {"penultimate": (N, D), "logits": (N, classes), "stages": [(N, d_s) per stage]}.
+
+    The stages are called in turn (forward_stages), exactly as the model's forward does; the logits are the head
+    applied to the penultimate feature. With tta everything is averaged over the image and its mirror; the head
+    being linear, the logits are then exactly the average of both images' logits, as predict_logits gives.
+    The features of every image are kept: for a whole split use score_images, and fit on a fit_sample.
+    """
+    device = torch.device(device)
+    head, stages = head_of(model), feature_stages(model)
+    rot = unwrap(model).rot if has_rotation_head(model) else None
+    model.eval()
+    penultimate, stats, surprise = [], [], []
+    for x in normalized_batches(images, batch_size or feature_batch_size(images), device, normalization,
+                                channels_last):
+        passes = []  # (penultimate, [statistics per stage]) of each view; its feature maps are freed at once
+        for v in views(x, tta):
+            with amp(device, amp_dtype):
+                maps, pen = forward_stages(model, v)
+            passes.append((pen.float(), [stage_statistics(m) for m in maps]))
+            del maps
+        penultimate.append(torch.stack([p for p, _ in passes]).mean(0).cpu())
+        stats.append([torch.stack([st[i] for _, st in passes]).mean(0).cpu() for i in range(len(stages))])
+        if rot is not None:
+            surprise.append(torch.stack([rotation_surprise(model, rot, v, p, amp_dtype)
+                                         for v, (p, _) in zip(views(x, tta), passes)]).mean(0).cpu())
+    if not penultimate:
+        return {"penultimate": torch.zeros(0, head.in_features), "logits": torch.zeros(0, head.out_features),
+                "stages": [torch.zeros(0, 0) for _ in stages]}
+    penultimate = torch.cat(penultimate)
+    logits = F.linear(penultimate, head.weight.float().cpu(),
+                      None if head.bias is None else head.bias.float().cpu())
+    out = {"penultimate": penultimate, "logits": logits,
+           "stages": [torch.cat([batch[i] for batch in stats]) for i in range(len(stages))]}
+    if rot is not None:
+        out["rotation"] = torch.cat(surprise)
+    return out
+
+
+def rotation_surprise(model: nn.Module, rot: nn.Linear, x: torch.Tensor, upright: torch.Tensor,
+                      amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Mean over the four quarter turns of the rotation head's negative log-probability of the right turn, for a
+    normalized batch x whose upright penultimate features are `upright` (its other three turns take a forward
+    pass each). Low on images like the training ones, whose upright side the model learned to see."""
+    n = len(x)
+    turns = torch.arange(1, 4).repeat_interleave(n)
+    with amp(x.device, amp_dtype):
+        turned = forward_stages(model, rotate_quarters(x.repeat(3, 1, 1, 1), turns))[1].float()
+    logp = F.log_softmax(F.linear(torch.cat([upright, turned]), rot.weight.float(), rot.bias.float()), dim=1)
+    right = torch.cat([torch.zeros(n, dtype=torch.long), turns]).to(logp.device)
+    return -logp.gather(1, right[:, None])[:, 0].view(4, n).mean(0)
+
+
+def score_images(model: nn.Module, images: torch.Tensor, states: dict[str, dict], chunk: int = SCORE_CHUNK,
+                 **options) -> dict[str, torch.Tensor]:
+    """scores_by_name of every image, from the features of `chunk` images at a time: only the scores are kept,
+    so a split of any size (a uint8 tensor or a RowView of the cache's map) can be scored. `options` go to
+    extract_features (device, tta, normalization, ...)."""
+    def rows(i: int) -> RowView:  # lazy: indexing the whole chunk at once would read all its pixels
+        return RowView.of(images, torch.arange(i, min(i + chunk, len(images))))
+
+    parts = [scores_by_name(states, extract_features(model, rows(i), **options)) for i in range(0, len(images), chunk)]
+    return {name: torch.cat([p[name] for p in parts]) if parts else torch.zeros(0)
+            for name in SCORES if name in states}
+
+
+# ---------------------------------------------------------------- Grad-CAM
+# The grad-cam package (pytorch-grad-cam 1.5.7) was weighed against these lines: it would add opencv, scikit-learn,
+# scipy and ttach; its smoothing runs six passes (mirror x brightness 0.9/1/1.1), each explaining its own argmax of
+# a raw logit, not one class of mirror-averaged logits; and it returns no probabilities. Here one forward and one
+# backward pass give the map and the very prediction inference.py prints.
+
+
+class GradCam(NamedTuple):
+    """What explain() returns: the heatmap (H, W) in [0, 1] at the input's size, the class it explains, that
+    class's probability and all probabilities (softmax of the logits / temperature, as inference.py), the layer."""
+    cam: torch.Tensor
+    class_idx: int
+    probability: float
+    probabilities: torch.Tensor
+    layer: str
+    cells: tuple[int, int]
+
+
+def cam_stages(model: nn.Module) -> dict[str, nn.Module]:
+    """The residual stages Grad-CAM can weigh, shallow to deep, by module name: layers.0-3 of resnet_small,
+    layer1-4 of torchvision ResNets."""
+    model = unwrap(model)
+    if hasattr(model, "layer4"):
+        return {f"layer{i}": getattr(model, f"layer{i}") for i in range(1, 5)}
+    if hasattr(model, "layers"):
+        return {f"layers.{i}": m for i, m in enumerate(model.layers)}
+    raise UserError(f"do not know where the residual stages of {type(model).__name__} are for Grad-CAM")
+
+
+def feature_sizes(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
+    """(height, width) of each named layer's output for input x."""
+    sizes = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: sizes.__setitem__(n, tuple(out.shape[-2:])))
+             for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            unwrap(model).eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def pick_cam_layer(model: nn.Module, x: torch.Tensor, name: str = "auto") -> tuple[str, nn.Module]:
+    """(name, module) of the layer Grad-CAM weighs for input x: `name` as in model.named_modules(), or 'auto', the
+    deepest residual stage with at least MIN_CAM_CELLS cells a side (resnet_small at 64x64: layers.1, 8x8; its
+    last stage is 2x2, a single blob), or the first stage when none is that fine."""
+    stages = cam_stages(model)
+    if name != "auto":
+        modules = dict(unwrap(model).named_modules())
+        if not name or name not in modules:
+            raise UserError(f"--cam-layer {name!r} is not a layer of this {type(unwrap(model)).__name__}; "
+                            f"its stages: {', '.join(stages)} (or auto)")
+        return name, modules[name]
+    sizes = feature_sizes(model, x, stages)
+    fine = [n for n in stages if min(sizes[n]) >= MIN_CAM_CELLS]
+    chosen = fine[-1] if fine else next(iter(stages))
+    return chosen, stages[chosen]
+
+
+def gradcam_layer(model: nn.Module, x: torch.Tensor | None = None, name: str = "auto") -> nn.Module:
+    """The module pick_cam_layer chooses; without x, for a 64x64 input."""
+    if x is None:
+        in_channels = next(m for m in unwrap(model).modules() if isinstance(m, nn.Conv2d)).in_channels
+        x = torch.zeros(1, in_channels, 64, 64)
+    return pick_cam_layer(model, x, name)[1]
+
+
+def gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_idx: int | None = None,
+            tta: bool = False) -> torch.Tensor:
+    """Grad-CAM heatmap (H, W) in [0, 1] at the size of x (1, C, H, W), for class_idx (default: the predicted one).
+    Same as explain(...).cam for a layer given as a module."""
+    return _gradcam(model, x, target_layer, class_idx, tta)[0]
+
+
+def explain(model: nn.Module, x: torch.Tensor, layer: str = "auto", tta: bool = False, temperature: float = 1.0,
+            class_idx: int | None = None) -> GradCam:
+    """Grad-CAM of a normalized image x (1, C, H, W) with the prediction it explains, as inference.py makes it:
+    with tta the logits are averaged with the mirror image's and the two heatmaps too (the mirror's flipped back);
+    probabilities are the softmax of the logits / temperature. `layer`: a module name or 'auto' (pick_cam_layer)."""
+    name, module = pick_cam_layer(model, x, layer)
+    cam, logits, class_idx, cells = _gradcam(model, x, module, class_idx, tta)
+    probs = torch.softmax(logits[0] / temperature, 0)
+    return GradCam(cam, class_idx, probs[class_idx].item(), probs, name, cells)
+
+
+def _gradcam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_idx: int | None, tta: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]:
+    """(heatmap, logits (1, K), explained class, cells of the layer's map).
+
+    The layer's activations are caught by a forward hook and their gradients by a hook on that output; each
+    channel is weighted by its mean gradient, the weighted sum is ReLU'd, upsampled and scaled to [0, 1].
+    The score explained is the class's logit minus the mean logit, which is what the softmax decides on: a raw
+    logit that all classes share a negative offset in would leave the predicted class an all-zero map.
+    The logits are computed as predict_logits computes them, so the probabilities equal inference.py's.
+    """
+    caught: list[dict[str, torch.Tensor]] = []
+
+    def on_forward(module, inputs, output):
+        entry = {"act": output}
+        output.register_hook(lambda grad: entry.__setitem__("grad", grad))
+        caught.append(entry)
+
+    handle = target_layer.register_forward_hook(on_forward)
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logits = torch.stack([model(v).float() for v in views(x, tta)]).mean(0)
+            if class_idx is None:
+                class_idx = int(logits[0].argmax())
+            model.zero_grad(set_to_none=True)
+            (logits[0, class_idx] - logits[0].mean()).backward()
+    finally:
+        handle.remove()
+    if not caught or caught[0]["act"].dim() != 4:
+        raise UserError("Grad-CAM needs a layer whose output is a feature map (N, C, H, W), such as a residual stage")
+    cams = []
+    for i, entry in enumerate(caught):  # the image, then (with tta) its mirror, whose map is flipped back
+        act, grad = entry["act"].detach(), entry["grad"].detach()
+        cam = torch.relu((grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
+        cams.append(cam.flip(-1) if i else cam)
+    cam = torch.stack(cams).mean(0)
+    cells = tuple(cam.shape[-2:])
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    span = cam.max() - cam.min()
+    cam = (cam - cam.min()) / span if span > 0 else torch.zeros_like(cam)
+    return cam, logits.detach(), class_idx, cells
+
