@@ -231,3 +231,17 @@ def resume_state_of(ckpt: dict) -> dict:
             "ema_steps": ckpt.get("ema_steps", 0), "scaler_state": ckpt.get("scaler_state"),
             **{k: ckpt[k] for k in RESUME_KEYS},
             "epoch": ckpt["epoch"], "history": ckpt["history"], "best": ckpt["best"]}
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -79,3 +79,37 @@ def remove_stale_temp_files(folder: str | Path, name_pattern: str = "*") -> None
     """Delete save_atomic's temp files left in `folder` by a process killed while saving."""
     for stale in Path(folder).glob(f"{TEMP_PREFIX}{name_pattern}.*{TEMP_SUFFIX}"):
         stale.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- precision
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 math (AVX512-BF16 or AMX), where bf16 autocast trains ~2x faster; elsewhere
+    PyTorch emulates bf16 and it is slower than fp32. These checks are private to torch.cpu, hence the getattr."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def pick_amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast dtype for --amp on this device, or None for plain fp32."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        # Only where the GPU computes bf16 natively (Ampere and later): T4/V100-class cards emulate it, slowly.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def needs_grad_scaler(amp_dtype: torch.dtype | None) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and fp32 needs none."""
+    return amp_dtype == torch.float16
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """What the start-up line says about the arithmetic: 'fp32', 'bf16 autocast' or 'fp16 autocast + GradScaler'."""
+    if amp_dtype is None:
+        return "fp32"
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype] + " autocast"
+    return name + (" + GradScaler" if needs_grad_scaler(amp_dtype) else "")

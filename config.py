@@ -123,6 +123,19 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def __post_init__(self):
+        """The one check of the settings whatever they come from (flags, --config, a saved run, a caller): a field
+        with choices holds one of them, and the settings that depend on each other agree."""
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                raise UserError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
+                                f"not {value!r}")
+        if not 0.0 < self.accept_rate <= 1.0:
+            raise UserError(f"--accept-rate must be in (0, 1], not {self.accept_rate}")
+        if self.novelty_score == "rotation" and self.rotation_weight <= 0:
+            raise UserError("--novelty-score rotation needs the rotation head: give --rotation-weight > 0")
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """Build from a saved dict, ignoring keys of older or newer versions."""
@@ -208,17 +221,16 @@ def load_config_file(path: str | Path) -> TrainConfig:
     if not isinstance(saved, dict):
         raise UserError(f"--config {path}: expected a JSON object of settings, as train.py writes")
     hints, defaults = typing.get_type_hints(TrainConfig), TrainConfig()
-    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
     for name, value in saved.items():
         if name not in hints or name in NOT_SETTINGS:
             continue
         if not _fits(value, hints[name]):
             raise UserError(f"--config {path}: {name} should be {getattr(hints[name], '__name__', hints[name])}, "
                             f"not {value!r}")
-        if choices[name] and value not in choices[name]:
-            raise UserError(f"--config {path}: {name} should be one of {', '.join(map(str, choices[name]))}, "
-                            f"not {value!r}")
-    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k not in NOT_SETTINGS})
+    try:
+        cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k not in NOT_SETTINGS})
+    except UserError as e:
+        raise UserError(f"--config {path}: {e}") from None
     return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in NOT_SETTINGS})
 
 

@@ -429,6 +429,44 @@ def make_synthetic(root: str | Path, n_per_class: dict[str, int] | int = 60, siz
     return root
 
 
+# ---------------------------------------------------------------- where training reads its images
+
+def place_images(images: torch.Tensor | RowView, device: torch.device, placement: str
+                 ) -> tuple[torch.Tensor | RowView, str]:
+    """Where training reads its images from, and a line saying so. 'device' copies the whole set there once (on a
+    GPU no batch crosses the PCIe bus again; on CPU it is a copy in RAM); 'map' leaves it in the cache's memory
+    map and each batch reads its rows (the OS page cache keeps the hot pages). 'auto' is 'device' on CUDA when
+    the pixels take at most half of the free GPU memory, 'device' on MPS, and 'map' on CPU, where a RAM copy
+    would only duplicate the page cache."""
+    n_bytes = math.prod(images.shape) * images.dtype.itemsize
+    size = f"{n_bytes / 2**30:.2f} GiB of pixels"
+    if placement == "auto":
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            placement = "device" if n_bytes <= free // 2 else "map"
+            size += f", {free / 2**30:.1f} GiB free on the GPU"
+        else:
+            placement = "device" if device.type == "mps" else "map"
+    if placement == "map":
+        how = ", pinned-memory batches to the GPU" if device.type == "cuda" else ""
+        return images, f"training images: batches read from the memory map ({size}{how})"
+    whole = torch.empty(images.shape, dtype=images.dtype, device=device)
+    for i in range(0, len(whole), 4096):  # in blocks: the host never holds a second full copy on the way
+        whole[i:i + 4096] = images[i:i + 4096].to(device)
+    return whole, f"training images: whole set on {device} ({size})"
+
+
+def fetch_batch(images: torch.Tensor | RowView, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One batch of uint8 images on `device`: indexed where they are when the whole set is there, else read from
+    the memory map (in pinned memory on CUDA, so the copy to the GPU is asynchronous)."""
+    if images.device.type == device.type:
+        return images[idx.to(images.device)]
+    batch = images[idx]
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -12,14 +12,25 @@ curves/<its run name>/, named from the run name in its checkpoint's config.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import io
 import os
+import signal
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
+import torch
+
 from checkpoint import BEST, LAST, load_checkpoint, run_name_of
-from common import UserError
+from common import UserError, remove_stale_temp_files
+from config import TrainConfig, format_config
+from dataset import Split, augment, to_float, to_uint8
+from distributed import is_main_rank
+from plots import plot_gallery, save_figure
 
 TRAINING_CURVES, TRAIN_BATCH, RESULTS = "training_curves.png", "train_batch.png", "results.csv"
 # What a run leaves at the top of --curves-dir: its plots, and what evaluate.py --out-dir CURVES_DIR wrote.
@@ -128,3 +139,117 @@ def read_results(path: str | Path) -> list[dict]:
     """results.csv as a list of {column: value} with numbers as floats (epoch as int)."""
     with open(path, newline="") as f:
         return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------- a training run's start, logs and Ctrl-C
+
+class CtrlC:
+    """Ctrl-C during the epochs: the first asks the run to stop after the training step in progress (train_one_epoch
+    checks `requested` after each step); a second raises KeyboardInterrupt at once. Nothing is raised inside a
+    library call on the first, so no TensorBoard writer or progress bar is left half-way through a write."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        try:  # os.write, not print: a handler that prints can land inside another print to the same stream
+            os.write(2, b"\nCtrl-C: stopping after this training step (press it again to stop at once)\n")
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_after_the_step():
+    """Install a CtrlC as the SIGINT handler while the block runs and put the previous handler back after. Off the
+    main thread (where Python cannot set handlers) it only yields a CtrlC that is never requested."""
+    ctrl_c = CtrlC()
+    if threading.current_thread() is not threading.main_thread():
+        yield ctrl_c
+        return
+    previous = signal.signal(signal.SIGINT, ctrl_c)
+    try:
+        yield ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def interrupted_message(out_dir: str, saved_epoch: int, note: str = "") -> str:
+    """What the run says when Ctrl-C stopped it: which epoch last.pth holds (only saved epochs count)."""
+    if not saved_epoch:
+        return "interrupted; nothing saved: no epoch had ended" + (f" ({note})" if note else "")
+    return (f"interrupted; {Path(out_dir) / LAST} holds epoch {saved_epoch}: continue with --resume"
+            + (f" ({note})" if note else ""))
+
+
+def name_run(cfg: TrainConfig) -> TrainConfig:
+    """A new run gets a name no earlier run has in LOG_DIR, OUT_DIR or CURVES_DIR (default: date-time and arch;
+    a name in use gets -2, -3...); a resumed run keeps its own."""
+    if cfg.resume:
+        return cfg
+    wanted = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}"
+    name = unique_run_name(wanted, [cfg.log_dir, cfg.out_dir, cfg.curves_dir])
+    if cfg.run_name and name != cfg.run_name:
+        print(f"run name {cfg.run_name!r} is taken (an earlier run's folder exists); this run is {name!r}")
+    return dataclasses.replace(cfg, run_name=name)
+
+
+def make_room(cfg: TrainConfig, start_epoch: int, history: list[dict]) -> None:
+    """On the main rank, before anything is written: a new run moves the previous run's checkpoints and plots to
+    OUT_DIR/<its run name>/ and CURVES_DIR/<its run name>/ (never deleting) and says where; a resumed run
+    continues in place, its results.csv cut back to the epochs last.pth holds."""
+    if not is_main_rank():
+        return
+    if start_epoch:
+        rewrite_results(Path(cfg.log_dir) / cfg.run_name / RESULTS, history)
+        return
+    for name, folders in archive_previous_run(cfg.out_dir, cfg.curves_dir).items():
+        print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")
+
+
+def train_batch_images(images: torch.Tensor, labels: torch.Tensor, classes: list[str], cfg: TrainConfig,
+                       normalization: dict, n: int = 16) -> tuple[torch.Tensor, list[str]]:
+    """n training images, as the network sees them (the training augmentation, on a generator of their own so the
+    run's draws are not changed), back to uint8, and their class names."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randperm(len(labels), generator=generator)[:n]
+    x = to_float(images[idx.to(images.device)].cpu(), normalization["mean"], normalization["std"])
+    x = augment(x, cfg.flip, cfg.max_rotation, cfg.max_shift, generator)
+    names = [classes[int(k)] for k in labels[idx.to(labels.device)]]
+    return to_uint8(x, normalization["mean"], normalization["std"]), names
+
+
+def save_train_batch(cfg: TrainConfig, train: Split, classes: list[str], normalization: dict) -> None:
+    """CURVES_DIR/train_batch.png: 16 augmented training images with their labels, to check the augmentation."""
+    if not is_main_rank() or len(train.labels) == 0:
+        return
+    images, captions = train_batch_images(train.images, train.labels, classes, cfg, normalization)
+    path = save_figure(plot_gallery(images, captions), Path(cfg.curves_dir) / TRAIN_BATCH)
+    print(f"augmented training images: {path}")
+
+
+def open_run_log(cfg: TrainConfig):
+    """On the main rank: clear temp files of a run killed while saving, write config.json, open TensorBoard."""
+    from torch.utils.tensorboard import SummaryWriter  # slow to import; only training needs it
+
+    if not is_main_rank():
+        return None
+    remove_stale_temp_files(cfg.out_dir, "*.pth")
+    run_dir = Path(cfg.log_dir) / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(format_config(cfg))
+    return SummaryWriter(str(run_dir))
+
+
+def log_epoch(writer, h: dict, cfg: TrainConfig) -> None:
+    """The epoch's scalars to TensorBoard and its row to LOG_DIR/<run-name>/results.csv (flushed to disk)."""
+    if writer is None:
+        return
+    append_result(Path(cfg.log_dir) / cfg.run_name / RESULTS, h)
+    for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_acc", "acc/train"),
+                     ("val_acc", "acc/val"), ("val_top5", "acc5/val"), ("lr", "lr")):
+        if key in h:
+            writer.add_scalar(tag, h[key], h["epoch"])
+    writer.flush()

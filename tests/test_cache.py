@@ -13,9 +13,9 @@ from PIL import Image
 
 import cache
 import dataset
-import train
 from bench import synthetic_set
 from common import UserError
+from config import TrainConfig
 from dataset import RowView, load_items, make_synthetic
 from layout import read_layout
 
@@ -256,21 +256,21 @@ def test_training_reads_the_map_on_cpu_and_copies_it_only_when_asked(split_dir, 
     split = load(split_dir, tmp_path / "c")
     view = split.subset(torch.tensor([4, 0, 2]))
     cpu = torch.device("cpu")
-    same, line = train.place_images(view.images, cpu, "auto")
+    same, line = dataset.place_images(view.images, cpu, "auto")
     assert same is view.images and line.startswith("training images: batches read from the memory map")
-    whole, line = train.place_images(view.images, cpu, "device")
+    whole, line = dataset.place_images(view.images, cpu, "device")
     assert isinstance(whole, torch.Tensor) and torch.equal(whole, split.images[[4, 0, 2]])
     assert line.startswith("training images: whole set on cpu")
-    assert torch.equal(train.fetch_batch(view.images, torch.tensor([2, 1]), cpu), split.images[[2, 0]])
-    with pytest.raises(UserError, match="--data-placement"):
-        train.place_images(view.images, cpu, "gpu")
+    assert torch.equal(dataset.fetch_batch(view.images, torch.tensor([2, 1]), cpu), split.images[[2, 0]])
+    with pytest.raises(UserError, match="--data-placement must be one of auto, device, map, not 'gpu'"):
+        TrainConfig(data_placement="gpu")
 
 
 def test_on_cuda_a_set_larger_than_half_the_free_memory_stays_in_the_map(split_dir, tmp_path, monkeypatch):
     images = load(split_dir, tmp_path / "c").images
     n_bytes = images.numel()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * n_bytes - 1, 10 * n_bytes))
-    same, line = train.place_images(images, torch.device("cuda"), "auto")
+    same, line = dataset.place_images(images, torch.device("cuda"), "auto")
     assert same is images and "batches read from the memory map" in line and "pinned-memory batches" in line
 
 

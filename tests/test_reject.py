@@ -61,10 +61,12 @@ def test_training_stores_the_score_and_a_val_threshold_that_load_with_weights_on
 def test_default_score_in_config_is_the_measured_one():
     assert TrainConfig.novelty_score == nv.DEFAULT_SCORE
     with pytest.raises(UserError, match="--accept-rate"):
-        train.check_novelty_settings(TrainConfig(accept_rate=0.0))
-    with pytest.raises(UserError, match="--novelty-score must be one of"):
-        train.check_novelty_settings(TrainConfig(novelty_score="odin"))
-    train.check_novelty_settings(TrainConfig(novelty_score="none"))
+        TrainConfig(accept_rate=0.0)
+    with pytest.raises(UserError, match="--novelty-score must be one of combined, msp, .* none, not 'odin'"):
+        TrainConfig(novelty_score="odin")
+    with pytest.raises(UserError, match="--novelty-score rotation needs the rotation head"):
+        TrainConfig(novelty_score="rotation")
+    assert TrainConfig(novelty_score="none").novelty_score == "none"
 
 
 @pytest.fixture

@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import inference
+import optimization
+import runs
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
 from config import parse_config
@@ -49,7 +52,7 @@ def test_train_batch_is_16_augmented_training_images_with_their_labels():
     labels = torch.arange(40) % 3
     cfg = parse_config(["--seed", "5"])
     norm = {"mean": 0.5, "std": 0.5}
-    shown, names = train.train_batch_images(images, labels, ["a", "b", "c"], cfg, norm)
+    shown, names = runs.train_batch_images(images, labels, ["a", "b", "c"], cfg, norm)
     assert shown.shape == (16, 1, 16, 16) and shown.dtype == torch.uint8 and len(names) == 16
     # The same draws as training's augment(), on a generator of their own seeded with --seed.
     g = torch.Generator().manual_seed(5)
@@ -113,26 +116,26 @@ def test_resume_with_more_epochs_runs_a_fresh_cosine_over_the_added_ones(tiny_da
 
 
 def test_a_replanned_schedule_is_continuous_ends_at_zero_and_survives_a_resume():
-    schedule = train.LRSchedule(warmup_steps=10, phase1_steps=0, total_steps=100)
+    schedule = optimization.LRSchedule(warmup_steps=10, phase1_steps=0, total_steps=100)
     assert schedule.replan(40, 200, 0) == "fresh"  # interrupted mid-way: from the factor it had, no jump
-    before = train.warmup_cosine(10, 100)(40)
+    before = optimization.warmup_cosine(10, 100)(40)
     assert schedule(40) == pytest.approx(before)
     assert schedule(120) == pytest.approx(before * 0.5 * (1 + math.cos(math.pi / 2)))
     assert schedule(200) == 0.0 and all(schedule(s) >= schedule(s + 1) for s in range(40, 200))
     # LambdaLR keeps the replanned schedule in its state_dict, as last.pth does.
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     saved = torch.optim.lr_scheduler.LambdaLR(opt, schedule).state_dict()
-    fresh = train.LRSchedule(warmup_steps=10, phase1_steps=0, total_steps=100)
+    fresh = optimization.LRSchedule(warmup_steps=10, phase1_steps=0, total_steps=100)
     torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
                                       fresh).load_state_dict(saved)
     assert [fresh(s) for s in (40, 120, 200)] == [schedule(s) for s in (40, 120, 200)]
 
 
 def test_replanning_before_the_backbone_is_unfrozen_keeps_the_two_phase_schedule():
-    schedule = train.LRSchedule(warmup_steps=10, phase1_steps=100, total_steps=100)  # all frozen, 100 steps
+    schedule = optimization.LRSchedule(warmup_steps=10, phase1_steps=100, total_steps=100)  # all frozen, 100 steps
     assert schedule.replan(100, 300, 100) == "two-phase"
     assert [schedule(s) for s in (100, 150, 300)] == \
-        [train.two_phase_schedule(10, 100, 300)(s) for s in (100, 150, 300)]
+        [optimization.two_phase_schedule(10, 100, 300)(s) for s in (100, 150, 300)]
 
 
 @pytest.mark.slow
@@ -179,7 +182,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_data, tmp_path, ema):
 
 def test_ema_is_a_moving_average_with_a_short_warmup():
     model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
-    ema = train.ema_of(model, decay=0.5)
+    ema = optimization.ema_of(model, decay=0.5)
     weights = []
     for step in range(4):
         with torch.no_grad():
@@ -269,13 +272,13 @@ def test_early_stopping(tiny_data, tmp_path, capsys):
 
 
 def test_class_weights_auto_are_inverse_frequency():
-    w = train.class_weight_tensor(torch.tensor([0, 0, 0, 1]), 2, "auto")
+    w = optimization.class_weight_tensor(torch.tensor([0, 0, 0, 1]), 2, "auto")
     assert torch.allclose(w, torch.tensor([4 / 6, 4 / 2]))
-    assert train.class_weight_tensor(torch.tensor([0, 1]), 2, "none") is None
+    assert optimization.class_weight_tensor(torch.tensor([0, 1]), 2, "none") is None
 
 
 def test_warmup_cosine_schedule():
-    f = train.warmup_cosine(10, 110)
+    f = optimization.warmup_cosine(10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-9)
 
@@ -328,7 +331,7 @@ def test_class_weights_change_the_loss(tmp_path):
     # Inverse-frequency weights make a mistake on the rare class cost more.
     labels = torch.tensor([0, 0, 0, 1])
     logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [2.0, 0.0]])
-    w = train.class_weight_tensor(labels, 2, "auto")
+    w = optimization.class_weight_tensor(labels, 2, "auto")
     assert F.cross_entropy(logits, labels, weight=w) > F.cross_entropy(logits, labels)
 
 
@@ -344,19 +347,19 @@ def _backbone(state: dict) -> dict:
 
 def test_param_groups_freeze_and_frozen_batchnorm():
     model = SmallResNet(3, 1, 8)
-    groups = train.finetune_param_groups(model, 1e-2, 0.05, 0.1)
+    groups = optimization.finetune_param_groups(model, 1e-2, 0.05, 0.1)
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
     assert {id(p) for g in groups[2:] for p in g["params"]} == {id(model.fc.weight), id(model.fc.bias)}
 
-    train.set_backbone_trainable(model, False)
+    optimization.set_backbone_trainable(model, False)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
-    train.train_mode(model)
+    optimization.train_mode(model)
     assert model.training and model.fc.training
     assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    train.set_backbone_trainable(model, True)
-    train.train_mode(model)
+    optimization.set_backbone_trainable(model, True)
+    optimization.train_mode(model)
     assert all(p.requires_grad for p in model.parameters()) and all(m.training for m in model.modules())
 
 
@@ -473,22 +476,22 @@ def fake_gpu(native_bf16: bool, emulated_bf16: bool):
                                                         (False, False, torch.float16)])
 def test_cuda_uses_bf16_only_where_it_is_native(monkeypatch, native, emulated, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake_gpu(native, emulated))
-    assert train.pick_amp_dtype(CUDA, enabled=True) is expected
-    assert train.pick_amp_dtype(CUDA, enabled=False) is None
+    assert common.pick_amp_dtype(CUDA, enabled=True) is expected
+    assert common.pick_amp_dtype(CUDA, enabled=False) is None
 
 
 @pytest.mark.parametrize("native_cpu, expected", [(True, torch.bfloat16), (False, None)])
 def test_cpu_uses_bf16_where_native_else_fp32(monkeypatch, native_cpu, expected):
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: native_cpu)
-    assert train.pick_amp_dtype(torch.device("cpu"), enabled=True) is expected
-    assert train.pick_amp_dtype(torch.device("mps"), enabled=True) is None
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: native_cpu)
+    assert common.pick_amp_dtype(torch.device("cpu"), enabled=True) is expected
+    assert common.pick_amp_dtype(torch.device("mps"), enabled=True) is None
 
 
 def test_only_fp16_needs_a_grad_scaler_and_the_start_up_line_says_which():
-    assert [train.needs_grad_scaler(d) for d in (torch.float16, torch.bfloat16, None)] == [True, False, False]
-    assert train.precision_name(torch.float16) == "fp16 autocast + GradScaler"
-    assert train.precision_name(torch.bfloat16) == "bf16 autocast"
-    assert train.precision_name(None) == "fp32"
+    assert [common.needs_grad_scaler(d) for d in (torch.float16, torch.bfloat16, None)] == [True, False, False]
+    assert common.precision_name(torch.float16) == "fp16 autocast + GradScaler"
+    assert common.precision_name(torch.bfloat16) == "bf16 autocast"
+    assert common.precision_name(None) == "fp32"
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import distributed
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import NASTY_IGNORED, NASTY_READABLE, NASTY_UNREADABLE, train_args
@@ -161,7 +162,7 @@ def _ctrl_c_during_step(monkeypatch, step: int, presses: int) -> list:
     """Press Ctrl-C (SIGINT to this process) `presses` times while the step-th training batch (counted over the
     run) is handed out; returns the batches handed out, which tells how many steps ran."""
     taken = []
-    original = train.shard_batches
+    original = distributed.shard_batches
 
     def batches_with_ctrl_c(*args, **kwargs):
         for idx in original(*args, **kwargs):

@@ -1,0 +1,101 @@
+"""What is fitted on the best model once training ends, and stored in its checkpoint: the softmax temperature
+(calibration on val) and the novelty score with its threshold (fitted on train, threshold chosen on val).
+
+Usage (from train.py):
+    calibrate_best_model(Path("models/best_model.pth"), val, device, tta=True, writer=None)
+    fit_novelty(Path("models/best_model.pth"), train, val, cfg, device)
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoint import (load_checkpoint, model_from_checkpoint, normalization_of, novelty_record, save_checkpoint,
+                        temperature_of, tta_of, with_novelty, with_temperature)
+from config import TrainConfig
+from dataset import Split, load_items
+from layout import layout_of
+from metrics import confusion_matrix, expected_calibration_error, fit_temperature
+from novelty import accepted, fit_sample, fit_states, state_bytes, threshold_for_accept_rate, unknown_report
+from plots import plot_confusion_matrix
+from predict import extract_features, predict_logits, score_images
+
+
+def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool, writer) -> dict:
+    """Fit a softmax temperature for the best model on val and store it in its checkpoint (inference and
+    evaluate.py divide the logits by it); also log the val confusion matrix to TensorBoard.
+
+    Returns the temperature and the expected calibration error on val before and after it.
+    """
+    ckpt = load_checkpoint(path)
+    logits = predict_logits(model_from_checkpoint(ckpt).to(device), val.images, device, tta=tta,
+                            normalization=normalization_of(ckpt))
+    temperature = fit_temperature(logits, val.labels)
+    before = expected_calibration_error(torch.softmax(logits, 1), val.labels)
+    after = expected_calibration_error(torch.softmax(logits / temperature, 1), val.labels)
+    save_checkpoint(with_temperature(ckpt, temperature), path)
+    cm = confusion_matrix(val.labels, logits.argmax(1), len(ckpt["classes"]))
+    if writer is not None:
+        writer.add_figure("confusion_matrix/val", plot_confusion_matrix(cm, ckpt["classes"]), ckpt["epoch"])
+    print(f"calibration on val: temperature {temperature:.3f}, expected calibration error {before:.4f} -> "
+          f"{after:.4f} (stored in {path})")
+    return {"temperature": temperature, "val_ece_before": before, "val_ece_after": after}
+
+
+def left_out_images(cfg: TrainConfig, classes: list[str]) -> tuple[Split | None, list[str]]:
+    """With --classes, the images of the other classes in val (else train), read as the run read its data:
+    images of no class the model knows, for the report at the end of training only (never trained on, never
+    used to choose the threshold)."""
+    if not cfg.classes:
+        return None, []
+    everything = layout_of(dataclasses.replace(cfg, classes=[]), need=None)
+    for name in ("val", "train"):
+        items = [(p, c) for p, c in everything.items[name] if c not in classes]
+        if items:
+            others = sorted({c for _, c in items})
+            split = load_items(items, others, name, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers)
+            return (split if len(split.labels) else None), others
+    return None, []
+
+
+def fit_novelty(path: Path, train: Split, val: Split, cfg: TrainConfig, device: torch.device) -> dict:
+    """Fit the novelty scores on the best model's features of (a stratified sample of) the train images, choose
+    the threshold that accepts --accept-rate of val, store both in its checkpoint; report on the left-out classes
+    when there are some. Only the sample's features are held at once, so memory does not grow with the data."""
+    started = time.time()
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt).to(device)
+    tta = tta_of(ckpt)
+    options = {"device": device, "tta": tta, "normalization": normalization_of(ckpt),
+               "channels_last": cfg.channels_last, "batch_size": cfg.batch_size}  # no bigger than training's
+    sample = train.subset(fit_sample(train.labels.cpu(), cfg.novelty_max_images, cfg.seed))
+    states = fit_states(extract_features(model, sample.images, **options), sample.labels.cpu(),
+                        len(ckpt["classes"]), cfg.novelty_score, temperature_of(ckpt))
+    val_scores = score_images(model, val.images, states, **options)
+    threshold = threshold_for_accept_rate(val_scores[cfg.novelty_score], cfg.accept_rate)
+    seconds = time.time() - started
+    n_fit = len(sample.labels)
+    save_checkpoint(with_novelty(ckpt, novelty_record(states, cfg.novelty_score, threshold, cfg.accept_rate, tta,
+                                                      seconds, n_fit)), path)
+    size = sum(state_bytes(s) for s in states.values())
+    fitted_on = (f"{n_fit} train images" if n_fit == len(train.labels) else
+                 f"a stratified sample of {n_fit} of the {len(train.labels)} train images (--novelty-max-images)")
+    print(f"novelty score {cfg.novelty_score}: fitted on {fitted_on} in {seconds:.1f}s "
+          f"({size / 1e6:.1f} MB stored, scores {', '.join(states)}); threshold {threshold:.4g} accepts "
+          f"{accepted(val_scores[cfg.novelty_score], threshold).double().mean().item():.1%} of val "
+          f"(--accept-rate {cfg.accept_rate})")
+    out = {"novelty_score": cfg.novelty_score, "novelty_threshold": threshold, "novelty_seconds": round(seconds, 1),
+           "novelty_bytes": size, "novelty_train_images": n_fit}
+    left_out, left_out_names = left_out_images(cfg, ckpt["classes"])
+    if left_out is not None:
+        report = unknown_report(cfg.novelty_score, threshold, val_scores,
+                                score_images(model, left_out.images, states, **options))
+        out["known_unknowns"] = {"classes": left_out_names, "images": len(left_out.labels), **report}
+        print(f"left-out classes as unknown images ({', '.join(left_out_names)}: {len(left_out.labels)} images): "
+              f"{cfg.novelty_score} AUROC {report['auroc']:.3f}, FPR at 95% TPR {report['fpr_at_95_tpr']:.1%}; "
+              f"at the stored threshold {report['known_rejected']:.1%} of val rejected, "
+              f"{report['unknown_accepted']:.1%} of the left-out images accepted")
+    return out
