@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from torchvision.models import resnet18
 
-from common import UserError, pick_device
+from common import UserError, pick_device, reports_user_errors
 
 
 def pil_transforms(size: int, train: bool) -> transforms.Compose:
@@ -101,6 +101,7 @@ def train_baseline(data: str, epochs: int = 1, max_seconds: float = float("inf")
             return
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="dataset root with train/ and val/ (or test/)")
@@ -110,12 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes (default: 2)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")
     args = parser.parse_args(argv)
-    try:
-        for row in train_baseline(args.data, args.epochs, args.max_seconds, args.workers, device=args.device):
-            print(json.dumps(row), flush=True)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for row in train_baseline(args.data, args.epochs, args.max_seconds, args.workers, device=args.device):
+        print(json.dumps(row), flush=True)
     return 0
 
 

@@ -12,7 +12,8 @@ Prints one JSON object: train images/s for each, our decode time (cold cache), s
 accuracy for each (null if never; wall time since training started, evaluation included), best val accuracy,
 the share of our epochs' time spent on data after the first epoch, and the ratios.
 The baseline is baseline.py in this folder (ImageFolder + PIL transforms every epoch, torchvision ResNet-18,
-Adam), run in this process after ours and on the same device (--device). DATA may be any layout train.py reads (train.py flags such as --labels go after --); the baseline needs
+Adam), run after ours in a process of its own, on the same device (--device); bench.py runs train.py,
+baseline.py and split_dataset.py as programs and imports none of them. DATA may be any layout train.py reads (train.py flags such as --labels go after --); the baseline needs
 DATA/train and DATA/val folders, so other layouts are first written as hard links to a temporary
 train/val(/test) copy (split_dataset.py --mode link) with the same carve our run uses.
 
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import platform
+import runpy
 import shutil
 import subprocess
 import sys
@@ -43,15 +45,33 @@ from pathlib import Path
 
 import torch
 
-import train
-from baseline import train_baseline
-from common import UserError
+from common import UserError, reports_user_errors
 from config import TrainConfig, parse_config
 from dataset import load_data
 from layout import Layout, layout_of
-from split_dataset import split_dataset
+from runs import read_summary, unique_run_name
 
 TARGETS = (0.80, 0.85, 0.90)
+HERE = Path(__file__).resolve().parent
+
+
+def run_script(script: str, args: list[str], stdout=None) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` in a process of its own, as a user runs it (bench.py imports no script); its stdout
+    goes to `stdout` (default: ours; subprocess.PIPE to read it), a failure is a UserError."""
+    proc = subprocess.run([sys.executable, str(HERE / script), *args], stdout=stdout, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"{script} failed (exit {proc.returncode}; its output is above)")
+    return proc
+
+
+def training_flags(cfg: TrainConfig, scratch: str | Path) -> tuple[list[str], str]:
+    """train.py flags that run exactly cfg (its settings through --config FILE, written under scratch, and a run
+    name no earlier run has), and that run name: LOG_DIR/<name>/summary.json is where its summary lands."""
+    name = unique_run_name(cfg.run_name or "bench", [cfg.log_dir, cfg.out_dir, cfg.curves_dir])
+    config = Path(scratch) / f"{name}.config.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps(cfg.to_dict()))
+    return ["--config", str(config), "--run-name", name], name
 
 
 def seconds_to(history: list[dict], target: float, acc_key: str, time_key: str) -> float | None:
@@ -59,14 +79,16 @@ def seconds_to(history: list[dict], target: float, acc_key: str, time_key: str) 
     return next((h[time_key] for h in history if h[acc_key] >= target), None)
 
 
-def bench_ours(cfg: TrainConfig) -> dict:
+def bench_ours(cfg: TrainConfig, scratch: str) -> dict:
     # Decode into an empty cache first, so the decode time is the cold one a first run pays.
     t0 = time.time()
     tr, va = load_data(layout_of(cfg), cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers,
                        cfg.max_bad_fraction)
     decode_s = time.time() - t0
     n_images = len(tr.paths) + len(va.paths) + len(tr.bad) + len(va.bad)
-    summary = train.run(cfg)
+    flags, name = training_flags(cfg, scratch)
+    run_script("train.py", flags)
+    summary = read_summary(cfg.log_dir, name)
     hist = summary["history"]
     later = hist[1:] or hist
     data_share = sum(h["data_seconds"] for h in later) / max(1e-9, sum(h["epoch_seconds"] for h in later))
@@ -90,12 +112,18 @@ def baseline_data(cfg: TrainConfig, lay: Layout, scratch: str) -> str:
     ratios = [1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction] + ([cfg.test_fraction] if cfg.test_fraction
                                                                              else [])
     source = {k: getattr(cfg, k) for k in ("labels", "label_columns", "labels_from_name", "name_pattern", "classes")}
-    split_dataset(cfg.data, dst, ratios, cfg.seed, "link", source)
+    flags = [f"--{k.replace('_', '-')}" for k, v in source.items() if v is True]
+    flags += [a for k, v in source.items() if v and v is not True
+              for a in [f"--{k.replace('_', '-')}", *(v if isinstance(v, list) else [v])]]
+    run_script("split_dataset.py", [cfg.data, str(dst), "--ratios", *map(str, ratios), "--seed", str(cfg.seed),
+                                    "--mode", "link", *flags], stdout=sys.stderr)
     return str(dst)
 
 
 def bench_baseline(data: str, epochs: int, max_seconds: float, workers: int, device: str) -> dict:
-    hist = list(train_baseline(data, epochs, max_seconds, workers, device=device))
+    out = run_script("baseline.py", ["--data", data, "--epochs", str(epochs), "--max-seconds", str(max_seconds),
+                                     "--workers", str(workers), "--device", device], stdout=subprocess.PIPE).stdout
+    hist = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {"train_images_per_s": round(sum(h["train_images_per_s"] for h in hist) / len(hist), 1),
             **{f"seconds_to_{round(t * 100)}": seconds_to(hist, t, "val_acc", "elapsed_s") for t in TARGETS},
             "best_val_acc": max(h["val_acc"] for h in hist), "epochs": len(hist),
@@ -198,8 +226,16 @@ def measure(step: str, cfg: TrainConfig) -> dict:
             out = {"seconds": round(time.time() - t0, 2), "images": len(tr.paths) + len(va.paths),
                    "pixel_bytes": sum(math.prod(s.images.shape) for s in (tr, va))}
         else:
-            with contextlib.redirect_stdout(sys.stderr):
-                summary = train.run(cfg)
+            # train.py run as a program in this process (runpy, not an import), so that the peaks are its own
+            flags, name = training_flags(cfg, Path(cfg.log_dir).parent / "configs")
+            sys.argv = [str(HERE / "train.py"), *flags]
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    runpy.run_path(sys.argv[0], run_name="__main__")
+            except SystemExit as e:
+                if e.code:
+                    raise UserError(f"train.py failed (exit {e.code})") from None
+            summary = read_summary(cfg.log_dir, name)
             h = summary["history"][0]
             out = {"train_images_per_s": h["train_images_per_s"], "train_images": h["train_images"],
                    "train_seconds": h["train_seconds"], "novelty_seconds": summary.get("novelty_seconds"),
@@ -233,39 +269,36 @@ def scale_main(argv: list[str]) -> int:
     argv = list(argv)
     train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
-    try:
-        work = Path(args.work_dir)
-        data = Path(args.data) if args.data else synthetic_set(work, args.images, args.file_size or
-                                                               round(args.size * 1.5), args.workers)
-        cache = work / f"cache-{data.name}-{args.size}px-{args.channels}ch"
-        cfg = dataclasses.replace(parse_config(train_flags), data=str(data), image_size=args.size,
-                                  channels=args.channels, workers=args.workers, cache_dir=str(cache), epochs=1,
-                                  time_budget=args.train_seconds, out_dir=str(work / "models"),
-                                  log_dir=str(work / "logs"), curves_dir=str(work / "curves"), run_name="scale")
-        shutil.rmtree(cache, ignore_errors=True)
-        cold = _measure_in_subprocess("load", cfg)
-        warm = _measure_in_subprocess("load", cfg)
-        runs: dict[str, list] = {"map": [], "ram": []}
-        for _ in range(args.repeats):
-            for placement in ("map",) if args.skip_ram else ("map", "ram"):
-                step_cfg = dataclasses.replace(cfg, data_placement="map" if placement == "map" else "device")
-                runs[placement].append(_measure_in_subprocess("train", step_cfg))
-        result = {"machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                              "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-                              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-                  "data": str(data), "images": cold["images"], "image_size": args.size, "channels": args.channels,
-                  "pixel_bytes": cold["pixel_bytes"], "cold_decode": cold, "warm_load": warm,
-                  "train_map": runs["map"], "train_ram": runs["ram"]}
-        if runs["ram"]:
-            speed = {k: sum(r["train_images_per_s"] for r in v) / len(v) for k, v in runs.items()}
-            result["map_vs_ram_images_per_s"] = round(speed["map"] / speed["ram"], 3)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    work = Path(args.work_dir)
+    data = Path(args.data) if args.data else synthetic_set(work, args.images, args.file_size or
+                                                           round(args.size * 1.5), args.workers)
+    cache = work / f"cache-{data.name}-{args.size}px-{args.channels}ch"
+    cfg = dataclasses.replace(parse_config(train_flags), data=str(data), image_size=args.size,
+                              channels=args.channels, workers=args.workers, cache_dir=str(cache), epochs=1,
+                              time_budget=args.train_seconds, out_dir=str(work / "models"),
+                              log_dir=str(work / "logs"), curves_dir=str(work / "curves"), run_name="scale")
+    shutil.rmtree(cache, ignore_errors=True)
+    cold = _measure_in_subprocess("load", cfg)
+    warm = _measure_in_subprocess("load", cfg)
+    runs: dict[str, list] = {"map": [], "ram": []}
+    for _ in range(args.repeats):
+        for placement in ("map",) if args.skip_ram else ("map", "ram"):
+            step_cfg = dataclasses.replace(cfg, data_placement="map" if placement == "map" else "device")
+            runs[placement].append(_measure_in_subprocess("train", step_cfg))
+    result = {"machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+              "data": str(data), "images": cold["images"], "image_size": args.size, "channels": args.channels,
+              "pixel_bytes": cold["pixel_bytes"], "cold_decode": cold, "warm_load": warm,
+              "train_map": runs["map"], "train_ram": runs["ram"]}
+    if runs["ram"]:
+        speed = {k: sum(r["train_images_per_s"] for r in v) / len(v) for k, v in runs.items()}
+        result["map_vs_ram_images_per_s"] = round(speed["map"] / speed["ram"], 3)
     print(json.dumps(result, indent=2))
     return 0
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["scale"]:
@@ -286,32 +319,28 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: a temporary folder, removed at the end)")
     train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            tmp = args.work_dir or scratch
-            cfg = dataclasses.replace(parse_config(train_flags), data=args.data, epochs=args.epochs, time_budget=args.time_budget,
-                                      device=args.device, workers=args.workers, cache_dir=f"{tmp}/cache",
-                                      out_dir=f"{tmp}/models", log_dir=f"{tmp}/logs", curves_dir=f"{tmp}/curves",
-                                      run_name="bench")
-            ours = bench_ours(cfg)
-            if not args.skip_baseline:
-                base_data = baseline_data(cfg, layout_of(cfg), scratch)
-                base = bench_baseline(base_data, args.baseline_epochs, args.baseline_seconds, args.workers,
-                                      args.device)
-        result = {"machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                              "python": platform.python_version(), "torch": torch.__version__},
-                  "data": args.data, "ours": ours}
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.work_dir or scratch
+        cfg = dataclasses.replace(parse_config(train_flags), data=args.data, epochs=args.epochs, time_budget=args.time_budget,
+                                  device=args.device, workers=args.workers, cache_dir=f"{tmp}/cache",
+                                  out_dir=f"{tmp}/models", log_dir=f"{tmp}/logs", curves_dir=f"{tmp}/curves",
+                                  run_name="bench")
+        ours = bench_ours(cfg, scratch)
         if not args.skip_baseline:
-            result["baseline"] = base
-            result["ratios"] = {"train_images_per_s": round(ours["train_images_per_s"] / base["train_images_per_s"], 2)}
-            for t in TARGETS:
-                key = f"seconds_to_{round(t * 100)}"
-                if ours[key] and base[key]:
-                    result["ratios"][key] = round(base[key] / ours[key], 2)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            base_data = baseline_data(cfg, layout_of(cfg), scratch)
+            base = bench_baseline(base_data, args.baseline_epochs, args.baseline_seconds, args.workers,
+                                  args.device)
+    result = {"machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                          "python": platform.python_version(), "torch": torch.__version__},
+              "data": args.data, "ours": ours}
+    if not args.skip_baseline:
+        result["baseline"] = base
+        result["ratios"] = {"train_images_per_s": round(ours["train_images_per_s"] / base["train_images_per_s"], 2)}
+        for t in TARGETS:
+            key = f"seconds_to_{round(t * 100)}"
+            if ours[key] and base[key]:
+                result["ratios"][key] = round(base[key] / ours[key], 2)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -15,7 +15,6 @@ JSON object with the same figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import io
 import json
@@ -35,7 +34,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import train
 from checkpoint import load_checkpoint, width_of
 from common import UserError
 from dataset import make_synthetic
@@ -50,8 +48,9 @@ def train_default_model(work: Path) -> Path:
     flags = ["--data", str(data), "--epochs", "1", "--workers", "0", "--out-dir", str(work / "models"),
              "--log-dir", str(work / "logs"), "--curves-dir", str(work / "curves"), "--cache-dir",
              str(work / "cache"), "--run-name", "bench_serve"]
-    with contextlib.redirect_stdout(sys.stderr):  # stdout keeps only the figures
-        code = train.main(flags)
+    # train.py as a program (bench_serve.py imports no script); stdout keeps only the figures
+    code = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "train.py"), *flags],
+                          stdout=sys.stderr).returncode
     if code != 0:
         raise UserError("training the benchmark's model failed")
     return work / "models" / "best_model.pth"

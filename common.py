@@ -2,13 +2,15 @@
 writes. The bottom of the import graph: it imports no other module of this project.
 
 Usage (from other scripts):
-    raise UserError("no dataset at ...")      # main() prints it as one line, no traceback
+    raise UserError("no dataset at ...")      # a @reports_user_errors main() prints it as one line, exit code 2
     device = pick_device("auto")              # cuda, then mps, then cpu
     save_atomic(obj, "models/last.pth")       # the old file or the new one, never half of one
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,6 +37,19 @@ def is_hidden(name: str) -> bool:
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, no checkpoint yet...): printed as one line, no traceback."""
+
+
+def reports_user_errors(main):
+    """For a script's main(argv=None): a UserError raised anywhere in it is printed as 'error: <message>' on
+    stderr, with no traceback, and main returns 2."""
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return run
 
 
 def pick_device(name: str) -> torch.device:

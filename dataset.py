@@ -12,11 +12,13 @@ files came from, and read batches from the map; augmentation then runs on whole 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import itertools
 import math
 import os
 import sys
+import time
 import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -30,9 +32,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from cache import update_cache
-from common import UserError
-from config import NORMALIZATION
-from layout import Layout, layout_splits, walk_files
+from common import UserError, reports_user_errors
+from config import NORMALIZATION, TrainConfig
+from layout import Layout, format_problems, layout_of, layout_splits, walk_files
 
 
 # ---------------------------------------------------------------- files
@@ -429,6 +431,48 @@ def make_synthetic(root: str | Path, n_per_class: dict[str, int] | int = 60, siz
     return root
 
 
+# ---------------------------------------------------------------- a training run's data
+
+def read_data_layout(cfg: TrainConfig, val_sha1_before: str | None = None) -> tuple[Layout, dict]:
+    """Which files train and val are, printed as the 'layout:' line and the problems (first 10 of each kind),
+    and what the checkpoint records of it; a resumed run whose carved val differs from the one it started with
+    (`val_sha1_before`, from its checkpoint; '' when it recorded none) is named."""
+    lay = layout_of(cfg)
+    print(lay.description)
+    problems = format_problems(lay)
+    if problems:
+        print("data problems (left out):\n" + "\n".join(f"  {line}" for line in problems.splitlines()))
+    val_paths = sorted(p for p, _ in layout_splits(lay)["val"])
+    info = {"description": lay.description, "source": lay.source, "folders": dict(lay.folders),
+            "carve": dict(lay.carve), "val_files_sha1": hashlib.sha1("\n".join(val_paths).encode()).hexdigest()}
+    if val_sha1_before is not None and lay.carve.get("val") and val_sha1_before != info["val_files_sha1"]:
+        print("warning: the val split carved now differs from the one this run started with (a version before "
+              "the one-carve change, or other files/settings); its val accuracies are not comparable")
+    return lay, info
+
+
+def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expected_classes: list[str] | None
+                       ) -> tuple[Split, Split, list[str]]:
+    """Train and val splits, decoded once (cached), reported, and the training images placed (place_images)."""
+    t0 = time.time()
+    classes = lay.classes
+    if expected_classes is not None and expected_classes != classes:
+        raise UserError(f"the checkpoint's classes {expected_classes} differ from the data's {classes}")
+    train, val = load_data(lay, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers, cfg.max_bad_fraction)
+    print(f"data: {len(train.paths)} train / {len(val.paths)} val images, classes {classes}, "
+          f"loaded in {time.time() - t0:.1f}s")
+    for path, reason in train.bad + val.bad:
+        print(f"skipped unreadable image {path}: {reason}")
+    if train.bad or val.bad:
+        print(f"skipped {len(train.bad) + len(val.bad)} unreadable image(s) in total")
+    train.images, placement = place_images(train.images, device, cfg.data_placement)
+    train.labels = train.labels.to(device)
+    print(placement)
+    if len(train.paths) < cfg.batch_size:
+        print(f"note: only {len(train.paths)} training images; each epoch is one batch of that size")
+    return train, val, classes
+
+
 # ---------------------------------------------------------------- where training reads its images
 
 def place_images(images: torch.Tensor | RowView, device: torch.device, placement: str
@@ -467,6 +511,7 @@ def fetch_batch(images: torch.Tensor | RowView, idx: torch.Tensor, device: torch
     return batch.to(device, non_blocking=True)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -479,16 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     p_check = sub.add_parser("check", help="moved: python check_data.py DATA")
     p_check.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    try:
-        if args.command == "check":
-            raise UserError(f"the data report moved to its own script: python check_data.py {' '.join(args.rest)}")
-        if args.command == "demo":
-            make_synthetic(args.dir, args.per_class, seed=args.seed)
-            print(f"wrote a synthetic dataset to {args.dir} (train/val/test, classes cat and dog)")
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "check":
+        raise UserError(f"the data report moved to its own script: python check_data.py {' '.join(args.rest)}")
+    if args.command == "demo":
+        make_synthetic(args.dir, args.per_class, seed=args.seed)
+        print(f"wrote a synthetic dataset to {args.dir} (train/val/test, classes cat and dog)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
                         novelty_of, run_name_of, tta_of, temperature_of)
-from common import SPLITS, UserError, pick_device
+from common import SPLITS, UserError, pick_device, reports_user_errors
 from config import SOURCE_FIELDS, TrainConfig, add_flags
 from dataset import BadImage, decode_image, expand_inputs, load_items
 from layout import layout_of, layout_splits, split_of
@@ -237,6 +237,7 @@ def gradcam_images(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="dataset folder, any layout train.py reads (default: the one the model "
@@ -263,16 +264,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(resnet18/50); auto: the deepest stage with at least 8x8 cells (default: auto)")
     add_flags(parser, SOURCE_FIELDS, default_note=" (default: as in training)")
     args = parser.parse_args(argv)
-    try:
-        if args.batch_size < 1 or args.gallery < 0:
-            raise UserError("--batch-size must be at least 1 and --gallery at least 0")
-        if args.gradcam:
-            return gradcam_images(args)
-        evaluate_split(args, pick_device(args.device))
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.batch_size < 1 or args.gallery < 0:
+        raise UserError("--batch-size must be at least 1 and --gallery at least 0")
+    if args.gradcam:
+        return gradcam_images(args)
+    evaluate_split(args, pick_device(args.device))
+    return 0
 
 
 if __name__ == "__main__":

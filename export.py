@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of
-from common import UserError
+from common import UserError, reports_user_errors
 from dataset import to_float
 
 FORMATS = ("torchscript", "onnx")
@@ -139,6 +139,7 @@ def export(ckpt: dict, out: Path, formats: list[str], check: bool = True) -> dic
     return result
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
@@ -147,12 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="compare the exported model's outputs with PyTorch's on sample inputs")
     args = parser.parse_args(argv)
-    try:
-        ckpt = load_checkpoint(args.checkpoint)
-        result = export(ckpt, Path(args.out), list(dict.fromkeys(args.format)), args.check)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ckpt = load_checkpoint(args.checkpoint)
+    result = export(ckpt, Path(args.out), list(dict.fromkeys(args.format)), args.check)
     for fmt in args.format:
         diff = result.get(f"{fmt}_diff")
         print(f"wrote {result[fmt]}" + (f"  (max |difference| to PyTorch {diff:.1e})" if diff is not None else ""))

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, novelty_of
-from common import UserError
+from common import UserError, reports_user_errors
 from dataset import BadImage, decode_image, expand_inputs
 from predict import predict_images
 
@@ -77,6 +77,7 @@ def csv_row(r: dict, columns: list[str]) -> list:
     return [values[c] if c in values else probs.get(c, "") for c in columns]
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", nargs="+", required=True, help="image files, folders or glob patterns")
@@ -95,16 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the mirrored image (default: as in training)")
     args = parser.parse_args(argv)
-    try:
-        if not 0.0 <= args.threshold <= 1.0:
-            raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
-        ckpt = load_checkpoint(args.checkpoint)
-        columns = csv_columns(args.csv_columns, ckpt["classes"], novelty_of(ckpt) is not None)
-        paths = expand_inputs(args.image)
-        results = classify(paths, ckpt, args.threshold, args.tta, args.reject)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
+    ckpt = load_checkpoint(args.checkpoint)
+    columns = csv_columns(args.csv_columns, ckpt["classes"], novelty_of(ckpt) is not None)
+    paths = expand_inputs(args.image)
+    results = classify(paths, ckpt, args.threshold, args.tta, args.reject)
     for r in results:
         # With --reject: "dog  0.97  novelty 1.52 known" or "unknown  0.91  novelty 9.80 no known class".
         novelty = (f"  novelty {r['novelty_score']:.2f} {'known' if r['known'] else 'no known class'}"

@@ -130,12 +130,13 @@ def _suffix(name: str) -> str:
     return name[i:] if 0 < i < len(name) - 1 else ""
 
 
-def walk_files(d: str) -> tuple[list[str], list[str]]:
+def walk_files(d: str, hidden: list[tuple[str, bool]] | None = None) -> tuple[list[str], list[str]]:
     """(image files, other files) under folder d as path strings that start with d, recursively, in os.walk's
     order (a folder's files by name, then each subfolder by name); hidden files and folders are left out.
     Symlinked folders are entered (a folder of links to class folders reads like the folders themselves); a link
     back to a folder it sits in is a loop, refused with a UserError naming it. One os.scandir per folder and no
-    Path per file: a million files are listed in a few seconds."""
+    Path per file: a million files are listed in a few seconds. When given, `hidden` gets (path, is a folder) for
+    each hidden entry passed over (nothing inside hidden folders): what check_data.py reports as skipped."""
     images, others = [], []
     exts = IMAGE_EXTENSIONS
     inside: set[str] = set()  # real paths of the folders being visited (the current one and those above it)
@@ -151,15 +152,17 @@ def walk_files(d: str) -> tuple[list[str], list[str]]:
             return
         inside.add(real)
         files, dirs = [], []
+        prefix = here if here.endswith(os.sep) else here + os.sep
         for e in entries:
-            if is_hidden(e.name):
-                continue
             try:
                 is_dir = e.is_dir()
             except OSError:
                 is_dir = False
+            if is_hidden(e.name):
+                if hidden is not None:
+                    hidden.append((prefix + e.name, is_dir))
+                continue
             (dirs if is_dir else files).append(e.name)
-        prefix = here if here.endswith(os.sep) else here + os.sep
         for n in sorted(files):
             (images if _suffix(n).lower() in exts else others).append(prefix + n)
         for n in sorted(dirs):

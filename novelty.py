@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from common import UserError
+from common import UserError, reports_user_errors
 from config import NOVELTY_SCORES
 from dataset import decode_files, expand_inputs
 
@@ -495,6 +495,7 @@ def write_unknown_set(root: str | Path, count: int = 600, size: int = 128, seed:
     return root
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -505,8 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.count < 1 or args.size < 8:
-        print("error: --count must be at least 1 and --size at least 8", file=sys.stderr)
-        return 2
+        raise UserError("--count must be at least 1 and --size at least 8")
     root = write_unknown_set(args.dir, args.count, args.size, args.seed)
     print(f"wrote {args.count} images to {root}")
     return 0

@@ -69,6 +69,22 @@ class LRSchedule:
         return how
 
 
+def replan_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torch.optim.Optimizer, epoch: int,
+              epochs: int, steps_per_epoch: int, freeze_epochs: int) -> str:
+    """--resume with another --epochs: the remaining epochs get a fresh cosine from the current learning rate down
+    to 0 (LRSchedule.replan has the details), set on the optimizer at once; returns what happened, in words."""
+    schedule, step = scheduler.lr_lambdas[0], scheduler.last_epoch
+    how = schedule.replan(step, epochs * steps_per_epoch, min(freeze_epochs, epochs) * steps_per_epoch)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * schedule(step)
+    lr = optimizer.param_groups[-1]["lr"]
+    if how == "two-phase":
+        return f"the learning rate follows the two-phase schedule planned for {epochs} epochs (lr {lr:.2e} now)"
+    return (f"the learning rate follows a fresh cosine from {lr:.2e} after epoch {epoch} down to 0 at epoch "
+            f"{epochs}" + (f" (the saved run had finished its schedule at lr 0, so it starts where a "
+                           f"{epochs}-epoch schedule is after epoch {epoch})" if how == "ended" else ""))
+
+
 def two_phase_schedule(warmup_steps: int, phase1_steps: int, total_steps: int):
     """warmup_cosine over the head-only phase, then a fresh warmup and cosine once the backbone is unfrozen:
     the warmup keeps the first full-network steps from wrecking the pretrained features."""

@@ -16,10 +16,12 @@ import contextlib
 import csv
 import dataclasses
 import io
+import json
 import os
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from distributed import is_main_rank
 from plots import plot_gallery, save_figure
 
 TRAINING_CURVES, TRAIN_BATCH, RESULTS = "training_curves.png", "train_batch.png", "results.csv"
+SUMMARY = "summary.json"  # LOG_DIR/<run>/: what the run ended with (train.py's summary; bench.py reads it)
 # What a run leaves at the top of --curves-dir: its plots, and what evaluate.py --out-dir CURVES_DIR wrote.
 RUN_CURVES = (TRAINING_CURVES, TRAIN_BATCH, "metrics.json", "confusion_matrix.png", "most_confident_wrong.png",
               "most_confident_wrong.csv", "unknown_scores.png", "gradcam_*.png")
@@ -111,6 +114,24 @@ def _write_rows(f, rows: list[dict], header: bool) -> None:
     f.write(buf.getvalue())
     f.flush()
     os.fsync(f.fileno())
+
+
+def write_summary(log_dir: str | Path, run_name: str, summary: dict) -> Path:
+    """LOG_DIR/<run>/summary.json: the run's summary (best accuracy and epoch, seconds, checkpoint, history...),
+    written whole or not at all."""
+    path = Path(log_dir) / run_name / SUMMARY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{SUMMARY}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_summary(log_dir: str | Path, run_name: str) -> dict:
+    path = Path(log_dir) / run_name / SUMMARY
+    if not path.is_file():
+        raise UserError(f"{path}: no summary; the training run did not finish")
+    return json.loads(path.read_text())
 
 
 def append_result(path: str | Path, h: dict) -> None:
@@ -253,3 +274,38 @@ def log_epoch(writer, h: dict, cfg: TrainConfig) -> None:
         if key in h:
             writer.add_scalar(tag, h[key], h["epoch"])
     writer.flush()
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what --resume restores, and what the summary reports."""
+    start_epoch: int = 0                  # epochs finished before this process started
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
+    saved_epoch: int = 0                  # the last epoch whose last.pth was written
+    train_seconds: float = 0.0            # training time of all epochs so far, carried over by --resume
+    started: float = field(default_factory=time.time)
+
+
+def record_epoch(progress: Progress, epoch: int, tr: dict, ev: dict, lr: float, train_seconds: float,
+                 epoch_started: float) -> dict:
+    """Append the epoch's figures to the history (what last.pth, the curves and bench.py read) and return them."""
+    progress.train_seconds += train_seconds
+    h = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": ev["loss"],
+         "val_acc": ev["acc"], "lr": lr, "train_seconds": round(progress.train_seconds, 2),
+         "epoch_seconds": round(time.time() - epoch_started, 2),
+         "train_images_per_s": round(tr["images"] / max(1e-9, train_seconds), 1),
+         "train_images": tr["images"], "skipped_steps": tr["skipped_steps"],
+         "data_seconds": round(tr["data_seconds"], 2), "elapsed_seconds": round(time.time() - progress.started, 2)}
+    if "top5" in ev:
+        h["val_top5"] = ev["top5"]
+    progress.history.append(h)
+    return h
+
+
+def epoch_line(h: dict, epochs: int, improved: bool) -> str:
+    top5 = f" top5 {h['val_top5']:.4f}" if "val_top5" in h else ""
+    return (f"epoch {h['epoch']}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
+            f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}{top5}  lr {h['lr']:.2e}  {h['epoch_seconds']:.1f}s"
+            + ("  *best*" if improved else "")
+            + (f"  ({h['skipped_steps']} NaN/inf steps skipped)" if h["skipped_steps"] else ""))

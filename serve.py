@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 
 from checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of,
                         tta_of, val_accuracy_of)
-from common import UserError
+from common import UserError, reports_user_errors
 from dataset import BadImage, decode_bytes
 from predict import explain, normalize, pick_cam_layer, predict_images
 
@@ -211,6 +211,7 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
     return app
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
@@ -229,17 +230,13 @@ def main(argv: list[str] | None = None) -> int:
                              "than one request spread over them; raise it for lower latency with few clients)")
     parser.add_argument("--log-level", default="info", help="uvicorn's: info logs each request (default), warning")
     args = parser.parse_args(argv)
-    try:
-        if not 0.0 <= args.threshold <= 1.0:
-            raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
-        if args.max_upload_mb <= 0 or min(args.threads, args.torch_threads) < 1 or not 0 <= args.port < 65536:
-            raise UserError("--max-upload-mb must be above 0, --threads and --torch-threads at least 1, "
-                            "and --port in 0-65535")
-        ckpt = load_checkpoint(args.checkpoint)
-        app = create_app(ckpt, Path(args.checkpoint).name, args.max_upload_mb, args.threshold, args.tta, args.threads)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
+    if args.max_upload_mb <= 0 or min(args.threads, args.torch_threads) < 1 or not 0 <= args.port < 65536:
+        raise UserError("--max-upload-mb must be above 0, --threads and --torch-threads at least 1, "
+                        "and --port in 0-65535")
+    ckpt = load_checkpoint(args.checkpoint)
+    app = create_app(ckpt, Path(args.checkpoint).name, args.max_upload_mb, args.threshold, args.tta, args.threads)
     torch.set_num_threads(args.torch_threads)
     where = "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "reachable from the network"
     print(f"serving {args.checkpoint} ({', '.join(ckpt['classes'])}) at http://{args.host}:{args.port}/ "

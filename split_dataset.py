@@ -8,6 +8,7 @@ Usage:
     python split_dataset.py photos Dataset --ratios 0.8 0.2       # train and val only
     python split_dataset.py photos Dataset --mode link            # hard links (symlinks across disks)
     python split_dataset.py photos Dataset --mode move            # moves the originals: only when asked
+    python split_dataset.py photos Dataset --classes cat dog      # only these classes
 
 SRC is read as train.py --data reads it (layout.py: class folders, split folders and their aliases, a labels
 table, labels in file names). DST must be new or empty and gets DST/<split>/<class>/<file name>. Split folders
@@ -23,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import UserError
+from common import UserError, reports_user_errors
 from config import SOURCE_FIELDS, TrainConfig, add_flags
 from layout import format_problems, layout_of, layout_splits
 
@@ -113,6 +114,7 @@ def format_counts(counts: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="dataset folder, any layout train.py reads (README 'Your data')")
@@ -122,14 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same split")
     parser.add_argument("--mode", choices=MODES, default="copy",
                         help="copy (default), link (hard link, else symlink) or move the originals")
-    add_flags(parser, SOURCE_FIELDS)
+    add_flags(parser, (*SOURCE_FIELDS, "classes"))
     args = parser.parse_args(argv)
-    source = {k: v for k, v in vars(args).items() if k in SOURCE_FIELDS}
-    try:
-        counts = split_dataset(args.src, args.dst, args.ratios, args.seed, args.mode, source)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    source = {k: v for k, v in vars(args).items() if k in (*SOURCE_FIELDS, "classes")}
+    counts = split_dataset(args.src, args.dst, args.ratios, args.seed, args.mode, source)
     print(format_counts(counts))
     print(f"{args.mode} done: {args.dst} (train with: python train.py --data {args.dst})")
     return 0

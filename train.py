@@ -16,16 +16,15 @@ Usage:
     tensorboard --logdir logs
 
 Writes models/best_model.pth (best val accuracy), models/last.pth (every epoch, for --resume),
-logs/<run-name>/ (TensorBoard, config.json, results.csv) and curves/ (PNG plots). A new run first moves the
+logs/<run-name>/ (TensorBoard, config.json, results.csv, summary.json) and curves/ (PNG plots). A new run moves the
 previous run's files to models/<its run name>/ and curves/<its run name>/; --resume continues in place.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,36 +32,26 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
 
-from check_data import check_data
+from audit import check_data
 from checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_resume_checkpoint,
                         resume_state_of, rng_state, save_checkpoint, set_rng_state, with_resume_state)
-from common import UserError, needs_grad_scaler, pick_amp_dtype, pick_device, precision_name
+from common import UserError, needs_grad_scaler, pick_amp_dtype, pick_device, precision_name, reports_user_errors
 from config import TrainConfig, format_config, parse_config
-from dataset import (Split, augment, batch_flip_lr, expand_inputs, fetch_batch, load_data, load_split, place_images,
-                     preprocess, random_crops, rotate_quarters, to_float)
+from dataset import Split, augment, fetch_batch, load_training_data, read_data_layout, to_float
 from distributed import (all_reduce_sum, any_rank, close_distributed, init_distributed, is_main_rank,
                          quiet_unless_rank0, rank_world, shard_batches, wrap_for_training)
-from layout import Layout, format_problems, layout_of, layout_splits
 from metrics import correct_count, loss_sum, uniform_cross_entropy
-from model import adapt_state_dict, build_model, input_normalization, load_pretrained, unwrap
-from novelty import make_unknown_images
-from optimization import (LRSchedule, build_optimizer, class_weight_tensor, ema_of, set_backbone_trainable,
+from model import build_model, fetch_pretrained, input_normalization, unwrap
+from optimization import (LRSchedule, build_optimizer, class_weight_tensor, ema_of, replan_lr, set_backbone_trainable,
                           train_mode)
+from outliers import load_other_images, other_crops, rotation_copies
 from plots import plot_history
 from posthoc import calibrate_best_model, fit_novelty
 from predict import predict_logits
-from runs import (TRAINING_CURVES, CtrlC, ctrl_c_stops_after_the_step, interrupted_message, log_epoch, make_room,
-                  name_run, open_run_log, save_train_batch)
-
-
-# ---------------------------------------------------------------- transfer learning
-
-
-# ---------------------------------------------------------------- several processes (torchrun)
-
-
-# ---------------------------------------------------------------- Ctrl-C
+from runs import (TRAINING_CURVES, CtrlC, Progress, ctrl_c_stops_after_the_step, epoch_line, interrupted_message,
+                  log_epoch, make_room, name_run, open_run_log, record_epoch, save_train_batch, write_summary)
 
 
 # ---------------------------------------------------------------- one run, step by step
@@ -89,17 +78,6 @@ class Trainer:
         return self.model if self.ema is None else self.ema.module
 
 
-@dataclass
-class Progress:
-    """Where a run stands: what --resume restores, and what the summary reports."""
-    start_epoch: int = 0                  # epochs finished before this process started
-    history: list[dict] = field(default_factory=list)
-    best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
-    saved_epoch: int = 0                  # the last epoch whose last.pth was written
-    train_seconds: float = 0.0            # training time of all epochs so far, carried over by --resume
-    started: float = field(default_factory=time.time)
-
-
 def set_up(cfg: TrainConfig) -> tuple[TrainConfig, torch.device, torch.dtype | None]:
     """Seed, pick the device (joining torchrun's process group) and precision, name the run, print settings."""
     torch.manual_seed(cfg.seed)
@@ -116,78 +94,6 @@ def set_up(cfg: TrainConfig) -> tuple[TrainConfig, torch.device, torch.dtype | N
           + (f", {world} processes ({dist.get_backend()}), batch size {cfg.batch_size} per process"
              if world > 1 else ""))
     return cfg, device, amp_dtype
-
-
-def fetch_pretrained(cfg: TrainConfig) -> dict | None:
-    """The adapted ImageNet weights when asked for; fetched before the data so a missing download fails fast."""
-    if not cfg.uses_pretrained:
-        return None
-    state = adapt_state_dict(load_pretrained(cfg.arch, cfg.weights), cfg.channels)
-    print(f"pretrained: {cfg.weights or 'torchvision ImageNet weights'}, "
-          f"normalization {input_normalization(True, cfg.channels)}")
-    return state
-
-
-def read_data_layout(cfg: TrainConfig, resume_ckpt: dict | None) -> tuple[Layout, dict]:
-    """Which files train and val are, printed as the 'layout:' line and the problems (first 10 of each kind),
-    and what the checkpoint records of it; a resumed run whose carved val differs from its first one is named."""
-    lay = layout_of(cfg)
-    print(lay.description)
-    problems = format_problems(lay)
-    if problems:
-        print("data problems (left out):\n" + "\n".join(f"  {line}" for line in problems.splitlines()))
-    val_paths = sorted(p for p, _ in layout_splits(lay)["val"])
-    info = {"description": lay.description, "source": lay.source, "folders": dict(lay.folders),
-            "carve": dict(lay.carve), "val_files_sha1": hashlib.sha1("\n".join(val_paths).encode()).hexdigest()}
-    before = layout_info_of(resume_ckpt).get("val_files_sha1") if resume_ckpt is not None else None
-    if resume_ckpt is not None and lay.carve.get("val") and before != info["val_files_sha1"]:
-        print("warning: the val split carved now differs from the one this run started with (a version before "
-              "the one-carve change, or other files/settings); its val accuracies are not comparable")
-    return lay, info
-
-
-def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expected_classes: list[str] | None
-                       ) -> tuple[Split, Split, list[str]]:
-    """Train and val splits, decoded once (cached), reported, and the training images placed (place_images)."""
-    t0 = time.time()
-    classes = lay.classes
-    if expected_classes is not None and expected_classes != classes:
-        raise UserError(f"the checkpoint's classes {expected_classes} differ from the data's {classes}")
-    train, val = load_data(lay, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers, cfg.max_bad_fraction)
-    print(f"data: {len(train.paths)} train / {len(val.paths)} val images, classes {classes}, "
-          f"loaded in {time.time() - t0:.1f}s")
-    for path, reason in train.bad + val.bad:
-        print(f"skipped unreadable image {path}: {reason}")
-    if train.bad or val.bad:
-        print(f"skipped {len(train.bad) + len(val.bad)} unreadable image(s) in total")
-    train.images, placement = place_images(train.images, device, cfg.data_placement)
-    train.labels = train.labels.to(device)
-    print(placement)
-    if len(train.paths) < cfg.batch_size:
-        print(f"note: only {len(train.paths)} training images; each epoch is one batch of that size")
-    return train, val, classes
-
-
-def load_other_images(cfg: TrainConfig, device: torch.device) -> torch.Tensor | None:
-    """The --other images (every image file under the folder, any layout) and --other-synthetic generated ones,
-    uint8 at twice the training side (each step takes random crops of them), on the device; None without
-    --other. They are few (a class's worth), so they are held in memory."""
-    if not cfg.other:
-        return None
-    if not Path(cfg.other).is_dir():
-        raise UserError(f"--other {cfg.other}: no such folder")
-    side = 2 * cfg.image_size
-    paths = [str(p) for p in expand_inputs([cfg.other])]
-    other = load_split(paths, [0] * len(paths), "other", side, cfg.channels, cfg.cache_dir, cfg.workers)
-    if not len(other.labels):
-        raise UserError(f"--other {cfg.other}: none of its {len(paths)} image files could be read")
-    drawn = [torch.from_numpy(preprocess(img, side, cfg.channels))
-             for _, img in make_unknown_images(cfg.other_synthetic, side, seed=cfg.seed)]
-    images = torch.cat([other.images[torch.arange(len(other.labels))], *([torch.stack(drawn)] if drawn else [])])
-    print(f"other: {len(other.labels)} images of no class from {cfg.other} ({len(other.bad)} unreadable) and "
-          f"{len(drawn)} generated ones; {cfg.other_share:g} x batch size of them per step, in random crops, towards "
-          f"a uniform prediction (weight {cfg.other_weight:g})")
-    return images.to(device)
 
 
 def build_trainer(cfg: TrainConfig, train: Split, num_classes: int, device: torch.device,
@@ -214,7 +120,7 @@ def build_trainer(cfg: TrainConfig, train: Split, num_classes: int, device: torc
 
 def restore(t: Trainer, cfg: TrainConfig, ckpt: dict) -> Progress:
     """Continue from last.pth: raw and averaged weights, optimizer, schedule, random state, history; with another
-    --epochs than the saved run planned, the schedule is replanned (replan_schedule)."""
+    --epochs than the saved run planned, the schedule is replanned (optimization.replan_lr)."""
     state = resume_state_of(ckpt)
     # With EMA, model_state holds the average (what inference uses) and raw_model_state what training resumes.
     t.model.load_state_dict(state["raw_model_state"])
@@ -231,26 +137,10 @@ def restore(t: Trainer, cfg: TrainConfig, ckpt: dict) -> Progress:
     history = state["history"]
     planned = config_of(ckpt).get("epochs", cfg.epochs)
     if planned != cfg.epochs:
-        replan_schedule(t, cfg, state["epoch"], planned)
+        print(f"--epochs {planned} -> {cfg.epochs}: " + replan_lr(t.scheduler, t.optimizer, state["epoch"], cfg.epochs,
+                                                             t.steps_per_epoch, cfg.freeze_epochs))
     return Progress(state["epoch"], history, best, saved_epoch=state["epoch"],
                     train_seconds=history[-1]["train_seconds"] if history else 0.0)
-
-
-def replan_schedule(t: Trainer, cfg: TrainConfig, epoch: int, planned: int) -> None:
-    """--resume with another --epochs: the remaining epochs get a fresh cosine from the current learning rate down
-    to 0 (LRSchedule.replan has the details), and the start-up output says so."""
-    schedule, step = t.scheduler.lr_lambdas[0], t.scheduler.last_epoch
-    how = schedule.replan(step, cfg.epochs * t.steps_per_epoch,
-                          min(cfg.freeze_epochs, cfg.epochs) * t.steps_per_epoch)
-    for group, base in zip(t.optimizer.param_groups, t.scheduler.base_lrs):
-        group["lr"] = base * schedule(step)
-    lr = t.optimizer.param_groups[-1]["lr"]
-    print(f"--epochs {planned} -> {cfg.epochs}: " + (
-        f"the learning rate follows the two-phase schedule planned for {cfg.epochs} epochs (lr {lr:.2e} now)"
-        if how == "two-phase" else
-        f"the learning rate follows a fresh cosine from {lr:.2e} after epoch {epoch} down to 0 at epoch "
-        f"{cfg.epochs}" + (f" (the saved run had finished its schedule at lr 0, so it starts where a "
-                           f"{cfg.epochs}-epoch schedule is after epoch {epoch})" if how == "ended" else "")))
 
 
 def set_phase(t: Trainer, cfg: TrainConfig, epoch: int) -> bool:
@@ -268,23 +158,14 @@ def set_phase(t: Trainer, cfg: TrainConfig, epoch: int) -> bool:
 
 
 def extra_images(t: Trainer, x: torch.Tensor, cfg: TrainConfig, other: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """What a step adds to the augmented batch x: turned copies of its first --rotation-share images, with
-    their turns, for the rotation head; and --other-share random --other images (load_other_images), each a
-    random crop of 10-100% of its area, mirrored or not and given a random quarter turn: images of no class can
-    look any way."""
-    turned = turns = others = None
-    if cfg.rotation_weight > 0:
-        n = max(1, round(len(x) * cfg.rotation_share))
-        turns = torch.randint(0, 4, (n,), generator=t.generator)
-        turned = rotate_quarters(x[:n], turns)
-        turns = turns.to(t.device)
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """What a step adds to the augmented batch x (outliers.py): turned copies of its first --rotation-share
+    images with their turns, for the rotation head; --other-share random crops of the --other images."""
+    turned, turns = rotation_copies(x, cfg.rotation_share, t.generator) if cfg.rotation_weight > 0 else (None, None)
+    others = None
     if other is not None:
         n = max(1, round(len(x) * cfg.other_share))
-        idx = torch.randint(0, len(other), (n,), generator=t.generator)
-        crops = random_crops(to_float(other[idx.to(other.device)], t.normalization["mean"], t.normalization["std"]),
-                             x.shape[-1], 0.1, t.generator)
-        others = rotate_quarters(batch_flip_lr(crops, t.generator), torch.randint(0, 4, (n,), generator=t.generator))
+        others = other_crops(other, n, x.shape[-1], t.normalization, t.generator)
     return turned, turns, others
 
 
@@ -316,8 +197,6 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float, 
     """One pass over the training images, augmented on whole batches; returns mean loss, accuracy, counts, and
     'interrupted' when a Ctrl-C (ctrl_c.requested, on any rank) ended it after a step, before its end. `other`:
     the --other images (step_loss)."""
-    from tqdm import tqdm
-
     model, device = t.train_model, t.device
     train_mode(model)
     rank, world = rank_world()
@@ -407,30 +286,6 @@ def validate(model: nn.Module, data: Split, device: torch.device, tta: bool = Fa
     return out
 
 
-def record_epoch(progress: Progress, epoch: int, tr: dict, ev: dict, lr: float, train_seconds: float,
-                 epoch_started: float) -> dict:
-    """Append the epoch's figures to the history (what last.pth, the curves and bench.py read) and return them."""
-    progress.train_seconds += train_seconds
-    h = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": ev["loss"],
-         "val_acc": ev["acc"], "lr": lr, "train_seconds": round(progress.train_seconds, 2),
-         "epoch_seconds": round(time.time() - epoch_started, 2),
-         "train_images_per_s": round(tr["images"] / max(1e-9, train_seconds), 1),
-         "train_images": tr["images"], "skipped_steps": tr["skipped_steps"],
-         "data_seconds": round(tr["data_seconds"], 2), "elapsed_seconds": round(time.time() - progress.started, 2)}
-    if "top5" in ev:
-        h["val_top5"] = ev["top5"]
-    progress.history.append(h)
-    return h
-
-
-def epoch_line(h: dict, epochs: int, improved: bool) -> str:
-    top5 = f" top5 {h['val_top5']:.4f}" if "val_top5" in h else ""
-    return (f"epoch {h['epoch']}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
-            f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}{top5}  lr {h['lr']:.2e}  {h['epoch_seconds']:.1f}s"
-            + ("  *best*" if improved else "")
-            + (f"  ({h['skipped_steps']} NaN/inf steps skipped)" if h["skipped_steps"] else ""))
-
-
 def is_finite(t: Trainer, val_loss: float) -> bool:
     """False once the val loss or any weight (raw or averaged) is NaN/inf."""
     nets = (t.model,) if t.eval_model is t.model else (t.model, t.eval_model)
@@ -461,31 +316,21 @@ def stop_reason(cfg: TrainConfig, progress: Progress, epoch: int, deadline: floa
     return ""
 
 
-def summarise(cfg: TrainConfig, t: Trainer, train: Split, val: Split, progress: Progress, writer,
-              stopped: str) -> dict:
-    """Print why training stopped, plot the curves, calibrate the best model and fit its novelty score;
-    returns the summary."""
-    if stopped:
-        print(stopped)
-    best, out_dir = progress.best, Path(cfg.out_dir)
-    if progress.history and is_main_rank():
-        plot_history(progress.history, Path(cfg.curves_dir) / TRAINING_CURVES)
-    finished = is_main_rank() and best["epoch"] and len(val.labels)
-    calibration = calibrate_best_model(out_dir / BEST, val, t.device, cfg.tta, writer) if finished else {}
-    if writer is not None:
-        writer.close()
-    novelty = {}
-    if finished and cfg.novelty_score != "none":
-        novelty = fit_novelty(out_dir / BEST, train, val, cfg, t.device)
+def summarise(cfg: TrainConfig, progress: Progress, fitted: dict) -> dict:
+    """The run's summary (best accuracy and epoch, seconds, checkpoint, history, what was fitted after training),
+    printed in one line and written to LOG_DIR/<run>/summary.json."""
+    best = progress.best
     summary = {"best_val_acc": best["acc"], "best_epoch": best["epoch"],
                "epochs_run": len(progress.history) - progress.start_epoch,
                "train_seconds": round(progress.train_seconds, 1),
                "wall_seconds": round(time.time() - progress.started, 1),
-               "checkpoint": str(out_dir / BEST), "history": progress.history, **calibration, **novelty}
+               "checkpoint": str(Path(cfg.out_dir) / BEST), "history": progress.history, **fitted}
     if best["epoch"]:
-        cost = f" (novelty score: {novelty['novelty_seconds']:.0f}s of it)" if novelty else ""
+        cost = f" (novelty score: {fitted['novelty_seconds']:.0f}s of it)" if "novelty_seconds" in fitted else ""
         print(f"done: best val acc {best['acc']:.4f} at epoch {best['epoch']}, {summary['wall_seconds']:.0f}s{cost}, "
               f"saved {summary['checkpoint']}")
+    if is_main_rank():
+        write_summary(cfg.log_dir, cfg.run_name, summary)
     if rank_world()[1] > 1:
         dist.barrier()  # no rank leaves (and tears down the group) while rank 0 still writes
     return summary
@@ -495,9 +340,11 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     """Train as `cfg` says; returns the summary (best accuracy, epoch, seconds, checkpoint path)."""
     cfg, device, amp_dtype = set_up(cfg)
     pretrained_state = fetch_pretrained(cfg) if resume_ckpt is None else None  # a resumed run has its weights
-    lay, layout_info = read_data_layout(cfg, resume_ckpt)
+    lay, layout_info = read_data_layout(cfg, layout_info_of(resume_ckpt).get("val_files_sha1", "")
+                                        if resume_ckpt is not None else None)
     train, val, classes = load_training_data(cfg, lay, device, resume_ckpt["classes"] if resume_ckpt else None)
-    other = load_other_images(cfg, device)
+    other = (load_other_images(cfg.other, 2 * cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers,
+                               cfg.other_synthetic, cfg.seed, device) if cfg.other else None)
     t = build_trainer(cfg, train, len(classes), device, amp_dtype, pretrained_state)
     progress = restore(t, cfg, resume_ckpt) if resume_ckpt is not None else Progress()
     frozen = set_phase(t, cfg, progress.start_epoch + 1)
@@ -551,7 +398,18 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     finally:
         if writer is not None and not at_once:
             writer.flush()
-    return summarise(cfg, t, train, val, progress, None if at_once else writer, stopped)
+    if stopped:
+        print(stopped)
+    if progress.history and is_main_rank():
+        plot_history(progress.history, Path(cfg.curves_dir) / TRAINING_CURVES)
+    # After training, on the best model: a softmax temperature fitted on val, then the novelty score.
+    finished, best = is_main_rank() and progress.best["epoch"] and len(val.labels), Path(cfg.out_dir) / BEST
+    fitted = calibrate_best_model(best, val, device, cfg.tta, None if at_once else writer) if finished else {}
+    if writer is not None and not at_once:
+        writer.close()
+    if finished and cfg.novelty_score != "none":
+        fitted.update(fit_novelty(best, train, val, cfg, device))
+    return summarise(cfg, progress, fitted)
 
 
 def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, dict | None]:
@@ -563,6 +421,7 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, dict | None]:
     return parse_config(argv, TrainConfig.from_dict(config_of(ckpt))), ckpt
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume_ckpt = resolve_config(argv)
@@ -575,9 +434,6 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_unless_rank0():
             run(cfg, resume_ckpt)
         return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # Ctrl-C outside the epoch loop: while loading data, setting up or plotting
         print("interrupted; checkpoints already written are complete (continue with --resume if last.pth exists)",
               file=sys.stderr)

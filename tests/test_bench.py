@@ -23,10 +23,11 @@ def test_bench_prints_one_json_object(tmp_path, capsys):
     data = make_synthetic(tmp_path / "d", 8, size=24, splits=("train", "val"))
     assert bench.main(["--data", str(data), "--epochs", "2", "--skip-baseline", "--workers", "0",
                        "--", "--batch-size", "8", "--image-size", "32", "--width", "8"]) == 0
-    result = json.loads(capsys.readouterr().out.split("done: ", 1)[1].split("\n", 1)[1])
+    result = json.loads(capsys.readouterr().out)  # train.py runs as a program: its lines are not on our stdout
     ours = result["ours"]
     assert ours["epochs"] == 2 and len(ours["val_acc_per_epoch"]) == 2
-    assert ours["train_images_per_s"] > 0 and ours["decode_seconds"] >= 0
+    assert ours["best_val_acc"] == max(ours["val_acc_per_epoch"])  # read back from the run's summary.json
+    assert ours["train_images_per_s"] > 0 and ours["decode_images_per_s"] > 0
     assert 0 <= ours["data_share_after_first_epoch"] < 1
     assert set(ours) >= {"seconds_to_80", "seconds_to_85", "seconds_to_90", "best_val_acc"}
 

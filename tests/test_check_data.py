@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import audit
 import check_data
 import train
 from common import IMAGE_EXTENSIONS
@@ -12,7 +13,7 @@ from layout import MISSING, UNLABELED, UNPARSABLE, read_layout
 
 
 def test_data_report_counts_problems_and_duplicates(nasty_data):
-    r = check_data.data_report(read_layout(nasty_data))
+    r = audit.data_report(read_layout(nasty_data))
     assert r["layout"] == "layout: classes from folders in train/ (train) and val/ (val)"
     assert r["classes"] == ["cat", "dog"]
     assert r["counts"] == {"train": {"cat": 18, "dog": 17}, "val": {"cat": 3, "dog": 4}}

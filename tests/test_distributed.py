@@ -43,4 +43,5 @@ def test_torchrun_two_gloo_processes_train_and_write_one_checkpoint(tiny_data, t
     # 32 training images: each rank trains on its 16 (2 steps of 8), and the counts are summed over ranks.
     assert ckpt["metrics"]["train"]["images"] == 32
     assert ckpt["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["model_state"])
-    model_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt)  # loads strictly: every key of the unwrapped model, none of DDP's
+    assert set(model.state_dict()) == set(ckpt["model_state"])

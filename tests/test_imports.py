@@ -64,13 +64,38 @@ def import_order(graph: dict[str, set[str]]) -> list[str]:
     return order
 
 
+# The programs people run; they import modules only, never one another (bench.py runs the others as programs).
+SCRIPTS = {"train", "evaluate", "inference", "serve", "export", "split_dataset", "check_data", "baseline", "bench",
+           "bench_serve"}
+
+
+def scripts_imported(graph: dict[str, set[str]], scripts: set[str]) -> list[str]:
+    """'a imports b' for every project module a that imports a script b."""
+    return sorted(f"{a} imports {b}" for a, deps in graph.items() for b in deps & scripts)
+
+
 def test_project_imports_run_one_way_and_only_at_module_level():
     graph, nested = project_imports(ROOT)
     assert nested == []
     assert find_cycle(graph) is None
     order = import_order(graph)
     assert order[0] == "common" and graph["common"] == set()  # the bottom: imports no project module
-    assert order.index("checkpoint") < order.index("train")
+    assert order.index("checkpoint") < order.index("predict") < order.index("train")
+    assert "dataset" not in graph["model"]  # the network does not pull in the cache and the layout reader
+
+
+def test_scripts_import_modules_only():
+    graph, _ = project_imports(ROOT)
+    assert SCRIPTS <= set(graph)
+    assert scripts_imported(graph, SCRIPTS) == []
+
+
+def test_the_script_check_fails_when_a_script_imports_a_script(tmp_path):
+    (tmp_path / "lib.py").write_text("import os\n")
+    (tmp_path / "tool.py").write_text("import lib\n")
+    (tmp_path / "runner.py").write_text("import lib\nfrom tool import main\n")
+    graph, _ = project_imports(tmp_path)
+    assert scripts_imported(graph, {"tool", "runner"}) == ["runner imports tool"]
 
 
 def test_the_check_finds_cycles_and_imports_inside_functions(tmp_path):
@@ -84,3 +109,14 @@ def test_the_check_finds_cycles_and_imports_inside_functions(tmp_path):
     (tmp_path / "b.py").write_text("import low\nimport a.sub\n")
     graph, nested = project_imports(tmp_path)
     assert nested == [] and find_cycle(graph) == ["a", "b", "a"]
+
+
+def test_the_readme_lists_the_modules_in_an_order_they_import_in():
+    """README's module table: every module there, each importing only modules listed above it."""
+    graph, _ = project_imports(ROOT)
+    table = (ROOT / "README.md").read_text().split("| module | what it holds |", 1)[1].split("\n\n", 1)[0]
+    listed = [name.strip(" `").removesuffix(".py") for row in table.splitlines()[2:]
+              for name in row.split("|")[1].split(",")]
+    assert set(listed) == set(graph) - SCRIPTS
+    for i, module in enumerate(listed):
+        assert graph[module] <= set(listed[:i]), f"{module} imports {graph[module] - set(listed[:i])} listed below it"

@@ -25,6 +25,8 @@ def test_plots_are_pngs_that_grow_with_the_number_of_classes(tmp_path):
             im.verify()
             sizes[p.name] = im.size
     assert sizes["big.png"][0] > sizes["s.png"][0] and sizes["big.png"][1] > sizes["s.png"][1]
+    assert sizes["g.png"][0] > sizes["g.png"][1]  # three images side by side
+    assert sizes["e.png"][0] > 0 and sizes["e.png"][0] * sizes["e.png"][1] < sizes["g.png"][0] * sizes["g.png"][1]
 
 
 def test_unknown_scores_adds_a_box_per_folder_with_its_accepted_share():

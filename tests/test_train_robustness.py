@@ -47,7 +47,10 @@ def test_training_uses_the_good_images_and_names_each_bad_one(nasty_data, tmp_pa
         assert Path(rel).name not in out, rel
     # Non-image files are not dropped silently either: named once, in the start-up list of files left out.
     assert f"  {len(NASTY_IGNORED)} files skipped for their extension: {', '.join(sorted(NASTY_IGNORED))}" in out.splitlines()
-    assert model_from_checkpoint(load_checkpoint(tmp_path / "models" / "best_model.pth"))
+    ckpt = load_checkpoint(tmp_path / "models" / "best_model.pth")
+    model = model_from_checkpoint(ckpt)
+    assert ckpt["classes"] == ["cat", "dog"] and model.fc.out_features == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen, list[str], threading.Event]:

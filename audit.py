@@ -1,0 +1,250 @@
+"""What is wrong with a dataset before training: counts, unreadable files and why, duplicates, leakage; the
+report check_data.py and train.py --check-only print, and quarantine (moving files out, never deleting).
+
+Usage (from check_data.py and train.py):
+    report = data_report(layout_of(cfg, need=None), max_bad_fraction=0.5, workers=2)   # a plain dict
+    print(format_report(report))
+    check_data(cfg, quarantine_dir="bad_files", as_json=False)   # print the report; 1 when training would fail
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from PIL import Image
+
+from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError
+from config import TrainConfig
+from dataset import decode_files
+from layout import EMPTY, SKIPPED, Layout, layout_of, layout_splits, walk_files
+
+TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model
+
+
+def file_sha1(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def image_header(path: str | Path) -> tuple[str, str, tuple[int, int]] | None:
+    """(format, mode, (width, height)) read from the header only, without decoding pixels; None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.format or "", img.mode, img.size
+    except Exception:  # any failure is reported by the full decode, with its reason
+        return None
+
+
+def hidden_entries(split_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(hidden folders, hidden files) under split_dir, which discovery skips; nothing inside hidden folders."""
+    hidden: list[tuple[str, bool]] = []
+    walk_files(str(split_dir), hidden)
+    return sorted(Path(p) for p, is_dir in hidden if is_dir), sorted(Path(p) for p, is_dir in hidden if not is_dir)
+
+
+def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) -> dict:
+    """Everything `python check_data.py` shows, as plain data (paths relative to DATA when inside it).
+
+    Keys: layout (the 'layout:' line), problems {kind: [items]} (files the layout leaves out), counts {split:
+    {class: readable images}} with carved val/test counted, unreadable [{path, reason}], modes and formats
+    {name: n}, sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not
+    what the extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
+    empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest /
+    smallest train class, None when one is empty), fatal and warnings [messages].
+    """
+    root = Path(lay.root).absolute()
+
+    def rel(p: str | Path) -> str:
+        try:
+            return Path(p).absolute().relative_to(root).as_posix()
+        except ValueError:  # a table may name files outside DATA
+            return str(p)
+
+    r: dict = {"data": lay.root, "layout": lay.description, "problems": lay.problems, "classes": list(lay.classes),
+               "carve": dict(lay.carve), "counts": {}, "unreadable": [], "modes": {}, "formats": {}, "sizes": {},
+               "tiny": [], "mismatched": [], "duplicates": [], "leaks": [],
+               "empty_classes": [f.rstrip("/") for f in lay.problems.get(EMPTY, [])], "hidden_folders": [],
+               "hidden_files": [], "ignored": list(lay.problems.get(SKIPPED, [])), "imbalance": None, "fatal": [],
+               "warnings": []}
+    entries = []  # (split, class, path) of every image file
+    for split, items in layout_splits(lay).items():
+        if not items and split != "train":
+            continue
+        entries += [(split, c, p) for p, c in items]
+        r["counts"][split] = {c: 0 for c in lay.classes}
+    for folder in sorted(set(lay.folder_paths.values())):
+        folders, files = hidden_entries(Path(folder))
+        r["hidden_folders"] += [rel(p) for p in folders]
+        r["hidden_files"] += [rel(p) for p in files]
+
+    decoded = decode_files([p for _, _, p in entries], TINY_SIDE, 1, workers, desc="checking")
+    modes, formats, sizes = Counter(), Counter(), Counter()
+    by_hash, bad_per_split, files_per_split = defaultdict(list), Counter(), Counter()
+    for (split, cls, path), (_, reason) in zip(entries, decoded):
+        files_per_split[split] += 1
+        if reason:
+            bad_per_split[split] += 1
+            r["unreadable"].append({"path": rel(path), "reason": reason})
+            continue
+        r["counts"][split][cls] += 1
+        by_hash[file_sha1(path)].append((split, rel(path)))
+        header = image_header(path)
+        if header is None:
+            continue
+        fmt, mode, size = header
+        modes[mode] += 1
+        formats[fmt] += 1
+        sizes[size] += 1
+        if min(size) < TINY_SIDE:
+            r["tiny"].append({"path": rel(path), "size": list(size)})
+        expected = FORMATS_BY_SUFFIX.get(Path(path).suffix.lower())
+        if expected and fmt != expected:
+            r["mismatched"].append({"path": rel(path), "format": fmt})
+    r["modes"], r["formats"] = dict(modes.most_common()), dict(formats.most_common())
+    if sizes:
+        by_area = sorted(sizes, key=lambda s: (s[0] * s[1], s))
+        r["sizes"] = {"min": list(by_area[0]), "max": list(by_area[-1]),
+                      "most_common": [[w, h, n] for (w, h), n in sizes.most_common(5)]}
+    for group in by_hash.values():
+        if len(group) > 1:
+            splits = {s for s, _ in group}
+            (r["leaks"] if len(splits) > 1 else r["duplicates"]).append([p for _, p in group])
+
+    _judge(r, files_per_split, bad_per_split, max_bad_fraction)
+    return r
+
+
+def _judge(r: dict, files: dict, bad: dict, max_bad_fraction: float) -> None:
+    """Fill r['fatal'] (training would stop or be meaningless) and r['warnings'], and the imbalance."""
+    classes, counts = r["classes"], r["counts"]
+    if len(classes) < 2:
+        r["fatal"].append(f"train has {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
+                          "a classifier needs at least 2")
+    for split in ("train", "val"):
+        if split not in counts:
+            continue
+        no_images = [c for c in classes if counts[split].get(c, 0) == 0]
+        if no_images:
+            r["fatal"].append(f"{split} has no readable image for class(es): {', '.join(no_images)}")
+    for split, n in files.items():
+        if n and bad[split] / n > max_bad_fraction:
+            message = f"{bad[split]} of {n} image files in {split} cannot be read"
+            (r["fatal"] if split != "test" else r["warnings"]).append(message)
+    train_counts = [counts["train"][c] for c in classes]
+    if len(classes) >= 2 and min(train_counts) > 0:
+        r["imbalance"] = round(max(train_counts) / min(train_counts), 2)
+        if r["imbalance"] >= 1.5:
+            r["warnings"].append(f"classes are imbalanced ({r['imbalance']}x); consider --class-weights auto")
+    if "val" not in counts:
+        r["warnings"].append("no val split and --val-fraction 0: train.py needs a val folder, a split column "
+                             "or --val-fraction above 0")
+    elif "val" in r["carve"]:
+        r["warnings"].append(f"no val split: train.py holds out --val-fraction {r['carve']['val']:g} of train "
+                             "instead (stratified)")
+    if r["leaks"]:
+        r["warnings"].append(f"{len(r['leaks'])} file(s) appear in more than one split (leakage inflates val/test "
+                             "accuracy): remove the copies")
+    if r["duplicates"]:
+        r["warnings"].append(f"{len(r['duplicates'])} group(s) of identical files within a split")
+    if r["unreadable"]:
+        r["warnings"].append(f"{len(r['unreadable'])} unreadable file(s) will be skipped "
+                             "(move them away with --quarantine DIR)")
+
+
+def format_report(r: dict, limit: int = 20) -> str:
+    """The report as text for a terminal; long lists are cut at `limit` lines (--json has everything)."""
+    lines = [r["layout"], f"data: {r['data']}"]
+    splits = list(r["counts"])
+    names = sorted(set(r["classes"]).union(*(r["counts"][s] for s in splits)))
+    width = max([len(n) for n in names] + [5])
+    lines.append(f"  {'class':<{width}}" + "".join(f"{s:>8}" for s in splits))
+    for name in names:
+        lines.append(f"  {name:<{width}}" + "".join(f"{r['counts'][s].get(name, '-'):>8}" for s in splits))
+    lines.append(f"  {'total':<{width}}" + "".join(f"{sum(r['counts'][s].values()):>8}" for s in splits))
+    if r["imbalance"] is not None:
+        lines.append(f"class imbalance in train (largest / smallest): {r['imbalance']}x")
+    if r["modes"]:
+        lines.append("image modes: " + ", ".join(f"{m} {n}" for m, n in r["modes"].items()))
+        lines.append("file types: " + ", ".join(f"{m} {n}" for m, n in r["formats"].items()))
+    if r["sizes"]:
+        s = r["sizes"]
+        lines.append(f"sizes: smallest {s['min'][0]}x{s['min'][1]}, largest {s['max'][0]}x{s['max'][1]}, "
+                     "most common " + ", ".join(f"{w}x{h} ({n})" for w, h, n in s["most_common"]))
+
+    def section(title: str, items: list[str]) -> None:
+        if items:
+            lines.append(f"{title} ({len(items)}):")
+            lines.extend(f"  {item}" for item in items[:limit])
+            if len(items) > limit:
+                lines.append(f"  ... and {len(items) - limit} more (see --json)")
+
+    section("layout problems (files left out)", [f"{len(v)} {k}: " + ", ".join(v[:10])
+                                                 + (f", ... ({len(v) - 10} more)" if len(v) > 10 else "")
+                                                 for k, v in r["problems"].items()])
+    section("unreadable files, skipped by training", [f"{u['path']}: {u['reason']}" for u in r["unreadable"]])
+    section(f"tiny images (a side under {TINY_SIDE} px)", [f"{t['path']} ({t['size'][0]}x{t['size'][1]})"
+                                                           for t in r["tiny"]])
+    section("content differs from the extension (read by content, fine)",
+            [f"{m['path']}: {m['format']}" for m in r["mismatched"]])
+    section("identical files in more than one split (leakage)", [" = ".join(g) for g in r["leaks"]])
+    section("identical files within a split", [" = ".join(g) for g in r["duplicates"]])
+    section("class folders without image files", r["empty_classes"])
+    section("hidden folders, ignored", r["hidden_folders"])
+    section(f"skipped for their extension, not one of {' '.join(sorted(IMAGE_EXTENSIONS))} (rename any that are "
+            "images)", r["ignored"])
+    if r["hidden_files"]:
+        lines.append(f"hidden files, ignored: {len(r['hidden_files'])} (.DS_Store and the like)")
+    section("quarantined", [f"{src} -> {dst}" for src, dst in r.get("quarantined", [])])
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    lines += [f"FATAL: {f}" for f in r["fatal"]]
+    lines.append("verdict: " + ("cannot train on this data" if r["fatal"] else "ok to train"))
+    return "\n".join(lines)
+
+
+def quarantine(data_dir: str | Path, rel_paths: list[str], dest: str | Path,
+               split_folders: list[str] = ()) -> list[tuple[str, str]]:
+    """Move files (paths relative to data_dir, or absolute) under dest with the same relative paths (absolute
+    ones by name); never overwrites. None of `split_folders` (absolute) may hold dest."""
+    root, dest = Path(data_dir).resolve(), Path(dest).resolve()
+    if any(dest.is_relative_to(Path(s).resolve()) for s in split_folders):
+        raise UserError(f"--quarantine {dest} is inside the data's split folders; pick a folder outside them")
+    moved = []
+    for rel_path in rel_paths:
+        src = root / rel_path
+        rel_path = Path(rel_path).name if Path(rel_path).is_absolute() else rel_path
+        dst = dest / rel_path
+        n = 1
+        while dst.exists():  # a file quarantined by an earlier check keeps its place
+            dst = dest / Path(rel_path).with_name(f"{Path(rel_path).stem}.{n}{Path(rel_path).suffix}")
+            n += 1
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(src, dst)
+        moved.append((str(src), str(dst)))
+    return moved
+
+
+def check_data(cfg: TrainConfig, quarantine_dir: str = "", as_json: bool = False) -> int:
+    """Print the report of cfg.data read with cfg's label source and carve (and quarantine unreadable files
+    when asked); 1 when training on this data would fail, 2 when there is no dataset to report on."""
+    try:
+        lay = layout_of(cfg, need=None)
+    except UserError as e:
+        if not Path(cfg.data).is_dir():
+            raise
+        print(f"data: {cfg.data}\nFATAL: {e}\nverdict: cannot train on this data")
+        return 1
+    report = data_report(lay, cfg.max_bad_fraction, cfg.workers)
+    if quarantine_dir and report["unreadable"]:
+        report["quarantined"] = quarantine(lay.root, [u["path"] for u in report["unreadable"]], quarantine_dir,
+                                           list(lay.folder_paths.values()))
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
+    return 1 if report["fatal"] else 0

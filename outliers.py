@@ -1,0 +1,57 @@
+"""What training adds so that the model can tell its classes from everything else: copies of the batch turned by
+quarter turns for the rotation head (--rotation-weight), and images of no class (--other) pushed towards a
+uniform prediction (outlier exposure).
+
+Usage (from train.py):
+    other = load_other_images("photos_of_other_things/", side=128, channels=1, cache_dir="", workers=2,
+                              synthetic=500, seed=0, device=device)     # uint8, held in memory
+    turned, turns = rotation_copies(x, 0.25, generator)               # x: the augmented batch
+    others = other_crops(other, n=64, size=64, normalization=norm, generator=generator)
+    loss = loss + 0.5 * uniform_cross_entropy(logits_of_others)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common import UserError
+from dataset import batch_flip_lr, expand_inputs, load_split, preprocess, random_crops, rotate_quarters, to_float
+from novelty import make_unknown_images
+
+
+def load_other_images(folder: str, side: int, channels: int, cache_dir: str, workers: int, synthetic: int,
+                      seed: int, device: torch.device) -> torch.Tensor:
+    """Every image file under `folder` (any layout) and `synthetic` generated far-away ones (novelty.py), uint8 at
+    `side` pixels (twice the training side: each step takes random crops of them), on the device. They are few
+    (a class's worth), so they are held in memory."""
+    if not Path(folder).is_dir():
+        raise UserError(f"--other {folder}: no such folder")
+    paths = [str(p) for p in expand_inputs([folder])]
+    other = load_split(paths, [0] * len(paths), "other", side, channels, cache_dir, workers)
+    if not len(other.labels):
+        raise UserError(f"--other {folder}: none of its {len(paths)} image files could be read")
+    drawn = [torch.from_numpy(preprocess(img, side, channels))
+             for _, img in make_unknown_images(synthetic, side, seed=seed)]
+    images = torch.cat([other.images[torch.arange(len(other.labels))], *([torch.stack(drawn)] if drawn else [])])
+    print(f"other: {len(other.labels)} images of no class from {folder} ({len(other.bad)} unreadable) and "
+          f"{len(drawn)} generated ones")
+    return images.to(device)
+
+
+def rotation_copies(x: torch.Tensor, share: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `share` of the batch x, each given a random quarter turn, and the turns (0-3) on x's device:
+    what the rotation head learns to name."""
+    n = max(1, round(len(x) * share))
+    turns = torch.randint(0, 4, (n,), generator=generator)
+    return rotate_quarters(x[:n], turns), turns.to(x.device)
+
+
+def other_crops(other: torch.Tensor, n: int, size: int, normalization: dict, generator: torch.Generator
+                ) -> torch.Tensor:
+    """n random --other images, normalized, each a random crop of 10-100% of its area resized to `size`, mirrored
+    or not and given a random quarter turn: images of no class can look any way."""
+    idx = torch.randint(0, len(other), (n,), generator=generator)
+    crops = random_crops(to_float(other[idx.to(other.device)], normalization["mean"], normalization["std"]),
+                         size, 0.1, generator)
+    return rotate_quarters(batch_flip_lr(crops, generator), torch.randint(0, 4, (n,), generator=generator))
