@@ -13,9 +13,10 @@ accuracy for each (null if never; wall time since training started, evaluation i
 the share of our epochs' time spent on data after the first epoch, and the ratios.
 The baseline is baseline.py in this folder (ImageFolder + PIL transforms every epoch, torchvision ResNet-18,
 Adam), run after ours in a process of its own, on the same device (--device); bench.py runs train.py,
-baseline.py and split_dataset.py as programs and imports none of them. DATA may be any layout train.py reads (train.py flags such as --labels go after --); the baseline needs
-DATA/train and DATA/val folders, so other layouts are first written as hard links to a temporary
-train/val(/test) copy (split_dataset.py --mode link) with the same carve our run uses.
+baseline.py and split_dataset.py as programs and imports none of them. DATA may be any layout train.py reads
+(train.py flags such as --labels go after --); the baseline needs DATA/train and DATA/val folders, so other
+layouts are first written as hard links to a temporary train/val(/test) copy (split_dataset.py --mode link)
+with the same carve our run uses.
 
 `scale` generates N synthetic JPEGs once under --work-dir (reused by later runs), then measures, each step in a
 fresh process: the cold decode into an empty cache, the warm load, and one training epoch (cut at
@@ -72,6 +73,15 @@ def training_flags(cfg: TrainConfig, scratch: str | Path) -> tuple[list[str], st
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(json.dumps(cfg.to_dict()))
     return ["--config", str(config), "--run-name", name], name
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), so that figures from different machines are not compared."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def seconds_to(history: list[dict], target: float, acc_key: str, time_key: str) -> float | None:
@@ -285,7 +295,7 @@ def scale_main(argv: list[str]) -> int:
         for placement in ("map",) if args.skip_ram else ("map", "ram"):
             step_cfg = dataclasses.replace(cfg, data_placement="map" if placement == "map" else "device")
             runs[placement].append(_measure_in_subprocess("train", step_cfg))
-    result = {"machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    result = {"machine": {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
                           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
               "data": str(data), "images": cold["images"], "image_size": args.size, "channels": args.channels,
@@ -321,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.work_dir or scratch
-        cfg = dataclasses.replace(parse_config(train_flags), data=args.data, epochs=args.epochs, time_budget=args.time_budget,
+        cfg = dataclasses.replace(parse_config(train_flags), data=args.data, epochs=args.epochs,
+                                  time_budget=args.time_budget,
                                   device=args.device, workers=args.workers, cache_dir=f"{tmp}/cache",
                                   out_dir=f"{tmp}/models", log_dir=f"{tmp}/logs", curves_dir=f"{tmp}/curves",
                                   run_name="bench")
@@ -330,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             base_data = baseline_data(cfg, layout_of(cfg), scratch)
             base = bench_baseline(base_data, args.baseline_epochs, args.baseline_seconds, args.workers,
                                   args.device)
-    result = {"machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    result = {"machine": {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                           "python": platform.python_version(), "torch": torch.__version__},
               "data": args.data, "ours": ours}

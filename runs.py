@@ -1,10 +1,13 @@
-"""A run's files: a name no other run has, the previous run moved aside (never deleted), the results table.
+"""A run's files and bookkeeping: a name no other run has, the previous run moved aside (never deleted), the
+results table and summary, TensorBoard, where the run stands (Progress), and Ctrl-C during the epochs.
 
 Usage (from train.py and evaluate.py):
     name = unique_run_name("20250101-120000-resnet_small", ["logs", "models", "curves"])  # -> ...-2 when taken
     moved = archive_previous_run("models", "curves")   # {run name: folder}: models/<name>/ and curves/<name>/
     append_result("logs/<run>/results.csv", history_record)   # one row per epoch, flushed to disk
     rewrite_results("logs/<run>/results.csv", history)        # --resume: the rows of the epochs last.pth holds
+    write_summary("logs", run_name, summary); read_summary("logs", run_name)   # logs/<run>/summary.json
+    with ctrl_c_stops_after_the_step() as ctrl_c: ...          # the first Ctrl-C sets ctrl_c.requested
 
 The newest run keeps the plain paths (models/best_model.pth, models/last.pth, curves/training_curves.png);
 before a new run writes there, the previous run's files move to models/<its run name>/ and

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import bench
 from dataset import make_synthetic
@@ -25,6 +26,7 @@ def test_bench_prints_one_json_object(tmp_path, capsys):
                        "--", "--batch-size", "8", "--image-size", "32", "--width", "8"]) == 0
     result = json.loads(capsys.readouterr().out)  # train.py runs as a program: its lines are not on our stdout
     ours = result["ours"]
+    assert result["machine"]["cpu"] and result["machine"]["torch"] == torch.__version__  # never compare machines
     assert ours["epochs"] == 2 and len(ours["val_acc_per_epoch"]) == 2
     assert ours["best_val_acc"] == max(ours["val_acc_per_epoch"])  # read back from the run's summary.json
     assert ours["train_images_per_s"] > 0 and ours["decode_images_per_s"] > 0
