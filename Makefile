@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := demo_data
-DATA   ?= ../shared/data/catdog
+DATA   ?=
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -36,6 +36,7 @@ test-fast: setup
 
 # Ours against the plain pipeline (baseline.py) on real photos: `make bench DATA=path/to/dataset`.
 bench: setup
+	@test -n "$(DATA)" || { echo "make bench needs DATA=PATH/TO/DATA (a dataset train.py reads)"; exit 2; }
 	$(PY) bench.py --data $(DATA)
 
 clean:

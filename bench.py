@@ -1,7 +1,7 @@
 """Benchmark our training against the plain pipeline, on the same data and machine, in one run.
 
 Usage:
-    python bench.py --data ../shared/data/catdog                      # ours (10 min budget), then the baseline
+    python bench.py --data PATH/TO/DATA                               # ours (10 min budget), then the baseline
     python bench.py --data DATA --time-budget 150 --baseline-seconds 300
     python bench.py --data DATA --skip-baseline --epochs 12 -- --width 32 --lr 3e-3   # train.py flags after --
     python bench.py scale --images 100000                             # memory and speed of the cache at scale
@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(argv[1], TrainConfig.from_dict(json.loads(argv[2])))))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/catdog")
+    parser.add_argument("--data", required=True, metavar="PATH/TO/DATA",
+                        help="a dataset train.py reads (any layout), e.g. Kaggle's Dogs vs Cats photos")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="our planned epochs")
     parser.add_argument("--time-budget", type=float, default=600.0, help="stop our training after this many s")
     parser.add_argument("--device", default="auto")
