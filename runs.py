@@ -103,7 +103,7 @@ def archive_previous_run(out_dir: str | Path, curves_dir: str | Path) -> dict[st
 
 
 def result_row(h: dict) -> dict:
-    """The results.csv row of one epoch's history record (as train.py's record_epoch builds it)."""
+    """The results.csv row of one epoch's history record (as record_epoch builds it)."""
     return {k: h[k] for k in RESULT_COLUMNS if k in h}
 
 
