@@ -46,23 +46,13 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, reports_user_errors
+from common import PROJECT_DIR, UserError, reports_user_errors, run_script
 from config import TrainConfig, parse_config
 from dataset import load_data
 from layout import Layout, layout_of
 from runs import read_summary, unique_run_name
 
 TARGETS = (0.80, 0.85, 0.90)
-HERE = Path(__file__).resolve().parent
-
-
-def run_script(script: str, args: list[str], stdout=None) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` in a process of its own, as a user runs it (bench.py imports no script); its stdout
-    goes to `stdout` (default: ours; subprocess.PIPE to read it), a failure is a UserError."""
-    proc = subprocess.run([sys.executable, str(HERE / script), *args], stdout=stdout, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"{script} failed (exit {proc.returncode}; its output is above)")
-    return proc
 
 
 def training_flags(cfg: TrainConfig, scratch: str | Path) -> tuple[list[str], str]:
@@ -238,7 +228,7 @@ def measure(step: str, cfg: TrainConfig) -> dict:
         else:
             # train.py run as a program in this process (runpy, not an import), so that the peaks are its own
             flags, name = training_flags(cfg, Path(cfg.log_dir).parent / "configs")
-            sys.argv = [str(HERE / "train.py"), *flags]
+            sys.argv = [str(PROJECT_DIR / "train.py"), *flags]
             try:
                 with contextlib.redirect_stdout(sys.stderr):
                     runpy.run_path(sys.argv[0], run_name="__main__")
@@ -254,7 +244,7 @@ def measure(step: str, cfg: TrainConfig) -> dict:
 
 
 def _measure_in_subprocess(step: str, cfg: TrainConfig) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_measure", step, json.dumps(cfg.to_dict())]
+    cmd = [sys.executable, str(PROJECT_DIR / "bench.py"), "_measure", step, json.dumps(cfg.to_dict())]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise UserError(f"bench.py scale: the {step} step failed (exit {proc.returncode}; its output is above)")

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from checkpoint import load_checkpoint, width_of
-from common import UserError
+from common import UserError, run_script
 from dataset import make_synthetic
 
 ROOT = Path(__file__).resolve().parent
@@ -48,11 +48,7 @@ def train_default_model(work: Path) -> Path:
     flags = ["--data", str(data), "--epochs", "1", "--workers", "0", "--out-dir", str(work / "models"),
              "--log-dir", str(work / "logs"), "--curves-dir", str(work / "curves"), "--cache-dir",
              str(work / "cache"), "--run-name", "bench_serve"]
-    # train.py as a program (bench_serve.py imports no script); stdout keeps only the figures
-    code = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "train.py"), *flags],
-                          stdout=sys.stderr).returncode
-    if code != 0:
-        raise UserError("training the benchmark's model failed")
+    run_script("train.py", flags, stdout=sys.stderr)  # stdout keeps only the figures
     return work / "models" / "best_model.pth"
 
 

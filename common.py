@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +38,19 @@ def is_hidden(name: str) -> bool:
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, no checkpoint yet...): printed as one line, no traceback."""
+
+
+PROJECT_DIR = Path(__file__).resolve().parent  # where the scripts are
+
+
+def run_script(script: str, args: list[str], stdout=None) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` (a script of this project) in a process of its own, as a user runs it: how one script
+    uses another, never by importing it. Its stdout goes to `stdout` (default: ours; subprocess.PIPE to read
+    it); a failure is a UserError."""
+    proc = subprocess.run([sys.executable, str(PROJECT_DIR / script), *args], stdout=stdout, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"{script} failed (exit {proc.returncode}; its output is above)")
+    return proc
 
 
 def reports_user_errors(main):

@@ -53,7 +53,7 @@ from common import UserError, reports_user_errors
 from config import NOVELTY_SCORES
 from dataset import decode_files, expand_inputs
 
-SCORES = NOVELTY_SCORES  # the names --novelty-score accepts (config.py); each is computed in novelty_score below
+
 DEFAULT_SCORE = "combined"
 COMBINED_STAGES = 2  # the combined score's early stages: the stem's and the first residual stage's statistics
 STATE_VERSION = 1
@@ -187,7 +187,7 @@ def fit_score(name: str, features: dict, labels: torch.Tensor, num_classes: int,
             raise ValueError("the rotation score needs a model trained with a rotation head (--rotation-weight)")
         state = {"score": name}
     else:
-        raise UserError(f"unknown novelty score {name!r}; choose one of {', '.join(SCORES)}")
+        raise UserError(f"unknown novelty score {name!r}; choose one of {', '.join(NOVELTY_SCORES)}")
     state.update(version=STATE_VERSION, temperature=float(temperature))
     return state
 
@@ -232,7 +232,7 @@ def novelty_score(state: dict, features: dict) -> torch.Tensor:
                             "trained with")
         parts = torch.stack(combined_parts(state, features))
         return ((parts - state["centre"][:, None]) / state["scale"][:, None]).sum(0)
-    raise UserError(f"unknown novelty score {name!r} in the checkpoint; this code knows {', '.join(SCORES)}")
+    raise UserError(f"unknown novelty score {name!r} in the checkpoint; this code knows {', '.join(NOVELTY_SCORES)}")
 
 
 def state_bytes(state: dict) -> int:
@@ -292,11 +292,11 @@ def fit_states(features: dict, labels: torch.Tensor, num_classes: int, chosen: s
                temperature: float = 1.0, budget: int = STATE_BUDGET) -> dict[str, dict]:
     """{score name: state} for the chosen score and, while the total stays under `budget` bytes, the others
     (so evaluate.py can compare every score with nothing but the checkpoint). msp and energy cost nothing."""
-    if chosen not in SCORES:
-        raise UserError(f"unknown novelty score {chosen!r}; choose one of {', '.join(SCORES)}")
+    if chosen not in NOVELTY_SCORES:
+        raise UserError(f"unknown novelty score {chosen!r}; choose one of {', '.join(NOVELTY_SCORES)}")
     states = {chosen: fit_score(chosen, features, labels, num_classes, temperature)}
     used = state_bytes(states[chosen])
-    for name in (n for n in SCORES if n != chosen):
+    for name in (n for n in NOVELTY_SCORES if n != chosen):
         options = {"max_bytes": KNN_BANK_BYTES} if name == "knn" else {}
         try:
             state = fit_score(name, features, labels, num_classes, temperature, **options)
@@ -309,8 +309,8 @@ def fit_states(features: dict, labels: torch.Tensor, num_classes: int, chosen: s
 
 
 def scores_by_name(states: dict[str, dict], features: dict) -> dict[str, torch.Tensor]:
-    """Every stored score of these images, in SCORES order."""
-    return {name: novelty_score(states[name], features) for name in SCORES if name in states}
+    """Every stored score of these images, in NOVELTY_SCORES order."""
+    return {name: novelty_score(states[name], features) for name in NOVELTY_SCORES if name in states}
 
 
 def unknown_report(chosen: str, threshold: float, known_scores: dict[str, torch.Tensor],

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from checkpoint import normalization_of, novelty_of, temperature_of, tta_of
 from common import UserError
-from config import NORMALIZATION
+from config import NORMALIZATION, NOVELTY_SCORES
 from dataset import RowView, rotate_quarters, to_float
 from model import forward_stages, has_rotation_head, unwrap
-from novelty import SCORES, novelty_score, scores_by_name
+from novelty import novelty_score, scores_by_name
 
 MAX_STAGE_CHANNELS = 256  # wider stages are averaged over neighbouring channels: a stage adds at most 512 values
 FEATURE_BATCH_VALUES = 2**20  # pixel values per forward pass: 256 images at 64 px gray, 21 at 128 px RGB
@@ -232,7 +232,7 @@ def score_images(model: nn.Module, images: torch.Tensor, states: dict[str, dict]
 
     parts = [scores_by_name(states, extract_features(model, rows(i), **options)) for i in range(0, len(images), chunk)]
     return {name: torch.cat([p[name] for p in parts]) if parts else torch.zeros(0)
-            for name in SCORES if name in states}
+            for name in NOVELTY_SCORES if name in states}
 
 
 # ---------------------------------------------------------------- Grad-CAM

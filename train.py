@@ -49,7 +49,7 @@ from optimization import (LRSchedule, build_optimizer, class_weight_tensor, ema_
 from outliers import load_other_images, other_crops, rotation_copies
 from plots import plot_history
 from posthoc import calibrate_best_model, fit_novelty
-from predict import predict_logits
+from predict import amp, predict_logits
 from runs import (TRAINING_CURVES, CtrlC, Progress, ctrl_c_stops_after_the_step, epoch_line, interrupted_message,
                   log_epoch, make_room, name_run, open_run_log, record_epoch, save_train_batch, write_summary)
 
@@ -181,7 +181,7 @@ def step_loss(t: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cf
     if cfg.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     n = len(x)
-    with torch.autocast(t.device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
+    with amp(t.device, t.amp_dtype):
         out = model(batch)
         logits, rot_logits = out if isinstance(out, tuple) else (out, None)
         loss = class_loss = t.loss_fn(logits[:n].float(), y)
