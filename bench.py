@@ -34,8 +34,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import platform
 import runpy
 import shutil
 import subprocess
@@ -44,9 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from common import PROJECT_DIR, UserError, reports_user_errors, run_script
+from common import (PROJECT_DIR, UserError, markdown_source, markdown_table, provenance, reports_user_errors,
+                    run_script)
 from config import TrainConfig, parse_config
 from dataset import load_data
 from layout import Layout, layout_of
@@ -63,15 +60,6 @@ def training_flags(cfg: TrainConfig, scratch: str | Path) -> tuple[list[str], st
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(json.dumps(cfg.to_dict()))
     return ["--config", str(config), "--run-name", name], name
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), so that figures from different machines are not compared."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def seconds_to(history: list[dict], target: float, acc_key: str, time_key: str) -> float | None:
@@ -128,6 +116,52 @@ def bench_baseline(data: str, epochs: int, max_seconds: float, workers: int, dev
             **{f"seconds_to_{round(t * 100)}": seconds_to(hist, t, "val_acc", "elapsed_s") for t in TARGETS},
             "best_val_acc": max(h["val_acc"] for h in hist), "epochs": len(hist),
             "wall_seconds": hist[-1]["elapsed_s"], "val_acc_per_epoch": [h["val_acc"] for h in hist]}
+
+
+def _seconds(s: float | None) -> str:
+    return "not reached" if s is None else f"{s:.0f} s"
+
+
+def _best(r: dict) -> str:
+    accs = r["val_acc_per_epoch"]
+    return (f"{r['best_val_acc']:.2%} (epoch {accs.index(max(accs)) + 1} of {r['epochs']}; "
+            f"{r['wall_seconds']:.0f} s in all)")
+
+
+def bench_markdown(result: dict) -> str:
+    """bench.py's result as the Markdown table BENCHMARKS.md holds, and the line that says where it comes from."""
+    ours, base = result["ours"], result.get("baseline")
+    ratio = f" ({result['ratios']['train_images_per_s']}x)" if base else ""
+    rows = [["train images/s", f"{ours['train_images_per_s']:,}{ratio}"],
+            ["decode, cold cache", f"{ours['decode_seconds']} s ({ours['decode_images_per_s']:,.0f} img/s)"],
+            ["share of epoch time on data, epochs 2+", f"{ours['data_share_after_first_epoch']:.1%}"],
+            *[[f"val acc {round(t * 100)}% reached after", _seconds(ours[f"seconds_to_{round(t * 100)}"])]
+              for t in TARGETS],
+            ["best val accuracy", _best(ours)]]
+    if base:
+        extra = [f"{base['train_images_per_s']:,}", "every epoch", "", *[_seconds(base[f"seconds_to_{round(t * 100)}"])
+                                                                        for t in TARGETS], _best(base)]
+        rows = [r + [e] for r, e in zip(rows, extra)]
+    header = ["", "ours (train.py)"] + (["plain pipeline (baseline.py)"] if base else [])
+    return markdown_table(header, rows) + "\n\n" + markdown_source(result)
+
+
+def scale_markdown(result: dict) -> str:
+    """bench.py scale's result as a Markdown table: one row per training run, and where it comes from."""
+    cold, warm = result["cold_decode"], result["warm_load"]
+    data = (f"{result['images']:,} images, {result['channels']}x{result['image_size']}x{result['image_size']} "
+            f"({result['pixel_bytes'] / 1e9:.2f} GB of pixels)")
+    rows = [[f"{placement} #{i + 1}", r["train_images_per_s"], f"{r['peak_rss_mb']:,} / {r['peak_rss_anon_mb']:,} MB",
+             "" if r["novelty_seconds"] is None else f"{r['novelty_seconds']:.0f} s"]
+            for placement, key in (("memory map", "train_map"), ("in RAM", "train_ram"))
+            for i, r in enumerate(result[key])]
+    lines = [f"{data}: cold decode {cold['seconds']} s (peak RSS / RssAnon {cold['peak_rss_mb']:,} / "
+             f"{cold['peak_rss_anon_mb']:,} MB), warm load {warm['seconds']} s ({warm['peak_rss_mb']:,} / "
+             f"{warm['peak_rss_anon_mb']:,} MB)", "",
+             markdown_table(["training run (1 epoch)", "train img/s", "peak RSS / RssAnon", "novelty fit"], rows)]
+    if "map_vs_ram_images_per_s" in result:
+        lines.append(f"\nmemory map vs RAM, train img/s: {result['map_vs_ram_images_per_s']}")
+    return "\n".join(lines) + "\n\n" + markdown_source(result)
 
 
 # ---------------------------------------------------------------- bench.py scale
@@ -266,6 +300,8 @@ def scale_main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="training runs per placement (they alternate)")
     parser.add_argument("--skip-ram", action="store_true", help="do not train with every image in RAM")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--markdown", action="store_true", help="print the result as a Markdown table (with the "
+                        "command, commit, date and machine) instead of JSON")
     argv = list(argv)
     train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
@@ -285,16 +321,13 @@ def scale_main(argv: list[str]) -> int:
         for placement in ("map",) if args.skip_ram else ("map", "ram"):
             step_cfg = dataclasses.replace(cfg, data_placement="map" if placement == "map" else "device")
             runs[placement].append(_measure_in_subprocess("train", step_cfg))
-    result = {"machine": {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-              "data": str(data), "images": cold["images"], "image_size": args.size, "channels": args.channels,
+    result = {**provenance("bench.py", ["scale", *argv]), "data": str(data), "images": cold["images"], "image_size": args.size, "channels": args.channels,
               "pixel_bytes": cold["pixel_bytes"], "cold_decode": cold, "warm_load": warm,
               "train_map": runs["map"], "train_ram": runs["ram"]}
     if runs["ram"]:
         speed = {k: sum(r["train_images_per_s"] for r in v) / len(v) for k, v in runs.items()}
         result["map_vs_ram_images_per_s"] = round(speed["map"] / speed["ram"], 3)
-    print(json.dumps(result, indent=2))
+    print(scale_markdown(result) if args.markdown else json.dumps(result, indent=2))
     return 0
 
 
@@ -318,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work-dir", default="", help="keep our run's cache, models, logs, curves here "
                         "(default: a temporary folder, removed at the end)")
+    parser.add_argument("--markdown", action="store_true", help="print the result as a Markdown table (with the "
+                        "command, commit, date and machine) instead of JSON")
     train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
     with tempfile.TemporaryDirectory() as scratch:
@@ -332,10 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             base_data = baseline_data(cfg, layout_of(cfg), scratch)
             base = bench_baseline(base_data, args.baseline_epochs, args.baseline_seconds, args.workers,
                                   args.device)
-    result = {"machine": {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                          "python": platform.python_version(), "torch": torch.__version__},
-              "data": args.data, "ours": ours}
+    result = {**provenance("bench.py", argv), "data": args.data, "ours": ours}
     if not args.skip_baseline:
         result["baseline"] = base
         result["ratios"] = {"train_images_per_s": round(ours["train_images_per_s"] / base["train_images_per_s"], 2)}
@@ -343,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             key = f"seconds_to_{round(t * 100)}"
             if ours[key] and base[key]:
                 result["ratios"][key] = round(base[key] / ours[key], 2)
-    print(json.dumps(result, indent=2))
+    print(bench_markdown(result) if args.markdown else json.dumps(result, indent=2))
     return 0
 
 

@@ -5,12 +5,17 @@ Usage:
     python bench_serve.py                                    # first trains the default model 1 epoch on synthetic data
     python bench_serve.py --checkpoint models/best_model.pth --image photo.jpg
     python bench_serve.py --requests 500 --memory-requests 2000 -- --threads 1 --torch-threads 2   # serve.py flags
+    python bench_serve.py screenshot --checkpoint models/best_model.pth --image photo.jpg --out docs/serve_page.png
 
 The server runs as `python serve.py` in its own process on a free localhost port; the clients are threads of
 this process, each with its own keep-alive connection, sending one image as the raw body of POST /predict.
 Without --image the image is a generated 200x200 JPEG (the size of the cat/dog photos). Speed depends on the
 architecture, width and image size, not on how well the model was trained. Prints a Markdown table, then one
 JSON object with the same figures.
+
+`screenshot` starts serve.py the same way, drops the image on its page in headless Chromium (Debian's chromium
+and chromium-driver, driven by selenium) at a phone's width, waits for the answer and the heatmap, and saves
+the page as a PNG: the picture in README.md.
 """
 from __future__ import annotations
 
@@ -18,8 +23,6 @@ import argparse
 import http.client
 import io
 import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -31,11 +34,10 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from checkpoint import load_checkpoint, width_of
-from common import UserError, run_script
+from common import UserError, markdown_source, markdown_table, provenance, reports_user_errors, run_script
 from dataset import make_synthetic
 
 ROOT = Path(__file__).resolve().parent
@@ -133,7 +135,51 @@ def load(port: int, image: bytes, clients: int, requests: int) -> dict:
             "p50_ms": round(q[49] * 1000, 1), "p99_ms": round(q[98] * 1000, 1)}
 
 
+def screenshot(argv: list[str]) -> int:
+    """`bench_serve.py screenshot`: serve.py's page with an image's answer on it, saved as a PNG."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    parser = argparse.ArgumentParser(prog="bench_serve.py screenshot", description=screenshot.__doc__)
+    parser.add_argument("--checkpoint", default="models/best_model.pth", help="checkpoint to serve")
+    parser.add_argument("--image", required=True, help="the image to drop on the page")
+    parser.add_argument("--out", default="serve_page.png", help="where the PNG goes (default: serve_page.png)")
+    parser.add_argument("--size", default="390,760", help="window width,height in CSS pixels (default: a phone)")
+    args = parser.parse_args(argv)
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        raise UserError("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    port = free_port()
+    server = start_server(Path(args.checkpoint).resolve(), port, [])
+    with tempfile.TemporaryDirectory() as profile:
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+                     f"--user-data-dir={profile}", f"--window-size={args.size}", "--hide-scrollbars"):
+            options.add_argument(flag)
+        browser = webdriver.Chrome(service=Service(driver), options=options)
+        try:
+            browser.get(f"http://127.0.0.1:{port}/")
+            browser.find_element("id", "file").send_keys(str(Path(args.image).resolve()))
+            WebDriverWait(browser, 60).until(lambda b: b.execute_script(
+                "const h = document.getElementById('heatmap'); return !h.hidden && h.complete && h.naturalWidth > 0;"))
+            browser.save_screenshot(args.out)
+        finally:
+            browser.quit()
+            server.terminate()
+            server.wait(timeout=30)
+    print(f"wrote {args.out}")
+    return 0
+
+
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["screenshot"]:
+        return screenshot(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="", help="checkpoint to serve (default: train the default model "
                         "1 epoch on synthetic data in a temporary folder)")
@@ -141,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000, help="requests per concurrency level (default: 1000)")
     parser.add_argument("--memory-requests", type=int, default=5000,
                         help="requests between the two memory readings (default: 5000)")
-    argv = sys.argv[1:] if argv is None else argv
     serve_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(serve_flags) - (1 if "--" in argv else 0)])
     try:
@@ -169,13 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     model = (f"{ckpt['arch']} width {width_of(ckpt)}, {ckpt['image_size']}x{ckpt['image_size']}"
              f" {ckpt['channels']}-channel input, {len(ckpt['classes'])} classes")
     print(f"{model}; {len(image)}-byte image; serve.py flags: {' '.join(serve_flags) or 'the defaults'}\n")
-    print("| clients | requests/s | p50 latency | p99 latency |\n|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['clients']} | {r['requests_per_s']} | {r['p50_ms']} ms | {r['p99_ms']} ms |")
+    print(markdown_table(["clients", "requests/s", "p50 latency", "p99 latency"],
+                         [[r["clients"], r["requests_per_s"], f"{r['p50_ms']} ms", f"{r['p99_ms']} ms"] for r in rows]))
     print(f"\nserver RSS: {rss_started} MiB started, {rss_before} MiB before and {rss_after} MiB after "
           f"{args.memory_requests} more requests ({memory_run['requests_per_s']} requests/s)\n")
-    result = {"machine": {"cpu_cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-              "checkpoint": args.checkpoint or "the default model, 1 epoch on synthetic data", "model": model,
+    prov = provenance("bench_serve.py", argv)
+    print(markdown_source(prov) + "\n")
+    result = {**prov, "checkpoint": args.checkpoint or "the default model, 1 epoch on synthetic data", "model": model,
               "image_bytes": len(image), "serve_flags": serve_flags, "levels": rows,
               "rss_mb": {"started": rss_started, "before": rss_before, "after": rss_after,
                          "requests_between": args.memory_requests}}

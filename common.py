@@ -1,15 +1,20 @@
 """Small pieces every script shares: the user-error type, split names, image extensions, device choice, atomic
-writes. The bottom of the import graph: it imports no other module of this project.
+writes, where a benchmark's figures come from (command, commit, date, machine) and their Markdown tables. The bottom of the import graph: it imports no other module of this project.
 
 Usage (from other scripts):
     raise UserError("no dataset at ...")      # a @reports_user_errors main() prints it as one line, exit code 2
     device = pick_device("auto")              # cuda, then mps, then cpu
     save_atomic(obj, "models/last.pth")       # the old file or the new one, never half of one
+    print(markdown_table(["clients", "requests/s"], rows)); print(markdown_source(provenance("bench.py", argv)))
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
 import os
+import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -51,6 +56,55 @@ def run_script(script: str, args: list[str], stdout=None) -> subprocess.Complete
     if proc.returncode != 0:
         raise UserError(f"{script} failed (exit {proc.returncode}; its output is above)")
     return proc
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), so that figures from different machines are not compared."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What a benchmark ran on: CPU model, cores, torch's threads, memory, GPU, Python and torch versions."""
+    return {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def git_commit() -> str:
+    """This checkout's commit (short hash), with '+changes' when tracked files differ from it; 'unknown' outside
+    a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True, check=True).stdout
+    try:
+        return git("rev-parse", "--short", "HEAD").strip() + ("+changes" if git("status", "--porcelain",
+                                                                                 "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(script: str, argv: list[str]) -> dict:
+    """Where a figure comes from: the command that printed it, the commit, the date (UTC) and the machine."""
+    return {"command": shlex.join(["python", script, *argv]), "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "machine": machine()}
+
+
+def markdown_source(prov: dict) -> str:
+    """One line for under a Markdown table: the command, commit, date and machine (provenance()'s keys)."""
+    m = prov["machine"]
+    return (f"`{prov['command']}` at commit {prov['commit']}, {prov['date']}; {m['cpu']}, {m['cpu_cores']} cores "
+            f"({m['torch_threads']} torch threads), {m['memory_gb']} GB, GPU: {m['cuda'] or 'none'}; "
+            f"torch {m['torch']}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 def reports_user_errors(main):

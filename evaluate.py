@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
                         novelty_of, run_name_of, tta_of, temperature_of)
-from common import SPLITS, UserError, pick_device, reports_user_errors
+from common import SPLITS, UserError, markdown_source, markdown_table, pick_device, provenance, reports_user_errors
 from config import SOURCE_FIELDS, TrainConfig, add_flags
 from dataset import BadImage, decode_image, expand_inputs, load_items
 from layout import layout_of, layout_splits, split_of
@@ -133,8 +133,9 @@ def unknown_section(ckpt: dict, model: nn.Module, known_images: torch.Tensor, ar
     known = score_images(model, known_images, novelty["states"], **options)
     unknown = score_images(model, images, novelty["states"], **options)
     name, threshold = novelty["score"], novelty["threshold"]
-    report = unknown_report(name, threshold, known, unknown)
-    by_folder = split_by_group(unknown[name], folder_groups(paths, args.unknown_dir))
+    groups = folder_groups(paths, args.unknown_dir)
+    report = unknown_report(name, threshold, known, unknown, groups)
+    by_folder = split_by_group(unknown[name], groups)
     report["by_folder"] = report_by_group(known[name], by_folder, threshold)
     save_figure(plot_unknown_scores(known[name], unknown[name], threshold, name, by_folder), out / "unknown_scores.png")
     print(f"\nunknown images: {len(images)} from {args.unknown_dir}"
@@ -155,8 +156,25 @@ def unknown_section(ckpt: dict, model: nn.Module, known_images: torch.Tensor, ar
     return report
 
 
-def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
-    """Metrics of the checkpoint on DATA/SPLIT, printed and written to OUT_DIR with the plots and the gallery."""
+def unknown_markdown(report: dict, known: str) -> str:
+    """--unknown-dir's figures as the Markdown table BENCHMARKS.md holds: AUROC / FPR at 95% TPR of every
+    stored score on the whole unknown set and on each of its folders, then the shares at the stored threshold."""
+    u = report["unknown"]
+    folders = u["by_folder"] if len(u["by_folder"]) > 1 else {}
+    header = ["score: AUROC / FPR at 95% TPR", f"all {u['unknown_images']:,}",
+              *(f"{g} {r['images']:,}" for g, r in folders.items())]
+    rows = [[f"**{score}** (stored)" if score == u["score"] else score,
+             *(f"{c['auroc']:.3f} / {c['fpr_at_95_tpr']:.1%}" for c in [r, *(r["by_folder"][g] for g in folders)])]
+            for score, r in u["by_score"].items()]
+    accepted = "".join(f", {g} {r['unknown_accepted']:.1%}" for g, r in folders.items())
+    return (f"known: {u['known_images']:,} images of {known}, accuracy {report['accuracy']:.2%}\n\n"
+            + markdown_table(header, rows) + f"\n\nAt the stored threshold ({u['score']}): {u['known_rejected']:.1%}"
+            f" of the known images rejected; unknown images accepted: all {u['unknown_accepted']:.1%}{accepted}")
+
+
+def evaluate_split(args: argparse.Namespace, device: torch.device, prov: dict) -> dict:
+    """Metrics of the checkpoint on DATA/SPLIT, printed and written to OUT_DIR with the plots and the gallery;
+    `prov` (common.provenance) goes with the --unknown-dir figures."""
     ckpt = load_checkpoint(args.checkpoint)
     if args.unknown_dir:
         novelty_of(ckpt, needed_by="--unknown-dir")  # before the work, not after it
@@ -193,6 +211,7 @@ def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
               "skipped": [list(b) for b in split.bad], **metrics}
     if args.unknown_dir:
         report["unknown"] = unknown_section(ckpt, model, split.images, args, device, out)
+        report["unknown"].update(prov)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     save_figure(plot_confusion_matrix(torch.tensor(metrics["confusion_matrix"]), classes),
                 out / "confusion_matrix.png")
@@ -201,6 +220,8 @@ def evaluate_split(args: argparse.Namespace, device: torch.device) -> dict:
     write_gallery(wrong, probs, split.labels, split.images, split.paths, classes, out)
     print(f"\nwrote {out / 'metrics.json'}, {out / 'confusion_matrix.png'}, {out / 'most_confident_wrong.png'} "
           f"and .csv ({len(wrong)} of {int((probs.argmax(1) != split.labels).sum())} misclassified images)")
+    if args.markdown and args.unknown_dir:
+        print("\n" + unknown_markdown(report, where) + "\n\n" + markdown_source(report["unknown"]))
     return report
 
 
@@ -257,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     parser.add_argument("--unknown-dir", metavar="DIR",
                         help="images of no known class (any layout): how well the novelty scores tell them apart")
+    parser.add_argument("--markdown", action="store_true", help="with --unknown-dir: also print its figures as a "
+                        "Markdown table, with the command, commit, date and machine")
     parser.add_argument("--gradcam", nargs="+", metavar="IMAGE",
                         help="instead of evaluating: write Grad-CAM heatmaps of these images, folders or globs")
     parser.add_argument("--cam-layer", default="auto", metavar="NAME",
@@ -268,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--batch-size must be at least 1 and --gallery at least 0")
     if args.gradcam:
         return gradcam_images(args)
-    evaluate_split(args, pick_device(args.device))
+    evaluate_split(args, pick_device(args.device), provenance("evaluate.py", sys.argv[1:] if argv is None else argv))
     return 0
 
 

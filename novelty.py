@@ -314,14 +314,21 @@ def scores_by_name(states: dict[str, dict], features: dict) -> dict[str, torch.T
 
 
 def unknown_report(chosen: str, threshold: float, known_scores: dict[str, torch.Tensor],
-                   unknown_scores: dict[str, torch.Tensor]) -> dict:
+                   unknown_scores: dict[str, torch.Tensor], groups: list[str] | None = None) -> dict:
     """What metrics.json holds under "unknown": the chosen score's AUROC, FPR at 95% TPR and, at `threshold`,
     the shares of known images rejected and unknown ones accepted; "by_score" gives AUROC and FPR for every
-    stored score. `known_scores` and `unknown_scores` are score_images (or scores_by_name) outputs."""
-    out = {"score": chosen, **separation_report(known_scores[chosen], unknown_scores[chosen], threshold)}
-    out["by_score"] = {name: {"auroc": auroc(known_scores[name], unknown_scores[name]),
-                              "fpr_at_95_tpr": fpr_at_tpr(known_scores[name], unknown_scores[name], 0.95)}
-                       for name in known_scores}
+    stored score, and with `groups` (folder_groups of the unknown images) the same per group under its
+    "by_folder". `known_scores` and `unknown_scores` are score_images (or scores_by_name) outputs."""
+    def separation(known: torch.Tensor, unknown: torch.Tensor) -> dict:
+        return {"auroc": auroc(known, unknown), "fpr_at_95_tpr": fpr_at_tpr(known, unknown, 0.95)}
+
+    out = {"score": chosen, "known_images": len(known_scores[chosen]), "unknown_images": len(unknown_scores[chosen]),
+           **separation_report(known_scores[chosen], unknown_scores[chosen], threshold)}
+    out["by_score"] = {name: separation(known_scores[name], unknown_scores[name]) for name in known_scores}
+    if groups is not None:
+        for name, r in out["by_score"].items():
+            r["by_folder"] = {g: separation(known_scores[name], u)
+                              for g, u in split_by_group(unknown_scores[name], groups).items()}
     return out
 
 

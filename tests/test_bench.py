@@ -53,3 +53,33 @@ def test_bench_runs_the_baseline_from_a_clone_without_shared(tmp_path):
     assert base["epochs"] == 2 and len(base["val_acc_per_epoch"]) == 2
     assert base["train_images_per_s"] > 0 and 0 <= base["best_val_acc"] <= 1
     assert result["ratios"]["train_images_per_s"] > 0
+
+
+def _result(baseline: bool) -> dict:
+    ours = {"train_images_per_s": 836.2, "decode_seconds": 3.3, "decode_images_per_s": 3635.2,
+            "seconds_to_80": 104.0, "seconds_to_85": 178.5, "seconds_to_90": None, "best_val_acc": 0.8958,
+            "epochs": 4, "wall_seconds": 532.0, "data_share_after_first_epoch": 0.0215,
+            "val_acc_per_epoch": [0.7, 0.8958, 0.89, 0.8958]}
+    result = {"command": "python bench.py --data D --markdown", "commit": "abc1234", "date": "2026-11-29",
+              "machine": {"cpu": "AMD EPYC", "cpu_cores": 2, "torch_threads": 2, "memory_gb": 25.3, "cuda": None,
+                          "python": "3.11.7", "torch": "2.15.0"}, "data": "D", "ours": ours}
+    if baseline:
+        result["baseline"] = {"train_images_per_s": 148.2, "seconds_to_80": None, "seconds_to_85": None,
+                              "seconds_to_90": None, "best_val_acc": 0.7366, "epochs": 3, "wall_seconds": 217.0,
+                              "val_acc_per_epoch": [0.6965, 0.7251, 0.7366]}
+        result["ratios"] = {"train_images_per_s": 5.64}
+    return result
+
+
+def test_bench_markdown_is_the_table_benchmarks_md_holds():
+    lines = bench.bench_markdown(_result(baseline=True)).splitlines()
+    assert lines[0] == "|  | ours (train.py) | plain pipeline (baseline.py) |"
+    assert "| train images/s | 836.2 (5.64x) | 148.2 |" in lines
+    assert "| val acc 85% reached after | 178 s | not reached |" in lines
+    assert "| val acc 90% reached after | not reached | not reached |" in lines
+    # the first epoch at the best accuracy, not the last one
+    assert "| best val accuracy | 89.58% (epoch 2 of 4; 532 s in all) | 73.66% (epoch 3 of 3; 217 s in all) |" in lines
+    assert lines[-1] == ("`python bench.py --data D --markdown` at commit abc1234, 2026-11-29; AMD EPYC, 2 cores "
+                         "(2 torch threads), 25.3 GB, GPU: none; torch 2.15.0")
+    alone = bench.bench_markdown(_result(baseline=False)).splitlines()
+    assert alone[0] == "|  | ours (train.py) |" and "| train images/s | 836.2 |" in alone

@@ -41,3 +41,19 @@ def test_jfif_and_jpe_are_jpeg_extensions():
     assert {".jfif", ".jpe", ".jpg", ".jpeg"} <= IMAGE_EXTENSIONS
     assert {FORMATS_BY_SUFFIX[s] for s in (".jfif", ".jpe", ".jpg", ".jpeg")} == {"JPEG"}
     assert not {".heic", ".txt", ".db", ""} & IMAGE_EXTENSIONS
+
+
+def test_provenance_names_the_command_commit_and_machine():
+    import shutil
+    import subprocess
+
+    from common import PROJECT_DIR, markdown_table, provenance
+
+    prov = provenance("bench.py", ["--data", "my photos"])
+    assert prov["command"] == "python bench.py --data 'my photos'"  # quoted: it can be pasted back
+    assert prov["machine"]["cpu_cores"] and prov["machine"]["torch"] == torch.__version__
+    if shutil.which("git") and (PROJECT_DIR / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
+                              text=True).stdout.strip()
+        assert prov["commit"] in (head, head + "+changes")
+    assert markdown_table(["", "a"], [["x", 1]]).splitlines() == ["|  | a |", "|---|---:|", "| x | 1 |"]

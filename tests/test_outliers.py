@@ -121,7 +121,7 @@ def test_unknown_dir_is_reported_per_folder(trained, tmp_path, capsys):
     out = tmp_path / "eval"
     assert evaluate.main(["--checkpoint", str(trained["checkpoint"]), "--data", str(trained["data"]),
                           "--split", "val", "--unknown-dir", str(unknown), "--out-dir", str(out),
-                          "--workers", "0"]) == 0
+                          "--workers", "0", "--markdown"]) == 0
     report = json.loads((out / "metrics.json").read_text())["unknown"]
     folders = report["by_folder"]
     assert list(folders) == [".", "drawn", "more"]
@@ -133,3 +133,16 @@ def test_unknown_dir_is_reported_per_folder(trained, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "drawn" in printed and "more" in printed
     assert (out / "unknown_scores.png").stat().st_size > 0
+    # every score per folder too, and --markdown prints them as BENCHMARKS.md's table, with where they come from
+    for score, r in report["by_score"].items():
+        assert list(r["by_folder"]) == [".", "drawn", "more"]
+        assert all(0 <= f["auroc"] <= 1 for f in r["by_folder"].values())
+    assert report["by_score"][report["score"]]["by_folder"]["drawn"]["auroc"] == folders["drawn"]["auroc"]
+    table = printed[printed.index("| score: AUROC / FPR at 95% TPR |"):].splitlines()
+    assert table[0] == "| score: AUROC / FPR at 95% TPR | all 17 | . 3 | drawn 9 | more 5 |"
+    chosen = report["by_score"][report["score"]]
+    assert table[2 + list(report["by_score"]).index(report["score"])] == (
+        f"| **{report['score']}** (stored) | {chosen['auroc']:.3f} / {chosen['fpr_at_95_tpr']:.1%} | "
+        + " | ".join(f"{f['auroc']:.3f} / {f['fpr_at_95_tpr']:.1%}" for f in chosen["by_folder"].values()) + " |")
+    assert report["command"].startswith("python evaluate.py --checkpoint") and report["machine"]["cpu_cores"]
+    assert printed.rstrip().endswith(f"torch {torch.__version__}")

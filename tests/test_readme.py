@@ -1,8 +1,13 @@
-"""README.md stays true to the code: every flag a `python X.py ...` command in it uses is one X.py --help lists."""
+"""README.md stays true to the code: every flag a `python X.py ...` command in it (or in BENCHMARKS.md) uses is
+one X.py --help lists, and every file its Outputs table names is written by `make demo`."""
 import contextlib
+import glob
 import importlib
 import io
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,9 +46,10 @@ def test_readme_commands_are_found():
                      ("train", "", ["--width"]), ("inference", "", ["--image"])]
 
 
-def test_every_flag_in_the_readme_is_one_the_script_lists():
-    commands = readme_commands((ROOT / "README.md").read_text())
-    assert len(commands) > 30
+@pytest.mark.parametrize("doc", ["README.md", "BENCHMARKS.md"])
+def test_every_flag_in_the_docs_is_one_the_script_lists(doc):
+    commands = readme_commands((ROOT / doc).read_text())
+    assert len(commands) > 5
     helps: dict[tuple[str, str], str] = {}
     unknown = []
     for script, sub, flags in commands:
@@ -54,3 +60,53 @@ def test_every_flag_in_the_readme_is_one_the_script_lists():
         unknown += [f"python {script}.py {sub} {flag}".replace("  ", " ") for flag in flags
                     if not re.search(rf"{re.escape(flag)}(?![\w-])", text)]
     assert unknown == []
+
+
+def outputs_table(text: str) -> list[str]:
+    """The paths in the first column of README's Outputs table ("| file | what |")."""
+    table = text.split("| file | what |", 1)[1].split("\n\n", 1)[0]
+    return [re.findall(r"`([^`]+)`", row.split("|")[1])[0] for row in table.splitlines()[2:]]
+
+
+def demo_commands(makefile: str) -> list[list[str]]:
+    """The `make demo` recipe's command lines (continuations joined), $(PY) as this Python and the scripts by
+    their path here, with $(DEMO) and $(UNKNOWN) as the Makefile sets them."""
+    variables = dict(re.findall(r"^(\w+)\s*:=\s*(\S+)$", makefile, re.M))
+    recipe = makefile.split("\ndemo: setup\n", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
+    commands = []
+    for line in recipe.splitlines():
+        line = line.replace("$(PY)", "PY")
+        for name, value in variables.items():
+            line = line.replace(f"$({name})", value)
+        words = shlex.split(line)
+        assert words[0] == "PY", line
+        commands.append([sys.executable, str(ROOT / words[1]), *words[2:]])
+    return commands
+
+
+def test_outputs_table_and_demo_recipe_are_read():
+    assert outputs_table("x\n\n| file | what |\n|---|---|\n| `models/a.pth` | b |\n| `cache/` | c `d` |\n\nend") == [
+        "models/a.pth", "cache/"]
+    commands = demo_commands("DEMO   := demo_data\n\ndemo: setup\n\t$(PY) dataset.py demo $(DEMO)\n"
+                             "\t$(PY) train.py --data $(DEMO) \\\n\t\t--epochs 8\n\ntest:\n")
+    assert commands == [[sys.executable, str(ROOT / "dataset.py"), "demo", "demo_data"],
+                        [sys.executable, str(ROOT / "train.py"), "--data", "demo_data", "--epochs", "8"]]
+
+
+@pytest.mark.slow
+def test_make_demo_writes_every_file_the_readme_names(tmp_path):
+    """Runs make demo's lines (2 epochs instead of 8) in an empty folder; each path of README's Outputs table,
+    with demo's folders (models/demo, logs/demo, curves/demo) and <...> as any name, must then exist."""
+    for command in demo_commands((ROOT / "Makefile").read_text()):
+        if "--epochs" in command:
+            command[command.index("--epochs") + 1] = "2"
+        proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{command}: {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
+    named = outputs_table((ROOT / "README.md").read_text())
+    assert len(named) >= 10 and "models/best_model.pth" in named
+    missing = []
+    for path in named:
+        demo = re.sub(r"^(models|logs|curves)/", r"\1/demo/", path)
+        if not glob.glob(str(tmp_path / re.sub(r"<[^>]+>", "*", demo))):
+            missing.append(path)
+    assert missing == []

@@ -163,11 +163,15 @@ def test_evaluate_unknown_dir_writes_the_metrics_and_the_histogram(trained, tmp_
     printed = capsys.readouterr().out
     assert "unknown images: 22 from" in printed  # 18 flat + 4 in subfolders, the text file ignored
     m = json.loads((out / "metrics.json").read_text())["unknown"]
-    assert set(m) == {"score", "auroc", "fpr_at_95_tpr", "known_rejected", "unknown_accepted", "by_score", "by_folder"}
+    assert set(m) == {"score", "known_images", "unknown_images", "auroc", "fpr_at_95_tpr", "known_rejected",
+                      "unknown_accepted", "by_score", "by_folder", "command", "commit", "date", "machine"}
+    assert (m["known_images"], m["unknown_images"]) == (len(load_folder(trained["data"] / "test", ["cat", "dog"],
+                                                                         32).labels), 22)
     assert m["score"] == nv.DEFAULT_SCORE and set(m["by_score"]) == set(NOVELTY_SCORES) - {"rotation"}  # no rotation head
-    assert all(set(r) == {"auroc", "fpr_at_95_tpr"} for r in m["by_score"].values())
-    assert m["by_score"][m["score"]] == {"auroc": m["auroc"], "fpr_at_95_tpr": m["fpr_at_95_tpr"]}
-    assert all(0.0 <= v <= 1.0 for k, v in m.items() if k not in ("score", "by_score", "by_folder"))
+    assert all(set(r) == {"auroc", "fpr_at_95_tpr", "by_folder"} for r in m["by_score"].values())
+    assert m["by_score"][m["score"]]["auroc"] == m["auroc"]
+    assert m["by_score"][m["score"]]["fpr_at_95_tpr"] == m["fpr_at_95_tpr"]
+    assert all(0.0 <= m[k] <= 1.0 for k in ("auroc", "fpr_at_95_tpr", "known_rejected", "unknown_accepted"))
     # the known share rejected is the test images' at the stored threshold
     ckpt = load_checkpoint(trained["checkpoint"])
     novelty = novelty_of(ckpt)

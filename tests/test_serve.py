@@ -366,3 +366,17 @@ def test_bench_serve_prints_a_table_and_the_memory(trained, capsys):
                for r in result["levels"])
     assert result["serve_flags"] == ["--threads", "1"] and result["rss_mb"]["after"] > 0
     assert "| 32 |" in table and "MiB after 16 more requests" in table
+    assert f"`{result['command']}` at commit {result['commit']}, {result['date']};" in table  # BENCHMARKS.md's line
+
+
+@pytest.mark.slow
+def test_bench_serve_screenshot_saves_the_page_with_an_answer(trained, tmp_path):
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    image = sorted((trained["data"] / "test").rglob("*.png"))[0]
+    out = tmp_path / "page.png"
+    assert bench_serve.main(["screenshot", "--checkpoint", str(trained["checkpoint"]), "--image", str(image),
+                             "--out", str(out), "--size", "390,700"]) == 0
+    assert Image.open(out).size[0] >= 390  # the window's width (at the screen's scale)
+    assert bench_serve.main(["screenshot", "--image", str(image), "--checkpoint", str(tmp_path / "none.pth"),
+                             "--out", str(out)]) == 2
