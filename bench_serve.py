@@ -1,5 +1,6 @@
-"""Benchmark serve.py: requests/s and latency of single-image requests at 1, 8 and 32 concurrent clients, and
-the server's memory before and after 5,000 requests.
+"""Benchmark serve.py: requests/s and latency of single-image requests at 1, 8, 32 and 64 concurrent clients and
+at 32 with every 4th upload unreadable, the images per forward pass (from the server's /metrics), and the
+server's memory before and after 5,000 requests.
 
 Usage:
     python bench_serve.py                                    # first trains the default model 1 epoch on synthetic data
@@ -41,7 +42,9 @@ from common import UserError, markdown_source, markdown_table, provenance, repor
 from dataset import make_synthetic
 
 ROOT = Path(__file__).resolve().parent
-CLIENTS = (1, 8, 32)
+CLIENTS = (1, 8, 32, 64)
+MIXED = (32, 4)  # the mixed row: 32 clients, every 4th request an unreadable upload (answered 400)
+BAD_UPLOAD = b"this is not an image"
 
 
 def train_default_model(work: Path) -> Path:
@@ -97,8 +100,26 @@ def start_server(checkpoint: Path, port: int, flags: list[str]) -> subprocess.Po
             time.sleep(0.2)
 
 
-def load(port: int, image: bytes, clients: int, requests: int) -> dict:
-    """`requests` POST /predict of one image from `clients` threads: throughput and latency percentiles."""
+def batch_histogram(port: int) -> dict[str, float] | None:
+    """serve.py's /metrics batch-size histogram: {upper bound: cumulative count, 'count', 'sum'}; None when the
+    server has no /metrics."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    except OSError:
+        return None
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("serve_batch_images_bucket{"):
+            out[line.split('le="')[1].split('"')[0]] = float(line.split()[-1])
+        elif line.startswith(("serve_batch_images_count ", "serve_batch_images_sum ")):
+            out[line.split()[0].rsplit("_", 1)[1]] = float(line.split()[-1])
+    return out
+
+
+def load(port: int, image: bytes, clients: int, requests: int, bad_every: int = 0) -> dict:
+    """`requests` POST /predict of one image from `clients` threads: throughput and latency percentiles; with
+    bad_every k, every k-th request of each client is an unreadable upload, which must get a 400. With /metrics,
+    also the mean number of images per forward pass."""
     latencies: list[float] = []
     failures = []
     lock = threading.Lock()
@@ -108,13 +129,15 @@ def load(port: int, image: bytes, clients: int, requests: int) -> dict:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         mine = []
         try:
-            for _ in range(n):
+            for k in range(n):
+                bad = bad_every and k % bad_every == bad_every - 1
                 t0 = time.perf_counter()
-                conn.request("POST", "/predict", body=image, headers={"Content-Type": "image/jpeg"})
+                conn.request("POST", "/predict", body=BAD_UPLOAD if bad else image,
+                             headers={"Content-Type": "image/jpeg"})
                 response = conn.getresponse()
                 body = response.read()
                 mine.append(time.perf_counter() - t0)
-                if response.status != 200:
+                if response.status != (400 if bad else 200):
                     failures.append(f"{response.status} {body[:200]!r}")
         finally:
             conn.close()
@@ -122,17 +145,24 @@ def load(port: int, image: bytes, clients: int, requests: int) -> dict:
                 latencies.extend(mine)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in counts]
+    before = batch_histogram(port)
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    after = batch_histogram(port)
     if failures or len(latencies) != requests:
         raise UserError(f"{len(failures)} failed requests, e.g. {failures[:1]}; {len(latencies)} of {requests} done")
     q = statistics.quantiles(latencies, n=100, method="inclusive")
-    return {"clients": clients, "requests": requests, "requests_per_s": round(requests / wall, 1),
-            "p50_ms": round(q[49] * 1000, 1), "p99_ms": round(q[98] * 1000, 1)}
+    row = {"clients": clients, "requests": requests, "bad_every": bad_every,
+           "requests_per_s": round(requests / wall, 1), "p50_ms": round(q[49] * 1000, 1),
+           "p99_ms": round(q[98] * 1000, 1)}
+    if before and after and after["count"] > before["count"]:
+        row["mean_batch"] = round((after["sum"] - before["sum"]) / (after["count"] - before["count"]), 1)
+        row["batches"] = {le: after[le] - before[le] for le in after if le not in ("count", "sum")}
+    return row
 
 
 def screenshot(argv: list[str]) -> int:
@@ -201,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 rss_started = rss_mb(server.pid)
                 load(port, image, 8, 100)  # warm-up: first calls allocate the batch-of-one buffers
                 rows = [load(port, image, c, args.requests) for c in CLIENTS]
+                rows.append(load(port, image, MIXED[0], args.requests, bad_every=MIXED[1]))
                 rss_before = rss_mb(server.pid)
                 memory_run = load(port, image, 8, args.memory_requests)
                 rss_after = rss_mb(server.pid)
@@ -214,8 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     model = (f"{ckpt['arch']} width {width_of(ckpt)}, {ckpt['image_size']}x{ckpt['image_size']}"
              f" {ckpt['channels']}-channel input, {len(ckpt['classes'])} classes")
     print(f"{model}; {len(image)}-byte image; serve.py flags: {' '.join(serve_flags) or 'the defaults'}\n")
-    print(markdown_table(["clients", "requests/s", "p50 latency", "p99 latency"],
-                         [[r["clients"], r["requests_per_s"], f"{r['p50_ms']} ms", f"{r['p99_ms']} ms"] for r in rows]))
+    print(markdown_table(["clients", "requests/s", "p50 latency", "p99 latency", "images per forward pass"],
+                         [[f"{r['clients']}" + (f", 1 in {r['bad_every']} unreadable" if r["bad_every"] else ""),
+                           r["requests_per_s"], f"{r['p50_ms']} ms", f"{r['p99_ms']} ms", r.get("mean_batch", "")]
+                          for r in rows]))
+    counts = [r["batches"] for r in rows if "batches" in r]
+    if counts:  # cumulative bucket counts, summed over the rows, as counts per range of batch sizes
+        total = {le: sum(c[le] for c in counts) for le in counts[0]}
+        bounds = list(total)
+        share = [(le, total[le] - (total[bounds[i - 1]] if i else 0)) for i, le in enumerate(bounds)]
+        print("\nforward passes by images in them: " + ", ".join(
+            f"{'up to ' if i else ''}{float(le):g}: {n:g}" if le != "+Inf" else f"more: {n:g}"
+            for i, (le, n) in enumerate(share) if n))
     print(f"\nserver RSS: {rss_started} MiB started, {rss_before} MiB before and {rss_after} MiB after "
           f"{args.memory_requests} more requests ({memory_run['requests_per_s']} requests/s)\n")
     prov = provenance("bench_serve.py", argv)

@@ -8,8 +8,13 @@ Usage:
     curl -F files=@a.jpg -F files=@b.png http://127.0.0.1:8000/predict        # several, one forward pass
 
 Endpoints: GET / (the page), GET /health, POST /predict (a list with one inference.py --json object per image,
-in order), POST /gradcam (one image: the same object plus a Grad-CAM heatmap as a PNG data URL).
+in order), POST /gradcam (one image: the same object plus a Grad-CAM heatmap as a PNG data URL), GET /metrics
+(Prometheus: requests by status, latency, batch sizes, queue wait, model load time).
 Bad input gets a 4xx answer {"error": "..."} with the reason inference.py gives; the server keeps serving.
+Requests that arrive together are decoded in parallel and their images scored in one forward pass (--max-batch,
+--max-wait-ms); each answer is the one its request would get alone (the same label; confidence and novelty
+score to float rounding, 1e-4). A request not answered within --timeout-s
+gets a 503.
 """
 from __future__ import annotations
 
@@ -18,21 +23,24 @@ import asyncio
 import base64
 import copy
 import io
+import json
 import os
 import sys
 import threading
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from matplotlib import colormaps
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -89,6 +97,89 @@ class UploadLimit:
         await self.app(scope, limited_receive, send)
 
 
+class Batcher:
+    """Micro-batching: the images of requests that arrive together go through the model in one forward pass.
+
+    Requests wait in a queue with their decoded images. Whenever one of `workers` model threads is free, a batch
+    takes the waiting requests in order, up to `max_batch` images (a larger request goes alone), after waiting
+    up to `max_wait_s` for more to arrive; `score` (images -> one answer per image, run in `pool`) answers them
+    and each request gets its own images' answers back. A lone client never waits with max_wait_s 0: its request
+    is scored as soon as a thread is free, and under load the batches grow by themselves with the queue.
+    A request whose caller gave up (timed out) before its batch formed is dropped unscored. `observe` is
+    called with each batch's size and its requests' seconds in the queue."""
+
+    def __init__(self, score, pool: ThreadPoolExecutor, workers: int, max_batch: int, max_wait_s: float,
+                 observe=lambda batch_size, waits: None):
+        self.score, self.pool, self.workers = score, pool, workers
+        self.max_batch, self.max_wait_s, self.observe = max_batch, max_wait_s, observe
+        self.waiting: deque = deque()  # (images, future, time queued)
+        self.loop_task: asyncio.Task | None = None
+        self.running: set[asyncio.Task] = set()
+
+    async def submit(self, images: list) -> list[dict]:
+        """The answers to these images, scored in a batch with whatever else is waiting."""
+        if self.loop_task is None:  # started on the server's event loop, by its first request
+            self.arrived, self.free = asyncio.Event(), asyncio.Semaphore(self.workers)
+            self.loop_task = asyncio.get_running_loop().create_task(self.run())
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((images, future, time.perf_counter()))
+        self.arrived.set()
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            await self.free.acquire()
+            while not self.waiting:
+                self.arrived.clear()
+                await self.arrived.wait()
+            if self.max_wait_s > 0 and sum(len(r[0]) for r in self.waiting) < self.max_batch:
+                await asyncio.sleep(self.max_wait_s)
+            batch = self.take()
+            if not batch:
+                self.free.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self.answer(batch))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+
+    def take(self) -> list[tuple]:
+        """The next batch: waiting requests in order, skipping those already given up, up to max_batch images."""
+        batch, count = [], 0
+        while self.waiting:
+            images, future, _ = self.waiting[0]
+            if future.done():
+                self.waiting.popleft()
+                continue
+            if batch and count + len(images) > self.max_batch:
+                break
+            batch.append(self.waiting.popleft())
+            count += len(images)
+        return batch
+
+    async def answer(self, batch: list[tuple]) -> None:
+        try:
+            now = time.perf_counter()
+            images = [image for request in batch for image in request[0]]
+            self.observe(len(images), [now - queued for _, _, queued in batch])
+            answers = await asyncio.get_running_loop().run_in_executor(self.pool, self.score, images)
+            start = 0
+            for request_images, future, _ in batch:
+                if not future.done():
+                    future.set_result(answers[start:start + len(request_images)])
+                start += len(request_images)
+        except Exception as e:  # the model failed: every request of the batch hears it
+            for _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(e)
+        finally:
+            self.free.release()
+
+    def stop(self) -> None:
+        for task in [self.loop_task, *self.running]:
+            if task is not None:
+                task.cancel()
+
+
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse({"error": e.message, **e.extra}, status_code=e.status)
 
@@ -116,9 +207,58 @@ async def read_uploads(request: Request) -> list[tuple[str | None, bytes]]:
         return [(f.filename, await f.read()) for f in items]
 
 
+def metrics_registry(load_seconds: float) -> tuple[CollectorRegistry, dict]:
+    """The server's Prometheus metrics, in a registry of their own (one per app): requests by endpoint and status,
+    request seconds, batch sizes, seconds in the batch queue, and the model's load time."""
+    registry = CollectorRegistry()
+    metrics = {
+        "requests": Counter("serve_requests", "requests answered, by endpoint and HTTP status",
+                            ["endpoint", "status"], registry=registry),
+        "latency": Histogram("serve_request_seconds", "seconds from a request's arrival to its answer",
+                             ["endpoint"], registry=registry,
+                             buckets=(.005, .01, .02, .05, .1, .15, .2, .5, 1, 2, 5, 10)),
+        "batch": Histogram("serve_batch_images", "images per forward pass of /predict's batches",
+                           registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64)),
+        "queue": Histogram("serve_queue_wait_seconds", "seconds a /predict request waited for its batch",
+                           registry=registry, buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 5)),
+    }
+    Gauge("serve_model_load_seconds", "seconds to load the checkpoint and build the model",
+          registry=registry).set(load_seconds)
+    return registry, metrics
+
+
+class RequestMetrics:
+    """ASGI middleware: counts every request by endpoint and status and times it (the outermost layer, so
+    refused uploads count too). Paths that are no endpoint count as 'other'."""
+
+    def __init__(self, app, metrics: dict, endpoints: set[str]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+            self.metrics["requests"].labels(endpoint, str(status[0])).inc()
+            self.metrics["latency"].labels(endpoint).observe(time.perf_counter() - start)
+
+
 def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0, threshold: float = 0.0,
-               tta: bool | None = None, threads: int = 2) -> FastAPI:
-    """The ASGI app for one loaded checkpoint; `name` is what /health reports as its checkpoint."""
+               tta: bool | None = None, threads: int = 2, max_batch: int = 32, max_wait_ms: float = 0.0,
+               timeout_s: float = 10.0, load_seconds: float = 0.0) -> FastAPI:
+    """The ASGI app for one loaded checkpoint; `name` is what /health reports as its checkpoint. /predict's
+    images are scored in micro-batches (Batcher: max_batch, max_wait_ms) on `threads` model threads; a request
+    not answered within timeout_s gets a 503. `load_seconds` (reading the checkpoint) goes into /metrics."""
+    start = time.perf_counter()
     model = model_from_checkpoint(ckpt)
     size, channels, classes = ckpt["image_size"], ckpt["channels"], ckpt["classes"]
     # Grad-CAM hooks a layer and runs backward: on its own copy of the model, one request at a time, so the
@@ -128,15 +268,30 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
     cam_layer = pick_cam_layer(cam_model, torch.zeros(1, channels, size, size))[0]
     cam_tta, temperature, cam_lock = tta_of(ckpt) if tta is None else tta, temperature_of(ckpt), threading.Lock()
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="model")
+    decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
     page = PAGE.read_text()
+    registry, metrics = metrics_registry(load_seconds + time.perf_counter() - start)
+
+    def observe(batch_size: int, waits: list[float]) -> None:
+        metrics["batch"].observe(batch_size)
+        for wait in waits:
+            metrics["queue"].observe(wait)
+
+    batcher = Batcher(lambda images: predict_images(model, ckpt, images, threshold, tta), pool, threads,
+                      max_batch, max_wait_ms / 1000, observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        batcher.stop()
         pool.shutdown(wait=False, cancel_futures=True)
+        decode_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="image classifier", lifespan=lifespan, docs_url=None, redoc_url=None)  # docs need a CDN
+    app.state.classes = classes
     app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
+    app.add_middleware(RequestMetrics, metrics=metrics,
+                       endpoints={"/", "/health", "/predict", "/gradcam", "/metrics", "/openapi.json"})
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -146,13 +301,17 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
     async def http_error(request: Request, e: HTTPException):  # 404, 405, a malformed multipart body...
         return error_response(ApiError(e.status_code, str(e.detail)))
 
-    async def in_pool(fn, *args):
-        """Run fn in the model's thread pool, so the event loop keeps answering while the model works."""
-        return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args))
+    async def in_time(work) -> object:
+        """The answer of `work` (an awaitable), or a 503 once timeout_s have passed without one."""
+        try:
+            return await asyncio.wait_for(work, timeout_s)
+        except TimeoutError:
+            raise ApiError(503, f"no answer within {timeout_s:g} s: the server is too busy (--timeout-s); "
+                                f"try again later") from None
 
-    def predict_uploads(uploads: list[tuple[str | None, bytes]]) -> list[dict]:
-        """Decode every upload and predict the readable ones in one batch. Any unreadable one makes it a 400 whose
-        'results' (when there are several images) still answer the readable ones."""
+    def decode_uploads(uploads: list[tuple[str | None, bytes]]) -> tuple[list[dict], list, list[int]]:
+        """Every upload decoded: the answers so far ({'file'} and the 'error' of unreadable ones), the readable
+        images, and the answers those belong to."""
         results, images, good = [], [], []
         for filename, data in uploads:
             results.append({} if filename is None else {"file": filename})
@@ -161,7 +320,12 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
                 good.append(len(results) - 1)
             except BadImage as e:
                 results[-1]["error"] = str(e)
-        for i, prediction in zip(good, predict_images(model, ckpt, images, threshold, tta)):
+        return results, images, good
+
+    def merged(results: list[dict], good: list[int], predictions: list[dict]) -> list[dict]:
+        """The predictions put into their uploads' answers. Any unreadable upload makes it a 400 whose 'results'
+        (when there are several images) still answer the readable ones."""
+        for i, prediction in zip(good, predictions):
             results[i].update(prediction)
         bad = [r for r in results if "error" in r]
         if bad:
@@ -172,11 +336,11 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
     def predict_and_explain(upload: tuple[str | None, bytes]) -> dict:
         """The prediction of one upload and the Grad-CAM heatmap of the class it predicts (predict.explain, with
         the same mirror averaging and temperature as the prediction)."""
-        result = predict_uploads([upload])[0]  # a 400 if unreadable; else decoding it again costs a millisecond
-        image = torch.as_tensor(decode_bytes(upload[1], size, channels))
+        results, images, good = decode_uploads([upload])
+        result = merged(results, good, predict_images(model, ckpt, images, threshold, tta))[0]  # 400 if unreadable
         probs = result["probabilities"]
         k = classes.index(result["label"] if result["label"] in classes else max(probs, key=probs.get))
-        x = normalize(image[None], normalization_of(ckpt))
+        x = normalize(torch.as_tensor(images[0])[None], normalization_of(ckpt))
         with cam_lock:
             cam = explain(cam_model, x, cam_layer, cam_tta, temperature, class_idx=k).cam
         return {**result, "heatmap_class": classes[k], "heatmap": heatmap_png(cam)}
@@ -189,16 +353,25 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
     health_answer = {"ok": True, "checkpoint": name, "classes": classes, "epoch": ckpt.get("epoch"),
                      "val_acc": None if val_acc is None else round(val_acc, 4), "arch": ckpt["arch"],
                      "image_size": size, "channels": channels, "temperature": temperature_of(ckpt),
-                     "threshold": threshold, "max_upload_mb": max_upload_mb, "max_images": MAX_IMAGES}
+                     "threshold": threshold, "max_upload_mb": max_upload_mb, "max_images": MAX_IMAGES,
+                     "max_batch": max_batch, "max_wait_ms": max_wait_ms, "timeout_s": timeout_s}
 
     @app.get("/health")
     async def health():
         return health_answer
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        """The Prometheus text format: requests, latency, batch sizes, queue wait, model load time."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/predict", openapi_extra=UPLOAD_DOC)
     async def predict(request: Request):
         """One object per image, in order: label, confidence, probabilities (as inference.py --json)."""
-        return await in_pool(predict_uploads, await read_uploads(request))
+        uploads = await read_uploads(request)
+        loop = asyncio.get_running_loop()
+        results, images, good = await loop.run_in_executor(decode_pool, decode_uploads, uploads)
+        return merged(results, good, await in_time(batcher.submit(images)) if images else [])
 
     @app.post("/gradcam", openapi_extra=UPLOAD_DOC)
     async def explain_one(request: Request):
@@ -206,9 +379,29 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         uploads = await read_uploads(request)
         if len(uploads) != 1:
             raise ApiError(400, f"/gradcam takes one image, not {len(uploads)}")
-        return await in_pool(predict_and_explain, uploads[0])
+        return await in_time(asyncio.get_running_loop().run_in_executor(pool, predict_and_explain, uploads[0]))
 
     return app
+
+
+SETTINGS_VARIABLE = "SERVE_SETTINGS"  # --workers: how main() hands its settings to each worker process
+
+
+def app_from_settings(settings: dict) -> FastAPI:
+    """The app for main()'s settings: the checkpoint loaded (its seconds counted in /metrics), torch's threads
+    set."""
+    start = time.perf_counter()
+    ckpt = load_checkpoint(settings["checkpoint"])
+    torch.set_num_threads(settings["torch_threads"])
+    return create_app(ckpt, Path(settings["checkpoint"]).name, settings["max_upload_mb"], settings["threshold"],
+                      settings["tta"], settings["threads"], settings["max_batch"], settings["max_wait_ms"],
+                      settings["timeout_s"], load_seconds=time.perf_counter() - start)
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn's app factory in each --workers process: the app for the settings main() left in the
+    environment."""
+    return app_from_settings(json.loads(os.environ[SETTINGS_VARIABLE]))
 
 
 @reports_user_errors
@@ -228,20 +421,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="cores each model call may use (default 1: requests in parallel use the cores better "
                              "than one request spread over them; raise it for lower latency with few clients)")
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="most images /predict scores in one forward pass, from requests that arrive together "
+                             "(default: 32)")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0,
+                        help="how long a batch waits for more requests once a model thread is free (default 0: "
+                             "batches form from the requests queued while the threads are busy)")
+    parser.add_argument("--timeout-s", type=float, default=10.0,
+                        help="answer 503 to a request not answered within this (default: 10)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes sharing the port, each with its own copy of the model and of "
+                             "the PyTorch libraries (about 1 GB of memory each; default: 1)")
     parser.add_argument("--log-level", default="info", help="uvicorn's: info logs each request (default), warning")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
-    if args.max_upload_mb <= 0 or min(args.threads, args.torch_threads) < 1 or not 0 <= args.port < 65536:
-        raise UserError("--max-upload-mb must be above 0, --threads and --torch-threads at least 1, "
-                        "and --port in 0-65535")
-    ckpt = load_checkpoint(args.checkpoint)
-    app = create_app(ckpt, Path(args.checkpoint).name, args.max_upload_mb, args.threshold, args.tta, args.threads)
-    torch.set_num_threads(args.torch_threads)
+    if args.max_upload_mb <= 0 or min(args.threads, args.torch_threads, args.max_batch, args.workers) < 1 \
+            or not 0 <= args.port < 65536 or args.max_wait_ms < 0 or args.timeout_s <= 0:
+        raise UserError("--max-upload-mb and --timeout-s must be above 0, --max-wait-ms at least 0, --threads, "
+                        "--torch-threads, --max-batch and --workers at least 1, and --port in 0-65535")
+    settings = {"checkpoint": args.checkpoint, "max_upload_mb": args.max_upload_mb, "threshold": args.threshold,
+                "tta": args.tta, "threads": args.threads, "torch_threads": args.torch_threads,
+                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "timeout_s": args.timeout_s}
+    app = app_from_settings(settings)  # in this process, also with --workers: a bad checkpoint stops here
     where = "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "reachable from the network"
-    print(f"serving {args.checkpoint} ({', '.join(ckpt['classes'])}) at http://{args.host}:{args.port}/ "
-          f"({where}); Ctrl+C stops", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    print(f"serving {args.checkpoint} ({', '.join(app.state.classes)}) at http://{args.host}:{args.port}/ ({where})"
+          + (f" in {args.workers} processes" if args.workers > 1 else "") + "; Ctrl+C stops", flush=True)
+    if args.workers > 1:  # each worker process builds its own app from the settings (app_from_environment)
+        del app
+        os.environ[SETTINGS_VARIABLE] = json.dumps(settings)
+        uvicorn.run("serve:app_from_environment", factory=True, workers=args.workers, app_dir=str(PAGE.parents[1]),
+                    host=args.host, port=args.port, log_level=args.log_level)
+    else:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -213,9 +213,15 @@ def test_body_of_unannounced_length_is_cut_off_at_the_limit(ckpt):
     assert "limit of 1 MB" in json.loads(sent[1]["body"])["error"]
 
 
+def batches_so_far(client) -> float:
+    text = client.get("/metrics").text
+    return float(next(line for line in text.splitlines() if line.startswith("serve_batch_images_count ")).split()[1])
+
+
 def test_100_requests_from_8_threads_answer_consistently(trained, client):
     images = sample_images(trained)[:5]
     reference = {p: client.post("/predict", content=p.read_bytes()).json()[0] for p in images}
+    before = batches_so_far(client)
 
     def one(i: int) -> tuple[Path, int, dict]:
         p = images[i % len(images)]
@@ -231,12 +237,117 @@ def test_100_requests_from_8_threads_answer_consistently(trained, client):
     for p, _, got in answers:
         assert got["label"] == reference[p]["label"]
         assert got["probabilities"] == pytest.approx(reference[p]["probabilities"], abs=2e-4)
+        assert got["novelty_score"] == pytest.approx(reference[p]["novelty_score"], abs=2e-4)
+    assert batches_so_far(client) - before < 100  # some were scored together: micro-batches, not one by one
+
+def run_batcher(score, requests: list[list], max_batch: int = 32, workers: int = 1, timeout: float = 10.0):
+    """Submit the requests (lists of images) to a Batcher: the first, then the others together 50 ms later, while
+    the first is being scored; return what each got (or the exception)."""
+    async def go():
+        with ThreadPoolExecutor(workers) as pool:
+            batcher = serve.Batcher(score, pool, workers, max_batch, 0.0)
+            tasks = []
+            for i, images in enumerate(requests):
+                tasks.append(asyncio.ensure_future(asyncio.wait_for(batcher.submit(images), timeout)))
+                if i == 0:
+                    await asyncio.sleep(0.05)
+            answers = await asyncio.gather(*tasks, return_exceptions=True)
+            batcher.stop()
+            return answers
+    return asyncio.run(go())
+
+
+def test_requests_that_wait_together_are_scored_in_one_batch_and_answered_each_their_own():
+    calls = []
+
+    def score(images):
+        calls.append(list(images))
+        if len(calls) == 1:
+            time.sleep(0.3)  # the first batch keeps the one thread busy while the others queue
+        return [f"answer {image}" for image in images]
+
+    answers = run_batcher(score, [[0], [1], [2, 3], [4]])
+    assert calls == [[0], [1, 2, 3, 4]]  # the lone first request at once; the three that queued as one batch
+    assert answers == [["answer 0"], ["answer 1"], ["answer 2", "answer 3"], ["answer 4"]]
+
+
+def test_a_batch_holds_at_most_max_batch_images_and_a_bigger_request_goes_alone():
+    calls = []
+
+    def score(images):
+        calls.append(list(images))
+        time.sleep(0.05)
+        return list(images)
+
+    answers = run_batcher(score, [[0], [1, 2], [3, 4], [5, 6, 7, 8, 9], [10]], max_batch=4)
+    assert calls == [[0], [1, 2, 3, 4], [5, 6, 7, 8, 9], [10]]
+    assert answers == [[0], [1, 2], [3, 4], [5, 6, 7, 8, 9], [10]]
+
+
+def test_a_request_that_timed_out_is_not_scored_and_a_model_error_reaches_its_batch():
+    calls = []
+
+    def score(images):
+        calls.append(list(images))
+        if images == ["boom"]:
+            raise RuntimeError("model failed")
+        time.sleep(0.4)
+        return list(images)
+
+    answers = run_batcher(score, [[0], [1], [2]], timeout=0.2)  # 1 and 2 give up while 0 is scored
+    assert calls == [[0]] and all(isinstance(a, TimeoutError) for a in answers)
+    answers = run_batcher(score, [["boom"], [3]])
+    assert isinstance(answers[0], RuntimeError) and answers[1] == [3]
+
+
+def test_a_request_not_answered_in_time_gets_503_and_the_server_goes_on(ckpt, trained, monkeypatch):
+    image = sample_images(trained)[0].read_bytes()
+    real = serve.predict_images
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    with TestClient(serve.create_app(ckpt, timeout_s=0.3)) as c:
+        monkeypatch.setattr(serve, "predict_images", slow)
+        r = c.post("/predict", content=image)
+        assert r.status_code == 503 and r.json() == {
+            "error": "no answer within 0.3 s: the server is too busy (--timeout-s); try again later"}
+        monkeypatch.setattr(serve, "predict_images", real)
+        time.sleep(1.0)  # the slow call ends; the thread is free again
+        assert c.post("/predict", content=image).status_code == 200
+        metrics = c.get("/metrics").text
+    assert 'serve_requests_total{endpoint="/predict",status="503"} 1.0' in metrics
+    assert 'serve_requests_total{endpoint="/predict",status="200"} 1.0' in metrics
+
+
+def test_metrics_count_requests_by_status_and_batches(ckpt, trained):
+    images = sample_images(trained)[:3]
+    with TestClient(serve.create_app(ckpt)) as c:
+        assert c.post("/predict", files=as_files(images)).status_code == 200
+        assert c.post("/predict", content=images[0].read_bytes()).status_code == 200
+        assert c.post("/predict", content=b"not an image").status_code == 400
+        assert c.get("/nowhere").status_code == 404
+        r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for line in ('serve_requests_total{endpoint="/predict",status="200"} 2.0',
+                 'serve_requests_total{endpoint="/predict",status="400"} 1.0',
+                 'serve_requests_total{endpoint="other",status="404"} 1.0',
+                 'serve_request_seconds_count{endpoint="/predict"} 3.0',
+                 "serve_batch_images_count 2.0", "serve_batch_images_sum 4.0",  # 3 images, then 1
+                 'serve_batch_images_bucket{le="1.0"} 1.0', "serve_queue_wait_seconds_count 2.0"):
+        assert line in text, line
+    load = float(next(l for l in text.splitlines() if l.startswith("serve_model_load_seconds ")).split()[1])
+    assert 0 < load < 60
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--checkpoint", "no/such.pth"], "no checkpoint at no/such.pth"),
     (["--threshold", "1.5"], "--threshold must be between 0 and 1"),
-    (["--max-upload-mb", "0"], "--max-upload-mb must be above 0"),
+    (["--max-upload-mb", "0"], "--max-upload-mb and --timeout-s must be above 0"),
+    (["--timeout-s", "0"], "--max-upload-mb and --timeout-s must be above 0"),
+    (["--max-batch", "0"], "--max-batch and --workers at least 1"),
 ])
 def test_command_line_errors_are_one_line(argv, message, capsys):
     assert serve.main(argv) == 2
@@ -356,16 +467,19 @@ def test_pixel_limit_holds_when_another_thread_resets_the_warning_filter(nasty_d
 
 @pytest.mark.slow
 def test_bench_serve_prints_a_table_and_the_memory(trained, capsys):
-    assert bench_serve.main(["--checkpoint", str(trained["checkpoint"]), "--requests", "32",
+    assert bench_serve.main(["--checkpoint", str(trained["checkpoint"]), "--requests", "64",
                              "--memory-requests", "16", "--", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     table, result = out.split("\n{", 1)
     result = json.loads("{" + result)
-    assert [r["clients"] for r in result["levels"]] == [1, 8, 32]
-    assert all(r["requests"] == 32 and r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+    assert [(r["clients"], r["bad_every"]) for r in result["levels"]] == [(1, 0), (8, 0), (32, 0), (64, 0), (32, 4)]
+    assert all(r["requests"] == 64 and r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
                for r in result["levels"])
+    # from the server's /metrics: one client's requests go alone, and every row says how many a pass held
+    assert result["levels"][0]["mean_batch"] == 1.0 and all(r["mean_batch"] >= 1 for r in result["levels"])
     assert result["serve_flags"] == ["--threads", "1"] and result["rss_mb"]["after"] > 0
-    assert "| 32 |" in table and "MiB after 16 more requests" in table
+    assert "| 32 |" in table and "| 32, 1 in 4 unreadable |" in table and "MiB after 16 more requests" in table
+    assert "forward passes by images in them: 1: " in table
     assert f"`{result['command']}` at commit {result['commit']}, {result['date']};" in table  # BENCHMARKS.md's line
 
 
