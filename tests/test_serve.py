@@ -494,3 +494,30 @@ def test_bench_serve_screenshot_saves_the_page_with_an_answer(trained, tmp_path)
     assert Image.open(out).size[0] >= 390  # the window's width (at the screen's scale)
     assert bench_serve.main(["screenshot", "--image", str(image), "--checkpoint", str(tmp_path / "none.pth"),
                              "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_workers_serve_from_several_processes(trained):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(trained["checkpoint"]), "--port",
+                             str(port), "--workers", "2", "--log-level", "warning"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().rstrip().endswith("(this machine only) in 2 processes; Ctrl+C stops")
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "serve.py --workers 2 did not start"
+                time.sleep(0.5)
+        image = sample_images(trained)[0].read_bytes()
+        answers = [json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/predict", data=image, method="POST"), timeout=30).read()) for _ in range(6)]
+        assert all(a == answers[0] for a in answers) and answers[0][0]["label"] in ("cat", "dog")
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) >= 2  # uvicorn's worker processes (and its resource tracker)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
