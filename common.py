@@ -76,13 +76,13 @@ def machine() -> dict:
 
 
 def git_commit() -> str:
-    """This checkout's commit (short hash), with '+changes' when tracked files differ from it; 'unknown' outside
-    a git checkout."""
+    """This checkout's commit (short hash), with '+changes' when tracked files other than Markdown documents
+    differ from it (the code measured is not the commit's); 'unknown' outside a git checkout."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True, check=True).stdout
     try:
-        return git("rev-parse", "--short", "HEAD").strip() + ("+changes" if git("status", "--porcelain",
-                                                                                 "--untracked-files=no") else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)*.md")
+        return git("rev-parse", "--short", "HEAD").strip() + ("+changes" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

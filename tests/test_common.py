@@ -57,3 +57,33 @@ def test_provenance_names_the_command_commit_and_machine():
                               text=True).stdout.strip()
         assert prov["commit"] in (head, head + "+changes")
     assert markdown_table(["", "a"], [["x", 1]]).splitlines() == ["|  | a |", "|---|---:|", "| x | 1 |"]
+
+
+def test_commit_is_marked_changed_by_code_not_by_documents(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    import common
+
+    if not shutil.which("git"):
+        pytest.skip("needs git")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("# a\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    monkeypatch.setattr(common, "PROJECT_DIR", tmp_path)
+    head = common.git_commit()
+    assert len(head) >= 7 and "+" not in head
+    (tmp_path / "README.md").write_text("# a figure being pasted\n")
+    (tmp_path / "new.py").write_text("untracked\n")
+    assert common.git_commit() == head  # documents and untracked files do not change what was measured
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert common.git_commit() == head + "+changes"
+    monkeypatch.setattr(common, "PROJECT_DIR", tmp_path / "missing")
+    assert common.git_commit() == "unknown"
