@@ -71,6 +71,26 @@ def views(x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
     return [x, x.flip(-1)] if tta else [x]
 
 
+ONE_PASS_IMAGES = 16  # up to this many images, all their views go through the network as one batch
+
+
+def per_view(run, x: torch.Tensor, tta: bool) -> list:
+    """run(batch) for each view of x (views()). A small batch's views go through as one batch, then are split
+    again: on a CPU one pass of 2 images costs about what one pass of 1 does (4.9 ms against 9.9 ms for two
+    passes, the default model, one thread), so a lone request's mirror TTA comes almost free. `run` returns a
+    tensor or a (tensor, list of tensors) whose first dimension is the images."""
+    vs = views(x, tta)
+    if len(vs) == 1 or len(x) > ONE_PASS_IMAGES:
+        return [run(v) for v in vs]
+    out, n = run(torch.cat(vs)), len(x)
+    split = (lambda t: [t[i * n:(i + 1) * n] for i in range(len(vs))])
+    if isinstance(out, torch.Tensor):
+        return split(out)
+    first, rest = out
+    rests = [split(t) for t in rest]
+    return [(part, [r[i] for r in rests]) for i, part in enumerate(split(first))]
+
+
 def amp(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to amp_dtype on the device, or nothing for plain fp32."""
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -88,7 +108,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device,
     out = []
     for x in normalized_batches(images, batch_size or batch_size_for(images), device, normalization, channels_last):
         with amp(device, amp_dtype):
-            out.append(torch.stack([model(v).float() for v in views(x, tta)]).mean(0).cpu())
+            out.append(torch.stack([y.float() for y in per_view(model, x, tta)]).mean(0).cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
@@ -184,12 +204,12 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
     penultimate, stats, surprise = [], [], []
     for x in normalized_batches(images, batch_size or feature_batch_size(images), device, normalization,
                                 channels_last):
-        passes = []  # (penultimate, [statistics per stage]) of each view; its feature maps are freed at once
-        for v in views(x, tta):
+        def features(v: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
             with amp(device, amp_dtype):
                 maps, pen = forward_stages(model, v)
-            passes.append((pen.float(), [stage_statistics(m) for m in maps]))
-            del maps
+            return pen.float(), [stage_statistics(m) for m in maps]  # the feature maps are freed on return
+
+        passes = per_view(features, x, tta)  # (penultimate, [statistics per stage]) of each view
         penultimate.append(torch.stack([p for p, _ in passes]).mean(0).cpu())
         stats.append([torch.stack([st[i] for _, st in passes]).mean(0).cpu() for i in range(len(stages))])
         if rot is not None:

@@ -47,3 +47,33 @@ def test_logits_features_and_gradcam_give_the_same_prediction(tta):
     assert torch.allclose(cam.probabilities, torch.softmax(logits[0] / 2.0, 0), atol=1e-5)
     assert cam.class_idx == int(logits[0].argmax())
     assert not torch.equal(logits, predict_logits(model, images, torch.device("cpu"), tta=not tta, normalization=norm))
+
+
+def test_small_batches_take_both_views_in_one_pass_and_give_the_same_numbers():
+    """per_view: up to ONE_PASS_IMAGES images, the image and its mirror go through the network together and are
+    split again, in views() order; larger batches take a pass per view. Either way the same numbers."""
+    from model import forward_stages
+    from predict import ONE_PASS_IMAGES, per_view
+
+    torch.manual_seed(0)
+    model = SmallResNet(2, 1, 8).eval()
+    calls = []
+
+    def run(v):
+        calls.append(len(v))
+        return model(v)
+
+    for n, expected_calls in ((3, [6]), (ONE_PASS_IMAGES + 1, [ONE_PASS_IMAGES + 1] * 2)):
+        x = torch.randn(n, 1, 16, 16)
+        calls.clear()
+        with torch.no_grad():
+            got = per_view(run, x, tta=True)
+            assert calls == expected_calls
+            for a, b in zip(got, [model(x), model(x.flip(-1))]):
+                assert torch.allclose(a, b, atol=1e-5)
+            stages = per_view(lambda v: forward_stages(model, v)[::-1], x, tta=True)  # (penultimate, maps)
+            pen, maps = stages[1]
+            ref_maps, ref_pen = forward_stages(model, x.flip(-1))
+            assert torch.allclose(pen, ref_pen, atol=1e-5) and len(maps) == len(ref_maps)
+            assert all(torch.allclose(m, r, atol=1e-5) for m, r in zip(maps, ref_maps))
+    assert per_view(run, torch.randn(2, 1, 16, 16), tta=False)[0].shape == (2, 2)
