@@ -31,6 +31,7 @@ import torch.nn as nn
 from checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of
 from common import UserError, reports_user_errors
 from dataset import to_float
+from predict import export_onnx
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4
@@ -71,17 +72,6 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> P
     return path
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """ONNX through torch.export (the default exporter), with a free batch size."""
-    try:
-        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
-                          external_data=False, verbose=False)  # one self-contained file, weights inside
-    except ModuleNotFoundError as e:
-        raise UserError(f"ONNX export needs the {e.name!r} package: pip install onnx onnxscript") from None
-    return path
-
-
 def with_suffix(out: Path, suffix: str) -> Path:
     """OUT + suffix; unlike Path.with_suffix this keeps dots in the name (models/model.v2 -> model.v2.onnx)."""
     return out.with_name(out.name + suffix)
@@ -118,7 +108,7 @@ def export(ckpt: dict, out: Path, formats: list[str], check: bool = True) -> dic
     with_suffix(out, ".json").write_text(json.dumps(pre, indent=2))
     result: dict = {"json": str(with_suffix(out, ".json"))}
     writers = {"torchscript": (export_torchscript, ".pt", check_torchscript),
-               "onnx": (export_onnx, ".onnx", check_onnx)}
+               "onnx": (lambda m, x, path: export_onnx(m, x, path, ["logits"]), ".onnx", check_onnx)}
     inputs = sample_inputs(ckpt, n=4, seed=2)
     for fmt in formats:
         write, suffix, verify = writers[fmt]

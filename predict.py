@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -113,14 +115,15 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device,
 
 
 def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: float = 0.0,
-                   tta: bool | None = None, reject: bool = False) -> list[dict]:
+                   tta: bool | None = None, reject: bool = False, runtime: OnnxFeatures | None = None) -> list[dict]:
     """One {'label', 'confidence', 'probabilities'} per decoded uint8 (C, S, S) image, all in one batch, plus
     {'novelty_score', 'known'} when the checkpoint has a novelty score (known: score <= its stored threshold).
 
     The prediction inference.py prints and serve.py answers: the checkpoint's softmax temperature is applied,
     below `threshold` the label is 'unknown', and with `reject` also when the image is of no known class (a
     checkpoint without a novelty score is then a UserError that says to retrain). tta=None uses the training
-    run's setting; the novelty score always uses the setting its threshold was chosen with.
+    run's setting; the novelty score always uses the setting its threshold was chosen with. With `runtime`
+    (OnnxFeatures) the network runs in onnxruntime.
     """
     novelty = novelty_of(ckpt, needed_by="--reject" if reject else "")
     if not images:
@@ -130,10 +133,12 @@ def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: 
     batch = torch.stack([torch.as_tensor(im) for im in images])
     scores = None
     if novelty is not None:
-        features = extract_features(model, batch, tta=novelty["tta"], normalization=norm)
+        features = extract_features(model, batch, tta=novelty["tta"], normalization=norm, runtime=runtime)
         scores = novelty_score(novelty["states"][novelty["score"]], features).tolist()
     if novelty is not None and tta == novelty["tta"]:
         logits = features["logits"]  # the same numbers predict_logits gives, without a second pass
+    elif runtime is not None:
+        logits = extract_features(model, batch, tta=tta, normalization=norm, runtime=runtime)["logits"]
     else:
         logits = predict_logits(model, batch, torch.device("cpu"), tta=tta, normalization=norm)
     results = []
@@ -188,7 +193,8 @@ def stage_statistics(maps: torch.Tensor, max_channels: int = MAX_STAGE_CHANNELS)
 @torch.no_grad()  # not inference mode: the scores are fitted on these tensors, which may need autograd
 def extract_features(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu",
                      batch_size: int | None = None, tta: bool = False, normalization: dict | None = None,
-                     amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict:
+                     amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                     runtime: OnnxFeatures | None = None) -> dict:
     """What every score needs, float32 on the CPU, for uint8 images (N, C, S, S):
     {"penultimate": (N, D), "logits": (N, classes), "stages": [(N, d_s) per stage]}.
 
@@ -196,6 +202,7 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
     applied to the penultimate feature. With tta everything is averaged over the image and its mirror; the head
     being linear, the logits are then exactly the average of both images' logits, as predict_logits gives.
     The features of every image are kept: for a whole split use score_images, and fit on a fit_sample.
+    With `runtime` (OnnxFeatures of this model) the network's passes run in onnxruntime instead of PyTorch.
     """
     device = torch.device(device)
     head, stages = head_of(model), feature_stages(model)
@@ -209,11 +216,11 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
                 maps, pen = forward_stages(model, v)
             return pen.float(), [stage_statistics(m) for m in maps]  # the feature maps are freed on return
 
-        passes = per_view(features, x, tta)  # (penultimate, [statistics per stage]) of each view
+        passes = per_view(runtime or features, x, tta)  # (penultimate, [statistics per stage]) of each view
         penultimate.append(torch.stack([p for p, _ in passes]).mean(0).cpu())
         stats.append([torch.stack([st[i] for _, st in passes]).mean(0).cpu() for i in range(len(stages))])
         if rot is not None:
-            surprise.append(torch.stack([rotation_surprise(model, rot, v, p, amp_dtype)
+            surprise.append(torch.stack([rotation_surprise(model, rot, v, p, amp_dtype, runtime)
                                          for v, (p, _) in zip(views(x, tta), passes)]).mean(0).cpu())
     if not penultimate:
         return {"penultimate": torch.zeros(0, head.in_features), "logits": torch.zeros(0, head.out_features),
@@ -229,14 +236,18 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
 
 
 def rotation_surprise(model: nn.Module, rot: nn.Linear, x: torch.Tensor, upright: torch.Tensor,
-                      amp_dtype: torch.dtype | None) -> torch.Tensor:
+                      amp_dtype: torch.dtype | None, runtime: OnnxFeatures | None = None) -> torch.Tensor:
     """Mean over the four quarter turns of the rotation head's negative log-probability of the right turn, for a
     normalized batch x whose upright penultimate features are `upright` (its other three turns take a forward
     pass each). Low on images like the training ones, whose upright side the model learned to see."""
     n = len(x)
     turns = torch.arange(1, 4).repeat_interleave(n)
-    with amp(x.device, amp_dtype):
-        turned = forward_stages(model, rotate_quarters(x.repeat(3, 1, 1, 1), turns))[1].float()
+    turned_images = rotate_quarters(x.repeat(3, 1, 1, 1), turns)
+    if runtime is not None:
+        turned = runtime(turned_images)[0]
+    else:
+        with amp(x.device, amp_dtype):
+            turned = forward_stages(model, turned_images)[1].float()
     logp = F.log_softmax(F.linear(torch.cat([upright, turned]), rot.weight.float(), rot.bias.float()), dim=1)
     right = torch.cat([torch.zeros(n, dtype=torch.long), turns]).to(logp.device)
     return -logp.gather(1, right[:, None])[:, 0].view(4, n).mean(0)
@@ -253,6 +264,80 @@ def score_images(model: nn.Module, images: torch.Tensor, states: dict[str, dict]
     parts = [scores_by_name(states, extract_features(model, rows(i), **options)) for i in range(0, len(images), chunk)]
     return {name: torch.cat([p[name] for p in parts]) if parts else torch.zeros(0)
             for name in NOVELTY_SCORES if name in states}
+
+
+# ---------------------------------------------------------------- onnxruntime
+
+
+class FeatureNet(nn.Module):
+    """What extract_features takes from one pass of the network, as one module to export: a normalized batch ->
+    (penultimate feature, each stage's statistics...)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = unwrap(model)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps, pen = forward_stages(self.model, x)
+        return (pen, *[stage_statistics(m) for m in maps])
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, output_names: list[str]) -> Path:
+    """The model as one self-contained ONNX file (weights inside) through torch.export, batch size free."""
+    try:
+        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=output_names,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
+                          external_data=False, verbose=False)
+    except ModuleNotFoundError as e:
+        raise UserError(f"ONNX export needs the {e.name!r} package: pip install onnx onnxscript") from None
+    return Path(path)
+
+
+class OnnxFeatures:
+    """FeatureNet of a model run by onnxruntime on the CPU: called like extract_features' PyTorch pass, on a
+    normalized batch, it returns (penultimate, [statistics per stage]) as float32 tensors. Exported once, at
+    construction (a few seconds), into `folder`; `threads` is onnxruntime's intra-op thread count."""
+
+    def __init__(self, model: nn.Module, image_size: int, channels: int, folder: str | Path, threads: int = 1):
+        import onnxruntime
+
+        unwrap(model).eval()
+        self.stages = len(feature_stages(model))
+        names = ["penultimate"] + [f"stage{i}" for i in range(self.stages)]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+            path = export_onnx(FeatureNet(model), torch.zeros(2, channels, image_size, image_size),
+                               Path(folder) / "features.onnx", names)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        pen, *stats = self.session.run(None, {"image": x.float().contiguous().numpy()})
+        return torch.from_numpy(pen), [torch.from_numpy(s) for s in stats]
+
+
+def onnx_runtime(model: nn.Module, ckpt: dict, threads: int = 1, tolerance: float = 1e-4
+                 ) -> tuple[OnnxFeatures | None, str]:
+    """OnnxFeatures for a checkpoint's model, checked against PyTorch on 8 generated images (softmax
+    probabilities, TTA as trained, within `tolerance`), and a line saying so; (None, why) when it cannot be
+    exported or does not match, so that the caller falls back to PyTorch."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as folder:  # the session keeps the model in memory
+            runtime = OnnxFeatures(model, ckpt["image_size"], ckpt["channels"], folder, threads)
+    except Exception as e:  # a missing package, an operator the exporter cannot take...
+        return None, f"onnxruntime unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); using PyTorch"
+    images = torch.randint(0, 256, (8, ckpt["channels"], ckpt["image_size"], ckpt["image_size"]),
+                           generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    options = {"tta": tta_of(ckpt), "normalization": normalization_of(ckpt)}
+    probs = [torch.softmax(extract_features(model, images, runtime=r, **options)["logits"] / temperature_of(ckpt), 1)
+             for r in (None, runtime)]
+    diff = (probs[0] - probs[1]).abs().max().item()
+    if not diff <= tolerance:
+        return None, f"onnxruntime's probabilities differ from PyTorch's by {diff:.1e} (> {tolerance}); using PyTorch"
+    return runtime, f"onnxruntime (probabilities within {diff:.1e} of PyTorch's)"
 
 
 # ---------------------------------------------------------------- Grad-CAM

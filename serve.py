@@ -48,7 +48,7 @@ from checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, no
                         tta_of, val_accuracy_of)
 from common import UserError, reports_user_errors
 from dataset import BadImage, decode_bytes
-from predict import explain, normalize, pick_cam_layer, predict_images
+from predict import explain, normalize, onnx_runtime, pick_cam_layer, predict_images
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_IMAGES = 64  # images in one request: bounds the decoded batch whatever their file size
@@ -254,12 +254,16 @@ class RequestMetrics:
 
 def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0, threshold: float = 0.0,
                tta: bool | None = None, threads: int = 2, max_batch: int = 32, max_wait_ms: float = 0.0,
-               timeout_s: float = 10.0, load_seconds: float = 0.0) -> FastAPI:
+               timeout_s: float = 10.0, load_seconds: float = 0.0, runtime: str = "torch",
+               runtime_threads: int = 1) -> FastAPI:
     """The ASGI app for one loaded checkpoint; `name` is what /health reports as its checkpoint. /predict's
     images are scored in micro-batches (Batcher: max_batch, max_wait_ms) on `threads` model threads; a request
-    not answered within timeout_s gets a 503. `load_seconds` (reading the checkpoint) goes into /metrics."""
+    not answered within timeout_s gets a 503. `load_seconds` (reading the checkpoint) goes into /metrics.
+    runtime 'onnx' scores with onnxruntime (predict.onnx_runtime, `runtime_threads` each call) when it
+    exports and matches PyTorch, else with PyTorch; app.state.runtime says which was taken and why."""
     start = time.perf_counter()
     model = model_from_checkpoint(ckpt)
+    onnx, runtime_note = onnx_runtime(model, ckpt, runtime_threads) if runtime == "onnx" else (None, "PyTorch")
     size, channels, classes = ckpt["image_size"], ckpt["channels"], ckpt["classes"]
     # Grad-CAM hooks a layer and runs backward: on its own copy of the model, one request at a time, so the
     # hooks never see another request's forward pass. Its layer is chosen once, for the checkpoint's image size;
@@ -277,8 +281,8 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         for wait in waits:
             metrics["queue"].observe(wait)
 
-    batcher = Batcher(lambda images: predict_images(model, ckpt, images, threshold, tta), pool, threads,
-                      max_batch, max_wait_ms / 1000, observe)
+    batcher = Batcher(lambda images: predict_images(model, ckpt, images, threshold, tta, runtime=onnx), pool,
+                      threads, max_batch, max_wait_ms / 1000, observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -288,7 +292,7 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         decode_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="image classifier", lifespan=lifespan, docs_url=None, redoc_url=None)  # docs need a CDN
-    app.state.classes = classes
+    app.state.classes, app.state.runtime = classes, runtime_note
     app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
     app.add_middleware(RequestMetrics, metrics=metrics,
                        endpoints={"/", "/health", "/predict", "/gradcam", "/metrics", "/openapi.json"})
@@ -337,7 +341,7 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         """The prediction of one upload and the Grad-CAM heatmap of the class it predicts (predict.explain, with
         the same mirror averaging and temperature as the prediction)."""
         results, images, good = decode_uploads([upload])
-        result = merged(results, good, predict_images(model, ckpt, images, threshold, tta))[0]  # 400 if unreadable
+        result = merged(results, good, predict_images(model, ckpt, images, threshold, tta, runtime=onnx))[0]
         probs = result["probabilities"]
         k = classes.index(result["label"] if result["label"] in classes else max(probs, key=probs.get))
         x = normalize(torch.as_tensor(images[0])[None], normalization_of(ckpt))
@@ -354,7 +358,8 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
                      "val_acc": None if val_acc is None else round(val_acc, 4), "arch": ckpt["arch"],
                      "image_size": size, "channels": channels, "temperature": temperature_of(ckpt),
                      "threshold": threshold, "max_upload_mb": max_upload_mb, "max_images": MAX_IMAGES,
-                     "max_batch": max_batch, "max_wait_ms": max_wait_ms, "timeout_s": timeout_s}
+                     "max_batch": max_batch, "max_wait_ms": max_wait_ms, "timeout_s": timeout_s,
+                     "runtime": "onnx" if onnx is not None else "torch"}
 
     @app.get("/health")
     async def health():
@@ -395,7 +400,8 @@ def app_from_settings(settings: dict) -> FastAPI:
     torch.set_num_threads(settings["torch_threads"])
     return create_app(ckpt, Path(settings["checkpoint"]).name, settings["max_upload_mb"], settings["threshold"],
                       settings["tta"], settings["threads"], settings["max_batch"], settings["max_wait_ms"],
-                      settings["timeout_s"], load_seconds=time.perf_counter() - start)
+                      settings["timeout_s"], load_seconds=time.perf_counter() - start, runtime=settings["runtime"],
+                      runtime_threads=settings["torch_threads"])
 
 
 def app_from_environment() -> FastAPI:
@@ -429,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
                              "batches form from the requests queued while the threads are busy)")
     parser.add_argument("--timeout-s", type=float, default=10.0,
                         help="answer 503 to a request not answered within this (default: 10)")
+    parser.add_argument("--runtime", choices=["onnx", "torch"], default="onnx",
+                        help="what scores the images: onnxruntime (default: faster on a CPU, exported at start and "
+                             "checked against PyTorch within 1e-4, PyTorch when that fails) or PyTorch")
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes sharing the port, each with its own copy of the model and of "
                              "the PyTorch libraries (about 1 GB of memory each; default: 1)")
@@ -442,11 +451,13 @@ def main(argv: list[str] | None = None) -> int:
                         "--torch-threads, --max-batch and --workers at least 1, and --port in 0-65535")
     settings = {"checkpoint": args.checkpoint, "max_upload_mb": args.max_upload_mb, "threshold": args.threshold,
                 "tta": args.tta, "threads": args.threads, "torch_threads": args.torch_threads,
-                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "timeout_s": args.timeout_s}
+                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "timeout_s": args.timeout_s,
+                "runtime": args.runtime}
     app = app_from_settings(settings)  # in this process, also with --workers: a bad checkpoint stops here
     where = "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "reachable from the network"
     print(f"serving {args.checkpoint} ({', '.join(app.state.classes)}) at http://{args.host}:{args.port}/ ({where})"
-          + (f" in {args.workers} processes" if args.workers > 1 else "") + "; Ctrl+C stops", flush=True)
+          + (f" in {args.workers} processes" if args.workers > 1 else "")
+          + f"; scoring with {app.state.runtime}; Ctrl+C stops", flush=True)
     if args.workers > 1:  # each worker process builds its own app from the settings (app_from_environment)
         del app
         os.environ[SETTINGS_VARIABLE] = json.dumps(settings)

@@ -503,7 +503,7 @@ def test_workers_serve_from_several_processes(trained):
                              str(port), "--workers", "2", "--log-level", "warning"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert proc.stdout.readline().rstrip().endswith("(this machine only) in 2 processes; Ctrl+C stops")
+        assert "(this machine only) in 2 processes; scoring with " in proc.stdout.readline()
         deadline = time.time() + 120
         while True:
             try:
@@ -521,3 +521,47 @@ def test_workers_serve_from_several_processes(trained):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_onnx_runtime_answers_as_pytorch_does(ckpt, trained):
+    paths = sample_images(trained)[:6]
+    with TestClient(serve.create_app(ckpt, runtime="torch")) as c:
+        expected = c.post("/predict", files=as_files(paths)).json()
+    with TestClient(serve.create_app(ckpt, runtime="onnx")) as c:
+        assert c.get("/health").json()["runtime"] == "onnx"
+        got = c.post("/predict", files=as_files(paths)).json()
+        cam = c.post("/gradcam", content=paths[0].read_bytes()).json()
+    for e, g in zip(expected, got):
+        assert g["label"] == e["label"] and g["file"] == e["file"]
+        assert g["probabilities"] == pytest.approx(e["probabilities"], abs=1e-4)
+        assert g["novelty_score"] == pytest.approx(e["novelty_score"], abs=2e-4) and g["known"] == e["known"]
+    assert cam["label"] == expected[0]["label"] and cam["heatmap"].startswith("data:image/png;base64,")
+
+
+def test_onnx_runtime_falls_back_to_pytorch_when_it_cannot_export_or_does_not_match(ckpt, monkeypatch):
+    model = model_from_checkpoint(ckpt)
+    runtime, note = predict.onnx_runtime(model, ckpt)
+    assert runtime is not None and note.startswith("onnxruntime (probabilities within ")
+
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'onnxscript'")
+
+    monkeypatch.setattr(predict, "OnnxFeatures", broken)
+    assert predict.onnx_runtime(model, ckpt) == (
+        None, "onnxruntime unavailable (ModuleNotFoundError: No module named 'onnxscript'); using PyTorch")
+    app = serve.create_app(ckpt, runtime="onnx")
+    assert app.state.runtime.endswith("using PyTorch")
+    with TestClient(app) as c:
+        assert c.get("/health").json()["runtime"] == "torch"
+
+    class Off:  # exports, but its numbers are not PyTorch's
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, x):
+            pen, stats = runtime(x)
+            return pen + 1.0, stats
+
+    monkeypatch.setattr(predict, "OnnxFeatures", Off)
+    runtime_off, note = predict.onnx_runtime(model, ckpt)
+    assert runtime_off is None and "differ from PyTorch's by" in note and note.endswith("(> 0.0001); using PyTorch")
