@@ -22,18 +22,25 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, novelty_of
 from common import UserError, reports_user_errors
 from dataset import BadImage, decode_image, expand_inputs
-from predict import predict_images
+from predict import onnx_runtime, predict_images
 
 
 def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | None = None,
-             reject: bool = False) -> list[dict]:
+             reject: bool = False, runtime: str = "torch") -> list[dict]:
     """One result per path: {'path', 'label', 'confidence', 'probabilities'[, 'novelty_score', 'known']} or
-    {'path', 'error'}."""
+    {'path', 'error'}. runtime 'onnx': scored by onnxruntime when it exports and matches PyTorch (a note on
+    stderr says which)."""
     novelty_of(ckpt, needed_by="--reject" if reject else "")  # before decoding anything
     model = model_from_checkpoint(ckpt)
+    onnx = None
+    if runtime == "onnx":
+        onnx, note = onnx_runtime(model, ckpt, torch.get_num_threads())
+        print(f"scoring with {note}", file=sys.stderr)
     results, images, good = [], [], []
     for p in paths:
         try:
@@ -44,7 +51,7 @@ def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | 
             results.append({"path": str(p)})
         except BadImage as e:
             results.append({"path": str(p), "error": str(e)})
-    for i, prediction in zip(good, predict_images(model, ckpt, images, threshold, tta, reject)):
+    for i, prediction in zip(good, predict_images(model, ckpt, images, threshold, tta, reject, runtime=onnx)):
         results[i].update(prediction)
     return results
 
@@ -95,13 +102,16 @@ def main(argv: list[str] | None = None) -> int:
                              "(the score and threshold stored at the end of training)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the mirrored image (default: as in training)")
+    parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                        help="what scores the images: PyTorch (default) or onnxruntime, exported at start (a few "
+                             "seconds, paid back on large folders) and checked against PyTorch within 1e-4")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
     ckpt = load_checkpoint(args.checkpoint)
     columns = csv_columns(args.csv_columns, ckpt["classes"], novelty_of(ckpt) is not None)
     paths = expand_inputs(args.image)
-    results = classify(paths, ckpt, args.threshold, args.tta, args.reject)
+    results = classify(paths, ckpt, args.threshold, args.tta, args.reject, args.runtime)
     for r in results:
         # With --reject: "dog  0.97  novelty 1.52 known" or "unknown  0.91  novelty 9.80 no known class".
         novelty = (f"  novelty {r['novelty_score']:.2f} {'known' if r['known'] else 'no known class'}"

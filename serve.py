@@ -13,8 +13,9 @@ in order), POST /gradcam (one image: the same object plus a Grad-CAM heatmap as 
 Bad input gets a 4xx answer {"error": "..."} with the reason inference.py gives; the server keeps serving.
 Requests that arrive together are decoded in parallel and their images scored in one forward pass (--max-batch,
 --max-wait-ms); each answer is the one its request would get alone (the same label; confidence and novelty
-score to float rounding, 1e-4). A request not answered within --timeout-s
-gets a 503.
+score to float rounding, 1e-4). A request not answered within --timeout-s gets a 503. The network runs in
+onnxruntime (--runtime onnx, the default: exported at start and checked against PyTorch within 1e-4, PyTorch
+when that fails) or PyTorch (--runtime torch).
 """
 from __future__ import annotations
 

@@ -134,3 +134,19 @@ def test_threshold_answers_unknown_with_the_stored_temperature(trained, tmp_path
     assert inference.main(["--image", folder, "--json", "--threshold", "0.4", "--checkpoint", str(path)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert all(r["label"] in ("cat", "dog") for r in rows)
+
+
+def test_onnx_runtime_gives_the_answers_pytorch_gives(trained, capsys):
+    folder = trained["data"] / "test"
+    args = ["--image", str(folder), "--json", "--reject", "--checkpoint", str(trained["checkpoint"])]
+    assert inference.main(args) == 0
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert inference.main(args + ["--runtime", "onnx"]) == 0
+    out = capsys.readouterr()
+    got = [json.loads(line) for line in out.out.splitlines()]
+    assert out.err.startswith("scoring with onnxruntime (probabilities within ")
+    assert [g["path"] for g in got] == [e["path"] for e in expected]
+    for g, e in zip(got, expected):
+        assert (g["label"], g["known"]) == (e["label"], e["known"])
+        assert g["probabilities"] == pytest.approx(e["probabilities"], abs=1e-4)
+        assert g["novelty_score"] == pytest.approx(e["novelty_score"], abs=2e-4)
