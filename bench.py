@@ -75,7 +75,7 @@ def bench_ours(cfg: TrainConfig, scratch: str) -> dict:
     decode_s = time.time() - t0
     n_images = len(tr.paths) + len(va.paths) + len(tr.bad) + len(va.bad)
     flags, name = training_flags(cfg, scratch)
-    run_script("train.py", flags, stdout=sys.stderr)  # our stdout: the result only
+    run_script("train.py", flags, stdout=sys.__stderr__)  # our stdout: the result only
     summary = read_summary(cfg.log_dir, name)
     hist = summary["history"]
     later = hist[1:] or hist

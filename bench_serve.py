@@ -53,7 +53,7 @@ def train_default_model(work: Path) -> Path:
     flags = ["--data", str(data), "--epochs", "1", "--workers", "0", "--out-dir", str(work / "models"),
              "--log-dir", str(work / "logs"), "--curves-dir", str(work / "curves"), "--cache-dir",
              str(work / "cache"), "--run-name", "bench_serve"]
-    run_script("train.py", flags, stdout=sys.stderr)  # stdout keeps only the figures
+    run_script("train.py", flags, stdout=sys.__stderr__)  # stdout keeps only the figures
     return work / "models" / "best_model.pth"
 
 

@@ -48,7 +48,7 @@ def test_bench_runs_the_baseline_from_a_clone_without_shared(tmp_path):
                            "--", "--batch-size", "8", "--image-size", "32", "--width", "8"],
                           cwd=clone, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
+    result = json.loads(proc.stdout)  # stdout holds the result only; train.py's lines go to stderr
     base = result["baseline"]
     assert base["epochs"] == 2 and len(base["val_acc_per_epoch"]) == 2
     assert base["train_images_per_s"] > 0 and 0 <= base["best_val_acc"] <= 1
