@@ -306,7 +306,7 @@ class OnnxFeatures:
         names = ["penultimate"] + [f"stage{i}" for i in range(self.stages)]
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-            path = export_onnx(FeatureNet(model), torch.zeros(2, channels, image_size, image_size),
+            path = export_onnx(FeatureNet(model).eval(), torch.zeros(2, channels, image_size, image_size),
                                Path(folder) / "features.onnx", names)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
