@@ -321,7 +321,8 @@ def scale_main(argv: list[str]) -> int:
         for placement in ("map",) if args.skip_ram else ("map", "ram"):
             step_cfg = dataclasses.replace(cfg, data_placement="map" if placement == "map" else "device")
             runs[placement].append(_measure_in_subprocess("train", step_cfg))
-    result = {**provenance("bench.py", ["scale", *argv]), "data": str(data), "images": cold["images"], "image_size": args.size, "channels": args.channels,
+    result = {**provenance("bench.py", ["scale", *argv]), "data": str(data), "images": cold["images"],
+              "image_size": args.size, "channels": args.channels,
               "pixel_bytes": cold["pixel_bytes"], "cold_decode": cold, "warm_load": warm,
               "train_map": runs["map"], "train_ram": runs["ram"]}
     if runs["ram"]:

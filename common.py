@@ -1,5 +1,6 @@
 """Small pieces every script shares: the user-error type, split names, image extensions, device choice, atomic
-writes, where a benchmark's figures come from (command, commit, date, machine) and their Markdown tables. The bottom of the import graph: it imports no other module of this project.
+writes, where a benchmark's figures come from (command, commit, date, machine) and their Markdown tables. The
+bottom of the import graph: it imports no other module of this project.
 
 Usage (from other scripts):
     raise UserError("no dataset at ...")      # a @reports_user_errors main() prints it as one line, exit code 2

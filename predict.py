@@ -8,6 +8,7 @@ Usage:
     scores = score_images(model, images, states, tta=True)       # {novelty score name: scores}, chunk by chunk
     results = predict_images(model, ckpt, decoded_images)         # labels, confidences, novelty: what users see
     cam = explain(model, normalize(image[None], norm), "auto", tta=True).cam   # Grad-CAM heatmap
+    runtime, note = onnx_runtime(model, ckpt)   # onnxruntime, checked against PyTorch; then runtime=runtime above
 No prediction builds an autograd graph (torch.inference_mode; no_grad for the features, which the novelty scores
 are fitted on): a batch's activations are freed as soon as it is scored.
 """
@@ -209,13 +210,14 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
     rot = unwrap(model).rot if has_rotation_head(model) else None
     model.eval()
     penultimate, stats, surprise = [], [], []
+
+    def features(v: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with amp(device, amp_dtype):
+            maps, pen = forward_stages(model, v)
+        return pen.float(), [stage_statistics(m) for m in maps]  # the feature maps are freed on return
+
     for x in normalized_batches(images, batch_size or feature_batch_size(images), device, normalization,
                                 channels_last):
-        def features(v: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            with amp(device, amp_dtype):
-                maps, pen = forward_stages(model, v)
-            return pen.float(), [stage_statistics(m) for m in maps]  # the feature maps are freed on return
-
         passes = per_view(runtime or features, x, tta)  # (penultimate, [statistics per stage]) of each view
         penultimate.append(torch.stack([p for p, _ in passes]).mean(0).cpu())
         stats.append([torch.stack([st[i] for _, st in passes]).mean(0).cpu() for i in range(len(stages))])

@@ -17,17 +17,18 @@ COMMAND = re.compile(r"python (\w+)\.py((?: [^\s`#]+)*)")
 
 
 def readme_commands(text: str) -> list[tuple[str, str, list[str]]]:
-    """(script, subcommand or '', flags) of every `python X.py ...` in the text; for bench.py the flags after a
-    bare `--` are train.py's, listed as their own command."""
+    """(script, subcommand or '', flags) of every `python X.py ...` in the text; the flags after a bare `--` are
+    train.py's (bench.py) or serve.py's (bench_serve.py), listed as their own command."""
     out = []
     for script, args in COMMAND.findall(text):
         words = args.split()
         ours, theirs = (words[:words.index("--")], words[words.index("--") + 1:]) if "--" in words else (words, [])
-        sub = ours[0] if ours and not ours[0].startswith("-") and script in ("bench", "dataset", "novelty") \
-            and ours[0].isalpha() and ours[0] not in ("DATA",) else ""
+        sub = ours[0] if ours and not ours[0].startswith("-") and ours[0].isalpha() and ours[0] != "DATA" \
+            and script in ("bench", "bench_serve", "dataset", "novelty") else ""
         out.append((script, sub, [w.split("=")[0] for w in ours if w.startswith("--")]))
         if theirs:
-            out.append(("train", "", [w.split("=")[0] for w in theirs if w.startswith("--")]))
+            out.append(("serve" if script == "bench_serve" else "train", "",
+                        [w.split("=")[0] for w in theirs if w.startswith("--")]))
     return out
 
 
@@ -41,9 +42,11 @@ def help_text(script: str, sub: str) -> str:
 
 def test_readme_commands_are_found():
     found = readme_commands("run `python train.py --data X --epochs 3` then\n    python bench.py scale --images 9 -- "
-                            "--width 8\n    python inference.py --image a.jpg  # --not-a-flag")
+                            "--width 8\n    python inference.py --image a.jpg  # --not-a-flag\n"
+                            "    python bench_serve.py screenshot --size 9,9 -- --threads 1")
     assert found == [("train", "", ["--data", "--epochs"]), ("bench", "scale", ["--images"]),
-                     ("train", "", ["--width"]), ("inference", "", ["--image"])]
+                     ("train", "", ["--width"]), ("inference", "", ["--image"]),
+                     ("bench_serve", "screenshot", ["--size"]), ("serve", "", ["--threads"])]
 
 
 @pytest.mark.parametrize("doc", ["README.md", "BENCHMARKS.md"])
