@@ -208,6 +208,42 @@ async def read_uploads(request: Request) -> list[tuple[str | None, bytes]]:
         return [(f.filename, await f.read()) for f in items]
 
 
+async def in_time(work, timeout_s: float) -> object:
+    """The answer of `work` (an awaitable), or a 503 once timeout_s have passed without one."""
+    try:
+        return await asyncio.wait_for(work, timeout_s)
+    except TimeoutError:
+        raise ApiError(503, f"no answer within {timeout_s:g} s: the server is too busy (--timeout-s); "
+                            f"try again later") from None
+
+
+def decode_uploads(uploads: list[tuple[str | None, bytes]], size: int, channels: int
+                   ) -> tuple[list[dict], list, list[int]]:
+    """Every upload decoded as the model takes it: the answers so far ({'file'} and the 'error' of unreadable
+    ones), the readable images, and the answers those belong to."""
+    results, images, good = [], [], []
+    for filename, data in uploads:
+        results.append({} if filename is None else {"file": filename})
+        try:
+            images.append(decode_bytes(data, size, channels))
+            good.append(len(results) - 1)
+        except BadImage as e:
+            results[-1]["error"] = str(e)
+    return results, images, good
+
+
+def merged(results: list[dict], good: list[int], predictions: list[dict]) -> list[dict]:
+    """The predictions put into their uploads' answers (decode_uploads). Any unreadable upload makes it a 400
+    whose 'results' (when there are several images) still answer the readable ones."""
+    for i, prediction in zip(good, predictions):
+        results[i].update(prediction)
+    bad = [r for r in results if "error" in r]
+    if bad:
+        message = "; ".join(f"{r['file']}: {r['error']}" if "file" in r else r["error"] for r in bad)
+        raise ApiError(400, message, **({"results": results} if len(results) > 1 else {}))
+    return results
+
+
 def metrics_registry(load_seconds: float) -> tuple[CollectorRegistry, dict]:
     """The server's Prometheus metrics, in a registry of their own (one per app): requests by endpoint and status,
     request seconds, batch sizes, seconds in the batch queue, and the model's load time."""
@@ -306,42 +342,10 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
     async def http_error(request: Request, e: HTTPException):  # 404, 405, a malformed multipart body...
         return error_response(ApiError(e.status_code, str(e.detail)))
 
-    async def in_time(work) -> object:
-        """The answer of `work` (an awaitable), or a 503 once timeout_s have passed without one."""
-        try:
-            return await asyncio.wait_for(work, timeout_s)
-        except TimeoutError:
-            raise ApiError(503, f"no answer within {timeout_s:g} s: the server is too busy (--timeout-s); "
-                                f"try again later") from None
-
-    def decode_uploads(uploads: list[tuple[str | None, bytes]]) -> tuple[list[dict], list, list[int]]:
-        """Every upload decoded: the answers so far ({'file'} and the 'error' of unreadable ones), the readable
-        images, and the answers those belong to."""
-        results, images, good = [], [], []
-        for filename, data in uploads:
-            results.append({} if filename is None else {"file": filename})
-            try:
-                images.append(decode_bytes(data, size, channels))
-                good.append(len(results) - 1)
-            except BadImage as e:
-                results[-1]["error"] = str(e)
-        return results, images, good
-
-    def merged(results: list[dict], good: list[int], predictions: list[dict]) -> list[dict]:
-        """The predictions put into their uploads' answers. Any unreadable upload makes it a 400 whose 'results'
-        (when there are several images) still answer the readable ones."""
-        for i, prediction in zip(good, predictions):
-            results[i].update(prediction)
-        bad = [r for r in results if "error" in r]
-        if bad:
-            message = "; ".join(f"{r['file']}: {r['error']}" if "file" in r else r["error"] for r in bad)
-            raise ApiError(400, message, **({"results": results} if len(results) > 1 else {}))
-        return results
-
     def predict_and_explain(upload: tuple[str | None, bytes]) -> dict:
         """The prediction of one upload and the Grad-CAM heatmap of the class it predicts (predict.explain, with
         the same mirror averaging and temperature as the prediction)."""
-        results, images, good = decode_uploads([upload])
+        results, images, good = decode_uploads([upload], size, channels)
         result = merged(results, good, predict_images(model, ckpt, images, threshold, tta, runtime=onnx))[0]
         probs = result["probabilities"]
         k = classes.index(result["label"] if result["label"] in classes else max(probs, key=probs.get))
@@ -376,8 +380,8 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         """One object per image, in order: label, confidence, probabilities (as inference.py --json)."""
         uploads = await read_uploads(request)
         loop = asyncio.get_running_loop()
-        results, images, good = await loop.run_in_executor(decode_pool, decode_uploads, uploads)
-        return merged(results, good, await in_time(batcher.submit(images)) if images else [])
+        results, images, good = await loop.run_in_executor(decode_pool, decode_uploads, uploads, size, channels)
+        return merged(results, good, await in_time(batcher.submit(images), timeout_s) if images else [])
 
     @app.post("/gradcam", openapi_extra=UPLOAD_DOC)
     async def explain_one(request: Request):
@@ -385,7 +389,8 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         uploads = await read_uploads(request)
         if len(uploads) != 1:
             raise ApiError(400, f"/gradcam takes one image, not {len(uploads)}")
-        return await in_time(asyncio.get_running_loop().run_in_executor(pool, predict_and_explain, uploads[0]))
+        return await in_time(asyncio.get_running_loop().run_in_executor(pool, predict_and_explain, uploads[0]),
+                             timeout_s)
 
     return app
 
