@@ -280,10 +280,15 @@ def fpr_at_tpr(known_scores: torch.Tensor, unknown_scores: torch.Tensor, tpr: fl
     return accepted(unknown_scores, threshold_for_accept_rate(known_scores, tpr)).double().mean().item()
 
 
-def separation_report(known_scores: torch.Tensor, unknown_scores: torch.Tensor, threshold: float) -> dict:
-    """AUROC, FPR at 95% TPR, and at `threshold` the shares of known images rejected and unknown ones accepted."""
+def separation(known_scores: torch.Tensor, unknown_scores: torch.Tensor) -> dict:
+    """How well a score tells unknown images from known ones: AUROC and FPR at 95% TPR."""
     return {"auroc": auroc(known_scores, unknown_scores),
-            "fpr_at_95_tpr": fpr_at_tpr(known_scores, unknown_scores, 0.95),
+            "fpr_at_95_tpr": fpr_at_tpr(known_scores, unknown_scores, 0.95)}
+
+
+def separation_report(known_scores: torch.Tensor, unknown_scores: torch.Tensor, threshold: float) -> dict:
+    """separation(), and at `threshold` the shares of known images rejected and unknown ones accepted."""
+    return {**separation(known_scores, unknown_scores),
             "known_rejected": (~accepted(known_scores, threshold)).double().mean().item(),
             "unknown_accepted": accepted(unknown_scores, threshold).double().mean().item()}
 
@@ -319,9 +324,6 @@ def unknown_report(chosen: str, threshold: float, known_scores: dict[str, torch.
     the shares of known images rejected and unknown ones accepted; "by_score" gives AUROC and FPR for every
     stored score, and with `groups` (folder_groups of the unknown images) the same per group under its
     "by_folder". `known_scores` and `unknown_scores` are score_images (or scores_by_name) outputs."""
-    def separation(known: torch.Tensor, unknown: torch.Tensor) -> dict:
-        return {"auroc": auroc(known, unknown), "fpr_at_95_tpr": fpr_at_tpr(known, unknown, 0.95)}
-
     out = {"score": chosen, "known_images": len(known_scores[chosen]), "unknown_images": len(unknown_scores[chosen]),
            **separation_report(known_scores[chosen], unknown_scores[chosen], threshold)}
     out["by_score"] = {name: separation(known_scores[name], unknown_scores[name]) for name in known_scores}
@@ -352,7 +354,7 @@ def report_by_group(known: torch.Tensor, unknown_by_group: dict[str, torch.Tenso
                     ) -> dict[str, dict]:
     """{group: {"images", "auroc", "fpr_at_95_tpr", "unknown_accepted"}}: each group's unknown scores (from
     split_by_group) against all the known ones, one score's, in the groups' order."""
-    return {g: {"images": len(u), "auroc": auroc(known, u), "fpr_at_95_tpr": fpr_at_tpr(known, u, 0.95),
+    return {g: {"images": len(u), **separation(known, u),
                 "unknown_accepted": accepted(u, threshold).double().mean().item()}
             for g, u in unknown_by_group.items()}
 
