@@ -459,13 +459,17 @@ def main(argv: list[str] | None = None) -> int:
                 "tta": args.tta, "threads": args.threads, "torch_threads": args.torch_threads,
                 "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "timeout_s": args.timeout_s,
                 "runtime": args.runtime}
-    app = app_from_settings(settings)  # in this process, also with --workers: a bad checkpoint stops here
+    if args.workers > 1:  # each worker builds its own app (app_from_environment); here only the checkpoint's check
+        app, classes = None, load_checkpoint(args.checkpoint)["classes"]
+        runtime = ("onnxruntime" if args.runtime == "onnx" else "PyTorch") + ", set up by each process"
+    else:
+        app = app_from_settings(settings)
+        classes, runtime = app.state.classes, app.state.runtime
     where = "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "reachable from the network"
-    print(f"serving {args.checkpoint} ({', '.join(app.state.classes)}) at http://{args.host}:{args.port}/ ({where})"
+    print(f"serving {args.checkpoint} ({', '.join(classes)}) at http://{args.host}:{args.port}/ ({where})"
           + (f" in {args.workers} processes" if args.workers > 1 else "")
-          + f"; scoring with {app.state.runtime}; Ctrl+C stops", flush=True)
-    if args.workers > 1:  # each worker process builds its own app from the settings (app_from_environment)
-        del app
+          + f"; scoring with {runtime}; Ctrl+C stops", flush=True)
+    if app is None:
         os.environ[SETTINGS_VARIABLE] = json.dumps(settings)
         uvicorn.run("serve:app_from_environment", factory=True, workers=args.workers, app_dir=str(PAGE.parents[1]),
                     host=args.host, port=args.port, log_level=args.log_level)
