@@ -165,12 +165,28 @@ def load(port: int, image: bytes, clients: int, requests: int, bad_every: int = 
     return row
 
 
-def screenshot(argv: list[str]) -> int:
-    """`bench_serve.py screenshot`: serve.py's page with an image's answer on it, saved as a PNG."""
+def headless_chromium(profile: str | Path, size: str = "390,844", *flags: str):
+    """Debian's chromium in headless mode, driven through chromium-driver by selenium, with its own profile folder,
+    a window of `size` ("width,height", CSS pixels; default a phone's) and any further chromium `flags`."""
     import shutil
 
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        raise UserError("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={size}", *flags):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def screenshot(argv: list[str]) -> int:
+    """`bench_serve.py screenshot`: serve.py's page with an image's answer on it, saved as a PNG."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     parser = argparse.ArgumentParser(prog="bench_serve.py screenshot", description=screenshot.__doc__)
@@ -179,28 +195,23 @@ def screenshot(argv: list[str]) -> int:
     parser.add_argument("--out", default="serve_page.png", help="where the PNG goes (default: serve_page.png)")
     parser.add_argument("--size", default="390,760", help="window width,height in CSS pixels (default: a phone)")
     args = parser.parse_args(argv)
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        raise UserError("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
     port = free_port()
     server = start_server(Path(args.checkpoint).resolve(), port, [])
-    with tempfile.TemporaryDirectory() as profile:
-        options = webdriver.ChromeOptions()
-        options.binary_location = chromium
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                     f"--user-data-dir={profile}", f"--window-size={args.size}", "--hide-scrollbars"):
-            options.add_argument(flag)
-        browser = webdriver.Chrome(service=Service(driver), options=options)
-        try:
-            browser.get(f"http://127.0.0.1:{port}/")
-            browser.find_element("id", "file").send_keys(str(Path(args.image).resolve()))
-            WebDriverWait(browser, 60).until(lambda b: b.execute_script(
-                "const h = document.getElementById('heatmap'); return !h.hidden && h.complete && h.naturalWidth > 0;"))
-            browser.save_screenshot(args.out)
-        finally:
-            browser.quit()
-            server.terminate()
-            server.wait(timeout=30)
+    try:
+        with tempfile.TemporaryDirectory() as profile:
+            browser = headless_chromium(profile, args.size, "--hide-scrollbars")
+            try:
+                browser.get(f"http://127.0.0.1:{port}/")
+                browser.find_element("id", "file").send_keys(str(Path(args.image).resolve()))
+                WebDriverWait(browser, 60).until(lambda b: b.execute_script(
+                    "const h = document.getElementById('heatmap'); return !h.hidden && h.complete && "
+                    "h.naturalWidth > 0;"))
+                browser.save_screenshot(args.out)
+            finally:
+                browser.quit()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
     print(f"wrote {args.out}")
     return 0
 

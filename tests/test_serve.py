@@ -1,6 +1,7 @@
 """serve.py: the HTTP API through FastAPI's test client, a real server over sockets, and the page in Chromium."""
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import shutil
@@ -17,8 +18,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -363,12 +362,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(trained):
-    """`python serve.py` in a subprocess on a free localhost port: {'url', 'port', 'banner'}."""
+@contextlib.contextmanager
+def serve_process(checkpoint: Path, *flags: str):
+    """`python serve.py` in a subprocess on a free localhost port, once /health answers: {'url', 'port',
+    'banner' (its first line), 'proc'}; stopped at the end."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(trained["checkpoint"]), "--port",
-                             str(port), "--max-upload-mb", "1", "--log-level", "warning"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(checkpoint), "--port", str(port),
+                             "--log-level", "warning", *flags], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -382,10 +382,16 @@ def server(trained):
                 if proc.poll() is not None or time.time() > deadline:
                     pytest.fail(f"serve.py did not start: {banner}{proc.stdout.read() if proc.poll() else ''}")
                 time.sleep(0.2)
-        yield {"url": url, "port": port, "banner": banner}
+        yield {"url": url, "port": port, "banner": banner, "proc": proc}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    with serve_process(trained["checkpoint"], "--max-upload-mb", "1") as running:
+        yield running
 
 
 def raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:
@@ -427,13 +433,7 @@ def test_page_in_headless_chromium(server, tmp_path):
         request = urllib.request.Request(f"{server['url']}/predict", data=f.read(), method="POST")
     expected = json.loads(urllib.request.urlopen(request, timeout=30).read())[0]
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=390,844"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver), options=options)
+    browser = bench_serve.headless_chromium(tmp_path / "profile", "390,844")
     try:
         browser.get(server["url"] + "/")
         wait = WebDriverWait(browser, 60)
@@ -498,29 +498,15 @@ def test_bench_serve_screenshot_saves_the_page_with_an_answer(trained, tmp_path)
 
 @pytest.mark.slow
 def test_workers_serve_from_several_processes(trained):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(trained["checkpoint"]), "--port",
-                             str(port), "--workers", "2", "--log-level", "warning"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert "(this machine only) in 2 processes; scoring with " in proc.stdout.readline()
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "serve.py --workers 2 did not start"
-                time.sleep(0.5)
+    with serve_process(trained["checkpoint"], "--workers", "2") as running:
+        assert "(this machine only) in 2 processes; scoring with " in running["banner"]
         image = sample_images(trained)[0].read_bytes()
         answers = [json.loads(urllib.request.urlopen(urllib.request.Request(
-            f"http://127.0.0.1:{port}/predict", data=image, method="POST"), timeout=30).read()) for _ in range(6)]
+            f"{running['url']}/predict", data=image, method="POST"), timeout=30).read()) for _ in range(6)]
         assert all(a == answers[0] for a in answers) and answers[0][0]["label"] in ("cat", "dog")
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = subprocess.run(["pgrep", "-P", str(running["proc"].pid)], capture_output=True,
+                                 text=True).stdout.split()
         assert len(workers) >= 2  # uvicorn's worker processes (and its resource tracker)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_onnx_runtime_answers_as_pytorch_does(ckpt, trained):
