@@ -90,10 +90,11 @@ class TrainConfig:
                                 "--rotation-share of each batch was given (0 = no rotation head)")
     rotation_share: float = _f(0.25, "share of each batch copied, turned and given to the rotation head")
     other: str = _f("", "folder of images of no class (any layout), e.g. what users send by mistake: trained "
-                    "towards a uniform prediction (outlier exposure); never a class, never in the accuracy")
+                    "to hold little evidence for any class (energy-margin outlier exposure); never a class, never "
+                    "in the accuracy")
     other_synthetic: int = _f(500, "generated far-away images (novelty.py: shapes, text, noise...) added to the "
                               "--other images, so that they are more varied")
-    other_weight: float = _f(0.5, "weight of the --other images' loss (cross-entropy to the uniform prediction)")
+    other_weight: float = _f(0.1, "weight of the --other images' loss (metrics.energy_margin_loss)")
     other_share: float = _f(0.5, "--other images added to each batch, as a share of the batch size")
     accept_rate: float = _f(0.95, "share of known (val) images the stored novelty threshold accepts")
     novelty_max_images: int = _f(20_000, "fit the novelty score on a stratified sample of this many train images "

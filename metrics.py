@@ -66,10 +66,13 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return F.cross_entropy(logits.float(), labels, reduction="sum").item() if len(labels) else 0.0
 
 
-def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the softmax of logits against the uniform distribution over the classes: the loss
-    that pushes images of no class towards "equally every class" (outlier exposure). Its minimum is log(K)."""
-    return -torch.log_softmax(logits, dim=1).mean(1).mean()
+def energy_margin_loss(known_logits: torch.Tensor, other_logits: torch.Tensor, known_margin: float = 3.0,
+                       other_margin: float = 1.0) -> torch.Tensor:
+    """Squared hinges on logsumexp (minus the energy) of the logits (Liu et al. 2020, energy-based outlier exposure):
+    at least known_margin on the known images, at most other_margin on the images of no class; 0 when both hold."""
+    known = torch.relu(known_margin - torch.logsumexp(known_logits, dim=1)).pow(2).mean()
+    other = torch.relu(torch.logsumexp(other_logits, dim=1) - other_margin).pow(2).mean()
+    return known + other
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:

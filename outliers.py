@@ -1,13 +1,13 @@
 """What training adds so that the model can tell its classes from everything else: copies of the batch turned by
 quarter turns for the rotation head (--rotation-weight), and images of no class (--other) pushed towards a
-uniform prediction (outlier exposure).
+prediction with little evidence for any class (energy-margin outlier exposure, metrics.energy_margin_loss).
 
 Usage (from train.py):
     other = load_other_images("photos_of_other_things/", side=128, channels=1, cache_dir="", workers=2,
                               synthetic=500, seed=0, device=device)     # uint8, held in memory
     turned, turns = rotation_copies(x, 0.25, generator)               # x: the augmented batch
     others = other_crops(other, n=64, size=64, normalization=norm, generator=generator)
-    loss = loss + 0.5 * uniform_cross_entropy(logits_of_others)
+    loss = loss + 0.1 * energy_margin_loss(logits_of_batch, logits_of_others)
 """
 from __future__ import annotations
 

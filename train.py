@@ -42,7 +42,7 @@ from config import TrainConfig, format_config, parse_config
 from dataset import Split, augment, fetch_batch, load_training_data, read_data_layout, to_float
 from distributed import (all_reduce_sum, any_rank, close_distributed, init_distributed, is_main_rank,
                          quiet_unless_rank0, rank_world, shard_batches, wrap_for_training)
-from metrics import correct_count, loss_sum, uniform_cross_entropy
+from metrics import correct_count, energy_margin_loss, loss_sum
 from model import build_model, fetch_pretrained, input_normalization, unwrap
 from optimization import (LRSchedule, build_optimizer, class_weight_tensor, ema_of, replan_lr, set_backbone_trainable,
                           train_mode)
@@ -172,8 +172,8 @@ def extra_images(t: Trainer, x: torch.Tensor, cfg: TrainConfig, other: torch.Ten
 def step_loss(t: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
               other: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, its classification part, the batch's class logits) of one training step, in one forward pass: the
-    classification loss on x, plus the rotation loss on its turned copies and the --other images' cross-entropy
-    to the uniform prediction when those are on (extra_images). The train loss reported is the classification
+    classification loss on x, plus the rotation loss on its turned copies and the energy margins of x and the
+    --other images when those are on (extra_images). The train loss reported is the classification
     part alone, comparable with runs without them."""
     turned, turns, others = extra_images(t, x, cfg, other)
     parts = [x] + [p for p in (turned, others) if p is not None]
@@ -188,7 +188,8 @@ def step_loss(t: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cf
         if turned is not None:
             loss = loss + cfg.rotation_weight * F.cross_entropy(rot_logits[n:n + len(turned)].float(), turns)
         if others is not None:
-            loss = loss + cfg.other_weight * uniform_cross_entropy(logits[len(batch) - len(others):].float())
+            loss = loss + cfg.other_weight * energy_margin_loss(logits[:n].float(),
+                                                                logits[len(batch) - len(others):].float())
     return loss, class_loss.detach(), logits[:n]
 
 
