@@ -11,18 +11,24 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 
 from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError
 from config import TrainConfig
-from dataset import decode_files
+from dataset import decode_files, decode_image
 from layout import EMPTY, SKIPPED, Layout, layout_of, layout_splits, walk_files
+from near_duplicates import connected_groups, near_duplicate_pairs
+from plots import plot_gallery, save_figure
 
 TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model
+NEAR_LEAKS_PNG = "near_leaks.png"
 
 
 def file_sha1(path: str | Path) -> str:
@@ -58,6 +64,7 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
     {class: readable images}} with carved val/test counted, unreadable [{path, reason}], modes and formats
     {name: n}, sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not
     what the extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
+    near_duplicates and near_leaks [[paths]] (near-copies within one split / across splits, near_copies), near_seconds,
     empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest /
     smallest train class, None when one is empty), fatal and warnings [messages].
     """
@@ -89,14 +96,18 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
     decoded = decode_files([p for _, _, p in entries], TINY_SIDE, 1, workers, desc="checking")
     modes, formats, sizes = Counter(), Counter(), Counter()
     by_hash, bad_per_split, files_per_split = defaultdict(list), Counter(), Counter()
-    for (split, cls, path), (_, reason) in zip(entries, decoded):
+    thumbs, readable = [], []  # the 32x32 grayscale decodes and (split, path, sha1) of the readable files
+    for (split, cls, path), (pixels, reason) in zip(entries, decoded):
         files_per_split[split] += 1
         if reason:
             bad_per_split[split] += 1
             r["unreadable"].append({"path": rel(path), "reason": reason})
             continue
         r["counts"][split][cls] += 1
-        by_hash[file_sha1(path)].append((split, rel(path)))
+        sha1 = file_sha1(path)
+        by_hash[sha1].append((split, rel(path)))
+        thumbs.append(pixels)
+        readable.append((split, rel(path), sha1))
         header = image_header(path)
         if header is None:
             continue
@@ -118,9 +129,25 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
         if len(group) > 1:
             splits = {s for s, _ in group}
             (r["leaks"] if len(splits) > 1 else r["duplicates"]).append([p for _, p in group])
+    r.update(near_copies(thumbs, readable))
 
     _judge(r, files_per_split, bad_per_split, max_bad_fraction)
     return r
+
+
+def near_copies(thumbs: list, readable: list[tuple[str, str, str]]) -> dict:
+    """near_leaks and near_duplicates: groups of paths that are the same photo resized, re-encoded, cropped a
+    little, mirrored or recolored (near_duplicates.py), across splits / within one; groups of byte-identical
+    files only are left to leaks and duplicates. near_seconds: the time it took."""
+    t0 = time.time()
+    pairs = near_duplicate_pairs(torch.from_numpy(np.stack(thumbs))) if len(thumbs) > 1 else []
+    pairs = [p for p in pairs if readable[p[0]][2] != readable[p[1]][2]]  # identical bytes: reported already
+    out: dict = {"near_leaks": [], "near_duplicates": [], "near_seconds": 0.0}
+    for group in connected_groups(pairs, len(readable)):
+        splits = {readable[i][0] for i in group}
+        out["near_leaks" if len(splits) > 1 else "near_duplicates"].append([readable[i][1] for i in group])
+    out["near_seconds"] = round(time.time() - t0, 1)
+    return out
 
 
 def _judge(r: dict, files: dict, bad: dict, max_bad_fraction: float) -> None:
@@ -155,6 +182,9 @@ def _judge(r: dict, files: dict, bad: dict, max_bad_fraction: float) -> None:
                              "accuracy): remove the copies")
     if r["duplicates"]:
         r["warnings"].append(f"{len(r['duplicates'])} group(s) of identical files within a split")
+    if r["near_leaks"]:
+        r["warnings"].append(f"{len(r['near_leaks'])} group(s) of near-copies (the same photo resized, re-encoded, "
+                             "cropped, mirrored or recolored) span splits: leakage that inflates val/test accuracy")
     if r["unreadable"]:
         r["warnings"].append(f"{len(r['unreadable'])} unreadable file(s) will be skipped "
                              "(move them away with --quarantine DIR)")
@@ -197,6 +227,12 @@ def format_report(r: dict, limit: int = 20) -> str:
             [f"{m['path']}: {m['format']}" for m in r["mismatched"]])
     section("identical files in more than one split (leakage)", [" = ".join(g) for g in r["leaks"]])
     section("identical files within a split", [" = ".join(g) for g in r["duplicates"]])
+    section("near-copies in more than one split (leakage)" + (f", pictured in {r['near_leaks_gallery']}"
+                                                              if r.get("near_leaks_gallery") else ""),
+            [" ~ ".join(g) for g in r["near_leaks"]])
+    if r["near_duplicates"]:
+        lines.append(f"near-copies within a split: {len(r['near_duplicates'])} group(s) of "
+                     f"{sum(map(len, r['near_duplicates']))} images (see --json)")
     section("class folders without image files", r["empty_classes"])
     section("hidden folders, ignored", r["hidden_folders"])
     section(f"skipped for their extension, not one of {' '.join(sorted(IMAGE_EXTENSIONS))} (rename any that are "
@@ -217,6 +253,9 @@ def quarantine(data_dir: str | Path, rel_paths: list[str], dest: str | Path,
     root, dest = Path(data_dir).resolve(), Path(dest).resolve()
     if any(dest.is_relative_to(Path(s).resolve()) for s in split_folders):
         raise UserError(f"--quarantine {dest} is inside the data's split folders; pick a folder outside them")
+    missing = [p for p in rel_paths if not (root / p).is_file()]
+    if missing:  # checked before anything moves: a stale list moves nothing
+        raise UserError(f"{len(missing)} file(s) to quarantine are not under {root}: {', '.join(missing[:5])}")
     moved = []
     for rel_path in rel_paths:
         src = root / rel_path
@@ -232,9 +271,22 @@ def quarantine(data_dir: str | Path, rel_paths: list[str], dest: str | Path,
     return moved
 
 
-def check_data(cfg: TrainConfig, quarantine_dir: str = "", as_json: bool = False) -> int:
-    """Print the report of cfg.data read with cfg's label source and carve (and quarantine unreadable files
-    when asked); 1 when training on this data would fail, 2 when there is no dataset to report on."""
+def near_leak_gallery(root: str | Path, groups: list[list[str]], path: Path, limit: int = 8) -> Path:
+    """A PNG of the first `limit` cross-split groups of near-copies, two images of each side by side."""
+    shown = [g for g in groups[:limit]]
+    images = [torch.from_numpy(decode_image(Path(root) / p if not Path(p).is_absolute() else p, 96, 3))
+              for g in shown for p in g[:2]]
+    captions = [p if len(p) < 30 else "..." + p[-27:] for g in shown for p in g[:2]]
+    return save_figure(plot_gallery(torch.stack(images) if images else torch.zeros(0, 3, 8, 8, dtype=torch.uint8),
+                                    captions, columns=4), path)
+
+
+def check_data(cfg: TrainConfig, quarantine_dir: str = "", as_json: bool = False, listed: list[str] | None = None,
+               sections: dict | None = None, sections_text: str = "", out_dir: str = "") -> int:
+    """Print the report of cfg.data read with cfg's label source and carve, and quarantine when asked: the
+    unreadable files, or the files `listed` (paths relative to DATA, e.g. label_errors.csv's). `sections` (e.g.
+    {"label_errors": ...}) join the JSON and `sections_text` the text before the verdict. 1 when training on this
+    data would fail, 2 when there is no dataset to report on."""
     try:
         lay = layout_of(cfg, need=None)
     except UserError as e:
@@ -243,8 +295,19 @@ def check_data(cfg: TrainConfig, quarantine_dir: str = "", as_json: bool = False
         print(f"data: {cfg.data}\nFATAL: {e}\nverdict: cannot train on this data")
         return 1
     report = data_report(lay, cfg.max_bad_fraction, cfg.workers)
-    if quarantine_dir and report["unreadable"]:
-        report["quarantined"] = quarantine(lay.root, [u["path"] for u in report["unreadable"]], quarantine_dir,
-                                           list(lay.folder_paths.values()))
-    print(json.dumps(report, indent=2) if as_json else format_report(report))
+    report.update(sections or {})
+    if out_dir and report["near_leaks"]:
+        report["near_leaks_gallery"] = str(near_leak_gallery(lay.root, report["near_leaks"],
+                                                             Path(out_dir) / NEAR_LEAKS_PNG))
+    to_move = listed if listed is not None else [u["path"] for u in report["unreadable"]]
+    if quarantine_dir and to_move:
+        report["quarantined"] = quarantine(lay.root, to_move, quarantine_dir, list(lay.folder_paths.values()))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        text = format_report(report)
+        if sections_text:
+            head, verdict = text.rsplit("\n", 1)
+            text = f"{head}\n{sections_text}\n{verdict}"
+        print(text)
     return 1 if report["fatal"] else 0

@@ -7,6 +7,8 @@ Usage:
     python bench.py scale --images 100000                             # memory and speed of the cache at scale
     python bench.py scale --images 100000 --size 128 --channels 3 --work-dir /tmp/bench_data
     python bench.py scale --data ../shared/data/catdog --repeats 2    # map vs in-RAM speed on real data
+    python bench.py near-copies --data PATH/TO/DATA --copies 500 --scale 100000   # near-copy recall, precision, time
+    python bench.py label-errors --data PATH/TO/DATA --flip 0.05      # label-error precision and recall
 
 Prints one JSON object: train images/s for each, our decode time (cold cache), seconds to reach 80/85/90% val
 accuracy for each (null if never; wall time since training started, evaluation included), best val accuracy,
@@ -42,11 +44,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
 from common import (PROJECT_DIR, UserError, markdown_source, markdown_table, provenance, reports_user_errors,
                     run_script)
 from config import TrainConfig, parse_config
-from dataset import load_data
-from layout import Layout, layout_of
+from dataset import decode_files, load_data, load_items, preprocess
+from label_errors import confident_learning, out_of_fold_probs
+from layout import Layout, layout_of, layout_splits
+from near_duplicates import SIDE, altered_copy, connected_groups, near_duplicate_pairs
 from runs import read_summary, unique_run_name
 
 TARGETS = (0.80, 0.85, 0.90)
@@ -332,11 +340,102 @@ def scale_main(argv: list[str]) -> int:
     return 0
 
 
+def near_copies_main(argv: list[str]) -> int:
+    """`near-copies`: --copies val photos altered (near_duplicates.altered_copy) are added to the set's 32 px
+    thumbnails; recall (copies matched to their original), precision (pairs with a copy that are right: its
+    original or a near-copy the untouched set already has of it), the pairs among the untouched photos (named:
+    judge them by eye), seconds; with --scale N, the search's seconds on N distinct images (composites of four
+    quarters of random photos of the set, each mirrored or not)."""
+    parser = argparse.ArgumentParser(prog="bench.py near-copies")
+    parser.add_argument("--data", required=True, metavar="PATH/TO/DATA")
+    parser.add_argument("--copies", type=int, default=500)
+    parser.add_argument("--scale", type=int, default=0, help="also time the search on this many images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    splits = layout_splits(layout_of(TrainConfig(data=args.data, workers=args.workers), need=None))
+    order = ["train", "val"] + [name for name in splits if name not in ("train", "val")]
+    paths = [p for name in order for p, _ in splits.get(name, [])]
+    t0 = time.time()
+    thumbs = torch.stack([torch.from_numpy(a) for a, _ in decode_files(paths, SIDE, 1, args.workers)])
+    decode_seconds = time.time() - t0
+    rng = np.random.default_rng(args.seed)
+    n, first_val = len(paths), len(splits["train"])
+    val = list(range(first_val, first_val + len(splits.get("val", []))))
+    chosen = rng.choice(val or list(range(n)), min(args.copies, len(val or paths)), replace=False).tolist()
+    copies = torch.stack([torch.from_numpy(preprocess(altered_copy(Image.open(paths[i]), rng), SIDE, 1))
+                          for i in chosen])
+    t0 = time.time()
+    pairs = near_duplicate_pairs(torch.cat([thumbs, copies]))
+    search_seconds = time.time() - t0
+    untouched = [(i, j, s) for i, j, s in pairs if j < n]
+    group = {i: g for g in connected_groups(untouched, n) for i in g}
+    right = {(o, n + k) for k, orig in enumerate(chosen) for o in group.get(orig, [orig])}
+    with_copy = [(i, j) for i, j, _ in pairs if j >= n]
+    found = {(i, j) for i, j in with_copy if (i, j) in right}
+    result = {**provenance("bench.py", ["near-copies", *argv]), "data": args.data, "images": n,
+              "copies": len(chosen), "recall": round(len({j for _, j in found}) / max(1, len(chosen)), 4),
+              "precision": round(len(found) / max(1, len(with_copy)), 4),
+              "wrong_pairs": [[paths[i] if i < n else f"copy of {paths[chosen[i - n]]}", f"copy of {paths[chosen[j - n]]}"]
+                              for i, j in with_copy if (i, j) not in right],
+              "untouched_pairs": [[paths[i], paths[j], s] for i, j, s in untouched],
+              "decode_seconds": round(decode_seconds, 1), "search_seconds": round(search_seconds, 1)}
+    if args.scale:
+        quarter = SIDE // 2
+        pick = torch.from_numpy(rng.integers(0, n, (args.scale, 4)))
+        flips = torch.from_numpy(rng.random((args.scale, 4)) < 0.5)
+        parts = [torch.where(flips[:, k, None, None, None], thumbs[pick[:, k]].flip(-1), thumbs[pick[:, k]])
+                 [..., (k // 2) * quarter:(k // 2 + 1) * quarter, (k % 2) * quarter:(k % 2 + 1) * quarter]
+                 for k in range(4)]
+        many = torch.cat([torch.cat(parts[:2], -1), torch.cat(parts[2:], -1)], -2)
+        t0 = time.time()
+        found_many = near_duplicate_pairs(many)
+        result["scale"] = {"images": args.scale, "search_seconds": round(time.time() - t0, 1),
+                           "pairs": len(found_many)}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def label_errors_main(argv: list[str]) -> int:
+    """`label-errors`: --flip of the train labels changed to another class at random (--seed), then the label
+    check (label_errors.py) as check_data.py --label-errors runs it; precision and recall against the flipped
+    images, the seconds, and how many unflipped images it names (real errors, or hard images)."""
+    parser = argparse.ArgumentParser(prog="bench.py label-errors")
+    parser.add_argument("--data", required=True, metavar="PATH/TO/DATA")
+    parser.add_argument("--flip", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    argv = list(argv)
+    train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
+    cfg = dataclasses.replace(parse_config(train_flags), data=args.data)
+    lay = layout_of(cfg, need=None)
+    train = load_items(layout_splits(lay)["train"], lay.classes, "train", cfg.image_size, cfg.channels,
+                       cfg.cache_dir, cfg.workers)
+    generator = torch.Generator().manual_seed(args.seed)
+    flipped = torch.randperm(len(train.labels), generator=generator)[:round(args.flip * len(train.labels))]
+    k = len(lay.classes)
+    train.labels[flipped] = (train.labels[flipped] + torch.randint(1, k, (len(flipped),), generator=generator)) % k
+    probs, seconds = out_of_fold_probs(train, k, cfg, cfg.label_error_folds, cfg.label_error_epochs,
+                                       report=lambda line: print(line, file=sys.stderr))
+    named = {f["index"] for f in confident_learning(probs, train.labels)}
+    truth = set(flipped.tolist())
+    result = {**provenance("bench.py", ["label-errors", *argv]), "data": args.data, "images": len(train.labels),
+              "flipped": len(truth), "named": len(named), "precision": round(len(named & truth) / max(1, len(named)), 4),
+              "recall": round(len(named & truth) / max(1, len(truth)), 4), "unflipped_named": len(named - truth),
+              "folds": cfg.label_error_folds, "epochs": cfg.label_error_epochs, "seconds": round(seconds, 1)}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["scale"]:
         return scale_main(argv[1:])
+    if argv[:1] == ["near-copies"]:
+        return near_copies_main(argv[1:])
+    if argv[:1] == ["label-errors"]:
+        return label_errors_main(argv[1:])
     if argv[:1] == ["_measure"]:  # one step of `scale`, in its own process
         print(json.dumps(measure(argv[1], TrainConfig.from_dict(json.loads(argv[2])))))
         return 0

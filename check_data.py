@@ -1,10 +1,13 @@
-"""Report on a dataset before training: counts, unreadable files and why, duplicates, leakage; quarantine.
+"""Report on a dataset before training: counts, unreadable files and why, duplicates, leakage, likely label
+errors; quarantine.
 
 Usage:
     python check_data.py DATA                          # the report; exit 1 when training on it would fail
     python check_data.py DATA --labels DATA/labels.csv # labels in a table (or --labels-from-name), as train.py
     python check_data.py DATA --json                   # the full report as JSON
     python check_data.py DATA --quarantine bad_files   # move unreadable files out (never deletes)
+    python check_data.py DATA --label-errors           # also list likely wrong labels (K short runs; minutes)
+    python check_data.py DATA --quarantine held_out --listed curves/label_errors.csv   # move those files out
     python train.py --data DATA --check-only           # the same report
 
 DATA is read as train.py reads it (layout.py): class folders with or without split folders, a labels table,
@@ -17,7 +20,8 @@ import sys
 
 from audit import check_data
 from common import reports_user_errors
-from config import CARVE_FIELDS, SOURCE_FIELDS, TrainConfig, add_flags
+from config import CARVE_FIELDS, LABEL_CHECK_FIELDS, SOURCE_FIELDS, TrainConfig, add_flags
+from label_errors import format_label_check, label_check_of_data, read_listed_paths
 
 
 @reports_user_errors
@@ -29,12 +33,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.add_argument("--max-bad-fraction", type=float, default=0.5,
                         help="a split with more unreadable files than this share is fatal")
+    parser.add_argument("--listed", metavar="CSV", default="",
+                        help="with --quarantine: move the files in this CSV's path column (label_errors.csv) "
+                             "instead of the unreadable ones")
+    parser.add_argument("--label-errors", action="store_true",
+                        help="also find likely wrong labels: every train image is predicted by a model trained "
+                             "on the other folds, then confident learning (label_errors.py)")
+    parser.add_argument("--out-dir", default="curves",
+                        help="where near_leaks.png (near-copies across splits), label_errors.csv and .png go")
     parser.add_argument("--workers", type=int, default=2, help="processes that decode images")
-    add_flags(parser, SOURCE_FIELDS + CARVE_FIELDS)
+    fields = SOURCE_FIELDS + CARVE_FIELDS + LABEL_CHECK_FIELDS
+    add_flags(parser, fields)
     args = parser.parse_args(argv)
-    settings = {k: v for k, v in vars(args).items() if k in SOURCE_FIELDS + CARVE_FIELDS}
+    if args.listed and not args.quarantine:
+        parser.error("--listed names files for --quarantine DIR to move: give both")
+    settings = {k: v for k, v in vars(args).items() if k in fields}
     cfg = TrainConfig(data=args.data, max_bad_fraction=args.max_bad_fraction, workers=args.workers, **settings)
-    return check_data(cfg, args.quarantine, args.json)
+    sections, text = {}, ""
+    if args.label_errors:
+        sections["label_errors"] = label_check_of_data(cfg, args.out_dir)
+        text = format_label_check(sections["label_errors"])
+    listed = read_listed_paths(args.listed) if args.listed else None
+    return check_data(cfg, args.quarantine, args.json, listed, sections, text, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,11 @@ class TrainConfig:
     resume: bool = _f(False, "continue from OUT_DIR/last.pth with its settings (flags given override them)")
     config: str = _f("", "start from this saved config.json (LOG_DIR/<run>/config.json); flags given override it")
     check_only: bool = _f(False, "report on the data (counts, unreadable files, duplicates) and exit")
+    find_label_errors: bool = _f(False, "before training, predict every train image with short runs that never saw "
+                                 "it and list the likely wrong labels (label_errors.py); nothing is changed")
+    label_error_folds: int = _f(4, "label check (--find-label-errors, check_data.py --label-errors): folds, each "
+                                "predicted by a model trained on the others")
+    label_error_epochs: int = _f(10, "label check: epochs of each fold's short run")
 
     @property
     def uses_pretrained(self) -> bool:
@@ -136,6 +141,9 @@ class TrainConfig:
             raise UserError(f"--accept-rate must be in (0, 1], not {self.accept_rate}")
         if self.novelty_score == "rotation" and self.rotation_weight <= 0:
             raise UserError("--novelty-score rotation needs the rotation head: give --rotation-weight > 0")
+        if self.label_error_folds < 2 or self.label_error_epochs < 1:
+            raise UserError("--label-error-folds must be at least 2 and --label-error-epochs at least 1, not "
+                            f"{self.label_error_folds} and {self.label_error_epochs}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -163,6 +171,9 @@ def _flag_kwargs(f: dataclasses.Field, hints: dict) -> dict:
 SOURCE_FIELDS = ("labels", "label_columns", "labels_from_name", "name_pattern")
 # What decides the carved val/test splits, besides the source.
 CARVE_FIELDS = ("classes", "val_fraction", "test_fraction", "seed")
+# What check_data.py --label-errors trains with, besides the defaults.
+LABEL_CHECK_FIELDS = ("label_error_folds", "label_error_epochs", "arch", "width", "image_size", "channels",
+                      "batch_size", "cache_dir", "device")
 
 
 def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None,
@@ -197,7 +208,7 @@ def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
 
 
 # What an invocation does rather than how a run trains: not taken over from a saved config.json.
-NOT_SETTINGS = ("run_name", "resume", "check_only", "config")
+NOT_SETTINGS = ("run_name", "resume", "check_only", "config", "find_label_errors")
 
 
 def _fits(value, typ) -> bool:

@@ -35,6 +35,9 @@ from cache import update_cache
 from common import UserError, reports_user_errors
 from config import NORMALIZATION, TrainConfig
 from layout import Layout, format_problems, layout_of, layout_splits, walk_files
+from near_duplicates import connected_groups, cross_and_within, near_duplicate_pairs, thumbnails
+
+NEAR_COPIES_MAX_IMAGES = 200_000  # the start-up check takes about 1 s per 1,500 images on 2 cores
 
 
 # ---------------------------------------------------------------- files
@@ -461,6 +464,7 @@ def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expe
     train, val = load_data(lay, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers, cfg.max_bad_fraction)
     print(f"data: {len(train.paths)} train / {len(val.paths)} val images, classes {classes}, "
           f"loaded in {time.time() - t0:.1f}s")
+    print(near_copies_line(train, val))
     for path, reason in train.bad + val.bad:
         print(f"skipped unreadable image {path}: {reason}")
     if train.bad or val.bad:
@@ -471,6 +475,19 @@ def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expe
     if len(train.paths) < cfg.batch_size:
         print(f"note: only {len(train.paths)} training images; each epoch is one batch of that size")
     return train, val, classes
+
+
+def near_copies_line(train: Split, val: Split, max_images: int = NEAR_COPIES_MAX_IMAGES) -> str:
+    """How many groups of near-copies (near_duplicates.py) lie within train or val and how many span the two
+    (leakage), from the decoded pixels; above max_images it points to check_data.py instead."""
+    n = len(train.paths) + len(val.paths)
+    if n > max_images:
+        return f"near-copies: not checked at start-up above {max_images} images; python check_data.py DATA does"
+    t0 = time.time()
+    images = torch.cat([thumbnails(train.images), thumbnails(val.images)])
+    cross, within = cross_and_within(connected_groups(near_duplicate_pairs(images), n), len(train.paths))
+    return (f"near-copies: {within} group(s) within train or val, {cross} across them"
+            + (" (leakage: python check_data.py DATA names them)" if cross else "") + f", {time.time() - t0:.1f}s")
 
 
 # ---------------------------------------------------------------- where training reads its images

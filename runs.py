@@ -35,13 +35,14 @@ from common import UserError, remove_stale_temp_files
 from config import TrainConfig, format_config
 from dataset import Split, augment, to_float, to_uint8
 from distributed import is_main_rank
+from label_errors import CSV_NAME as LABEL_ERRORS_CSV, GALLERY_NAME as LABEL_ERRORS_PNG
 from plots import plot_gallery, save_figure
 
 TRAINING_CURVES, TRAIN_BATCH, RESULTS = "training_curves.png", "train_batch.png", "results.csv"
 SUMMARY = "summary.json"  # LOG_DIR/<run>/: what the run ended with (train.py's summary; bench.py reads it)
 # What a run leaves at the top of --curves-dir: its plots, and what evaluate.py --out-dir CURVES_DIR wrote.
 RUN_CURVES = (TRAINING_CURVES, TRAIN_BATCH, "metrics.json", "confusion_matrix.png", "most_confident_wrong.png",
-              "most_confident_wrong.csv", "unknown_scores.png", "gradcam_*.png")
+              "most_confident_wrong.csv", "unknown_scores.png", "gradcam_*.png", LABEL_ERRORS_CSV, LABEL_ERRORS_PNG)
 # results.csv columns, the figures of the epoch line; val_top5 only where it is shown (more than 5 classes).
 RESULT_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "epoch_seconds",
                   "train_images_per_s")

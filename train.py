@@ -42,6 +42,7 @@ from config import TrainConfig, format_config, parse_config
 from dataset import Split, augment, fetch_batch, load_training_data, read_data_layout, to_float
 from distributed import (all_reduce_sum, any_rank, close_distributed, init_distributed, is_main_rank,
                          quiet_unless_rank0, rank_world, shard_batches, wrap_for_training)
+from label_errors import format_label_check, label_check
 from metrics import correct_count, energy_margin_loss, loss_sum
 from model import build_model, fetch_pretrained, input_normalization, unwrap
 from optimization import (LRSchedule, build_optimizer, class_weight_tensor, ema_of, replan_lr, set_backbone_trainable,
@@ -350,6 +351,11 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     progress = restore(t, cfg, resume_ckpt) if resume_ckpt is not None else Progress()
     frozen = set_phase(t, cfg, progress.start_epoch + 1)
     make_room(cfg, progress.start_epoch, progress.history)
+    if cfg.find_label_errors:
+        if rank_world()[1] > 1:
+            raise UserError("--find-label-errors runs in one process: run python check_data.py DATA --label-errors "
+                            "first, then torchrun")
+        print(format_label_check(label_check(train, classes, lay.root, cfg, cfg.curves_dir)))
     writer = open_run_log(cfg)
     save_train_batch(cfg, train, classes, t.normalization)
     progress.started = time.time()

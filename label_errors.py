@@ -1,0 +1,215 @@
+"""Likely label errors, found before training: every training image is predicted by a model that never saw it
+(K short runs on the cached pixels, one per fold), then confident learning (Northcutt et al., 2021) names the
+images whose given label loses clearly to another class.
+
+Usage (from check_data.py and train.py):
+    probs, seconds = out_of_fold_probs(train, num_classes, cfg, folds=4, epochs=10)   # train: a dataset.Split
+    found = confident_learning(probs, train.labels)    # [{index, given, suggested, confidence, margin}], worst first
+    rows = label_error_rows(found, train.paths, classes, root)   # what label_errors.csv holds
+    write_label_errors(rows, train.images, out_dir)              # label_errors.csv and label_errors.png
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common import UserError, pick_amp_dtype, pick_device
+from config import TrainConfig
+from dataset import Split, augment, batches, fetch_batch, load_items, to_float
+from layout import layout_of, layout_splits
+from model import build_model, input_normalization
+from optimization import make_optimizer, train_mode, warmup_cosine
+from plots import plot_gallery, save_figure
+from predict import amp, predict_logits
+
+CSV_NAME, GALLERY_NAME = "label_errors.csv", "label_errors.png"
+CSV_COLUMNS = ("path", "given", "suggested", "confidence", "given_probability")
+
+
+def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """A fold number (0..folds-1) for each image: each class is shuffled and dealt round the folds, so every
+    fold holds each class in the same proportion."""
+    fold = torch.empty(len(labels), dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        fold[idx] = torch.arange(len(idx)) % folds
+    return fold
+
+
+def train_short(data: Split, num_classes: int, cfg: TrainConfig, epochs: int, device: torch.device,
+                generator: torch.Generator) -> nn.Module:
+    """A model trained for a few epochs as train.py trains (same architecture, augmentation, AdamW, warmup and
+    cosine, label smoothing, mixed precision), without validation, averaging or checkpoints: enough to predict
+    images it has not seen."""
+    model = build_model(cfg.arch, num_classes, cfg.channels, cfg.width, cfg.image_size).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    steps_per_epoch = max(1, len(data.labels) // cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps_per_epoch, epochs * steps_per_epoch))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    norm, amp_dtype = input_normalization(False, cfg.channels), pick_amp_dtype(device, cfg.amp)
+    labels = data.labels.to(device)
+    train_mode(model)
+    for _ in range(epochs):
+        for idx in batches(len(labels), cfg.batch_size, True, generator, drop_last=True):
+            x = augment(to_float(fetch_batch(data.images, idx, device), norm["mean"], norm["std"]),
+                        cfg.flip, cfg.max_rotation, cfg.max_shift, generator)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with amp(device, amp_dtype):
+                loss = loss_fn(model(x).float(), labels[idx.to(device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return model.eval()
+
+
+def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: int = 4, epochs: int = 10,
+                      report=print) -> tuple[torch.Tensor, float]:
+    """(N, classes) softmax probabilities of every image of `data`, each from the model trained on the other
+    folds (with the mirror image averaged in), and the seconds it took."""
+    t0 = time.time()
+    device = pick_device(cfg.device)
+    fold = stratified_folds(data.labels, folds, cfg.seed)
+    probs = torch.zeros(len(data.labels), num_classes)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for k in range(folds):
+        held = torch.nonzero(fold == k).flatten()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + k)  # the same folds' models whoever calls, and the caller's stream untouched
+            model = train_short(data.subset(torch.nonzero(fold != k).flatten()), num_classes, cfg, epochs, device,
+                                generator)
+        logits = predict_logits(model, data.subset(held).images, device, tta=True, channels_last=cfg.channels_last,
+                                normalization=input_normalization(False, cfg.channels))
+        probs[held] = torch.softmax(logits.float(), 1)
+        report(f"label check: fold {k + 1}/{folds} ({len(held)} images) predicted, {time.time() - t0:.0f}s")
+    return probs, time.time() - t0
+
+
+def confident_learning(probs: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """Confident learning's label issues (Northcutt et al. 2021, pruned by noise rate, as cleanlab's default).
+    Class j's threshold is its average self-confidence (the mean probability of j over the images labelled j); an
+    image counts towards (given y, true j) when j is its most probable class among those that clear their
+    threshold. Those counts, scaled so that each given label's row sums to its image count, estimate how many
+    images labelled y are really j; that many images labelled y, those with the largest margin of j over y, are
+    flagged (only where j is the more probable). Most likely first. Each: index, given, suggested (class
+    indices), confidence (the suggested class's probability), given_probability."""
+    num_classes = probs.shape[1]
+    thresholds = torch.tensor([probs[labels == j, j].mean().item() if (labels == j).any() else 1.0
+                               for j in range(num_classes)])
+    clears = probs >= thresholds
+    suggested = torch.where(clears, probs, torch.full_like(probs, -1.0)).argmax(1)
+    counted = clears.any(1)
+    joint = torch.zeros(num_classes, num_classes)
+    joint.index_put_((labels[counted], suggested[counted]), torch.ones(int(counted.sum())), accumulate=True)
+    sizes = torch.bincount(labels, minlength=num_classes).float()
+    calibrated = joint / joint.sum(1, keepdim=True).clamp(min=1) * sizes[:, None]
+    flagged: dict[int, tuple[int, float]] = {}  # index -> (suggested class, margin)
+    for y in range(num_classes):
+        mine = torch.nonzero(labels == y).flatten()
+        for j in range(num_classes):
+            n = round(calibrated[y, j].item()) if j != y else 0
+            if n == 0 or not len(mine):
+                continue
+            margin = probs[mine, j] - probs[mine, y]
+            top = margin.topk(min(n, len(mine)))
+            for i, m in zip(mine[top.indices].tolist(), top.values.tolist()):
+                if m > 0 and m > flagged.get(i, (j, -1.0))[1]:
+                    flagged[i] = (j, m)
+    order = sorted(flagged, key=lambda i: -flagged[i][1])
+    return [{"index": i, "given": int(labels[i]), "suggested": flagged[i][0],
+             "confidence": round(probs[i, flagged[i][0]].item(), 4),
+             "given_probability": round(probs[i, labels[i]].item(), 4)} for i in order]
+
+
+def label_error_rows(found: list[dict], paths: list[str], classes: list[str], root: str | Path) -> list[dict]:
+    """The flagged images as label_errors.csv rows: path (relative to root when inside it, as check_data.py
+    --quarantine takes it), given and suggested class names, the probabilities."""
+    root = Path(root).absolute()
+
+    def rel(p: str) -> str:
+        try:
+            return Path(p).absolute().relative_to(root).as_posix()
+        except ValueError:
+            return p
+    return [{"path": rel(paths[f["index"]]), "given": classes[f["given"]], "suggested": classes[f["suggested"]],
+             "confidence": f["confidence"], "given_probability": f["given_probability"]} for f in found]
+
+
+def write_label_errors(rows: list[dict], found: list[dict], images, out_dir: str | Path, top: int = 32
+                       ) -> tuple[Path, Path]:
+    """label_errors.csv (every flagged image) and label_errors.png (the `top` most likely, each captioned with
+    its given and suggested label) in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / CSV_NAME
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    shown = torch.tensor([f["index"] for f in found[:top]], dtype=torch.int64)
+    pictures = images[shown] if len(shown) else torch.zeros(0, 1, 8, 8, dtype=torch.uint8)
+    captions = [f"{r['given']} -> {r['suggested']} {r['confidence']:.0%}\n{Path(r['path']).name[:24]}"
+                for r in rows[:top]]
+    return csv_path, save_figure(plot_gallery(pictures, captions), out / GALLERY_NAME)
+
+
+def read_listed_paths(csv_path: str | Path) -> list[str]:
+    """The `path` column of a CSV such as label_errors.csv: the files check_data.py --quarantine moves out."""
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if "path" not in (reader.fieldnames or []):
+            raise UserError(f"{csv_path} has no 'path' column")
+        return [row["path"] for row in reader if row["path"]]
+
+
+def label_check(data: Split, classes: list[str], root: str | Path, cfg: TrainConfig, out_dir: str | Path,
+                report=print) -> dict:
+    """The whole check on a training split: out-of-fold probabilities, confident learning, label_errors.csv and
+    label_errors.png in out_dir. What the report and --json carry: images, folds, epochs, seconds, found (the CSV's
+    rows, most likely first), csv and gallery paths."""
+    report(f"label check: {cfg.label_error_folds} folds x {cfg.label_error_epochs} epochs on {len(data.labels)} "
+           "train images, each predicted by a model that did not see it")
+    probs, seconds = out_of_fold_probs(data, len(classes), cfg, cfg.label_error_folds, cfg.label_error_epochs,
+                                       report)
+    found = confident_learning(probs, data.labels)
+    rows = label_error_rows(found, data.paths, classes, root)
+    csv_path, gallery = write_label_errors(rows, found, data.images, out_dir)
+    agree = (probs.argmax(1) == data.labels).float().mean().item()
+    return {"images": len(data.labels), "folds": cfg.label_error_folds, "epochs": cfg.label_error_epochs,
+            "seconds": round(seconds, 1), "out_of_fold_accuracy": round(agree, 4), "found": rows,
+            "csv": str(csv_path), "gallery": str(gallery)}
+
+
+def format_label_check(summary: dict, limit: int = 20) -> str:
+    """The label check as report lines: the count and where the files are, then the most likely ones."""
+    found = summary["found"]
+    lines = [f"likely label errors: {len(found)} of {summary['images']} train images "
+             f"({summary['folds']} folds x {summary['epochs']} epochs, {summary['seconds']:.0f}s; the folds' models "
+             f"agree with {summary['out_of_fold_accuracy']:.1%} of the given labels, and the weaker they are, the "
+             f"more of these are only hard images); all in {summary['csv']}, the first {min(32, len(found))} in "
+             f"{summary['gallery']}"]
+    lines += [f"  {r['path']}: labelled {r['given']}, looks {r['suggested']} ({r['confidence']:.0%})"
+              for r in found[:limit]]
+    if len(found) > limit:
+        lines.append(f"  ... and {len(found) - limit} more (see the CSV)")
+    if found:
+        lines.append(f"  nothing was changed; to move them out: python check_data.py DATA --quarantine DIR "
+                     f"--listed {summary['csv']}")
+    return "\n".join(lines)
+
+
+def label_check_of_data(cfg: TrainConfig, out_dir: str | Path, report=print) -> dict:
+    """label_check of the train split of cfg.data, read as train.py reads it (check_data.py --label-errors)."""
+    lay = layout_of(cfg, need=None)
+    train = load_items(layout_splits(lay)["train"], lay.classes, "train", cfg.image_size, cfg.channels,
+                       cfg.cache_dir, cfg.workers)
+    return label_check(train, lay.classes, lay.root, cfg, out_dir, report)

@@ -1,0 +1,89 @@
+"""Near-copies (near_duplicates.py): planted copies that are resized, re-encoded, cropped, mirrored and recolored
+are found and distinct images are not; check_data.py names copies across splits as leakage and counts those
+within one; the training start-up line counts them."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import check_data
+from conftest import load_folder
+from dataset import near_copies_line, preprocess
+from near_duplicates import altered_copy, connected_groups, cross_and_within, near_duplicate_pairs, thumbnails
+
+
+def photo(rng: np.random.Generator, side: int = 120) -> Image.Image:
+    """A distinct smooth random picture: a 6x6 random field blown up, with a bright disc somewhere."""
+    field = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), "RGB").resize((side, side),
+                                                                                         Image.BICUBIC)
+    x, y, r = rng.integers(20, side - 20, 2).tolist() + [int(rng.integers(8, 20))]
+    field.paste(tuple(int(v) for v in rng.integers(0, 256, 3)), (x - r, y - r, x + r, y + r))
+    return field
+
+
+def test_planted_near_copies_are_found_and_distinct_pictures_are_not():
+    rng = np.random.default_rng(0)
+    originals = [photo(rng) for _ in range(80)]
+    copies = [altered_copy(originals[i], rng) for i in range(0, 80, 10)]  # 8 copies of images 0, 10, ..., 70
+    assert sum(c.size != (120, 120) for c in copies) >= 6  # resized and cropped: not the same pixels
+    images = torch.stack([torch.from_numpy(preprocess(im, 32, 1)) for im in originals + copies])
+    pairs = near_duplicate_pairs(images)
+    assert {(i, j) for i, j, _ in pairs} == {(10 * k, 80 + k) for k in range(8)}
+    assert all(0.9 < s <= 1.0 for _, _, s in pairs)
+
+
+def test_flat_images_match_nothing_and_groups_join_chains():
+    flat = torch.full((3, 1, 32, 32), 128, dtype=torch.uint8)  # no contrast: no descriptor, not "copies"
+    assert near_duplicate_pairs(flat) == []
+    assert connected_groups([(0, 3, 1.0), (3, 5, 1.0), (1, 2, 1.0)], 6) == [[0, 3, 5], [1, 2]]
+    assert cross_and_within([[0, 3, 5], [1, 2]], 4) == (1, 1)  # 0 and 3 in the first part, 5 in the second
+
+
+def test_thumbnails_are_grayscale_at_32_from_any_size():
+    rgb = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    rgb[:, 0, :32] = 255  # red top half: gray 85 there
+    t = thumbnails(rgb)
+    assert t.shape == (2, 1, 32, 32) and t.dtype == torch.uint8
+    assert t[0, 0, :16].unique().tolist() == [85] and t[0, 0, 16:].unique().tolist() == [0]
+
+
+@pytest.fixture
+def leaky(tmp_path):
+    """train/val folders of distinct pictures, with an altered copy of a val image in train (leakage) and an
+    altered copy of a train image in train (a near-copy within a split)."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "data"
+    for split, n in (("train", 12), ("val", 4)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                photo(rng).save(root / split / cls / f"{cls}{i}.png")
+    altered_copy(Image.open(root / "val" / "dog" / "dog1.png"), rng).save(root / "train" / "dog" / "copy_of_val.jpg")
+    altered_copy(Image.open(root / "train" / "cat" / "cat3.png"), rng).save(root / "train" / "cat" / "again.jpg")
+    return root
+
+
+def test_check_data_names_near_copies_across_splits_and_counts_those_within(leaky, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert check_data.main([str(leaky), "--json", "--workers", "0", "--out-dir", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["near_leaks"] == [["train/dog/copy_of_val.jpg", "val/dog/dog1.png"]]
+    assert report["near_duplicates"] == [["train/cat/again.jpg", "train/cat/cat3.png"]]
+    assert report["leaks"] == [] and report["duplicates"] == []
+    assert (out / "near_leaks.png").stat().st_size > 0
+    assert any("near-copies" in w and "span splits" in w for w in report["warnings"])
+    assert check_data.main([str(leaky), "--workers", "0", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "train/dog/copy_of_val.jpg ~ val/dog/dog1.png" in text
+    assert "near-copies within a split: 1 group(s) of 2 images" in text
+
+
+def test_training_start_up_line_counts_near_copies(leaky):
+    train, val = (load_folder(leaky / s, ["cat", "dog"], 64) for s in ("train", "val"))
+    line = near_copies_line(train, val)
+    assert line.startswith("near-copies: 1 group(s) within train or val, 1 across them (leakage")
+    assert near_copies_line(train, val, max_images=10).startswith("near-copies: not checked")
