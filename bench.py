@@ -404,6 +404,8 @@ def label_errors_main(argv: list[str]) -> int:
     parser.add_argument("--data", required=True, metavar="PATH/TO/DATA")
     parser.add_argument("--flip", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-probs", default="", metavar="FILE",
+                        help="also save the out-of-fold probabilities, the given labels and the flipped images")
     argv = list(argv)
     train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
@@ -417,12 +419,15 @@ def label_errors_main(argv: list[str]) -> int:
     train.labels[flipped] = (train.labels[flipped] + torch.randint(1, k, (len(flipped),), generator=generator)) % k
     probs, seconds = out_of_fold_probs(train, k, cfg, cfg.label_error_folds, cfg.label_error_epochs,
                                        report=lambda line: print(line, file=sys.stderr))
+    if args.save_probs:
+        torch.save({"probs": probs, "labels": train.labels, "flipped": flipped}, args.save_probs)
     named = {f["index"] for f in confident_learning(probs, train.labels)}
     truth = set(flipped.tolist())
     result = {**provenance("bench.py", ["label-errors", *argv]), "data": args.data, "images": len(train.labels),
               "flipped": len(truth), "named": len(named), "precision": round(len(named & truth) / max(1, len(named)), 4),
               "recall": round(len(named & truth) / max(1, len(truth)), 4), "unflipped_named": len(named - truth),
-              "folds": cfg.label_error_folds, "epochs": cfg.label_error_epochs, "seconds": round(seconds, 1)}
+              "folds": cfg.label_error_folds, "epochs": cfg.label_error_epochs, "seconds": round(seconds, 1),
+              "out_of_fold_accuracy_on_given_labels": round((probs.argmax(1) == train.labels).float().mean().item(), 4)}
     print(json.dumps(result, indent=2))
     return 0
 
