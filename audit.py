@@ -68,7 +68,7 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
     empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest /
     smallest train class, None when one is empty), fatal and warnings [messages].
     """
-    root = Path(lay.root).absolute()
+    root = Path(lay.root).resolve()  # the layout resolves it too: DATA given as ../x or through a link
 
     def rel(p: str | Path) -> str:
         try:

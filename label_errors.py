@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import UserError, pick_amp_dtype, pick_device
+from common import UserError, needs_grad_scaler, pick_amp_dtype, pick_device
 from config import TrainConfig
 from dataset import Split, augment, batches, fetch_batch, load_items, to_float
 from layout import layout_of, layout_splits
@@ -55,6 +55,7 @@ def train_short(data: Split, num_classes: int, cfg: TrainConfig, epochs: int, de
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps_per_epoch, epochs * steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     norm, amp_dtype = input_normalization(False, cfg.channels), pick_amp_dtype(device, cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp_dtype))  # fp16 on older GPUs
     labels = data.labels.to(device)
     train_mode(model)
     for _ in range(epochs):
@@ -66,8 +67,9 @@ def train_short(data: Split, num_classes: int, cfg: TrainConfig, epochs: int, de
             with amp(device, amp_dtype):
                 loss = loss_fn(model(x).float(), labels[idx.to(device)])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
     return model.eval()
 
@@ -133,7 +135,7 @@ def confident_learning(probs: torch.Tensor, labels: torch.Tensor) -> list[dict]:
 def label_error_rows(found: list[dict], paths: list[str], classes: list[str], root: str | Path) -> list[dict]:
     """The flagged images as label_errors.csv rows: path (relative to root when inside it, as check_data.py
     --quarantine takes it), given and suggested class names, the probabilities."""
-    root = Path(root).absolute()
+    root = Path(root).resolve()  # as the layout resolves it
 
     def rel(p: str) -> str:
         try:
