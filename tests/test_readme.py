@@ -23,7 +23,7 @@ def readme_commands(text: str) -> list[tuple[str, str, list[str]]]:
     for script, args in COMMAND.findall(text):
         words = args.split()
         ours, theirs = (words[:words.index("--")], words[words.index("--") + 1:]) if "--" in words else (words, [])
-        sub = ours[0] if ours and not ours[0].startswith("-") and ours[0].isalpha() and ours[0] != "DATA" \
+        sub = ours[0] if ours and re.fullmatch(r"[a-z][a-z-]*", ours[0]) \
             and script in ("bench", "bench_serve", "dataset", "novelty") else ""
         out.append((script, sub, [w.split("=")[0] for w in ours if w.startswith("--")]))
         if theirs:
@@ -43,10 +43,12 @@ def help_text(script: str, sub: str) -> str:
 def test_readme_commands_are_found():
     found = readme_commands("run `python train.py --data X --epochs 3` then\n    python bench.py scale --images 9 -- "
                             "--width 8\n    python inference.py --image a.jpg  # --not-a-flag\n"
-                            "    python bench_serve.py screenshot --size 9,9 -- --threads 1")
+                            "    python bench_serve.py screenshot --size 9,9 -- --threads 1\n"
+                            "    python bench.py near-copies --copies 5")
     assert found == [("train", "", ["--data", "--epochs"]), ("bench", "scale", ["--images"]),
                      ("train", "", ["--width"]), ("inference", "", ["--image"]),
-                     ("bench_serve", "screenshot", ["--size"]), ("serve", "", ["--threads"])]
+                     ("bench_serve", "screenshot", ["--size"]), ("serve", "", ["--threads"]),
+                     ("bench", "near-copies", ["--copies"])]
 
 
 @pytest.mark.parametrize("doc", ["README.md", "BENCHMARKS.md"])
