@@ -16,6 +16,8 @@ Usage (from audit.py):
 from __future__ import annotations
 
 import io
+import math
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ GRID = 8            # the descriptor is a GRID x GRID thumbnail
 CROP_SIDES = (30, 28)  # of SIDE = 32: crops of 6% and 12.5%, and the places between, are matched within a pixel
 THRESHOLD = 0.96    # cosine of a near-copy: measured on real photos (bench.py near-copies, BENCHMARKS.md)
 TABLES, BITS = 24, 28  # hash tables and bits per key: a near-copy shares a key in one of them (measured)
+BUCKET_CAP = 16     # entries of one bucket a query is paired with (candidate_pairs)
 
 
 def descriptor(x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,7 @@ def variant_descriptors(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([descriptor(v) for v in crops(images.float())], 1)
 
 
-def hash_keys(desc: torch.Tensor, planes: torch.Tensor, chunk: int = 1 << 15) -> np.ndarray:
+def hash_keys(desc: torch.Tensor, planes: torch.Tensor, chunk: int = 1 << 12) -> np.ndarray:
     """(N, TABLES) int64 keys: for each table, which side of each of its BITS random hyperplanes a descriptor is
     (a chunk of descriptors at a time: the bits of all of them at once would not fit in memory at scale)."""
     powers = 2.0 ** torch.arange(BITS, dtype=torch.float64)
@@ -63,30 +66,28 @@ def hash_keys(desc: torch.Tensor, planes: torch.Tensor, chunk: int = 1 << 15) ->
     return torch.cat(keys).numpy() if keys else np.zeros((0, TABLES), dtype=np.int64)
 
 
-def candidate_pairs(query_keys: np.ndarray, index_keys: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
-    """(M, 2) unique (query, owner of an index entry) pairs whose keys are equal in at least one table, the query's
-    image (query % n) and the owner different. Each table is a sort and a binary search: N log N."""
-    found = []
+def candidate_pairs(query_keys: np.ndarray, index_keys: np.ndarray, owner: np.ndarray, n: int
+                    ) -> Iterator[np.ndarray]:
+    """For each hash table, the (M, 2) unique (query, owner of an index entry) pairs whose keys are equal there, the
+    query's image (query % n) and the owner different. A sort and a binary search per table: N log N. A query
+    pairs with at most BUCKET_CAP entries of its bucket (the first, in index order): images that all look alike
+    (plain backgrounds, generated sets) would otherwise pair with each other, N^2; a group of copies is still
+    joined, each to the first of them."""
     for t in range(query_keys.shape[1]):
         order = np.argsort(index_keys[:, t], kind="stable")
         sorted_keys = index_keys[order, t]
         lo = np.searchsorted(sorted_keys, query_keys[:, t], "left")
-        hi = np.searchsorted(sorted_keys, query_keys[:, t], "right")
-        counts = hi - lo
+        counts = np.minimum(np.searchsorted(sorted_keys, query_keys[:, t], "right") - lo, BUCKET_CAP)
         if not counts.sum():
             continue
         q = np.repeat(np.arange(len(query_keys)), counts)
         starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
-        entries = order[starts + np.arange(counts.sum())]
-        found.append(np.stack([q, owner[entries]], 1))
-    if not found:
-        return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.unique(np.concatenate(found), axis=0)
-    return pairs[pairs[:, 0] % n != pairs[:, 1]]
+        pairs = np.unique(np.stack([q, owner[order[starts + np.arange(counts.sum())]]], 1), axis=0)
+        yield pairs[pairs[:, 0] % n != pairs[:, 1]]
 
 
 def near_duplicate_pairs(images: torch.Tensor, threshold: float = THRESHOLD, seed: int = 0,
-                         chunk: int = 1 << 14) -> list[tuple[int, int, float]]:
+                         chunk: int = 1 << 12) -> list[tuple[int, int, float]]:
     """Pairs (i, j, cosine) of near-copies among uint8 images (N, 1, SIDE, SIDE), i < j, most similar first.
     Each image's whole descriptor and its mirror image's are the queries; every image's variants are the index."""
     n = len(images)
@@ -100,16 +101,16 @@ def near_duplicate_pairs(images: torch.Tensor, threshold: float = THRESHOLD, see
     index = variants.reshape(n * v, -1)
     usable = (index.norm(dim=1) > 0).numpy()
     owner = np.repeat(np.arange(n), v)[usable]
-    pairs = candidate_pairs(hash_keys(queries, planes), hash_keys(index[torch.from_numpy(usable)], planes), owner,
-                            n)
     best: dict[tuple[int, int], float] = {}
-    for start in range(0, len(pairs), chunk):
-        p = torch.from_numpy(pairs[start:start + chunk])
-        sims = (variants[p[:, 1]] @ queries[p[:, 0], :, None]).squeeze(-1).max(1).values
-        hit = sims >= threshold
-        for (q, j), sim in zip(p[hit].tolist(), sims[hit].tolist()):
-            key = (min(q % n, j), max(q % n, j))
-            best[key] = max(best.get(key, -1.0), sim)
+    for pairs in candidate_pairs(hash_keys(queries, planes), hash_keys(index[torch.from_numpy(usable)], planes),
+                                 owner, n):
+        for start in range(0, len(pairs), chunk):
+            p = torch.from_numpy(pairs[start:start + chunk])
+            sims = (variants[p[:, 1]] @ queries[p[:, 0], :, None]).squeeze(-1).max(1).values
+            hit = sims >= threshold
+            for (q, j), sim in zip(p[hit].tolist(), sims[hit].tolist()):
+                key = (min(q % n, j), max(q % n, j))
+                best[key] = max(best.get(key, -1.0), sim)
     return sorted(((i, j, round(sim, 4)) for (i, j), sim in best.items()), key=lambda p: (-p[2], p[0], p[1]))
 
 
@@ -130,9 +131,11 @@ def connected_groups(pairs: list[tuple[int, int, float]], n: int) -> list[list[i
     return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
 
 
-def thumbnails(images, chunk: int = 4096) -> torch.Tensor:
-    """uint8 (N, 1, SIDE, SIDE) grayscale thumbnails of uint8 images (N, C, S, S) (a tensor or a dataset.RowView,
-    read a chunk at a time), as near_duplicate_pairs takes them."""
+def thumbnails(images, max_values: int = 1 << 22) -> torch.Tensor:
+    """uint8 (N, 1, SIDE, SIDE) grayscale thumbnails of uint8 images (N, C, S, S) (a tensor or a dataset.RowView),
+    as near_duplicate_pairs takes them; read a few at a time (max_values pixel values, 16 MiB as floats), so that
+    the check adds little to a training run's memory."""
+    chunk = max(1, max_values // max(1, math.prod(images.shape[1:])))
     out = [F.interpolate(images[i:i + chunk].float().mean(1, keepdim=True), size=SIDE, mode="area").round()
            .to(torch.uint8) for i in range(0, len(images), chunk)]
     return torch.cat(out) if out else torch.zeros(0, 1, SIDE, SIDE, dtype=torch.uint8)
