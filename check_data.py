@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(data=args.data, max_bad_fraction=args.max_bad_fraction, workers=args.workers, **settings)
     sections, text = {}, ""
     if args.label_errors:
-        sections["label_errors"] = label_check_of_data(cfg, args.out_dir)
+        progress = (lambda line: print(line, file=sys.stderr)) if args.json else print  # stdout: the JSON alone
+        sections["label_errors"] = label_check_of_data(cfg, args.out_dir, progress)
         text = format_label_check(sections["label_errors"])
     listed = read_listed_paths(args.listed) if args.listed else None
     return check_data(cfg, args.quarantine, args.json, listed, sections, text, args.out_dir)

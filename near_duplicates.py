@@ -1,6 +1,6 @@
 """Near-duplicates: the same photo resized, re-encoded, cropped a little, mirrored or made brighter or darker,
 found from the small grayscale thumbnails check_data.py already decodes. The search hashes and sorts (N log N)
-instead of comparing every pair (N^2): 4 s for 12k photos, 73-100 s for 100k images on 2 cores (BENCHMARKS.md).
+instead of comparing every pair (N^2): 2.5 s for 12k photos, 40 s for 100k images on 2 cores (BENCHMARKS.md).
 
 Each image is described by its 8x8 mean-pooled thumbnail, centred and scaled to unit length (brightness and
 contrast drop out; resizing and JPEG barely move it). A crop shifts and scales the content, so each image also
