@@ -24,7 +24,7 @@ from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError
 from config import TrainConfig
 from dataset import decode_files, decode_image
 from layout import EMPTY, SKIPPED, Layout, layout_of, layout_splits, walk_files
-from near_duplicates import connected_groups, near_duplicate_pairs
+from near_duplicates import connected_groups, copy_groups, near_duplicate_pairs
 from plots import plot_gallery, save_figure
 
 TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model
@@ -64,7 +64,8 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
     {class: readable images}} with carved val/test counted, unreadable [{path, reason}], modes and formats
     {name: n}, sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not
     what the extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
-    near_duplicates and near_leaks [[paths]] (near-copies within one split / across splits, near_copies), near_seconds,
+    near_duplicates and near_leaks [[paths]] (near-copies within one split / across splits, near_copies),
+    near_lookalike_images (images in groups too large to be copies, not judged), near_seconds,
     empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest /
     smallest train class, None when one is empty), fatal and warnings [messages].
     """
@@ -142,8 +143,9 @@ def near_copies(thumbs: list, readable: list[tuple[str, str, str]]) -> dict:
     t0 = time.time()
     pairs = near_duplicate_pairs(torch.from_numpy(np.stack(thumbs))) if len(thumbs) > 1 else []
     pairs = [p for p in pairs if readable[p[0]][2] != readable[p[1]][2]]  # identical bytes: reported already
-    out: dict = {"near_leaks": [], "near_duplicates": [], "near_seconds": 0.0}
-    for group in connected_groups(pairs, len(readable)):
+    groups, lookalike = copy_groups(connected_groups(pairs, len(readable)))
+    out: dict = {"near_leaks": [], "near_duplicates": [], "near_lookalike_images": lookalike, "near_seconds": 0.0}
+    for group in groups:
         splits = {readable[i][0] for i in group}
         out["near_leaks" if len(splits) > 1 else "near_duplicates"].append([readable[i][1] for i in group])
     out["near_seconds"] = round(time.time() - t0, 1)
@@ -233,6 +235,9 @@ def format_report(r: dict, limit: int = 20) -> str:
     if r["near_duplicates"]:
         lines.append(f"near-copies within a split: {len(r['near_duplicates'])} group(s) of "
                      f"{sum(map(len, r['near_duplicates']))} images (see --json)")
+    if r["near_lookalike_images"]:
+        lines.append(f"near-copies not judged: {r['near_lookalike_images']} images look alike in small thumbnails "
+                     "(one shape on a plain ground?), too many to be copies of one photo")
     section("class folders without image files", r["empty_classes"])
     section("hidden folders, ignored", r["hidden_folders"])
     section(f"skipped for their extension, not one of {' '.join(sorted(IMAGE_EXTENSIONS))} (rename any that are "

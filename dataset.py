@@ -35,7 +35,7 @@ from cache import update_cache
 from common import UserError, reports_user_errors
 from config import NORMALIZATION, TrainConfig
 from layout import Layout, format_problems, layout_of, layout_splits, walk_files
-from near_duplicates import connected_groups, cross_and_within, near_duplicate_pairs, thumbnails
+from near_duplicates import connected_groups, copy_groups, cross_and_within, near_duplicate_pairs, thumbnails
 
 NEAR_COPIES_MAX_IMAGES = 200_000  # the start-up check: 4 s for 12k images, about 45 s for 100k on 2 cores
 
@@ -485,9 +485,12 @@ def near_copies_line(train: Split, val: Split, max_images: int = NEAR_COPIES_MAX
         return f"near-copies: not checked at start-up above {max_images} images; python check_data.py DATA does"
     t0 = time.time()
     images = torch.cat([thumbnails(train.images), thumbnails(val.images)])
-    cross, within = cross_and_within(connected_groups(near_duplicate_pairs(images), n), len(train.paths))
+    groups, lookalike = copy_groups(connected_groups(near_duplicate_pairs(images), n))
+    cross, within = cross_and_within(groups, len(train.paths))
     return (f"near-copies: {within} group(s) within train or val, {cross} across them"
-            + (" (leakage: python check_data.py DATA names them)" if cross else "") + f", {time.time() - t0:.1f}s")
+            + (" (leakage: python check_data.py DATA names them)" if cross else "")
+            + (f"; {lookalike} images look too alike in small thumbnails to judge" if lookalike else "")
+            + f", {time.time() - t0:.1f}s")
 
 
 # ---------------------------------------------------------------- where training reads its images

@@ -29,6 +29,8 @@ GRID = 8            # the descriptor is a GRID x GRID thumbnail
 CROP_SIDES = (30, 28)  # of SIDE = 32: crops of 6% and 12.5%, and the places between, are matched within a pixel
 THRESHOLD = 0.96    # cosine of a near-copy: measured on real photos (bench.py near-copies, BENCHMARKS.md)
 TABLES, BITS = 24, 28  # hash tables and bits per key: a near-copy shares a key in one of them (measured)
+LOOKALIKE_GROUP = 10  # a chain of more images than this is pictures that look alike at 8x8 (one shape on a
+                      # plain ground, a generated set), not copies: counted apart, not named
 BUCKET_CAP = 16     # entries of one bucket a query is paired with (candidate_pairs)
 
 
@@ -139,6 +141,13 @@ def thumbnails(images, max_values: int = 1 << 22) -> torch.Tensor:
     out = [F.interpolate(images[i:i + chunk].float().mean(1, keepdim=True), size=SIDE, mode="area").round()
            .to(torch.uint8) for i in range(0, len(images), chunk)]
     return torch.cat(out) if out else torch.zeros(0, 1, SIDE, SIDE, dtype=torch.uint8)
+
+
+def copy_groups(groups: list[list[int]]) -> tuple[list[list[int]], int]:
+    """(the groups of at most LOOKALIKE_GROUP images, how many images the larger ones hold): a real photo has a
+    few copies, while pictures that only look alike at this resolution chain into one large group."""
+    small = [g for g in groups if len(g) <= LOOKALIKE_GROUP]
+    return small, sum(len(g) for g in groups if len(g) > LOOKALIKE_GROUP)
 
 
 def cross_and_within(groups: list[list[int]], first_of_second: int) -> tuple[int, int]:

@@ -12,8 +12,9 @@ from PIL import Image
 
 import check_data
 from conftest import load_folder
-from dataset import near_copies_line, preprocess
-from near_duplicates import altered_copy, connected_groups, cross_and_within, near_duplicate_pairs, thumbnails
+from dataset import make_synthetic, near_copies_line, preprocess
+from near_duplicates import (altered_copy, connected_groups, copy_groups, cross_and_within, near_duplicate_pairs,
+                             thumbnails)
 
 
 def photo(rng: np.random.Generator, side: int = 120) -> Image.Image:
@@ -87,3 +88,13 @@ def test_training_start_up_line_counts_near_copies(leaky):
     line = near_copies_line(train, val)
     assert line.startswith("near-copies: 1 group(s) within train or val, 1 across them (leakage")
     assert near_copies_line(train, val, max_images=10).startswith("near-copies: not checked")
+
+
+def test_large_chains_are_look_alikes_not_copies(tmp_path, capsys):
+    groups = [list(range(12)), [12, 13]]
+    assert copy_groups(groups) == ([[12, 13]], 12)
+    # make_synthetic's pictures are one bright shape on dark noise: in 8x8 thumbnails they chain into one group
+    data = make_synthetic(tmp_path / "data", 40, size=64, seed=0)
+    assert check_data.main([str(data), "--json", "--workers", "0", "--out-dir", str(tmp_path / "out")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["near_leaks"] == [] and report["near_duplicates"] == [] and report["near_lookalike_images"] > 10
