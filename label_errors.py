@@ -42,16 +42,16 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tenso
     return fold
 
 
-def train_short(data: Split, num_classes: int, cfg: TrainConfig, epochs: int, device: torch.device,
-                generator: torch.Generator) -> nn.Module:
+def train_short(data: Split, rows: torch.Tensor, num_classes: int, cfg: TrainConfig, epochs: int,
+                device: torch.device, generator: torch.Generator) -> nn.Module:
     """A model trained for a few epochs as train.py trains (same architecture, augmentation, AdamW, warmup and
     cosine, label smoothing, mixed precision), without validation, averaging or checkpoints: enough to predict
-    images it has not seen."""
+    images it has not seen. It trains on data's images `rows`, read where they are (a memory map, or a GPU)."""
     model = build_model(cfg.arch, num_classes, cfg.channels, cfg.width, cfg.image_size).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    steps_per_epoch = max(1, len(data.labels) // cfg.batch_size)
+    steps_per_epoch = max(1, len(rows) // cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps_per_epoch, epochs * steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     norm, amp_dtype = input_normalization(False, cfg.channels), pick_amp_dtype(device, cfg.amp)
@@ -59,7 +59,8 @@ def train_short(data: Split, num_classes: int, cfg: TrainConfig, epochs: int, de
     labels = data.labels.to(device)
     train_mode(model)
     for _ in range(epochs):
-        for idx in batches(len(labels), cfg.batch_size, True, generator, drop_last=True):
+        for batch in batches(len(rows), cfg.batch_size, True, generator, drop_last=True):
+            idx = rows[batch]
             x = augment(to_float(fetch_batch(data.images, idx, device), norm["mean"], norm["std"]),
                         cfg.flip, cfg.max_rotation, cfg.max_shift, generator)
             if cfg.channels_last:
@@ -87,8 +88,7 @@ def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: in
         held = torch.nonzero(fold == k).flatten()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + k)  # the same folds' models whoever calls, and the caller's stream untouched
-            model = train_short(data.subset(torch.nonzero(fold != k).flatten()), num_classes, cfg, epochs, device,
-                                generator)
+            model = train_short(data, torch.nonzero(fold != k).flatten(), num_classes, cfg, epochs, device, generator)
         logits = predict_logits(model, data.subset(held).images, device, tta=True, channels_last=cfg.channels_last,
                                 normalization=input_normalization(False, cfg.channels))
         probs[held] = torch.softmax(logits.float(), 1)
