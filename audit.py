@@ -278,9 +278,8 @@ def quarantine(data_dir: str | Path, rel_paths: list[str], dest: str | Path,
 
 def near_leak_gallery(root: str | Path, groups: list[list[str]], path: Path, limit: int = 8) -> Path:
     """A PNG of the first `limit` cross-split groups of near-copies, two images of each side by side."""
-    shown = [g for g in groups[:limit]]
-    images = [torch.from_numpy(decode_image(Path(root) / p if not Path(p).is_absolute() else p, 96, 3))
-              for g in shown for p in g[:2]]
+    shown = groups[:limit]
+    images = [torch.from_numpy(decode_image(Path(root) / p, 96, 3)) for g in shown for p in g[:2]]  # absolute p: p
     captions = [p if len(p) < 30 else "..." + p[-27:] for g in shown for p in g[:2]]
     return save_figure(plot_gallery(torch.stack(images) if images else torch.zeros(0, 3, 8, 8, dtype=torch.uint8),
                                     captions, columns=4), path)

@@ -49,10 +49,10 @@ import torch
 from PIL import Image
 
 from common import (PROJECT_DIR, UserError, markdown_source, markdown_table, provenance, reports_user_errors,
-                    run_script)
+                    run_script, split_at_dashes)
 from config import TrainConfig, parse_config
-from dataset import decode_files, load_data, load_items, preprocess
-from label_errors import confident_learning, out_of_fold_probs
+from dataset import decode_files, load_data, preprocess
+from label_errors import confident_learning, out_of_fold_probs, train_split_of
 from layout import Layout, layout_of, layout_splits
 from near_duplicates import SIDE, altered_copy, connected_groups, near_duplicate_pairs
 from runs import read_summary, unique_run_name
@@ -310,9 +310,8 @@ def scale_main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--markdown", action="store_true", help="print the result as a Markdown table (with the "
                         "command, commit, date and machine) instead of JSON")
-    argv = list(argv)
-    train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
+    ours, train_flags = split_at_dashes(argv)
+    args = parser.parse_args(ours)
     work = Path(args.work_dir)
     data = Path(args.data) if args.data else synthetic_set(work, args.images, args.file_size or
                                                            round(args.size * 1.5), args.workers)
@@ -376,8 +375,8 @@ def near_copies_main(argv: list[str]) -> int:
     result = {**provenance("bench.py", ["near-copies", *argv]), "data": args.data, "images": n,
               "copies": len(chosen), "recall": round(len({j for _, j in found}) / max(1, len(chosen)), 4),
               "precision": round(len(found) / max(1, len(with_copy)), 4),
-              "wrong_pairs": [[paths[i] if i < n else f"copy of {paths[chosen[i - n]]}", f"copy of {paths[chosen[j - n]]}"]
-                              for i, j in with_copy if (i, j) not in right],
+              "wrong_pairs": [[paths[i] if i < n else f"copy of {paths[chosen[i - n]]}",
+                               f"copy of {paths[chosen[j - n]]}"] for i, j in with_copy if (i, j) not in right],
               "untouched_pairs": [[paths[i], paths[j], s] for i, j, s in untouched],
               "decode_seconds": round(decode_seconds, 1), "search_seconds": round(search_seconds, 1)}
     if args.scale:
@@ -406,13 +405,10 @@ def label_errors_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-probs", default="", metavar="FILE",
                         help="also save the out-of-fold probabilities, the given labels and the flipped images")
-    argv = list(argv)
-    train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
+    ours, train_flags = split_at_dashes(argv)
+    args = parser.parse_args(ours)
     cfg = dataclasses.replace(parse_config(train_flags), data=args.data)
-    lay = layout_of(cfg, need=None)
-    train = load_items(layout_splits(lay)["train"], lay.classes, "train", cfg.image_size, cfg.channels,
-                       cfg.cache_dir, cfg.workers)
+    lay, train = train_split_of(cfg)
     generator = torch.Generator().manual_seed(args.seed)
     flipped = torch.randperm(len(train.labels), generator=generator)[:round(args.flip * len(train.labels))]
     k = len(lay.classes)
@@ -424,10 +420,12 @@ def label_errors_main(argv: list[str]) -> int:
     named = {f["index"] for f in confident_learning(probs, train.labels)}
     truth = set(flipped.tolist())
     result = {**provenance("bench.py", ["label-errors", *argv]), "data": args.data, "images": len(train.labels),
-              "flipped": len(truth), "named": len(named), "precision": round(len(named & truth) / max(1, len(named)), 4),
+              "flipped": len(truth), "named": len(named),
+              "precision": round(len(named & truth) / max(1, len(named)), 4),
               "recall": round(len(named & truth) / max(1, len(truth)), 4), "unflipped_named": len(named - truth),
               "folds": cfg.label_error_folds, "epochs": cfg.label_error_epochs, "seconds": round(seconds, 1),
-              "out_of_fold_accuracy_on_given_labels": round((probs.argmax(1) == train.labels).float().mean().item(), 4)}
+              "out_of_fold_accuracy_on_given_labels":
+                  round((probs.argmax(1) == train.labels).float().mean().item(), 4)}
     print(json.dumps(result, indent=2))
     return 0
 
@@ -458,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: a temporary folder, removed at the end)")
     parser.add_argument("--markdown", action="store_true", help="print the result as a Markdown table (with the "
                         "command, commit, date and machine) instead of JSON")
-    train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:len(argv) - len(train_flags) - (1 if "--" in argv else 0)])
+    ours, train_flags = split_at_dashes(argv)
+    args = parser.parse_args(ours)
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.work_dir or scratch
         cfg = dataclasses.replace(parse_config(train_flags), data=args.data, epochs=args.epochs,

@@ -38,7 +38,8 @@ import numpy as np
 from PIL import Image
 
 from checkpoint import load_checkpoint, width_of
-from common import UserError, markdown_source, markdown_table, provenance, reports_user_errors, run_script
+from common import (UserError, markdown_source, markdown_table, provenance, reports_user_errors, run_script,
+                    split_at_dashes)
 from dataset import make_synthetic
 
 ROOT = Path(__file__).resolve().parent
@@ -228,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000, help="requests per concurrency level (default: 1000)")
     parser.add_argument("--memory-requests", type=int, default=5000,
                         help="requests between the two memory readings (default: 5000)")
-    serve_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:len(argv) - len(serve_flags) - (1 if "--" in argv else 0)])
+    ours, serve_flags = split_at_dashes(argv)
+    args = parser.parse_args(ours)
     try:
         if args.requests < max(CLIENTS) or args.memory_requests < 1:
             raise UserError(f"--requests must be at least {max(CLIENTS)} and --memory-requests at least 1")

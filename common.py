@@ -49,6 +49,12 @@ class UserError(Exception):
 PROJECT_DIR = Path(__file__).resolve().parent  # where the scripts are
 
 
+def split_at_dashes(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A command line's own flags and those after a bare `--`, which it passes on (to train.py, serve.py)."""
+    argv = list(argv)
+    return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+
+
 def run_script(script: str, args: list[str], stdout=None) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` (a script of this project) in a process of its own, as a user runs it: how one script
     uses another, never by importing it. Its stdout goes to `stdout` (default: ours; subprocess.PIPE to read

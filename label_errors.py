@@ -20,7 +20,7 @@ import torch.nn as nn
 from common import UserError, needs_grad_scaler, pick_amp_dtype, pick_device
 from config import TrainConfig
 from dataset import Split, augment, batches, fetch_batch, load_items, to_float
-from layout import layout_of, layout_splits
+from layout import Layout, layout_of, layout_splits
 from model import build_model, input_normalization
 from optimization import make_optimizer, train_mode, warmup_cosine
 from plots import plot_gallery, save_figure
@@ -209,9 +209,14 @@ def format_label_check(summary: dict, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
+def train_split_of(cfg: TrainConfig) -> tuple[Layout, Split]:
+    """cfg.data's layout and its train split, decoded as train.py reads them (through the cache)."""
+    lay = layout_of(cfg, need=None)
+    return lay, load_items(layout_splits(lay)["train"], lay.classes, "train", cfg.image_size, cfg.channels,
+                           cfg.cache_dir, cfg.workers)
+
+
 def label_check_of_data(cfg: TrainConfig, out_dir: str | Path, report=print) -> dict:
     """label_check of the train split of cfg.data, read as train.py reads it (check_data.py --label-errors)."""
-    lay = layout_of(cfg, need=None)
-    train = load_items(layout_splits(lay)["train"], lay.classes, "train", cfg.image_size, cfg.channels,
-                       cfg.cache_dir, cfg.workers)
+    lay, train = train_split_of(cfg)
     return label_check(train, lay.classes, lay.root, cfg, out_dir, report)

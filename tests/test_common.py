@@ -4,7 +4,8 @@ import pickle
 import pytest
 import torch
 
-from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError, pick_device, remove_stale_temp_files, save_atomic
+from common import (FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError, pick_device, remove_stale_temp_files, save_atomic,
+                    split_at_dashes)
 
 
 def test_save_atomic_keeps_old_file_when_writing_fails(tmp_path):
@@ -87,3 +88,9 @@ def test_commit_is_marked_changed_by_code_not_by_documents(tmp_path, monkeypatch
     assert common.git_commit() == head + "+changes"
     monkeypatch.setattr(common, "PROJECT_DIR", tmp_path / "missing")
     assert common.git_commit() == "unknown"
+
+
+def test_split_at_dashes_passes_on_what_follows_a_bare_double_dash():
+    assert split_at_dashes(["--data", "d", "--", "--width", "8"]) == (["--data", "d"], ["--width", "8"])
+    assert split_at_dashes(("--data", "d")) == (["--data", "d"], [])
+    assert split_at_dashes(["--"]) == ([], [])
