@@ -75,7 +75,9 @@ class TrainConfig:
     class_weights: str = _f("none", "'auto' weights the loss by inverse class frequency; 'none' does not",
                             choices=("auto", "none"))
     patience: int = _f(0, "stop after this many epochs without a better val accuracy (0 = off)")
-    time_budget: float = _f(0.0, "stop training after this many seconds (0 = no limit)")
+    time_budget: float = _f(0.0, "fit the run, calibration and novelty fit included, into this many seconds: the "
+                            "epochs that fit at the measured speed, the learning rate annealed to 0 over the last "
+                            "quarter of them (0 = no limit)")
     # augmentation and evaluation
     flip: bool = _f(True, "random horizontal flips during training")
     max_rotation: float = _f(10.0, "random rotation range in degrees during training")

@@ -85,6 +85,51 @@ def replan_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torch.opt
                            f"{epochs}-epoch schedule is after epoch {epoch})" if how == "ended" else ""))
 
 
+def epochs_that_fit(seconds_left: float, epoch_seconds: float, epoch: int, max_epochs: int) -> int:
+    """The last epoch a time budget allows after `epoch`: as many more epochs of `epoch_seconds` as fit in
+    `seconds_left`, at most max_epochs, never before `epoch`."""
+    more = int(max(0.0, seconds_left) // max(epoch_seconds, 1e-9))
+    return max(epoch, min(max_epochs, epoch + more))
+
+
+def seconds_after_training(val_seconds: float, val_images: int, fit_images: int, novelty: bool) -> float:
+    """What the steps after the last epoch will take, from one validation pass's time: the calibration is one
+    more pass over val; the novelty fit extracts features of `fit_images` train images (about 1.3x the cost of
+    predicting them: the stage statistics) and scores val once more."""
+    per_image = val_seconds / max(1, val_images)
+    return val_seconds + (per_image * 1.3 * fit_images + val_seconds if novelty else 0.0)
+
+
+ANNEAL_SHARE = 0.25  # under a time budget, the last quarter of the epochs that fit anneal the learning rate to 0
+
+
+def plan_to_budget(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torch.optim.Optimizer,
+                   steps_per_epoch: int, cfg: TrainConfig, epoch: int, seconds_left: float,
+                   epoch_seconds: float) -> tuple[int, str, str]:
+    """--time-budget, after `epoch`: the last epoch that fits in `seconds_left` (the steps after training already
+    set aside) at `epoch_seconds` an epoch, validation included, at most --epochs; what the plan changed, in
+    words ('' when nothing); and why the run stops now ('' to go on).
+
+    While the whole schedule fits, nothing changes. When it does not, the run keeps the --epochs schedule's
+    learning rate (high and slowly falling: what a short run learns most from) until the last ANNEAL_SHARE of
+    the epochs that fit, and then lays a fresh cosine from the learning rate reached down to 0 at the last of
+    them (replan_lr), so the run ends on the low end of its schedule instead of being cut off half-way down it.
+    Once annealing, the end moves when the speed does: earlier at once, later by 2 epochs or more."""
+    end = scheduler.lr_lambdas[0].total_steps // steps_per_epoch  # where the learning rate reaches 0 now
+    fits = epochs_that_fit(seconds_left, epoch_seconds, epoch, cfg.epochs)
+    if fits == epoch:
+        stop = (f"time budget of {cfg.time_budget:.0f}s: no further epoch of {epoch_seconds:.1f}s fits before the "
+                "steps after training" if epoch < cfg.epochs else "")
+        return epoch, "", stop
+    annealing = end < cfg.epochs
+    if (not annealing and fits >= end) or (annealing and end <= fits < end + 2):
+        return min(fits, end), "", ""
+    if not annealing and fits - epoch > max(1, round(ANNEAL_SHARE * fits)):
+        return fits, "", ""  # not yet: the schedule runs on at its height
+    return fits, (f"time budget {cfg.time_budget:.0f}s: {fits} epochs fit at {epoch_seconds:.1f}s; "
+                  + replan_lr(scheduler, optimizer, epoch, fits, steps_per_epoch, cfg.freeze_epochs)), ""
+
+
 def two_phase_schedule(warmup_steps: int, phase1_steps: int, total_steps: int):
     """warmup_cosine over the head-only phase, then a fresh warmup and cosine once the backbone is unfrozen:
     the warmup keeps the first full-network steps from wrecking the pretrained features."""

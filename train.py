@@ -45,8 +45,8 @@ from distributed import (all_reduce_sum, any_rank, close_distributed, init_distr
 from label_errors import format_label_check, label_check
 from metrics import correct_count, energy_margin_loss, loss_sum
 from model import build_model, fetch_pretrained, input_normalization, unwrap
-from optimization import (LRSchedule, build_optimizer, class_weight_tensor, ema_of, replan_lr, set_backbone_trainable,
-                          train_mode)
+from optimization import (ANNEAL_SHARE, LRSchedule, build_optimizer, class_weight_tensor, ema_of, plan_to_budget,
+                          replan_lr, seconds_after_training, set_backbone_trainable, train_mode)
 from outliers import load_other_images, other_crops, rotation_copies
 from plots import plot_history
 from posthoc import calibrate_best_model, fit_novelty
@@ -318,6 +318,33 @@ def stop_reason(cfg: TrainConfig, progress: Progress, epoch: int, deadline: floa
     return ""
 
 
+def fit_to_budget(t: Trainer, cfg: TrainConfig, progress: Progress, epoch: int, deadline: float,
+                  val_seconds: float, counts: tuple[int, int], device: torch.device) -> tuple[int, str]:
+    """--time-budget after `epoch`: the last epoch the run now expects and why it stops now ('' to go on), from
+    optimization.plan_to_budget at the speed of the last three epochs, the steps after training (calibration,
+    novelty fit: estimated from this epoch's validation time and the image `counts`, val and train) set aside.
+    Every rank plans from the same figures (their mean), so they agree on when to stop. Says the plan after
+    the first epoch, and each time it moves the learning rate."""
+    this_run = [h["epoch_seconds"] for h in progress.history[progress.start_epoch:]]
+    recent = (this_run[1:] if len(this_run) > 1 else this_run)[-3:]  # the first epoch runs slower (warm-up)
+    after = seconds_after_training(val_seconds, counts[0], min(counts[1], cfg.novelty_max_images or counts[1]),
+                                   cfg.novelty_score != "none")
+    world = rank_world()[1]
+    seconds_left, epoch_seconds = (v / world for v in all_reduce_sum([deadline - time.time() - after,
+                                                                       sum(recent) / len(recent)], device))
+    planned, change, stop = plan_to_budget(t.scheduler, t.optimizer, t.steps_per_epoch, cfg, epoch, seconds_left,
+                                           epoch_seconds)
+    if change:
+        print(change)
+    elif epoch == progress.start_epoch + 1 and not stop:
+        fit = f"all {cfg.epochs} epochs fit" if planned >= cfg.epochs else (
+            f"about {planned} of {cfg.epochs} epochs fit; the learning rate will anneal to 0 over the last "
+            f"{max(1, round(ANNEAL_SHARE * planned))}")
+        print(f"time budget {cfg.time_budget:.0f}s: {fit} (at {epoch_seconds:.1f}s, the first epoch's speed; "
+              f"{after:.0f}s set aside for the steps after training)")
+    return planned, stop
+
+
 def summarise(cfg: TrainConfig, progress: Progress, fitted: dict) -> dict:
     """The run's summary (best accuracy and epoch, seconds, checkpoint, history, what was fitted after training),
     printed in one line and written to LOG_DIR/<run>/summary.json."""
@@ -360,7 +387,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     save_train_batch(cfg, train, classes, t.normalization)
     progress.started = time.time()
     deadline = progress.started + cfg.time_budget - progress.train_seconds if cfg.time_budget > 0 else math.inf
-    stopped, at_once = "", False
+    stopped, at_once, planned = "", False, cfg.epochs
     try:
         with ctrl_c_stops_after_the_step() as ctrl_c:
             for epoch in range(progress.start_epoch + 1, cfg.epochs + 1):
@@ -375,6 +402,7 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                     break
                 train_seconds = time.time() - epoch_started
                 ev = validate(t.eval_model, val, device, cfg.tta, cfg.channels_last, amp_dtype, t.normalization)
+                val_seconds = time.time() - epoch_started - train_seconds
                 lr = t.optimizer.param_groups[-1]["lr"]  # the head's, when the backbone has a lower one
                 h = record_epoch(progress, epoch, tr, ev, lr, train_seconds, epoch_started)
                 log_epoch(writer, h, cfg)
@@ -386,12 +414,15 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                     save_epoch(t, cfg, classes, layout_info, progress, {"val": ev, "train": tr}, improved, finite)
                 if finite:
                     progress.saved_epoch = epoch
-                print(epoch_line(h, cfg.epochs, improved), flush=True)
+                print(epoch_line(h, planned, improved), flush=True)
                 if not finite:
                     kept = "best_model.pth and last.pth were kept" if progress.saved_epoch else "nothing was saved"
                     raise UserError(f"the model's weights or val loss became NaN/inf in epoch {epoch}; {kept}; "
                                     f"lower --lr (now {cfg.lr})")
                 stopped = stop_reason(cfg, progress, epoch, deadline)
+                if cfg.time_budget > 0 and not stopped:  # the end of the schedule where the time left says
+                    planned, stopped = fit_to_budget(t, cfg, progress, epoch, deadline, val_seconds,
+                                                     (len(val.labels), len(train.labels)), device)
                 if not stopped and any_rank(ctrl_c.requested, device):  # pressed in the last step or the save
                     stopped = interrupted_message(cfg.out_dir, progress.saved_epoch,
                                                   f"Ctrl-C stopped the run after epoch {epoch}")

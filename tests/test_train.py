@@ -12,7 +12,7 @@ import optimization
 import runs
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
-from config import parse_config
+from config import TrainConfig, parse_config
 from conftest import expected_answer, imagenet_like_resnet18, table_labelled_set, train_args
 from dataset import Split, augment, image_tensor, load_data, make_synthetic, to_float
 from layout import read_layout
@@ -132,6 +132,76 @@ def test_a_replanned_schedule_is_continuous_ends_at_zero_and_survives_a_resume()
     torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
                                       fresh).load_state_dict(saved)
     assert [fresh(s) for s in (40, 120, 200)] == [schedule(s) for s in (40, 120, 200)]
+
+
+def test_a_time_budget_keeps_the_schedule_then_anneals_over_the_last_quarter_of_what_fits():
+    assert optimization.epochs_that_fit(100.0, 10.0, 3, 40) == 13
+    assert optimization.epochs_that_fit(100.0, 10.0, 3, 8) == 8  # never past --epochs
+    assert optimization.epochs_that_fit(-5.0, 10.0, 3, 40) == 3  # nothing fits: stop after this epoch
+    # The steps after training: one more pass over val, and the novelty fit's features of the fit images.
+    assert optimization.seconds_after_training(2.0, 1000, 5000, novelty=False) == 2.0
+    assert optimization.seconds_after_training(2.0, 1000, 5000, novelty=True) == pytest.approx(2 + 13 + 2)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    schedule = optimization.LRSchedule(10, 0, 400)  # 10 steps an epoch, 40 epochs planned
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    cfg = TrainConfig(epochs=40, time_budget=150.0, novelty_score="none")
+
+    def epochs(n: int) -> list[float]:
+        lrs = []
+        for _ in range(10 * n):
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        return lrs
+
+    epochs(2)
+    assert optimization.plan_to_budget(sched, opt, 10, cfg, 2, 500.0, 10.0) == (40, "", "")  # all 40 fit
+    # After epoch 2, 100 s left at 10 s an epoch: 12 fit; the 40-epoch cosine runs on, untouched, ...
+    assert optimization.plan_to_budget(sched, opt, 10, cfg, 2, 100.0, 10.0) == (12, "", "")
+    assert epochs(6)[-1] == pytest.approx(optimization.warmup_cosine(10, 400)(80))
+    assert optimization.plan_to_budget(sched, opt, 10, cfg, 8, 40.0, 10.0) == (12, "", "")
+    # ... until the last quarter of them (3 of 12): from there a fresh cosine reaches 0 at the end of epoch 12.
+    epochs(1)
+    lr9 = opt.param_groups[0]["lr"]
+    planned, change, stop = optimization.plan_to_budget(sched, opt, 10, cfg, 9, 30.0, 10.0)
+    assert (planned, stop) == (12, "") and change.startswith(
+        f"time budget 150s: 12 epochs fit at 10.0s; the learning rate follows a fresh cosine from {lr9:.2e} "
+        "after epoch 9 down to 0 at epoch 12")
+    lrs = epochs(3)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and all(a > b for a, b in zip([lr9] + lrs, lrs))
+    # Annealing, one epoch more than planned is noise; two more move the end; none left: stop, saying why.
+    assert optimization.plan_to_budget(sched, opt, 10, cfg, 10, 25.0, 10.0) == (12, "", "")
+    assert "down to 0 at epoch 14" in optimization.plan_to_budget(sched, opt, 10, cfg, 10, 40.0, 10.0)[1]
+    planned, change, stop = optimization.plan_to_budget(sched, opt, 10, cfg, 11, 5.0, 10.0)
+    assert (planned, change) == (11, "") and stop.startswith("time budget of 150s: no further epoch of 10.0s fits")
+
+
+def test_a_budgeted_toy_run_ends_at_the_bottom_of_its_cosine(tmp_path, monkeypatch, capsys):
+    """A clock that moves 10 s in each epoch's training and stands still otherwise: with 125 s, 12 of the 40
+    epochs fit (nothing is set aside: validation takes 0 s), the last 3 anneal, and the run stops at 12 with its
+    learning rate at 0, where a cut-off schedule would still be near its top."""
+    data = make_synthetic(tmp_path / "data", 8, size=32, seed=0)
+    clock = [1e9]
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    real_epoch = train.train_one_epoch
+
+    def ten_seconds(*args, **kwargs):
+        clock[0] += 10.0
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", ten_seconds)
+    assert train.main(train_args(data, tmp_path, "--epochs", "40", "--time-budget", "125",
+                                 "--novelty-score", "none", "--max-rotation", "0")) == 0
+    out = capsys.readouterr().out
+    history = runs.read_summary(tmp_path / "logs", "t")["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 13))
+    assert "time budget 125s: about 12 of 40 epochs fit; the learning rate will anneal to 0 over the last 3" in out
+    assert "time budget 125s: 12 epochs fit at 10.0s; the learning rate follows a fresh cosine" in out
+    assert "after epoch 9 down to 0 at epoch 12" in out and "no further epoch of 10.0s fits" in out
+    schedule = optimization.warmup_cosine(2, 80)  # 16 images in batches of 8: 2 steps an epoch, 40 epochs
+    assert [h["lr"] for h in history[:9]] == pytest.approx([1e-3 * 4 * schedule(2 * e) for e in range(1, 10)])
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and history[8]["lr"] > 3e-3
 
 
 def test_replanning_before_the_backbone_is_unfrozen_keeps_the_two_phase_schedule():
