@@ -98,6 +98,8 @@ class TrainConfig:
                               "--other images, so that they are more varied")
     other_weight: float = _f(0.1, "weight of the --other images' loss (metrics.energy_margin_loss)")
     other_share: float = _f(0.5, "--other images added to each batch, as a share of the batch size")
+    other_zoom_out: float = _f(0.5, "share of the --other crops shrunk onto a plain ground (outliers.zoomed_out): "
+                               "things seen from afar as well as close up")
     accept_rate: float = _f(0.95, "share of known (val) images the stored novelty threshold accepts")
     novelty_max_images: int = _f(20_000, "fit the novelty score on a stratified sample of this many train images "
                                  "(bounds its memory and time on big sets); 0 uses all")
@@ -141,6 +143,8 @@ class TrainConfig:
                                 f"not {value!r}")
         if not 0.0 < self.accept_rate <= 1.0:
             raise UserError(f"--accept-rate must be in (0, 1], not {self.accept_rate}")
+        if not 0.0 <= self.other_zoom_out <= 1.0:
+            raise UserError(f"--other-zoom-out must be in [0, 1], not {self.other_zoom_out}")
         if self.novelty_score == "rotation" and self.rotation_weight <= 0:
             raise UserError("--novelty-score rotation needs the rotation head: give --rotation-weight > 0")
         if self.label_error_folds < 2 or self.label_error_epochs < 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from common import UserError
 from dataset import batch_flip_lr, expand_inputs, load_split, preprocess, random_crops, rotate_quarters, to_float
@@ -47,11 +48,48 @@ def rotation_copies(x: torch.Tensor, share: float, generator: torch.Generator) -
     return rotate_quarters(x[:n], turns), turns.to(x.device)
 
 
-def other_crops(other: torch.Tensor, n: int, size: int, normalization: dict, generator: torch.Generator
-                ) -> torch.Tensor:
-    """n random --other images, normalized, each a random crop of 10-100% of its area resized to `size`, mirrored
-    or not and given a random quarter turn: images of no class can look any way."""
+def other_crops(other: torch.Tensor, n: int, size: int, normalization: dict, generator: torch.Generator,
+                zoom_out: float = 0.0) -> torch.Tensor:
+    """n random --other images, normalized, each a random crop of 10-100% of its area resized to `size`, the first
+    `zoom_out` share of them then shrunk onto a plain ground (zoomed_out), mirrored or not and given a random
+    quarter turn: images of no class can look any way, close up or from afar."""
     idx = torch.randint(0, len(other), (n,), generator=generator)
     crops = random_crops(to_float(other[idx.to(other.device)], normalization["mean"], normalization["std"]),
                          size, 0.1, generator)
+    k = round(n * zoom_out)
+    if k:
+        crops = torch.cat([zoomed_out(crops[:k], normalization, generator), crops[k:]])
     return rotate_quarters(batch_flip_lr(crops, generator), torch.randint(0, 4, (n,), generator=generator))
+
+
+def zoomed_out(x: torch.Tensor, normalization: dict, generator: torch.Generator, smallest: float = 0.3,
+               largest: float = 0.8) -> torch.Tensor:
+    """Each image of a normalized float (N, C, S, S) batch cut to a random blob (blob_masks) and shrunk to a side
+    of `smallest`-`largest` of S, at a random place on a plain ground of a random level per channel: some thing
+    on a table, a wall or the sky, where the crops of other_crops are close-ups."""
+    n, c = x.shape[:2]
+    side = smallest + (largest - smallest) * torch.rand(n, generator=generator)
+    centre = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1 - side)[:, None]
+    zero = torch.zeros(n)
+    # affine_grid maps output coordinates to input ones: the image spans centre +- side of the output.
+    theta = torch.stack([torch.stack([1 / side, zero, -centre[:, 0] / side], 1),
+                         torch.stack([zero, 1 / side, -centre[:, 1] / side], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, torch.float32), list(x.shape), align_corners=False).to(x.dtype)
+    shrunk = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = F.grid_sample(blob_masks(n, x.shape[-1], generator).to(x.device, x.dtype), grid, mode="bilinear",
+                           padding_mode="zeros", align_corners=False)
+    ground = to_float(torch.randint(0, 256, (n, c, 1, 1), generator=generator, dtype=torch.uint8).to(x.device),
+                      normalization["mean"], normalization["std"])
+    return inside * shrunk + (1 - inside) * ground
+
+
+def blob_masks(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """n soft masks (n, 1, size, size) in [0, 1] of irregular round shapes: a disc whose radius (0.5-1 of the half
+    side) wanders with a smooth random field, with an edge two pixels wide. Cut-outs with a straight square edge
+    would teach the model that a frame marks an image of no class."""
+    axis = torch.linspace(-1, 1, size)
+    radius = (axis[None, :] ** 2 + axis[:, None] ** 2).sqrt()
+    field = F.interpolate(torch.rand(n, 1, 4, 4, generator=generator), size=(size, size), mode="bicubic",
+                          align_corners=True)
+    edge = 0.5 + 0.5 * field.clamp(0, 1)
+    return ((edge - radius) * size / 4 + 0.5).clamp(0, 1)

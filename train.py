@@ -166,7 +166,7 @@ def extra_images(t: Trainer, x: torch.Tensor, cfg: TrainConfig, other: torch.Ten
     others = None
     if other is not None:
         n = max(1, round(len(x) * cfg.other_share))
-        others = other_crops(other, n, x.shape[-1], t.normalization, t.generator)
+        others = other_crops(other, n, x.shape[-1], t.normalization, t.generator, cfg.other_zoom_out)
     return turned, turns, others
 
 

@@ -17,6 +17,7 @@ from conftest import load_folder, train_args
 from dataset import make_synthetic, random_crops, rotate_quarters
 from metrics import energy_margin_loss
 from model import WithRotationHead, build_model, has_rotation_head
+from outliers import blob_masks, other_crops, zoomed_out
 
 
 def test_rotate_quarters_turns_each_image_by_its_own_count():
@@ -38,6 +39,27 @@ def test_random_crops_take_a_part_of_each_image_at_the_asked_size():
     assert crops.shape == (50, 1, 16, 16)
     width = crops[:, 0, 0, -1] - crops[:, 0, 0, 0]  # the span of columns each crop covers, 32 for the whole image
     assert width.min() > 32 * 0.1 ** 0.5 * 15 / 16 - 1 and width.max() < 32 and width.std() > 2  # areas vary
+
+
+def test_zoomed_out_puts_a_blob_of_each_image_on_a_plain_ground_of_its_own():
+    norm = {"mean": 0.5, "std": 0.5}
+    masks = blob_masks(20, 32, torch.Generator().manual_seed(0))
+    assert masks.shape == (20, 1, 32, 32) and masks.min() >= 0 and masks.max() <= 1
+    assert (masks[:, 0, 16, 16] == 1).all() and (masks[:, 0, 0, 0] == 0).all()  # centre in, corners out
+    area = masks.mean((1, 2, 3))
+    assert area.min() > 0.15 and area.max() < 0.8 and area.std() > 0.02  # shapes of their own, not one disc
+    x = torch.full((20, 1, 32, 32), 1.0)  # white images: what is not 1.0 is ground or edge
+    out = zoomed_out(x, norm, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
+    white = (out > 0.999).float().mean((1, 2, 3))
+    assert white.max() < 0.64 * 0.8 and white.min() > 0  # each image shrunk to at most 0.8 of the side
+    corners = out[:, 0, [0, 0, -1, -1], [0, -1, 0, -1]]
+    grounds = out[:, 0].flatten(1).mode(1).values  # the commonest value: the ground
+    assert grounds.unique().numel() > 10  # a level per image
+    assert ((corners == grounds[:, None]).sum(1) >= 3).all()  # the image sits inside, the corners are ground
+    crops = other_crops(torch.randint(0, 256, (6, 1, 64, 64), dtype=torch.uint8), 10, 32, norm,
+                        torch.Generator().manual_seed(2), zoom_out=0.5)
+    assert crops.shape == (10, 1, 32, 32)
 
 
 def test_energy_margin_loss_is_zero_inside_both_margins_and_squared_outside():
