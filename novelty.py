@@ -23,6 +23,8 @@ Every score is oriented the same way: the higher, the less the image looks like 
                      default (DEFAULT_SCORE): on real photos of other things (../shared/data/other, scenes and
                      objects) the parts alone reach AUROC 0.78-0.89 against cat/dog val photos, their sum 0.91,
                      each part catching images the other misses. Chosen on real photos, never on generated ones.
+                     For a model trained with --other the energy part counts OTHER_ENERGY_WEIGHT times: outlier
+                     exposure trains it.
   msp                1 - max softmax probability (the confidence --threshold already uses)
   energy             -T * logsumexp(logits / T)
   knn                L2 distance from the L2-normalised penultimate feature to its k-th nearest training feature
@@ -57,6 +59,10 @@ from dataset import decode_files, expand_inputs
 DEFAULT_SCORE = "combined"
 COMBINED_STAGES = 2  # the combined score's early stages: the stem's and the first residual stage's statistics
 STATE_VERSION = 1
+# The weight of the combined score's energy part for a model trained with --other (energy-margin outlier exposure
+# trains that part). Measured on ../shared/data/other, trained on one part and scored on the other (BENCHMARKS.md):
+# weights 1, 2, 3 reach AUROC 0.942/0.952/0.956 on objects and 0.947/0.952/0.953 on scenes; energy alone 0.959/0.944.
+OTHER_ENERGY_WEIGHT = 3.0
 STATE_BUDGET = 10_000_000  # bytes of score states a checkpoint may hold (the chosen score's is always kept)
 KNN_BANK_BYTES = 4_000_000  # the kNN bank stored beside the chosen score: ~5,000 features of 384 values
 
@@ -156,15 +162,19 @@ def combined_parts(state: dict, features: dict) -> list[torch.Tensor]:
 
 
 def fit_combined(features: dict, labels: torch.Tensor, num_classes: int, temperature: float = 1.0,
-                 stages: int = COMBINED_STAGES, shrinkage: float = 0.01) -> dict:
+                 stages: int = COMBINED_STAGES, shrinkage: float = 0.01, energy_weight: float = 1.0) -> dict:
     """combined state: class Gaussians of the first `stages` stages' statistics, whether the rotation head's
-    surprise is a part, and the mean and standard deviation of every part over the training images, which put
-    the parts on one scale before they are added."""
+    surprise is a part, the mean and standard deviation of every part over the training images, which put
+    the parts on one scale before they are added, and the weight of each part in the sum (1, the energy's
+    `energy_weight`)."""
     means, precisions = zip(*(class_gaussians(x, labels, num_classes, shrinkage) for x in features["stages"][:stages]))
     state = {"score": "combined", "means": list(means), "precisions": list(precisions),
              "rotation": "rotation" in features, "temperature": float(temperature)}
     parts = torch.stack([p.double() for p in combined_parts(state, features)])
-    state.update(centre=parts.mean(1).float(), scale=parts.std(1, correction=0).clamp(min=1e-12).float())
+    weights = torch.ones(len(parts))
+    weights[len(means)] = energy_weight  # the part after the stages' is the energy
+    state.update(centre=parts.mean(1).float(), scale=parts.std(1, correction=0).clamp(min=1e-12).float(),
+                 weights=weights)
     return state
 
 
@@ -231,7 +241,8 @@ def novelty_score(state: dict, features: dict) -> torch.Tensor:
             raise UserError("the combined novelty score needs the rotation head the checkpoint's model was "
                             "trained with")
         parts = torch.stack(combined_parts(state, features))
-        return ((parts - state["centre"][:, None]) / state["scale"][:, None]).sum(0)
+        weights = state.get("weights", torch.ones(len(parts)))  # states saved before the weights: all 1
+        return (weights[:, None] * (parts - state["centre"][:, None]) / state["scale"][:, None]).sum(0)
     raise UserError(f"unknown novelty score {name!r} in the checkpoint; this code knows {', '.join(NOVELTY_SCORES)}")
 
 
@@ -294,15 +305,18 @@ def separation_report(known_scores: torch.Tensor, unknown_scores: torch.Tensor, 
 
 
 def fit_states(features: dict, labels: torch.Tensor, num_classes: int, chosen: str = DEFAULT_SCORE,
-               temperature: float = 1.0, budget: int = STATE_BUDGET) -> dict[str, dict]:
+               temperature: float = 1.0, budget: int = STATE_BUDGET, energy_weight: float = 1.0
+               ) -> dict[str, dict]:
     """{score name: state} for the chosen score and, while the total stays under `budget` bytes, the others
-    (so evaluate.py can compare every score with nothing but the checkpoint). msp and energy cost nothing."""
+    (so evaluate.py can compare every score with nothing but the checkpoint). msp and energy cost nothing.
+    `energy_weight`: the combined score's energy part's (OTHER_ENERGY_WEIGHT for a model trained with --other)."""
     if chosen not in NOVELTY_SCORES:
         raise UserError(f"unknown novelty score {chosen!r}; choose one of {', '.join(NOVELTY_SCORES)}")
-    states = {chosen: fit_score(chosen, features, labels, num_classes, temperature)}
+    weighting = {"combined": {"energy_weight": energy_weight}}
+    states = {chosen: fit_score(chosen, features, labels, num_classes, temperature, **weighting.get(chosen, {}))}
     used = state_bytes(states[chosen])
     for name in (n for n in NOVELTY_SCORES if n != chosen):
-        options = {"max_bytes": KNN_BANK_BYTES} if name == "knn" else {}
+        options = {"max_bytes": KNN_BANK_BYTES} if name == "knn" else weighting.get(name, {})
         try:
             state = fit_score(name, features, labels, num_classes, temperature, **options)
         except (ValueError, UserError, RuntimeError):  # e.g. a model whose stages are unknown

@@ -19,7 +19,8 @@ from config import TrainConfig
 from dataset import Split, load_items
 from layout import layout_of
 from metrics import confusion_matrix, expected_calibration_error, fit_temperature
-from novelty import accepted, fit_sample, fit_states, state_bytes, threshold_for_accept_rate, unknown_report
+from novelty import (OTHER_ENERGY_WEIGHT, accepted, fit_sample, fit_states, state_bytes, threshold_for_accept_rate,
+                     unknown_report)
 from plots import plot_confusion_matrix
 from predict import extract_features, predict_logits, score_images
 
@@ -73,7 +74,8 @@ def fit_novelty(path: Path, train: Split, val: Split, cfg: TrainConfig, device: 
                "channels_last": cfg.channels_last, "batch_size": cfg.batch_size}  # no bigger than training's
     sample = train.subset(fit_sample(train.labels.cpu(), cfg.novelty_max_images, cfg.seed))
     states = fit_states(extract_features(model, sample.images, **options), sample.labels.cpu(),
-                        len(ckpt["classes"]), cfg.novelty_score, temperature_of(ckpt))
+                        len(ckpt["classes"]), cfg.novelty_score, temperature_of(ckpt),
+                        energy_weight=OTHER_ENERGY_WEIGHT if cfg.other else 1.0)
     val_scores = score_images(model, val.images, states, **options)
     threshold = threshold_for_accept_rate(val_scores[cfg.novelty_score], cfg.accept_rate)
     seconds = time.time() - started

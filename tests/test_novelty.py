@@ -153,6 +153,14 @@ def test_combined_adds_the_early_stages_energy_and_rotation_each_on_the_training
     assert torch.allclose(nv.novelty_score(state, query).double(), want, atol=1e-4)
     # on the training images each part has mean 0 and spread 1, so the sum has mean 0
     assert abs(nv.novelty_score(state, train).mean().item()) < 1e-4
+    # a model trained with --other: the energy part (the third) counts OTHER_ENERGY_WEIGHT times; a state saved
+    # before the weights existed adds the parts as they are
+    weighted = nv.fit_states(train, labels, 2, "combined", 2.0, energy_weight=nv.OTHER_ENERGY_WEIGHT)["combined"]
+    scaled = [(p.double() - r.mean()) / r.std(correction=0) for p, r in zip(parts(query), ref)]
+    assert torch.allclose(nv.novelty_score(weighted, query).double(),
+                          want + (nv.OTHER_ENERGY_WEIGHT - 1) * scaled[2], atol=1e-4)
+    del weighted["weights"]
+    assert torch.allclose(nv.novelty_score(weighted, query).double(), want, atol=1e-4)
     if with_rotation:
         del query["rotation"]
         with pytest.raises(UserError, match="rotation head"):

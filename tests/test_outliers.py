@@ -134,6 +134,16 @@ def test_other_images_score_higher_than_without(tmp_path):
     assert gap["other"] > 0 > gap["plain"] and gap["other"] > gap["plain"] + 2, gap
 
 
+def test_a_model_trained_with_other_weights_the_energy_in_its_combined_score(tiny_data, tmp_path):
+    other = tmp_path / "other"
+    nv.write_unknown_set(other, count=6, size=40, seed=1)
+    for name, extra, weight in (("plain", (), 1.0), ("other", ("--other", str(other)), nv.OTHER_ENERGY_WEIGHT)):
+        out = tmp_path / name
+        assert train.main(train_args(tiny_data, out, "--other-synthetic", "4", *extra)) == 0
+        state = load_checkpoint(out / "models" / "best_model.pth")["novelty"]["states"]["combined"]
+        assert state["weights"].tolist() == [1.0, 1.0, weight]  # stem, first stage, energy (no rotation head)
+
+
 def test_other_must_be_a_folder_with_images(tiny_data, tmp_path):
     assert train.main(train_args(tiny_data, tmp_path, "--other", str(tmp_path / "missing"))) == 2
     (tmp_path / "empty").mkdir()
