@@ -1,7 +1,7 @@
 """Benchmark our training against the plain pipeline, on the same data and machine, in one run.
 
 Usage:
-    python bench.py --data PATH/TO/DATA                               # ours (10 min budget), then the baseline
+    python bench.py --data PATH/TO/DATA                               # ours (fit into 10 min), then the baseline
     python bench.py --data DATA --time-budget 150 --baseline-seconds 300
     python bench.py --data DATA --skip-baseline --epochs 12 -- --width 32 --lr 3e-3   # train.py flags after --
     python bench.py scale --images 100000                             # memory and speed of the cache at scale
@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, metavar="PATH/TO/DATA",
                         help="a dataset train.py reads (any layout), e.g. Kaggle's Dogs vs Cats photos")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="our planned epochs")
-    parser.add_argument("--time-budget", type=float, default=600.0, help="stop our training after this many s")
+    parser.add_argument("--time-budget", type=float, default=600.0, help="fit our run into this many s (train.py's "
+                        "--time-budget)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--baseline-epochs", type=int, default=3)
     parser.add_argument("--baseline-seconds", type=float, default=400.0, help="stop the baseline after this")
