@@ -6,7 +6,7 @@ Usage (from train.py):
     other = load_other_images("photos_of_other_things/", side=128, channels=1, cache_dir="", workers=2,
                               synthetic=500, seed=0, device=device)     # uint8, held in memory
     turned, turns = rotation_copies(x, 0.25, generator)               # x: the augmented batch
-    others = other_crops(other, n=64, size=64, normalization=norm, generator=generator)
+    others = other_crops(other, n=64, size=64, normalization=norm, generator=generator, zoom_out=0.5)
     loss = loss + 0.1 * energy_margin_loss(logits_of_batch, logits_of_others)
 """
 from __future__ import annotations
