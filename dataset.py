@@ -397,10 +397,17 @@ def random_crops(x: torch.Tensor, size: int, min_area: float, generator: torch.G
     n = x.shape[0]
     side = (min_area + (1 - min_area) * torch.rand(n, generator=generator)).sqrt()
     centre = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1 - side)[:, None]
-    zero = torch.zeros(n)
-    theta = torch.stack([torch.stack([side, zero, centre[:, 0]], 1), torch.stack([zero, side, centre[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device, torch.float32), [n, x.shape[1], size, size], align_corners=False)
+    grid = scale_shift_grid(side, centre, [n, x.shape[1], size, size], x.device)
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def scale_shift_grid(scale: torch.Tensor, shift: torch.Tensor, shape: list[int], device: torch.device
+                     ) -> torch.Tensor:
+    """F.grid_sample's grid for an output of `shape` (N, C, H, W) whose point p (coordinates in [-1, 1]) reads the
+    input at scale[i] * p + shift[i]: scale < 1 crops and enlarges, scale > 1 shrinks."""
+    zero = torch.zeros_like(scale)
+    theta = torch.stack([torch.stack([scale, zero, shift[:, 0]], 1), torch.stack([zero, scale, shift[:, 1]], 1)], 1)
+    return F.affine_grid(theta.to(device, torch.float32), shape, align_corners=False)
 
 
 # ---------------------------------------------------------------- synthetic data and the command line

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from common import UserError
-from dataset import batch_flip_lr, expand_inputs, load_split, preprocess, random_crops, rotate_quarters, to_float
+from dataset import (batch_flip_lr, expand_inputs, load_split, preprocess, random_crops, rotate_quarters,
+                     scale_shift_grid, to_float)
 from novelty import make_unknown_images
 
 
@@ -70,11 +71,8 @@ def zoomed_out(x: torch.Tensor, normalization: dict, generator: torch.Generator,
     n, c = x.shape[:2]
     side = smallest + (largest - smallest) * torch.rand(n, generator=generator)
     centre = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1 - side)[:, None]
-    zero = torch.zeros(n)
-    # affine_grid maps output coordinates to input ones: the image spans centre +- side of the output.
-    theta = torch.stack([torch.stack([1 / side, zero, -centre[:, 0] / side], 1),
-                         torch.stack([zero, 1 / side, -centre[:, 1] / side], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device, torch.float32), list(x.shape), align_corners=False).to(x.dtype)
+    # output point p reads the input at (p - centre) / side: the image spans centre +- side of the output
+    grid = scale_shift_grid(1 / side, -centre / side[:, None], list(x.shape), x.device).to(x.dtype)
     shrunk = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     inside = F.grid_sample(blob_masks(n, x.shape[-1], generator).to(x.device, x.dtype), grid, mode="bilinear",
                            padding_mode="zeros", align_corners=False)
