@@ -103,6 +103,11 @@ def seconds_after_training(val_seconds: float, val_images: int, fit_images: int,
 ANNEAL_SHARE = 0.25  # under a time budget, the last quarter of the epochs that fit anneal the learning rate to 0
 
 
+def anneal_epochs(fits: int) -> int:
+    """How many of the `fits` epochs a time budget allows anneal the learning rate: ANNEAL_SHARE of them, 1 at least."""
+    return max(1, round(ANNEAL_SHARE * fits))
+
+
 def plan_to_budget(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torch.optim.Optimizer,
                    steps_per_epoch: int, cfg: TrainConfig, epoch: int, seconds_left: float,
                    epoch_seconds: float) -> tuple[int, str, str]:
@@ -124,7 +129,7 @@ def plan_to_budget(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torc
     annealing = end < cfg.epochs
     if (not annealing and fits >= end) or (annealing and end <= fits < end + 2):
         return min(fits, end), "", ""
-    if not annealing and fits - epoch > max(1, round(ANNEAL_SHARE * fits)):
+    if not annealing and fits - epoch > anneal_epochs(fits):
         return fits, "", ""  # not yet: the schedule runs on at its height
     return fits, (f"time budget {cfg.time_budget:.0f}s: {fits} epochs fit at {epoch_seconds:.1f}s; "
                   + replan_lr(scheduler, optimizer, epoch, fits, steps_per_epoch, cfg.freeze_epochs)), ""

@@ -45,7 +45,7 @@ from distributed import (all_reduce_sum, any_rank, close_distributed, init_distr
 from label_errors import format_label_check, label_check
 from metrics import correct_count, energy_margin_loss, loss_sum
 from model import build_model, fetch_pretrained, input_normalization, unwrap
-from optimization import (ANNEAL_SHARE, LRSchedule, build_optimizer, class_weight_tensor, ema_of, plan_to_budget,
+from optimization import (LRSchedule, anneal_epochs, build_optimizer, class_weight_tensor, ema_of, plan_to_budget,
                           replan_lr, seconds_after_training, set_backbone_trainable, train_mode)
 from outliers import load_other_images, other_crops, rotation_copies
 from plots import plot_history
@@ -339,7 +339,7 @@ def fit_to_budget(t: Trainer, cfg: TrainConfig, progress: Progress, epoch: int, 
     elif epoch == progress.start_epoch + 1 and not stop:
         fit = f"all {cfg.epochs} epochs fit" if planned >= cfg.epochs else (
             f"about {planned} of {cfg.epochs} epochs fit; the learning rate will anneal to 0 over the last "
-            f"{max(1, round(ANNEAL_SHARE * planned))}")
+            f"{anneal_epochs(planned)}")
         print(f"time budget {cfg.time_budget:.0f}s: {fit} (at {epoch_seconds:.1f}s, the first epoch's speed; "
               f"{after:.0f}s set aside for the steps after training)")
     return planned, stop
