@@ -295,6 +295,18 @@ def _measure_in_subprocess(step: str, cfg: TrainConfig) -> dict:
     return result
 
 
+def train_config(train_flags: list[str], **set_here) -> TrainConfig:
+    """train.py's settings from the flags after `--`, with the fields `set_here` set by bench.py itself. One of
+    those given after `--` would be replaced without a word (an `--epochs 80` there ran 40 epochs), so it is an
+    error that says where it goes instead."""
+    flags = [f"--{name.replace('_', '-')}" for name in set_here]
+    given = [flag for flag in flags if any(arg == flag or arg.startswith(flag + "=") for arg in train_flags)]
+    if given:
+        raise UserError(f"{' and '.join(given)} after --: bench.py sets {'it' if len(given) == 1 else 'them'} for "
+                        "its run; bench.py's own flags (--help lists them) go before --")
+    return dataclasses.replace(parse_config(train_flags), **set_here)
+
+
 def scale_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench.py scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -313,13 +325,13 @@ def scale_main(argv: list[str]) -> int:
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
     work = Path(args.work_dir)
+    cfg = train_config(train_flags, data="", image_size=args.size, channels=args.channels, workers=args.workers,
+                       cache_dir="", epochs=1, time_budget=args.train_seconds, out_dir=str(work / "models"),
+                       log_dir=str(work / "logs"), curves_dir=str(work / "curves"), run_name="scale")
     data = Path(args.data) if args.data else synthetic_set(work, args.images, args.file_size or
                                                            round(args.size * 1.5), args.workers)
     cache = work / f"cache-{data.name}-{args.size}px-{args.channels}ch"
-    cfg = dataclasses.replace(parse_config(train_flags), data=str(data), image_size=args.size,
-                              channels=args.channels, workers=args.workers, cache_dir=str(cache), epochs=1,
-                              time_budget=args.train_seconds, out_dir=str(work / "models"),
-                              log_dir=str(work / "logs"), curves_dir=str(work / "curves"), run_name="scale")
+    cfg = dataclasses.replace(cfg, data=str(data), cache_dir=str(cache))
     shutil.rmtree(cache, ignore_errors=True)
     cold = _measure_in_subprocess("load", cfg)
     warm = _measure_in_subprocess("load", cfg)
@@ -407,7 +419,7 @@ def label_errors_main(argv: list[str]) -> int:
                         help="also save the out-of-fold probabilities, the given labels and the flipped images")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
-    cfg = dataclasses.replace(parse_config(train_flags), data=args.data)
+    cfg = train_config(train_flags, data=args.data)
     lay, train = train_split_of(cfg)
     generator = torch.Generator().manual_seed(args.seed)
     flipped = torch.randperm(len(train.labels), generator=generator)[:round(args.flip * len(train.labels))]
@@ -461,11 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(ours)
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.work_dir or scratch
-        cfg = dataclasses.replace(parse_config(train_flags), data=args.data, epochs=args.epochs,
-                                  time_budget=args.time_budget,
-                                  device=args.device, workers=args.workers, cache_dir=f"{tmp}/cache",
-                                  out_dir=f"{tmp}/models", log_dir=f"{tmp}/logs", curves_dir=f"{tmp}/curves",
-                                  run_name="bench")
+        cfg = train_config(train_flags, data=args.data, epochs=args.epochs, time_budget=args.time_budget,
+                           device=args.device, workers=args.workers, cache_dir=f"{tmp}/cache", out_dir=f"{tmp}/models",
+                           log_dir=f"{tmp}/logs", curves_dir=f"{tmp}/curves", run_name="bench")
         ours = bench_ours(cfg, scratch)
         if not args.skip_baseline:
             base_data = baseline_data(cfg, layout_of(cfg), scratch)

@@ -83,3 +83,24 @@ def test_bench_markdown_is_the_table_benchmarks_md_holds():
                          "(2 torch threads), 25.3 GB, GPU: none; torch 2.15.0")
     alone = bench.bench_markdown(_result(baseline=False)).splitlines()
     assert alone[0] == "|  | ours (train.py) |" and "| train images/s | 836.2 |" in alone
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--data", "D", "--", "--width", "32", "--epochs", "80"], "--epochs after --"),
+    (["--data", "D", "--", "--time-budget=300", "--out-dir", "m"], "--time-budget and --out-dir after --"),
+    (["scale", "--", "--image-size", "96"], "--image-size after --"),
+    (["label-errors", "--data", "D", "--", "--data", "E"], "--data after --"),
+])
+def test_a_flag_bench_sets_itself_is_refused_after_the_dashes(argv, named, capsys, tmp_path, monkeypatch):
+    """bench.py sets these train.py flags for its run: given after -- they would be replaced without a word.
+    Refused before any work (`scale` would first generate its images in ./bench_data)."""
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(argv) == 2
+    assert capsys.readouterr().err == (f"error: {named}: bench.py sets {'them' if ' and ' in named else 'it'} for "
+                                       "its run; bench.py's own flags (--help lists them) go before --\n")
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_flags_after_the_dashes_reach_the_run():
+    cfg = bench.train_config(["--width", "32", "--lr", "3e-3"], data="D", epochs=7)
+    assert (cfg.width, cfg.lr, cfg.data, cfg.epochs) == (32, 3e-3, "D", 7)
