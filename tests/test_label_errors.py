@@ -10,12 +10,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import check_data
+import label_errors
 import train
 from conftest import train_args
-from label_errors import confident_learning, read_listed_paths, stratified_folds
+from config import TrainConfig
+from label_errors import (confident_learning, read_listed_paths, stratified_folds, train_short,
+                          train_split_of)
 
 
 def test_stratified_folds_deal_each_class_evenly_and_repeat_with_the_seed():
@@ -115,3 +119,29 @@ def test_train_find_label_errors_reports_them_and_trains_on_every_image(tmp_path
     assert "likely label errors:" in out and "data: 96 train" in out  # nothing was left out of training
     rows = list(csv.DictReader(open(tmp_path / "curves" / "label_errors.csv")))
     assert len({r["path"] for r in rows} & set(moved)) >= 4, rows  # measured: 5 of the 6
+
+
+def test_with_weights_the_folds_start_from_them_and_predict_on_imagenet_normalized_input(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """--weights (or --pretrained) reaches the label check: every fold's model starts from those weights (far
+    stronger folds on photos than short runs from scratch), fed as train.py feeds them."""
+    r18 = torchvision.models.resnet18(weights=None)
+    torch.save(r18.state_dict(), tmp_path / "r18.pth")
+    data, _ = planted(tmp_path, flips=2, per_class=8)
+    cfg = TrainConfig(data=str(data), arch="resnet18", weights=str(tmp_path / "r18.pth"), image_size=32,
+                      batch_size=8, workers=0, cache_dir="", device="cpu")
+    _, split = train_split_of(cfg)
+    model = train_short(split, torch.arange(len(split.labels)), 2, cfg, 0, torch.device("cpu"), torch.Generator(),
+                        label_errors.adapt_state_dict(r18.state_dict(), 1))
+    assert torch.equal(model.conv1.weight, r18.conv1.weight.sum(1, keepdim=True))  # gray stem: RGB kernels summed
+    assert torch.equal(model.layer4[1].conv2.weight, r18.layer4[1].conv2.weight)
+    seen = []
+    real = label_errors.predict_logits
+    monkeypatch.setattr(label_errors, "predict_logits",
+                        lambda *a, **kw: seen.append(kw["normalization"]) or real(*a, **kw))
+    out = tmp_path / "report"
+    assert check_data.main([str(data), "--label-errors", "--out-dir", str(out), "--cache-dir", "", "--workers", "0",
+                            "--arch", "resnet18", "--weights", str(tmp_path / "r18.pth"), "--image-size", "32",
+                            "--batch-size", "8", "--label-error-folds", "2", "--label-error-epochs", "1"]) == 0
+    assert seen == [{"mean": [0.449], "std": [0.226]}] * 2  # ImageNet's, for gray input, in both folds
+    assert "likely label errors:" in capsys.readouterr().out and (out / "label_errors.csv").is_file()
