@@ -21,7 +21,7 @@ from common import UserError, needs_grad_scaler, pick_amp_dtype, pick_device
 from config import TrainConfig
 from dataset import Split, augment, batches, fetch_batch, load_items, to_float
 from layout import Layout, layout_of, layout_splits
-from model import adapt_state_dict, build_model, input_normalization, load_pretrained
+from model import build_model, fetch_pretrained, input_normalization
 from optimization import build_optimizer, train_mode, warmup_cosine
 from plots import plot_gallery, save_figure
 from predict import amp, predict_logits
@@ -85,8 +85,7 @@ def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: in
     fold's model starts from those ImageNet weights: far stronger folds on photos, so far fewer hard images named."""
     t0 = time.time()
     device = pick_device(cfg.device)
-    pretrained_state = adapt_state_dict(load_pretrained(cfg.arch, cfg.weights), cfg.channels) \
-        if cfg.uses_pretrained else None
+    pretrained_state = fetch_pretrained(cfg, report)
     fold = stratified_folds(data.labels, folds, cfg.seed)
     probs = torch.zeros(len(data.labels), num_classes)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -218,13 +218,14 @@ def adapt_state_dict(state: dict, in_channels: int) -> dict:
     return out
 
 
-def fetch_pretrained(cfg: TrainConfig) -> dict | None:
-    """The adapted ImageNet weights when asked for; fetched before the data so a missing download fails fast."""
+def fetch_pretrained(cfg: TrainConfig, report=print) -> dict | None:
+    """The adapted ImageNet weights when asked for, said in a line to `report`; train.py fetches them before the
+    data so a missing download fails fast."""
     if not cfg.uses_pretrained:
         return None
     state = adapt_state_dict(load_pretrained(cfg.arch, cfg.weights), cfg.channels)
-    print(f"pretrained: {cfg.weights or 'torchvision ImageNet weights'}, "
-          f"normalization {input_normalization(True, cfg.channels)}")
+    report(f"pretrained: {cfg.weights or 'torchvision ImageNet weights'}, "
+           f"normalization {input_normalization(True, cfg.channels)}")
     return state
 
 

@@ -18,6 +18,7 @@ import label_errors
 import train
 from conftest import train_args
 from config import TrainConfig
+from model import fetch_pretrained
 from label_errors import (confident_learning, read_listed_paths, stratified_folds, train_short,
                           train_split_of)
 
@@ -132,7 +133,7 @@ def test_with_weights_the_folds_start_from_them_and_predict_on_imagenet_normaliz
                       batch_size=8, workers=0, cache_dir="", device="cpu")
     _, split = train_split_of(cfg)
     model = train_short(split, torch.arange(len(split.labels)), 2, cfg, 0, torch.device("cpu"), torch.Generator(),
-                        label_errors.adapt_state_dict(r18.state_dict(), 1))
+                        fetch_pretrained(cfg))
     assert torch.equal(model.conv1.weight, r18.conv1.weight.sum(1, keepdim=True))  # gray stem: RGB kernels summed
     assert torch.equal(model.layer4[1].conv2.weight, r18.layer4[1].conv2.weight)
     seen = []
@@ -144,4 +145,6 @@ def test_with_weights_the_folds_start_from_them_and_predict_on_imagenet_normaliz
                             "--arch", "resnet18", "--weights", str(tmp_path / "r18.pth"), "--image-size", "32",
                             "--batch-size", "8", "--label-error-folds", "2", "--label-error-epochs", "1"]) == 0
     assert seen == [{"mean": [0.449], "std": [0.226]}] * 2  # ImageNet's, for gray input, in both folds
-    assert "likely label errors:" in capsys.readouterr().out and (out / "label_errors.csv").is_file()
+    printed = capsys.readouterr().out
+    assert f"pretrained: {tmp_path / 'r18.pth'}" in printed and "likely label errors:" in printed
+    assert (out / "label_errors.csv").is_file()
