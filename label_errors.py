@@ -82,7 +82,8 @@ def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: in
                       report=print) -> tuple[torch.Tensor, float]:
     """(N, classes) softmax probabilities of every image of `data`, each from the model trained on the other
     folds (with the mirror image averaged in), and the seconds it took. With --pretrained or --weights every
-    fold's model starts from those ImageNet weights: far stronger folds on photos, so far fewer hard images named."""
+    fold's model starts from those ImageNet weights, the way to folds strong enough on photos that few hard images
+    are named."""
     t0 = time.time()
     device = pick_device(cfg.device)
     pretrained_state = fetch_pretrained(cfg, report)

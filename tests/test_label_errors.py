@@ -124,8 +124,8 @@ def test_train_find_label_errors_reports_them_and_trains_on_every_image(tmp_path
 
 def test_with_weights_the_folds_start_from_them_and_predict_on_imagenet_normalized_input(tmp_path, monkeypatch,
                                                                                           capsys):
-    """--weights (or --pretrained) reaches the label check: every fold's model starts from those weights (far
-    stronger folds on photos than short runs from scratch), fed as train.py feeds them."""
+    """--weights (or --pretrained) reaches the label check: every fold's model starts from those weights, fed as
+    train.py feeds them."""
     r18 = torchvision.models.resnet18(weights=None)
     torch.save(r18.state_dict(), tmp_path / "r18.pth")
     data, _ = planted(tmp_path, flips=2, per_class=8)
