@@ -5,7 +5,7 @@ Usage (from other scripts):
     save_checkpoint(ckpt, "models/best_model.pth")        # atomic: the old file or the new one
     ckpt = load_checkpoint("models/best_model.pth")      # weights_only=True, validated, version 1 upgraded
     model = model_from_checkpoint(ckpt)                  # eval mode, CPU
-    tta_of(ckpt), temperature_of(ckpt), width_of(ckpt), normalization_of(ckpt), val_accuracy_of(ckpt),
+    tta_of(ckpt), temperature_of(ckpt), width_of(ckpt), blocks_of(ckpt), normalization_of(ckpt), val_accuracy_of(ckpt),
     run_name_of(ckpt)
     ckpt = with_novelty(ckpt, novelty_record(states, "combined", threshold, 0.95, tta, seconds, n))
     novelty = novelty_of(ckpt)                           # None for a checkpoint trained before it existed
@@ -15,6 +15,7 @@ Format version 2, a dict of plain types and tensors:
     format_version   2
     model_state      the unwrapped network's state_dict; with EMA the averaged weights, which inference uses
     arch, classes, image_size, channels, width     what rebuilding the network needs (width: resnet_small's)
+    blocks           resnet_small's residual blocks per stage (absent in files written before it: one each)
     normalization    {"mean", "std"}: pixels / 255 minus mean, over std (one value, or one per channel)
     tta              evaluate on the image and its mirror, averaged (the training setting)
     temperature      softmax temperature fitted on val at the end of training (1.0 before that)
@@ -72,6 +73,7 @@ def build_checkpoint(model: nn.Module, cfg: TrainConfig, classes: list[str], epo
     return {"layout": dict(layout or {}), "format_version": FORMAT_VERSION,
             "model_state": on_cpu(unwrap(model).state_dict()), "arch": cfg.arch,
             "classes": list(classes), "image_size": cfg.image_size, "channels": cfg.channels, "width": cfg.width,
+            "blocks": list(cfg.blocks),
             "normalization": input_normalization(cfg.uses_pretrained, cfg.channels), "tta": cfg.tta,
             "temperature": 1.0, "config": cfg.to_dict(), "epoch": epoch, "metrics": metrics, "best": dict(best),
             "history": history}
@@ -162,7 +164,7 @@ def load_resume_checkpoint(out_dir: str | Path) -> dict:
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
     """Rebuild the network a checkpoint describes and load its weights (eval mode, CPU)."""
     model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["channels"], width_of(ckpt), ckpt["image_size"],
-                        rotation_head="rot.weight" in ckpt["model_state"])
+                        rotation_head="rot.weight" in ckpt["model_state"], blocks=blocks_of(ckpt))
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as e:
@@ -185,6 +187,11 @@ def temperature_of(ckpt: dict) -> float:
 
 def width_of(ckpt: dict) -> int:
     return int(ckpt["width"])
+
+
+def blocks_of(ckpt: dict) -> tuple[int, ...]:
+    """resnet_small's blocks per stage; files written before the field existed had one in each stage."""
+    return tuple(int(n) for n in ckpt.get("blocks", (1, 1, 1, 1)))
 
 
 def normalization_of(ckpt: dict) -> dict:

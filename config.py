@@ -60,6 +60,8 @@ class TrainConfig:
     # model
     arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision)", choices=ARCHS)
     width: int = _f(48, "channels of resnet_small's first stage; the width sets CPU speed")
+    blocks: list[int] = _f([1, 1, 1, 1], "resnet_small's residual blocks in each of its four stages (depth costs "
+                           "less than width on a CPU: README 'Training')")
     pretrained: bool = _f(False, "start resnet18/resnet50 from ImageNet weights (needs internet or --weights)")
     weights: str = _f("", "local torchvision state_dict to start from (implies --pretrained)")
     freeze_epochs: int = _f(0, "with pretrained weights: train only the head for this many epochs first")
@@ -147,6 +149,8 @@ class TrainConfig:
             raise UserError(f"--other-zoom-out must be in [0, 1], not {self.other_zoom_out}")
         if self.novelty_score == "rotation" and self.rotation_weight <= 0:
             raise UserError("--novelty-score rotation needs the rotation head: give --rotation-weight > 0")
+        if len(self.blocks) != 4 or min(self.blocks) < 1:
+            raise UserError(f"--blocks takes 4 numbers of at least 1 (resnet_small's stages), not {self.blocks}")
         if self.label_error_folds < 2 or self.label_error_epochs < 1:
             raise UserError("--label-error-folds must be at least 2 and --label-error-epochs at least 1, not "
                             f"{self.label_error_folds} and {self.label_error_epochs}")
@@ -178,7 +182,7 @@ SOURCE_FIELDS = ("labels", "label_columns", "labels_from_name", "name_pattern")
 # What decides the carved val/test splits, besides the source.
 CARVE_FIELDS = ("classes", "val_fraction", "test_fraction", "seed")
 # What check_data.py --label-errors trains with, besides the defaults.
-LABEL_CHECK_FIELDS = ("label_error_folds", "label_error_epochs", "arch", "width", "image_size", "channels",
+LABEL_CHECK_FIELDS = ("label_error_folds", "label_error_epochs", "arch", "width", "blocks", "image_size", "channels",
                       "pretrained", "weights", "batch_size", "cache_dir", "device")
 
 

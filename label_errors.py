@@ -50,7 +50,7 @@ def train_short(data: Split, rows: torch.Tensor, num_classes: int, cfg: TrainCon
     map, or a GPU). With `pretrained_state` (--pretrained / --weights) it starts from those weights, the backbone
     at train.py's lower learning rate, on ImageNet-normalized input."""
     model = build_model(cfg.arch, num_classes, cfg.channels, cfg.width, cfg.image_size,
-                        pretrained_state=pretrained_state).to(device)
+                        pretrained_state=pretrained_state, blocks=cfg.blocks).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)

@@ -40,7 +40,8 @@ class BasicBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """A narrow ResNet for 32-128 px inputs: four stages of one residual block, widths w, 2w, 4w, 8w.
+    """A narrow ResNet for 32-128 px inputs: four stages of residual blocks (`blocks`, one each by default), widths
+    w, 2w, 4w, 8w.
 
     Two stride-2 3x3 convolutions bring 64x64 down to 16x16 before the first block: on a CPU the first stage's
     resolution and width decide the speed. Measured on 2 cores, 15 epochs of cat/dog photos: this stem trains
@@ -94,15 +95,17 @@ def adapt_torchvision_resnet(model: nn.Module, num_classes: int, in_channels: in
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 1, width: int = TrainConfig.width,
-                image_size: int = 64, pretrained_state: dict | None = None, rotation_head: bool = False) -> nn.Module:
-    """The network; `pretrained_state` (from adapt_state_dict) fills every layer but the new head.
+                image_size: int = 64, pretrained_state: dict | None = None, rotation_head: bool = False,
+                blocks: tuple[int, ...] = (1, 1, 1, 1)) -> nn.Module:
+    """The network; `pretrained_state` (from adapt_state_dict) fills every layer but the new head; `width` and
+    `blocks` (per stage) shape resnet_small only.
     `rotation_head` adds `rot`, a 4-way linear layer on the penultimate feature that tells which quarter turn
     an image was given (trained beside the classifier; it scores images of no known class, novelty.py). The
     model's forward stays the class logits alone."""
     if arch == "resnet_small":
         if pretrained_state is not None:
             raise UserError(PRETRAINED_ARCH_HELP)
-        model = SmallResNet(num_classes, in_channels, width)
+        model = SmallResNet(num_classes, in_channels, width, tuple(blocks))
     elif arch in ("resnet18", "resnet50"):
         model = getattr(torchvision.models, arch)(weights=None)
         model = adapt_torchvision_resnet(model, num_classes, in_channels, image_size)

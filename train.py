@@ -100,7 +100,7 @@ def set_up(cfg: TrainConfig) -> tuple[TrainConfig, torch.device, torch.dtype | N
 def build_trainer(cfg: TrainConfig, train: Split, num_classes: int, device: torch.device,
                   amp_dtype: torch.dtype | None, pretrained_state: dict | None) -> Trainer:
     """The model, its moving average, loss, optimizer and learning-rate schedule."""
-    model = build_model(cfg.arch, num_classes, cfg.channels, cfg.width, cfg.image_size,
+    model = build_model(cfg.arch, num_classes, cfg.channels, cfg.width, cfg.image_size, blocks=cfg.blocks,
                         pretrained_state=pretrained_state, rotation_head=cfg.rotation_weight > 0).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -5,8 +5,8 @@ import torch
 import common
 import train
 from checkpoint import (FORMAT_VERSION, LAST, build_checkpoint, load_checkpoint, load_resume_checkpoint,
-                        model_from_checkpoint, normalization_of, on_cpu, save_checkpoint, temperature_of, tta_of,
-                        val_accuracy_of, width_of, with_temperature)
+                        blocks_of, model_from_checkpoint, normalization_of, on_cpu, save_checkpoint, temperature_of,
+                        tta_of, val_accuracy_of, width_of, with_temperature)
 from common import UserError, save_atomic
 from config import TrainConfig
 from dataset import load_data
@@ -101,6 +101,23 @@ def test_build_save_load_and_the_accessors(tmp_path):
     assert model_from_checkpoint(loaded).stem[1].num_features == 4  # width 8: a stem of 4, then 8 channels
     pretrained = build_checkpoint(SmallResNet(2, 1, 8), TrainConfig(weights="w.pth"), ["a", "b"], 1, {}, [], {})
     assert normalization_of(pretrained) == {"mean": [0.449], "std": [0.226]}
+
+
+def test_a_deeper_resnet_small_round_trips_and_files_from_before_blocks_have_one_per_stage(tmp_path):
+    cfg = TrainConfig(width=8, image_size=32, blocks=[1, 2, 2, 1])
+    model = SmallResNet(2, 1, 8, (1, 2, 2, 1)).eval()
+    ckpt = build_checkpoint(model, cfg, ["cat", "dog"], 1, {}, [], {"acc": 0.5, "epoch": 1})
+    save_checkpoint(ckpt, tmp_path / "m.pth")
+    loaded = load_checkpoint(tmp_path / "m.pth")
+    assert blocks_of(loaded) == (1, 2, 2, 1)
+    rebuilt = model_from_checkpoint(loaded)
+    assert len(rebuilt.layers) == 6  # 1 + 2 + 2 + 1 blocks
+    x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    dev = torch.device("cpu")
+    assert torch.equal(predict_logits(model, x, dev), predict_logits(rebuilt, x, dev))
+    before = {k: v for k, v in build_checkpoint(SmallResNet(2, 1, 8), TrainConfig(width=8, image_size=32), ["a", "b"],
+                                                1, {}, [], {}).items() if k != "blocks"}  # written before the field
+    assert blocks_of(before) == (1, 1, 1, 1) and len(model_from_checkpoint(before).layers) == 4
 
 
 def test_version_1_checkpoints_load_with_the_values_version_1_readers_used(tmp_path):

@@ -124,3 +124,11 @@ def test_config_file_and_resume_do_not_go_together(tmp_path):
     path.write_text("{}")
     with pytest.raises(UserError, match="give one of them"):
         parse_config(["--config", str(path), "--resume"])
+
+
+def test_blocks_take_four_stages_of_at_least_one():
+    assert parse_config(["--blocks", "1", "2", "2", "1"]).blocks == [1, 2, 2, 1]
+    assert TrainConfig().blocks == [1, 1, 1, 1]  # the default network is the one every earlier file holds
+    for bad in (["1", "2"], ["1", "0", "1", "1"], []):
+        with pytest.raises(UserError, match=r"--blocks takes 4 numbers of at least 1 \(resnet_small's stages\)"):
+            parse_config(["--blocks", *bad])
