@@ -60,8 +60,7 @@ class TrainConfig:
     # model
     arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision)", choices=ARCHS)
     width: int = _f(48, "channels of resnet_small's first stage; the width sets CPU speed")
-    blocks: list[int] = _f([1, 1, 1, 1], "resnet_small's residual blocks in each of its four stages (depth costs "
-                           "less than width on a CPU: README 'Training')")
+    blocks: list[int] = _f([1, 1, 1, 1], "resnet_small's residual blocks in each of its four stages")
     pretrained: bool = _f(False, "start resnet18/resnet50 from ImageNet weights (needs internet or --weights)")
     weights: str = _f("", "local torchvision state_dict to start from (implies --pretrained)")
     freeze_epochs: int = _f(0, "with pretrained weights: train only the head for this many epochs first")
