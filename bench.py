@@ -297,8 +297,8 @@ def _measure_in_subprocess(step: str, cfg: TrainConfig) -> dict:
 
 def train_config(train_flags: list[str], **set_here) -> TrainConfig:
     """train.py's settings from the flags after `--`, with the fields `set_here` set by bench.py itself. One of
-    those given after `--` would be replaced without a word (an `--epochs 80` there ran 40 epochs), so it is an
-    error that says where it goes instead."""
+    those given after `--` would be replaced without a word (`-- --epochs 80` would run bench.py's --epochs), so
+    it is an error that says where it goes instead."""
     flags = [f"--{name.replace('_', '-')}" for name in set_here]
     given = [flag for flag in flags if any(arg == flag or arg.startswith(flag + "=") for arg in train_flags)]
     if given:
