@@ -289,6 +289,35 @@ class RequestMetrics:
             self.metrics["latency"].labels(endpoint).observe(time.perf_counter() - start)
 
 
+class HeatMaps:
+    """Grad-CAM heatmaps for /gradcam (predict.explain). Grad-CAM hooks a layer and runs backward: on its own copy
+    of the model, one request at a time, so the hooks never see another request's forward pass. Its layer is
+    chosen once, for the checkpoint's image size; mirror averaging (`tta`, None = the checkpoint's) and
+    temperature are the predictions' own, so the map explains the prediction returned."""
+
+    def __init__(self, model: torch.nn.Module, ckpt: dict, tta: bool | None):
+        self.model = copy.deepcopy(model)
+        size, channels = ckpt["image_size"], ckpt["channels"]
+        self.layer = pick_cam_layer(self.model, torch.zeros(1, channels, size, size))[0]
+        self.tta, self.temperature = tta_of(ckpt) if tta is None else tta, temperature_of(ckpt)
+        self.normalization, self.lock = normalization_of(ckpt), threading.Lock()
+
+    def png(self, image: np.ndarray, class_idx: int) -> str:
+        """The heatmap of class `class_idx` on one decoded image (uint8, C x H x W), as a PNG data URL."""
+        x = normalize(torch.as_tensor(image)[None], self.normalization)
+        with self.lock:
+            cam = explain(self.model, x, self.layer, self.tta, self.temperature, class_idx=class_idx).cam
+        return heatmap_png(cam)
+
+
+def checkpoint_facts(ckpt: dict, name: str) -> dict:
+    """What /health says about the loaded checkpoint, `name` being its file name."""
+    val_acc = val_accuracy_of(ckpt)
+    return {"ok": True, "checkpoint": name, "classes": ckpt["classes"], "epoch": ckpt.get("epoch"),
+            "val_acc": None if val_acc is None else round(val_acc, 4), "arch": ckpt["arch"],
+            "image_size": ckpt["image_size"], "channels": ckpt["channels"], "temperature": temperature_of(ckpt)}
+
+
 def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0, threshold: float = 0.0,
                tta: bool | None = None, threads: int = 2, max_batch: int = 32, max_wait_ms: float = 0.0,
                timeout_s: float = 10.0, load_seconds: float = 0.0, runtime: str = "torch",
@@ -302,12 +331,7 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
     model = model_from_checkpoint(ckpt)
     onnx, runtime_note = onnx_runtime(model, ckpt, runtime_threads) if runtime == "onnx" else (None, "PyTorch")
     size, channels, classes = ckpt["image_size"], ckpt["channels"], ckpt["classes"]
-    # Grad-CAM hooks a layer and runs backward: on its own copy of the model, one request at a time, so the
-    # hooks never see another request's forward pass. Its layer is chosen once, for the checkpoint's image size;
-    # mirror averaging and temperature are the predictions' own, so the map explains the prediction returned.
-    cam_model = copy.deepcopy(model)
-    cam_layer = pick_cam_layer(cam_model, torch.zeros(1, channels, size, size))[0]
-    cam_tta, temperature, cam_lock = tta_of(ckpt) if tta is None else tta, temperature_of(ckpt), threading.Lock()
+    heatmaps = HeatMaps(model, ckpt, tta)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="model")
     decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
     page = PAGE.read_text()
@@ -349,22 +373,15 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         result = merged(results, good, predict_images(model, ckpt, images, threshold, tta, runtime=onnx))[0]
         probs = result["probabilities"]
         k = classes.index(result["label"] if result["label"] in classes else max(probs, key=probs.get))
-        x = normalize(torch.as_tensor(images[0])[None], normalization_of(ckpt))
-        with cam_lock:
-            cam = explain(cam_model, x, cam_layer, cam_tta, temperature, class_idx=k).cam
-        return {**result, "heatmap_class": classes[k], "heatmap": heatmap_png(cam)}
+        return {**result, "heatmap_class": classes[k], "heatmap": heatmaps.png(images[0], k)}
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
         return page
 
-    val_acc = val_accuracy_of(ckpt)
-    health_answer = {"ok": True, "checkpoint": name, "classes": classes, "epoch": ckpt.get("epoch"),
-                     "val_acc": None if val_acc is None else round(val_acc, 4), "arch": ckpt["arch"],
-                     "image_size": size, "channels": channels, "temperature": temperature_of(ckpt),
-                     "threshold": threshold, "max_upload_mb": max_upload_mb, "max_images": MAX_IMAGES,
-                     "max_batch": max_batch, "max_wait_ms": max_wait_ms, "timeout_s": timeout_s,
-                     "runtime": "onnx" if onnx is not None else "torch"}
+    health_answer = {**checkpoint_facts(ckpt, name), "threshold": threshold, "max_upload_mb": max_upload_mb,
+                     "max_images": MAX_IMAGES, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+                     "timeout_s": timeout_s, "runtime": "onnx" if onnx is not None else "torch"}
 
     @app.get("/health")
     async def health():
