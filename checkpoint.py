@@ -53,6 +53,7 @@ REQUIRED_V1 = ("format_version", "model_state", "arch", "classes", "image_size",
 REQUIRED = REQUIRED_V1 + ("width", "tta", "temperature")
 RESUME_KEYS = ("optimizer_state", "scheduler_state", "rng")
 NOVELTY_KEYS = ("score", "states", "threshold", "accept_rate", "tta")
+V1_WIDTH = 48  # what version 1 readers built when a file's config had no width: that time's default
 
 
 def on_cpu(obj):
@@ -148,7 +149,7 @@ def load_checkpoint(path: str | Path, hint: str = "run train.py first") -> dict:
 
 def _upgrade_v1(ckpt: dict) -> dict:
     cfg = ckpt.get("config") or {}
-    return {**ckpt, "format_version": FORMAT_VERSION, "width": cfg.get("width", TrainConfig.width),
+    return {**ckpt, "format_version": FORMAT_VERSION, "width": cfg.get("width", V1_WIDTH),
             "tta": cfg.get("tta", False), "temperature": ckpt.get("temperature", 1.0)}
 
 

@@ -59,14 +59,14 @@ class TrainConfig:
                              choices=PLACEMENTS)
     # model
     arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision)", choices=ARCHS)
-    width: int = _f(48, "channels of resnet_small's first stage; the width sets CPU speed")
+    width: int = _f(32, "channels of resnet_small's first stage; the width sets CPU speed")
     blocks: list[int] = _f([1, 1, 1, 1], "resnet_small's residual blocks in each of its four stages")
     pretrained: bool = _f(False, "start resnet18/resnet50 from ImageNet weights (needs internet or --weights)")
     weights: str = _f("", "local torchvision state_dict to start from (implies --pretrained)")
     freeze_epochs: int = _f(0, "with pretrained weights: train only the head for this many epochs first")
     backbone_lr_factor: float = _f(0.1, "with --pretrained or --freeze-epochs: backbone learning rate = lr x this")
     # optimisation
-    epochs: int = _f(40, "passes over the training set")
+    epochs: int = _f(80, "passes over the training set")
     batch_size: int = _f(128, "images per step; larger batches use 2 CPU cores better")
     lr: float = _f(4e-3, "peak AdamW learning rate, reached after warmup")
     weight_decay: float = _f(5e-2, "AdamW decoupled weight decay")
@@ -83,6 +83,9 @@ class TrainConfig:
     flip: bool = _f(True, "random horizontal flips during training")
     max_rotation: float = _f(10.0, "random rotation range in degrees during training")
     max_shift: float = _f(0.1, "random shift, as a share of the image side, during training")
+    max_scale: float = _f(0.15, "random zoom during training: the image scaled by 1 +- up to this share")
+    cutmix: float = _f(0.5, "share of training batches given CutMix: a random box of each image replaced by the same "
+                       "box of another, the loss split between their labels by area (0 = off)")
     tta: bool = _f(True, "evaluate on the image and its mirror and average (flip test-time augmentation)")
     # images of no known class (novelty.py)
     novelty_score: str = _f("combined", "score fitted on the train features at the end, for --reject: combined "
@@ -144,8 +147,11 @@ class TrainConfig:
                                 f"not {value!r}")
         if not 0.0 < self.accept_rate <= 1.0:
             raise UserError(f"--accept-rate must be in (0, 1], not {self.accept_rate}")
-        if not 0.0 <= self.other_zoom_out <= 1.0:
-            raise UserError(f"--other-zoom-out must be in [0, 1], not {self.other_zoom_out}")
+        for name in ("other_zoom_out", "cutmix"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], not {getattr(self, name)}")
+        if not 0.0 <= self.max_scale < 1.0:
+            raise UserError(f"--max-scale must be in [0, 1), not {self.max_scale}")
         if self.novelty_score == "rotation" and self.rotation_weight <= 0:
             raise UserError("--novelty-score rotation needs the rotation head: give --rotation-weight > 0")
         if len(self.blocks) != 4 or min(self.blocks) < 1:

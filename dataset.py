@@ -348,36 +348,62 @@ def batch_flip_lr(x: torch.Tensor, generator: torch.Generator | None = None) -> 
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def batch_affine(x: torch.Tensor, degrees: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Rotate each image of a float (N, C, H, W) batch by degrees[i] (counter-clockwise) about its centre and
-    shift it by shifts[i] = (dx, dy) in fractions of its side; borders are filled by reflection."""
+def batch_affine(x: torch.Tensor, degrees: torch.Tensor, shifts: torch.Tensor, scales: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Rotate each image of a float (N, C, H, W) batch by degrees[i] (counter-clockwise) about its centre, shift it
+    by shifts[i] = (dx, dy) in fractions of its side and, given `scales`, zoom it by 1 / scales[i] (a scale under 1
+    enlarges the centre, over 1 shrinks the image); borders are filled by reflection."""
     rad = degrees.to(x.device, torch.float32) * (math.pi / 180)
     cos, sin = torch.cos(rad), torch.sin(rad)
+    if scales is not None:
+        scales = scales.to(x.device, torch.float32)
+        cos, sin = cos * scales, sin * scales
     shifts = shifts.to(x.device, torch.float32)
-    # affine_grid maps output coordinates to input ones, in [-1, 1]: the inverse rotation, then the shift.
+    # affine_grid maps output coordinates to input ones, in [-1, 1]: the inverse rotation and zoom, then the shift.
     theta = torch.stack([torch.stack([cos, -sin, -2 * shifts[:, 0]], 1),
                          torch.stack([sin, cos, -2 * shifts[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def random_affine(x: torch.Tensor, max_degrees: float, max_shift: float,
+def random_affine(x: torch.Tensor, max_degrees: float, max_shift: float, max_scale: float = 0.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """batch_affine with angles uniform in [-max_degrees, max_degrees] and shifts in [-max_shift, max_shift]."""
-    if max_degrees <= 0 and max_shift <= 0:
+    """batch_affine with angles uniform in [-max_degrees, max_degrees], shifts in [-max_shift, max_shift] and
+    scales in [1 - max_scale, 1 + max_scale]."""
+    if max_degrees <= 0 and max_shift <= 0 and max_scale <= 0:
         return x
     n = x.shape[0]
     degrees = (torch.rand(n, generator=generator) * 2 - 1) * max_degrees
     shifts = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift
-    return batch_affine(x, degrees, shifts)
+    scales = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_scale if max_scale > 0 else None
+    return batch_affine(x, degrees, shifts, scales)
 
 
-def augment(x: torch.Tensor, flip: bool, max_degrees: float, max_shift: float,
+def augment(x: torch.Tensor, flip: bool, max_degrees: float, max_shift: float, max_scale: float,
             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training augmentation of a normalized float batch: random mirror, rotation and shift."""
+    """Training augmentation of a normalized float batch: random mirror, rotation, shift and zoom."""
     if flip:
         x = batch_flip_lr(x, generator)
-    return random_affine(x, max_degrees, max_shift, generator)
+    return random_affine(x, max_degrees, max_shift, max_scale, generator)
+
+
+def cutmix(x: torch.Tensor, share: float, generator: torch.Generator | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """CutMix (Yun et al., 2019) on a whole (N, C, H, W) batch, for a random `share` of the batches: one random box,
+    of area uniform in [0, 1] x the image's, is replaced in every image by the same box of another image of the
+    batch (a random permutation). Returns the batch, the permutation (None: left as it was) and the share of each
+    image that is still its own, the weight of its own label in the loss (the rest goes to perm's)."""
+    if share <= 0 or torch.rand(1, generator=generator).item() >= share:
+        return x, None, 1.0
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    side = (1 - torch.rand(1, generator=generator).item()) ** 0.5  # the box's side, as a share of the image's
+    cy, cx = (torch.rand(2, generator=generator) * torch.tensor([h, w])).long().tolist()
+    bh, bw = round(h * side) // 2, round(w * side) // 2
+    y0, y1, x0, x1 = max(0, cy - bh), min(h, cy + bh), max(0, cx - bw), min(w, cx + bw)
+    perm = torch.randperm(n, generator=generator).to(x.device)
+    out = x.clone()
+    out[..., y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+    return out, perm, 1 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
 def rotate_quarters(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ def train_short(data: Split, rows: torch.Tensor, num_classes: int, cfg: TrainCon
         for batch in batches(len(rows), cfg.batch_size, True, generator, drop_last=True):
             idx = rows[batch]
             x = augment(to_float(fetch_batch(data.images, idx, device), norm["mean"], norm["std"]),
-                        cfg.flip, cfg.max_rotation, cfg.max_shift, generator)
+                        cfg.flip, cfg.max_rotation, cfg.max_shift, cfg.max_scale, generator)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with amp(device, amp_dtype):

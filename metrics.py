@@ -75,6 +75,15 @@ def energy_margin_loss(known_logits: torch.Tensor, other_logits: torch.Tensor, k
     return known + other
 
 
+def mixed_loss(loss_fn, logits: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor | None = None,
+               own: float = 1.0) -> torch.Tensor:
+    """loss_fn on a batch's logits; on a CutMix batch (dataset.cutmix: `perm`, `own`) split by area between each
+    image's label (weight own) and the label of the image its box came from."""
+    if perm is None:
+        return loss_fn(logits, labels)
+    return own * loss_fn(logits, labels) + (1 - own) * loss_fn(logits, labels[perm])
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins by image count."""
     if len(labels) == 0:

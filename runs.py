@@ -241,7 +241,7 @@ def train_batch_images(images: torch.Tensor, labels: torch.Tensor, classes: list
     generator = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randperm(len(labels), generator=generator)[:n]
     x = to_float(images[idx.to(images.device)].cpu(), normalization["mean"], normalization["std"])
-    x = augment(x, cfg.flip, cfg.max_rotation, cfg.max_shift, generator)
+    x = augment(x, cfg.flip, cfg.max_rotation, cfg.max_shift, cfg.max_scale, generator)
     names = [classes[int(k)] for k in labels[idx.to(labels.device)]]
     return to_uint8(x, normalization["mean"], normalization["std"]), names
 

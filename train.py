@@ -39,11 +39,11 @@ from checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of,
                         resume_state_of, rng_state, save_checkpoint, set_rng_state, with_resume_state)
 from common import UserError, needs_grad_scaler, pick_amp_dtype, pick_device, precision_name, reports_user_errors
 from config import TrainConfig, format_config, parse_config
-from dataset import Split, augment, fetch_batch, load_training_data, read_data_layout, to_float
+from dataset import Split, augment, cutmix, fetch_batch, load_training_data, read_data_layout, to_float
 from distributed import (all_reduce_sum, any_rank, close_distributed, init_distributed, is_main_rank,
                          quiet_unless_rank0, rank_world, shard_batches, wrap_for_training)
 from label_errors import format_label_check, label_check
-from metrics import correct_count, energy_margin_loss, loss_sum
+from metrics import correct_count, energy_margin_loss, loss_sum, mixed_loss
 from model import build_model, fetch_pretrained, input_normalization, unwrap
 from optimization import (LRSchedule, anneal_epochs, build_optimizer, class_weight_tensor, ema_of, plan_to_budget,
                           replan_lr, seconds_after_training, set_backbone_trainable, train_mode)
@@ -171,11 +171,13 @@ def extra_images(t: Trainer, x: torch.Tensor, cfg: TrainConfig, other: torch.Ten
 
 
 def step_loss(t: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-              other: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              other: torch.Tensor | None, mixed: tuple[torch.Tensor | None, float] = (None, 1.0)
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, its classification part, the batch's class logits) of one training step, in one forward pass: the
-    classification loss on x, plus the rotation loss on its turned copies and the energy margins of x and the
-    --other images when those are on (extra_images). The train loss reported is the classification
-    part alone, comparable with runs without them."""
+    classification loss on x (on a CutMix batch, `mixed` = (perm, own): split by area between y and y[perm]),
+    plus the rotation loss on its turned copies and the energy margins of x and the --other images when those
+    are on (extra_images). The train loss reported is the classification part alone, comparable with runs
+    without them."""
     turned, turns, others = extra_images(t, x, cfg, other)
     parts = [x] + [p for p in (turned, others) if p is not None]
     batch = torch.cat(parts) if len(parts) > 1 else x
@@ -185,7 +187,7 @@ def step_loss(t: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cf
     with amp(t.device, t.amp_dtype):
         out = model(batch)
         logits, rot_logits = out if isinstance(out, tuple) else (out, None)
-        loss = class_loss = t.loss_fn(logits[:n].float(), y)
+        loss = class_loss = mixed_loss(t.loss_fn, logits[:n].float(), y, *mixed)
         if turned is not None:
             loss = loss + cfg.rotation_weight * F.cross_entropy(rot_logits[n:n + len(turned)].float(), turns)
         if others is not None:
@@ -216,13 +218,14 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float, 
     for idx in bar:
         t_data = time.perf_counter()
         x = augment(to_float(fetch_batch(images, idx, device), t.normalization["mean"], t.normalization["std"]),
-                    cfg.flip, cfg.max_rotation, cfg.max_shift, t.generator)
+                    cfg.flip, cfg.max_rotation, cfg.max_shift, cfg.max_scale, t.generator)
+        x, perm, own = cutmix(x, cfg.cutmix, t.generator)
         y = labels[idx.to(device)]
         data_seconds += time.perf_counter() - t_data
         with torch.no_grad():
             for b, saved in zip(buffers, saved_buffers):
                 saved.copy_(b)
-        loss, class_loss, logits = step_loss(t, model, x, y, cfg, other)
+        loss, class_loss, logits = step_loss(t, model, x, y, cfg, other, (perm, own))
         # The ranks agree on both in one reduction: skip this step (NaN/inf), and stop after it (Ctrl-C).
         nonfinite, stop = (v > 0 for v in all_reduce_sum(
             [float(not torch.isfinite(loss).item()), float(ctrl_c is not None and ctrl_c.requested)], device))

@@ -130,6 +130,8 @@ def test_version_1_checkpoints_load_with_the_values_version_1_readers_used(tmp_p
     save_atomic({**_checkpoint(model), "config": {"width": 8, "tta": True}, "temperature": 2.5}, tmp_path / "t.pth")
     assert (tta_of(load_checkpoint(tmp_path / "t.pth")), temperature_of(load_checkpoint(tmp_path / "t.pth"))) == \
         (True, 2.5)
+    save_atomic({**_checkpoint(SmallResNet(2, 1, 48).eval()), "config": {}}, tmp_path / "w.pth")
+    assert width_of(load_checkpoint(tmp_path / "w.pth")) == 48 != TrainConfig().width  # the default of that time
     incomplete = {**_checkpoint(model), "format_version": FORMAT_VERSION}  # version 2 without width, tta...
     save_atomic(incomplete, tmp_path / "v2.pth")
     with pytest.raises(UserError, match="missing width, tta, temperature"):

@@ -35,8 +35,9 @@ def test_flags_parse_to_field_types():
 
 def test_documented_defaults():
     cfg = TrainConfig()
-    assert (cfg.data, cfg.image_size, cfg.channels, cfg.width, cfg.out_dir, cfg.log_dir, cfg.device, cfg.patience,
-            cfg.tta) == ("Dataset", 64, 1, 48, "models", "logs", "auto", 0, True)
+    assert (cfg.data, cfg.image_size, cfg.channels, cfg.width, cfg.epochs, cfg.out_dir, cfg.log_dir, cfg.device,
+            cfg.patience, cfg.tta, cfg.max_scale, cfg.cutmix) == \
+        ("Dataset", 64, 1, 32, 80, "models", "logs", "auto", 0, True, 0.15, 0.5)
 
 
 def test_flags_not_given_keep_the_base_values():
@@ -132,3 +133,11 @@ def test_blocks_take_four_stages_of_at_least_one():
     for bad in (["1", "2"], ["1", "0", "1", "1"], []):
         with pytest.raises(UserError, match=r"--blocks takes 4 numbers of at least 1 \(resnet_small's stages\)"):
             parse_config(["--blocks", *bad])
+
+
+@pytest.mark.parametrize("flag, bad, allowed", [("--cutmix", "1.5", r"\[0, 1\]"), ("--cutmix", "-0.1", r"\[0, 1\]"),
+                                                ("--max-scale", "1.0", r"\[0, 1\)"),
+                                                ("--other-zoom-out", "2", r"\[0, 1\]")])
+def test_shares_out_of_range_are_refused(flag, bad, allowed):
+    with pytest.raises(UserError, match=rf"^{flag} must be in {allowed}, not {float(bad)}$"):
+        parse_config([flag, bad])

@@ -8,8 +8,8 @@ from PIL import Image
 import dataset
 from common import UserError
 from conftest import NASTY_READABLE
-from dataset import (augment, batch_affine, batch_flip_lr, decode_image, image_tensor, load_data, load_split,
-                     make_synthetic, preprocess, random_affine, to_float)
+from dataset import (augment, batch_affine, batch_flip_lr, cutmix, decode_image, image_tensor, load_data,
+                     load_split, make_synthetic, preprocess, random_affine, to_float)
 from layout import SKIPPED, layout_splits, read_layout
 
 
@@ -100,7 +100,7 @@ def test_unreadable_files_raise_bad_image(tmp_path, content):
 def test_augmentation_keeps_shape_dtype_and_range():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 1, 16, 16) * 2 - 1
-    y = augment(x, True, 10.0, 0.1, g)
+    y = augment(x, True, 10.0, 0.1, 0.15, g)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert y.min() >= -1.0001 and y.max() <= 1.0001
     assert not torch.equal(x, y)
@@ -136,6 +136,28 @@ def test_shift_moves_content_right_and_down():
     assert ys.float().mean().item() == pytest.approx(13.5, abs=0.3)
 
 
+def test_scale_zooms_about_the_centre():
+    x = torch.zeros(2, 1, 32, 32)
+    x[..., 12:20, 12:20] = 1.0  # an 8-pixel square in the middle
+    y = batch_affine(x, torch.zeros(2), torch.zeros(2, 2), torch.tensor([0.5, 2.0]))
+    big, small = y[0, 0] > 0.5, y[1, 0, 8:24, 8:24] > 0.5  # (zoomed out, the borders reflect the image)
+    assert big.sum().item() == pytest.approx(16 * 16, rel=0.1)  # scale 0.5: twice the side
+    assert small.sum().item() == pytest.approx(4 * 4, rel=0.25)  # scale 2: half the side, still centred
+    assert torch.equal(big.nonzero().float().mean(0), torch.tensor([15.5, 15.5]))  # both about the centre
+    assert torch.equal(small.nonzero().float().mean(0), torch.tensor([7.5, 7.5]))
+
+
+def test_random_scales_stay_in_their_range():
+    """max_scale 0.2 zooms each image by 1 / s, s uniform in [0.8, 1.2]: a centred square's area moves within
+    (1/1.2)^2 .. (1/0.8)^2 of its own, and both ways."""
+    x = torch.zeros(200, 1, 40, 40)
+    x[..., 10:30, 10:30] = 1.0
+    g = torch.Generator().manual_seed(0)
+    areas = (random_affine(x, 0, 0, 0.2, g) > 0.5).sum((1, 2, 3)).float() / 400
+    assert areas.min() > 0.62 and areas.max() < 1.62
+    assert (areas < 0.85).any() and (areas > 1.2).any()
+
+
 def test_batch_augmentation_statistics_match_torchvision_pil_pipeline():
     """Same visible effect as the per-image PIL transforms it replaces: pixel statistics agree."""
     from torchvision import transforms
@@ -145,7 +167,7 @@ def test_batch_augmentation_statistics_match_torchvision_pil_pipeline():
     base = torch.zeros(1, 1, 32, 32)
     base[..., 6:26, 4:14] = 1.0  # a bright block left of centre
     batch = base.repeat(400, 1, 1, 1) * 2 - 1
-    ours = augment(batch, True, 10.0, 0.0, g)
+    ours = augment(batch, True, 10.0, 0.0, 0.0, g)
     tv = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.RandomRotation(10)])
     ref = torch.stack([tv(base[0]) for _ in range(400)]) * 2 - 1
     assert abs(ours.mean() - ref.mean()) < 0.03
@@ -287,3 +309,23 @@ def test_each_odd_but_valid_image_decodes(nasty_data):
 def test_the_old_check_command_points_to_check_data(capsys):
     assert dataset.main(["check", "Dataset", "--json"]) == 2
     assert "python check_data.py Dataset --json" in capsys.readouterr().err
+
+
+def test_cutmix_pastes_one_box_from_the_permuted_images_and_says_its_share():
+    x = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 1, 10, 10).clone()  # image i is all i
+    g = torch.Generator().manual_seed(0)
+    boxes = 0
+    for _ in range(20):
+        y, perm, own = cutmix(x, 1.0, g)
+        assert perm is not None and sorted(perm.tolist()) == list(range(6))
+        for i in range(6):
+            from_other = y[i, 0] == perm[i].item()
+            if perm[i] != i:  # what is not its own is one box, from the image perm names, of the share said
+                assert (y[i, 0] == i).float().mean().item() == pytest.approx(own)
+                rows, cols = from_other.any(1).nonzero(), from_other.any(0).nonzero()
+                assert from_other.sum() == len(rows) * len(cols)
+                boxes += own < 1
+    assert boxes > 0
+    assert cutmix(x, 0.0, g)[1] is None and cutmix(x, 0.0, g)[0] is x
+    kept = [cutmix(x, 0.5, g)[1] is None for _ in range(400)]
+    assert 0.4 < sum(kept) / 400 < 0.6  # share 0.5: about half the batches are left alone

@@ -7,6 +7,7 @@ import torch
 
 import metrics
 from conftest import fixed_confusion_matrix
+from metrics import mixed_loss
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -75,3 +76,14 @@ def test_temperature_keeps_argmax_on_random_logits():
     assert torch.equal((logits / t).argmax(1), logits.argmax(1))
     assert metrics.nll(logits, labels, t) <= metrics.nll(logits, labels)
     assert metrics.fit_temperature(logits[:0], labels[:0]) == 1.0
+
+
+def test_mixed_loss_splits_by_the_share_each_image_keeps():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    ce = torch.nn.CrossEntropyLoss()
+    assert mixed_loss(ce, logits, labels) == ce(logits, labels)  # no CutMix: the plain loss
+    perm = torch.tensor([1, 2, 0])  # boxes from images 1, 2 and 0: their labels 1, 1, 0
+    expected = 0.75 * ce(logits, labels) + 0.25 * ce(logits, torch.tensor([1, 1, 0]))
+    assert mixed_loss(ce, logits, labels, perm, 0.75).item() == pytest.approx(expected.item())
+    assert mixed_loss(ce, logits, labels, perm, 0.0).item() == pytest.approx(ce(logits, labels[perm]).item())

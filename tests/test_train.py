@@ -61,7 +61,7 @@ def test_train_batch_is_16_augmented_training_images_with_their_labels():
     g = torch.Generator().manual_seed(5)
     idx = torch.randperm(40, generator=g)[:16]
     assert names == [["a", "b", "c"][int(k)] for k in labels[idx]]
-    expected = augment(to_float(images[idx]), cfg.flip, cfg.max_rotation, cfg.max_shift, g)
+    expected = augment(to_float(images[idx]), cfg.flip, cfg.max_rotation, cfg.max_shift, cfg.max_scale, g)
     assert torch.allclose(shown.float(), (expected * 127.5 + 127.5).round().clamp(0, 255), atol=1)
     assert not torch.equal(shown, images[idx])  # augmented, not the raw pixels
 
