@@ -33,7 +33,7 @@ import torch
 from checkpoint import BEST, LAST, load_checkpoint, run_name_of
 from common import UserError, remove_stale_temp_files
 from config import TrainConfig, format_config
-from dataset import Split, augment, to_float, to_uint8
+from dataset import Split, augment, cutmix, to_float, to_uint8
 from distributed import is_main_rank
 from label_errors import CSV_NAME as LABEL_ERRORS_CSV, GALLERY_NAME as LABEL_ERRORS_PNG
 from plots import plot_gallery, save_figure
@@ -237,12 +237,17 @@ def make_room(cfg: TrainConfig, start_epoch: int, history: list[dict]) -> None:
 def train_batch_images(images: torch.Tensor, labels: torch.Tensor, classes: list[str], cfg: TrainConfig,
                        normalization: dict, n: int = 16) -> tuple[torch.Tensor, list[str]]:
     """n training images, as the network sees them (the training augmentation, on a generator of their own so the
-    run's draws are not changed), back to uint8, and their class names."""
+    run's draws are not changed; with --cutmix on, as in a CutMix batch), back to uint8, and their class names
+    ('cat + 30% dog': the share of the image a CutMix box of another class covers)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randperm(len(labels), generator=generator)[:n]
     x = to_float(images[idx.to(images.device)].cpu(), normalization["mean"], normalization["std"])
     x = augment(x, cfg.flip, cfg.max_rotation, cfg.max_shift, cfg.max_scale, generator)
+    x, perm, own = cutmix(x, float(cfg.cutmix > 0), generator)
     names = [classes[int(k)] for k in labels[idx.to(labels.device)]]
+    if perm is not None:
+        names = [name if names[j] == name else f"{name} + {1 - own:.0%} {names[j]}"
+                 for name, j in zip(names, perm.tolist())]
     return to_uint8(x, normalization["mean"], normalization["std"]), names
 
 

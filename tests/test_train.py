@@ -14,7 +14,7 @@ import train
 from checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
 from config import TrainConfig, parse_config
 from conftest import expected_answer, imagenet_like_resnet18, table_labelled_set, train_args
-from dataset import Split, augment, image_tensor, load_data, make_synthetic, to_float
+from dataset import Split, augment, cutmix, image_tensor, load_data, make_synthetic, to_float
 from layout import read_layout
 from metrics import expected_calibration_error
 from model import SmallResNet, adapt_state_dict, build_model
@@ -57,13 +57,21 @@ def test_train_batch_is_16_augmented_training_images_with_their_labels():
     norm = {"mean": 0.5, "std": 0.5}
     shown, names = runs.train_batch_images(images, labels, ["a", "b", "c"], cfg, norm)
     assert shown.shape == (16, 1, 16, 16) and shown.dtype == torch.uint8 and len(names) == 16
-    # The same draws as training's augment(), on a generator of their own seeded with --seed.
+    # The same draws as training's augment() and cutmix(), on a generator of their own seeded with --seed.
     g = torch.Generator().manual_seed(5)
     idx = torch.randperm(40, generator=g)[:16]
-    assert names == [["a", "b", "c"][int(k)] for k in labels[idx]]
     expected = augment(to_float(images[idx]), cfg.flip, cfg.max_rotation, cfg.max_shift, cfg.max_scale, g)
+    expected, perm, own = cutmix(expected, 1.0, g)
     assert torch.allclose(shown.float(), (expected * 127.5 + 127.5).round().clamp(0, 255), atol=1)
     assert not torch.equal(shown, images[idx])  # augmented, not the raw pixels
+    # Each caption: the image's class, and the share and class of the box pasted in when its class differs.
+    own_names = [["a", "b", "c"][int(k)] for k in labels[idx]]
+    box_names = [own_names[j] for j in perm.tolist()]
+    assert names == [a if a == b else f"{a} + {1 - own:.0%} {b}" for a, b in zip(own_names, box_names)]
+    assert any(" + " in name for name in names)
+    plain, plain_names = runs.train_batch_images(images, labels, ["a", "b", "c"],
+                                                 parse_config(["--seed", "5", "--cutmix", "0"]), norm)
+    assert plain_names == own_names and not torch.equal(plain, shown)  # --cutmix 0: no boxes in the picture
 
 
 @pytest.mark.slow
