@@ -84,8 +84,8 @@ class TrainConfig:
     max_rotation: float = _f(10.0, "random rotation range in degrees during training")
     max_shift: float = _f(0.1, "random shift, as a share of the image side, during training")
     max_scale: float = _f(0.15, "random zoom during training: the image scaled by 1 +- up to this share")
-    cutmix: float = _f(0.5, "share of training batches given CutMix: a random box of each image replaced by the same "
-                       "box of another, the loss split between their labels by area (0 = off)")
+    cutmix: float = _f(0.0, "share of training batches given CutMix: a random box of each image replaced by the same "
+                       "box of another, the loss split between their labels by area (0 = off; pays in long runs)")
     tta: bool = _f(True, "evaluate on the image and its mirror and average (flip test-time augmentation)")
     # images of no known class (novelty.py)
     novelty_score: str = _f("combined", "score fitted on the train features at the end, for --reject: combined "

@@ -37,7 +37,7 @@ def test_documented_defaults():
     cfg = TrainConfig()
     assert (cfg.data, cfg.image_size, cfg.channels, cfg.width, cfg.epochs, cfg.out_dir, cfg.log_dir, cfg.device,
             cfg.patience, cfg.tta, cfg.max_scale, cfg.cutmix) == \
-        ("Dataset", 64, 1, 32, 80, "models", "logs", "auto", 0, True, 0.15, 0.5)
+        ("Dataset", 64, 1, 32, 80, "models", "logs", "auto", 0, True, 0.15, 0.0)
 
 
 def test_flags_not_given_keep_the_base_values():

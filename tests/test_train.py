@@ -53,7 +53,7 @@ def test_train_batch_is_16_augmented_training_images_with_their_labels():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8)
     labels = torch.arange(40) % 3
-    cfg = parse_config(["--seed", "5"])
+    cfg = parse_config(["--seed", "5", "--cutmix", "0.5"])
     norm = {"mean": 0.5, "std": 0.5}
     shown, names = runs.train_batch_images(images, labels, ["a", "b", "c"], cfg, norm)
     assert shown.shape == (16, 1, 16, 16) and shown.dtype == torch.uint8 and len(names) == 16
@@ -70,8 +70,8 @@ def test_train_batch_is_16_augmented_training_images_with_their_labels():
     assert names == [a if a == b else f"{a} + {1 - own:.0%} {b}" for a, b in zip(own_names, box_names)]
     assert any(" + " in name for name in names)
     plain, plain_names = runs.train_batch_images(images, labels, ["a", "b", "c"],
-                                                 parse_config(["--seed", "5", "--cutmix", "0"]), norm)
-    assert plain_names == own_names and not torch.equal(plain, shown)  # --cutmix 0: no boxes in the picture
+                                                 parse_config(["--seed", "5"]), norm)
+    assert plain_names == own_names and not torch.equal(plain, shown)  # the default, --cutmix 0: no boxes
 
 
 @pytest.mark.slow
