@@ -389,10 +389,11 @@ def augment(x: torch.Tensor, flip: bool, max_degrees: float, max_shift: float, m
 
 def cutmix(x: torch.Tensor, share: float, generator: torch.Generator | None = None
            ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """CutMix (Yun et al., 2019) on a whole (N, C, H, W) batch, for a random `share` of the batches: one random box,
-    of area uniform in [0, 1] x the image's, is replaced in every image by the same box of another image of the
-    batch (a random permutation). Returns the batch, the permutation (None: left as it was) and the share of each
-    image that is still its own, the weight of its own label in the loss (the rest goes to perm's)."""
+    """CutMix (Yun et al., 2019) on a whole (N, C, H, W) batch, for a random `share` of the batches: one random box
+    (its area uniform in [0, 1] x the image's, centred anywhere, clipped at the borders) is replaced in every image
+    by the same box of another image of the batch (a random permutation). Returns the batch, the permutation
+    (None: left as it was) and the share of each image still its own, the weight of its own label in the loss
+    (the rest goes to the label of the image perm names)."""
     if share <= 0 or torch.rand(1, generator=generator).item() >= share:
         return x, None, 1.0
     n, h, w = x.shape[0], x.shape[-2], x.shape[-1]

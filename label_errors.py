@@ -44,8 +44,8 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tenso
 
 def train_short(data: Split, rows: torch.Tensor, num_classes: int, cfg: TrainConfig, epochs: int,
                 device: torch.device, generator: torch.Generator, pretrained_state: dict | None = None) -> nn.Module:
-    """A model trained for a few epochs as train.py trains (same architecture, starting weights, augmentation,
-    AdamW, warmup and cosine, label smoothing, mixed precision), without validation, averaging or checkpoints:
+    """A model trained for a few epochs as train.py trains (same architecture, starting weights, augmentation but
+    CutMix, AdamW, warmup and cosine, label smoothing, mixed precision), without validation, averaging or checkpoints:
     enough to predict images it has not seen. It trains on data's images `rows`, read where they are (a memory
     map, or a GPU). With `pretrained_state` (--pretrained / --weights) it starts from those weights, the backbone
     at train.py's lower learning rate, on ImageNet-normalized input."""
