@@ -324,6 +324,7 @@ def scale_main(argv: list[str]) -> int:
                         "command, commit, date and machine) instead of JSON")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
+    source = provenance("bench.py", ["scale", *argv])  # the code as it was when the measuring began
     work = Path(args.work_dir)
     cfg = train_config(train_flags, data="", image_size=args.size, channels=args.channels, workers=args.workers,
                        cache_dir="", epochs=1, time_budget=args.train_seconds, out_dir=str(work / "models"),
@@ -340,7 +341,7 @@ def scale_main(argv: list[str]) -> int:
         for placement in ("map",) if args.skip_ram else ("map", "ram"):
             step_cfg = dataclasses.replace(cfg, data_placement="map" if placement == "map" else "device")
             runs[placement].append(_measure_in_subprocess("train", step_cfg))
-    result = {**provenance("bench.py", ["scale", *argv]), "data": str(data), "images": cold["images"],
+    result = {**source, "data": str(data), "images": cold["images"],
               "image_size": args.size, "channels": args.channels,
               "pixel_bytes": cold["pixel_bytes"], "cold_decode": cold, "warm_load": warm,
               "train_map": runs["map"], "train_ram": runs["ram"]}
@@ -364,6 +365,7 @@ def near_copies_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
+    source = provenance("bench.py", ["near-copies", *argv])  # the code as it was when the measuring began
     splits = layout_splits(layout_of(TrainConfig(data=args.data, workers=args.workers), need=None))
     order = ["train", "val"] + [name for name in splits if name not in ("train", "val")]
     paths = [p for name in order for p, _ in splits.get(name, [])]
@@ -384,7 +386,7 @@ def near_copies_main(argv: list[str]) -> int:
     right = {(o, n + k) for k, orig in enumerate(chosen) for o in group.get(orig, [orig])}
     with_copy = [(i, j) for i, j, _ in pairs if j >= n]
     found = {(i, j) for i, j in with_copy if (i, j) in right}
-    result = {**provenance("bench.py", ["near-copies", *argv]), "data": args.data, "images": n,
+    result = {**source, "data": args.data, "images": n,
               "copies": len(chosen), "recall": round(len({j for _, j in found}) / max(1, len(chosen)), 4),
               "precision": round(len(found) / max(1, len(with_copy)), 4),
               "wrong_pairs": [[paths[i] if i < n else f"copy of {paths[chosen[i - n]]}",
@@ -419,6 +421,7 @@ def label_errors_main(argv: list[str]) -> int:
                         help="also save the out-of-fold probabilities, the given labels and the flipped images")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
+    source = provenance("bench.py", ["label-errors", *argv])  # the code as it was when the measuring began
     cfg = train_config(train_flags, data=args.data)
     lay, train = train_split_of(cfg)
     generator = torch.Generator().manual_seed(args.seed)
@@ -431,7 +434,7 @@ def label_errors_main(argv: list[str]) -> int:
         torch.save({"probs": probs, "labels": train.labels, "flipped": flipped}, args.save_probs)
     named = {f["index"] for f in confident_learning(probs, train.labels)}
     truth = set(flipped.tolist())
-    result = {**provenance("bench.py", ["label-errors", *argv]), "data": args.data, "images": len(train.labels),
+    result = {**source, "data": args.data, "images": len(train.labels),
               "flipped": len(truth), "named": len(named),
               "precision": round(len(named & truth) / max(1, len(named)), 4),
               "recall": round(len(named & truth) / max(1, len(truth)), 4), "unflipped_named": len(named - truth),
@@ -471,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                         "command, commit, date and machine) instead of JSON")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
+    source = provenance("bench.py", argv)  # the code as it was when the measuring began
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.work_dir or scratch
         cfg = train_config(train_flags, data=args.data, epochs=args.epochs, time_budget=args.time_budget,
@@ -481,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             base_data = baseline_data(cfg, layout_of(cfg), scratch)
             base = bench_baseline(base_data, args.baseline_epochs, args.baseline_seconds, args.workers,
                                   args.device)
-    result = {**provenance("bench.py", argv), "data": args.data, "ours": ours}
+    result = {**source, "data": args.data, "ours": ours}
     if not args.skip_baseline:
         result["baseline"] = base
         result["ratios"] = {"train_images_per_s": round(ours["train_images_per_s"] / base["train_images_per_s"], 2)}

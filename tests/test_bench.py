@@ -104,3 +104,12 @@ def test_a_flag_bench_sets_itself_is_refused_after_the_dashes(argv, named, capsy
 def test_train_flags_after_the_dashes_reach_the_run():
     cfg = bench.train_config(["--width", "32", "--lr", "3e-3"], data="D", epochs=7)
     assert (cfg.width, cfg.lr, cfg.data, cfg.epochs) == (32, 3e-3, "D", 7)
+
+
+def test_the_commit_is_read_before_the_measuring_starts(monkeypatch, capsys):
+    """Files edited while a long bench runs must not be charged to (or hide) the code it measured."""
+    order = []
+    monkeypatch.setattr(bench, "provenance", lambda script, argv: order.append("provenance") or {"commit": "abc"})
+    monkeypatch.setattr(bench, "bench_ours", lambda cfg, scratch: order.append("ours") or {"train_images_per_s": 1})
+    assert bench.main(["--data", "D", "--skip-baseline"]) == 0
+    assert order == ["provenance", "ours"] and json.loads(capsys.readouterr().out)["commit"] == "abc"
