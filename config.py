@@ -188,7 +188,7 @@ SOURCE_FIELDS = ("labels", "label_columns", "labels_from_name", "name_pattern")
 CARVE_FIELDS = ("classes", "val_fraction", "test_fraction", "seed")
 # What check_data.py --label-errors trains with, besides the defaults.
 LABEL_CHECK_FIELDS = ("label_error_folds", "label_error_epochs", "arch", "width", "blocks", "image_size", "channels",
-                      "pretrained", "weights", "batch_size", "cache_dir", "device")
+                      "pretrained", "weights", "batch_size", "max_scale", "cache_dir", "device")
 
 
 def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None,
