@@ -162,9 +162,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        """Build from a saved dict, ignoring keys of older or newer versions."""
+        """Build from a saved dict, ignoring keys of newer versions; a field an older run saved nothing for
+        takes the value that run trained with (BEFORE_FIELD), else the default."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**dict(BEFORE_FIELD), **{k: v for k, v in d.items() if k in names}})
+
+
+# What a run saved before these fields existed trained with (their defaults now differ): so that resuming it, or
+# starting from its config.json, goes on as it began.
+BEFORE_FIELD = (("max_scale", 0.0), ("other_zoom_out", 0.0))
 
 
 def _flag_kwargs(f: dataclasses.Field, hints: dict) -> dict:

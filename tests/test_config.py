@@ -5,7 +5,7 @@ import typing
 import pytest
 
 from common import UserError
-from config import TrainConfig, build_parser, parse_config
+from config import TrainConfig, build_parser, load_config_file, parse_config
 
 
 def test_every_field_has_a_flag_with_help():
@@ -61,6 +61,15 @@ def test_unknown_flag_exits():
 def test_round_trip_through_dict():
     cfg = TrainConfig(classes=["a", "b"], lr=0.5)
     assert TrainConfig.from_dict({**cfg.to_dict(), "field_from_the_future": 1}) == cfg
+
+
+def test_a_run_saved_before_a_field_existed_keeps_what_it_trained_with(tmp_path):
+    saved = {k: v for k, v in TrainConfig(epochs=7).to_dict().items() if k not in ("max_scale", "other_zoom_out")}
+    old = TrainConfig.from_dict(saved)
+    assert (old.max_scale, old.other_zoom_out, old.epochs) == (0.0, 0.0, 7)  # not today's 0.15 and 0.5
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert load_config_file(tmp_path / "config.json").max_scale == 0.0
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).max_scale == 0.15  # a run that saved it keeps its own
 
 
 def test_help_starts_with_a_description_and_shows_each_default_once():
