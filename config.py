@@ -128,6 +128,9 @@ class TrainConfig:
     label_error_folds: int = _f(4, "label check (--find-label-errors, check_data.py --label-errors): folds, each "
                                 "predicted by a model trained on the others")
     label_error_epochs: int = _f(10, "label check: epochs of each fold's short run")
+    label_error_budget: float = _f(0.0, "label check: about this many seconds for all the folds together, each "
+                                   "fold as many epochs as fit in its share, up to --epochs (0 = --label-error-epochs "
+                                   "each): longer folds name fewer hard images")
 
     @property
     def uses_pretrained(self) -> bool:
@@ -156,6 +159,8 @@ class TrainConfig:
             raise UserError("--novelty-score rotation needs the rotation head: give --rotation-weight > 0")
         if len(self.blocks) != 4 or min(self.blocks) < 1:
             raise UserError(f"--blocks takes 4 numbers of at least 1 (resnet_small's stages), not {self.blocks}")
+        if self.label_error_budget < 0:
+            raise UserError(f"--label-error-budget must be 0 (off) or a number of seconds, not {self.label_error_budget}")
         if self.label_error_folds < 2 or self.label_error_epochs < 1:
             raise UserError("--label-error-folds must be at least 2 and --label-error-epochs at least 1, not "
                             f"{self.label_error_folds} and {self.label_error_epochs}")
@@ -193,8 +198,8 @@ SOURCE_FIELDS = ("labels", "label_columns", "labels_from_name", "name_pattern")
 # What decides the carved val/test splits, besides the source.
 CARVE_FIELDS = ("classes", "val_fraction", "test_fraction", "seed")
 # What check_data.py --label-errors trains with, besides the defaults.
-LABEL_CHECK_FIELDS = ("label_error_folds", "label_error_epochs", "arch", "width", "blocks", "image_size", "channels",
-                      "pretrained", "weights", "batch_size", "max_scale", "cache_dir", "device")
+LABEL_CHECK_FIELDS = ("label_error_folds", "label_error_epochs", "label_error_budget", "arch", "width", "blocks",
+                      "image_size", "channels", "pretrained", "weights", "batch_size", "max_scale", "cache_dir", "device")
 
 
 def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None,

@@ -3,7 +3,8 @@
 images whose given label loses clearly to another class.
 
 Usage (from check_data.py and train.py):
-    probs, seconds = out_of_fold_probs(train, num_classes, cfg, folds=4, epochs=10)   # train: a dataset.Split
+    probs, seconds, ran = out_of_fold_probs(train, num_classes, cfg, folds=4, epochs=10)   # train: a dataset.Split
+    probs, seconds, ran = out_of_fold_probs(train, num_classes, cfg, 4, epochs=80, budget=600)  # ran: each fold's epochs
     found = confident_learning(probs, train.labels)    # [{index, given, suggested, confidence, margin}], worst first
     rows = label_error_rows(found, train.paths, classes, root)   # what label_errors.csv holds
     write_label_errors(rows, train.images, out_dir)              # label_errors.csv and label_errors.png
@@ -11,6 +12,7 @@ Usage (from check_data.py and train.py):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from config import TrainConfig
 from dataset import Split, augment, batches, fetch_batch, load_items, to_float
 from layout import Layout, layout_of, layout_splits
 from model import build_model, fetch_pretrained, input_normalization
-from optimization import build_optimizer, train_mode, warmup_cosine
+from optimization import LRSchedule, build_optimizer, plan_to_budget, train_mode
 from plots import plot_gallery, save_figure
 from predict import amp, predict_logits
 
@@ -43,25 +45,31 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tenso
 
 
 def train_short(data: Split, rows: torch.Tensor, num_classes: int, cfg: TrainConfig, epochs: int,
-                device: torch.device, generator: torch.Generator, pretrained_state: dict | None = None) -> nn.Module:
+                device: torch.device, generator: torch.Generator, pretrained_state: dict | None = None,
+                seconds: float = 0.0) -> tuple[nn.Module, int]:
     """A model trained for a few epochs as train.py trains (same architecture, starting weights, augmentation but
     CutMix, AdamW, warmup and cosine, label smoothing, mixed precision), without validation, averaging or checkpoints:
-    enough to predict images it has not seen. It trains on data's images `rows`, read where they are (a memory
-    map, or a GPU). With `pretrained_state` (--pretrained / --weights) it starts from those weights, the backbone
-    at train.py's lower learning rate, on ImageNet-normalized input."""
+    enough to predict images it has not seen; and the epochs it trained. It trains on data's images `rows`, read
+    where they are (a memory map, or a GPU). With `pretrained_state` (--pretrained / --weights) it starts from those
+    weights, the backbone at train.py's lower learning rate, on ImageNet-normalized input. With `seconds` it trains
+    as many of the `epochs` as fit in that time, the learning rate annealed to 0 over the last of them, as
+    train.py --time-budget plans (optimization.plan_to_budget)."""
     model = build_model(cfg.arch, num_classes, cfg.channels, cfg.width, cfg.image_size,
                         pretrained_state=pretrained_state, blocks=cfg.blocks).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = max(1, len(rows) // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps_per_epoch, epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(steps_per_epoch, 0, epochs * steps_per_epoch))
+    budget = dataclasses.replace(cfg, epochs=epochs, time_budget=seconds, freeze_epochs=0)  # what the planner reads
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     norm, amp_dtype = input_normalization(cfg.uses_pretrained, cfg.channels), pick_amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp_dtype))  # fp16 on older GPUs
     labels = data.labels.to(device)
     train_mode(model)
-    for _ in range(epochs):
+    planned, epoch, times = epochs, 0, []
+    while epoch < planned:
+        started = time.time()
         for batch in batches(len(rows), cfg.batch_size, True, generator, drop_last=True):
             idx = rows[batch]
             x = augment(to_float(fetch_batch(data.images, idx, device), norm["mean"], norm["std"]),
@@ -75,32 +83,42 @@ def train_short(data: Split, rows: torch.Tensor, num_classes: int, cfg: TrainCon
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-    return model.eval()
+        epoch, times = epoch + 1, times + [time.time() - started]
+        if seconds > 0:
+            recent = (times[1:] or times)[-3:]  # the first epoch runs slower (warm-up)
+            planned = plan_to_budget(scheduler, optimizer, steps_per_epoch, budget, epoch, seconds - sum(times),
+                                     sum(recent) / len(recent))[0]
+    return model.eval(), epoch
 
 
 def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: int = 4, epochs: int = 10,
-                      report=print) -> tuple[torch.Tensor, float]:
+                      report=print, budget: float = 0.0) -> tuple[torch.Tensor, float, list[int]]:
     """(N, classes) softmax probabilities of every image of `data`, each from the model trained on the other
-    folds (with the mirror image averaged in), and the seconds it took. With --pretrained or --weights every
-    fold's model starts from those ImageNet weights, the way to folds strong enough on photos that few hard images
-    are named."""
+    folds (with the mirror image averaged in), the seconds it took, and each fold's epochs. With a `budget` in
+    seconds, each fold gets an equal share of the time left and trains as many of `epochs` as fit in it. With
+    --pretrained or --weights every fold's model starts from those ImageNet weights, the way to folds strong
+    enough on photos that few hard images are named."""
     t0 = time.time()
     device = pick_device(cfg.device)
     pretrained_state = fetch_pretrained(cfg, report)
     fold = stratified_folds(data.labels, folds, cfg.seed)
     probs = torch.zeros(len(data.labels), num_classes)
     generator = torch.Generator().manual_seed(cfg.seed)
+    ran = []
     for k in range(folds):
         held = torch.nonzero(fold == k).flatten()
+        share = (budget - (time.time() - t0)) / (folds - k) if budget > 0 else 0.0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + k)  # the same folds' models whoever calls, and the caller's stream untouched
-            model = train_short(data, torch.nonzero(fold != k).flatten(), num_classes, cfg, epochs, device, generator,
-                                pretrained_state)
+            model, trained = train_short(data, torch.nonzero(fold != k).flatten(), num_classes, cfg, epochs, device,
+                                         generator, pretrained_state, seconds=max(share, 1e-3) if budget > 0 else 0.0)
         logits = predict_logits(model, data.subset(held).images, device, tta=True, channels_last=cfg.channels_last,
                                 normalization=input_normalization(cfg.uses_pretrained, cfg.channels))
         probs[held] = torch.softmax(logits.float(), 1)
-        report(f"label check: fold {k + 1}/{folds} ({len(held)} images) predicted, {time.time() - t0:.0f}s")
-    return probs, time.time() - t0
+        ran.append(trained)
+        report(f"label check: fold {k + 1}/{folds} ({len(held)} images, {trained} epochs) predicted, "
+               f"{time.time() - t0:.0f}s")
+    return probs, time.time() - t0, ran
 
 
 def confident_learning(probs: torch.Tensor, labels: torch.Tensor) -> list[dict]:
@@ -180,29 +198,38 @@ def read_listed_paths(csv_path: str | Path) -> list[str]:
         return [row["path"] for row in reader if row["path"]]
 
 
+def fold_plan(cfg: TrainConfig) -> tuple[int, float, str]:
+    """The most epochs a fold trains (--label-error-epochs, or with --label-error-budget as many as fit, up to
+    --epochs), its budget in seconds for all folds (0: none), and the plan in words."""
+    if cfg.label_error_budget > 0:
+        return cfg.epochs, cfg.label_error_budget, (f"{cfg.label_error_folds} folds in about "
+                                                    f"{cfg.label_error_budget:.0f}s (up to {cfg.epochs} epochs each)")
+    return cfg.label_error_epochs, 0.0, f"{cfg.label_error_folds} folds x {cfg.label_error_epochs} epochs"
+
+
 def label_check(data: Split, classes: list[str], root: str | Path, cfg: TrainConfig, out_dir: str | Path,
                 report=print) -> dict:
     """The whole check on a training split: out-of-fold probabilities, confident learning, label_errors.csv and
-    label_errors.png in out_dir. What the report and --json carry: images, folds, epochs, seconds, found (the CSV's
-    rows, most likely first), csv and gallery paths."""
-    report(f"label check: {cfg.label_error_folds} folds x {cfg.label_error_epochs} epochs on {len(data.labels)} "
-           "train images, each predicted by a model that did not see it")
-    probs, seconds = out_of_fold_probs(data, len(classes), cfg, cfg.label_error_folds, cfg.label_error_epochs,
-                                       report)
+    label_errors.png in out_dir. What the report and --json carry: images, folds, epochs (each fold's), seconds,
+    found (the CSV's rows, most likely first), csv and gallery paths."""
+    epochs, budget, plan = fold_plan(cfg)
+    report(f"label check: {plan} on {len(data.labels)} train images, each predicted by a model that did not see it")
+    probs, seconds, ran = out_of_fold_probs(data, len(classes), cfg, cfg.label_error_folds, epochs, report, budget)
     found = confident_learning(probs, data.labels)
     rows = label_error_rows(found, data.paths, classes, root)
     csv_path, gallery = write_label_errors(rows, found, data.images, out_dir)
     agree = (probs.argmax(1) == data.labels).float().mean().item()
-    return {"images": len(data.labels), "folds": cfg.label_error_folds, "epochs": cfg.label_error_epochs,
+    return {"images": len(data.labels), "folds": cfg.label_error_folds, "epochs": ran,
             "seconds": round(seconds, 1), "out_of_fold_accuracy": round(agree, 4), "found": rows,
             "csv": str(csv_path), "gallery": str(gallery)}
 
 
 def format_label_check(summary: dict, limit: int = 20) -> str:
     """The label check as report lines: the count and where the files are, then the most likely ones."""
-    found = summary["found"]
+    found, ran = summary["found"], summary["epochs"]
+    epochs = f"{min(ran)}" if min(ran) == max(ran) else f"{min(ran)}-{max(ran)}"
     lines = [f"likely label errors: {len(found)} of {summary['images']} train images "
-             f"({summary['folds']} folds x {summary['epochs']} epochs, {summary['seconds']:.0f}s; the folds' models "
+             f"({summary['folds']} folds x {epochs} epochs, {summary['seconds']:.0f}s; the folds' models "
              f"agree with {summary['out_of_fold_accuracy']:.1%} of the given labels, and the weaker they are, the "
              f"more of these are only hard images); all in {summary['csv']}, the first {min(32, len(found))} in "
              f"{summary['gallery']}"]

@@ -150,3 +150,9 @@ def test_blocks_take_four_stages_of_at_least_one():
 def test_shares_out_of_range_are_refused(flag, bad, allowed):
     with pytest.raises(UserError, match=rf"^{flag} must be in {allowed}, not {float(bad)}$"):
         parse_config([flag, bad])
+
+
+def test_a_negative_label_check_budget_is_refused():
+    with pytest.raises(UserError, match=r"^--label-error-budget must be 0 \(off\) or a number of seconds, not -5.0$"):
+        parse_config(["--label-error-budget", "-5"])
+    assert parse_config(["--label-error-budget", "600"]).label_error_budget == 600.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ import train
 from conftest import train_args
 from config import TrainConfig
 from model import fetch_pretrained
-from label_errors import (confident_learning, read_listed_paths, stratified_folds, train_short,
-                          train_split_of)
+from label_errors import (confident_learning, out_of_fold_probs, read_listed_paths, stratified_folds,
+                          train_short, train_split_of)
 
 
 def test_stratified_folds_deal_each_class_evenly_and_repeat_with_the_seed():
@@ -133,8 +134,8 @@ def test_with_weights_the_folds_start_from_them_and_predict_on_imagenet_normaliz
     cfg = TrainConfig(data=str(data), arch="resnet18", weights=str(tmp_path / "r18.pth"), image_size=32,
                       batch_size=8, workers=0, cache_dir="", device="cpu")
     _, split = train_split_of(cfg)
-    model = train_short(split, torch.arange(len(split.labels)), 2, cfg, 0, torch.device("cpu"), torch.Generator(),
-                        fetch_pretrained(cfg))
+    model, _ = train_short(split, torch.arange(len(split.labels)), 2, cfg, 0, torch.device("cpu"), torch.Generator(),
+                           fetch_pretrained(cfg))
     assert torch.equal(model.conv1.weight, r18.conv1.weight.sum(1, keepdim=True))  # gray stem: RGB kernels summed
     assert torch.equal(model.layer4[1].conv2.weight, r18.layer4[1].conv2.weight)
     seen = []
@@ -149,3 +150,23 @@ def test_with_weights_the_folds_start_from_them_and_predict_on_imagenet_normaliz
     printed = capsys.readouterr().out
     assert f"pretrained: {tmp_path / 'r18.pth'}" in printed and "likely label errors:" in printed
     assert (out / "label_errors.csv").is_file()
+
+
+def test_a_budget_shares_the_time_between_the_folds_and_each_trains_the_epochs_that_fit(tmp_path, monkeypatch):
+    """A clock that moves one second per training batch: each fold gets an equal share of the time left and
+    trains as many epochs as fit in it, not the most it may (50); without a budget each trains `epochs`."""
+    data, _ = planted(tmp_path, flips=0, per_class=8)
+    cfg = TrainConfig(data=str(data), image_size=32, width=8, batch_size=8, workers=0, cache_dir="", device="cpu")
+    _, split = train_split_of(cfg)  # 16 images: 8 in each of 2 folds, one batch an epoch
+    ticks = [0.0]
+    real_batches = label_errors.batches
+
+    def timed_batches(*a, **kw):
+        for b in real_batches(*a, **kw):
+            ticks[0] += 1.0
+            yield b
+    monkeypatch.setattr(label_errors, "batches", timed_batches)
+    monkeypatch.setattr(label_errors, "time", types.SimpleNamespace(time=lambda: ticks[0]))
+    probs, seconds, ran = out_of_fold_probs(split, 2, cfg, folds=2, epochs=50, report=lambda line: None, budget=12)
+    assert ran == [6, 6] and seconds == 12.0 and probs.shape == (16, 2)
+    assert out_of_fold_probs(split, 2, cfg, folds=2, epochs=3, report=lambda line: None)[2] == [3, 3]
