@@ -407,87 +407,111 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def _noise(s: int, rng: np.random.Generator) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8), "RGB")
+
+
+def _smooth_noise(s: int, rng: np.random.Generator) -> Image.Image:
+    cells = int(rng.integers(2, 9))
+    small = Image.fromarray(rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8), "RGB")
+    return small.resize((s, s), Image.BICUBIC)
+
+
+def _between(t: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Two random colours mixed by t (0..1 per pixel)."""
+    c0, c1 = np.array(_color(rng)), np.array(_color(rng))
+    return Image.fromarray((c0 + (c1 - c0) * np.asarray(t, float)[..., None]).astype(np.uint8), "RGB")
+
+
+def _gradient(s: int, rng: np.random.Generator) -> Image.Image:
+    yy, xx = np.mgrid[0:s, 0:s] / (s - 1)
+    if rng.random() < 0.5:
+        a = rng.uniform(0, 2 * np.pi)
+        t = (xx * np.cos(a) + yy * np.sin(a))
+    else:
+        cx, cy = rng.uniform(0, 1, 2)
+        t = np.hypot(xx - cx, yy - cy)
+    return _between((t - t.min()) / max(t.max() - t.min(), 1e-9), rng)
+
+
+def _stripes(s: int, rng: np.random.Generator) -> Image.Image:
+    yy, xx = np.mgrid[0:s, 0:s] / s
+    a, freq = rng.uniform(0, np.pi), rng.uniform(2, 12)
+    wave = np.sin(2 * np.pi * freq * (xx * np.cos(a) + yy * np.sin(a)))
+    return _between(wave > 0 if rng.random() < 0.5 else (wave + 1) / 2, rng)
+
+
+def _checkers(s: int, rng: np.random.Generator) -> Image.Image:
+    n = int(rng.integers(2, 12))
+    yy, xx = np.mgrid[0:s, 0:s] * n // s
+    return _between((xx + yy) % 2, rng)
+
+
+def _blank(s: int, rng: np.random.Generator) -> Image.Image:
+    base = np.array(_color(rng, 60, 250), dtype=float)
+    arr = base + rng.normal(0, rng.uniform(0, 6), (s, s, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def _shapes(draw: ImageDraw.ImageDraw, s: int, rng: np.random.Generator) -> None:
+    for _ in range(int(rng.integers(1, 6))):
+        x0, y0 = rng.uniform(-0.1, 0.8, 2) * s
+        w, h = rng.uniform(0.1, 0.6, 2) * s
+        box = [x0, y0, x0 + w, y0 + h]
+        shape = rng.integers(0, 4)
+        if shape == 0:
+            draw.rectangle(box, fill=_color(rng))
+        elif shape == 1:
+            draw.ellipse(box, fill=_color(rng))
+        elif shape == 2:
+            draw.polygon([tuple(p) for p in rng.uniform(0, 1, (int(rng.integers(3, 7)), 2)) * s], fill=_color(rng))
+        else:
+            draw.line(box, fill=_color(rng), width=int(rng.integers(1, max(2, s // 10))))
+
+
+def _text(draw: ImageDraw.ImageDraw, s: int, rng: np.random.Generator) -> None:
+    y = rng.uniform(0, 0.1) * s
+    while y < s:
+        fs = int(rng.integers(max(6, s // 14), max(8, s // 5)))
+        line = " ".join(rng.choice(WORDS, int(rng.integers(1, 5))))
+        draw.text((rng.uniform(0, 0.2) * s, y), line, fill=_color(rng, 0, 120), font=_font(fs))
+        y += fs * rng.uniform(1.1, 1.8)
+
+
+def _chart(draw: ImageDraw.ImageDraw, s: int, rng: np.random.Generator) -> None:
+    """Axes with bars or a line, or a pie. Bars keep a width and height of a pixel at least on small sides."""
+    m = s // 8
+    style = rng.integers(0, 3)
+    if style == 2:
+        start = 0.0
+        for frac in rng.dirichlet(np.ones(int(rng.integers(2, 7)))):
+            draw.pieslice([m, m, s - m, s - m], start, start + 360 * frac, fill=_color(rng))
+            start += 360 * frac
+        return
+    draw.line([m, m, m, s - m, s - m, s - m], fill=(0, 0, 0), width=max(1, s // 64))
+    n = int(rng.integers(3, 12))
+    values = rng.uniform(0.1, 1, n) * (s - 2 * m)
+    xs = np.linspace(m + 2, s - m - 2, n + 1)
+    if style == 0:
+        color = _color(rng, 0, 200)
+        for i, v in enumerate(values):
+            left, bottom = xs[i] + 1, s - m - 1
+            draw.rectangle([left, min(s - m - v, bottom), max(xs[i + 1] - 1, left), bottom], fill=color)
+    else:
+        pts = [((xs[i] + xs[i + 1]) / 2, s - m - v) for i, v in enumerate(values)]
+        draw.line(pts, fill=_color(rng, 0, 200), width=max(1, s // 40))
+
+
+FILLED = {"noise": _noise, "smooth_noise": _smooth_noise, "gradient": _gradient, "stripes": _stripes,
+          "checkers": _checkers, "blank": _blank}  # kinds that fill the whole picture
+DRAWN = {"shapes": _shapes, "text": _text, "chart": _chart}  # kinds drawn on a plain ground
+
+
 def _draw_kind(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
-    s = size
-    if kind == "noise":
-        return Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8), "RGB")
-    if kind == "smooth_noise":
-        cells = int(rng.integers(2, 9))
-        small = Image.fromarray(rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8), "RGB")
-        return small.resize((s, s), Image.BICUBIC)
-    if kind == "gradient":
-        yy, xx = np.mgrid[0:s, 0:s] / (s - 1)
-        if rng.random() < 0.5:
-            a = rng.uniform(0, 2 * np.pi)
-            t = (xx * np.cos(a) + yy * np.sin(a))
-        else:
-            cx, cy = rng.uniform(0, 1, 2)
-            t = np.hypot(xx - cx, yy - cy)
-        t = (t - t.min()) / max(t.max() - t.min(), 1e-9)
-        c0, c1 = np.array(_color(rng)), np.array(_color(rng))
-        return Image.fromarray((c0 + (c1 - c0) * t[..., None]).astype(np.uint8), "RGB")
-    if kind == "stripes":
-        yy, xx = np.mgrid[0:s, 0:s] / s
-        a, freq = rng.uniform(0, np.pi), rng.uniform(2, 12)
-        wave = np.sin(2 * np.pi * freq * (xx * np.cos(a) + yy * np.sin(a)))
-        wave = wave > 0 if rng.random() < 0.5 else (wave + 1) / 2
-        c0, c1 = np.array(_color(rng)), np.array(_color(rng))
-        return Image.fromarray((c0 + (c1 - c0) * np.asarray(wave, float)[..., None]).astype(np.uint8), "RGB")
-    if kind == "checkers":
-        n = int(rng.integers(2, 12))
-        yy, xx = np.mgrid[0:s, 0:s] * n // s
-        board = (xx + yy) % 2
-        c0, c1 = np.array(_color(rng)), np.array(_color(rng))
-        return Image.fromarray(np.where(board[..., None] == 1, c1, c0).astype(np.uint8), "RGB")
-    if kind == "blank":
-        base = np.array(_color(rng, 60, 250), dtype=float)
-        arr = base + rng.normal(0, rng.uniform(0, 6), (s, s, 3))
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-    bg = _color(rng, 200, 256) if kind in ("text", "chart") else _color(rng)
-    img = Image.new("RGB", (s, s), bg)
-    draw = ImageDraw.Draw(img)
-    if kind == "shapes":
-        for _ in range(int(rng.integers(1, 6))):
-            x0, y0 = rng.uniform(-0.1, 0.8, 2) * s
-            w, h = rng.uniform(0.1, 0.6, 2) * s
-            box = [x0, y0, x0 + w, y0 + h]
-            shape = rng.integers(0, 4)
-            if shape == 0:
-                draw.rectangle(box, fill=_color(rng))
-            elif shape == 1:
-                draw.ellipse(box, fill=_color(rng))
-            elif shape == 2:
-                draw.polygon([tuple(p) for p in rng.uniform(0, 1, (int(rng.integers(3, 7)), 2)) * s],
-                             fill=_color(rng))
-            else:
-                draw.line(box, fill=_color(rng), width=int(rng.integers(1, max(2, s // 10))))
-    elif kind == "text":
-        y = rng.uniform(0, 0.1) * s
-        while y < s:
-            fs = int(rng.integers(max(6, s // 14), max(8, s // 5)))
-            line = " ".join(rng.choice(WORDS, int(rng.integers(1, 5))))
-            draw.text((rng.uniform(0, 0.2) * s, y), line, fill=_color(rng, 0, 120), font=_font(fs))
-            y += fs * rng.uniform(1.1, 1.8)
-    else:  # chart: axes with bars, a line or a pie
-        m = s // 8
-        style = rng.integers(0, 3)
-        if style == 2:
-            start = 0.0
-            for frac in rng.dirichlet(np.ones(int(rng.integers(2, 7)))):
-                draw.pieslice([m, m, s - m, s - m], start, start + 360 * frac, fill=_color(rng))
-                start += 360 * frac
-        else:
-            draw.line([m, m, m, s - m, s - m, s - m], fill=(0, 0, 0), width=max(1, s // 64))
-            n = int(rng.integers(3, 12))
-            values = rng.uniform(0.1, 1, n) * (s - 2 * m)
-            xs = np.linspace(m + 2, s - m - 2, n + 1)
-            if style == 0:
-                color = _color(rng, 0, 200)
-                for i, v in enumerate(values):
-                    draw.rectangle([xs[i] + 1, s - m - v, xs[i + 1] - 1, s - m - 1], fill=color)
-            else:
-                pts = [((xs[i] + xs[i + 1]) / 2, s - m - v) for i, v in enumerate(values)]
-                draw.line(pts, fill=_color(rng, 0, 200), width=max(1, s // 40))
+    if kind in FILLED:
+        return FILLED[kind](size, rng)
+    img = Image.new("RGB", (size, size), _color(rng, 200, 256) if kind in ("text", "chart") else _color(rng))
+    DRAWN[kind](ImageDraw.Draw(img), size, rng)
     return img
 
 

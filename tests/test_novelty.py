@@ -267,6 +267,16 @@ def test_unknown_images_are_deterministic_and_cover_every_kind(tmp_path):
         nv.make_unknown_images(1, kinds=("horses",))
 
 
+
+@pytest.mark.parametrize("size", [12, 16, 24, 32])
+def test_unknown_images_draw_on_small_sides(size):
+    """--other draws them at twice the image size: charts of many bars on a small side once failed (PIL: 'x1 must
+    be greater than or equal to x0'), so `--other DIR --image-size 16` could not start."""
+    drawn = nv.make_unknown_images(60, size, seed=0, kinds=("chart",)) + nv.make_unknown_images(18, size, seed=1)
+    assert all(img.size == (size, size) for _, img in drawn)
+    assert {k for k, _ in drawn} == set(nv.UNKNOWN_KINDS)
+
+
 # ---------------------------------------------------------------- a small trained model
 
 @pytest.fixture(scope="module")
