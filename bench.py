@@ -52,7 +52,7 @@ from common import (PROJECT_DIR, UserError, markdown_source, markdown_table, pro
                     run_script, split_at_dashes)
 from config import TrainConfig, parse_config
 from dataset import decode_files, load_data, preprocess
-from label_errors import confident_learning, fold_plan, out_of_fold_probs, train_split_of
+from label_errors import confident_learning, out_of_fold_probs, train_split_of
 from layout import Layout, layout_of, layout_splits
 from near_duplicates import SIDE, altered_copy, connected_groups, near_duplicate_pairs
 from runs import read_summary, unique_run_name
@@ -428,9 +428,8 @@ def label_errors_main(argv: list[str]) -> int:
     flipped = torch.randperm(len(train.labels), generator=generator)[:round(args.flip * len(train.labels))]
     k = len(lay.classes)
     train.labels[flipped] = (train.labels[flipped] + torch.randint(1, k, (len(flipped),), generator=generator)) % k
-    epochs, budget, _ = fold_plan(cfg)
-    probs, seconds, ran = out_of_fold_probs(train, k, cfg, cfg.label_error_folds, epochs,
-                                            lambda line: print(line, file=sys.stderr), budget)
+    probs, seconds, ran = out_of_fold_probs(train, k, cfg, cfg.label_error_folds, cfg.label_error_epochs,
+                                            lambda line: print(line, file=sys.stderr), cfg.label_error_budget)
     if args.save_probs:
         torch.save({"probs": probs, "labels": train.labels, "flipped": flipped}, args.save_probs)
     named = {f["index"] for f in confident_learning(probs, train.labels)}

@@ -127,10 +127,11 @@ class TrainConfig:
                                  "it and list the likely wrong labels (label_errors.py); nothing is changed")
     label_error_folds: int = _f(4, "label check (--find-label-errors, check_data.py --label-errors): folds, each "
                                 "predicted by a model trained on the others")
-    label_error_epochs: int = _f(10, "label check: epochs of each fold's short run")
-    label_error_budget: float = _f(0.0, "label check: about this many seconds for all the folds together, each "
-                                   "fold as many epochs as fit in its share, up to --epochs (0 = --label-error-epochs "
-                                   "each): longer folds name fewer hard images")
+    label_error_epochs: int = _f(80, "label check: epochs of each fold's run, its learning-rate schedule (as "
+                                 "--epochs; --label-error-budget may end it sooner)")
+    label_error_budget: float = _f(600.0, "label check: about this many seconds for all the folds together; each "
+                                   "fold trains as many of its epochs as fit in its share, annealed as --time-budget "
+                                   "plans (0 = no limit): longer folds name fewer hard images")
 
     @property
     def uses_pretrained(self) -> bool:

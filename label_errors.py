@@ -3,8 +3,8 @@
 images whose given label loses clearly to another class.
 
 Usage (from check_data.py and train.py):
-    probs, seconds, ran = out_of_fold_probs(train, num_classes, cfg, folds=4, epochs=10)   # train: a dataset.Split
-    probs, seconds, ran = out_of_fold_probs(train, num_classes, cfg, 4, epochs=80, budget=600)  # ran: each fold's epochs
+    probs, seconds, ran = out_of_fold_probs(train, num_classes, cfg, folds=4, epochs=80, budget=600)
+        # train: a dataset.Split; ran: the epochs each fold trained (as many of the 80 as fit in about 600 s)
     found = confident_learning(probs, train.labels)    # [{index, given, suggested, confidence, margin}], worst first
     rows = label_error_rows(found, train.paths, classes, root)   # what label_errors.csv holds
     write_label_errors(rows, train.images, out_dir)              # label_errors.csv and label_errors.png
@@ -91,7 +91,7 @@ def train_short(data: Split, rows: torch.Tensor, num_classes: int, cfg: TrainCon
     return model.eval(), epoch
 
 
-def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: int = 4, epochs: int = 10,
+def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: int = 4, epochs: int = 80,
                       report=print, budget: float = 0.0) -> tuple[torch.Tensor, float, list[int]]:
     """(N, classes) softmax probabilities of every image of `data`, each from the model trained on the other
     folds (with the mirror image averaged in), the seconds it took, and each fold's epochs. With a `budget` in
@@ -198,23 +198,16 @@ def read_listed_paths(csv_path: str | Path) -> list[str]:
         return [row["path"] for row in reader if row["path"]]
 
 
-def fold_plan(cfg: TrainConfig) -> tuple[int, float, str]:
-    """The most epochs a fold trains (--label-error-epochs, or with --label-error-budget as many as fit, up to
-    --epochs), its budget in seconds for all folds (0: none), and the plan in words."""
-    if cfg.label_error_budget > 0:
-        return cfg.epochs, cfg.label_error_budget, (f"{cfg.label_error_folds} folds in about "
-                                                    f"{cfg.label_error_budget:.0f}s (up to {cfg.epochs} epochs each)")
-    return cfg.label_error_epochs, 0.0, f"{cfg.label_error_folds} folds x {cfg.label_error_epochs} epochs"
-
-
 def label_check(data: Split, classes: list[str], root: str | Path, cfg: TrainConfig, out_dir: str | Path,
                 report=print) -> dict:
     """The whole check on a training split: out-of-fold probabilities, confident learning, label_errors.csv and
     label_errors.png in out_dir. What the report and --json carry: images, folds, epochs (each fold's), seconds,
     found (the CSV's rows, most likely first), csv and gallery paths."""
-    epochs, budget, plan = fold_plan(cfg)
-    report(f"label check: {plan} on {len(data.labels)} train images, each predicted by a model that did not see it")
-    probs, seconds, ran = out_of_fold_probs(data, len(classes), cfg, cfg.label_error_folds, epochs, report, budget)
+    within = f" or as many as fit in about {cfg.label_error_budget:.0f}s" if cfg.label_error_budget > 0 else ""
+    report(f"label check: {cfg.label_error_folds} folds x {cfg.label_error_epochs} epochs{within} on "
+           f"{len(data.labels)} train images, each predicted by a model that did not see it")
+    probs, seconds, ran = out_of_fold_probs(data, len(classes), cfg, cfg.label_error_folds, cfg.label_error_epochs,
+                                            report, cfg.label_error_budget)
     found = confident_learning(probs, data.labels)
     rows = label_error_rows(found, data.paths, classes, root)
     csv_path, gallery = write_label_errors(rows, found, data.images, out_dir)
