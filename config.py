@@ -161,7 +161,8 @@ class TrainConfig:
         if len(self.blocks) != 4 or min(self.blocks) < 1:
             raise UserError(f"--blocks takes 4 numbers of at least 1 (resnet_small's stages), not {self.blocks}")
         if self.label_error_budget < 0:
-            raise UserError(f"--label-error-budget must be 0 (off) or a number of seconds, not {self.label_error_budget}")
+            raise UserError("--label-error-budget must be 0 (off) or a number of seconds, not "
+                            f"{self.label_error_budget}")
         if self.label_error_folds < 2 or self.label_error_epochs < 1:
             raise UserError("--label-error-folds must be at least 2 and --label-error-epochs at least 1, not "
                             f"{self.label_error_folds} and {self.label_error_epochs}")
@@ -200,7 +201,8 @@ SOURCE_FIELDS = ("labels", "label_columns", "labels_from_name", "name_pattern")
 CARVE_FIELDS = ("classes", "val_fraction", "test_fraction", "seed")
 # What check_data.py --label-errors trains with, besides the defaults.
 LABEL_CHECK_FIELDS = ("label_error_folds", "label_error_epochs", "label_error_budget", "arch", "width", "blocks",
-                      "image_size", "channels", "pretrained", "weights", "batch_size", "max_scale", "cache_dir", "device")
+                      "image_size", "channels", "pretrained", "weights", "batch_size", "max_scale", "cache_dir",
+                      "device")
 
 
 def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None,

@@ -47,9 +47,9 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tenso
 def train_short(data: Split, rows: torch.Tensor, num_classes: int, cfg: TrainConfig, epochs: int,
                 device: torch.device, generator: torch.Generator, pretrained_state: dict | None = None,
                 seconds: float = 0.0) -> tuple[nn.Module, int]:
-    """A model trained for a few epochs as train.py trains (same architecture, starting weights, augmentation but
-    CutMix, AdamW, warmup and cosine, label smoothing, mixed precision), without validation, averaging or checkpoints:
-    enough to predict images it has not seen; and the epochs it trained. It trains on data's images `rows`, read
+    """A model trained as train.py trains (same architecture, starting weights, augmentation but CutMix, AdamW,
+    warmup and cosine, label smoothing, mixed precision), without validation, averaging or checkpoints: enough to
+    predict images it has not seen; and the epochs it trained. It trains on data's images `rows`, read
     where they are (a memory map, or a GPU). With `pretrained_state` (--pretrained / --weights) it starts from those
     weights, the backbone at train.py's lower learning rate, on ImageNet-normalized input. With `seconds` it trains
     as many of the `epochs` as fit in that time, the learning rate annealed to 0 over the last of them, as
