@@ -83,6 +83,8 @@ def train_short(data: Split, rows: torch.Tensor, num_classes: int, cfg: TrainCon
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the epoch's time, not the time to queue its kernels
         epoch, times = epoch + 1, times + [time.time() - started]
         if seconds > 0:
             recent = (times[1:] or times)[-3:]  # the first epoch runs slower (warm-up)
