@@ -167,6 +167,10 @@ def test_a_budget_shares_the_time_between_the_folds_and_each_trains_the_epochs_t
             yield b
     monkeypatch.setattr(label_errors, "batches", timed_batches)
     monkeypatch.setattr(label_errors, "time", types.SimpleNamespace(time=lambda: ticks[0]))
+    optimizers, real_optimizer = [], label_errors.build_optimizer
+    monkeypatch.setattr(label_errors, "build_optimizer",
+                        lambda *a: optimizers.append(real_optimizer(*a)) or optimizers[-1])
     probs, seconds, ran = out_of_fold_probs(split, 2, cfg, folds=2, epochs=50, report=lambda line: None, budget=12)
     assert ran == [6, 6] and seconds == 12.0 and probs.shape == (16, 2)
+    assert [o.param_groups[0]["lr"] for o in optimizers] == [0.0, 0.0]  # each fold ended at the bottom of its schedule
     assert out_of_fold_probs(split, 2, cfg, folds=2, epochs=3, report=lambda line: None)[2] == [3, 3]

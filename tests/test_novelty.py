@@ -267,7 +267,6 @@ def test_unknown_images_are_deterministic_and_cover_every_kind(tmp_path):
         nv.make_unknown_images(1, kinds=("horses",))
 
 
-
 @pytest.mark.parametrize("size", [12, 16, 24, 32])
 def test_unknown_images_draw_on_small_sides(size):
     """--other draws them at twice the image size: charts of many bars on a small side once failed (PIL: 'x1 must
