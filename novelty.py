@@ -45,6 +45,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -502,9 +503,9 @@ def _chart(draw: ImageDraw.ImageDraw, s: int, rng: np.random.Generator) -> None:
         draw.line(pts, fill=_color(rng, 0, 200), width=max(1, s // 40))
 
 
-FILLED = {"noise": _noise, "smooth_noise": _smooth_noise, "gradient": _gradient, "stripes": _stripes,
-          "checkers": _checkers, "blank": _blank}  # kinds that fill the whole picture
-DRAWN = {"shapes": _shapes, "text": _text, "chart": _chart}  # kinds drawn on a plain ground
+FILLED = MappingProxyType({"noise": _noise, "smooth_noise": _smooth_noise, "gradient": _gradient, "stripes": _stripes,
+                           "checkers": _checkers, "blank": _blank})  # kinds that fill the whole picture
+DRAWN = MappingProxyType({"shapes": _shapes, "text": _text, "chart": _chart})  # kinds drawn on a plain ground
 
 
 def _draw_kind(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
