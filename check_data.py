@@ -7,7 +7,7 @@ Usage:
     python check_data.py DATA --json                   # the full report as JSON
     python check_data.py DATA --quarantine bad_files   # move unreadable files out (never deletes)
     python check_data.py DATA --label-errors           # also list likely wrong labels (4 folds, ~10 min)
-    python check_data.py DATA --label-errors --label-error-budget 1800   # longer folds: fewer hard images named
+    python check_data.py DATA --label-errors --label-error-budget 180   # quicker, and more hard images named
     python check_data.py DATA --quarantine held_out --listed curves/label_errors.csv   # move those files out
     python train.py --data DATA --check-only           # the same report
 

@@ -131,7 +131,7 @@ class TrainConfig:
                                  "--epochs; --label-error-budget may end it sooner)")
     label_error_budget: float = _f(600.0, "label check: about this many seconds for all the folds together; each "
                                    "fold trains as many of its epochs as fit in its share, annealed as --time-budget "
-                                   "plans (0 = no limit): longer folds name fewer hard images")
+                                   "plans (0 = no limit); folds cut short name more hard images")
 
     @property
     def uses_pretrained(self) -> bool:
