@@ -24,7 +24,7 @@ from config import TrainConfig
 from dataset import Split, augment, batches, fetch_batch, load_items, to_float
 from layout import Layout, layout_of, layout_splits
 from model import build_model, fetch_pretrained, input_normalization
-from optimization import LRSchedule, build_optimizer, plan_to_budget, train_mode
+from optimization import LRSchedule, build_optimizer, plan_to_budget, planning_epoch_seconds, train_mode
 from plots import plot_gallery, save_figure
 from predict import amp, predict_logits
 
@@ -87,9 +87,8 @@ def train_short(data: Split, rows: torch.Tensor, num_classes: int, cfg: TrainCon
             torch.cuda.synchronize(device)  # the epoch's time, not the time to queue its kernels
         epoch, times = epoch + 1, times + [time.time() - started]
         if seconds > 0:
-            recent = (times[1:] or times)[-3:]  # the first epoch runs slower (warm-up)
             planned = plan_to_budget(scheduler, optimizer, steps_per_epoch, budget, epoch, seconds - sum(times),
-                                     sum(recent) / len(recent))[0]
+                                     planning_epoch_seconds(times))[0]
     return model.eval(), epoch
 
 
@@ -109,11 +108,11 @@ def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: in
     ran = []
     for k in range(folds):
         held = torch.nonzero(fold == k).flatten()
-        share = (budget - (time.time() - t0)) / (folds - k) if budget > 0 else 0.0
+        share = max((budget - (time.time() - t0)) / (folds - k), 1e-3) if budget > 0 else 0.0  # 0: no limit
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + k)  # the same folds' models whoever calls, and the caller's stream untouched
             model, trained = train_short(data, torch.nonzero(fold != k).flatten(), num_classes, cfg, epochs, device,
-                                         generator, pretrained_state, seconds=max(share, 1e-3) if budget > 0 else 0.0)
+                                         generator, pretrained_state, seconds=share)
         logits = predict_logits(model, data.subset(held).images, device, tta=True, channels_last=cfg.channels_last,
                                 normalization=input_normalization(cfg.uses_pretrained, cfg.channels))
         probs[held] = torch.softmax(logits.float(), 1)

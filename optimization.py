@@ -92,6 +92,13 @@ def epochs_that_fit(seconds_left: float, epoch_seconds: float, epoch: int, max_e
     return max(epoch, min(max_epochs, epoch + more))
 
 
+def planning_epoch_seconds(epoch_seconds: list[float]) -> float:
+    """The speed a time budget plans with: the mean of the last three epochs' seconds, the first epoch left out
+    once there are others (it runs slower: warm-up)."""
+    recent = (epoch_seconds[1:] or epoch_seconds)[-3:]
+    return sum(recent) / len(recent)
+
+
 def seconds_after_training(val_seconds: float, val_images: int, fit_images: int, novelty: bool) -> float:
     """What the steps after the last epoch will take, from one validation pass's time: the calibration is one
     more pass over val; the novelty fit extracts features of `fit_images` train images (about 1.3x the cost of

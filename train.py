@@ -46,7 +46,8 @@ from label_errors import format_label_check, label_check
 from metrics import correct_count, energy_margin_loss, loss_sum, mixed_loss
 from model import build_model, fetch_pretrained, input_normalization, unwrap
 from optimization import (LRSchedule, anneal_epochs, build_optimizer, class_weight_tensor, ema_of, plan_to_budget,
-                          replan_lr, seconds_after_training, set_backbone_trainable, train_mode)
+                          planning_epoch_seconds, replan_lr, seconds_after_training, set_backbone_trainable,
+                          train_mode)
 from outliers import load_other_images, other_crops, rotation_copies
 from plots import plot_history
 from posthoc import calibrate_best_model, fit_novelty
@@ -329,12 +330,11 @@ def fit_to_budget(t: Trainer, cfg: TrainConfig, progress: Progress, epoch: int, 
     Every rank plans from the same figures (their mean), so they agree on when to stop. Says the plan after
     the first epoch, and each time it moves the learning rate."""
     this_run = [h["epoch_seconds"] for h in progress.history[progress.start_epoch:]]
-    recent = (this_run[1:] if len(this_run) > 1 else this_run)[-3:]  # the first epoch runs slower (warm-up)
     after = seconds_after_training(val_seconds, counts[0], min(counts[1], cfg.novelty_max_images or counts[1]),
                                    cfg.novelty_score != "none")
     world = rank_world()[1]
     seconds_left, epoch_seconds = (v / world for v in all_reduce_sum([deadline - time.time() - after,
-                                                                       sum(recent) / len(recent)], device))
+                                                                       planning_epoch_seconds(this_run)], device))
     planned, change, stop = plan_to_budget(t.scheduler, t.optimizer, t.steps_per_epoch, cfg, epoch, seconds_left,
                                            epoch_seconds)
     if change:

@@ -142,6 +142,12 @@ def test_a_replanned_schedule_is_continuous_ends_at_zero_and_survives_a_resume()
     assert [fresh(s) for s in (40, 120, 200)] == [schedule(s) for s in (40, 120, 200)]
 
 
+def test_a_time_budget_plans_with_the_last_three_epochs_leaving_out_the_first():
+    assert optimization.planning_epoch_seconds([10.0]) == 10.0  # the only one there is
+    assert optimization.planning_epoch_seconds([10.0, 2.0]) == 2.0  # the warm-up epoch left out
+    assert optimization.planning_epoch_seconds([10.0, 1.0, 2.0, 3.0, 4.0]) == 3.0
+
+
 def test_a_time_budget_keeps_the_schedule_then_anneals_over_the_last_quarter_of_what_fits():
     assert optimization.epochs_that_fit(100.0, 10.0, 3, 40) == 13
     assert optimization.epochs_that_fit(100.0, 10.0, 3, 8) == 8  # never past --epochs
