@@ -24,7 +24,7 @@ from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError
 from config import TrainConfig
 from dataset import decode_files, decode_image
 from layout import EMPTY, SKIPPED, Layout, layout_of, layout_splits, walk_files
-from near_duplicates import connected_groups, copy_groups, near_duplicate_pairs
+from near_duplicates import descriptors, find_near_copies
 from plots import plot_gallery, save_figure
 
 TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model
@@ -65,7 +65,9 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
     {name: n}, sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not
     what the extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
     near_duplicates and near_leaks [[paths]] (near-copies within one split / across splits, near_copies),
-    near_lookalike_images (images in groups too large to be copies, not judged), near_seconds,
+    near_lookalike_images (images that look too alike in small thumbnails to judge: joined into groups too large
+    to be copies, or every image when the search stopped at its cap), near_search (how it ended: done or pair
+    cap), near_pairs_examined, near_seconds,
     empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest /
     smallest train class, None when one is empty), fatal and warnings [messages].
     """
@@ -139,12 +141,14 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
 def near_copies(thumbs: list, readable: list[tuple[str, str, str]]) -> dict:
     """near_leaks and near_duplicates: groups of paths that are the same photo resized, re-encoded, cropped a
     little, mirrored or recolored (near_duplicates.py), across splits / within one; groups of byte-identical
-    files only are left to leaks and duplicates. near_seconds: the time it took."""
+    files only are left to leaks and duplicates; how the search ended and its work; near_seconds: its time."""
     t0 = time.time()
-    pairs = near_duplicate_pairs(torch.from_numpy(np.stack(thumbs))) if len(thumbs) > 1 else []
-    pairs = [p for p in pairs if readable[p[0]][2] != readable[p[1]][2]]  # identical bytes: reported already
-    groups, lookalike = copy_groups(connected_groups(pairs, len(readable)))
-    out: dict = {"near_leaks": [], "near_duplicates": [], "near_lookalike_images": lookalike, "near_seconds": 0.0}
+    found = find_near_copies(descriptors(torch.from_numpy(np.stack(thumbs))) if thumbs else torch.zeros(0))
+    same_bytes = np.array([readable[i][2] == readable[j][2] for i, j in found.pairs.tolist()], bool)
+    found.pairs, found.sims = found.pairs[~same_bytes], found.sims[~same_bytes]  # identical: reported already
+    groups, lookalike = found.groups()
+    out: dict = {"near_leaks": [], "near_duplicates": [], "near_lookalike_images": lookalike,
+                 "near_search": found.end.value, "near_pairs_examined": found.examined, "near_seconds": 0.0}
     for group in groups:
         splits = {readable[i][0] for i in group}
         out["near_leaks" if len(splits) > 1 else "near_duplicates"].append([readable[i][1] for i in group])

@@ -3,12 +3,14 @@
 Usage (from dataset.py):
     pixels, rows, reasons, stats = update_cache(cache_dir, folder, paths, size, channels, decode)
     # pixels: read-only memory map (rows, C, S, S); path i is pixels[rows[i]] (rows[i] = -1: reasons[i] says why)
+    extra = derived_rows(pixels, "near", row_shape, dtype, compute)  # rows computed from those rows, kept
 
 Files, per folder and image size and channels (KEY = <folder>-<size>px-<channels>ch-<hash of the folder>;
 the folder is the one that holds every file of the list, e.g. DATA/train for DATA/train/<class>/*):
     KEY.<generation>.npy   uint8 (rows, C, S, S), a plain .npy that numpy.load(mmap_mode="r") opens
     KEY.index.pt          file paths (relative to the folder), size and mtime, row (-1 = unreadable),
                            the reason a file is unreadable, and the array's name, row count and a checksum
+    KEY.<generation>.<suffix>.npy   rows derived from the array's rows (derived_rows), as many or fewer
 
 Several lists of files under one folder share its cache (train and the val carved from it, evaluate.py's test
 list): loading one list keeps the other lists' entries, and when the index is rewritten anyway (something was
@@ -36,6 +38,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 try:
     import fcntl
@@ -123,19 +126,20 @@ def _read_header(f) -> tuple[tuple, bool, np.dtype]:
     return read(f)
 
 
-def map_rows(path: Path, rows: int) -> np.ndarray:
-    """The first `rows` rows of a .npy array file, memory-mapped read-only; raises if the file is shorter."""
+def map_rows(path: Path, rows: int, dtype: np.dtype = np.uint8) -> np.ndarray:
+    """The first `rows` rows of a .npy array file of `dtype`, memory-mapped read-only; raises if the file is
+    shorter."""
     with open(path, "rb") as f:
-        shape, fortran, dtype = _read_header(f)
+        shape, fortran, found = _read_header(f)
         offset = f.tell()
-    if dtype != np.uint8 or fortran or not shape or shape[0] < rows:
-        raise ValueError(f"{path.name} holds {dtype} {shape}, fewer than the {rows} rows expected")
+    if found != dtype or fortran or not shape or shape[0] < rows:
+        raise ValueError(f"{path.name} holds {found} {shape}, fewer than the {rows} rows of {np.dtype(dtype)} expected")
     row_shape = tuple(shape[1:])
-    if offset + rows * int(np.prod(row_shape)) > os.path.getsize(path):
+    if offset + rows * int(np.prod(row_shape)) * found.itemsize > os.path.getsize(path):
         raise ValueError(f"{path.name} is shorter than {rows} rows: cut short")
     if rows == 0:
-        return np.zeros((0, *row_shape), dtype=np.uint8)
-    return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(rows, *row_shape))
+        return np.zeros((0, *row_shape), dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(rows, *row_shape))
 
 
 def _open_array(path: Path, rows: int, row_shape: tuple, tail_crc: int) -> np.ndarray:
@@ -149,27 +153,29 @@ def _open_array(path: Path, rows: int, row_shape: tuple, tail_crc: int) -> np.nd
     return arr
 
 
-def _new_array(path: Path, row_shape: tuple) -> None:
-    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(0, *row_shape)).flush()
+def _new_array(path: Path, row_shape: tuple, dtype: np.dtype = np.uint8) -> None:
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(0, *row_shape)).flush()
 
 
-def _append_rows(path: Path, start: int, blocks: Iterator[np.ndarray], row_shape: tuple) -> int:
+def _append_rows(path: Path, start: int, blocks: Iterator[np.ndarray], row_shape: tuple,
+                 dtype: np.dtype = np.uint8) -> int:
     """Write blocks of rows after row `start` (dropping anything beyond it), fsync, then rewrite the .npy header's
     row count; returns the new row count. numpy pads .npy headers so the row count can grow in place."""
-    row_bytes = int(np.prod(row_shape))
+    row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
     with open(path, "r+b") as f:
         _read_header(f)
         offset = f.tell()
         f.seek(offset + start * row_bytes)
         rows = start
         for block in blocks:
-            f.write(np.ascontiguousarray(block, dtype=np.uint8).tobytes())
+            f.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
             rows += len(block)
         f.truncate()
         f.flush()
         os.fsync(f.fileno())
         f.seek(0)
-        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (rows, *row_shape)})
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                 "fortran_order": False, "shape": (rows, *row_shape)})
         if f.tell() != offset:
             raise RuntimeError("the .npy header changed length")  # numpy's padding makes this impossible
         f.flush()
@@ -201,9 +207,10 @@ def _load_index(index_file: Path, row_shape: tuple) -> dict | None:
 
 
 def _remove_orphans(cache_dir: Path, key: str, keep: str) -> None:
-    """Arrays of this key that the index no longer names: an old generation, or one a crash left behind."""
+    """Arrays of this key that the index no longer names (an old generation, or one a crash left behind), and the
+    arrays derived from them (derived_rows)."""
     for p in cache_dir.glob(f"{key}.*.npy"):
-        if p.name != keep:
+        if p.name != keep and not p.name.startswith(keep.removesuffix(".npy") + "."):
             p.unlink(missing_ok=True)
     for p in cache_dir.glob(f".{key}.index.pt.*.tmp"):
         p.unlink(missing_ok=True)
@@ -387,3 +394,44 @@ def _update(cache_dir: Path, key: str, folder: str, paths: list[str], size: int,
     return map_rows(cache_dir / array_name, n_rows), rows, reasons, {
         "decoded": len(todo), "reused": len(paths) - len(todo), "stale_rows": 0 if compacted else stale,
         "compacted": compacted}
+
+
+# ---------------------------------------------------------------- arrays derived from the rows
+
+def derived_rows(pixels: np.ndarray, suffix: str, row_shape: tuple, dtype: np.dtype,
+                 compute: Callable[[np.ndarray], np.ndarray], desc: str = "") -> np.ndarray:
+    """Rows computed from a cache array's rows (compute(block of rows) -> block of `row_shape`, `dtype`), kept
+    beside it as <array>.<suffix>.npy and memory-mapped read-only, one row per pixel row. Rows of an array are
+    never rewritten (a changed file gets a new row), so each is computed once, and a grown array adds only its
+    new rows; a compacted array's new generation starts anew and the old one's derived files go with it. `desc`
+    labels a progress bar shown while the computing takes more than a few seconds."""
+    n = len(pixels)
+    if not isinstance(pixels, np.memmap):  # no file to keep them beside: an empty array
+        return compute(pixels)
+    array = Path(pixels.filename)
+    path = array.with_name(f"{array.name.removesuffix('.npy')}.{suffix}.npy")
+    with _locked(array.with_name(f"{array.name.rsplit('.', 2)[0]}.lock")):
+        try:
+            have = min(n, _rows_in(path, row_shape, dtype))
+        except (OSError, ValueError, EOFError):
+            _new_array(path, row_shape, dtype)
+            have = 0
+        step = max(1, BLOCK_BYTES // math.prod(pixels.shape[1:]))
+        if have < n:
+            with tqdm(total=n - have, desc=desc, delay=3, leave=False, disable=not desc) as bar:
+                def blocks() -> Iterator[np.ndarray]:
+                    for i in range(have, n, step):
+                        yield compute(pixels[i:i + step])
+                        bar.update(min(step, n - i))
+                _append_rows(path, have, blocks(), row_shape, dtype)
+        return map_rows(path, n, dtype)
+
+
+def _rows_in(path: Path, row_shape: tuple, dtype: np.dtype) -> int:
+    """How many rows a derived array holds; raises when it is missing, cut short or of another shape or type."""
+    with open(path, "rb") as f:
+        shape, _, found = _read_header(f)
+    if found != dtype or tuple(shape[1:]) != tuple(row_shape):
+        raise ValueError(f"{path.name} holds {found} {shape}")
+    map_rows(path, shape[0], dtype)
+    return int(shape[0])

@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from cache import update_cache
+from cache import derived_rows, update_cache
 from common import UserError, reports_user_errors
 from config import NORMALIZATION, TrainConfig
 from layout import Layout, format_problems, layout_of, layout_splits, walk_files
-from near_duplicates import connected_groups, copy_groups, cross_and_within, near_duplicate_pairs, thumbnails
+from near_duplicates import GRID, VARIANTS, End, cross_and_within, descriptors, find_near_copies
 
-NEAR_COPIES_MAX_IMAGES = 200_000  # the start-up check: 4 s for 12k images, about 45 s for 100k on 2 cores
+NEAR_COPIES_SECONDS = 10.0  # the start-up near-copy check stops after this; check_data.py gives the full report
 
 
 # ---------------------------------------------------------------- files
@@ -203,17 +203,48 @@ class RowView:
         return self.base[self.rows].to(device, non_blocking=non_blocking)
 
 
+class Joined:
+    """Two sources of rows (tensors or RowViews) read as one, rows of the first then of the second, copying
+    nothing until indexed: joined[a:b] and joined[index tensor] are plain tensors."""
+
+    def __init__(self, first: torch.Tensor | RowView, second: torch.Tensor | RowView):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
+        cut = len(self.first)
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(len(self))
+            return torch.cat([self.first[start:min(stop, cut)], self.second[max(0, start - cut):max(0, stop - cut)]])
+        key = torch.as_tensor(key)
+        low = key < cut
+        head = self.first[key[low]]
+        out = torch.empty((len(key), *head.shape[1:]), dtype=head.dtype)
+        out[low] = head
+        out[~low] = self.second[key[~low] - cut]
+        return out
+
+
 @dataclass
 class Split:
     """A decoded split: uint8 images (N, C, S, S), int64 labels, their paths, and the files that failed.
-    With a cache the images are a read-only memory map (or a RowView of one): index them a batch at a time."""
+    With a cache the images are a read-only memory map (or a RowView of one): index them a batch at a time, and
+    `near` holds their near-copy descriptors (near_duplicates.descriptors), kept in the cache beside them."""
     images: torch.Tensor | RowView
     labels: torch.Tensor
     paths: list[str]
     bad: list[tuple[str, str]] = field(default_factory=list)
+    near: torch.Tensor | RowView | None = None
 
     def subset(self, idx: torch.Tensor) -> "Split":
-        return Split(RowView.of(self.images, idx), self.labels[idx], [self.paths[i] for i in idx.tolist()])
+        return Split(RowView.of(self.images, idx), self.labels[idx], [self.paths[i] for i in idx.tolist()],
+                     near=None if self.near is None else RowView.of(self.near, idx))
+
+    def near_descriptors(self) -> torch.Tensor | RowView:
+        """The near-copy descriptors of the images: the cache's, or computed now when there is no cache."""
+        return descriptors(self.images) if self.near is None else self.near
 
 
 def _decode_chunk(jobs: list[tuple]) -> list[tuple[np.ndarray | None, str]]:
@@ -274,9 +305,13 @@ def load_split(paths: list[str], labels: list[int], name: str, size: int, channe
     def decode(some: list[str]):
         return decode_files(some, size, channels, workers, desc=f"decoding {name}")
 
+    near_base = None
     if cache_dir and paths:
         pixels, rows, reasons, _ = update_cache(cache_dir, cache_folder(paths), paths, size, channels, decode)
         base = mapped_tensor(pixels)
+        near_base = mapped_tensor(derived_rows(pixels, "near", (VARIANTS, GRID * GRID), np.float16,
+                                               lambda block: descriptors(torch.from_numpy(block)).numpy(),
+                                               desc=f"near-copy descriptors {name}"))
     else:
         decoded = list(decode(paths))
         reasons = [reason for _, reason in decoded]
@@ -287,11 +322,13 @@ def load_split(paths: list[str], labels: list[int], name: str, size: int, channe
                 else torch.zeros(0, channels, size, size, dtype=torch.uint8))
     keep = np.flatnonzero(rows >= 0)
     order = torch.from_numpy(rows[keep])
-    images = base if torch.equal(order, torch.arange(len(base))) else RowView(base, order)
+    in_order = torch.equal(order, torch.arange(len(base)))
     kept = keep.tolist()
-    return Split(images=images, labels=torch.tensor([labels[i] for i in kept], dtype=torch.int64),
+    return Split(images=base if in_order else RowView(base, order),
+                 labels=torch.tensor([labels[i] for i in kept], dtype=torch.int64),
                  paths=[paths[i] for i in kept],
-                 bad=[(paths[i], reasons[i]) for i in np.flatnonzero(rows < 0).tolist()])
+                 bad=[(paths[i], reasons[i]) for i in np.flatnonzero(rows < 0).tolist()],
+                 near=None if near_base is None else near_base if in_order else RowView(near_base, order))
 
 
 def load_items(items: list[tuple[str, str]], classes: list[str], name: str, size: int, channels: int = 1,
@@ -511,20 +548,24 @@ def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expe
     return train, val, classes
 
 
-def near_copies_line(train: Split, val: Split, max_images: int = NEAR_COPIES_MAX_IMAGES) -> str:
+def near_copies_line(train: Split, val: Split, seconds: float = NEAR_COPIES_SECONDS) -> str:
     """How many groups of near-copies (near_duplicates.py) lie within train or val and how many span the two
-    (leakage), from the decoded pixels; above max_images it points to check_data.py instead."""
-    n = len(train.paths) + len(val.paths)
-    if n > max_images:
-        return f"near-copies: not checked at start-up above {max_images} images; python check_data.py DATA does"
-    t0 = time.time()
-    images = torch.cat([thumbnails(train.images), thumbnails(val.images)])
-    groups, lookalike = copy_groups(connected_groups(near_duplicate_pairs(images), n))
+    (leakage), from the descriptors the cache keeps; a search still running after `seconds` stops and the line
+    points to check_data.py instead."""
+    t0 = time.monotonic()
+    found = find_near_copies(Joined(train.near_descriptors(), val.near_descriptors()), deadline=t0 + seconds,
+                             progress=True)
+    took = f"{time.monotonic() - t0:.1f}s"
+    if found.end is End.TIME_CAP:
+        return f"near-copies: not finished in {took} at start-up; python check_data.py DATA gives the full report"
+    groups, lookalike = found.groups()
+    if found.end is End.PAIR_CAP:
+        return f"near-copies: not judged, {found.n} images look too alike in small thumbnails to search, {took}"
     cross, within = cross_and_within(groups, len(train.paths))
     return (f"near-copies: {within} group(s) within train or val, {cross} across them"
             + (" (leakage: python check_data.py DATA names them)" if cross else "")
             + (f"; {lookalike} images look too alike in small thumbnails to judge" if lookalike else "")
-            + f", {time.time() - t0:.1f}s")
+            + f", {took}")
 
 
 # ---------------------------------------------------------------- where training reads its images

@@ -1,37 +1,91 @@
 """Near-duplicates: the same photo resized, re-encoded, cropped a little, mirrored or made brighter or darker,
-found from the small grayscale thumbnails check_data.py already decodes. The search hashes and sorts (N log N)
-instead of comparing every pair (N^2): 2.5 s for 12k photos, 40 s for 100k images on 2 cores (BENCHMARKS.md).
+found from small grayscale thumbnails. The search hashes and sorts (N log N) instead of comparing every pair
+(N^2), and its memory and work are bounded by construction, whatever the images look like.
 
 Each image is described by its 8x8 mean-pooled thumbnail, centred and scaled to unit length (brightness and
 contrast drop out; resizing and JPEG barely move it). A crop shifts and scales the content, so each image also
 gets the descriptors of 18 crops of itself (about 94% and 88% of each side, on a 3x3 grid of places): a copy
-cut from it matches one of them closely. Each image's descriptor and its mirror image's are compared with those.
-Candidate pairs come from random-hyperplane hashing (descriptors that share every bit of one of several hash
-keys), and are kept when the best cosine clears the threshold.
+cut from it matches one of them closely. Each image's descriptor and its mirror image's (the 8x8 grid flipped)
+are compared with those. Candidate pairs come from random-hyperplane hashing (descriptors that share every bit
+of one of several hash keys), and are kept when the best cosine clears the threshold.
 
-Usage (from audit.py):
-    pairs = near_duplicate_pairs(thumbnails)          # uint8 (N, 1, 32, 32) -> [(i, j, similarity)], i < j
-    groups = connected_groups(pairs, len(thumbnails))  # [[i, j, ...]], each a set of near-copies
+Bounds, for N images:
+- input: the descriptors, float16 (N, VARIANTS, GRID*GRID), 2,432 bytes per image; dataset.py keeps them in a
+  memory-mapped file beside the decoded-image cache (file pages, computed once per cached image);
+- working memory: the hash keys of TABLE_GROUP tables at a time and one table's sorted buckets (about 500 bytes
+  per image at the peak), at most 5 N pairs found (12 bytes each), and fixed-size blocks of candidates;
+- work: a query pairs with no entry of a bucket holding more than BUCKET_CAP images (pictures that all look
+  alike in 8x8 thumbnails: plain grounds, scans, generated sets), and the whole search examines at most
+  PAIRS_PER_IMAGE x N candidate pairs, then stops and says so (Search.end); an image with more than
+  LOOKALIKE_GROUP near-copies, and everything joined to it, is counted as a look-alike and not judged.
+
+Usage (from audit.py and dataset.py):
+    found = find_near_copies(descriptors(thumbnails))   # uint8 (N, 1, 32, 32) -> Search
+    groups, lookalike = found.groups()                   # [[i, j, ...]] sets of near-copies, images not judged
+    pairs = near_duplicate_pairs(thumbnails)             # [(i, j, similarity)], i < j, most similar first
 """
 from __future__ import annotations
 
+import enum
 import io
 import math
-from typing import Iterator
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
+from tqdm import tqdm
 
 SIDE = 32           # the thumbnails' side (audit.py decodes at this size anyway)
 GRID = 8            # the descriptor is a GRID x GRID thumbnail
 CROP_SIDES = (30, 28)  # of SIDE = 32: crops of 6% and 12.5%, and the places between, are matched within a pixel
+VARIANTS = 1 + 9 * len(CROP_SIDES)  # descriptors per image: the whole image, then its crops
 THRESHOLD = 0.96    # cosine of a near-copy: measured on real photos (bench.py near-copies, BENCHMARKS.md)
 TABLES, BITS = 24, 28  # hash tables and bits per key: a near-copy shares a key in one of them (measured)
+TABLE_GROUP = 2     # tables keyed in one pass over the descriptors: 4 bytes a key, VARIANTS + 2 keys per image
 LOOKALIKE_GROUP = 10  # a chain of more images than this is pictures that look alike at 8x8 (one shape on a
                       # plain ground, a generated set), not copies: counted apart, not named
-BUCKET_CAP = 16     # entries of one bucket a query is paired with (candidate_pairs)
+BUCKET_CAP = 16     # a bucket of more images than this, in one table, pairs with no query: they look alike
+CROWDED_QUERIES = TABLES  # an image whose queries (2 per table) meet a crowded bucket this often is a look-alike
+PAIRS_PER_IMAGE = 64  # candidate pairs the whole search examines, per image, before it stops
+QUERY_BLOCK = 1 << 14  # queries paired at a time (at most BUCKET_CAP pairs each)
+PAIR_BLOCK = 1 << 12   # candidate pairs verified at a time
+OWNER_BITS = 35     # a bucket entry is (key << OWNER_BITS) | image, one sortable uint64 (BITS + 1 + 35 = 64)
+
+
+class End(enum.Enum):
+    """How a search ended."""
+    DONE = "done"
+    PAIR_CAP = "pair cap"  # PAIRS_PER_IMAGE x N pairs examined: too many images look alike to search
+    TIME_CAP = "time cap"  # the caller's deadline passed
+
+
+@dataclass
+class Search:
+    """What find_near_copies found among n images: pairs (P, 2) of images i < j with their cosine `sims`, the
+    images joined to one with more than LOOKALIKE_GROUP near-copies (`lookalike`, not judged), the candidate
+    pairs examined, and how the search ended. When it did not finish, no image is judged."""
+    n: int
+    pairs: np.ndarray
+    sims: np.ndarray
+    lookalike: np.ndarray
+    examined: int
+    end: End
+
+    def pair_list(self) -> list[tuple[int, int, float]]:
+        """[(i, j, cosine rounded to 4 places)], most similar first."""
+        order = np.lexsort((self.pairs[:, 1], self.pairs[:, 0], -self.sims.round(4)))
+        return [(int(i), int(j), round(float(s), 4)) for (i, j), s in zip(self.pairs[order], self.sims[order])]
+
+    def groups(self) -> tuple[list[list[int]], int]:
+        """(the groups of near-copies of at most LOOKALIKE_GROUP images, each sorted, largest first; how many
+        images are not judged: look-alikes, those in larger groups, every image when the search did not finish)."""
+        if self.end is not End.DONE:
+            return [], self.n
+        small, big = copy_groups(connected_groups(self.pairs, self.n))
+        return small, big + int(self.lookalike.sum())
 
 
 def descriptor(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +95,11 @@ def descriptor(x: torch.Tensor) -> torch.Tensor:
     t = t - t.mean(1, keepdim=True)
     norm = t.norm(dim=1, keepdim=True)
     return torch.where(norm > 1e-3, t / norm.clamp(min=1e-3), torch.zeros_like(t))
+
+
+def mirrored(d: torch.Tensor) -> torch.Tensor:
+    """The descriptors (M, GRID*GRID) of the mirror images: each grid flipped left to right."""
+    return d.reshape(-1, GRID, GRID).flip(-1).reshape(-1, GRID * GRID)
 
 
 def crops(x: torch.Tensor) -> list[torch.Tensor]:
@@ -55,82 +114,192 @@ def crops(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def variant_descriptors(images: torch.Tensor) -> torch.Tensor:
-    """(N, V, D): the descriptors of each image and of its crops, the whole image first."""
+    """(N, VARIANTS, D): the descriptors of each image and of its crops, the whole image first."""
     return torch.stack([descriptor(v) for v in crops(images.float())], 1)
 
 
-def hash_keys(desc: torch.Tensor, planes: torch.Tensor, chunk: int = 1 << 12) -> np.ndarray:
-    """(N, TABLES) int64 keys: for each table, which side of each of its BITS random hyperplanes a descriptor is
-    (a chunk of descriptors at a time: the bits of all of them at once would not fit in memory at scale)."""
-    powers = 2.0 ** torch.arange(BITS, dtype=torch.float64)
-    keys = [((d @ planes > 0).view(len(d), TABLES, BITS).to(torch.float64) @ powers).to(torch.int64)
-            for d in desc.split(chunk)]
-    return torch.cat(keys).numpy() if keys else np.zeros((0, TABLES), dtype=np.int64)
+def descriptors(images, chunk: int = 1 << 12) -> torch.Tensor:
+    """float16 (N, VARIANTS, GRID*GRID): the variant descriptors of uint8 images (N, C, S, S) of any side (a
+    tensor or a dataset.RowView), through their SIDE thumbnails, a block of images at a time."""
+    out = [variant_descriptors(thumbnails(images[i:i + chunk])).half() for i in range(0, len(images), chunk)]
+    return torch.cat(out) if out else torch.zeros(0, VARIANTS, GRID * GRID, dtype=torch.float16)
 
 
-def candidate_pairs(query_keys: np.ndarray, index_keys: np.ndarray, owner: np.ndarray, n: int
-                    ) -> Iterator[np.ndarray]:
-    """For each hash table, the (M, 2) unique (query, owner of an index entry) pairs whose keys are equal there, the
-    query's image (query % n) and the owner different. A sort and a binary search per table: N log N. A query
-    pairs with at most BUCKET_CAP entries of its bucket (the first, in index order): images that all look alike
-    (plain backgrounds, generated sets) would otherwise pair with each other, N^2; a group of copies is still
-    joined, each to the first of them."""
-    for t in range(query_keys.shape[1]):
-        order = np.argsort(index_keys[:, t], kind="stable")
-        sorted_keys = index_keys[order, t]
-        lo = np.searchsorted(sorted_keys, query_keys[:, t], "left")
-        counts = np.minimum(np.searchsorted(sorted_keys, query_keys[:, t], "right") - lo, BUCKET_CAP)
-        if not counts.sum():
-            continue
-        q = np.repeat(np.arange(len(query_keys)), counts)
-        starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
-        pairs = np.unique(np.stack([q, owner[order[starts + np.arange(counts.sum())]]], 1), axis=0)
-        yield pairs[pairs[:, 0] % n != pairs[:, 1]]
+def hash_keys(desc: torch.Tensor, planes: torch.Tensor) -> np.ndarray:
+    """(M, tables) int32 keys of float descriptors (M, D): for each table (BITS columns of planes), which side of
+    each of its hyperplanes the descriptor is; -1 for a zero descriptor (a flat image), which matches nothing."""
+    bits = (desc @ planes > 0).view(len(desc), -1, BITS).to(torch.int32)
+    keys = (bits << torch.arange(BITS, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+    keys[desc.abs().sum(1) == 0] = -1
+    return keys.numpy()
 
 
-def near_duplicate_pairs(images: torch.Tensor, threshold: float = THRESHOLD, seed: int = 0,
-                         chunk: int = 1 << 12) -> list[tuple[int, int, float]]:
-    """Pairs (i, j, cosine) of near-copies among uint8 images (N, 1, SIDE, SIDE), i < j, most similar first.
-    Each image's whole descriptor and its mirror image's are the queries; every image's variants are the index."""
-    n = len(images)
-    if n < 2:
-        return []
-    variants = torch.cat([variant_descriptors(images[i:i + chunk]) for i in range(0, n, chunk)])  # (N, V, D)
-    v = variants.shape[1]
-    mirrored = torch.cat([descriptor(images[i:i + chunk].float().flip(-1)) for i in range(0, n, chunk)])
-    queries = torch.cat([variants[:, 0], mirrored])  # query q is image q % n
-    planes = torch.randn(variants.shape[-1], TABLES * BITS, generator=torch.Generator().manual_seed(seed))
-    index = variants.reshape(n * v, -1)
-    usable = (index.norm(dim=1) > 0).numpy()
-    owner = np.repeat(np.arange(n), v)[usable]
-    best: dict[tuple[int, int], float] = {}
-    for pairs in candidate_pairs(hash_keys(queries, planes), hash_keys(index[torch.from_numpy(usable)], planes),
-                                 owner, n):
-        for start in range(0, len(pairs), chunk):
-            p = torch.from_numpy(pairs[start:start + chunk])
-            sims = (variants[p[:, 1]] @ queries[p[:, 0], :, None]).squeeze(-1).max(1).values
-            hit = sims >= threshold
-            for (q, j), sim in zip(p[hit].tolist(), sims[hit].tolist()):
-                key = (min(q % n, j), max(q % n, j))
-                best[key] = max(best.get(key, -1.0), sim)
-    return sorted(((i, j, round(sim, 4)) for (i, j), sim in best.items()), key=lambda p: (-p[2], p[0], p[1]))
+def _table_keys(desc, planes: torch.Tensor, chunk: int = 1 << 12) -> tuple[np.ndarray, np.ndarray]:
+    """(index keys (N * VARIANTS, tables), query keys (2N, tables)) of the tables of `planes`: every variant is
+    an index entry; each image's whole descriptor (query i) and its mirror's (query N + i) are the queries."""
+    n, tables = len(desc), planes.shape[1] // BITS
+    index = np.empty((n * VARIANTS, tables), np.int32)
+    query = np.empty((2 * n, tables), np.int32)
+    for i in range(0, n, chunk):
+        d = desc[i:i + chunk].float()
+        index[i * VARIANTS:(i + len(d)) * VARIANTS] = hash_keys(d.reshape(-1, d.shape[-1]), planes)
+        query[i:i + len(d)] = hash_keys(d[:, 0], planes)
+        query[n + i:n + i + len(d)] = hash_keys(mirrored(d[:, 0]), planes)
+    return index, query
 
 
-def connected_groups(pairs: list[tuple[int, int, float]], n: int) -> list[list[int]]:
-    """The groups of images joined by pairs (union-find), each sorted, largest first."""
-    parent = list(range(n))
+def _buckets(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket keys, images) of one table: its index entries' distinct (key, image), sorted by key then image;
+    entries of flat images (key -1) are left out. Built in place: at most two arrays of 8 bytes an entry."""
+    packed = np.arange(len(keys), dtype=np.uint64)
+    packed //= np.uint64(VARIANTS)
+    key = keys.astype(np.int64)
+    key[key < 0] = 1 << BITS  # past every real key: sorted last, then cut off
+    key = key.view(np.uint64)
+    key <<= np.uint64(OWNER_BITS)
+    packed |= key
+    del key
+    packed.sort()
+    packed = packed[:np.searchsorted(packed, np.uint64(1 << (BITS + OWNER_BITS)))]
+    distinct = np.ones(len(packed), bool)
+    distinct[1:] = packed[1:] != packed[:-1]
+    packed = packed[distinct]
+    del distinct
+    images = (packed & np.uint64((1 << OWNER_BITS) - 1)).astype(np.int32)
+    packed >>= np.uint64(OWNER_BITS)
+    return packed.astype(np.int32), images
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-    for i, j, _ in pairs:
-        parent[root(i)] = root(j)
-    groups: dict[int, list[int]] = {}
-    for i in sorted({i for p in pairs for i in p[:2]}):
-        groups.setdefault(root(i), []).append(i)
-    return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+
+def _candidates(qkeys: np.ndarray, first: int, bucket_keys: np.ndarray, images: np.ndarray, n: int,
+                skip: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(queries, images) paired in one table: each query numbered first.. with every other image of its bucket,
+    unless the bucket holds more than BUCKET_CAP images (those queries are returned third: crowded) or the
+    query's image is to be skipped."""
+    lo = np.searchsorted(bucket_keys, qkeys, "left")
+    count = np.searchsorted(bucket_keys, qkeys, "right") - lo
+    queries = np.arange(first, first + len(qkeys))
+    crowded = count > BUCKET_CAP
+    count[crowded | (qkeys < 0) | skip[queries % n]] = 0
+    q = np.repeat(queries, count)
+    j = images[np.repeat(lo - np.cumsum(count) + count, count) + np.arange(count.sum())]
+    other = j != q % n
+    return q[other], j[other], queries[crowded]
+
+
+def _similarities(desc, q: np.ndarray, j: np.ndarray, n: int) -> torch.Tensor:
+    """The best cosine between query q (image q % n, mirrored when q >= n) and any variant of image j."""
+    whole = desc[torch.from_numpy(q % n)][:, 0].float()
+    whole = torch.where(torch.from_numpy(q >= n)[:, None], mirrored(whole), whole)
+    return (desc[torch.from_numpy(j.astype(np.int64))].float() @ whole[:, :, None]).squeeze(-1).max(1).values
+
+
+class _Found:
+    """The near-copy pairs found so far, one entry per pair with its best cosine. Whenever the pending pairs
+    reach 5 N they are merged, and images with more than LOOKALIKE_GROUP near-copies are marked look-alikes with
+    every image joined to them, their pairs dropped: the store keeps at most 5 N pairs and 5 N pending."""
+
+    def __init__(self, n: int):
+        self.n, self.lookalike = n, np.zeros(n, bool)
+        self.i, self.j, self.s = [np.zeros(0, np.int32)], [np.zeros(0, np.int32)], [np.zeros(0, np.float32)]
+        self.pending = 0
+
+    def add(self, q: np.ndarray, j: np.ndarray, sims: np.ndarray) -> None:
+        a = q % self.n
+        self.i.append(np.minimum(a, j).astype(np.int32))
+        self.j.append(np.maximum(a, j).astype(np.int32))
+        self.s.append(sims.astype(np.float32))
+        self.pending += len(sims)
+        if self.pending >= 5 * self.n:
+            self.merge()
+
+    def merge(self) -> None:
+        i, j, s = (np.concatenate(x) for x in (self.i, self.j, self.s))
+        order = np.lexsort((-s, j, i))
+        i, j, s = i[order], j[order], s[order]
+        first = np.ones(len(i), bool)
+        first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+        i, j, s = i[first], j[first], s[first]
+        flag = self.lookalike | (np.bincount(i, minlength=self.n) + np.bincount(j, minlength=self.n)
+                                 > LOOKALIKE_GROUP)
+        while len(i):
+            touch = flag[i] | flag[j]
+            if not touch.any():
+                break
+            flag[i[touch]] = flag[j[touch]] = True
+            i, j, s = i[~touch], j[~touch], s[~touch]
+        self.lookalike, self.i, self.j, self.s, self.pending = flag, [i], [j], [s], 0
+
+    def search(self, examined: int, end: End) -> Search:
+        self.merge()
+        return Search(self.n, np.stack([self.i[0], self.j[0]], 1).astype(np.int64), self.s[0], self.lookalike,
+                      examined, end)
+
+
+def find_near_copies(desc, threshold: float = THRESHOLD, seed: int = 0, deadline: float | None = None,
+                     progress: bool = False) -> Search:
+    """The near-copies among images given by their descriptors (N, VARIANTS, D) (descriptors(); a tensor or a
+    dataset.RowView of a memory map): pairs whose best cosine clears `threshold`. An image whose queries meet
+    crowded buckets CROWDED_QUERIES times is a look-alike. It stops early, saying so in Search.end, after
+    PAIRS_PER_IMAGE x N candidate pairs or at `deadline` (a time.monotonic() value)."""
+    n = len(desc)
+    found, examined, cap, crowded = _Found(n), 0, PAIRS_PER_IMAGE * n, np.zeros(n, np.int32)
+    planes = torch.randn(GRID * GRID, TABLES * BITS, generator=torch.Generator().manual_seed(seed))
+    bar = tqdm(total=TABLES, desc="near-copies", delay=3, leave=False, disable=not progress or n < 2)
+    with bar:
+        for first_table in range(0, TABLES if n > 1 else 0, TABLE_GROUP):
+            index_keys, query_keys = _table_keys(desc, planes[:, first_table * BITS:(first_table + TABLE_GROUP) * BITS])
+            for t in range(index_keys.shape[1]):
+                bucket_keys, images = _buckets(index_keys[:, t])
+                for first in range(0, 2 * n, QUERY_BLOCK):
+                    q, j, crowd = _candidates(query_keys[first:first + QUERY_BLOCK, t], first, bucket_keys,
+                                              images, n, found.lookalike)
+                    np.add.at(crowded, crowd % n, 1)
+                    q, j = q[:cap - examined], j[:cap - examined]
+                    examined += len(q)
+                    for start in range(0, len(q), PAIR_BLOCK):
+                        qb, jb = q[start:start + PAIR_BLOCK], j[start:start + PAIR_BLOCK]
+                        sims = _similarities(desc, qb, jb, n).numpy()
+                        hit = sims >= threshold
+                        found.add(qb[hit], jb[hit], sims[hit])
+                    if examined >= cap:
+                        return found.search(examined, End.PAIR_CAP)
+                    if deadline is not None and time.monotonic() > deadline:
+                        return found.search(examined, End.TIME_CAP)
+                found.lookalike |= crowded >= CROWDED_QUERIES
+                bar.update()
+    return found.search(examined, End.DONE)
+
+
+def near_duplicate_pairs(images: torch.Tensor, threshold: float = THRESHOLD, seed: int = 0
+                         ) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, cosine) of near-copies among uint8 images (N, C, S, S), i < j, most similar first."""
+    return find_near_copies(descriptors(images), threshold, seed).pair_list()
+
+
+def component_labels(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
+    """For each of n images, the smallest image joined to it through the pairs (i, j): connected components by
+    spreading the smallest label along the pairs, then following labels to their own."""
+    label = np.arange(n)
+    while True:
+        new = label.copy()
+        smaller = np.minimum(label[i], label[j])
+        np.minimum.at(new, i, smaller)
+        np.minimum.at(new, j, smaller)
+        new = new[new]
+        if np.array_equal(new, label):
+            return label
+        label = new
+
+
+def connected_groups(pairs, n: int) -> list[list[int]]:
+    """The groups of images joined by pairs ([(i, j, ...)] or an (P, 2) array), each sorted, largest first."""
+    pairs = np.asarray([p[:2] for p in pairs] if isinstance(pairs, list) else pairs, np.int64).reshape(-1, 2)
+    members = np.unique(pairs)
+    label = component_labels(pairs[:, 0], pairs[:, 1], n)[members]
+    order = np.lexsort((members, label))
+    cuts = np.flatnonzero(np.diff(label[order])) + 1
+    groups = [g.tolist() for g in np.split(members[order], cuts)] if len(members) else []
+    return sorted(groups, key=lambda g: (-len(g), g[0]))
 
 
 def thumbnails(images, max_values: int = 1 << 22) -> torch.Tensor:

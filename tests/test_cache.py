@@ -13,6 +13,7 @@ from PIL import Image
 
 import cache
 import dataset
+import near_duplicates
 from bench import synthetic_set
 from common import UserError
 from config import TrainConfig
@@ -62,7 +63,12 @@ def mapping_of(address: int) -> tuple[str, str]:
 
 
 def files(cache_dir, pattern):
-    return sorted(Path(cache_dir).glob(pattern))
+    """The cache's files that match, the arrays derived from the pixel arrays (*.near.npy) left out."""
+    return sorted(p for p in Path(cache_dir).glob(pattern) if not p.name.endswith(".near.npy"))
+
+
+def derived(cache_dir):
+    return sorted(Path(cache_dir).glob("*.near.npy"))
 
 
 def test_round_trip_equals_a_fresh_decode_and_is_a_read_only_map(split_dir, tmp_path, decoded):
@@ -288,3 +294,40 @@ def test_entries_are_matched_by_name_in_a_stored_run_or_one_by_one():
     assert cache.match_entries(known, ["t/1", "t/3", "new"]).tolist() == [2, 4, -1]
     assert cache.match_entries(known, ["new", "v/2"]).tolist() == [-1, 1]
     assert cache.match_entries([], ["a"]).tolist() == [-1] and cache.match_entries(known, []).tolist() == []
+
+
+# ---------------------------------------------------------------- arrays derived from the rows
+
+def test_near_copy_descriptors_are_computed_once_per_row_and_follow_their_array(split_dir, tmp_path, monkeypatch):
+    """Kept beside the pixel array, equal to a fresh computation, computed again only for rows added since, and
+    gone with their generation when the array is compacted."""
+    computed = []
+    real = dataset.descriptors
+    monkeypatch.setattr(dataset, "descriptors", lambda x: computed.append(len(x)) or real(x))
+    first = load(split_dir, tmp_path / "c")
+    n = len(first.paths)
+    [npy], [near] = files(tmp_path / "c", "*.npy"), derived(tmp_path / "c")
+    assert near.name == npy.name.removesuffix(".npy") + ".near.npy" and computed == [n]
+    assert torch.equal(first.near[torch.arange(n)], real(first.images))
+    assert first.near.dtype == torch.float16 and first.near.shape == (n, near_duplicates.VARIANTS, 64)
+    load(split_dir, tmp_path / "c")
+    assert computed == [n]  # a warm load computes nothing
+    Image.new("L", (30, 30), 90).save(split_dir / "cat" / "added.png")
+    grown = load(split_dir, tmp_path / "c")
+    assert computed == [n, 1] and derived(tmp_path / "c") == [near]  # only the new row, appended in place
+    added = grown.paths.index(str(split_dir / "cat" / "added.png"))
+    assert torch.equal(grown.near[torch.tensor([added])], real(grown.images[torch.tensor([added])]))
+    for i, p in enumerate(first.paths[:6]):  # past the stale share: a new generation
+        Image.new("L", (40, 40), 20 + i).save(p)
+    compacted = load(split_dir, tmp_path / "c")
+    [new_npy], [new_near] = files(tmp_path / "c", "*.npy"), derived(tmp_path / "c")
+    assert new_npy != npy and new_near.name == new_npy.name.removesuffix(".npy") + ".near.npy"
+    assert torch.equal(compacted.near[torch.arange(n + 1)], real(compacted.images[torch.arange(n + 1)]))
+
+
+def test_a_damaged_derived_array_is_computed_again(split_dir, tmp_path):
+    first = load(split_dir, tmp_path / "c")
+    [near] = derived(tmp_path / "c")
+    near.write_bytes(near.read_bytes()[:200])  # cut short
+    again = load(split_dir, tmp_path / "c")
+    assert torch.equal(again.near[torch.arange(len(again.paths))], first.near[torch.arange(len(first.paths))])
