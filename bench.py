@@ -21,7 +21,8 @@ layouts are first written as hard links to a temporary train/val(/test) copy (sp
 with the same carve our run uses.
 
 `scale` generates N synthetic JPEGs once under --work-dir (reused by later runs), then measures, each step in a
-fresh process: the cold decode into an empty cache, the warm load, and one training epoch (cut at
+fresh process: the cold decode into an empty cache, the warm load, the near-copy check (train.py's start-up
+search without its time cap; memory above the loaded process), and one training epoch (cut at
 --train-seconds) reading batches from the memory map and, for comparison, with every image in RAM
 (--data-placement device). It prints JSON with seconds, images/s, pixel bytes, and each process's peak RSS and
 peak anonymous memory (RssAnon in /proc/self/status, sampled every 10 ms; pages of the map are file pages,
@@ -51,10 +52,11 @@ from PIL import Image
 from common import (PROJECT_DIR, UserError, markdown_source, markdown_table, provenance, reports_user_errors,
                     run_script, split_at_dashes)
 from config import TrainConfig, parse_config
-from dataset import decode_files, load_data, preprocess
+from dataset import Joined, decode_files, load_data, preprocess
 from label_errors import confident_learning, out_of_fold_probs, train_split_of
 from layout import Layout, layout_of, layout_splits
-from near_duplicates import SIDE, altered_copy, connected_groups, near_duplicate_pairs
+from near_duplicates import (SIDE, altered_copy, connected_groups, cross_and_within, find_near_copies,
+                             near_duplicate_pairs)
 from runs import read_summary, unique_run_name
 
 TARGETS = (0.80, 0.85, 0.90)
@@ -165,11 +167,22 @@ def scale_markdown(result: dict) -> str:
             for i, r in enumerate(result[key])]
     lines = [f"{data}: cold decode {cold['seconds']} s (peak RSS / RssAnon {cold['peak_rss_mb']:,} / "
              f"{cold['peak_rss_anon_mb']:,} MB), warm load {warm['seconds']} s ({warm['peak_rss_mb']:,} / "
-             f"{warm['peak_rss_anon_mb']:,} MB)", "",
+             f"{warm['peak_rss_anon_mb']:,} MB)", "", near_copies_sentence(result["near_copies"]), "",
              markdown_table(["training run (1 epoch)", "train img/s", "peak RSS / RssAnon", "novelty fit"], rows)]
     if "map_vs_ram_images_per_s" in result:
         lines.append(f"\nmemory map vs RAM, train img/s: {result['map_vs_ram_images_per_s']}")
     return "\n".join(lines) + "\n\n" + markdown_source(result)
+
+
+def near_copies_sentence(near: dict) -> str:
+    """bench.py scale's near-copy step in a sentence."""
+    verdict = (f"{near['groups_within']} group(s) within train or val, {near['groups_across']} across, "
+               f"{near['lookalike_images']:,} images too alike to judge" if near["end"] == "done"
+               else f"stopped at its {near['end']}: {near['images']:,} images too alike to search")
+    return (f"near-copy check (train.py's start-up search, no time cap): {near['seconds']} s "
+            f"({near['us_per_image']} us per image), {near['pairs_examined']:,} pairs examined, {verdict}; "
+            f"memory above the loaded process: RSS {near['rss_above_mb']:,} MB, RssAnon {near['anon_above_mb']:,} MB "
+            f"({near['anon_bytes_per_image']:,} bytes per image)")
 
 
 # ---------------------------------------------------------------- bench.py scale
@@ -258,8 +271,34 @@ def synthetic_set(work_dir: Path, n: int, side: int, workers: int, seed: int = 0
     return root
 
 
+def measure_near_copies(cfg: TrainConfig) -> dict:
+    """The near-copy search over train and val as train.py's start-up line runs it, from the descriptors the
+    cache keeps, but without its time cap: seconds, how it ended, what it found, and the peaks of memory above
+    the process's own once the data is loaded (the kernel's peak is reset first where Linux allows)."""
+    train, val = load_data(layout_of(cfg), cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers,
+                           cfg.max_bad_fraction)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+    before = MemoryPeaks.now()
+    with MemoryPeaks() as peaks:
+        t0 = time.time()
+        found = find_near_copies(Joined(train.near_descriptors(), val.near_descriptors()))
+        seconds = time.time() - t0
+    groups, lookalike = found.groups()
+    cross, within = cross_and_within(groups, len(train.paths))
+    rss, anon = peaks.peak["VmRSS"] - before["VmRSS"], peaks.peak["RssAnon"] - before["RssAnon"]
+    return {"seconds": round(seconds, 1), "images": found.n, "end": found.end.value,
+            "pairs_examined": found.examined, "groups_within": within, "groups_across": cross,
+            "lookalike_images": lookalike, "rss_above_mb": round(rss / 2**20), "anon_above_mb": round(anon / 2**20),
+            "anon_bytes_per_image": round(anon / max(1, found.n)),
+            "us_per_image": round(seconds * 1e6 / max(1, found.n), 1)}
+
+
 def measure(step: str, cfg: TrainConfig) -> dict:
-    """One step of `scale` in this process: 'load' (load_data) or 'train' (one epoch); seconds, memory peaks."""
+    """One step of `scale` in this process: 'load' (load_data), 'near' (measure_near_copies) or 'train' (one
+    epoch); seconds, memory peaks."""
+    if step == "near":
+        return measure_near_copies(cfg)
     with MemoryPeaks() as peaks:
         t0 = time.time()
         if step == "load":
@@ -336,6 +375,7 @@ def scale_main(argv: list[str]) -> int:
     shutil.rmtree(cache, ignore_errors=True)
     cold = _measure_in_subprocess("load", cfg)
     warm = _measure_in_subprocess("load", cfg)
+    near = _measure_in_subprocess("near", cfg)
     runs: dict[str, list] = {"map": [], "ram": []}
     for _ in range(args.repeats):
         for placement in ("map",) if args.skip_ram else ("map", "ram"):
@@ -343,7 +383,7 @@ def scale_main(argv: list[str]) -> int:
             runs[placement].append(_measure_in_subprocess("train", step_cfg))
     result = {**source, "data": str(data), "images": cold["images"],
               "image_size": args.size, "channels": args.channels,
-              "pixel_bytes": cold["pixel_bytes"], "cold_decode": cold, "warm_load": warm,
+              "pixel_bytes": cold["pixel_bytes"], "cold_decode": cold, "warm_load": warm, "near_copies": near,
               "train_map": runs["map"], "train_ram": runs["ram"]}
     if runs["ram"]:
         speed = {k: sum(r["train_images_per_s"] for r in v) / len(v) for k, v in runs.items()}

@@ -559,7 +559,7 @@ def near_copies_line(train: Split, val: Split, seconds: float = NEAR_COPIES_SECO
     if found.end is End.TIME_CAP:
         return f"near-copies: not finished in {took} at start-up; python check_data.py DATA gives the full report"
     groups, lookalike = found.groups()
-    if found.end is End.PAIR_CAP:
+    if found.end in (End.CROWDED, End.PAIR_CAP):
         return f"near-copies: not judged, {found.n} images look too alike in small thumbnails to search, {took}"
     cross, within = cross_and_within(groups, len(train.paths))
     return (f"near-copies: {within} group(s) within train or val, {cross} across them"

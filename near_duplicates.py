@@ -12,12 +12,15 @@ of one of several hash keys), and are kept when the best cosine clears the thres
 Bounds, for N images:
 - input: the descriptors, float16 (N, VARIANTS, GRID*GRID), 2,432 bytes per image; dataset.py keeps them in a
   memory-mapped file beside the decoded-image cache (file pages, computed once per cached image);
-- working memory: the hash keys of TABLE_GROUP tables at a time and one table's sorted buckets (about 500 bytes
-  per image at the peak), at most 5 N pairs found (12 bytes each), and fixed-size blocks of candidates;
+- working memory: at most WORK_BYTES_PER_IMAGE: the hash keys of TABLE_GROUP tables at a time (168 bytes per
+  image) and one table's buckets as they are sorted (about 480), the pairs found (12 bytes each: at most 5 N,
+  and 5 N more before they are merged, but only when most images have near-copies), and blocks of candidates
+  of a fixed size (QUERY_BLOCK queries, PAIR_BLOCK pairs);
 - work: a query pairs with no entry of a bucket holding more than BUCKET_CAP images (pictures that all look
-  alike in 8x8 thumbnails: plain grounds, scans, generated sets), and the whole search examines at most
-  PAIRS_PER_IMAGE x N candidate pairs, then stops and says so (Search.end); an image with more than
-  LOOKALIKE_GROUP near-copies, and everything joined to it, is counted as a look-alike and not judged.
+  alike in 8x8 thumbnails: plain grounds, scans, generated sets); when most queries meet such buckets
+  (CROWDED_SHARE) the search stops, and it examines at most PAIRS_PER_IMAGE x N candidate pairs in all, then
+  stops too, saying why (Search.end); an image with more than LOOKALIKE_GROUP near-copies or whose queries
+  meet crowded buckets in CROWDED_QUERIES tables, and everything joined to it, is a look-alike, not judged.
 
 Usage (from audit.py and dataset.py):
     found = find_near_copies(descriptors(thumbnails))   # uint8 (N, 1, 32, 32) -> Search
@@ -49,15 +52,18 @@ LOOKALIKE_GROUP = 10  # a chain of more images than this is pictures that look a
                       # plain ground, a generated set), not copies: counted apart, not named
 BUCKET_CAP = 16     # a bucket of more images than this, in one table, pairs with no query: they look alike
 CROWDED_QUERIES = TABLES  # an image whose queries (2 per table) meet a crowded bucket this often is a look-alike
+CROWDED_SHARE = 0.5  # when more of all the queries so far than this met crowded buckets, the search stops
 PAIRS_PER_IMAGE = 64  # candidate pairs the whole search examines, per image, before it stops
 QUERY_BLOCK = 1 << 14  # queries paired at a time (at most BUCKET_CAP pairs each)
 PAIR_BLOCK = 1 << 12   # candidate pairs verified at a time
+WORK_BYTES_PER_IMAGE = 1000  # the bound on the search's own memory per image, blocks of a fixed size aside
 OWNER_BITS = 35     # a bucket entry is (key << OWNER_BITS) | image, one sortable uint64 (BITS + 1 + 35 = 64)
 
 
 class End(enum.Enum):
     """How a search ended."""
     DONE = "done"
+    CROWDED = "crowded"    # most queries met crowded buckets: the images look too alike to search
     PAIR_CAP = "pair cap"  # PAIRS_PER_IMAGE x N pairs examined: too many images look alike to search
     TIME_CAP = "time cap"  # the caller's deadline passed
 
@@ -127,24 +133,30 @@ def descriptors(images, chunk: int = 1 << 12) -> torch.Tensor:
 
 def hash_keys(desc: torch.Tensor, planes: torch.Tensor) -> np.ndarray:
     """(M, tables) int32 keys of float descriptors (M, D): for each table (BITS columns of planes), which side of
-    each of its hyperplanes the descriptor is; -1 for a zero descriptor (a flat image), which matches nothing."""
-    bits = (desc @ planes > 0).view(len(desc), -1, BITS).to(torch.int32)
-    keys = (bits << torch.arange(BITS, dtype=torch.int32)).sum(-1, dtype=torch.int32)
-    keys[desc.abs().sum(1) == 0] = -1
-    return keys.numpy()
+    each of its hyperplanes the descriptor is (bit k of the key: the k-th plane); -1 for a zero descriptor (a
+    flat image), which matches nothing: its projections, the first one included, are exactly 0."""
+    proj = desc @ planes
+    bits = (proj > 0).numpy().reshape(len(desc), -1, BITS)
+    keys = np.packbits(bits, axis=-1, bitorder="little").view("<u4")[..., 0].astype(np.int32)
+    keys[proj[:, 0].numpy() == 0] = -1
+    return keys
+
+
+MIRROR = torch.arange(GRID * GRID).view(GRID, GRID).flip(-1).flatten()  # descriptor index of the mirror image
 
 
 def _table_keys(desc, planes: torch.Tensor, chunk: int = 1 << 12) -> tuple[np.ndarray, np.ndarray]:
     """(index keys (N * VARIANTS, tables), query keys (2N, tables)) of the tables of `planes`: every variant is
-    an index entry; each image's whole descriptor (query i) and its mirror's (query N + i) are the queries."""
+    an index entry; each image's whole descriptor (query i) and its mirror's (query N + i: the same descriptor
+    against the planes mirrored) are the queries."""
     n, tables = len(desc), planes.shape[1] // BITS
     index = np.empty((n * VARIANTS, tables), np.int32)
     query = np.empty((2 * n, tables), np.int32)
     for i in range(0, n, chunk):
         d = desc[i:i + chunk].float()
         index[i * VARIANTS:(i + len(d)) * VARIANTS] = hash_keys(d.reshape(-1, d.shape[-1]), planes)
-        query[i:i + len(d)] = hash_keys(d[:, 0], planes)
-        query[n + i:n + i + len(d)] = hash_keys(mirrored(d[:, 0]), planes)
+        query[i:i + len(d)] = index[i * VARIANTS:(i + len(d)) * VARIANTS:VARIANTS]  # variant 0: the whole image
+        query[n + i:n + i + len(d)] = hash_keys(d[:, 0], planes[MIRROR])
     return index, query
 
 
@@ -239,8 +251,9 @@ def find_near_copies(desc, threshold: float = THRESHOLD, seed: int = 0, deadline
                      progress: bool = False) -> Search:
     """The near-copies among images given by their descriptors (N, VARIANTS, D) (descriptors(); a tensor or a
     dataset.RowView of a memory map): pairs whose best cosine clears `threshold`. An image whose queries meet
-    crowded buckets CROWDED_QUERIES times is a look-alike. It stops early, saying so in Search.end, after
-    PAIRS_PER_IMAGE x N candidate pairs or at `deadline` (a time.monotonic() value)."""
+    crowded buckets CROWDED_QUERIES times is a look-alike. It stops early, saying so in Search.end, after a
+    table where more than CROWDED_SHARE of the queries so far met crowded buckets, after PAIRS_PER_IMAGE x N
+    candidate pairs, or at `deadline` (a time.monotonic() value)."""
     n = len(desc)
     found, examined, cap, crowded = _Found(n), 0, PAIRS_PER_IMAGE * n, np.zeros(n, np.int32)
     planes = torch.randn(GRID * GRID, TABLES * BITS, generator=torch.Generator().manual_seed(seed))
@@ -266,6 +279,8 @@ def find_near_copies(desc, threshold: float = THRESHOLD, seed: int = 0, deadline
                     if deadline is not None and time.monotonic() > deadline:
                         return found.search(examined, End.TIME_CAP)
                 found.lookalike |= crowded >= CROWDED_QUERIES
+                if crowded.sum() > CROWDED_SHARE * 2 * n * (first_table + t + 1):
+                    return found.search(examined, End.CROWDED)
                 bar.update()
     return found.search(examined, End.DONE)
 

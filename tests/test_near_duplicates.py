@@ -4,6 +4,8 @@ within one; the training start-up line counts them."""
 from __future__ import annotations
 
 import json
+import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -11,10 +13,11 @@ import torch
 from PIL import Image
 
 import check_data
+import near_duplicates
 from conftest import load_folder
-from dataset import make_synthetic, near_copies_line, preprocess
-from near_duplicates import (altered_copy, connected_groups, copy_groups, cross_and_within, near_duplicate_pairs,
-                             thumbnails)
+from dataset import Joined, RowView, make_synthetic, near_copies_line, preprocess
+from near_duplicates import (End, altered_copy, connected_groups, copy_groups, cross_and_within,
+                             near_duplicate_pairs, thumbnails)
 
 
 def photo(rng: np.random.Generator, side: int = 120) -> Image.Image:
@@ -99,3 +102,46 @@ def test_large_chains_are_look_alikes_not_copies(tmp_path, capsys):
     assert check_data.main([str(data), "--json", "--workers", "0", "--out-dir", str(tmp_path / "out")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["near_leaks"] == [] and report["near_duplicates"] == [] and report["near_lookalike_images"] > 10
+
+
+def lookalikes(n: int, seed: int = 0) -> torch.Tensor:
+    """n uint8 32x32 pictures that all look alike at 8x8, as X-rays, scans or product shots do: one bright square
+    of a random place and size on dark noise."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, 90, (n, 1, 32, 32), generator=g, dtype=torch.uint8)
+    centre, half = torch.randint(6, 14, (n, 2), generator=g), torch.randint(5, 9, (n, 1, 1), generator=g)
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    inside = ((yy - centre[:, :1, None]).abs() < half) & ((xx - centre[:, 1:, None]).abs() < half)
+    return torch.where(inside[:, None], torch.tensor(220, dtype=torch.uint8), noise)
+
+
+def test_a_look_alike_set_is_searched_in_bounded_memory_and_pairs_and_not_judged():
+    n = 4000
+    desc = near_duplicates.descriptors(lookalikes(n))
+    tracemalloc.start()
+    found = near_duplicates.find_near_copies(desc)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < near_duplicates.WORK_BYTES_PER_IMAGE * n + (8 << 20)  # the bound the module's docstring states
+    assert found.examined <= near_duplicates.PAIRS_PER_IMAGE * n
+    groups, not_judged = found.groups()
+    assert found.end is End.DONE and not_judged > 0.9 * n and sum(map(len, groups)) < 0.01 * n
+
+
+def test_the_search_stops_at_its_pair_cap_and_at_its_deadline_and_then_judges_nothing(monkeypatch):
+    desc = near_duplicates.descriptors(lookalikes(500))
+    monkeypatch.setattr(near_duplicates, "PAIRS_PER_IMAGE", 2)
+    capped = near_duplicates.find_near_copies(desc)
+    assert capped.end is End.PAIR_CAP and capped.examined == 2 * 500 and capped.groups() == ([], 500)
+    monkeypatch.undo()
+    late = near_duplicates.find_near_copies(desc, deadline=time.monotonic() - 1)
+    assert late.end is End.TIME_CAP and late.groups() == ([], 500)
+    assert late.examined < near_duplicates.find_near_copies(desc).examined
+
+
+def test_joined_reads_two_sources_as_one_without_copying():
+    a, b = torch.arange(12).view(6, 2), torch.arange(100, 108).view(4, 2)
+    joined = Joined(a, RowView(b, torch.tensor([3, 2, 1, 0])))
+    whole = torch.cat([a, b.flip(0)])
+    assert len(joined) == 10 and torch.equal(joined[0:10], whole) and torch.equal(joined[4:8], whole[4:8])
+    assert torch.equal(joined[torch.tensor([9, 0, 6, 5])], whole[[9, 0, 6, 5]])
