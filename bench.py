@@ -176,9 +176,11 @@ def scale_markdown(result: dict) -> str:
 
 def near_copies_sentence(near: dict) -> str:
     """bench.py scale's near-copy step in a sentence."""
+    stopped = {"crowded": "most queries met crowded buckets", "pair cap": "it reached its pair cap",
+               "time cap": "it reached its time cap"}
     verdict = (f"{near['groups_within']} group(s) within train or val, {near['groups_across']} across, "
                f"{near['lookalike_images']:,} images too alike to judge" if near["end"] == "done"
-               else f"stopped at its {near['end']}: {near['images']:,} images too alike to search")
+               else f"stopped early ({stopped[near['end']]}): {near['images']:,} images too alike to search")
     return (f"near-copy check (train.py's start-up search, no time cap): {near['seconds']} s "
             f"({near['us_per_image']} us per image), {near['pairs_examined']:,} pairs examined, {verdict}; "
             f"memory above the loaded process: RSS {near['rss_above_mb']:,} MB, RssAnon {near['anon_above_mb']:,} MB "

@@ -13,7 +13,7 @@ Bounds, for N images:
 - input: the descriptors, float16 (N, VARIANTS, GRID*GRID), 2,432 bytes per image; dataset.py keeps them in a
   memory-mapped file beside the decoded-image cache (file pages, computed once per cached image);
 - working memory: at most WORK_BYTES_PER_IMAGE: the hash keys of TABLE_GROUP tables at a time (168 bytes per
-  image) and one table's buckets as they are sorted (about 480), the pairs found (12 bytes each: at most 5 N,
+  image) and one table's buckets as they are sorted (152, then 304), the pairs found (12 bytes each: at most 5 N,
   and 5 N more before they are merged, but only when most images have near-copies), and blocks of candidates
   of a fixed size (QUERY_BLOCK queries, PAIR_BLOCK pairs);
 - work: a query pairs with no entry of a bucket holding more than BUCKET_CAP images (pictures that all look
@@ -160,26 +160,28 @@ def _table_keys(desc, planes: torch.Tensor, chunk: int = 1 << 12) -> tuple[np.nd
     return index, query
 
 
-def _buckets(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _buckets(keys: np.ndarray, block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
     """(bucket keys, images) of one table: its index entries' distinct (key, image), sorted by key then image;
-    entries of flat images (key -1) are left out. Built in place: at most two arrays of 8 bytes an entry."""
-    packed = np.arange(len(keys), dtype=np.uint64)
-    packed //= np.uint64(VARIANTS)
-    key = keys.astype(np.int64)
-    key[key < 0] = 1 << BITS  # past every real key: sorted last, then cut off
-    key = key.view(np.uint64)
-    key <<= np.uint64(OWNER_BITS)
-    packed |= key
-    del key
+    entries of flat images (key -1) are left out. Built in place a block at a time: one array of 8 bytes an
+    entry, then two of 4."""
+    packed = np.empty(len(keys), np.uint64)
+    for s in range(0, len(keys), block):  # (key << OWNER_BITS) | image; a flat image's key sorts past all others
+        key = np.where(keys[s:s + block] < 0, 1 << BITS, keys[s:s + block]).astype(np.uint64)
+        packed[s:s + block] = (key << np.uint64(OWNER_BITS)) | (np.arange(s, s + len(key), dtype=np.uint64)
+                                                                 // np.uint64(VARIANTS))
     packed.sort()
-    packed = packed[:np.searchsorted(packed, np.uint64(1 << (BITS + OWNER_BITS)))]
-    distinct = np.ones(len(packed), bool)
-    distinct[1:] = packed[1:] != packed[:-1]
-    packed = packed[distinct]
-    del distinct
-    images = (packed & np.uint64((1 << OWNER_BITS) - 1)).astype(np.int32)
-    packed >>= np.uint64(OWNER_BITS)
-    return packed.astype(np.int32), images
+    kept, last, real = 0, None, np.searchsorted(packed, np.uint64(1 << (BITS + OWNER_BITS)))
+    for s in range(0, real, block):
+        part = packed[s:min(real, s + block)]
+        new = part[np.concatenate([[last is None or part[0] != last], part[1:] != part[:-1]])]
+        last = part[-1]
+        packed[kept:kept + len(new)] = new  # the distinct entries, moved forward over those already read
+        kept += len(new)
+    images, bucket_keys = np.empty(kept, np.int32), np.empty(kept, np.int32)
+    for s in range(0, kept, block):
+        part = packed[s:min(kept, s + block)]
+        images[s:s + block], bucket_keys[s:s + block] = part & np.uint64((1 << OWNER_BITS) - 1), part >> np.uint64(OWNER_BITS)
+    return bucket_keys, images
 
 
 def _candidates(qkeys: np.ndarray, first: int, bucket_keys: np.ndarray, images: np.ndarray, n: int,
