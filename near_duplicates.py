@@ -12,8 +12,9 @@ of one of several hash keys), and are kept when the best cosine clears the thres
 Bounds, for N images:
 - input: the descriptors, float16 (N, VARIANTS, GRID*GRID), 2,432 bytes per image; dataset.py keeps them in a
   memory-mapped file beside the decoded-image cache (file pages, computed once per cached image);
-- working memory: at most WORK_BYTES_PER_IMAGE: the hash keys of TABLE_GROUP tables at a time (168 bytes per
-  image) and one table's buckets as they are sorted (152, then 304), the pairs found (12 bytes each: at most 5 N,
+- working memory: at most WORK_BYTES_PER_IMAGE: the whole images' descriptors (128 bytes per image), the hash
+  keys of TABLE_GROUP tables at a time (168) and one table's buckets as they are sorted (152, then 304), the
+  pairs found (12 bytes each: at most 5 N,
   and 5 N more before they are merged, but only when most images have near-copies), and blocks of candidates
   of a fixed size (QUERY_BLOCK queries, PAIR_BLOCK pairs);
 - work: a query pairs with no entry of a bucket holding more than BUCKET_CAP images (pictures that all look
@@ -53,7 +54,7 @@ LOOKALIKE_GROUP = 10  # a chain of more images than this is pictures that look a
 BUCKET_CAP = 16     # a bucket of more images than this, in one table, pairs with no query: they look alike
 CROWDED_QUERIES = TABLES  # an image whose queries (2 per table) meet a crowded bucket this often is a look-alike
 CROWDED_SHARE = 0.5  # when more of all the queries so far than this met crowded buckets, the search stops
-PAIRS_PER_IMAGE = 64  # candidate pairs the whole search examines, per image, before it stops
+PAIRS_PER_IMAGE = 128  # candidate pairs the whole search examines, per image, before it stops
 QUERY_BLOCK = 1 << 14  # queries paired at a time (at most BUCKET_CAP pairs each)
 PAIR_BLOCK = 1 << 12   # candidate pairs verified at a time
 WORK_BYTES_PER_IMAGE = 1000  # the bound on the search's own memory per image, blocks of a fixed size aside
@@ -184,14 +185,13 @@ def _buckets(keys: np.ndarray, block: int = 1 << 20) -> tuple[np.ndarray, np.nda
     return bucket_keys, images
 
 
-def _candidates(qkeys: np.ndarray, first: int, bucket_keys: np.ndarray, images: np.ndarray, n: int,
+def _candidates(queries: np.ndarray, qkeys: np.ndarray, bucket_keys: np.ndarray, images: np.ndarray, n: int,
                 skip: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(queries, images) paired in one table: each query numbered first.. with every other image of its bucket,
-    unless the bucket holds more than BUCKET_CAP images (those queries are returned third: crowded) or the
-    query's image is to be skipped."""
+    """(queries, images) paired in one table: each query (numbered, with its key) with every other image of its
+    bucket, unless the bucket holds more than BUCKET_CAP images (those queries are returned third: crowded) or
+    the query's image is to be skipped. Keys in order make the binary searches walk the buckets in order."""
     lo = np.searchsorted(bucket_keys, qkeys, "left")
     count = np.searchsorted(bucket_keys, qkeys, "right") - lo
-    queries = np.arange(first, first + len(qkeys))
     crowded = count > BUCKET_CAP
     count[crowded | (qkeys < 0) | skip[queries % n]] = 0
     q = np.repeat(queries, count)
@@ -200,9 +200,10 @@ def _candidates(qkeys: np.ndarray, first: int, bucket_keys: np.ndarray, images: 
     return q[other], j[other], queries[crowded]
 
 
-def _similarities(desc, q: np.ndarray, j: np.ndarray, n: int) -> torch.Tensor:
-    """The best cosine between query q (image q % n, mirrored when q >= n) and any variant of image j."""
-    whole = desc[torch.from_numpy(q % n)][:, 0].float()
+def _similarities(desc, wholes: torch.Tensor, q: np.ndarray, j: np.ndarray, n: int) -> torch.Tensor:
+    """The best cosine between query q (the whole descriptor of image q % n in `wholes`, mirrored when q >= n)
+    and any variant of image j."""
+    whole = wholes[torch.from_numpy(q % n)].float()
     whole = torch.where(torch.from_numpy(q >= n)[:, None], mirrored(whole), whole)
     return (desc[torch.from_numpy(j.astype(np.int64))].float() @ whole[:, :, None]).squeeze(-1).max(1).values
 
@@ -259,21 +260,24 @@ def find_near_copies(desc, threshold: float = THRESHOLD, seed: int = 0, deadline
     n = len(desc)
     found, examined, cap, crowded = _Found(n), 0, PAIRS_PER_IMAGE * n, np.zeros(n, np.int32)
     planes = torch.randn(GRID * GRID, TABLES * BITS, generator=torch.Generator().manual_seed(seed))
+    wholes = torch.cat([desc[i:i + 4096][:, 0] for i in range(0, n, 4096)]) if n else torch.zeros(0)
     bar = tqdm(total=TABLES, desc="near-copies", delay=3, leave=False, disable=not progress or n < 2)
     with bar:
         for first_table in range(0, TABLES if n > 1 else 0, TABLE_GROUP):
             index_keys, query_keys = _table_keys(desc, planes[:, first_table * BITS:(first_table + TABLE_GROUP) * BITS])
             for t in range(index_keys.shape[1]):
                 bucket_keys, images = _buckets(index_keys[:, t])
+                order = np.argsort(query_keys[:, t])
                 for first in range(0, 2 * n, QUERY_BLOCK):
-                    q, j, crowd = _candidates(query_keys[first:first + QUERY_BLOCK, t], first, bucket_keys,
-                                              images, n, found.lookalike)
+                    queries = order[first:first + QUERY_BLOCK]
+                    q, j, crowd = _candidates(queries, query_keys[queries, t], bucket_keys, images, n,
+                                              found.lookalike)
                     np.add.at(crowded, crowd % n, 1)
                     q, j = q[:cap - examined], j[:cap - examined]
                     examined += len(q)
                     for start in range(0, len(q), PAIR_BLOCK):
                         qb, jb = q[start:start + PAIR_BLOCK], j[start:start + PAIR_BLOCK]
-                        sims = _similarities(desc, qb, jb, n).numpy()
+                        sims = _similarities(desc, wholes, qb, jb, n).numpy()
                         hit = sims >= threshold
                         found.add(qb[hit], jb[hit], sims[hit])
                     if examined >= cap:
