@@ -72,8 +72,9 @@ class End(enum.Enum):
 @dataclass
 class Search:
     """What find_near_copies found among n images: pairs (P, 2) of images i < j with their cosine `sims`, the
-    images joined to one with more than LOOKALIKE_GROUP near-copies (`lookalike`, not judged), the candidate
-    pairs examined, and how the search ended. When it did not finish, no image is judged."""
+    look-alikes, not judged (`lookalike`: images whose queries met crowded buckets in CROWDED_QUERIES tables or
+    with more than LOOKALIKE_GROUP near-copies, and the images joined to those), the candidate pairs examined,
+    and how the search ended. When it did not finish, no image is judged."""
     n: int
     pairs: np.ndarray
     sims: np.ndarray
@@ -250,6 +251,52 @@ class _Found:
                       examined, end)
 
 
+def _tables(desc, planes: torch.Tensor):
+    """(index keys, query keys) of each hash table in turn (_table_keys), TABLE_GROUP tables keyed at a time."""
+    for first in range(0, planes.shape[1] // BITS, TABLE_GROUP):
+        index_keys, query_keys = _table_keys(desc, planes[:, first * BITS:(first + TABLE_GROUP) * BITS])
+        for t in range(index_keys.shape[1]):
+            yield index_keys[:, t], query_keys[:, t]
+
+
+class _Searcher:
+    """One search's state as its tables go by: the pairs found, the candidate pairs examined against the cap,
+    and how often each image's queries met crowded buckets."""
+
+    def __init__(self, desc, threshold: float):
+        self.desc, self.threshold, self.n = desc, threshold, len(desc)
+        self.wholes = torch.cat([desc[i:i + 4096][:, 0] for i in range(0, self.n, 4096)])
+        self.found, self.examined, self.cap = _Found(self.n), 0, PAIRS_PER_IMAGE * self.n
+        self.crowded, self.tables = np.zeros(self.n, np.int32), 0
+
+    def table(self, index_keys: np.ndarray, query_keys: np.ndarray, deadline: float | None) -> End | None:
+        """Pair and verify one table's candidates, queries in key order a block at a time; the End that stops the
+        search, if one does."""
+        bucket_keys, images = _buckets(index_keys)
+        order = np.argsort(query_keys)
+        for first in range(0, len(order), QUERY_BLOCK):
+            queries = order[first:first + QUERY_BLOCK]
+            q, j, crowd = _candidates(queries, query_keys[queries], bucket_keys, images, self.n, self.found.lookalike)
+            np.add.at(self.crowded, crowd % self.n, 1)
+            self.verify(q[:self.cap - self.examined], j[:self.cap - self.examined])
+            if self.examined >= self.cap:
+                return End.PAIR_CAP
+            if deadline is not None and time.monotonic() > deadline:
+                return End.TIME_CAP
+        self.tables += 1
+        self.found.lookalike |= self.crowded >= CROWDED_QUERIES
+        return End.CROWDED if self.crowded.sum() > CROWDED_SHARE * 2 * self.n * self.tables else None
+
+    def verify(self, q: np.ndarray, j: np.ndarray) -> None:
+        """Keep the candidate pairs whose best cosine clears the threshold, PAIR_BLOCK pairs at a time."""
+        self.examined += len(q)
+        for start in range(0, len(q), PAIR_BLOCK):
+            qb, jb = q[start:start + PAIR_BLOCK], j[start:start + PAIR_BLOCK]
+            sims = _similarities(self.desc, self.wholes, qb, jb, self.n).numpy()
+            hit = sims >= self.threshold
+            self.found.add(qb[hit], jb[hit], sims[hit])
+
+
 def find_near_copies(desc, threshold: float = THRESHOLD, seed: int = 0, deadline: float | None = None,
                      progress: bool = False) -> Search:
     """The near-copies among images given by their descriptors (N, VARIANTS, D) (descriptors(); a tensor or a
@@ -257,38 +304,17 @@ def find_near_copies(desc, threshold: float = THRESHOLD, seed: int = 0, deadline
     crowded buckets CROWDED_QUERIES times is a look-alike. It stops early, saying so in Search.end, after a
     table where more than CROWDED_SHARE of the queries so far met crowded buckets, after PAIRS_PER_IMAGE x N
     candidate pairs, or at `deadline` (a time.monotonic() value)."""
-    n = len(desc)
-    found, examined, cap, crowded = _Found(n), 0, PAIRS_PER_IMAGE * n, np.zeros(n, np.int32)
+    if len(desc) < 2:
+        return _Found(len(desc)).search(0, End.DONE)
+    searcher = _Searcher(desc, threshold)
     planes = torch.randn(GRID * GRID, TABLES * BITS, generator=torch.Generator().manual_seed(seed))
-    wholes = torch.cat([desc[i:i + 4096][:, 0] for i in range(0, n, 4096)]) if n else torch.zeros(0)
-    bar = tqdm(total=TABLES, desc="near-copies", delay=3, leave=False, disable=not progress or n < 2)
-    with bar:
-        for first_table in range(0, TABLES if n > 1 else 0, TABLE_GROUP):
-            index_keys, query_keys = _table_keys(desc, planes[:, first_table * BITS:(first_table + TABLE_GROUP) * BITS])
-            for t in range(index_keys.shape[1]):
-                bucket_keys, images = _buckets(index_keys[:, t])
-                order = np.argsort(query_keys[:, t])
-                for first in range(0, 2 * n, QUERY_BLOCK):
-                    queries = order[first:first + QUERY_BLOCK]
-                    q, j, crowd = _candidates(queries, query_keys[queries, t], bucket_keys, images, n,
-                                              found.lookalike)
-                    np.add.at(crowded, crowd % n, 1)
-                    q, j = q[:cap - examined], j[:cap - examined]
-                    examined += len(q)
-                    for start in range(0, len(q), PAIR_BLOCK):
-                        qb, jb = q[start:start + PAIR_BLOCK], j[start:start + PAIR_BLOCK]
-                        sims = _similarities(desc, wholes, qb, jb, n).numpy()
-                        hit = sims >= threshold
-                        found.add(qb[hit], jb[hit], sims[hit])
-                    if examined >= cap:
-                        return found.search(examined, End.PAIR_CAP)
-                    if deadline is not None and time.monotonic() > deadline:
-                        return found.search(examined, End.TIME_CAP)
-                found.lookalike |= crowded >= CROWDED_QUERIES
-                if crowded.sum() > CROWDED_SHARE * 2 * n * (first_table + t + 1):
-                    return found.search(examined, End.CROWDED)
-                bar.update()
-    return found.search(examined, End.DONE)
+    with tqdm(total=TABLES, desc="near-copies", delay=3, leave=False, disable=not progress) as bar:
+        for index_keys, query_keys in _tables(desc, planes):
+            end = searcher.table(index_keys, query_keys, deadline)
+            if end is not None:
+                return searcher.found.search(searcher.examined, end)
+            bar.update()
+    return searcher.found.search(searcher.examined, End.DONE)
 
 
 def near_duplicate_pairs(images: torch.Tensor, threshold: float = THRESHOLD, seed: int = 0
