@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import bench
+import near_duplicates
+from config import TrainConfig
 from dataset import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,3 +115,19 @@ def test_the_commit_is_read_before_the_measuring_starts(monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench_ours", lambda cfg, scratch: order.append("ours") or {"train_images_per_s": 1})
     assert bench.main(["--data", "D", "--skip-baseline"]) == 0
     assert order == ["provenance", "ours"] and json.loads(capsys.readouterr().out)["commit"] == "abc"
+
+
+def test_the_scale_near_copy_step_searches_the_cached_descriptors_and_says_how_it_ended(tmp_path):
+    """`bench.py scale`'s near-copy step on a cached set whose pictures all look alike: every image is counted as
+    too alike to judge, and the sentence in its Markdown says so with the step's figures."""
+    data = make_synthetic(tmp_path / "d", 40, size=48, splits=("train", "val"))
+    cfg = TrainConfig(data=str(data), cache_dir=str(tmp_path / "cache"), workers=0)
+    near = bench.measure("near", cfg)
+    assert near["images"] == 100 and near["end"] == "done" and near["lookalike_images"] > 50
+    assert near["pairs_examined"] <= near_duplicates.PAIRS_PER_IMAGE * 100
+    assert list(tmp_path.joinpath("cache").glob("*.near.npy"))  # read from the cache, kept beside the pixels
+    sentence = bench.near_copies_sentence(near)
+    assert sentence.startswith(f"near-copy check (train.py's start-up search, no time cap): {near['seconds']} s")
+    assert f"{near['lookalike_images']:,} images too alike to judge" in sentence
+    stopped = bench.near_copies_sentence({**near, "end": "crowded"})
+    assert "stopped early (most queries met crowded buckets): 100 images too alike to search" in stopped
