@@ -265,7 +265,9 @@ class _Searcher:
 
     def __init__(self, desc, threshold: float):
         self.desc, self.threshold, self.n = desc, threshold, len(desc)
-        self.wholes = torch.cat([desc[i:i + 4096][:, 0] for i in range(0, self.n, 4096)])
+        self.wholes = torch.empty(self.n, GRID * GRID, dtype=torch.float16)
+        for i in range(0, self.n, 4096):  # copied a block at a time: a view would keep each whole block alive
+            self.wholes[i:i + 4096] = desc[i:i + 4096][:, 0]
         self.found, self.examined, self.cap = _Found(self.n), 0, PAIRS_PER_IMAGE * self.n
         self.crowded, self.tables = np.zeros(self.n, np.int32), 0
 

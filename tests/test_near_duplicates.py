@@ -4,6 +4,7 @@ within one; the training start-up line counts them."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import tracemalloc
 
@@ -172,3 +173,32 @@ def test_altered_copies_of_real_photos_are_found_with_no_wrong_pair():
     with_copy = {(i, j) for i, j, _ in pairs if j >= 400}
     right = {(orig, 400 + k) for k, orig in enumerate(chosen)}
     assert with_copy <= right and len(with_copy) >= 29
+
+
+def rss_anon() -> int:
+    """This process's own memory (RssAnon), in bytes."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssAnon in /proc/self/status (not Linux)")
+
+
+@pytest.mark.slow
+def test_the_search_adds_at_most_its_bound_of_memory_to_the_process():
+    """Measured as the process's own memory grows, torch's allocations included (tracemalloc sees only numpy's):
+    100,000 images, read as train.py reads train and val, searched through all the tables, add at most the
+    stated bytes per image and fixed blocks."""
+    n = 100_000
+    desc = torch.nn.functional.normalize(torch.randn(n, near_duplicates.VARIANTS, 64), dim=-1).half()
+    before, peak, done = rss_anon(), [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], rss_anon())
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    found = near_duplicates.find_near_copies(Joined(desc[:80_000], desc[80_000:]))  # train and val, as train.py
+    done.set()
+    sampler.join()
+    assert found.end is End.DONE and found.examined < 5 * n  # random descriptors: few candidates, all tables
+    assert peak[0] - before < near_duplicates.WORK_BYTES_PER_IMAGE * n + (100 << 20)
