@@ -8,6 +8,7 @@ Usage (from check_data.py and train.py):
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -144,8 +145,9 @@ def near_copies(thumbs: list, readable: list[tuple[str, str, str]]) -> dict:
     files only are left to leaks and duplicates; how the search ended and its work; near_seconds: its time."""
     t0 = time.time()
     found = find_near_copies(descriptors(torch.from_numpy(np.stack(thumbs))) if thumbs else torch.zeros(0))
-    same_bytes = np.array([readable[i][2] == readable[j][2] for i, j in found.pairs.tolist()], bool)
-    found.pairs, found.sims = found.pairs[~same_bytes], found.sims[~same_bytes]  # identical: reported already
+    # pairs of byte-identical files are reported already, as duplicates or leaks
+    other_bytes = np.array([readable[i][2] != readable[j][2] for i, j in found.pairs.tolist()], bool)
+    found = dataclasses.replace(found, pairs=found.pairs[other_bytes], sims=found.sims[other_bytes])
     groups, lookalike = found.groups()
     out: dict = {"near_leaks": [], "near_duplicates": [], "near_lookalike_images": lookalike,
                  "near_search": found.end.value, "near_pairs_examined": found.examined, "near_seconds": 0.0}
