@@ -263,8 +263,8 @@ class _Searcher:
     """One search's state as its tables go by: the pairs found, the candidate pairs examined against the cap,
     and how often each image's queries met crowded buckets."""
 
-    def __init__(self, desc, threshold: float):
-        self.desc, self.threshold, self.n = desc, threshold, len(desc)
+    def __init__(self, desc, threshold: float, bar: tqdm):
+        self.desc, self.threshold, self.n, self.bar = desc, threshold, len(desc), bar
         self.wholes = torch.empty(self.n, GRID * GRID, dtype=torch.float16)
         for i in range(0, self.n, 4096):  # copied a block at a time: a view would keep each whole block alive
             self.wholes[i:i + 4096] = desc[i:i + 4096][:, 0]
@@ -281,6 +281,7 @@ class _Searcher:
             q, j, crowd = _candidates(queries, query_keys[queries], bucket_keys, images, self.n, self.found.lookalike)
             np.add.at(self.crowded, crowd % self.n, 1)
             self.verify(q[:self.cap - self.examined], j[:self.cap - self.examined])
+            self.bar.update(len(queries))
             if self.examined >= self.cap:
                 return End.PAIR_CAP
             if deadline is not None and time.monotonic() > deadline:
@@ -308,14 +309,14 @@ def find_near_copies(desc, threshold: float = THRESHOLD, seed: int = 0, deadline
     candidate pairs, or at `deadline` (a time.monotonic() value)."""
     if len(desc) < 2:
         return _Found(len(desc)).search(0, End.DONE)
-    searcher = _Searcher(desc, threshold)
     planes = torch.randn(GRID * GRID, TABLES * BITS, generator=torch.Generator().manual_seed(seed))
-    with tqdm(total=TABLES, desc="near-copies", delay=3, leave=False, disable=not progress) as bar:
+    with tqdm(total=TABLES * 2 * len(desc), desc="near-copies", unit="query", delay=3, leave=False,
+              disable=not progress) as bar:
+        searcher = _Searcher(desc, threshold, bar)
         for index_keys, query_keys in _tables(desc, planes):
             end = searcher.table(index_keys, query_keys, deadline)
             if end is not None:
                 return searcher.found.search(searcher.examined, end)
-            bar.update()
     return searcher.found.search(searcher.examined, End.DONE)
 
 
