@@ -182,7 +182,8 @@ def _buckets(keys: np.ndarray, block: int = 1 << 20) -> tuple[np.ndarray, np.nda
     images, bucket_keys = np.empty(kept, np.int32), np.empty(kept, np.int32)
     for s in range(0, kept, block):
         part = packed[s:min(kept, s + block)]
-        images[s:s + block], bucket_keys[s:s + block] = part & np.uint64((1 << OWNER_BITS) - 1), part >> np.uint64(OWNER_BITS)
+        images[s:s + block] = part & np.uint64((1 << OWNER_BITS) - 1)
+        bucket_keys[s:s + block] = part >> np.uint64(OWNER_BITS)
     return bucket_keys, images
 
 
