@@ -52,10 +52,10 @@ from PIL import Image
 from common import (PROJECT_DIR, UserError, markdown_source, markdown_table, provenance, reports_user_errors,
                     run_script, split_at_dashes)
 from config import TrainConfig, parse_config
-from dataset import Joined, decode_files, load_data, preprocess
+from dataset import decode_files, load_data, preprocess
 from label_errors import confident_learning, out_of_fold_probs, train_split_of
 from layout import Layout, layout_of, layout_splits
-from near_duplicates import (SIDE, altered_copy, connected_groups, cross_and_within, find_near_copies,
+from near_duplicates import (SIDE, Joined, altered_copy, connected_groups, cross_and_within, find_near_copies,
                              near_duplicate_pairs)
 from runs import read_summary, unique_run_name
 

@@ -35,9 +35,7 @@ from cache import derived_rows, update_cache
 from common import UserError, reports_user_errors
 from config import NORMALIZATION, TrainConfig
 from layout import Layout, format_problems, layout_of, layout_splits, walk_files
-from near_duplicates import GRID, VARIANTS, End, cross_and_within, descriptors, find_near_copies
-
-NEAR_COPIES_SECONDS = 10.0  # the start-up near-copy check stops after this; check_data.py gives the full report
+from near_duplicates import GRID, VARIANTS, descriptors, start_up_line
 
 
 # ---------------------------------------------------------------- files
@@ -201,30 +199,6 @@ class RowView:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
         """All the rows as one tensor on `device`: this does hold every pixel in memory."""
         return self.base[self.rows].to(device, non_blocking=non_blocking)
-
-
-class Joined:
-    """Two sources of rows (tensors or RowViews) read as one, rows of the first then of the second, copying
-    nothing until indexed: joined[a:b] and joined[index tensor] are plain tensors."""
-
-    def __init__(self, first: torch.Tensor | RowView, second: torch.Tensor | RowView):
-        self.first, self.second = first, second
-
-    def __len__(self) -> int:
-        return len(self.first) + len(self.second)
-
-    def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
-        cut = len(self.first)
-        if isinstance(key, slice):
-            start, stop, _ = key.indices(len(self))
-            return torch.cat([self.first[start:min(stop, cut)], self.second[max(0, start - cut):max(0, stop - cut)]])
-        key = torch.as_tensor(key)
-        low = key < cut
-        head = self.first[key[low]]
-        out = torch.empty((len(key), *head.shape[1:]), dtype=head.dtype)
-        out[low] = head
-        out[~low] = self.second[key[~low] - cut]
-        return out
 
 
 @dataclass
@@ -535,7 +509,7 @@ def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expe
     train, val = load_data(lay, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers, cfg.max_bad_fraction)
     print(f"data: {len(train.paths)} train / {len(val.paths)} val images, classes {classes}, "
           f"loaded in {time.time() - t0:.1f}s")
-    print(near_copies_line(train, val))
+    print(start_up_line(train.near_descriptors(), val.near_descriptors()))
     for path, reason in train.bad + val.bad:
         print(f"skipped unreadable image {path}: {reason}")
     if train.bad or val.bad:
@@ -546,26 +520,6 @@ def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expe
     if len(train.paths) < cfg.batch_size:
         print(f"note: only {len(train.paths)} training images; each epoch is one batch of that size")
     return train, val, classes
-
-
-def near_copies_line(train: Split, val: Split, seconds: float = NEAR_COPIES_SECONDS) -> str:
-    """How many groups of near-copies (near_duplicates.py) lie within train or val and how many span the two
-    (leakage), from the descriptors the cache keeps; a search still running after `seconds` stops and the line
-    points to check_data.py instead."""
-    t0 = time.monotonic()
-    found = find_near_copies(Joined(train.near_descriptors(), val.near_descriptors()), deadline=t0 + seconds,
-                             progress=True)
-    took = f"{time.monotonic() - t0:.1f}s"
-    if found.end is End.TIME_CAP:
-        return f"near-copies: not finished in {took} at start-up; python check_data.py DATA gives the full report"
-    groups, lookalike = found.groups()
-    if found.end in (End.CROWDED, End.PAIR_CAP):
-        return f"near-copies: not judged, {found.n} images look too alike in small thumbnails to search, {took}"
-    cross, within = cross_and_within(groups, len(train.paths))
-    return (f"near-copies: {within} group(s) within train or val, {cross} across them"
-            + (" (leakage: python check_data.py DATA names them)" if cross else "")
-            + (f"; {lookalike} images look too alike in small thumbnails to judge" if lookalike else "")
-            + f", {took}")
 
 
 # ---------------------------------------------------------------- where training reads its images

@@ -27,6 +27,7 @@ Usage (from audit.py and dataset.py):
     found = find_near_copies(descriptors(thumbnails))   # uint8 (N, 1, 32, 32) -> Search
     groups, lookalike = found.groups()                   # [[i, j, ...]] sets of near-copies, images not judged
     pairs = near_duplicate_pairs(thumbnails)             # [(i, j, similarity)], i < j, most similar first
+    line = start_up_line(train_descriptors, val_descriptors)  # train.py's start-up line, searched at most 10 s
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ PAIRS_PER_IMAGE = 128  # candidate pairs the whole search examines, per image, b
 QUERY_BLOCK = 1 << 14  # queries paired at a time (at most BUCKET_CAP pairs each)
 PAIR_BLOCK = 1 << 12   # candidate pairs verified at a time
 WORK_BYTES_PER_IMAGE = 1000  # the bound on the search's own memory per image, blocks of a fixed size aside
+START_UP_SECONDS = 10.0  # train.py's start-up check stops after this; check_data.py gives the full report
 OWNER_BITS = 35     # a bucket entry is (key << OWNER_BITS) | image, one sortable uint64 (BITS + 1 + 35 = 64)
 
 
@@ -94,6 +96,30 @@ class Search:
             return [], self.n
         small, big = copy_groups(connected_groups(self.pairs, self.n))
         return small, big + int(self.lookalike.sum())
+
+
+class Joined:
+    """Two sources of rows (tensors or dataset.RowViews: train's descriptors and val's) read as one, rows of the
+    first then of the second, copying nothing until indexed: joined[a:b] and joined[index tensor] are tensors."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
+        cut = len(self.first)
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(len(self))
+            return torch.cat([self.first[start:min(stop, cut)], self.second[max(0, start - cut):max(0, stop - cut)]])
+        key = torch.as_tensor(key)
+        low = key < cut
+        head = self.first[key[low]]
+        out = torch.empty((len(key), *head.shape[1:]), dtype=head.dtype)
+        out[low] = head
+        out[~low] = self.second[key[~low] - cut]
+        return out
 
 
 def descriptor(x: torch.Tensor) -> torch.Tensor:
@@ -325,6 +351,25 @@ def near_duplicate_pairs(images: torch.Tensor, threshold: float = THRESHOLD, see
                          ) -> list[tuple[int, int, float]]:
     """Pairs (i, j, cosine) of near-copies among uint8 images (N, C, S, S), i < j, most similar first."""
     return find_near_copies(descriptors(images), threshold, seed).pair_list()
+
+
+def start_up_line(train_desc, val_desc, seconds: float = START_UP_SECONDS) -> str:
+    """train.py's start-up line: how many groups of near-copies lie within train or val and how many span the two
+    (leakage), from their descriptors (N, VARIANTS, D); a search still running after `seconds` stops, and the
+    line points to check_data.py instead."""
+    t0 = time.monotonic()
+    found = find_near_copies(Joined(train_desc, val_desc), deadline=t0 + seconds, progress=True)
+    took = f"{time.monotonic() - t0:.1f}s"
+    if found.end is End.TIME_CAP:
+        return f"near-copies: not finished in {took} at start-up; python check_data.py DATA gives the full report"
+    if found.end in (End.CROWDED, End.PAIR_CAP):
+        return f"near-copies: not judged, {found.n} images look too alike in small thumbnails to search, {took}"
+    groups, lookalike = found.groups()
+    cross, within = cross_and_within(groups, len(train_desc))
+    return (f"near-copies: {within} group(s) within train or val, {cross} across them"
+            + (" (leakage: python check_data.py DATA names them)" if cross else "")
+            + (f"; {lookalike} images look too alike in small thumbnails to judge" if lookalike else "")
+            + f", {took}")
 
 
 def component_labels(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:

@@ -16,9 +16,9 @@ from PIL import Image
 import check_data
 import near_duplicates
 from conftest import load_folder
-from dataset import Joined, RowView, make_synthetic, near_copies_line, preprocess
-from near_duplicates import (End, altered_copy, connected_groups, copy_groups, cross_and_within,
-                             near_duplicate_pairs, thumbnails)
+from dataset import RowView, make_synthetic, preprocess
+from near_duplicates import (End, Joined, altered_copy, connected_groups, copy_groups, cross_and_within,
+                             near_duplicate_pairs, start_up_line, thumbnails)
 
 
 def photo(rng: np.random.Generator, side: int = 120) -> Image.Image:
@@ -89,10 +89,11 @@ def test_check_data_names_near_copies_across_splits_and_counts_those_within(leak
 
 def test_training_start_up_line_counts_near_copies(leaky):
     train, val = (load_folder(leaky / s, ["cat", "dog"], 64) for s in ("train", "val"))
-    line = near_copies_line(train, val)
+    line = start_up_line(train.near_descriptors(), val.near_descriptors())
     assert line.startswith("near-copies: 1 group(s) within train or val, 1 across them (leakage")
-    assert near_copies_line(train, val, seconds=0).startswith("near-copies: not finished in ")
-    assert near_copies_line(train, val, seconds=0).endswith("python check_data.py DATA gives the full report")
+    late = start_up_line(train.near_descriptors(), val.near_descriptors(), seconds=0)
+    assert late.startswith("near-copies: not finished in ")
+    assert late.endswith("at start-up; python check_data.py DATA gives the full report")
 
 
 def test_large_chains_are_look_alikes_not_copies(tmp_path, capsys):
