@@ -55,8 +55,8 @@ from config import TrainConfig, parse_config
 from dataset import decode_files, load_data, preprocess
 from label_errors import confident_learning, out_of_fold_probs, train_split_of
 from layout import Layout, layout_of, layout_splits
-from near_duplicates import (SIDE, Joined, altered_copy, connected_groups, cross_and_within, find_near_copies,
-                             near_duplicate_pairs)
+from near_duplicates import (SIDE, Joined, altered_copy, connected_groups, cross_and_within, descriptors,
+                             find_near_copies)
 from runs import read_summary, unique_run_name
 
 TARGETS = (0.80, 0.85, 0.90)
@@ -394,12 +394,24 @@ def scale_main(argv: list[str]) -> int:
     return 0
 
 
+def composites(thumbs: torch.Tensor, count: int, rng: np.random.Generator) -> torch.Tensor:
+    """`count` distinct thumbnails, each of four quarters of random thumbnails, each quarter mirrored or not."""
+    quarter = SIDE // 2
+    pick = torch.from_numpy(rng.integers(0, len(thumbs), (count, 4)))
+    flips = torch.from_numpy(rng.random((count, 4)) < 0.5)
+    parts = [torch.where(flips[:, k, None, None, None], thumbs[pick[:, k]].flip(-1), thumbs[pick[:, k]])
+             [..., (k // 2) * quarter:(k // 2 + 1) * quarter, (k % 2) * quarter:(k % 2 + 1) * quarter]
+             for k in range(4)]
+    return torch.cat([torch.cat(parts[:2], -1), torch.cat(parts[2:], -1)], -2)
+
+
 def near_copies_main(argv: list[str]) -> int:
     """`near-copies`: --copies val photos altered (near_duplicates.altered_copy) are added to the set's 32 px
     thumbnails; recall (copies matched to their original), precision (pairs with a copy that are right: its
     original or a near-copy the untouched set already has of it), the pairs among the untouched photos (named:
-    judge them by eye), seconds; with --scale N, the search's seconds on N distinct images (composites of four
-    quarters of random photos of the set, each mirrored or not)."""
+    judge them by eye), the copies the report groups with their original (groups of at most LOOKALIKE_GROUP)
+    and the images it leaves not judged, seconds; with --scale N, the search's seconds on N distinct images
+    (composites), its pairs and how it ended."""
     parser = argparse.ArgumentParser(prog="bench.py near-copies")
     parser.add_argument("--data", required=True, metavar="PATH/TO/DATA")
     parser.add_argument("--copies", type=int, default=500)
@@ -421,8 +433,10 @@ def near_copies_main(argv: list[str]) -> int:
     copies = torch.stack([torch.from_numpy(preprocess(altered_copy(Image.open(paths[i]), rng), SIDE, 1))
                           for i in chosen])
     t0 = time.time()
-    pairs = near_duplicate_pairs(torch.cat([thumbs, copies]))
+    search = find_near_copies(descriptors(torch.cat([thumbs, copies])))
     search_seconds = time.time() - t0
+    pairs, (groups, not_judged) = search.pair_list(), search.groups()
+    in_group = {i: g for g, members in enumerate(groups) for i in members}
     untouched = [(i, j, s) for i, j, s in pairs if j < n]
     group = {i: g for g in connected_groups(untouched, n) for i in g}
     right = {(o, n + k) for k, orig in enumerate(chosen) for o in group.get(orig, [orig])}
@@ -434,19 +448,16 @@ def near_copies_main(argv: list[str]) -> int:
               "wrong_pairs": [[paths[i] if i < n else f"copy of {paths[chosen[i - n]]}",
                                f"copy of {paths[chosen[j - n]]}"] for i, j in with_copy if (i, j) not in right],
               "untouched_pairs": [[paths[i], paths[j], s] for i, j, s in untouched],
+              "copies_grouped_with_original": sum(in_group.get(orig, -1) == in_group.get(n + k, -2)
+                                                  for k, orig in enumerate(chosen)),
+              "images_not_judged": not_judged,
               "decode_seconds": round(decode_seconds, 1), "search_seconds": round(search_seconds, 1)}
     if args.scale:
-        quarter = SIDE // 2
-        pick = torch.from_numpy(rng.integers(0, n, (args.scale, 4)))
-        flips = torch.from_numpy(rng.random((args.scale, 4)) < 0.5)
-        parts = [torch.where(flips[:, k, None, None, None], thumbs[pick[:, k]].flip(-1), thumbs[pick[:, k]])
-                 [..., (k // 2) * quarter:(k // 2 + 1) * quarter, (k % 2) * quarter:(k % 2 + 1) * quarter]
-                 for k in range(4)]
-        many = torch.cat([torch.cat(parts[:2], -1), torch.cat(parts[2:], -1)], -2)
+        many = composites(thumbs, args.scale, rng)
         t0 = time.time()
-        found_many = near_duplicate_pairs(many)
+        found_many = find_near_copies(descriptors(many))
         result["scale"] = {"images": args.scale, "search_seconds": round(time.time() - t0, 1),
-                           "pairs": len(found_many)}
+                           "pairs": len(found_many.pairs), "end": found_many.end.value}
     print(json.dumps(result, indent=2))
     return 0
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,19 @@ def test_the_scale_near_copy_step_searches_the_cached_descriptors_and_says_how_i
     assert f"{near['lookalike_images']:,} images too alike to judge" in sentence
     stopped = bench.near_copies_sentence({**near, "end": "crowded"})
     assert "stopped early (most queries met crowded buckets): 100 images too alike to search" in stopped
+
+
+def test_near_copies_reports_recall_precision_and_the_copies_the_report_groups(tmp_path, capsys):
+    from test_near_duplicates import photo
+
+    rng = np.random.default_rng(3)
+    for split, count in (("train", 10), ("val", 5)):
+        for cls in ("a", "b"):
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            for i in range(count):
+                photo(rng).save(tmp_path / "d" / split / cls / f"{i}.png")
+    assert bench.main(["near-copies", "--data", str(tmp_path / "d"), "--copies", "6", "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 30 and result["copies"] == 6 and result["precision"] == 1.0
+    assert result["recall"] >= 5 / 6 and result["wrong_pairs"] == [] and result["untouched_pairs"] == []
+    assert result["copies_grouped_with_original"] == round(result["recall"] * 6) and result["images_not_judged"] == 0
