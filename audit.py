@@ -25,7 +25,7 @@ from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError
 from config import TrainConfig
 from dataset import decode_files, decode_image
 from layout import EMPTY, SKIPPED, Layout, layout_of, layout_splits, walk_files
-from near_duplicates import descriptors, find_near_copies
+from near_duplicates import DescriptorBlocks, find_near_copies
 from plots import plot_gallery, save_figure
 
 TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model
@@ -99,7 +99,7 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
     decoded = decode_files([p for _, _, p in entries], TINY_SIDE, 1, workers, desc="checking")
     modes, formats, sizes = Counter(), Counter(), Counter()
     by_hash, bad_per_split, files_per_split = defaultdict(list), Counter(), Counter()
-    thumbs, readable = [], []  # the 32x32 grayscale decodes and (split, path, sha1) of the readable files
+    near, readable = DescriptorBlocks(), []  # near-copy descriptors and (split, path, sha1) of readable files
     for (split, cls, path), (pixels, reason) in zip(entries, decoded):
         files_per_split[split] += 1
         if reason:
@@ -109,7 +109,7 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
         r["counts"][split][cls] += 1
         sha1 = file_sha1(path)
         by_hash[sha1].append((split, rel(path)))
-        thumbs.append(pixels)
+        near.add(pixels)
         readable.append((split, rel(path), sha1))
         header = image_header(path)
         if header is None:
@@ -132,18 +132,19 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
         if len(group) > 1:
             splits = {s for s, _ in group}
             (r["leaks"] if len(splits) > 1 else r["duplicates"]).append([p for _, p in group])
-    r.update(near_copies(thumbs, readable))
+    r.update(near_copies(near.tensor(), readable))
 
     _judge(r, files_per_split, bad_per_split, max_bad_fraction)
     return r
 
 
-def near_copies(thumbs: list, readable: list[tuple[str, str, str]]) -> dict:
+def near_copies(desc: torch.Tensor, readable: list[tuple[str, str, str]]) -> dict:
     """near_leaks and near_duplicates: groups of paths that are the same photo resized, re-encoded, cropped a
-    little, mirrored or recolored (near_duplicates.py), across splits / within one; groups of byte-identical
-    files only are left to leaks and duplicates; how the search ended and its work; near_seconds: its time."""
+    little, mirrored or recolored (near_duplicates.py), across splits / within one, from the descriptors of the
+    readable files; groups of byte-identical files only are left to leaks and duplicates; how the search ended
+    and its work; near_seconds: its time."""
     t0 = time.time()
-    found = find_near_copies(descriptors(torch.from_numpy(np.stack(thumbs))) if thumbs else torch.zeros(0))
+    found = find_near_copies(desc)
     # pairs of byte-identical files are reported already, as duplicates or leaks
     other_bytes = np.array([readable[i][2] != readable[j][2] for i, j in found.pairs.tolist()], bool)
     found = dataclasses.replace(found, pairs=found.pairs[other_bytes], sims=found.sims[other_bytes])

@@ -159,6 +159,25 @@ def descriptors(images, chunk: int = 1 << 12) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, VARIANTS, GRID * GRID, dtype=torch.float16)
 
 
+class DescriptorBlocks:
+    """The descriptors of images given one at a time (uint8 (C, S, S) arrays, as they are decoded), computed a
+    block at a time: what is held is 2,432 bytes an image and one block of pixels."""
+
+    def __init__(self, block: int = 4096):
+        self.block, self.pending, self.done = block, [], []
+
+    def add(self, image: np.ndarray) -> None:
+        self.pending.append(image)
+        if len(self.pending) == self.block:
+            self.done.append(descriptors(torch.from_numpy(np.stack(self.pending))))
+            self.pending = []
+
+    def tensor(self) -> torch.Tensor:
+        """(N, VARIANTS, GRID*GRID) float16, in the order the images were given."""
+        rest = [descriptors(torch.from_numpy(np.stack(self.pending)))] if self.pending else []
+        return torch.cat(self.done + rest) if self.done or rest else descriptors(torch.zeros(0, 1, SIDE, SIDE))
+
+
 def hash_keys(desc: torch.Tensor, planes: torch.Tensor) -> np.ndarray:
     """(M, tables) int32 keys of float descriptors (M, D): for each table (BITS columns of planes), which side of
     each of its hyperplanes the descriptor is (bit k of the key: the k-th plane); -1 for a zero descriptor (a

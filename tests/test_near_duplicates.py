@@ -203,3 +203,13 @@ def test_the_search_adds_at_most_its_bound_of_memory_to_the_process():
     sampler.join()
     assert found.end is End.DONE and found.examined < 5 * n  # random descriptors: few candidates, all tables
     assert peak[0] - before < near_duplicates.WORK_BYTES_PER_IMAGE * n + (100 << 20)
+
+
+@pytest.mark.parametrize("count", [0, 3, 4, 9])
+def test_descriptor_blocks_are_the_descriptors_of_the_images_in_order(count):
+    images = lookalikes(count, seed=count) if count else torch.zeros(0, 1, 32, 32, dtype=torch.uint8)
+    blocks = near_duplicates.DescriptorBlocks(block=4)
+    for image in images.numpy():
+        blocks.add(image)
+    assert torch.equal(blocks.tensor(), near_duplicates.descriptors(images))
+    assert blocks.tensor().shape == (count, near_duplicates.VARIANTS, 64)
