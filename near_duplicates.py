@@ -12,11 +12,10 @@ of one of several hash keys), and are kept when the best cosine clears the thres
 Bounds, for N images:
 - input: the descriptors, float16 (N, VARIANTS, GRID*GRID), 2,432 bytes per image; dataset.py keeps them in a
   memory-mapped file beside the decoded-image cache (file pages, computed once per cached image);
-- working memory: at most WORK_BYTES_PER_IMAGE: the whole images' descriptors (128 bytes per image), the hash
-  keys of TABLE_GROUP tables at a time (168) and one table's buckets as they are sorted (152, then 304), the
-  pairs found (12 bytes each: at most 5 N,
-  and 5 N more before they are merged, but only when most images have near-copies), and blocks of candidates
-  of a fixed size (QUERY_BLOCK queries, PAIR_BLOCK pairs);
+- working memory, at most WORK_BYTES_PER_IMAGE: the whole images' descriptors (128 bytes per image), the keys
+  of TABLE_GROUP tables (168), one table's buckets (304 at the peak), the queries' order (16), the pairs found
+  (12 bytes each: at most 5 N kept, and 5 N more before they are merged, only when most images have
+  near-copies), and blocks of candidates of a fixed size (QUERY_BLOCK queries, PAIR_BLOCK pairs);
 - work: a query pairs with no entry of a bucket holding more than BUCKET_CAP images (pictures that all look
   alike in 8x8 thumbnails: plain grounds, scans, generated sets); when most queries meet such buckets
   (CROWDED_SHARE) the search stops, and it examines at most PAIRS_PER_IMAGE x N candidate pairs in all, then
@@ -24,7 +23,7 @@ Bounds, for N images:
   meet crowded buckets in CROWDED_QUERIES tables, and everything joined to it, is a look-alike, not judged.
 
 Usage (from audit.py and dataset.py):
-    found = find_near_copies(descriptors(thumbnails))   # uint8 (N, 1, 32, 32) -> Search
+    found = find_near_copies(descriptors(thumbnails))   # uint8 (N, 1, 32, 32) -> Search (or DescriptorBlocks)
     groups, lookalike = found.groups()                   # [[i, j, ...]] sets of near-copies, images not judged
     pairs = near_duplicate_pairs(thumbnails)             # [(i, j, similarity)], i < j, most similar first
     line = start_up_line(train_descriptors, val_descriptors)  # train.py's start-up line, searched at most 10 s
