@@ -66,11 +66,9 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
     {name: n}, sizes {min, max, most_common}, tiny [{path, size}], mismatched [{path, format}] (content is not
     what the extension says), duplicates and leaks [[paths]] (identical bytes within one split / across splits),
     near_duplicates and near_leaks [[paths]] (near-copies within one split / across splits, near_copies),
-    near_lookalike_images (images too alike in small thumbnails to judge), near_search (how the search ended:
-    done, crowded or pair cap), near_pairs_examined, near_seconds,
-    empty_classes, hidden_folders, hidden_files, ignored (files skipped for their extension), imbalance (largest /
-    smallest train class, None when one is empty), fatal and warnings [messages].
-    """
+    near_lookalike_images (too alike in thumbnails to judge), near_search (done, crowded or pair cap),
+    near_pairs_examined, near_seconds, empty_classes, hidden_folders, hidden_files, ignored (files skipped for
+    their extension), imbalance (largest / smallest train class, None when one is empty), fatal and warnings."""
     root = Path(lay.root).resolve()  # the layout resolves it too: DATA given as ../x or through a link
 
     def rel(p: str | Path) -> str:
