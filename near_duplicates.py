@@ -191,10 +191,12 @@ def hash_keys(desc: torch.Tensor, planes: torch.Tensor) -> np.ndarray:
 MIRROR = torch.arange(GRID * GRID).view(GRID, GRID).flip(-1).flatten()  # descriptor index of the mirror image
 
 
-def _table_keys(desc, planes: torch.Tensor, chunk: int = 1 << 12) -> tuple[np.ndarray, np.ndarray]:
+def _table_keys(desc, planes: torch.Tensor, wholes: torch.Tensor | None = None, chunk: int = 1 << 12
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(index keys (N * VARIANTS, tables), query keys (2N, tables)) of the tables of `planes`: every variant is
     an index entry; each image's whole descriptor (query i) and its mirror's (query N + i: the same descriptor
-    against the planes mirrored) are the queries."""
+    against the planes mirrored) are the queries. Given `wholes` (N, D), the whole descriptors are copied there
+    in the same pass."""
     n, tables = len(desc), planes.shape[1] // BITS
     index = np.empty((n * VARIANTS, tables), np.int32)
     query = np.empty((2 * n, tables), np.int32)
@@ -203,6 +205,8 @@ def _table_keys(desc, planes: torch.Tensor, chunk: int = 1 << 12) -> tuple[np.nd
         index[i * VARIANTS:(i + len(d)) * VARIANTS] = hash_keys(d.reshape(-1, d.shape[-1]), planes)
         query[i:i + len(d)] = index[i * VARIANTS:(i + len(d)) * VARIANTS:VARIANTS]  # variant 0: the whole image
         query[n + i:n + i + len(d)] = hash_keys(d[:, 0], planes[MIRROR])
+        if wholes is not None:
+            wholes[i:i + len(d)] = d[:, 0]
     return index, query
 
 
@@ -296,10 +300,12 @@ class _Found:
                       examined, end)
 
 
-def _tables(desc, planes: torch.Tensor):
-    """(index keys, query keys) of each hash table in turn (_table_keys), TABLE_GROUP tables keyed at a time."""
+def _tables(desc, planes: torch.Tensor, wholes: torch.Tensor):
+    """(index keys, query keys) of each hash table in turn (_table_keys), TABLE_GROUP tables keyed at a time; the
+    first pass over the descriptors also fills `wholes` before any table is yielded."""
     for first in range(0, planes.shape[1] // BITS, TABLE_GROUP):
-        index_keys, query_keys = _table_keys(desc, planes[:, first * BITS:(first + TABLE_GROUP) * BITS])
+        index_keys, query_keys = _table_keys(desc, planes[:, first * BITS:(first + TABLE_GROUP) * BITS],
+                                             wholes if first == 0 else None)
         for t in range(index_keys.shape[1]):
             yield index_keys[:, t], query_keys[:, t]
 
@@ -310,9 +316,7 @@ class _Searcher:
 
     def __init__(self, desc, threshold: float, bar: tqdm):
         self.desc, self.threshold, self.n, self.bar = desc, threshold, len(desc), bar
-        self.wholes = torch.empty(self.n, GRID * GRID, dtype=torch.float16)
-        for i in range(0, self.n, 4096):  # copied a block at a time: a view would keep each whole block alive
-            self.wholes[i:i + 4096] = desc[i:i + 4096][:, 0]
+        self.wholes = torch.empty(self.n, GRID * GRID, dtype=torch.float16)  # filled by the first key pass
         self.found, self.examined, self.cap = _Found(self.n), 0, PAIRS_PER_IMAGE * self.n
         self.crowded, self.tables = np.zeros(self.n, np.int32), 0
 
@@ -358,7 +362,7 @@ def find_near_copies(desc, threshold: float = THRESHOLD, seed: int = 0, deadline
     with tqdm(total=TABLES * 2 * len(desc), desc="near-copies", unit="query", delay=3, leave=False,
               disable=not progress) as bar:
         searcher = _Searcher(desc, threshold, bar)
-        for index_keys, query_keys in _tables(desc, planes):
+        for index_keys, query_keys in _tables(desc, planes, searcher.wholes):
             end = searcher.table(index_keys, query_keys, deadline)
             if end is not None:
                 return searcher.found.search(searcher.examined, end)
