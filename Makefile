@@ -24,7 +24,7 @@ setup: $(VENV)/.installed
 # tests/test_readme.py runs these lines (with fewer epochs) and checks every file README.md names is written.
 demo: setup
 	$(PY) dataset.py demo $(DEMO)
-	$(PY) novelty.py unknown $(UNKNOWN) --count 60
+	$(PY) dataset.py unknown $(UNKNOWN) --count 60
 	$(PY) train.py --data $(DEMO) --epochs 8 --batch-size 32 --workers 0 \
 		--out-dir models/demo --curves-dir curves/demo --log-dir logs/demo
 	$(PY) inference.py --checkpoint models/demo/best_model.pth --image $(DEMO)/test/dog/dog_0000.png
@@ -42,7 +42,7 @@ test-fast: setup
 # Ours against the plain pipeline (baseline.py) on real photos: `make bench DATA=path/to/dataset`.
 bench: setup
 	@test -n "$(DATA)" || { echo "make bench needs DATA=PATH/TO/DATA (a dataset train.py reads)"; exit 2; }
-	$(PY) bench.py --data $(DATA)
+	$(PY) -m benchmarks.bench --data $(DATA)
 
 clean:
 	rm -rf $(DEMO) $(UNKNOWN) models/demo curves/demo logs/demo

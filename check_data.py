@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from audit import check_data
-from common import reports_user_errors
 from config import CARVE_FIELDS, LABEL_CHECK_FIELDS, SOURCE_FIELDS, TrainConfig, add_flags
-from label_errors import format_label_check, label_check_of_data, read_listed_paths
+from core.common import reports_user_errors
+from quality.audit import check_data
+from quality.label_errors import format_label_check, label_check_of_data, read_listed_paths
 
 
 @reports_user_errors

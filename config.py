@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import UserError  # noqa: F401  (defined in common.py; still importable from here)
+from core.common import UserError
 
 DESCRIPTION = """Train a ResNet image classifier on a folder of images: class folders, train/val/test split folders,
 or images labelled by a table (--labels) or by their names (--labels-from-name); see README 'Your data'.

@@ -11,128 +11,31 @@ files came from, and read batches from the map; augmentation then runs on whole 
 """
 from __future__ import annotations
 
-import glob
+import argparse
 import hashlib
-import io
-import itertools
 import math
 import os
 import sys
 import time
-import warnings
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
-from cache import derived_rows, update_cache
-from common import UserError, reports_user_errors
 from config import NORMALIZATION, TrainConfig
-from layout import Layout, format_problems, layout_of, layout_splits, walk_files
-from near_duplicates import GRID, VARIANTS, descriptors, start_up_line
-
+from core.common import UserError, reports_user_errors
+from loading.cache import derived_rows, update_cache
+from loading.decode import decode_files, decode_image, mapped_tensor
+from loading.layout import Layout, format_problems, layout_of, layout_splits
+from loading.near_duplicates import GRID, VARIANTS, descriptors, start_up_line
+from loading.synthetic import make_synthetic, write_unknown_set
 
 # ---------------------------------------------------------------- files
 
-def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under folder, recursively (symlinked folders too) and sorted; hidden files
-    and folders are neither. The listing is layout.walk_files'."""
-    images, others = walk_files(str(folder))
-    return sorted(map(Path, images)), sorted(map(Path, others))
-
-
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files as given, image files inside folders (recursively), and glob patterns, in order, without repeats."""
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = image_files(p)[0]
-            if not found:
-                raise UserError(f"no image files in folder {p}")
-            out.extend(found)
-        elif any(ch in item for ch in "*?[") and not p.exists():
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise UserError(f"no files match {item!r}")
-            out.extend(matches)
-        else:
-            out.append(p)  # a missing file is reported per image, so the others are still answered
-    return list(dict.fromkeys(out))
-
 
 # ---------------------------------------------------------------- decoding
-
-class BadImage(Exception):
-    """An image file that cannot be used; the message says why."""
-
-
-def to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Any PIL mode (L, RGB, RGBA, P, CMYK, I;16, F...) to 'L' or 'RGB'; transparency goes onto white."""
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        arr = np.asarray(img).astype(np.float64)
-        if arr.max(initial=0) > 255:  # 16-bit: scale the full range instead of clipping at 255
-            arr = arr * (255.0 / 65535.0)
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    if img.mode == "CMYK":
-        img = img.convert("RGB")
-    return img.convert("L" if channels == 1 else "RGB")
-
-
-def preprocess(img: Image.Image, size: int, channels: int = 1) -> np.ndarray:
-    """A decoded PIL image to a (channels, size, size) uint8 array: EXIF orientation, mode, square resize."""
-    img = ImageOps.exif_transpose(img)
-    img = to_mode(img, channels).resize((size, size), Image.BILINEAR)
-    arr = np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
-
-
-def decode_image(path: str | Path | BinaryIO, size: int, channels: int = 1) -> np.ndarray:
-    """Read one image file (type by content, not extension) to uint8 (channels, size, size), or raise BadImage."""
-    try:
-        with warnings.catch_warnings():
-            # Beyond PIL's pixel limit an image may be a decompression bomb: refuse it rather than fill memory.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
-                    # The warning filter above is process-wide, so in a threaded server another thread may
-                    # have reset it: check the limit here too.
-                    raise Image.DecompressionBombError(f"{img.width * img.height} pixels")
-                if img.format == "JPEG":
-                    # Decode at a reduced scale straight to the target mode: several times faster on large photos.
-                    img.draft("L" if channels == 1 else "RGB", (size, size))
-                img.load()
-                return preprocess(img, size, channels)
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise BadImage("larger than PIL's decompression-bomb pixel limit") from None
-    except Image.UnidentifiedImageError:
-        raise BadImage("not an image PIL can identify (empty, corrupt or another file type)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-        raise BadImage(f"cannot decode: {e}") from None
-
-
-def decode_bytes(data: bytes, size: int, channels: int = 1) -> np.ndarray:
-    """An image file's bytes (an upload) as decode_image decodes the file: same result, same BadImage reasons."""
-    return decode_image(io.BytesIO(data), size, channels)
-
-
-def _decode_or_reason(args: tuple) -> tuple[np.ndarray | None, str]:
-    path, size, channels = args
-    try:
-        return decode_image(path, size, channels), ""
-    except BadImage as e:
-        return None, str(e)
 
 
 def to_float(x: torch.Tensor, mean: float | list[float] = NORMALIZATION["mean"],
@@ -219,47 +122,6 @@ class Split:
     def near_descriptors(self) -> torch.Tensor | RowView:
         """The near-copy descriptors of the images: the cache's, or computed now when there is no cache."""
         return descriptors(self.images) if self.near is None else self.near
-
-
-def _decode_chunk(jobs: list[tuple]) -> list[tuple[np.ndarray | None, str]]:
-    return [_decode_or_reason(j) for j in jobs]
-
-
-def decode_files(paths: list[str], size: int, channels: int, workers: int,
-                 desc: str = "decoding") -> Iterator[tuple[np.ndarray | None, str]]:
-    """Decode many files lazily and in order, in `workers` processes when there are enough of them to pay for
-    starting those. Only a few chunks of about 4 MiB of pixels are in flight at a time, so however many files
-    there are, memory holds what the caller keeps, not every decoded image."""
-    from tqdm import tqdm
-
-    jobs = [(p, size, channels) for p in paths]
-    bar = tqdm(total=len(jobs), desc=desc, disable=len(jobs) < 500, leave=False)
-    if workers <= 0 or len(jobs) < 200:
-        for job in jobs:
-            yield _decode_or_reason(job)
-            bar.update()
-        bar.close()
-        return
-    step = max(1, min(64, (4 << 20) // (size * size * channels)))
-    chunks = (jobs[i:i + step] for i in range(0, len(jobs), step))
-    pool = ProcessPoolExecutor(workers)
-    try:
-        pending = deque(pool.submit(_decode_chunk, c) for c in itertools.islice(chunks, 4 * workers))
-        while pending:
-            done = pending.popleft().result()
-            pending.extend(pool.submit(_decode_chunk, c) for c in itertools.islice(chunks, 1))
-            bar.update(len(done))
-            yield from done
-    finally:
-        pool.shutdown(cancel_futures=True)
-        bar.close()
-
-
-def mapped_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """A read-only numpy memory map as a tensor sharing its pages (writing to it would fault, so nothing may)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(pixels)
 
 
 def cache_folder(paths: list[str]) -> str:
@@ -450,34 +312,6 @@ def scale_shift_grid(scale: torch.Tensor, shift: torch.Tensor, shape: list[int],
 
 # ---------------------------------------------------------------- synthetic data and the command line
 
-def make_synthetic(root: str | Path, n_per_class: dict[str, int] | int = 60, size: int = 80, seed: int = 0,
-                   classes: tuple[str, ...] = ("cat", "dog"), splits: tuple[str, ...] = ("train", "val", "test"),
-                   fmt: str = "png") -> Path:
-    """Write a small learnable ImageFolder set: class k draws a bright shape with k+3 corners on a noisy
-    background (3 = triangle 'cat', 4 = square 'dog', ...), at random places, sizes and angles."""
-    from PIL import ImageDraw
-
-    rng = np.random.default_rng(seed)
-    root = Path(root)
-    counts = n_per_class if isinstance(n_per_class, dict) else {c: n_per_class for c in classes}
-    for split in splits:
-        for k, name in enumerate(counts):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            n = counts[name] if split == "train" else max(2, counts[name] // 4)
-            for i in range(n):
-                bg = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-                img = Image.fromarray(bg, "RGB")
-                cx, cy = rng.uniform(0.35, 0.65, 2) * size
-                r, a0 = rng.uniform(0.2, 0.33) * size, rng.uniform(0, 2 * np.pi)
-                corners = k + 3
-                pts = [(cx + r * np.cos(a0 + 2 * np.pi * j / corners), cy + r * np.sin(a0 + 2 * np.pi * j / corners))
-                       for j in range(corners)]
-                color = tuple(int(v) for v in rng.integers(150, 256, 3))
-                ImageDraw.Draw(img).polygon(pts, fill=color)
-                img.save(folder / f"{name}_{i:04d}.{fmt}")
-    return root
-
 
 # ---------------------------------------------------------------- a training run's data
 
@@ -562,22 +396,26 @@ def fetch_batch(images: torch.Tensor | RowView, idx: torch.Tensor, device: torch
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="write a small synthetic dataset")
     p_demo.add_argument("dir")
     p_demo.add_argument("--per-class", type=int, default=150)
     p_demo.add_argument("--seed", type=int, default=0)
-    p_check = sub.add_parser("check", help="moved: python check_data.py DATA")
-    p_check.add_argument("rest", nargs=argparse.REMAINDER)
+    p_unknown = sub.add_parser("unknown", help="write synthetic far-away images (a flat folder of PNGs)")
+    p_unknown.add_argument("dir")
+    p_unknown.add_argument("--count", type=int, default=600)
+    p_unknown.add_argument("--size", type=int, default=128)
+    p_unknown.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.command == "check":
-        raise UserError(f"the data report moved to its own script: python check_data.py {' '.join(args.rest)}")
     if args.command == "demo":
         make_synthetic(args.dir, args.per_class, seed=args.seed)
         print(f"wrote a synthetic dataset to {args.dir} (train/val/test, classes cat and dog)")
+    else:
+        if args.count < 1 or args.size < 8:
+            raise UserError("--count must be at least 1 and --size at least 8")
+        root = write_unknown_set(args.dir, args.count, args.size, args.seed)
+        print(f"wrote {args.count} images to {root}")
     return 0
 
 

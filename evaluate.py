@@ -33,16 +33,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
-                        novelty_of, run_name_of, tta_of, temperature_of)
-from common import SPLITS, UserError, markdown_source, markdown_table, pick_device, provenance, reports_user_errors
 from config import SOURCE_FIELDS, TrainConfig, add_flags
-from dataset import BadImage, decode_image, expand_inputs, load_items
-from layout import layout_of, layout_splits, split_of
-from metrics import compute_metrics, most_confident_wrong
-from novelty import folder_groups, load_images, report_by_group, split_by_group, unknown_report
-from plots import plot_confusion_matrix, plot_gallery, plot_gradcam, plot_unknown_scores, save_figure
-from predict import explain, normalize, predict_logits, score_images
+from core.common import SPLITS, UserError, markdown_source, markdown_table, pick_device, provenance, reports_user_errors
+from core.metrics import compute_metrics, most_confident_wrong
+from core.plots import plot_confusion_matrix, plot_gallery, plot_gradcam, plot_unknown_scores, save_figure
+from dataset import load_items
+from loading.decode import BadImage, decode_image, expand_inputs
+from loading.layout import layout_of, layout_splits, split_of
+from prediction.checkpoint import (
+    DEFAULT_PATH,
+    config_of,
+    load_checkpoint,
+    model_from_checkpoint,
+    normalization_of,
+    novelty_of,
+    run_name_of,
+    temperature_of,
+    tta_of,
+)
+from prediction.novelty import folder_groups, load_images, report_by_group, split_by_group, unknown_report
+from prediction.predict import explain, normalize, predict_logits, score_images
 
 
 def format_report(m: dict) -> str:

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of
-from common import UserError, reports_user_errors
+from core.common import UserError, reports_user_errors
 from dataset import to_float
-from predict import export_onnx
+from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of
+from prediction.predict import export_onnx
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, novelty_of
-from common import UserError, reports_user_errors
-from dataset import BadImage, decode_image, expand_inputs
-from predict import onnx_runtime, predict_images
+from core.common import UserError, reports_user_errors
+from loading.decode import BadImage, decode_image, expand_inputs
+from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, novelty_of
+from prediction.predict import onnx_runtime, predict_images
 
 
 def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | None = None,

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from common import UserError
 from config import ARCHS, NORMALIZATION, TrainConfig
+from core.common import UserError
 
 
 class BasicBlock(nn.Module):

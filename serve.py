@@ -45,11 +45,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of,
-                        tta_of, val_accuracy_of)
-from common import UserError, reports_user_errors
-from dataset import BadImage, decode_bytes
-from predict import explain, normalize, onnx_runtime, pick_cam_layer, predict_images
+from core.common import UserError, reports_user_errors
+from loading.decode import BadImage, decode_bytes
+from prediction.checkpoint import (
+    DEFAULT_PATH,
+    load_checkpoint,
+    model_from_checkpoint,
+    normalization_of,
+    temperature_of,
+    tta_of,
+    val_accuracy_of,
+)
+from prediction.predict import explain, normalize, onnx_runtime, pick_cam_layer, predict_images
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_IMAGES = 64  # images in one request: bounds the decoded batch whatever their file size

@@ -24,9 +24,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import UserError, reports_user_errors
 from config import SOURCE_FIELDS, TrainConfig, add_flags
-from layout import format_problems, layout_of, layout_splits
+from core.common import UserError, reports_user_errors
+from loading.layout import format_problems, layout_of, layout_splits
 
 MODES = ("copy", "link", "move")
 

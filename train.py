@@ -34,27 +34,69 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from audit import check_data
-from checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_resume_checkpoint,
-                        resume_state_of, rng_state, save_checkpoint, set_rng_state, with_resume_state)
-from common import UserError, needs_grad_scaler, pick_amp_dtype, pick_device, precision_name, reports_user_errors
 from config import TrainConfig, format_config, parse_config
+from core.common import UserError, needs_grad_scaler, pick_amp_dtype, pick_device, precision_name, reports_user_errors
+from core.metrics import correct_count, energy_margin_loss, loss_sum, mixed_loss
+from core.plots import plot_history
 from dataset import Split, augment, cutmix, fetch_batch, load_training_data, read_data_layout, to_float
-from distributed import (all_reduce_sum, any_rank, close_distributed, init_distributed, is_main_rank,
-                         quiet_unless_rank0, rank_world, shard_batches, wrap_for_training)
-from label_errors import format_label_check, label_check
-from metrics import correct_count, energy_margin_loss, loss_sum, mixed_loss
 from model import build_model, fetch_pretrained, input_normalization, unwrap
-from optimization import (LRSchedule, anneal_epochs, build_optimizer, class_weight_tensor, ema_of, plan_to_budget,
-                          planning_epoch_seconds, replan_lr, seconds_after_training, set_backbone_trainable,
-                          train_mode)
-from outliers import load_other_images, other_crops, rotation_copies
-from plots import plot_history
-from posthoc import calibrate_best_model, fit_novelty
-from predict import amp, predict_logits
-from runs import (TRAINING_CURVES, CtrlC, Progress, ctrl_c_stops_after_the_step, epoch_line, interrupted_message,
-                  log_epoch, make_room, name_run, open_run_log, record_epoch, save_train_batch, write_summary)
-
+from prediction.checkpoint import (
+    BEST,
+    LAST,
+    build_checkpoint,
+    config_of,
+    layout_info_of,
+    load_resume_checkpoint,
+    resume_state_of,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    with_resume_state,
+)
+from prediction.predict import amp, predict_logits
+from quality.audit import check_data
+from quality.label_errors import format_label_check, label_check
+from training.distributed import (
+    all_reduce_sum,
+    any_rank,
+    close_distributed,
+    init_distributed,
+    is_main_rank,
+    quiet_unless_rank0,
+    rank_world,
+    shard_batches,
+    wrap_for_training,
+)
+from training.optimization import (
+    LRSchedule,
+    anneal_epochs,
+    build_optimizer,
+    class_weight_tensor,
+    ema_of,
+    plan_to_budget,
+    planning_epoch_seconds,
+    replan_lr,
+    seconds_after_training,
+    set_backbone_trainable,
+    train_mode,
+)
+from training.outliers import load_other_images, other_crops, rotation_copies
+from training.posthoc import calibrate_best_model, fit_novelty
+from training.runs import (
+    TRAINING_CURVES,
+    CtrlC,
+    Progress,
+    ctrl_c_stops_after_the_step,
+    epoch_line,
+    interrupted_message,
+    log_epoch,
+    make_room,
+    name_run,
+    open_run_log,
+    record_epoch,
+    save_train_batch,
+    write_summary,
+)
 
 # ---------------------------------------------------------------- one run, step by step
 

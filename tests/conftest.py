@@ -7,10 +7,11 @@ import pytest
 import torch
 import torchvision
 
-from checkpoint import model_from_checkpoint
-from dataset import image_tensor, load_items, make_synthetic
-from layout import read_layout
-from metrics import confusion_matrix
+from core.metrics import confusion_matrix
+from dataset import image_tensor, load_items
+from loading.layout import read_layout
+from loading.synthetic import make_synthetic
+from prediction.checkpoint import model_from_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

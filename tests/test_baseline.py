@@ -4,8 +4,8 @@ import json
 import torch
 from PIL import Image
 
-import baseline
-from dataset import make_synthetic
+from benchmarks import baseline
+from loading.synthetic import make_synthetic
 
 
 def test_baseline_follows_the_recipe():

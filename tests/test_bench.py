@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import bench
-import near_duplicates
+from benchmarks import bench
 from config import TrainConfig
-from dataset import make_synthetic
+from loading import near_duplicates
+from loading.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_bench_runs_the_baseline_from_a_clone_without_shared(tmp_path):
         shutil.copy(script, clone)
     assert not (tmp_path / "shared").exists()
     data = make_synthetic(tmp_path / "d", 8, size=24, splits=("train", "val"))
-    proc = subprocess.run([sys.executable, "bench.py", "--data", str(data), "--epochs", "1", "--workers", "0",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--data", str(data), "--epochs", "1", "--workers", "0",
                            "--time-budget", "20", "--baseline-epochs", "2", "--baseline-seconds", "120",
                            "--", "--batch-size", "8", "--image-size", "32", "--width", "8"],
                           cwd=clone, capture_output=True, text=True, timeout=300)

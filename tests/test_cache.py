@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-import cache
 import dataset
-import near_duplicates
-from bench import synthetic_set
-from common import UserError
+from benchmarks.bench import synthetic_set
 from config import TrainConfig
-from dataset import RowView, load_items, make_synthetic
-from layout import read_layout
+from core.common import UserError
+from dataset import RowView, load_items
+from loading import cache, decode, near_duplicates
+from loading.layout import read_layout
+from loading.synthetic import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def split_dir(tmp_path):
 def decoded(monkeypatch):
     """The lists of paths load_split sends to the decoder, call by call."""
     calls = []
-    real = dataset.decode_files
+    real = decode.decode_files
     monkeypatch.setattr(dataset, "decode_files", lambda paths, *a, **k: calls.append(list(paths)) or real(paths, *a, **k))
     return calls
 

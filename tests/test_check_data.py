@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-import audit
 import check_data
 import train
-from common import IMAGE_EXTENSIONS
 from conftest import NASTY_DUPLICATE, NASTY_IGNORED, NASTY_LEAK, NASTY_UNREADABLE
-from dataset import make_synthetic
-from layout import MISSING, UNLABELED, UNPARSABLE, read_layout
+from core.common import IMAGE_EXTENSIONS
+from loading.layout import MISSING, UNLABELED, UNPARSABLE, read_layout
+from loading.synthetic import make_synthetic
+from quality import audit
 
 
 def test_data_report_counts_problems_and_duplicates(nasty_data):

@@ -2,17 +2,31 @@
 import pytest
 import torch
 
-import common
 import train
-from checkpoint import (FORMAT_VERSION, LAST, build_checkpoint, load_checkpoint, load_resume_checkpoint,
-                        blocks_of, model_from_checkpoint, normalization_of, on_cpu, save_checkpoint, temperature_of,
-                        tta_of, val_accuracy_of, width_of, with_temperature)
-from common import UserError, save_atomic
 from config import TrainConfig
+from core import common
+from core.common import UserError, save_atomic
 from dataset import load_data
-from layout import read_layout
+from loading.layout import read_layout
 from model import SmallResNet
-from predict import predict_logits
+from prediction.checkpoint import (
+    FORMAT_VERSION,
+    LAST,
+    blocks_of,
+    build_checkpoint,
+    load_checkpoint,
+    load_resume_checkpoint,
+    model_from_checkpoint,
+    normalization_of,
+    on_cpu,
+    save_checkpoint,
+    temperature_of,
+    tta_of,
+    val_accuracy_of,
+    width_of,
+    with_temperature,
+)
+from prediction.predict import predict_logits
 
 
 def _checkpoint(model, arch="resnet_small"):

@@ -4,8 +4,15 @@ import pickle
 import pytest
 import torch
 
-from common import (FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError, pick_device, remove_stale_temp_files, save_atomic,
-                    split_at_dashes)
+from core.common import (
+    FORMATS_BY_SUFFIX,
+    IMAGE_EXTENSIONS,
+    UserError,
+    pick_device,
+    remove_stale_temp_files,
+    save_atomic,
+    split_at_dashes,
+)
 
 
 def test_save_atomic_keeps_old_file_when_writing_fails(tmp_path):
@@ -48,7 +55,7 @@ def test_provenance_names_the_command_commit_and_machine():
     import shutil
     import subprocess
 
-    from common import PROJECT_DIR, markdown_table, provenance
+    from core.common import PROJECT_DIR, markdown_table, provenance
 
     prov = provenance("bench.py", ["--data", "my photos"])
     assert prov["command"] == "python bench.py --data 'my photos'"  # quoted: it can be pasted back
@@ -64,7 +71,7 @@ def test_commit_is_marked_changed_by_code_not_by_documents(tmp_path, monkeypatch
     import shutil
     import subprocess
 
-    import common
+    from core import common
 
     if not shutil.which("git"):
         pytest.skip("needs git")

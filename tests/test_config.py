@@ -4,8 +4,8 @@ import typing
 
 import pytest
 
-from common import UserError
 from config import TrainConfig, build_parser, load_config_file, parse_config
+from core.common import UserError
 
 
 def test_every_field_has_a_flag_with_help():

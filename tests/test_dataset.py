@@ -6,11 +6,23 @@ import torch
 from PIL import Image
 
 import dataset
-from common import UserError
 from conftest import NASTY_READABLE
-from dataset import (augment, batch_affine, batch_flip_lr, cutmix, decode_image, image_tensor, load_data,
-                     load_split, make_synthetic, preprocess, random_affine, to_float)
-from layout import SKIPPED, layout_splits, read_layout
+from core.common import UserError
+from dataset import (
+    augment,
+    batch_affine,
+    batch_flip_lr,
+    cutmix,
+    image_tensor,
+    load_data,
+    load_split,
+    random_affine,
+    to_float,
+)
+from loading import decode
+from loading.decode import decode_image, preprocess
+from loading.layout import SKIPPED, layout_splits, read_layout
+from loading.synthetic import make_synthetic
 
 
 def files_of(split_dir):
@@ -93,7 +105,7 @@ def test_webp_named_png_is_read_by_content(tmp_path):
 def test_unreadable_files_raise_bad_image(tmp_path, content):
     path = tmp_path / "bad.jpg"
     path.write_bytes(content)
-    with pytest.raises(dataset.BadImage):
+    with pytest.raises(decode.BadImage):
         decode_image(path, 8)
 
 
@@ -195,7 +207,7 @@ def test_cache_hits_invalidates_and_equals_a_fresh_decode(tmp_path, monkeypatch)
     assert first.labels.tolist() == labels and list(cache.iterdir())
 
     calls = []
-    real = dataset.decode_files
+    real = decode.decode_files
     monkeypatch.setattr(dataset, "decode_files", lambda paths, *a, **k: calls.append(list(paths)) or real(paths, *a, **k))
     second = load_split(paths, labels, "train", 16, 1, str(cache), 0)
     assert calls == [] and torch.equal(second.images, first.images)
@@ -225,7 +237,7 @@ def test_cache_is_shared_by_a_carved_val_and_reused_by_another_layout_of_the_sam
     train, val = load_data(lay, 16, 1, cache)
     assert len(list((tmp_path / "cache").glob("*.index.pt"))) == 1  # train and its carved val: one cache
     calls = []
-    real = dataset.decode_files
+    real = decode.decode_files
     monkeypatch.setattr(dataset, "decode_files", lambda paths, *a, **k: calls.append(list(paths)) or real(paths, *a, **k))
     again, again_val = load_data(lay, 16, 1, cache)
     assert calls == [] and again.paths == train.paths and again_val.paths == val.paths
@@ -303,12 +315,7 @@ def test_jfif_and_jpe_are_read_as_jpegs_and_other_extensions_are_counted_and_nam
 
 def test_each_odd_but_valid_image_decodes(nasty_data):
     for rel in NASTY_READABLE:
-        assert dataset.decode_image(nasty_data / rel, 32).shape == (1, 32, 32), rel
-
-
-def test_the_old_check_command_points_to_check_data(capsys):
-    assert dataset.main(["check", "Dataset", "--json"]) == 2
-    assert "python check_data.py Dataset --json" in capsys.readouterr().err
+        assert decode.decode_image(nasty_data / rel, 32).shape == (1, 32, 32), rel
 
 
 def test_cutmix_pastes_one_box_from_the_permuted_images_and_says_its_share():

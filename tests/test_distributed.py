@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import train_args
 from dataset import batches
+from prediction.checkpoint import load_checkpoint, model_from_checkpoint
 from train import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]

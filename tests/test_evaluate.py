@@ -11,13 +11,13 @@ from PIL import Image
 
 import evaluate
 import inference
-import predict
-from checkpoint import load_checkpoint, model_from_checkpoint
-from common import UserError, save_atomic
+from core.common import UserError, save_atomic
+from core.metrics import compute_metrics
 from dataset import image_tensor
-from layout import layout_splits, read_layout
-from metrics import compute_metrics
+from loading.layout import layout_splits, read_layout
 from model import build_model
+from prediction import predict
+from prediction.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def test_format_report_is_a_table_with_every_class():
@@ -76,9 +76,9 @@ def test_class_mismatch_and_missing_split_are_clear_errors(trained, tmp_path, ca
 
 @pytest.mark.slow
 def test_evaluate_rebuilds_the_carved_val_the_model_was_selected_on(tmp_path, capsys):
-    from conftest import train_args
-    from dataset import make_synthetic
     import train
+    from conftest import train_args
+    from loading.synthetic import make_synthetic
 
     data = make_synthetic(tmp_path / "gen", 14, size=32, splits=("train",)) / "train"  # class folders, no split
     assert train.main(train_args(data, tmp_path, "--val-fraction", "0.25", "--seed", "3", "--no-amp")) == 0

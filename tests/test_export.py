@@ -7,7 +7,7 @@ import torch
 import export
 import inference
 from dataset import image_tensor
-from checkpoint import load_checkpoint, model_from_checkpoint
+from prediction.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 @pytest.mark.slow

@@ -1,36 +1,67 @@
-"""The project's modules import each other in one direction only, and never inside a function or class."""
+"""The project's modules import each other in one direction only (README "The code"), never inside a function or
+class, and no module imports a script."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Bottom to top: a module imports modules of its own layer or of the layers below it, never above.
+LAYERS = ("core", "config", "loading", "model dataset", "prediction", "training", "quality",
+          "train inference evaluate serve export check_data split_dataset", "benchmarks")
+# The programs people run; nothing imports them (benchmarks run them as programs).
+SCRIPTS = {"train", "inference", "evaluate", "serve", "export", "check_data", "split_dataset"}
+TOP_LEVEL = SCRIPTS | {"model", "dataset", "config"}
+
+
+def module_names(root: Path) -> dict[str, Path]:
+    """{dotted module name: file} for the .py files at root and in its packages (folders with __init__.py)."""
+    found = {p.stem: p for p in root.glob("*.py")}
+    for init in root.glob("*/__init__.py"):
+        found |= {f"{init.parent.name}.{p.stem}": p for p in init.parent.glob("*.py") if p.stem != "__init__"}
+    return found
+
 
 def project_imports(root: Path) -> tuple[dict[str, set[str]], list[str]]:
-    """({module: project modules it imports at module level}, ['file:line imports X inside a function']) for the
-    top-level scripts in root. Imports under `if`/`try` at module level count as module level."""
-    names = {p.stem for p in root.glob("*.py")}
-    graph: dict[str, set[str]] = {name: set() for name in names}
+    """({module: project modules it imports at module level}, ['file:line imports X inside a function']).
+    Imports under `if`/`try` at module level count as module level; `from pkg import mod` imports pkg.mod."""
+    files = module_names(root)
+    graph: dict[str, set[str]] = {name: set() for name in files}
     nested: list[str] = []
+
+    def targets(node: ast.AST) -> set[str]:
+        if isinstance(node, ast.Import):
+            return {a.name for a in node.names if a.name in files}
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            return {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                    for a in node.names} & set(files)
+        return set()
 
     def visit(node: ast.AST, module: str, inside: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.Import):
-                found = [a.name.split(".")[0] for a in child.names]
-            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
-                found = [child.module.split(".")[0]]
-            else:
-                found = []
-            for name in (f for f in found if f in names):
+            for name in sorted(targets(child)):
                 if inside:
-                    nested.append(f"{module}.py:{child.lineno} imports {name} inside a function or class")
-                else:
+                    nested.append(f"{files[module].relative_to(root)}:{child.lineno} imports {name} inside a "
+                                  "function or class")
+                elif name != module:
                     graph[module].add(name)
             visit(child, module, inside or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
                                                                 ast.ClassDef, ast.Lambda)))
 
-    for name in names:
-        visit(ast.parse((root / f"{name}.py").read_text()), name, False)
+    for name, path in files.items():
+        visit(ast.parse(path.read_text()), name, False)
     return graph, nested
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of a module: its package's, or its own name's at the top level."""
+    key = module.split(".")[0]
+    return next(i for i, layer in enumerate(LAYERS) if key in layer.split())
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """'a imports b' for every import of a module from a higher layer, or of a script by anything."""
+    return sorted(f"{a} imports {b}" for a, deps in graph.items() for b in deps
+                  if layer_of(b) > layer_of(a) or b in SCRIPTS)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -56,67 +87,50 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def import_order(graph: dict[str, set[str]]) -> list[str]:
-    """Every module after the modules it imports (ties by name)."""
-    order: list[str] = []
-    while len(order) < len(graph):
-        order += sorted(m for m in graph if m not in order and graph[m] <= set(order))[:1]
-    return order
-
-
-# The programs people run; they import modules only, never one another (bench.py runs the others as programs).
-SCRIPTS = {"train", "evaluate", "inference", "serve", "export", "split_dataset", "check_data", "baseline", "bench",
-           "bench_serve"}
-
-
-def scripts_imported(graph: dict[str, set[str]], scripts: set[str]) -> list[str]:
-    """'a imports b' for every project module a that imports a script b."""
-    return sorted(f"{a} imports {b}" for a, deps in graph.items() for b in deps & scripts)
-
-
 def test_project_imports_run_one_way_and_only_at_module_level():
     graph, nested = project_imports(ROOT)
     assert nested == []
     assert find_cycle(graph) is None
-    order = import_order(graph)
-    assert order[0] == "common" and graph["common"] == set()  # the bottom: imports no project module
-    assert order.index("checkpoint") < order.index("predict") < order.index("train")
+    assert upward_imports(graph) == []
+    assert graph["core.common"] == set()  # the bottom: imports no project module
     assert "dataset" not in graph["model"]  # the network does not pull in the cache and the layout reader
 
 
-def test_scripts_import_modules_only():
+def test_the_top_level_holds_the_scripts_and_the_card_modules_only():
+    assert {p.stem for p in ROOT.glob("*.py")} == TOP_LEVEL
     graph, _ = project_imports(ROOT)
-    assert SCRIPTS <= set(graph)
-    assert scripts_imported(graph, SCRIPTS) == []
+    assert all(layer_of(m) is not None for m in graph)  # every package has its layer
 
 
-def test_the_script_check_fails_when_a_script_imports_a_script(tmp_path):
-    (tmp_path / "lib.py").write_text("import os\n")
-    (tmp_path / "tool.py").write_text("import lib\n")
-    (tmp_path / "runner.py").write_text("import lib\nfrom tool import main\n")
-    graph, _ = project_imports(tmp_path)
-    assert scripts_imported(graph, {"tool", "runner"}) == ["runner imports tool"]
-
-
-def test_the_check_finds_cycles_and_imports_inside_functions(tmp_path):
-    (tmp_path / "low.py").write_text("import os\n")
-    (tmp_path / "a.py").write_text("import low\nfrom b import f\n")
-    (tmp_path / "b.py").write_text("import low\n\ndef f():\n    from a import g  # hidden cycle\n    return g\n")
+def test_the_layer_check_fails_on_an_upward_import_and_a_script_import(tmp_path):
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "__init__.py").write_text("")
+    (tmp_path / "core" / "low.py").write_text("import os\nfrom loading import reader\n")
+    (tmp_path / "loading").mkdir()
+    (tmp_path / "loading" / "__init__.py").write_text("")
+    (tmp_path / "loading" / "reader.py").write_text("from core.low import x\n")
+    (tmp_path / "train.py").write_text("from loading.reader import y\n")
+    (tmp_path / "evaluate.py").write_text("import train\n")
     graph, nested = project_imports(tmp_path)
-    assert nested == ["b.py:4 imports a inside a function or class"]
-    assert graph == {"low": set(), "a": {"low", "b"}, "b": {"low"}}
-    assert find_cycle(graph) is None and import_order(graph) == ["low", "b", "a"]
-    (tmp_path / "b.py").write_text("import low\nimport a.sub\n")
+    assert graph == {"core.low": {"loading.reader"}, "loading.reader": {"core.low"}, "train": {"loading.reader"},
+                     "evaluate": {"train"}}
+    assert upward_imports(graph) == ["core.low imports loading.reader", "evaluate imports train"]
+    assert find_cycle(graph) == ["core.low", "loading.reader", "core.low"]
+
+
+def test_the_check_finds_imports_inside_functions(tmp_path):
+    (tmp_path / "config.py").write_text("import os\n")
+    (tmp_path / "model.py").write_text("import config\n\ndef f():\n    from dataset import g  # hidden upward\n")
+    (tmp_path / "dataset.py").write_text("import config\n")
     graph, nested = project_imports(tmp_path)
-    assert nested == [] and find_cycle(graph) == ["a", "b", "a"]
+    assert nested == ["model.py:4 imports dataset inside a function or class"]
+    assert graph == {"config": set(), "model": {"config"}, "dataset": {"config"}}
 
 
-def test_the_readme_lists_the_modules_in_an_order_they_import_in():
-    """README's module table: every module there, each importing only modules listed above it."""
-    graph, _ = project_imports(ROOT)
-    table = (ROOT / "README.md").read_text().split("| module | what it holds |", 1)[1].split("\n\n", 1)[0]
-    listed = [name.strip(" `").removesuffix(".py") for row in table.splitlines()[2:]
-              for name in row.split("|")[1].split(",")]
-    assert set(listed) == set(graph) - SCRIPTS
-    for i, module in enumerate(listed):
-        assert graph[module] <= set(listed[:i]), f"{module} imports {graph[module] - set(listed[:i])} listed below it"
+def test_the_readme_shows_every_package_and_top_level_module():
+    """README's tree in "The code": every top-level .py file and every package is named there."""
+    section = (ROOT / "README.md").read_text().split("## The code", 1)[1].split("\n## ", 1)[0]
+    packages = {init.parent.name for init in ROOT.glob("*/__init__.py")}
+    missing = [name for name in sorted(TOP_LEVEL) if f"{name}.py" not in section]
+    missing += [name for name in sorted(packages) if f"{name}/" not in section]
+    assert missing == []

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import inference
-from checkpoint import load_checkpoint, save_checkpoint
 from conftest import expected_answer
+from prediction.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_single_image_prints_label_and_confidence(trained, capsys):

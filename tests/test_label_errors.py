@@ -15,13 +15,19 @@ import torchvision
 from PIL import Image
 
 import check_data
-import label_errors
 import train
-from conftest import train_args
 from config import TrainConfig
+from conftest import train_args
 from model import fetch_pretrained
-from label_errors import (confident_learning, out_of_fold_probs, read_listed_paths, stratified_folds,
-                          train_short, train_split_of)
+from quality import label_errors
+from quality.label_errors import (
+    confident_learning,
+    out_of_fold_probs,
+    read_listed_paths,
+    stratified_folds,
+    train_short,
+    train_split_of,
+)
 
 
 def test_stratified_folds_deal_each_class_evenly_and_repeat_with_the_seed():

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-import metrics
 from conftest import fixed_confusion_matrix
-from metrics import mixed_loss
+from core import metrics
+from core.metrics import mixed_loss
 
 NAMES = ["a", "b", "c", "d"]
 

@@ -6,8 +6,8 @@ import torch
 import torchvision
 from torchvision.transforms.functional import normalize
 
-from common import UserError
 from conftest import imagenet_like_resnet18
+from core.common import UserError
 from dataset import to_float
 from model import SmallResNet, adapt_state_dict, build_model, load_pretrained, pretrained_normalization, unwrap
 

@@ -14,11 +14,22 @@ import torch
 from PIL import Image
 
 import check_data
-import near_duplicates
 from conftest import load_folder
-from dataset import RowView, make_synthetic, preprocess
-from near_duplicates import (End, Joined, altered_copy, connected_groups, copy_groups, cross_and_within,
-                             near_duplicate_pairs, start_up_line, thumbnails)
+from dataset import RowView
+from loading import near_duplicates
+from loading.decode import preprocess
+from loading.near_duplicates import (
+    End,
+    Joined,
+    altered_copy,
+    connected_groups,
+    copy_groups,
+    cross_and_within,
+    near_duplicate_pairs,
+    start_up_line,
+    thumbnails,
+)
+from loading.synthetic import make_synthetic
 
 
 def photo(rng: np.random.Generator, side: int = 120) -> Image.Image:

@@ -10,13 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import novelty as nv
-import predict
-from common import UserError
+import dataset
 from config import NOVELTY_SCORES
 from conftest import load_folder
-from dataset import RowView, decode_image, make_synthetic
+from core.common import UserError
+from dataset import RowView
+from loading import synthetic
+from loading.decode import decode_image
+from loading.synthetic import make_synthetic
 from model import build_model
+from prediction import novelty as nv
+from prediction import predict
 
 
 def brute_auroc(known: torch.Tensor, unknown: torch.Tensor) -> float:
@@ -254,26 +258,26 @@ def test_features_need_a_known_model_layout():
 # ---------------------------------------------------------------- the synthetic unknown set
 
 def test_unknown_images_are_deterministic_and_cover_every_kind(tmp_path):
-    a = nv.make_unknown_images(2 * len(nv.UNKNOWN_KINDS), size=48, seed=5)
-    b = nv.make_unknown_images(2 * len(nv.UNKNOWN_KINDS), size=48, seed=5)
-    assert [k for k, _ in a] == list(nv.UNKNOWN_KINDS) * 2
+    a = synthetic.make_unknown_images(2 * len(synthetic.UNKNOWN_KINDS), size=48, seed=5)
+    b = synthetic.make_unknown_images(2 * len(synthetic.UNKNOWN_KINDS), size=48, seed=5)
+    assert [k for k, _ in a] == list(synthetic.UNKNOWN_KINDS) * 2
     assert all(img.size == (48, 48) and img.mode == "RGB" for _, img in a)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(a, b))
-    assert not np.array_equal(np.asarray(a[0][1]), np.asarray(nv.make_unknown_images(1, 48, seed=6)[0][1]))
-    assert nv.main(["unknown", str(tmp_path / "u"), "--count", "12", "--size", "40"]) == 0
+    assert not np.array_equal(np.asarray(a[0][1]), np.asarray(synthetic.make_unknown_images(1, 48, seed=6)[0][1]))
+    assert dataset.main(["unknown", str(tmp_path / "u"), "--count", "12", "--size", "40"]) == 0
     files = sorted((tmp_path / "u").iterdir())
     assert len(files) == 12 and decode_image(files[0], 32, 1).shape == (1, 32, 32)
     with pytest.raises(ValueError, match="unknown kind"):
-        nv.make_unknown_images(1, kinds=("horses",))
+        synthetic.make_unknown_images(1, kinds=("horses",))
 
 
 @pytest.mark.parametrize("size", [12, 16, 24, 32])
 def test_unknown_images_draw_on_small_sides(size):
     """--other draws them at twice the image size: charts of many bars on a small side once failed (PIL: 'x1 must
     be greater than or equal to x0'), so `--other DIR --image-size 16` could not start."""
-    drawn = nv.make_unknown_images(60, size, seed=0, kinds=("chart",)) + nv.make_unknown_images(18, size, seed=1)
+    drawn = synthetic.make_unknown_images(60, size, seed=0, kinds=("chart",)) + synthetic.make_unknown_images(18, size, seed=1)
     assert all(img.size == (size, size) for _, img in drawn)
-    assert {k for k, _ in drawn} == set(nv.UNKNOWN_KINDS)
+    assert {k for k, _ in drawn} == set(synthetic.UNKNOWN_KINDS)
 
 
 # ---------------------------------------------------------------- a small trained model
@@ -299,7 +303,7 @@ def small_model(tmp_path_factory):
             opt.step()
     model.eval()
     unknown = torch.stack([torch.from_numpy(np.asarray(img.convert("L").resize((32, 32)))[None].copy())
-                           for _, img in nv.make_unknown_images(90, size=32, seed=7)])
+                           for _, img in synthetic.make_unknown_images(90, size=32, seed=7)])
     return model, train, val, unknown
 
 

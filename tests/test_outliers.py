@@ -9,15 +9,17 @@ import pytest
 import torch
 
 import evaluate
-import novelty as nv
-import predict
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import load_folder, train_args
-from dataset import make_synthetic, random_crops, rotate_quarters
-from metrics import energy_margin_loss
+from core.metrics import energy_margin_loss
+from dataset import random_crops, rotate_quarters
+from loading import synthetic
+from loading.synthetic import make_synthetic
 from model import WithRotationHead, build_model, has_rotation_head
-from outliers import blob_masks, other_crops, zoomed_out
+from prediction import novelty as nv
+from prediction import predict
+from prediction.checkpoint import load_checkpoint, model_from_checkpoint
+from training.outliers import blob_masks, other_crops, zoomed_out
 
 
 def test_rotate_quarters_turns_each_image_by_its_own_count():
@@ -114,7 +116,7 @@ def test_other_images_score_higher_than_without(tmp_path):
     data = make_synthetic(tmp_path / "data", 48, size=40, seed=3)  # the classes are drawn shapes on noise
     other = tmp_path / "other" / "drawn"
     other.mkdir(parents=True)
-    for i, (kind, img) in enumerate(nv.make_unknown_images(60, 40, seed=4, kinds=("text", "stripes", "checkers",
+    for i, (kind, img) in enumerate(synthetic.make_unknown_images(60, 40, seed=4, kinds=("text", "stripes", "checkers",
                                                                                    "gradient"))):
         img.save(other / f"{kind}_{i}.png")
     gap = {}
@@ -136,7 +138,7 @@ def test_other_images_score_higher_than_without(tmp_path):
 
 def test_a_model_trained_with_other_weights_the_energy_in_its_combined_score(tiny_data, tmp_path):
     other = tmp_path / "other"
-    nv.write_unknown_set(other, count=6, size=40, seed=1)
+    synthetic.write_unknown_set(other, count=6, size=40, seed=1)
     for name, extra, weight in (("plain", (), 1.0), ("other", ("--other", str(other)), nv.OTHER_ENERGY_WEIGHT)):
         out = tmp_path / name
         assert train.main(train_args(tiny_data, out, "--other-synthetic", "4", *extra)) == 0
@@ -152,9 +154,9 @@ def test_other_must_be_a_folder_with_images(tiny_data, tmp_path):
 
 def test_unknown_dir_is_reported_per_folder(trained, tmp_path, capsys):
     unknown = tmp_path / "unknown"
-    nv.write_unknown_set(unknown / "drawn", count=9, size=40, seed=5)
-    nv.write_unknown_set(unknown / "more", count=5, size=40, seed=6)
-    nv.write_unknown_set(unknown, count=3, size=40, seed=7)  # loose files at the top
+    synthetic.write_unknown_set(unknown / "drawn", count=9, size=40, seed=5)
+    synthetic.write_unknown_set(unknown / "more", count=5, size=40, seed=6)
+    synthetic.write_unknown_set(unknown, count=3, size=40, seed=7)  # loose files at the top
     out = tmp_path / "eval"
     assert evaluate.main(["--checkpoint", str(trained["checkpoint"]), "--data", str(trained["data"]),
                           "--split", "val", "--unknown-dir", str(unknown), "--out-dir", str(out),

@@ -2,9 +2,9 @@
 import torch
 from PIL import Image
 
-import plots
-from metrics import confusion_matrix
 from conftest import fixed_confusion_matrix
+from core import plots
+from core.metrics import confusion_matrix
 
 NAMES = ["a", "b", "c", "d"]
 

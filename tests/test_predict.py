@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model import SmallResNet
-from predict import explain, extract_features, normalize, predict_logits
+from prediction.predict import explain, extract_features, normalize, predict_logits
 
 
 def test_predict_logits_default_normalization_is_unchanged():
@@ -53,7 +53,7 @@ def test_small_batches_take_both_views_in_one_pass_and_give_the_same_numbers():
     """per_view: up to ONE_PASS_IMAGES images, the image and its mirror go through the network together and are
     split again, in views() order; larger batches take a pass per view. Either way the same numbers."""
     from model import forward_stages
-    from predict import ONE_PASS_IMAGES, per_view
+    from prediction.predict import ONE_PASS_IMAGES, per_view
 
     torch.manual_seed(0)
     model = SmallResNet(2, 1, 8).eval()

@@ -13,21 +13,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND = re.compile(r"python (\w+)\.py((?: [^\s`#]+)*)")
+COMMAND = re.compile(r"python (?:(\w+)\.py|-m (benchmarks\.\w+))((?: [^\s`#]+)*)")
 
 
 def readme_commands(text: str) -> list[tuple[str, str, list[str]]]:
-    """(script, subcommand or '', flags) of every `python X.py ...` in the text; the flags after a bare `--` are
-    train.py's (bench.py) or serve.py's (bench_serve.py), listed as their own command."""
+    """(script, subcommand or '', flags) of every `python X.py ...` and `python -m benchmarks.X ...` in the text
+    (script: 'train', 'benchmarks.bench'); the flags after a bare `--` are train.py's (benchmarks.bench) or
+    serve.py's (benchmarks.bench_serve), listed as their own command."""
     out = []
-    for script, args in COMMAND.findall(text):
+    for top, module, args in COMMAND.findall(text):
+        script = top or module
         words = args.split()
         ours, theirs = (words[:words.index("--")], words[words.index("--") + 1:]) if "--" in words else (words, [])
         sub = ours[0] if ours and re.fullmatch(r"[a-z][a-z-]*", ours[0]) \
-            and script in ("bench", "bench_serve", "dataset", "novelty") else ""
+            and script in ("benchmarks.bench", "benchmarks.bench_serve", "dataset") else ""
         out.append((script, sub, [w.split("=")[0] for w in ours if w.startswith("--")]))
         if theirs:
-            out.append(("serve" if script == "bench_serve" else "train", "",
+            out.append(("serve" if script == "benchmarks.bench_serve" else "train", "",
                         [w.split("=")[0] for w in theirs if w.startswith("--")]))
     return out
 
@@ -41,14 +43,14 @@ def help_text(script: str, sub: str) -> str:
 
 
 def test_readme_commands_are_found():
-    found = readme_commands("run `python train.py --data X --epochs 3` then\n    python bench.py scale --images 9 -- "
-                            "--width 8\n    python inference.py --image a.jpg  # --not-a-flag\n"
-                            "    python bench_serve.py screenshot --size 9,9 -- --threads 1\n"
-                            "    python bench.py near-copies --copies 5")
-    assert found == [("train", "", ["--data", "--epochs"]), ("bench", "scale", ["--images"]),
+    found = readme_commands("run `python train.py --data X --epochs 3` then\n    python -m benchmarks.bench scale "
+                            "--images 9 -- --width 8\n    python inference.py --image a.jpg  # --not-a-flag\n"
+                            "    python -m benchmarks.bench_serve screenshot --size 9,9 -- --threads 1\n"
+                            "    python -m benchmarks.bench near-copies --copies 5")
+    assert found == [("train", "", ["--data", "--epochs"]), ("benchmarks.bench", "scale", ["--images"]),
                      ("train", "", ["--width"]), ("inference", "", ["--image"]),
-                     ("bench_serve", "screenshot", ["--size"]), ("serve", "", ["--threads"]),
-                     ("bench", "near-copies", ["--copies"])]
+                     ("benchmarks.bench_serve", "screenshot", ["--size"]), ("serve", "", ["--threads"]),
+                     ("benchmarks.bench", "near-copies", ["--copies"])]
 
 
 @pytest.mark.parametrize("doc", ["README.md", "BENCHMARKS.md"])
@@ -58,7 +60,7 @@ def test_every_flag_in_the_docs_is_one_the_script_lists(doc):
     helps: dict[tuple[str, str], str] = {}
     unknown = []
     for script, sub, flags in commands:
-        if not (ROOT / f"{script}.py").is_file():
+        if not (ROOT / f"{script.replace('.', '/')}.py").is_file():
             unknown.append(f"python {script}.py: no such script")
             continue
         text = helps.setdefault((script, sub), help_text(script, sub))

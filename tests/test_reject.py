@@ -15,14 +15,15 @@ from PIL import Image
 
 import evaluate
 import inference
-import novelty as nv
-import predict
 import train
-from checkpoint import load_checkpoint, novelty_of, save_checkpoint, with_novelty
-from common import UserError
 from config import NOVELTY_SCORES, TrainConfig
 from conftest import load_folder, train_args
-from dataset import make_synthetic
+from core.common import UserError
+from loading import synthetic
+from loading.synthetic import make_synthetic
+from prediction import novelty as nv
+from prediction import predict
+from prediction.checkpoint import load_checkpoint, novelty_of, save_checkpoint, with_novelty
 
 
 def val_scores(ckpt: dict, data: Path) -> torch.Tensor:
@@ -156,7 +157,7 @@ def test_an_older_checkpoint_still_predicts_but_reject_says_retrain(trained, tmp
 
 
 def test_evaluate_unknown_dir_writes_the_metrics_and_the_histogram(trained, tmp_path, capsys):
-    unknown = nv.write_unknown_set(tmp_path / "unknown", count=18, size=40, seed=3)
+    unknown = synthetic.write_unknown_set(tmp_path / "unknown", count=18, size=40, seed=3)
     nested = unknown / "more" / "deeper"
     nested.mkdir(parents=True)
     for p in sorted(unknown.glob("*.png"))[:4]:

@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
-from checkpoint import load_checkpoint, run_name_of, save_checkpoint
-from runs import append_result, archive_previous_run, read_results, rewrite_results, unique_run_name
+from prediction.checkpoint import load_checkpoint, run_name_of, save_checkpoint
+from training.runs import append_result, archive_previous_run, read_results, rewrite_results, unique_run_name
 
 
 def test_a_name_in_use_gets_a_suffix(tmp_path):

@@ -21,13 +21,14 @@ from PIL import Image
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-import bench_serve
 import dataset
 import inference
-import predict
 import serve
-from checkpoint import load_checkpoint, model_from_checkpoint, temperature_of, tta_of
+from benchmarks import bench_serve
 from conftest import NASTY_READABLE, NASTY_UNREADABLE
+from loading import decode
+from prediction import predict
+from prediction.checkpoint import load_checkpoint, model_from_checkpoint, temperature_of, tta_of
 
 NOVELTY = ("novelty_score", "known")  # what predict_images adds when the checkpoint has a novelty score
 
@@ -461,8 +462,8 @@ def test_pixel_limit_holds_when_another_thread_resets_the_warning_filter(nasty_d
     monkeypatch.setattr(warnings, "simplefilter", lambda *args, **kwargs: None)  # as if reset by another thread
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-        with pytest.raises(dataset.BadImage, match="decompression-bomb pixel limit"):
-            dataset.decode_bytes((nasty_data / "train/cat/bomb_warning.png").read_bytes(), 32)
+        with pytest.raises(decode.BadImage, match="decompression-bomb pixel limit"):
+            decode.decode_bytes((nasty_data / "train/cat/bomb_warning.png").read_bytes(), 32)
 
 
 @pytest.mark.slow

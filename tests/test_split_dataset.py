@@ -4,8 +4,9 @@ import os
 import pytest
 
 from conftest import table_labelled_set
-from dataset import load_data, make_synthetic
-from layout import SKIPPED, read_layout
+from dataset import load_data
+from loading.layout import SKIPPED, read_layout
+from loading.synthetic import make_synthetic
 from split_dataset import main, split_dataset
 
 

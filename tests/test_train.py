@@ -6,20 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import inference
-import optimization
-import runs
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
 from config import TrainConfig, parse_config
 from conftest import expected_answer, imagenet_like_resnet18, table_labelled_set, train_args
-from dataset import Split, augment, cutmix, image_tensor, load_data, make_synthetic, to_float
-from layout import read_layout
-from metrics import expected_calibration_error
+from core import common
+from core.metrics import expected_calibration_error
+from dataset import Split, augment, cutmix, image_tensor, load_data, to_float
+from loading.layout import read_layout
+from loading.synthetic import make_synthetic
 from model import SmallResNet, adapt_state_dict, build_model
-from predict import predict_logits
-from runs import read_results, read_summary
+from prediction.checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
+from prediction.predict import predict_logits
+from training import optimization, runs
+from training.runs import read_results, read_summary
 
 
 @pytest.mark.slow

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import distributed
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import NASTY_IGNORED, NASTY_READABLE, NASTY_UNREADABLE, train_args
-from dataset import make_synthetic
-from runs import read_results
+from loading.synthetic import make_synthetic
+from prediction.checkpoint import load_checkpoint, model_from_checkpoint
+from training import distributed
+from training.runs import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 

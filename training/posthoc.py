@@ -13,16 +13,32 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (load_checkpoint, model_from_checkpoint, normalization_of, novelty_record, save_checkpoint,
-                        temperature_of, tta_of, with_novelty, with_temperature)
 from config import TrainConfig
+from core.metrics import confusion_matrix, expected_calibration_error, fit_temperature
+from core.plots import plot_confusion_matrix
 from dataset import Split, load_items
-from layout import layout_of
-from metrics import confusion_matrix, expected_calibration_error, fit_temperature
-from novelty import (OTHER_ENERGY_WEIGHT, accepted, fit_sample, fit_states, state_bytes, threshold_for_accept_rate,
-                     unknown_report)
-from plots import plot_confusion_matrix
-from predict import extract_features, predict_logits, score_images
+from loading.layout import layout_of
+from prediction.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    normalization_of,
+    novelty_record,
+    save_checkpoint,
+    temperature_of,
+    tta_of,
+    with_novelty,
+    with_temperature,
+)
+from prediction.novelty import (
+    OTHER_ENERGY_WEIGHT,
+    accepted,
+    fit_sample,
+    fit_states,
+    state_bytes,
+    threshold_for_accept_rate,
+    unknown_report,
+)
+from prediction.predict import extract_features, predict_logits, score_images
 
 
 def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool, writer) -> dict:

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError
 from config import TrainConfig
-from dataset import decode_files, decode_image
-from layout import EMPTY, SKIPPED, Layout, layout_of, layout_splits, walk_files
-from near_duplicates import DescriptorBlocks, find_near_copies
-from plots import plot_gallery, save_figure
+from core.common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError
+from core.plots import plot_gallery, save_figure
+from loading.decode import decode_files, decode_image
+from loading.layout import EMPTY, SKIPPED, Layout, layout_of, layout_splits, walk_files
+from loading.near_duplicates import DescriptorBlocks, find_near_copies
 
 TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model
 NEAR_LEAKS_PNG = "near_leaks.png"

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common import UserError
+from core.common import UserError
 from dataset import batches
 from model import WithRotationHead, has_rotation_head
 

@@ -45,7 +45,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from common import save_atomic
+from core.common import save_atomic
 
 CACHE_VERSION = 2
 COMPACT_SHARE = 0.25  # rewrite the array once more than this share of its rows belong to no current file

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import UserError
-from dataset import (batch_flip_lr, expand_inputs, load_split, preprocess, random_crops, rotate_quarters,
-                     scale_shift_grid, to_float)
-from novelty import make_unknown_images
+from core.common import UserError
+from dataset import batch_flip_lr, load_split, random_crops, rotate_quarters, scale_shift_grid, to_float
+from loading.decode import expand_inputs, preprocess
+from loading.synthetic import make_unknown_images
 
 
 def load_other_images(folder: str, side: int, channels: int, cache_dir: str, workers: int, synthetic: int,

@@ -30,15 +30,15 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import BEST, LAST, load_checkpoint, run_name_of
-from common import UserError, remove_stale_temp_files
 from config import TrainConfig, format_config
+from core.common import UserError, remove_stale_temp_files
+from core.plots import plot_gallery, save_figure
 from dataset import Split, augment, cutmix, to_float, to_uint8
-from distributed import is_main_rank
-from label_errors import CSV_NAME as LABEL_ERRORS_CSV, GALLERY_NAME as LABEL_ERRORS_PNG
-from plots import plot_gallery, save_figure
+from prediction.checkpoint import BEST, LAST, load_checkpoint, run_name_of
+from training.distributed import is_main_rank
 
 TRAINING_CURVES, TRAIN_BATCH, RESULTS = "training_curves.png", "train_batch.png", "results.csv"
+LABEL_ERRORS_CSV, LABEL_ERRORS_PNG = "label_errors.csv", "label_errors.png"  # the label check's, in CURVES_DIR
 SUMMARY = "summary.json"  # LOG_DIR/<run>/: what the run ended with (train.py's summary; bench.py reads it)
 # What a run leaves at the top of --curves-dir: its plots, and what evaluate.py --out-dir CURVES_DIR wrote.
 RUN_CURVES = (TRAINING_CURVES, TRAIN_BATCH, "metrics.json", "confusion_matrix.png", "most_confident_wrong.png",

@@ -1,14 +1,14 @@
 """Benchmark our training against the plain pipeline, on the same data and machine, in one run.
 
 Usage:
-    python bench.py --data PATH/TO/DATA                               # ours (fit into 10 min), then the baseline
-    python bench.py --data DATA --time-budget 150 --baseline-seconds 300
-    python bench.py --data DATA --skip-baseline --epochs 12 -- --width 32 --lr 3e-3   # train.py flags after --
-    python bench.py scale --images 100000                             # memory and speed of the cache at scale
-    python bench.py scale --images 100000 --size 128 --channels 3 --work-dir /tmp/bench_data
-    python bench.py scale --data ../shared/data/catdog --repeats 2    # map vs in-RAM speed on real data
-    python bench.py near-copies --data PATH/TO/DATA --copies 500 --scale 100000   # near-copy recall, precision, time
-    python bench.py label-errors --data PATH/TO/DATA --flip 0.05      # label-error precision and recall
+    python -m benchmarks.bench --data PATH/TO/DATA                               # ours (fit into 10 min), then the baseline
+    python -m benchmarks.bench --data DATA --time-budget 150 --baseline-seconds 300
+    python -m benchmarks.bench --data DATA --skip-baseline --epochs 12 -- --width 32 --lr 3e-3   # train.py flags after --
+    python -m benchmarks.bench scale --images 100000                             # memory and speed of the cache at scale
+    python -m benchmarks.bench scale --images 100000 --size 128 --channels 3 --work-dir /tmp/bench_data
+    python -m benchmarks.bench scale --data ../shared/data/catdog --repeats 2    # map vs in-RAM speed on real data
+    python -m benchmarks.bench near-copies --data PATH/TO/DATA --copies 500 --scale 100000   # near-copy recall, precision, time
+    python -m benchmarks.bench label-errors --data PATH/TO/DATA --flip 0.05      # label-error precision and recall
 
 Prints one JSON object: train images/s for each, our decode time (cold cache), seconds to reach 80/85/90% val
 accuracy for each (null if never; wall time since training started, evaluation included), best val accuracy,
@@ -49,15 +49,33 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (PROJECT_DIR, UserError, markdown_source, markdown_table, provenance, reports_user_errors,
-                    run_script, split_at_dashes)
 from config import TrainConfig, parse_config
-from dataset import decode_files, load_data, preprocess
-from label_errors import confident_learning, out_of_fold_probs, train_split_of
-from layout import Layout, layout_of, layout_splits
-from near_duplicates import (SIDE, Joined, altered_copy, connected_groups, cross_and_within, descriptors,
-                             find_near_copies)
-from runs import read_summary, unique_run_name
+from core.common import (
+    PROJECT_DIR,
+    UserError,
+    markdown_source,
+    markdown_table,
+    program,
+    program_env,
+    provenance,
+    reports_user_errors,
+    run_script,
+    split_at_dashes,
+)
+from dataset import load_data
+from loading.decode import decode_files, preprocess
+from loading.layout import Layout, layout_of, layout_splits
+from loading.near_duplicates import (
+    SIDE,
+    Joined,
+    altered_copy,
+    connected_groups,
+    cross_and_within,
+    descriptors,
+    find_near_copies,
+)
+from quality.label_errors import confident_learning, out_of_fold_probs, train_split_of
+from training.runs import read_summary, unique_run_name
 
 TARGETS = (0.80, 0.85, 0.90)
 
@@ -119,7 +137,7 @@ def baseline_data(cfg: TrainConfig, lay: Layout, scratch: str) -> str:
 
 
 def bench_baseline(data: str, epochs: int, max_seconds: float, workers: int, device: str) -> dict:
-    out = run_script("baseline.py", ["--data", data, "--epochs", str(epochs), "--max-seconds", str(max_seconds),
+    out = run_script("benchmarks.baseline", ["--data", data, "--epochs", str(epochs), "--max-seconds", str(max_seconds),
                                      "--workers", str(workers), "--device", device], stdout=subprocess.PIPE).stdout
     hist = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {"train_images_per_s": round(sum(h["train_images_per_s"] for h in hist) / len(hist), 1),
@@ -235,8 +253,8 @@ class MemoryPeaks:
 
 def _write_synthetic_chunk(job: tuple) -> int:
     """Write the images numbered start..stop-1 of a generated set (run in a worker process)."""
-    from PIL import Image, ImageDraw
     import numpy as np
+    from PIL import Image, ImageDraw
 
     root, start, stop, n_val, side, seed = job
     rng = np.random.default_rng([seed, start])
@@ -327,8 +345,8 @@ def measure(step: str, cfg: TrainConfig) -> dict:
 
 
 def _measure_in_subprocess(step: str, cfg: TrainConfig) -> dict:
-    cmd = [sys.executable, str(PROJECT_DIR / "bench.py"), "_measure", step, json.dumps(cfg.to_dict())]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    cmd = [*program("benchmarks.bench"), "_measure", step, json.dumps(cfg.to_dict())]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=program_env())
     if proc.returncode != 0:
         raise UserError(f"bench.py scale: the {step} step failed (exit {proc.returncode}; its output is above)")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

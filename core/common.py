@@ -46,7 +46,7 @@ class UserError(Exception):
     """A mistake the user can fix (bad path, no checkpoint yet...): printed as one line, no traceback."""
 
 
-PROJECT_DIR = Path(__file__).resolve().parent  # where the scripts are
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # where the scripts are
 
 
 def split_at_dashes(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -55,11 +55,25 @@ def split_at_dashes(argv: list[str]) -> tuple[list[str], list[str]]:
     return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
 
 
+def program(name: str) -> list[str]:
+    """The command line that runs a program of this project: a top-level script by its path (train.py), a module
+    of a package with -m (benchmarks.baseline; program_env puts the project on its import path)."""
+    if name.endswith(".py"):
+        return [sys.executable, str(PROJECT_DIR / name)]
+    return [sys.executable, "-m", name]
+
+
+def program_env() -> dict[str, str]:
+    """The environment for `program`: ours, with the project first on PYTHONPATH, wherever the caller's cwd is."""
+    paths = [str(PROJECT_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def run_script(script: str, args: list[str], stdout=None) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` (a script of this project) in a process of its own, as a user runs it: how one script
-    uses another, never by importing it. Its stdout goes to `stdout` (default: ours; subprocess.PIPE to read
-    it); a failure is a UserError."""
-    proc = subprocess.run([sys.executable, str(PROJECT_DIR / script), *args], stdout=stdout, text=True)
+    """`python SCRIPT ARGS` (a program of this project, see `program`) in a process of its own, as a user runs
+    it: how one program uses another, never by importing it. Its stdout goes to `stdout` (default: ours;
+    subprocess.PIPE to read it); a failure is a UserError."""
+    proc = subprocess.run([*program(script), *args], stdout=stdout, text=True, env=program_env())
     if proc.returncode != 0:
         raise UserError(f"{script} failed (exit {proc.returncode}; its output is above)")
     return proc

@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import UserError, needs_grad_scaler, pick_amp_dtype, pick_device
 from config import TrainConfig
+from core.common import UserError, needs_grad_scaler, pick_amp_dtype, pick_device
+from core.plots import plot_gallery, save_figure
 from dataset import Split, augment, batches, fetch_batch, load_items, to_float
-from layout import Layout, layout_of, layout_splits
+from loading.layout import Layout, layout_of, layout_splits
 from model import build_model, fetch_pretrained, input_normalization
-from optimization import LRSchedule, build_optimizer, plan_to_budget, planning_epoch_seconds, train_mode
-from plots import plot_gallery, save_figure
-from predict import amp, predict_logits
+from prediction.predict import amp, predict_logits
+from training.optimization import LRSchedule, build_optimizer, plan_to_budget, planning_epoch_seconds, train_mode
+from training.runs import LABEL_ERRORS_CSV, LABEL_ERRORS_PNG
 
-CSV_NAME, GALLERY_NAME = "label_errors.csv", "label_errors.png"
 CSV_COLUMNS = ("path", "given", "suggested", "confidence", "given_probability")
 
 
@@ -178,7 +178,7 @@ def write_label_errors(rows: list[dict], found: list[dict], images, out_dir: str
     its given and suggested label) in out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / CSV_NAME
+    csv_path = out / LABEL_ERRORS_CSV
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
@@ -187,7 +187,7 @@ def write_label_errors(rows: list[dict], found: list[dict], images, out_dir: str
     pictures = images[shown] if len(shown) else torch.zeros(0, 1, 8, 8, dtype=torch.uint8)
     captions = [f"{r['given']} -> {r['suggested']} {r['confidence']:.0%}\n{Path(r['path']).name[:24]}"
                 for r in rows[:top]]
-    return csv_path, save_figure(plot_gallery(pictures, captions), out / GALLERY_NAME)
+    return csv_path, save_figure(plot_gallery(pictures, captions), out / LABEL_ERRORS_PNG)
 
 
 def read_listed_paths(csv_path: str | Path) -> list[str]:

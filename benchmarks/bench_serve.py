@@ -3,10 +3,10 @@ at 32 with every 4th upload unreadable, the images per forward pass (from the se
 server's memory before and after 5,000 requests.
 
 Usage:
-    python bench_serve.py                                    # first trains the default model 1 epoch on synthetic data
-    python bench_serve.py --checkpoint models/best_model.pth --image photo.jpg
-    python bench_serve.py --requests 500 --memory-requests 2000 -- --threads 1 --torch-threads 2   # serve.py flags
-    python bench_serve.py screenshot --checkpoint models/best_model.pth --image photo.jpg --out docs/serve_page.png
+    python -m benchmarks.bench_serve                                    # first trains the default model 1 epoch on synthetic data
+    python -m benchmarks.bench_serve --checkpoint models/best_model.pth --image photo.jpg
+    python -m benchmarks.bench_serve --requests 500 --memory-requests 2000 -- --threads 1 --torch-threads 2   # serve.py flags
+    python -m benchmarks.bench_serve screenshot --checkpoint models/best_model.pth --image photo.jpg --out docs/serve_page.png
 
 The server runs as `python serve.py` in its own process on a free localhost port; the clients are threads of
 this process, each with its own keep-alive connection, sending one image as the raw body of POST /predict.
@@ -37,10 +37,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from checkpoint import load_checkpoint, width_of
-from common import (UserError, markdown_source, markdown_table, provenance, reports_user_errors, run_script,
-                    split_at_dashes)
-from dataset import make_synthetic
+from core.common import (
+    UserError,
+    markdown_source,
+    markdown_table,
+    provenance,
+    reports_user_errors,
+    run_script,
+    split_at_dashes,
+)
+from loading.synthetic import make_synthetic
+from prediction.checkpoint import load_checkpoint, width_of
 
 ROOT = Path(__file__).resolve().parent
 CLIENTS = (1, 8, 32, 64)

@@ -25,12 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import normalization_of, novelty_of, temperature_of, tta_of
-from common import UserError
 from config import NORMALIZATION, NOVELTY_SCORES
+from core.common import UserError
 from dataset import RowView, rotate_quarters, to_float
 from model import forward_stages, has_rotation_head, unwrap
-from novelty import novelty_score, scores_by_name
+from prediction.checkpoint import normalization_of, novelty_of, temperature_of, tta_of
+from prediction.novelty import novelty_score, scores_by_name
 
 MAX_STAGE_CHANNELS = 256  # wider stages are averaged over neighbouring channels: a stage adds at most 512 values
 FEATURE_BATCH_VALUES = 2**20  # pixel values per forward pass: 256 images at 64 px gray, 21 at 128 px RGB

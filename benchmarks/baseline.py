@@ -1,9 +1,9 @@
 """The plain pipeline bench.py compares against: what most image-classifier repos do.
 
 Usage:
-    python baseline.py --data ../shared/data/catdog                 # 1 epoch, one JSON line per epoch
-    python baseline.py --data DATA --epochs 3 --max-seconds 400 --workers 2
-    python baseline.py --data DATA --device cuda                   # the same pipeline on a GPU
+    python -m benchmarks.baseline --data ../shared/data/catdog                 # 1 epoch, one JSON line per epoch
+    python -m benchmarks.baseline --data DATA --epochs 3 --max-seconds 400 --workers 2
+    python -m benchmarks.baseline --data DATA --device cuda                   # the same pipeline on a GPU
 
 Recipe: torchvision ImageFolder, with PIL decoding and transforms on every image of every epoch (grayscale,
 resize to 64x64, random mirror and rotation of up to 10 degrees for training, [-1, 1] normalization);
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from torchvision.models import resnet18
 
-from common import UserError, pick_device, reports_user_errors
+from core.common import UserError, pick_device, reports_user_errors
 
 
 def pil_transforms(size: int, train: bool) -> transforms.Compose:

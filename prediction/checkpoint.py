@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import UserError, save_atomic
 from config import TrainConfig
+from core.common import UserError, save_atomic
 from model import build_model, input_normalization, unwrap
 
 FORMAT_VERSION = 2

@@ -1,8 +1,6 @@
 """Novelty scores: does an image belong to any known class? Scores, thresholds, metrics and a synthetic unknown set.
 
 Usage:
-    python novelty.py unknown DIR --count 600            # write synthetic far-away images (shapes, noise, text...)
-
     rows = fit_sample(train_labels, 20_000)                   # what to fit on: a stratified sample past 20,000
     train_feats = extract_features(model, train_images[rows], normalization=ckpt["normalization"], tta=True)
     state = fit_score("combined", train_feats, train_labels[rows], num_classes)  # plain dict, weights_only-safe
@@ -41,21 +39,15 @@ Every score is oriented the same way: the higher, the less the image looks like 
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
-from types import MappingProxyType
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from common import UserError, reports_user_errors
 from config import NOVELTY_SCORES
-from dataset import decode_files, expand_inputs
-
+from core.common import UserError
+from loading.decode import decode_files, expand_inputs
 
 DEFAULT_SCORE = "combined"
 COMBINED_STAGES = 2  # the combined score's early stages: the stem's and the first residual stage's statistics
@@ -388,177 +380,3 @@ def load_images(folder: str | Path, size: int, channels: int, workers: int = 0
     if not good:
         raise UserError(f"no readable images in {folder}")
     return torch.stack([im for _, im in good]), [p for p, _ in good], bad
-
-
-# ---------------------------------------------------------------- a synthetic set of far-away images
-
-UNKNOWN_KINDS = ("shapes", "noise", "smooth_noise", "gradient", "text", "chart", "stripes", "checkers", "blank")
-WORDS = ("total", "invoice", "settings", "error", "cancel", "update", "report", "2024", "page", "login", "OK",
-         "download", "price", "chapter", "lorem", "ipsum", "graph", "menu", "file", "help", "x = 3.14")
-
-
-def _color(rng: np.random.Generator, low: int = 0, high: int = 256) -> tuple[int, int, int]:
-    return tuple(int(v) for v in rng.integers(low, high, 3))
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: one fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def _noise(s: int, rng: np.random.Generator) -> Image.Image:
-    return Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8), "RGB")
-
-
-def _smooth_noise(s: int, rng: np.random.Generator) -> Image.Image:
-    cells = int(rng.integers(2, 9))
-    small = Image.fromarray(rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8), "RGB")
-    return small.resize((s, s), Image.BICUBIC)
-
-
-def _between(t: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    """Two random colours mixed by t (0..1 per pixel)."""
-    c0, c1 = np.array(_color(rng)), np.array(_color(rng))
-    return Image.fromarray((c0 + (c1 - c0) * np.asarray(t, float)[..., None]).astype(np.uint8), "RGB")
-
-
-def _gradient(s: int, rng: np.random.Generator) -> Image.Image:
-    yy, xx = np.mgrid[0:s, 0:s] / (s - 1)
-    if rng.random() < 0.5:
-        a = rng.uniform(0, 2 * np.pi)
-        t = (xx * np.cos(a) + yy * np.sin(a))
-    else:
-        cx, cy = rng.uniform(0, 1, 2)
-        t = np.hypot(xx - cx, yy - cy)
-    return _between((t - t.min()) / max(t.max() - t.min(), 1e-9), rng)
-
-
-def _stripes(s: int, rng: np.random.Generator) -> Image.Image:
-    yy, xx = np.mgrid[0:s, 0:s] / s
-    a, freq = rng.uniform(0, np.pi), rng.uniform(2, 12)
-    wave = np.sin(2 * np.pi * freq * (xx * np.cos(a) + yy * np.sin(a)))
-    return _between(wave > 0 if rng.random() < 0.5 else (wave + 1) / 2, rng)
-
-
-def _checkers(s: int, rng: np.random.Generator) -> Image.Image:
-    n = int(rng.integers(2, 12))
-    yy, xx = np.mgrid[0:s, 0:s] * n // s
-    return _between((xx + yy) % 2, rng)
-
-
-def _blank(s: int, rng: np.random.Generator) -> Image.Image:
-    base = np.array(_color(rng, 60, 250), dtype=float)
-    arr = base + rng.normal(0, rng.uniform(0, 6), (s, s, 3))
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-
-
-def _shapes(draw: ImageDraw.ImageDraw, s: int, rng: np.random.Generator) -> None:
-    for _ in range(int(rng.integers(1, 6))):
-        x0, y0 = rng.uniform(-0.1, 0.8, 2) * s
-        w, h = rng.uniform(0.1, 0.6, 2) * s
-        box = [x0, y0, x0 + w, y0 + h]
-        shape = rng.integers(0, 4)
-        if shape == 0:
-            draw.rectangle(box, fill=_color(rng))
-        elif shape == 1:
-            draw.ellipse(box, fill=_color(rng))
-        elif shape == 2:
-            draw.polygon([tuple(p) for p in rng.uniform(0, 1, (int(rng.integers(3, 7)), 2)) * s], fill=_color(rng))
-        else:
-            draw.line(box, fill=_color(rng), width=int(rng.integers(1, max(2, s // 10))))
-
-
-def _text(draw: ImageDraw.ImageDraw, s: int, rng: np.random.Generator) -> None:
-    y = rng.uniform(0, 0.1) * s
-    while y < s:
-        fs = int(rng.integers(max(6, s // 14), max(8, s // 5)))
-        line = " ".join(rng.choice(WORDS, int(rng.integers(1, 5))))
-        draw.text((rng.uniform(0, 0.2) * s, y), line, fill=_color(rng, 0, 120), font=_font(fs))
-        y += fs * rng.uniform(1.1, 1.8)
-
-
-def _chart(draw: ImageDraw.ImageDraw, s: int, rng: np.random.Generator) -> None:
-    """Axes with bars or a line, or a pie. Bars keep a width and height of a pixel at least on small sides."""
-    m = s // 8
-    style = rng.integers(0, 3)
-    if style == 2:
-        start = 0.0
-        for frac in rng.dirichlet(np.ones(int(rng.integers(2, 7)))):
-            draw.pieslice([m, m, s - m, s - m], start, start + 360 * frac, fill=_color(rng))
-            start += 360 * frac
-        return
-    draw.line([m, m, m, s - m, s - m, s - m], fill=(0, 0, 0), width=max(1, s // 64))
-    n = int(rng.integers(3, 12))
-    values = rng.uniform(0.1, 1, n) * (s - 2 * m)
-    xs = np.linspace(m + 2, s - m - 2, n + 1)
-    if style == 0:
-        color = _color(rng, 0, 200)
-        for i, v in enumerate(values):
-            left, bottom = xs[i] + 1, s - m - 1
-            draw.rectangle([left, min(s - m - v, bottom), max(xs[i + 1] - 1, left), bottom], fill=color)
-    else:
-        pts = [((xs[i] + xs[i + 1]) / 2, s - m - v) for i, v in enumerate(values)]
-        draw.line(pts, fill=_color(rng, 0, 200), width=max(1, s // 40))
-
-
-FILLED = MappingProxyType({"noise": _noise, "smooth_noise": _smooth_noise, "gradient": _gradient, "stripes": _stripes,
-                           "checkers": _checkers, "blank": _blank})  # kinds that fill the whole picture
-DRAWN = MappingProxyType({"shapes": _shapes, "text": _text, "chart": _chart})  # kinds drawn on a plain ground
-
-
-def _draw_kind(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
-    if kind in FILLED:
-        return FILLED[kind](size, rng)
-    img = Image.new("RGB", (size, size), _color(rng, 200, 256) if kind in ("text", "chart") else _color(rng))
-    DRAWN[kind](ImageDraw.Draw(img), size, rng)
-    return img
-
-
-def make_unknown_images(count: int, size: int = 128, seed: int = 0,
-                        kinds: tuple[str, ...] = UNKNOWN_KINDS) -> list[tuple[str, Image.Image]]:
-    """`count` RGB images of no natural class, as (kind, image): shapes, noise, smooth noise, gradients, rendered
-    text, charts, stripes, checkerboards and blank walls, in turn; some blurred. The same seed gives the same set."""
-    for kind in kinds:
-        if kind not in UNKNOWN_KINDS:
-            raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(UNKNOWN_KINDS)}")
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(count):
-        kind = kinds[i % len(kinds)]
-        img = _draw_kind(kind, size, rng)
-        if kind not in ("noise", "blank") and rng.random() < 0.25:
-            img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.5) * size / 128))
-        out.append((kind, img))
-    return out
-
-
-def write_unknown_set(root: str | Path, count: int = 600, size: int = 128, seed: int = 0) -> Path:
-    """Save make_unknown_images as ROOT/<kind>_<i>.png (a flat folder) and return ROOT."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for i, (kind, img) in enumerate(make_unknown_images(count, size, seed)):
-        img.save(root / f"{kind}_{i:05d}.png")
-    return root
-
-
-@reports_user_errors
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("unknown", help="write synthetic far-away images (a flat folder of PNGs)")
-    p.add_argument("dir")
-    p.add_argument("--count", type=int, default=600)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.count < 1 or args.size < 8:
-        raise UserError("--count must be at least 1 and --size at least 8")
-    root = write_unknown_set(args.dir, args.count, args.size, args.seed)
-    print(f"wrote {args.count} images to {root}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
