@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         sections["label_errors"] = label_check_of_data(cfg, args.out_dir, progress)
         text = format_label_check(sections["label_errors"])
     listed = read_listed_paths(args.listed) if args.listed else None
-    return check_data(cfg, args.quarantine, args.json, listed, sections, text, args.out_dir)
+    checked = check_data(cfg, args.quarantine, args.json, listed, sections, text, args.out_dir)
+    print(checked.text)
+    return checked.code
 
 
 if __name__ == "__main__":

@@ -141,6 +141,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def layout_settings(self, need: str | None = "train") -> dict:
+        """How to read DATA, as loading.layout.read_layout's keywords: where the labels come from, the carve, the
+        classes kept, and the split the caller needs (None: any)."""
+        return {"labels_file": self.labels or None, "label_columns": self.label_columns or None,
+                "labels_from_name": self.labels_from_name, "name_pattern": self.name_pattern or None,
+                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "seed": self.seed,
+                "classes": self.classes or None, "need": need}
+
     def __post_init__(self):
         """The one check of the settings whatever they come from (flags, --config, a saved run, a caller): a field
         with choices holds one of them, and the settings that depend on each other agree."""

@@ -1,13 +1,17 @@
-"""Image data: decoding file lists once into a cache, the train/val splits, and batch augmentation on tensors.
+"""The data a training run reads: the train/val splits decoded through the cache, batches, augmentation on
+whole batches of tensors, and where training reads its images from.
 
 Usage:
-    python dataset.py demo DIR                        # write a small synthetic cat/dog-like set for a smoke test
-    python check_data.py DATA                         # the data report (it moved to its own script)
+    python dataset.py demo DIR                   # write a small synthetic cat/dog-like set for a smoke test
+    python dataset.py unknown DIR --count 600    # write synthetic far-away images (shapes, noise, text...)
 
-Which files there are and their labels comes from layout.py (any folder layout, a labels table, file names).
-Each image is decoded once (grayscale, IMAGE_SIZE x IMAGE_SIZE, uint8) into a memory-mapped array in CACHE_DIR
-keyed by path, size and mtime (cache.py), so later epochs and later runs skip JPEG decoding, whatever layout the
-files came from, and read batches from the map; augmentation then runs on whole batches of tensors.
+    train, val = load_data(read_layout("Dataset"), size=64, channels=1, cache_dir="cache")   # two Splits
+    x = augment(to_float(train.images[idx]), flip=True, max_degrees=10, max_shift=0.1, max_scale=0.1)
+
+Which files there are and their labels comes from loading/layout.py (any folder layout, a labels table, file
+names). Each image is decoded once (loading/decode.py; grayscale, IMAGE_SIZE x IMAGE_SIZE, uint8) into a
+memory-mapped array in CACHE_DIR keyed by path, size and mtime (loading/cache.py), so later epochs and later runs
+skip JPEG decoding, whatever layout the files came from, and read batches from the map.
 """
 from __future__ import annotations
 
@@ -28,15 +32,11 @@ from config import NORMALIZATION, TrainConfig
 from core.common import UserError, reports_user_errors
 from loading.cache import derived_rows, update_cache
 from loading.decode import decode_files, decode_image, mapped_tensor
-from loading.layout import Layout, format_problems, layout_of, layout_splits
-from loading.near_duplicates import GRID, VARIANTS, descriptors, start_up_line
+from loading.layout import Layout, layout_splits
+from loading.near_duplicates import GRID, VARIANTS, StartUpCheck, descriptors, start_up_check
 from loading.synthetic import make_synthetic, write_unknown_set
 
-# ---------------------------------------------------------------- files
-
-
-# ---------------------------------------------------------------- decoding
-
+# ---------------------------------------------------------------- pixels to the network's floats and back
 
 def to_float(x: torch.Tensor, mean: float | list[float] = NORMALIZATION["mean"],
              std: float | list[float] = NORMALIZATION["std"]) -> torch.Tensor:
@@ -310,77 +310,74 @@ def scale_shift_grid(scale: torch.Tensor, shift: torch.Tensor, shape: list[int],
     return F.affine_grid(theta.to(device, torch.float32), shape, align_corners=False)
 
 
-# ---------------------------------------------------------------- synthetic data and the command line
-
-
 # ---------------------------------------------------------------- a training run's data
 
-def read_data_layout(cfg: TrainConfig, val_sha1_before: str | None = None) -> tuple[Layout, dict]:
-    """Which files train and val are, printed as the 'layout:' line and the problems (first 10 of each kind),
-    and what the checkpoint records of it; a resumed run whose carved val differs from the one it started with
-    (`val_sha1_before`, from its checkpoint; '' when it recorded none) is named."""
-    lay = layout_of(cfg)
-    print(lay.description)
-    problems = format_problems(lay)
-    if problems:
-        print("data problems (left out):\n" + "\n".join(f"  {line}" for line in problems.splitlines()))
+def layout_record(lay: Layout) -> dict:
+    """What a checkpoint records of the data it was trained on: the layout's description, where the labels came
+    from, the split folders, the carve, and a digest of the val files (a resumed run compares it with its own)."""
     val_paths = sorted(p for p, _ in layout_splits(lay)["val"])
-    info = {"description": lay.description, "source": lay.source, "folders": dict(lay.folders),
+    return {"description": lay.description, "source": lay.source, "folders": dict(lay.folders),
             "carve": dict(lay.carve), "val_files_sha1": hashlib.sha1("\n".join(val_paths).encode()).hexdigest()}
-    if val_sha1_before is not None and lay.carve.get("val") and val_sha1_before != info["val_files_sha1"]:
-        print("warning: the val split carved now differs from the one this run started with (a version before "
-              "the one-carve change, or other files/settings); its val accuracies are not comparable")
-    return lay, info
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where training reads its images from: 'device' (the whole set copied there) or 'map' (batches read from
+    the cache's memory map); the pixels' bytes; the free GPU memory that decided it ('auto' on CUDA)."""
+    where: str
+    device: str
+    n_bytes: int
+    gpu_free_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What loading a run's data found, for train.py to report: the seconds it took, the start-up near-copy
+    search among train and val, and where the training images are read from."""
+    seconds: float
+    near: StartUpCheck
+    placement: Placement
 
 
 def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expected_classes: list[str] | None
-                       ) -> tuple[Split, Split, list[str]]:
-    """Train and val splits, decoded once (cached), reported, and the training images placed (place_images)."""
+                       ) -> tuple[Split, Split, DataSummary]:
+    """Train and val splits, decoded once (cached) and checked, the near-copy search among them (at most
+    near_duplicates.START_UP_SECONDS), and the training images placed (place_images). The unreadable files are
+    in each split's `bad`."""
     t0 = time.time()
-    classes = lay.classes
-    if expected_classes is not None and expected_classes != classes:
-        raise UserError(f"the checkpoint's classes {expected_classes} differ from the data's {classes}")
+    if expected_classes is not None and expected_classes != lay.classes:
+        raise UserError(f"the checkpoint's classes {expected_classes} differ from the data's {lay.classes}")
     train, val = load_data(lay, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers, cfg.max_bad_fraction)
-    print(f"data: {len(train.paths)} train / {len(val.paths)} val images, classes {classes}, "
-          f"loaded in {time.time() - t0:.1f}s")
-    print(start_up_line(train.near_descriptors(), val.near_descriptors()))
-    for path, reason in train.bad + val.bad:
-        print(f"skipped unreadable image {path}: {reason}")
-    if train.bad or val.bad:
-        print(f"skipped {len(train.bad) + len(val.bad)} unreadable image(s) in total")
+    seconds = time.time() - t0
+    near = start_up_check(train.near_descriptors(), val.near_descriptors())
     train.images, placement = place_images(train.images, device, cfg.data_placement)
     train.labels = train.labels.to(device)
-    print(placement)
-    if len(train.paths) < cfg.batch_size:
-        print(f"note: only {len(train.paths)} training images; each epoch is one batch of that size")
-    return train, val, classes
+    return train, val, DataSummary(seconds, near, placement)
 
 
 # ---------------------------------------------------------------- where training reads its images
 
 def place_images(images: torch.Tensor | RowView, device: torch.device, placement: str
-                 ) -> tuple[torch.Tensor | RowView, str]:
-    """Where training reads its images from, and a line saying so. 'device' copies the whole set there once (on a
-    GPU no batch crosses the PCIe bus again; on CPU it is a copy in RAM); 'map' leaves it in the cache's memory
-    map and each batch reads its rows (the OS page cache keeps the hot pages). 'auto' is 'device' on CUDA when
-    the pixels take at most half of the free GPU memory, 'device' on MPS, and 'map' on CPU, where a RAM copy
-    would only duplicate the page cache."""
+                 ) -> tuple[torch.Tensor | RowView, Placement]:
+    """Where training reads its images from. 'device' copies the whole set there once (on a GPU no batch crosses
+    the PCIe bus again; on CPU it is a copy in RAM); 'map' leaves it in the cache's memory map and each batch
+    reads its rows (the OS page cache keeps the hot pages). 'auto' is 'device' on CUDA when the pixels take at
+    most half of the free GPU memory, 'device' on MPS, and 'map' on CPU, where a RAM copy would only duplicate
+    the page cache."""
     n_bytes = math.prod(images.shape) * images.dtype.itemsize
-    size = f"{n_bytes / 2**30:.2f} GiB of pixels"
+    free = None
     if placement == "auto":
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
             placement = "device" if n_bytes <= free // 2 else "map"
-            size += f", {free / 2**30:.1f} GiB free on the GPU"
         else:
             placement = "device" if device.type == "mps" else "map"
     if placement == "map":
-        how = ", pinned-memory batches to the GPU" if device.type == "cuda" else ""
-        return images, f"training images: batches read from the memory map ({size}{how})"
+        return images, Placement("map", device.type, n_bytes, free)
     whole = torch.empty(images.shape, dtype=images.dtype, device=device)
     for i in range(0, len(whole), 4096):  # in blocks: the host never holds a second full copy on the way
         whole[i:i + 4096] = images[i:i + 4096].to(device)
-    return whole, f"training images: whole set on {device} ({size})"
+    return whole, Placement("device", str(device), n_bytes, free)
 
 
 def fetch_batch(images: torch.Tensor | RowView, idx: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -39,7 +39,7 @@ from core.metrics import compute_metrics, most_confident_wrong
 from core.plots import plot_confusion_matrix, plot_gallery, plot_gradcam, plot_unknown_scores, save_figure
 from dataset import load_items
 from loading.decode import BadImage, decode_image, expand_inputs
-from loading.layout import layout_of, layout_splits, split_of
+from loading.layout import read_layout, layout_splits, split_of
 from prediction.checkpoint import (
     DEFAULT_PATH,
     config_of,
@@ -193,7 +193,7 @@ def evaluate_split(args: argparse.Namespace, device: torch.device, prov: dict) -
     if split_name is None:
         raise UserError(f"--split {args.split!r}: choose one of {', '.join(SPLITS)}")
     settings = data_settings(args, cfg)
-    lay = layout_of(settings, need=split_name)
+    lay = read_layout(settings.data, **settings.layout_settings(need=split_name))
     print(lay.description)
     check_classes(lay.classes, classes, settings.data, subset_ok=bool(settings.classes))
     items = [(p, c) for p, c in layout_splits(lay)[split_name] if c in classes]

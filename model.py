@@ -5,12 +5,15 @@ Usage:
     model = build_model("resnet18", num_classes=10, in_channels=3)
     state = adapt_state_dict(load_pretrained("resnet18"), in_channels=1)   # ImageNet weights, gray stem
     model = build_model("resnet18", num_classes=10, pretrained_state=state)
-The networks and their weights only: checkpoints (saving, loading, rebuilding the model from one) are
-checkpoint.py's, predictions (the forward path with normalization, TTA, amp) predict.py's.
+    parts = resnet_parts(model)   # stem, stages, pool, head: the one description of both kinds of ResNet
+The networks, their parts (what the novelty features and Grad-CAM read) and their weights only: checkpoints
+(saving, loading, rebuilding the model from one) are checkpoint.py's, predictions (the forward path with
+normalization, TTA, amp) predict.py's.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -44,9 +47,8 @@ class SmallResNet(nn.Module):
     w, 2w, 4w, 8w.
 
     Two stride-2 3x3 convolutions bring 64x64 down to 16x16 before the first block: on a CPU the first stage's
-    resolution and width decide the speed. Measured on 2 cores, 15 epochs of cat/dog photos: this stem trains
-    as fast as a stride-2 conv plus max-pool and ends ~3 points more accurate (85.4% against 82.4%); a first
-    stage at 32x32 is as accurate but slower.
+    resolution and width decide the speed. Chosen on cat/dog photos: this stem trains as fast as a stride-2 conv
+    plus max-pool and ends more accurate; a first stage at 32x32 is as accurate but slower.
     """
 
     def __init__(self, num_classes: int, in_channels: int = 1, width: int = TrainConfig.width,
@@ -122,23 +124,73 @@ def has_rotation_head(model: nn.Module) -> bool:
     return isinstance(getattr(unwrap(model), "rot", None), nn.Linear)
 
 
-def forward_stages(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(each stage's feature maps, the penultimate feature) of one forward pass, calling the stages in turn as
-    the model's own forward does (the head applied to the penultimate feature gives its logits). No hooks:
-    threads that share the model (serve.py) never see each other's."""
+# ---------------------------------------------------------------- the networks' parts
+
+TORCHVISION_STEM = ("conv1", "bn1", "relu", "maxpool")  # a torchvision ResNet's stem, in the order its forward runs it
+TORCHVISION_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class ResNetParts(NamedTuple):
+    """A ResNet as its forward runs it: the stem's modules in turn give the first feature map, each stage the
+    next, the pool (then a flatten) the penultimate feature, the head the logits. The modules are the model's
+    own, so hooks on them see the model's forward pass."""
+    stem: tuple[nn.Module, ...]
+    stages: dict[str, nn.Module]  # the residual stages, shallow to deep, by their names in model.named_modules()
+    pool: nn.Module
+    head: nn.Linear
+
+
+def resnet_parts(model: nn.Module, purpose: str = "") -> ResNetParts:
+    """The parts of a SmallResNet (stem; each block of `layers` a stage, layers.0, layers.1, ...) or of a torchvision
+    ResNet (conv1 to its max-pool; layer1-layer4), under any DDP or torch.compile wrapper: the one place that knows
+    both anatomies, which forward_stages, head_of, feature_stages and cam_stages read. `purpose` ends the
+    UserError for any other network (what the parts were wanted for)."""
     model = unwrap(model)
-    if hasattr(model, "layer4"):  # torchvision ResNet
-        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
-        pool = model.avgpool
-    else:  # SmallResNet
-        x = model.stem(x)
-        stages, pool = list(model.layers), model.pool
+    if all(hasattr(model, n) for n in (*TORCHVISION_STEM, *TORCHVISION_STAGES, "avgpool", "fc")):
+        parts = ResNetParts(tuple(getattr(model, n) for n in TORCHVISION_STEM),
+                            {n: getattr(model, n) for n in TORCHVISION_STAGES}, model.avgpool, model.fc)
+    elif all(hasattr(model, n) for n in ("stem", "layers", "pool", "fc")):
+        parts = ResNetParts((model.stem,), {f"layers.{i}": m for i, m in enumerate(model.layers)}, model.pool,
+                            model.fc)
+    else:
+        raise UserError(f"do not know the parts of {type(model).__name__}{f' {purpose}' if purpose else ''} "
+                        f"(expected a SmallResNet or a torchvision ResNet)")
+    if not isinstance(parts.head, nn.Linear):
+        raise UserError(f"do not know where the classifier head of {type(model).__name__} is (expected a Linear "
+                        f"layer named fc)")
+    return parts
+
+
+def forward_stages(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(the stem's and each stage's feature maps, the penultimate feature) of one forward pass, calling the parts
+    in turn as the model's own forward does (the head applied to the penultimate feature gives its logits). No
+    hooks: threads that share the model (serve.py) never see each other's."""
+    parts = resnet_parts(model)
+    for module in parts.stem:
+        x = module(x)
     maps = [x]
-    for stage in stages:
+    for stage in parts.stages.values():
         x = stage(x)
         maps.append(x)
-    return maps, torch.flatten(pool(x), 1)
+    return maps, torch.flatten(parts.pool(x), 1)
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """The final linear layer (`fc`): its input is the penultimate feature, its outputs the class logits."""
+    return resnet_parts(model, "for its classifier head").head
+
+
+def feature_stages(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are forward_stages' feature maps, from the stem (its last module) to the last
+    residual stage: what the stage scores (combined, layer_mahalanobis) take statistics of."""
+    parts = resnet_parts(model, "for the stage scores (combined, layer_mahalanobis)")
+    return [parts.stem[-1], *parts.stages.values()]
+
+
+def cam_stages(model: nn.Module) -> dict[str, nn.Module]:
+    """The residual stages Grad-CAM can weigh, shallow to deep, by module name: layers.0-3 of resnet_small,
+    layer1-4 of torchvision ResNets."""
+    return resnet_parts(model, "for Grad-CAM").stages
 
 
 class WithRotationHead(nn.Module):
@@ -152,7 +204,7 @@ class WithRotationHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = forward_stages(self.model, x)[1]
-        return self.model.fc(features), self.model.rot(features)
+        return head_of(self.model)(features), self.model.rot(features)
 
 
 # ---------------------------------------------------------------- pretrained ImageNet weights
@@ -221,15 +273,12 @@ def adapt_state_dict(state: dict, in_channels: int) -> dict:
     return out
 
 
-def fetch_pretrained(cfg: TrainConfig, report=print) -> dict | None:
-    """The adapted ImageNet weights when asked for, said in a line to `report`; train.py fetches them before the
-    data so a missing download fails fast."""
+def fetch_pretrained(cfg: TrainConfig) -> dict | None:
+    """The adapted ImageNet weights when the settings ask for them (--pretrained, --weights), else None; train.py
+    fetches them before the data so a missing download fails fast."""
     if not cfg.uses_pretrained:
         return None
-    state = adapt_state_dict(load_pretrained(cfg.arch, cfg.weights), cfg.channels)
-    report(f"pretrained: {cfg.weights or 'torchvision ImageNet weights'}, "
-           f"normalization {input_normalization(True, cfg.channels)}")
-    return state
+    return adapt_state_dict(load_pretrained(cfg.arch, cfg.weights), cfg.channels)
 
 
 def load_backbone(model: nn.Module, state: dict, arch: str) -> None:

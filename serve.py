@@ -30,8 +30,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +49,16 @@ from starlette.exceptions import HTTPException
 
 from core.common import UserError, reports_user_errors
 from loading.decode import BadImage, decode_bytes
-from prediction.checkpoint import (
-    DEFAULT_PATH,
-    load_checkpoint,
-    model_from_checkpoint,
-    normalization_of,
-    temperature_of,
-    tta_of,
-    val_accuracy_of,
+from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, temperature_of, val_accuracy_of
+from prediction.predict import (
+    OnnxFeatures,
+    PredictionFacts,
+    explain,
+    normalize,
+    onnx_runtime,
+    pick_cam_layer,
+    predict_images,
 )
-from prediction.predict import explain, normalize, onnx_runtime, pick_cam_layer, predict_images
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_IMAGES = 64  # images in one request: bounds the decoded batch whatever their file size
@@ -299,15 +301,15 @@ class RequestMetrics:
 class HeatMaps:
     """Grad-CAM heatmaps for /gradcam (predict.explain). Grad-CAM hooks a layer and runs backward: on its own copy
     of the model, one request at a time, so the hooks never see another request's forward pass. Its layer is
-    chosen once, for the checkpoint's image size; mirror averaging (`tta`, None = the checkpoint's) and
-    temperature are the predictions' own, so the map explains the prediction returned."""
+    chosen once, for the checkpoint's image size; mirror averaging (`served.tta`) and temperature are the
+    predictions' own, so the map explains the prediction returned."""
 
-    def __init__(self, model: torch.nn.Module, ckpt: dict, tta: bool | None):
+    def __init__(self, model: torch.nn.Module, served: ServedCheckpoint):
         self.model = copy.deepcopy(model)
-        size, channels = ckpt["image_size"], ckpt["channels"]
+        size, channels = served.image_size, served.channels
         self.layer = pick_cam_layer(self.model, torch.zeros(1, channels, size, size))[0]
-        self.tta, self.temperature = tta_of(ckpt) if tta is None else tta, temperature_of(ckpt)
-        self.normalization, self.lock = normalization_of(ckpt), threading.Lock()
+        self.tta, self.temperature = served.tta, served.prediction.temperature
+        self.normalization, self.lock = served.prediction.normalization, threading.Lock()
 
     def png(self, image: np.ndarray, class_idx: int) -> str:
         """The heatmap of class `class_idx` on one decoded image (uint8, C x H x W), as a PNG data URL."""
@@ -325,42 +327,81 @@ def checkpoint_facts(ckpt: dict, name: str) -> dict:
             "image_size": ckpt["image_size"], "channels": ckpt["channels"], "temperature": temperature_of(ckpt)}
 
 
-def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0, threshold: float = 0.0,
-               tta: bool | None = None, threads: int = 2, max_batch: int = 32, max_wait_ms: float = 0.0,
-               timeout_s: float = 10.0, load_seconds: float = 0.0, runtime: str = "torch",
-               runtime_threads: int = 1) -> FastAPI:
-    """The ASGI app for one loaded checkpoint; `name` is what /health reports as its checkpoint. /predict's
-    images are scored in micro-batches (Batcher: max_batch, max_wait_ms) on `threads` model threads; a request
-    not answered within timeout_s gets a 503. `load_seconds` (reading the checkpoint) goes into /metrics.
-    runtime 'onnx' scores with onnxruntime (predict.onnx_runtime, `runtime_threads` each call) when it
-    exports and matches PyTorch, else with PyTorch; app.state.runtime says which was taken and why."""
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class ServedCheckpoint:
+    """The checkpoint's facts that the handlers use, read once by create_app so that no request reads the
+    checkpoint: the input the model takes, its classes, the mirror averaging (the --tta flag, else the
+    checkpoint's), predict_images' facts (normalization, temperature, novelty score) and /health's description."""
+    image_size: int
+    channels: int
+    classes: tuple[str, ...]
+    tta: bool
+    prediction: PredictionFacts
+    health: dict  # checkpoint_facts
+
+    @classmethod
+    def of(cls, ckpt: dict, name: str, tta: bool | None) -> ServedCheckpoint:
+        prediction = PredictionFacts.of(ckpt)
+        return cls(ckpt["image_size"], ckpt["channels"], prediction.classes, prediction.tta if tta is None else tta,
+                   prediction, checkpoint_facts(ckpt, name))
+
+
+class Scorer:
+    """The model's work for the handlers, on the facts read once (ServedCheckpoint): predictions of decoded images
+    (predict_images, in onnxruntime when `onnx` is set, else PyTorch) and /gradcam's prediction with its heatmap."""
+
+    def __init__(self, model: torch.nn.Module, ckpt: dict, served: ServedCheckpoint, threshold: float,
+                 onnx: OnnxFeatures | None):
+        self.model, self.ckpt, self.served, self.threshold, self.onnx = model, ckpt, served, threshold, onnx
+        self.heatmaps = HeatMaps(model, served)
+
+    def predict(self, images: list) -> list[dict]:
+        """One inference.py --json object per decoded image, all in one forward pass."""
+        return predict_images(self.model, self.ckpt, images, self.threshold, self.served.tta, runtime=self.onnx,
+                              facts=self.served.prediction)
+
+    def predict_and_explain(self, upload: tuple[str | None, bytes]) -> dict:
+        """The prediction of one upload and the Grad-CAM heatmap of the class it predicts (predict.explain, with
+        the same mirror averaging and temperature as the prediction)."""
+        results, images, good = decode_uploads([upload], self.served.image_size, self.served.channels)
+        result = merged(results, good, self.predict(images))[0]
+        classes, probs = self.served.classes, result["probabilities"]
+        k = classes.index(result["label"] if result["label"] in classes else max(probs, key=probs.get))
+        return {**result, "heatmap_class": classes[k], "heatmap": self.heatmaps.png(images[0], k)}
+
+
+def scorer_for(ckpt: dict, served: ServedCheckpoint, threshold: float, runtime: str, runtime_threads: int
+               ) -> tuple[Scorer, str]:
+    """The model set-up: the network rebuilt from the checkpoint, in onnxruntime for runtime 'onnx' when it
+    exports and matches PyTorch (`runtime_threads` each call), and what was taken and why."""
     model = model_from_checkpoint(ckpt)
     onnx, runtime_note = onnx_runtime(model, ckpt, runtime_threads) if runtime == "onnx" else (None, "PyTorch")
-    size, channels, classes = ckpt["image_size"], ckpt["channels"], ckpt["classes"]
-    heatmaps = HeatMaps(model, ckpt, tta)
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="model")
-    decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
-    page = PAGE.read_text()
-    registry, metrics = metrics_registry(load_seconds + time.perf_counter() - start)
+    return Scorer(model, ckpt, served, threshold, onnx), runtime_note
 
+
+def batch_observer(metrics: dict) -> Callable[[int, list[float]], None]:
+    """The Batcher's `observe`: each batch's size and its requests' seconds in the queue, into /metrics."""
     def observe(batch_size: int, waits: list[float]) -> None:
         metrics["batch"].observe(batch_size)
         for wait in waits:
             metrics["queue"].observe(wait)
+    return observe
 
-    batcher = Batcher(lambda images: predict_images(model, ckpt, images, threshold, tta, runtime=onnx), pool,
-                      threads, max_batch, max_wait_ms / 1000, observe)
 
+def lifespan_of(batcher: Batcher, pools: list[ThreadPoolExecutor]
+                ) -> Callable[[FastAPI], AbstractAsyncContextManager]:
+    """The app's lifespan: at shutdown the batcher stops and the pools drop the work not started."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         batcher.stop()
-        pool.shutdown(wait=False, cancel_futures=True)
-        decode_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+    return lifespan
 
-    app = FastAPI(title="image classifier", lifespan=lifespan, docs_url=None, redoc_url=None)  # docs need a CDN
-    app.state.classes, app.state.runtime = classes, runtime_note
+
+def add_middleware_and_errors(app: FastAPI, max_upload_mb: float, metrics: dict) -> None:
+    """Upload limit inside request metrics (so refused uploads count too); every error answered as JSON."""
     app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
     app.add_middleware(RequestMetrics, metrics=metrics,
                        endpoints={"/", "/health", "/predict", "/gradcam", "/metrics", "/openapi.json"})
@@ -373,22 +414,12 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
     async def http_error(request: Request, e: HTTPException):  # 404, 405, a malformed multipart body...
         return error_response(ApiError(e.status_code, str(e.detail)))
 
-    def predict_and_explain(upload: tuple[str | None, bytes]) -> dict:
-        """The prediction of one upload and the Grad-CAM heatmap of the class it predicts (predict.explain, with
-        the same mirror averaging and temperature as the prediction)."""
-        results, images, good = decode_uploads([upload], size, channels)
-        result = merged(results, good, predict_images(model, ckpt, images, threshold, tta, runtime=onnx))[0]
-        probs = result["probabilities"]
-        k = classes.index(result["label"] if result["label"] in classes else max(probs, key=probs.get))
-        return {**result, "heatmap_class": classes[k], "heatmap": heatmaps.png(images[0], k)}
 
+def add_info_routes(app: FastAPI, page: str, health_answer: dict, registry: CollectorRegistry) -> None:
+    """GET / (the page), GET /health and GET /metrics."""
     @app.get("/", response_class=HTMLResponse)
     async def index():
         return page
-
-    health_answer = {**checkpoint_facts(ckpt, name), "threshold": threshold, "max_upload_mb": max_upload_mb,
-                     "max_images": MAX_IMAGES, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-                     "timeout_s": timeout_s, "runtime": "onnx" if onnx is not None else "torch"}
 
     @app.get("/health")
     async def health():
@@ -398,6 +429,13 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
     async def prometheus_metrics():
         """The Prometheus text format: requests, latency, batch sizes, queue wait, model load time."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def add_scoring_routes(app: FastAPI, scorer: Scorer, batcher: Batcher, pool: ThreadPoolExecutor,
+                       decode_pool: ThreadPoolExecutor, timeout_s: float) -> None:
+    """POST /predict (decoded in `decode_pool`, scored in the batcher's batches) and POST /gradcam (scored and
+    explained in `pool`), each answered within timeout_s or a 503."""
+    size, channels = scorer.served.image_size, scorer.served.channels
 
     @app.post("/predict", openapi_extra=UPLOAD_DOC)
     async def predict(request: Request):
@@ -413,9 +451,38 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
         uploads = await read_uploads(request)
         if len(uploads) != 1:
             raise ApiError(400, f"/gradcam takes one image, not {len(uploads)}")
-        return await in_time(asyncio.get_running_loop().run_in_executor(pool, predict_and_explain, uploads[0]),
-                             timeout_s)
+        return await in_time(asyncio.get_running_loop().run_in_executor(pool, scorer.predict_and_explain,
+                                                                        uploads[0]), timeout_s)
 
+
+def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0, threshold: float = 0.0,
+               tta: bool | None = None, threads: int = 2, max_batch: int = 32, max_wait_ms: float = 0.0,
+               timeout_s: float = 10.0, load_seconds: float = 0.0, runtime: str = "torch",
+               runtime_threads: int = 1) -> FastAPI:
+    """The ASGI app for one loaded checkpoint; `name` is what /health reports as its checkpoint. /predict's
+    images are scored in micro-batches (Batcher: max_batch, max_wait_ms) on `threads` model threads; a request
+    not answered within timeout_s gets a 503. `load_seconds` (reading the checkpoint) goes into /metrics.
+    runtime 'onnx' scores with onnxruntime (predict.onnx_runtime, `runtime_threads` each call) when it
+    exports and matches PyTorch, else with PyTorch; app.state.runtime says which was taken and why.
+    The checkpoint's facts are read here, once (ServedCheckpoint): no request reads `ckpt`."""
+    start = time.perf_counter()
+    served = ServedCheckpoint.of(ckpt, name, tta)
+    scorer, runtime_note = scorer_for(ckpt, served, threshold, runtime, runtime_threads)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="model")
+    decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+    page = PAGE.read_text()
+    registry, metrics = metrics_registry(load_seconds + time.perf_counter() - start)
+    batcher = Batcher(scorer.predict, pool, threads, max_batch, max_wait_ms / 1000, batch_observer(metrics))
+
+    app = FastAPI(title="image classifier", lifespan=lifespan_of(batcher, [pool, decode_pool]), docs_url=None,
+                  redoc_url=None)  # docs need a CDN
+    app.state.classes, app.state.runtime = list(served.classes), runtime_note
+    add_middleware_and_errors(app, max_upload_mb, metrics)
+    health_answer = {**served.health, "threshold": threshold, "max_upload_mb": max_upload_mb,
+                     "max_images": MAX_IMAGES, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+                     "timeout_s": timeout_s, "runtime": "onnx" if scorer.onnx is not None else "torch"}
+    add_info_routes(app, page, health_answer, registry)
+    add_scoring_routes(app, scorer, batcher, pool, decode_pool, timeout_s)
     return app
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from config import SOURCE_FIELDS, TrainConfig, add_flags
 from core.common import UserError, reports_user_errors
-from loading.layout import format_problems, layout_of, layout_splits
+from loading.layout import format_problems, read_layout, layout_splits
 
 MODES = ("copy", "link", "move")
 
@@ -49,7 +49,7 @@ def plan_split(src: Path, ratios: list[float], seed: int, source: dict | None = 
         raise UserError(f"no folder at {src}")
     cfg = TrainConfig(data=str(src), val_fraction=ratios[1], test_fraction=ratios[2] if len(ratios) > 2 else 0.0,
                       seed=seed, **(source or {}))
-    lay = layout_of(cfg)
+    lay = read_layout(cfg.data, **cfg.layout_settings())
     print(lay.description)
     problems = format_problems(lay)
     if problems:

@@ -64,7 +64,7 @@ from core.common import (
 )
 from dataset import load_data
 from loading.decode import decode_files, preprocess
-from loading.layout import Layout, layout_of, layout_splits
+from loading.layout import Layout, read_layout, layout_splits
 from loading.near_duplicates import (
     SIDE,
     Joined,
@@ -98,7 +98,7 @@ def seconds_to(history: list[dict], target: float, acc_key: str, time_key: str) 
 def bench_ours(cfg: TrainConfig, scratch: str) -> dict:
     # Decode into an empty cache first, so the decode time is the cold one a first run pays.
     t0 = time.time()
-    tr, va = load_data(layout_of(cfg), cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers,
+    tr, va = load_data(read_layout(cfg.data, **cfg.layout_settings()), cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers,
                        cfg.max_bad_fraction)
     decode_s = time.time() - t0
     n_images = len(tr.paths) + len(va.paths) + len(tr.bad) + len(va.bad)
@@ -295,7 +295,7 @@ def measure_near_copies(cfg: TrainConfig) -> dict:
     """The near-copy search over train and val as train.py's start-up line runs it, from the descriptors the
     cache keeps, but without its time cap: seconds, how it ended, what it found, and the peaks of memory above
     the process's own once the data is loaded (the kernel's peak is reset first where Linux allows)."""
-    train, val = load_data(layout_of(cfg), cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers,
+    train, val = load_data(read_layout(cfg.data, **cfg.layout_settings()), cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers,
                            cfg.max_bad_fraction)
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
@@ -322,7 +322,7 @@ def measure(step: str, cfg: TrainConfig) -> dict:
     with MemoryPeaks() as peaks:
         t0 = time.time()
         if step == "load":
-            tr, va = load_data(layout_of(cfg), cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers,
+            tr, va = load_data(read_layout(cfg.data, **cfg.layout_settings()), cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers,
                                cfg.max_bad_fraction)
             out = {"seconds": round(time.time() - t0, 2), "images": len(tr.paths) + len(va.paths),
                    "pixel_bytes": sum(math.prod(s.images.shape) for s in (tr, va))}
@@ -438,7 +438,7 @@ def near_copies_main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     source = provenance("bench.py", ["near-copies", *argv])  # the code as it was when the measuring began
-    splits = layout_splits(layout_of(TrainConfig(data=args.data, workers=args.workers), need=None))
+    splits = layout_splits(read_layout(args.data, **TrainConfig(data=args.data).layout_settings(need=None)))
     order = ["train", "val"] + [name for name in splits if name not in ("train", "val")]
     paths = [p for name in order for p, _ in splits.get(name, [])]
     t0 = time.time()
@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                            log_dir=f"{tmp}/logs", curves_dir=f"{tmp}/curves", run_name="bench")
         ours = bench_ours(cfg, scratch)
         if not args.skip_baseline:
-            base_data = baseline_data(cfg, layout_of(cfg), scratch)
+            base_data = baseline_data(cfg, read_layout(cfg.data, **cfg.layout_settings()), scratch)
             base = bench_baseline(base_data, args.baseline_epochs, args.baseline_seconds, args.workers,
                                   args.device)
     result = {**source, "data": args.data, "ours": ours}

@@ -49,7 +49,7 @@ from core.common import (
 from loading.synthetic import make_synthetic
 from prediction.checkpoint import load_checkpoint, width_of
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the project, where serve.py is
 CLIENTS = (1, 8, 32, 64)
 MIXED = (32, 4)  # the mixed row: 32 clients, every 4th request an unreadable upload (answered 400)
 BAD_UPLOAD = b"this is not an image"
@@ -224,6 +224,40 @@ def screenshot(argv: list[str]) -> int:
     return 0
 
 
+def serve_and_load(checkpoint: Path, image: bytes, serve_flags: list[str], requests: int, memory_requests: int
+                   ) -> tuple[list[dict], dict, dict]:
+    """serve.py started with `serve_flags` and put under load: a load() row per concurrency level and the mixed
+    row; the server's RSS in MiB {"started", "before", "after"}, the last two around `memory_requests` further
+    requests; and those requests' load() row."""
+    port = free_port()
+    server = start_server(checkpoint, port, serve_flags)
+    try:
+        rss_started = rss_mb(server.pid)
+        load(port, image, 8, 100)  # warm-up: first calls allocate the batch-of-one buffers
+        rows = [load(port, image, c, requests) for c in CLIENTS]
+        rows.append(load(port, image, MIXED[0], requests, bad_every=MIXED[1]))
+        rss_before = rss_mb(server.pid)
+        memory_run = load(port, image, 8, memory_requests)
+        rss_after = rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return rows, {"started": rss_started, "before": rss_before, "after": rss_after}, memory_run
+
+
+def batch_shares(rows: list[dict]) -> str:
+    """The forward passes of all rows by the images in them, as one line ('' without /metrics' batch counts)."""
+    counts = [r["batches"] for r in rows if "batches" in r]
+    if not counts:
+        return ""
+    total = {le: sum(c[le] for c in counts) for le in counts[0]}  # cumulative bucket counts, summed over the rows
+    bounds = list(total)
+    share = [(le, total[le] - (total[bounds[i - 1]] if i else 0)) for i, le in enumerate(bounds)]
+    return "forward passes by images in them: " + ", ".join(
+        f"{'up to ' if i else ''}{float(le):g}: {n:g}" if le != "+Inf" else f"more: {n:g}"
+        for i, (le, n) in enumerate(share) if n)
+
+
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -244,19 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as work:
             checkpoint = Path(args.checkpoint) if args.checkpoint else train_default_model(Path(work))
             image = Path(args.image).read_bytes() if args.image else sample_jpeg()
-            port = free_port()
-            server = start_server(checkpoint, port, serve_flags)
-            try:
-                rss_started = rss_mb(server.pid)
-                load(port, image, 8, 100)  # warm-up: first calls allocate the batch-of-one buffers
-                rows = [load(port, image, c, args.requests) for c in CLIENTS]
-                rows.append(load(port, image, MIXED[0], args.requests, bad_every=MIXED[1]))
-                rss_before = rss_mb(server.pid)
-                memory_run = load(port, image, 8, args.memory_requests)
-                rss_after = rss_mb(server.pid)
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
+            rows, rss, memory_run = serve_and_load(checkpoint, image, serve_flags, args.requests,
+                                                   args.memory_requests)
             ckpt = load_checkpoint(checkpoint)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -268,22 +291,16 @@ def main(argv: list[str] | None = None) -> int:
                          [[f"{r['clients']}" + (f", 1 in {r['bad_every']} unreadable" if r["bad_every"] else ""),
                            r["requests_per_s"], f"{r['p50_ms']} ms", f"{r['p99_ms']} ms", r.get("mean_batch", "")]
                           for r in rows]))
-    counts = [r["batches"] for r in rows if "batches" in r]
-    if counts:  # cumulative bucket counts, summed over the rows, as counts per range of batch sizes
-        total = {le: sum(c[le] for c in counts) for le in counts[0]}
-        bounds = list(total)
-        share = [(le, total[le] - (total[bounds[i - 1]] if i else 0)) for i, le in enumerate(bounds)]
-        print("\nforward passes by images in them: " + ", ".join(
-            f"{'up to ' if i else ''}{float(le):g}: {n:g}" if le != "+Inf" else f"more: {n:g}"
-            for i, (le, n) in enumerate(share) if n))
-    print(f"\nserver RSS: {rss_started} MiB started, {rss_before} MiB before and {rss_after} MiB after "
+    shares = batch_shares(rows)
+    if shares:
+        print("\n" + shares)
+    print(f"\nserver RSS: {rss['started']} MiB started, {rss['before']} MiB before and {rss['after']} MiB after "
           f"{args.memory_requests} more requests ({memory_run['requests_per_s']} requests/s)\n")
     prov = provenance("bench_serve.py", argv)
     print(markdown_source(prov) + "\n")
     result = {**prov, "checkpoint": args.checkpoint or "the default model, 1 epoch on synthetic data", "model": model,
               "image_bytes": len(image), "serve_flags": serve_flags, "levels": rows,
-              "rss_mb": {"started": rss_started, "before": rss_before, "after": rss_after,
-                         "requests_between": args.memory_requests}}
+              "rss_mb": {**rss, "requests_between": args.memory_requests}}
     print(json.dumps(result, indent=2))
     return 0
 

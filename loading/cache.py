@@ -33,6 +33,7 @@ import pickle
 import uuid
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -157,6 +158,11 @@ def _new_array(path: Path, row_shape: tuple, dtype: np.dtype = np.uint8) -> None
     np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(0, *row_shape)).flush()
 
 
+def _generation_name(key: str) -> str:
+    """A new generation's array file name."""
+    return f"{key}.{uuid.uuid4().hex[:8]}.npy"
+
+
 def _append_rows(path: Path, start: int, blocks: Iterator[np.ndarray], row_shape: tuple,
                  dtype: np.dtype = np.uint8) -> int:
     """Write blocks of rows after row `start` (dropping anything beyond it), fsync, then rewrite the .npy header's
@@ -219,7 +225,7 @@ def _remove_orphans(cache_dir: Path, key: str, keep: str) -> None:
 def _compact(cache_dir: Path, key: str, arr: np.ndarray, live_rows: np.ndarray,
              row_shape: tuple) -> tuple[str, np.ndarray]:
     """Copy the live rows, in their order in `arr`, into a new generation; (its file name, old row -> new row)."""
-    name, kept = f"{key}.{uuid.uuid4().hex[:8]}.npy", np.sort(live_rows)
+    name, kept = _generation_name(key), np.sort(live_rows)
     step = max(1, BLOCK_BYTES // math.prod(row_shape))
     _new_array(cache_dir / name, row_shape)
     _append_rows(cache_dir / name, 0, (arr[kept[i:i + step]] for i in range(0, len(kept), step)), row_shape)
@@ -266,7 +272,7 @@ def _stat_or_none(path: str) -> os.stat_result | None:
 
 def file_stats(paths: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
     """(sizes, mtimes in ns) of the files; -1 and -1 for a file that cannot be stat'ed (missing). A block of
-    files at a time: a stat result takes about 500 bytes, a million of them at once half a gigabyte."""
+    files at a time, so that memory holds one block's stat results, never the whole list's."""
     paths = list(paths)
     sizes, mtimes = np.empty(len(paths), np.int64), np.empty(len(paths), np.int64)
     for start in range(0, len(paths), 1 << 14):
@@ -305,95 +311,183 @@ def _live(n_rows: int, *row_lists: np.ndarray) -> np.ndarray:
 
 def _update(cache_dir: Path, key: str, folder: str, paths: list[str], size: int, channels: int,
             decode: Decoder) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
-    prefix, row_shape = folder.rstrip(os.sep) + os.sep, (channels, size, size)
-    index_file = cache_dir / f"{key}.index.pt"
-    names = [p[len(prefix):] if p.startswith(prefix) else p for p in paths]
+    """update_cache's work, under its lock: match the files to the index, decode what is new or changed into the
+    array, compact it when enough of it is stale, then write the index (the array always first)."""
+    row_shape = (channels, size, size)
+    names = relative_names(folder, paths)
     sizes, mtimes = file_stats(paths)
+    index = _load_index(cache_dir / f"{key}.index.pt", row_shape)
+    rows, reasons, todo, other = match_rows(index, names, sizes, mtimes)
+    store = _store_of(cache_dir, key, row_shape, index)
+    _remove_orphans(cache_dir, key, store.array_name)
+    mine, others = _Entries(names, sizes, mtimes, rows, reasons), _OtherLists(index, folder, other)
+    if todo:
+        others.check()  # the index is rewritten anyway, so the other lists' files are checked (once)
+        _decode_new(store, mine, todo, [paths[i] for i in todo], decode,
+                    save=lambda pending: _save_index(store, mine, others, pending))
+    compacted, stale = _compact_if_stale(store, mine, others)
+    if todo or compacted or index is None:
+        _save_index(store, mine, others)
+    if compacted:
+        _remove_orphans(cache_dir, key, store.array_name)
+    return store.pixels(), mine.rows, mine.reasons, {
+        "decoded": len(todo), "reused": len(paths) - len(todo), "stale_rows": 0 if compacted else stale,
+        "compacted": compacted}
 
-    index = _load_index(index_file, row_shape)
-    rows, reasons = np.full(len(paths), -1, dtype=np.int64), [""] * len(paths)
-    todo = list(range(len(paths)))
-    other = np.zeros(0, np.int64)  # index entries of files not in this list: another list's (train's val)
-    array_name, n_rows = f"{key}.{uuid.uuid4().hex[:8]}.npy", 0
+
+def relative_names(folder: str, paths: list[str]) -> list[str]:
+    """The paths as the index names them: relative to the folder when under it, else as given."""
+    prefix = folder.rstrip(os.sep) + os.sep
+    return [p.removeprefix(prefix) for p in paths]
+
+
+def match_rows(index: dict | None, names: list[str], sizes: np.ndarray, mtimes: np.ndarray
+               ) -> tuple[np.ndarray, list[str], list[int], np.ndarray]:
+    """This list's files against the index: (the row of each file, -1 when unreadable or still to decode; the
+    reason of each unreadable one, kept while its file is unchanged; the positions of the files to decode, those
+    whose name, size or mtime matches no entry; the index's entries of files not in this list). No index: every
+    file is to decode."""
+    rows, reasons = np.full(len(names), -1, dtype=np.int64), [""] * len(names)
+    if index is None:
+        return rows, reasons, list(range(len(names))), np.zeros(0, np.int64)
+    j = match_entries(index["names"], names)
+    known = np.maximum(j, 0)
+    same = (j >= 0) & (index["sizes"][known] == sizes) & (index["mtimes"][known] == mtimes)
+    rows[same] = index["rows"][j[same]]
+    for i in np.flatnonzero(same & (rows < 0)).tolist():  # unreadable in the index and unchanged: same reason
+        reasons[i] = index["reasons"][j[i]]
+    listed = np.zeros(len(index["names"]), dtype=bool)
+    listed[j[j >= 0]] = True
+    return rows, reasons, np.flatnonzero(~same).tolist(), np.flatnonzero(~listed)
+
+
+@dataclass
+class _Store:
+    """The files of one cache: its folder and key, the row shape, the array's file name and its valid rows."""
+    cache_dir: Path
+    key: str
+    row_shape: tuple
+    array_name: str
+    n_rows: int
+
+    @property
+    def array(self) -> Path:
+        return self.cache_dir / self.array_name
+
+    @property
+    def index_file(self) -> Path:
+        return self.cache_dir / f"{self.key}.index.pt"
+
+    def pixels(self) -> np.ndarray:
+        """The valid rows, memory-mapped read-only."""
+        return map_rows(self.array, self.n_rows)
+
+
+def _store_of(cache_dir: Path, key: str, row_shape: tuple, index: dict | None) -> _Store:
+    """The array the index names, or a new empty generation when there is no index."""
     if index is not None:
-        array_name, n_rows = index["meta"]["array"], int(index["meta"]["rows"])
-        j = match_entries(index["names"], names)
-        known = np.maximum(j, 0)
-        same = (j >= 0) & (index["sizes"][known] == sizes) & (index["mtimes"][known] == mtimes)
-        rows[same] = index["rows"][j[same]]
-        for i in np.flatnonzero(same & (rows < 0)).tolist():  # unreadable before and unchanged: same reason
-            reasons[i] = index["reasons"][j[i]]
-        todo = np.flatnonzero(~same).tolist()
-        mine = np.zeros(len(index["names"]), dtype=bool)
-        mine[j[j >= 0]] = True
-        other = np.flatnonzero(~mine)
-    else:
-        _new_array(cache_dir / array_name, row_shape)
-    _remove_orphans(cache_dir, key, array_name)
-    checked: list[np.ndarray] = []
+        return _Store(cache_dir, key, row_shape, index["meta"]["array"], int(index["meta"]["rows"]))
+    store = _Store(cache_dir, key, row_shape, _generation_name(key), 0)
+    _new_array(store.array, row_shape)
+    return store
 
-    def others() -> np.ndarray:
-        """The other lists' entries whose files are unchanged (checked once, the first time the index is
-        rewritten): a file deleted or changed since drops out, and its row goes stale."""
-        if not checked:
-            osizes, omtimes = file_stats(os.path.join(folder, index["names"][k]) for k in other.tolist())
-            ok = (osizes >= 0) & (osizes == old("sizes", other)) & (omtimes == old("mtimes", other))
-            checked.append(other[ok])
-        return checked[0]
 
-    def old(field: str, entries: np.ndarray) -> np.ndarray:
-        """A column of the index read at the start, for these entries."""
-        return index[field][entries] if len(entries) else np.zeros(0, np.int64)
+@dataclass
+class _Entries:
+    """This list's files as the index records them: name (relative to the folder), size, mtime, row, reason."""
+    names: list[str]
+    sizes: np.ndarray
+    mtimes: np.ndarray
+    rows: np.ndarray
+    reasons: list[str]
 
-    def save(pending: list[int] = ()) -> None:
-        """Write the index for every file but the `pending` ones (not decoded yet), and the other lists' files."""
-        keep = np.ones(len(names), dtype=bool)
-        keep[list(pending)] = False
-        pick, kept = np.flatnonzero(keep).tolist(), others()
-        meta = {"version": CACHE_VERSION, "row_shape": list(row_shape), "array": array_name, "rows": n_rows,
-                "entries": len(pick) + len(kept),
-                "tail_crc": _tail_crc(map_rows(cache_dir / array_name, n_rows), n_rows)}
-        write_index(index_file, meta, [names[i] for i in pick] + [index["names"][k] for k in kept.tolist()],
-                    np.concatenate([sizes[keep], old("sizes", kept)]),
-                    np.concatenate([mtimes[keep], old("mtimes", kept)]), np.concatenate([rows[keep], other_rows]),
-                    [reasons[i] for i in pick] + [index["reasons"][k] for k in kept.tolist()])
 
-    # Decode what is new or changed, appending it block by block; a failed file gets row -1 and its reason.
-    other_rows = old("rows", others() if todo else other)  # checked when the index is rewritten anyway
-    block_rows = max(1, BLOCK_BYTES // math.prod(row_shape))
-    decoded = iter(decode([paths[i] for i in todo])) if todo else iter(())
+class _OtherLists:
+    """The index's entries of files not in this list (another list's under the folder: train's val) and their rows.
+    They are kept as they are until check(), which the first rewrite of the index calls: a file deleted or changed
+    then drops out, and its row goes stale."""
+
+    def __init__(self, index: dict | None, folder: str, entries: np.ndarray):
+        self.index, self.folder, self.entries = index, folder, entries
+        self.rows = self.column("rows")  # follows the rows when the array is compacted
+        self.checked = False
+
+    def column(self, field: str) -> np.ndarray:
+        """A number column of the index read at the start, for the entries kept."""
+        return self.index[field][self.entries] if len(self.entries) else np.zeros(0, np.int64)
+
+    def strings(self, field: str) -> list[str]:
+        """A text column (names, reasons) of the index read at the start, for the entries kept."""
+        return [self.index[field][k] for k in self.entries.tolist()]
+
+    def check(self) -> None:
+        """Keep only the entries whose file is still there with the size and mtime the index gives (once)."""
+        if self.checked:
+            return
+        sizes, mtimes = file_stats(os.path.join(self.folder, name) for name in self.strings("names"))
+        ok = (sizes >= 0) & (sizes == self.column("sizes")) & (mtimes == self.column("mtimes"))
+        self.entries, self.rows, self.checked = self.entries[ok], self.rows[ok], True
+
+
+def _decode_new(store: _Store, mine: _Entries, todo: list[int], paths: list[str], decode: Decoder,
+                save: Callable[[list[int]], None]) -> None:
+    """Decode `paths` (the files at positions `todo`: new or changed) and append them to the array block by block;
+    a file that fails gets row -1 and its reason. A long decode calls save(positions not decoded yet) every
+    INDEX_EVERY_BYTES, so that a run killed during it keeps its progress."""
+    block_rows = max(1, BLOCK_BYTES // math.prod(store.row_shape))
+    decoded = iter(decode(paths))
     for start in range(0, len(todo), block_rows):
         chunk = todo[start:start + block_rows]
         block = []
         for i, (pixels, reason) in zip(chunk, itertools.islice(decoded, len(chunk))):
-            reasons[i] = reason
+            mine.reasons[i] = reason
             if pixels is not None:
-                rows[i] = n_rows + len(block)
+                mine.rows[i] = store.n_rows + len(block)
                 block.append(pixels)
         if block:
-            n_rows = _append_rows(cache_dir / array_name, n_rows, iter([np.stack(block)]), row_shape)
+            store.n_rows = _append_rows(store.array, store.n_rows, iter([np.stack(block)]), store.row_shape)
         done = start + len(chunk)
         if done % (INDEX_EVERY_BYTES // BLOCK_BYTES * block_rows) < block_rows and done < len(todo):
-            save(todo[done:])  # progress that a run killed during a long decode keeps
-    # Rows no entry uses are stale: replaced files, and (once checked) other lists' files changed or gone.
-    live = _live(n_rows, rows, other_rows)
-    stale = n_rows - len(live)
-    compacted = n_rows > 0 and stale / n_rows > COMPACT_SHARE
-    if compacted and not checked:
-        other_rows = old("rows", others())  # entries about to be rewritten: drop the other lists' gone files
-        live = _live(n_rows, rows, other_rows)
-    if compacted:
-        array_name, remap = _compact(cache_dir, key, map_rows(cache_dir / array_name, n_rows), live, row_shape)
-        rows = np.where(rows >= 0, remap[np.maximum(rows, 0)], -1)
-        other_rows = np.where(other_rows >= 0, remap[np.maximum(other_rows, 0)], -1)
-        n_rows = len(live)
-    if todo or compacted or index is None:
-        save()
-    if compacted:
-        _remove_orphans(cache_dir, key, array_name)
-    return map_rows(cache_dir / array_name, n_rows), rows, reasons, {
-        "decoded": len(todo), "reused": len(paths) - len(todo), "stale_rows": 0 if compacted else stale,
-        "compacted": compacted}
+            save(todo[done:])
+
+
+def _compact_if_stale(store: _Store, mine: _Entries, others: _OtherLists) -> tuple[bool, int]:
+    """(whether the array was compacted, its stale rows). Rows no entry uses are stale: replaced files, and (once
+    checked) other lists' files changed or gone. When more than COMPACT_SHARE of the rows are stale, the live rows
+    are copied to a new generation and every entry's row follows."""
+    live = _live(store.n_rows, mine.rows, others.rows)
+    stale = store.n_rows - len(live)
+    if not (store.n_rows > 0 and stale / store.n_rows > COMPACT_SHARE):
+        return False, stale
+    if not others.checked:
+        others.check()  # entries about to be rewritten: drop the other lists' gone files
+        live = _live(store.n_rows, mine.rows, others.rows)
+    store.array_name, remap = _compact(store.cache_dir, store.key, store.pixels(), live, store.row_shape)
+    mine.rows, others.rows = _remapped(mine.rows, remap), _remapped(others.rows, remap)
+    store.n_rows = len(live)
+    return True, stale
+
+
+def _remapped(rows: np.ndarray, remap: np.ndarray) -> np.ndarray:
+    """Rows through old row -> new row, -1 staying -1."""
+    return np.where(rows >= 0, remap[np.maximum(rows, 0)], -1)
+
+
+def _save_index(store: _Store, mine: _Entries, others: _OtherLists, pending: Iterable[int] = ()) -> None:
+    """Write the index for every file of this list but the `pending` ones (not decoded yet), and for the other
+    lists' unchanged files, with the array's row count and the checksum of its last rows."""
+    others.check()
+    keep = np.ones(len(mine.names), dtype=bool)
+    keep[list(pending)] = False
+    pick = np.flatnonzero(keep).tolist()
+    meta = {"version": CACHE_VERSION, "row_shape": list(store.row_shape), "array": store.array_name,
+            "rows": store.n_rows, "entries": len(pick) + len(others.entries),
+            "tail_crc": _tail_crc(store.pixels(), store.n_rows)}
+    write_index(store.index_file, meta, [mine.names[i] for i in pick] + others.strings("names"),
+                np.concatenate([mine.sizes[keep], others.column("sizes")]),
+                np.concatenate([mine.mtimes[keep], others.column("mtimes")]),
+                np.concatenate([mine.rows[keep], others.rows]),
+                [mine.reasons[i] for i in pick] + others.strings("reasons"))
 
 
 # ---------------------------------------------------------------- arrays derived from the rows

@@ -5,8 +5,8 @@ Usage (from other scripts):
     lay = read_layout("dog-breed", labels_file="dog-breed/labels.csv")   # labels in a CSV or TSV table
     lay = read_layout("dogs-vs-cats", labels_from_name=True)        # cat.0.jpg -> cat
     lay = read_layout("pets", name_pattern=r"^(.+)_\\d+\\.jpg$")      # one group = the label
-    lay = layout_of(cfg)                                            # the same, from a TrainConfig
-    print(lay.description); print(format_problems(lay))
+    lay = read_layout(cfg.data, **cfg.layout_settings())            # the same, from a TrainConfig
+    lay.description, format_problems(lay)                           # the 'layout: ...' line; what was left out
     splits = layout_splits(lay)                                     # {"train", "val", "test"}: the carve applied
 
 Recognised (split folder names are case-insensitive; '-' and ' ' read as '_'):
@@ -30,7 +30,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config import TrainConfig
 from core.common import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, UserError, is_hidden
 
 # Header names that hold the file and the label, in order of preference (compared as lower_snake_case).
@@ -136,8 +135,8 @@ def walk_files(d: str, hidden: list[tuple[str, bool]] | None = None) -> tuple[li
     order (a folder's files by name, then each subfolder by name); hidden files and folders are left out.
     Symlinked folders are entered (a folder of links to class folders reads like the folders themselves); a link
     back to a folder it sits in is a loop, refused with a UserError naming it. One os.scandir per folder and no
-    Path per file: a million files are listed in a few seconds. When given, `hidden` gets (path, is a folder) for
-    each hidden entry passed over (nothing inside hidden folders): what check_data.py reports as skipped."""
+    Path per file, so that large folders list quickly. When given, `hidden` gets (path, is a folder) for each
+    hidden entry passed over (nothing inside hidden folders): what check_data.py reports as skipped."""
     images, others = [], []
     exts = IMAGE_EXTENSIONS
     inside: set[str] = set()  # real paths of the folders being visited (the current one and those above it)
@@ -317,7 +316,7 @@ def find_columns(header: list[str], label_columns: list[str] | tuple[str, ...] |
 
 class _Resolver:
     """File cells to files: relative to several folders, with or without the image extension; one directory
-    listing per folder, so a 10,000-row table costs about as many dictionary look-ups."""
+    listing per folder, then dictionary look-ups per cell, whatever the table's length."""
 
     def __init__(self, bases: list[Path]):
         self.bases = list(dict.fromkeys(bases))
@@ -351,44 +350,57 @@ class _Resolver:
 
 def _from_table(table: Path, label_columns, split_dirs: dict[str, Path], others: list[Path], root: Path,
                 base: Path, problems, rel) -> tuple[dict[str, list[tuple[str, str]]], str]:
+    """Labels (and splits) from the table's rows, for the files they name relative to the table's folder, DATA or
+    the split folders: (items per split, the 'columns ...' text that says which columns were read). The rows left
+    out, and the images no row names, are named in `problems`."""
     header, rows = read_table(table)
+    columns = _table_columns(header, rows, label_columns, table)
+    resolve = _Resolver([table.parent, root, base, *split_dirs.values()])
+    labels, named = _table_labels(rows, columns, resolve, split_dirs, problems, rel)
+    _report_unlabeled([*split_dirs.values(), *others], named, root, base, table, problems, rel)
+    items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+    for path, (split, label) in sorted(labels.items()):
+        items[split].append((str(path), label))
+    return items, _columns_text(header, columns)
+
+
+def _table_columns(header: list[str], rows: list[list[str]], label_columns: list[str] | tuple[str, ...] | None,
+                   table: Path) -> tuple[int, int, int | None]:
+    """find_columns, less a split column where no value names a split (e.g. a k-fold column 0..4)."""
     file_col, label_col, split_col = find_columns(header, label_columns, table)
     if split_col is not None and not any(split_of(r[split_col]) for r in rows if len(r) > split_col):
-        split_col = None  # e.g. a k-fold column 0..4: not train/val/test
-    resolve = _Resolver([table.parent, root, base, *split_dirs.values()])
+        split_col = None
+    return file_col, label_col, split_col
+
+
+def _columns_text(header: list[str], columns: tuple[int, int, int | None]) -> str:
+    """'columns FILE -> LABEL', with ', split from column SPLIT' when there is one."""
+    file_col, label_col, split_col = columns
+    text = f"columns {header[file_col]} -> {header[label_col]}"
+    if split_col is not None:
+        text += f", split from column {header[split_col]}"
+    return text
+
+
+def _cell(row: list[str], col: int) -> str:
+    """A cell of a table row, stripped; '' when the row is shorter."""
+    return row[col].strip() if len(row) > col else ""
+
+
+def _table_labels(rows: list[list[str]], columns: tuple[int, int, int | None], resolve: _Resolver,
+                  split_dirs: dict[str, Path], problems: dict[str, list[str]], rel: _relative_to
+                  ) -> tuple[dict[Path, tuple[str, str]], set[Path]]:
+    """({file: (split, label)} from the rows, every file a row names, used or not: not reported again as
+    unlabelled). A file that rows give two different labels is left out and named with its labels."""
     folder_split = {_abs(d): s for s, d in split_dirs.items()}
     labels: dict[Path, tuple[str, str]] = {}
     conflicts: dict[Path, set[str]] = {}
-    named: set[Path] = set()  # files that rows name, used or not: not reported again as unlabelled
+    named: set[Path] = set()
     for n, row in enumerate(rows, start=2):
-        cell = row[file_col].strip() if len(row) > file_col else ""
-        label = row[label_col].strip() if len(row) > label_col else ""
-        if not cell:
-            problems[NO_FILE].append(f"line {n}")
+        entry = _read_row(row, n, columns, resolve, folder_split, named, problems)
+        if entry is None:
             continue
-        found = resolve(cell)
-        named.update(_abs(p) for p in found)
-        if not found:
-            problems[MISSING].append(f"{cell} (line {n})")
-            continue
-        if len(found) > 1:
-            problems[SEVERAL].append(f"{cell} (line {n}: {', '.join(p.name for p in found)})")
-            continue
-        path = _abs(found[0])
-        if not _is_image(path):
-            problems[SKIPPED].append(f"{cell} (line {n})")
-            continue
-        if not label:
-            problems[NO_LABEL].append(f"{cell} (line {n})")
-            continue
-        if split_col is not None:
-            value = row[split_col].strip() if len(row) > split_col else ""
-            split = split_of(value)
-            if split is None:
-                problems[BAD_SPLIT].append(f"{cell} (line {n}: {value!r})")
-                continue
-        else:
-            split = next((s for d, s in folder_split.items() if d in path.parents), "train")
+        path, split, label = entry
         if path in labels and labels[path][1] != label:
             conflicts.setdefault(path, {labels[path][1]}).add(label)
         else:
@@ -396,9 +408,62 @@ def _from_table(table: Path, label_columns, split_dirs: dict[str, Path], others:
     for path, names in conflicts.items():
         del labels[path]
         problems[CONFLICT].append(f"{rel(path)} ({', '.join(sorted(names))})")
+    return labels, named
+
+
+def _read_row(row: list[str], n: int, columns: tuple[int, int, int | None], resolve: _Resolver,
+              folder_split: dict[Path, str], named: set[Path], problems: dict[str, list[str]]
+              ) -> tuple[Path, str, str] | None:
+    """(file, split, label) of the row on line n of the table; None, with the row named under its problem, when
+    it gives none. The split is the split column's, else that of the split folder holding the file, else train."""
+    file_col, label_col, split_col = columns
+    cell, label = _cell(row, file_col), _cell(row, label_col)
+    if not cell:
+        problems[NO_FILE].append(f"line {n}")
+        return None
+    path = _row_file(cell, n, resolve, named, problems)
+    if path is None:
+        return None
+    if not label:
+        problems[NO_LABEL].append(f"{cell} (line {n})")
+        return None
+    if split_col is None:
+        return path, next((s for d, s in folder_split.items() if d in path.parents), "train"), label
+    value = _cell(row, split_col)
+    split = split_of(value)
+    if split is None:
+        problems[BAD_SPLIT].append(f"{cell} (line {n}: {value!r})")
+        return None
+    return path, split, label
+
+
+def _row_file(cell: str, n: int, resolve: _Resolver, named: set[Path], problems: dict[str, list[str]]
+              ) -> Path | None:
+    """The image file (absolute) that a file cell on line n names; None, with the row named under its problem,
+    when it names no file, several, or one that is not an image. Every file it names goes into `named`."""
+    found = resolve(cell)
+    named.update(_abs(p) for p in found)
+    if not found:
+        problems[MISSING].append(f"{cell} (line {n})")
+        return None
+    if len(found) > 1:
+        problems[SEVERAL].append(f"{cell} (line {n}: {', '.join(p.name for p in found)})")
+        return None
+    path = _abs(found[0])
+    if not _is_image(path):
+        problems[SKIPPED].append(f"{cell} (line {n})")
+        return None
+    return path
+
+
+def _report_unlabeled(folders: list[Path], named: set[Path], root: Path, base: Path, table: Path,
+                      problems: dict[str, list[str]], rel: _relative_to) -> None:
+    """Name the images under `folders` that no row names: each one in a folder beside a file that a row names,
+    else the folder with its count; and the other files there, skipped for their extension (but the table and
+    whatever sits directly in DATA)."""
     unlabeled = defaultdict(list)  # folder -> images there that the table does not name
     holders = {p.parent for p in named}
-    for d in [*split_dirs.values(), *others]:
+    for d in folders:
         images, non_images = _walk(d)
         problems[SKIPPED] += [rel(f) for f in non_images
                               if f.parent not in (root, base) and _abs(f) != _abs(table)]
@@ -410,13 +475,6 @@ def _from_table(table: Path, label_columns, split_dirs: dict[str, Path], others:
             problems[UNLABELED] += [rel(f) for f in files]
         else:
             problems[UNLABELED_FOLDERS].append(f"{rel(folder)}/ ({_images(len(files))})")
-    items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
-    for path, (split, label) in sorted(labels.items()):
-        items[split].append((str(path), label))
-    columns = f"columns {header[file_col]} -> {header[label_col]}"
-    if split_col is not None:
-        columns += f", split from column {header[split_col]}"
-    return items, columns
 
 
 # ---------------------------------------------------------------- the layout
@@ -478,14 +536,6 @@ def read_layout(data: str | Path, *, labels_file: str | Path | None = None, labe
     lay.description = describe(lay, single, table, columns, name_pattern)
     _check_usable(lay, need, table, columns, rule is not None, rel(base))
     return lay
-
-
-def layout_of(cfg: TrainConfig, need: str | None = "train") -> Layout:
-    """read_layout with a run's settings: the one place that maps TrainConfig's data fields onto it."""
-    return read_layout(cfg.data, labels_file=cfg.labels or None, label_columns=cfg.label_columns or None,
-                       labels_from_name=cfg.labels_from_name, name_pattern=cfg.name_pattern or None,
-                       val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
-                       classes=cfg.classes or None, need=need)
 
 
 class _relative_to:

@@ -26,7 +26,7 @@ Usage (from audit.py and dataset.py):
     found = find_near_copies(descriptors(thumbnails))   # uint8 (N, 1, 32, 32) -> Search (or DescriptorBlocks)
     groups, lookalike = found.groups()                   # [[i, j, ...]] sets of near-copies, images not judged
     pairs = near_duplicate_pairs(thumbnails)             # [(i, j, similarity)], i < j, most similar first
-    line = start_up_line(train_descriptors, val_descriptors)  # train.py's start-up line, searched at most 10 s
+    check = start_up_check(train_descriptors, val_descriptors)  # train.py's start-up search, at most 10 s
 """
 from __future__ import annotations
 
@@ -375,23 +375,26 @@ def near_duplicate_pairs(images: torch.Tensor, threshold: float = THRESHOLD, see
     return find_near_copies(descriptors(images), threshold, seed).pair_list()
 
 
-def start_up_line(train_desc, val_desc, seconds: float = START_UP_SECONDS) -> str:
-    """train.py's start-up line: how many groups of near-copies lie within train or val and how many span the two
-    (leakage), from their descriptors (N, VARIANTS, D); a search still running after `seconds` stops, and the
-    line points to check_data.py instead."""
+@dataclass(frozen=True)
+class StartUpCheck:
+    """train.py's start-up search among train and val (the first `n_train` images of `found`) and its seconds."""
+    found: Search
+    n_train: int
+    seconds: float
+
+    def counts(self) -> tuple[int, int, int]:
+        """(groups within train or val, groups spanning the two: leakage, images not judged: look-alikes)."""
+        groups, lookalike = self.found.groups()
+        cross, within = cross_and_within(groups, self.n_train)
+        return within, cross, lookalike
+
+
+def start_up_check(train_desc, val_desc, seconds: float = START_UP_SECONDS) -> StartUpCheck:
+    """The near-copies within train or val and across them, from their descriptors (N, VARIANTS, D); a search
+    still running after `seconds` stops (End.TIME_CAP) and check_data.py gives the full report instead."""
     t0 = time.monotonic()
     found = find_near_copies(Joined(train_desc, val_desc), deadline=t0 + seconds, progress=True)
-    took = f"{time.monotonic() - t0:.1f}s"
-    if found.end is End.TIME_CAP:
-        return f"near-copies: not finished in {took} at start-up; python check_data.py DATA gives the full report"
-    if found.end in (End.CROWDED, End.PAIR_CAP):
-        return f"near-copies: not judged, {found.n} images look too alike in small thumbnails to search, {took}"
-    groups, lookalike = found.groups()
-    cross, within = cross_and_within(groups, len(train_desc))
-    return (f"near-copies: {within} group(s) within train or val, {cross} across them"
-            + (" (leakage: python check_data.py DATA names them)" if cross else "")
-            + (f"; {lookalike} images look too alike in small thumbnails to judge" if lookalike else "")
-            + f", {took}")
+    return StartUpCheck(found, len(train_desc), time.monotonic() - t0)
 
 
 def component_labels(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:

@@ -18,9 +18,9 @@ Every score is oriented the same way: the higher, the less the image looks like 
                      of the stem's and of the first residual stage's per-channel mean and spread (how the image
                      looks: texture, light, background), and the energy of the logits (how much evidence for any
                      class it holds); with a rotation head (--rotation-weight) its surprise is a fourth part. The
-                     default (DEFAULT_SCORE): on real photos of other things (../shared/data/other, scenes and
-                     objects) the parts alone reach AUROC 0.78-0.89 against cat/dog val photos, their sum 0.91,
-                     each part catching images the other misses. Chosen on real photos, never on generated ones.
+                     default (DEFAULT_SCORE), chosen on real photos of other things (../shared/data/other, scenes
+                     and objects) against cat/dog val photos, never on generated ones: the sum separates them
+                     better than any part alone, each part catching images the others miss; see BENCHMARKS.md.
                      For a model trained with --other the energy part counts OTHER_ENERGY_WEIGHT times: outlier
                      exposure trains it.
   msp                1 - max softmax probability (the confidence --threshold already uses)
@@ -31,8 +31,8 @@ Every score is oriented the same way: the higher, the less the image looks like 
                      (shared covariance, shrunk towards a multiple of the identity)
   layer_mahalanobis  the same distance on the per-channel mean and spread of every stage's feature maps, from the
                      stem to the penultimate; each stage's distance is standardised by its spread over the
-                     training images, and the largest counts. Strong on generated far-away images (0.99 AUROC on
-                     drawn shapes, text, noise), weak on real photos (0.80).
+                     training images, and the largest counts. Strong on generated far-away images (drawn shapes,
+                     text, noise), weak on real photos (BENCHMARKS.md).
   rotation           the rotation head's mean negative log-probability of the right quarter turn over the image's
                      four turns (a model trained with --rotation-weight); images whose upright side the model
                      cannot see score high.
@@ -53,8 +53,8 @@ DEFAULT_SCORE = "combined"
 COMBINED_STAGES = 2  # the combined score's early stages: the stem's and the first residual stage's statistics
 STATE_VERSION = 1
 # The weight of the combined score's energy part for a model trained with --other (energy-margin outlier exposure
-# trains that part). Measured on ../shared/data/other, trained on one part and scored on the other (BENCHMARKS.md):
-# weights 1, 2, 3 reach AUROC 0.942/0.952/0.956 on objects and 0.947/0.952/0.953 on scenes; energy alone 0.959/0.944.
+# trains that part): the best of 1, 2 and 3 on ../shared/data/other, trained on one part and scored on the other,
+# and steadier across the parts than energy alone (BENCHMARKS.md).
 OTHER_ENERGY_WEIGHT = 3.0
 STATE_BUDGET = 10_000_000  # bytes of score states a checkpoint may hold (the chosen score's is always kept)
 KNN_BANK_BYTES = 4_000_000  # the kNN bank stored beside the chosen score: ~5,000 features of 384 values
@@ -234,7 +234,7 @@ def novelty_score(state: dict, features: dict) -> torch.Tensor:
             raise UserError("the combined novelty score needs the rotation head the checkpoint's model was "
                             "trained with")
         parts = torch.stack(combined_parts(state, features))
-        weights = state.get("weights", torch.ones(len(parts)))  # states saved before the weights: all 1
+        weights = state.get("weights", torch.ones(len(parts)))  # a state without weights: every part counts once
         return (weights[:, None] * (parts - state["centre"][:, None]) / state["scale"][:, None]).sum(0)
     raise UserError(f"unknown novelty score {name!r} in the checkpoint; this code knows {', '.join(NOVELTY_SCORES)}")
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from config import NORMALIZATION, NOVELTY_SCORES
 from core.common import UserError
 from dataset import RowView, rotate_quarters, to_float
-from model import forward_stages, has_rotation_head, unwrap
+from model import cam_stages, feature_stages, forward_stages, has_rotation_head, head_of, unwrap
 from prediction.checkpoint import normalization_of, novelty_of, temperature_of, tta_of
 from prediction.novelty import novelty_score, scores_by_name
 
@@ -79,9 +79,9 @@ ONE_PASS_IMAGES = 16  # up to this many images, all their views go through the n
 
 def per_view(run, x: torch.Tensor, tta: bool) -> list:
     """run(batch) for each view of x (views()). A small batch's views go through as one batch, then are split
-    again: on a CPU one pass of 2 images costs about what one pass of 1 does (4.9 ms against 9.9 ms for two
-    passes, the default model, one thread), so a lone request's mirror TTA comes almost free. `run` returns a
-    tensor or a (tensor, list of tensors) whose first dimension is the images."""
+    again: on a CPU one pass of 2 images costs about what one pass of 1 does, far less than two passes, so a
+    lone request's mirror TTA comes almost free. `run` returns a tensor or a (tensor, list of tensors) whose
+    first dimension is the images."""
     vs = views(x, tta)
     if len(vs) == 1 or len(x) > ONE_PASS_IMAGES:
         return [run(v) for v in vs]
@@ -115,8 +115,24 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device,
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+class PredictionFacts(NamedTuple):
+    """What predict_images reads from a checkpoint, read once: a caller that predicts again and again (serve.py)
+    passes it to every call, so that no call reads the checkpoint again."""
+    classes: tuple[str, ...]
+    normalization: dict
+    tta: bool
+    temperature: float
+    novelty: dict | None
+
+    @classmethod
+    def of(cls, ckpt: dict) -> PredictionFacts:
+        return cls(tuple(ckpt["classes"]), normalization_of(ckpt), tta_of(ckpt), temperature_of(ckpt),
+                   novelty_of(ckpt))
+
+
 def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: float = 0.0,
-                   tta: bool | None = None, reject: bool = False, runtime: OnnxFeatures | None = None) -> list[dict]:
+                   tta: bool | None = None, reject: bool = False, runtime: OnnxFeatures | None = None,
+                   facts: PredictionFacts | None = None) -> list[dict]:
     """One {'label', 'confidence', 'probabilities'} per decoded uint8 (C, S, S) image, all in one batch, plus
     {'novelty_score', 'known'} when the checkpoint has a novelty score (known: score <= its stored threshold).
 
@@ -124,13 +140,17 @@ def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: 
     below `threshold` the label is 'unknown', and with `reject` also when the image is of no known class (a
     checkpoint without a novelty score is then a UserError that says to retrain). tta=None uses the training
     run's setting; the novelty score always uses the setting its threshold was chosen with. With `runtime`
-    (OnnxFeatures) the network runs in onnxruntime.
+    (OnnxFeatures) the network runs in onnxruntime. `facts` (PredictionFacts.of(ckpt)) are the checkpoint's
+    facts read beforehand; without them they are read from `ckpt`.
     """
-    novelty = novelty_of(ckpt, needed_by="--reject" if reject else "")
+    facts = PredictionFacts.of(ckpt) if facts is None else facts
+    novelty = facts.novelty
+    if reject and novelty is None:
+        novelty_of(ckpt, needed_by="--reject")  # the UserError that says to retrain
     if not images:
         return []
-    classes, norm = ckpt["classes"], normalization_of(ckpt)
-    tta = tta_of(ckpt) if tta is None else tta
+    classes, norm = facts.classes, facts.normalization
+    tta = facts.tta if tta is None else tta
     batch = torch.stack([torch.as_tensor(im) for im in images])
     scores = None
     if novelty is not None:
@@ -143,7 +163,7 @@ def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: 
     else:
         logits = predict_logits(model, batch, torch.device("cpu"), tta=tta, normalization=norm)
     results = []
-    for i, pr in enumerate(torch.softmax(logits / temperature_of(ckpt), dim=1)):
+    for i, pr in enumerate(torch.softmax(logits / facts.temperature, dim=1)):
         conf, k = pr.max(0)
         known = scores is None or scores[i] <= novelty["threshold"]
         label = classes[k] if conf.item() >= threshold and (known or not reject) else "unknown"
@@ -158,33 +178,12 @@ def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: 
 # ---------------------------------------------------------------- features for the novelty scores
 
 
-def head_of(model: nn.Module) -> nn.Linear:
-    """The final linear layer (`fc` in SmallResNet and torchvision ResNets): its input is the penultimate feature."""
-    head = getattr(unwrap(model), "fc", None)
-    if not isinstance(head, nn.Linear):
-        raise UserError(f"do not know where the classifier head of {type(unwrap(model)).__name__} is "
-                        f"(expected a Linear layer named fc)")
-    return head
-
-
-def feature_stages(model: nn.Module) -> list[nn.Module]:
-    """The modules whose outputs are the feature maps of each stage, from the stem to the last residual stage:
-    SmallResNet's stem and blocks, or a torchvision ResNet's stem (up to its max-pool) and layer1-layer4."""
-    model = unwrap(model)
-    if all(hasattr(model, n) for n in ("maxpool", "layer1", "layer2", "layer3", "layer4")):
-        return [model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4]
-    if hasattr(model, "stem") and hasattr(model, "layers"):
-        return [model.stem, *model.layers]
-    raise UserError(f"do not know the stages of {type(model).__name__} for the stage scores (combined, "
-                    f"layer_mahalanobis)")
-
-
 def stage_statistics(maps: torch.Tensor, max_channels: int = MAX_STAGE_CHANNELS) -> torch.Tensor:
     """Per-channel mean and standard deviation over space of feature maps (N, C, H, W) -> (N, 2 * min(C, max)),
     float32; beyond `max_channels`, neighbouring channels' statistics are averaged."""
     maps = maps.float()
     mean = maps.mean((2, 3))
-    # E[x^2] - E[x]^2: on a CPU, 50x faster than Tensor.std over small maps, which dominated the cost of the hooks
+    # E[x^2] - E[x]^2: on a CPU far cheaper than Tensor.std over small maps, which would dominate the features' cost
     stats = [mean, ((maps * maps).mean((2, 3)) - mean * mean).clamp(min=0).sqrt()]
     if maps.shape[1] > max_channels:
         stats = [F.adaptive_avg_pool1d(s[:, None], max_channels)[:, 0] for s in stats]
@@ -298,7 +297,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, outpu
 class OnnxFeatures:
     """FeatureNet of a model run by onnxruntime on the CPU: called like extract_features' PyTorch pass, on a
     normalized batch, it returns (penultimate, [statistics per stage]) as float32 tensors. Exported once, at
-    construction (a few seconds), into `folder`; `threads` is onnxruntime's intra-op thread count."""
+    construction (the slow part), into `folder`; `threads` is onnxruntime's intra-op thread count."""
 
     def __init__(self, model: nn.Module, image_size: int, channels: int, folder: str | Path, threads: int = 1):
         import onnxruntime
@@ -343,10 +342,10 @@ def onnx_runtime(model: nn.Module, ckpt: dict, threads: int = 1, tolerance: floa
 
 
 # ---------------------------------------------------------------- Grad-CAM
-# The grad-cam package (pytorch-grad-cam 1.5.7) was weighed against these lines: it would add opencv, scikit-learn,
-# scipy and ttach; its smoothing runs six passes (mirror x brightness 0.9/1/1.1), each explaining its own argmax of
-# a raw logit, not one class of mirror-averaged logits; and it returns no probabilities. Here one forward and one
-# backward pass give the map and the very prediction inference.py prints.
+# Grad-CAM written out rather than taken from the grad-cam package (pytorch-grad-cam): that would add opencv,
+# scikit-learn, scipy and ttach; its smoothing runs six passes (mirror x three brightnesses), each explaining its
+# own argmax of a raw logit, not one class of mirror-averaged logits; and it returns no probabilities. Here one
+# forward and one backward pass give the map and the very prediction inference.py prints.
 
 
 class GradCam(NamedTuple):
@@ -358,17 +357,6 @@ class GradCam(NamedTuple):
     probabilities: torch.Tensor
     layer: str
     cells: tuple[int, int]
-
-
-def cam_stages(model: nn.Module) -> dict[str, nn.Module]:
-    """The residual stages Grad-CAM can weigh, shallow to deep, by module name: layers.0-3 of resnet_small,
-    layer1-4 of torchvision ResNets."""
-    model = unwrap(model)
-    if hasattr(model, "layer4"):
-        return {f"layer{i}": getattr(model, f"layer{i}") for i in range(1, 5)}
-    if hasattr(model, "layers"):
-        return {f"layers.{i}": m for i, m in enumerate(model.layers)}
-    raise UserError(f"do not know where the residual stages of {type(model).__name__} are for Grad-CAM")
 
 
 def feature_sizes(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:

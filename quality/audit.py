@@ -1,10 +1,10 @@
 """What is wrong with a dataset before training: counts, unreadable files and why, duplicates, leakage; the
 report check_data.py and train.py --check-only print, and quarantine (moving files out, never deleting).
 
-Usage (from check_data.py and train.py):
-    report = data_report(layout_of(cfg, need=None), max_bad_fraction=0.5, workers=2)   # a plain dict
-    print(format_report(report))
-    check_data(cfg, quarantine_dir="bad_files", as_json=False)   # print the report; 1 when training would fail
+Usage (from check_data.py and train.py, which print the text):
+    report = data_report(read_layout("Dataset"), max_bad_fraction=0.5, workers=2)   # a plain dict
+    text = format_report(report)
+    checked = check_data(cfg, quarantine_dir="bad_files")   # DataCheck: code (1: cannot train), text, report
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import shutil
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from config import TrainConfig
 from core.common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError
 from core.plots import plot_gallery, save_figure
 from loading.decode import decode_files, decode_image
-from loading.layout import EMPTY, SKIPPED, Layout, layout_of, layout_splits, walk_files
+from loading.layout import EMPTY, SKIPPED, Layout, read_layout, layout_splits, walk_files
 from loading.near_duplicates import DescriptorBlocks, find_near_copies
 
 TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model
@@ -69,71 +70,134 @@ def data_report(lay: Layout, max_bad_fraction: float = 0.5, workers: int = 0) ->
     near_lookalike_images (too alike in thumbnails to judge), near_search (done, crowded or pair cap),
     near_pairs_examined, near_seconds, empty_classes, hidden_folders, hidden_files, ignored (files skipped for
     their extension), imbalance (largest / smallest train class, None when one is empty), fatal and warnings."""
-    root = Path(lay.root).resolve()  # the layout resolves it too: DATA given as ../x or through a link
+    rel = _relative_to(lay.root)
+    r = _layout_part(lay)
+    entries = _image_entries(lay, r)
+    r["hidden_folders"], r["hidden_files"] = _hidden_under(lay, rel)
+    decoded = decode_files([p for _, _, p in entries], TINY_SIDE, 1, workers, desc="checking")
+    seen = _read_images(r, entries, decoded, rel)
+    r["modes"], r["formats"] = dict(seen.modes.most_common()), dict(seen.formats.most_common())
+    r["sizes"] = _size_summary(seen.sizes)
+    r["leaks"], r["duplicates"] = _exact_copies(seen.by_hash)
+    r.update(near_copies(seen.near.tensor(), seen.readable))
+    _judge(r, seen.files, seen.bad, max_bad_fraction)
+    return r
+
+
+def _relative_to(data_root: str | Path) -> Callable[[str | Path], str]:
+    """How the report names a file: its path relative to DATA when inside it, else the path as given (a labels
+    table may name files outside DATA)."""
+    root = Path(data_root).resolve()  # the layout resolves it too: DATA given as ../x or through a link
 
     def rel(p: str | Path) -> str:
         try:
             return Path(p).absolute().relative_to(root).as_posix()
-        except ValueError:  # a table may name files outside DATA
+        except ValueError:
             return str(p)
+    return rel
 
-    r: dict = {"data": lay.root, "layout": lay.description, "problems": lay.problems, "classes": list(lay.classes),
-               "carve": dict(lay.carve), "counts": {}, "unreadable": [], "modes": {}, "formats": {}, "sizes": {},
-               "tiny": [], "mismatched": [], "duplicates": [], "leaks": [],
-               "empty_classes": [f.rstrip("/") for f in lay.problems.get(EMPTY, [])], "hidden_folders": [],
-               "hidden_files": [], "ignored": list(lay.problems.get(SKIPPED, [])), "imbalance": None, "fatal": [],
-               "warnings": []}
-    entries = []  # (split, class, path) of every image file
+
+def _layout_part(lay: Layout) -> dict:
+    """The report with what the layout alone says filled in, and every other key empty, in the order --json
+    prints them."""
+    return {"data": lay.root, "layout": lay.description, "problems": lay.problems, "classes": list(lay.classes),
+            "carve": dict(lay.carve), "counts": {}, "unreadable": [], "modes": {}, "formats": {}, "sizes": {},
+            "tiny": [], "mismatched": [], "duplicates": [], "leaks": [],
+            "empty_classes": [f.rstrip("/") for f in lay.problems.get(EMPTY, [])], "hidden_folders": [],
+            "hidden_files": [], "ignored": list(lay.problems.get(SKIPPED, [])), "imbalance": None, "fatal": [],
+            "warnings": []}
+
+
+def _image_entries(lay: Layout, r: dict) -> list[tuple[str, str, str]]:
+    """(split, class, path) of every image file the layout reads; r['counts'] gets a zero per class for each
+    split counted (train always, other splits when they hold files)."""
+    entries = []
     for split, items in layout_splits(lay).items():
         if not items and split != "train":
             continue
         entries += [(split, c, p) for p, c in items]
         r["counts"][split] = {c: 0 for c in lay.classes}
+    return entries
+
+
+def _hidden_under(lay: Layout, rel: Callable[[str | Path], str]) -> tuple[list[str], list[str]]:
+    """(hidden folders, hidden files) in the layout's split folders, which discovery skips."""
+    hidden_folders, hidden_files = [], []
     for folder in sorted(set(lay.folder_paths.values())):
         folders, files = hidden_entries(Path(folder))
-        r["hidden_folders"] += [rel(p) for p in folders]
-        r["hidden_files"] += [rel(p) for p in files]
+        hidden_folders += [rel(p) for p in folders]
+        hidden_files += [rel(p) for p in files]
+    return hidden_folders, hidden_files
 
-    decoded = decode_files([p for _, _, p in entries], TINY_SIDE, 1, workers, desc="checking")
-    modes, formats, sizes = Counter(), Counter(), Counter()
-    by_hash, bad_per_split, files_per_split = defaultdict(list), Counter(), Counter()
-    near, readable = DescriptorBlocks(), []  # near-copy descriptors and (split, path, sha1) of readable files
+
+@dataclasses.dataclass
+class _Seen:
+    """What reading the image files gathers for the later steps: files and unreadable files per split, readable
+    files by content hash, near-copy descriptors with (split, path, sha1) of each, and header tallies."""
+    files: Counter = dataclasses.field(default_factory=Counter)
+    bad: Counter = dataclasses.field(default_factory=Counter)
+    by_hash: defaultdict = dataclasses.field(default_factory=lambda: defaultdict(list))
+    near: DescriptorBlocks = dataclasses.field(default_factory=DescriptorBlocks)
+    readable: list = dataclasses.field(default_factory=list)
+    modes: Counter = dataclasses.field(default_factory=Counter)
+    formats: Counter = dataclasses.field(default_factory=Counter)
+    sizes: Counter = dataclasses.field(default_factory=Counter)
+
+
+def _read_images(r: dict, entries: list[tuple[str, str, str]], decoded: list, rel: Callable[[str | Path], str]
+                 ) -> _Seen:
+    """Tally each decoded file: unreadable ones with their reason into r['unreadable'], readable ones into
+    r['counts'], hashed, described for the near-copy search, and their headers checked (_note_header)."""
+    seen = _Seen()
     for (split, cls, path), (pixels, reason) in zip(entries, decoded):
-        files_per_split[split] += 1
+        seen.files[split] += 1
         if reason:
-            bad_per_split[split] += 1
+            seen.bad[split] += 1
             r["unreadable"].append({"path": rel(path), "reason": reason})
             continue
         r["counts"][split][cls] += 1
         sha1 = file_sha1(path)
-        by_hash[sha1].append((split, rel(path)))
-        near.add(pixels)
-        readable.append((split, rel(path), sha1))
-        header = image_header(path)
-        if header is None:
-            continue
-        fmt, mode, size = header
-        modes[mode] += 1
-        formats[fmt] += 1
-        sizes[size] += 1
-        if min(size) < TINY_SIDE:
-            r["tiny"].append({"path": rel(path), "size": list(size)})
-        expected = FORMATS_BY_SUFFIX.get(Path(path).suffix.lower())
-        if expected and fmt != expected:
-            r["mismatched"].append({"path": rel(path), "format": fmt})
-    r["modes"], r["formats"] = dict(modes.most_common()), dict(formats.most_common())
-    if sizes:
-        by_area = sorted(sizes, key=lambda s: (s[0] * s[1], s))
-        r["sizes"] = {"min": list(by_area[0]), "max": list(by_area[-1]),
-                      "most_common": [[w, h, n] for (w, h), n in sizes.most_common(5)]}
+        seen.by_hash[sha1].append((split, rel(path)))
+        seen.near.add(pixels)
+        seen.readable.append((split, rel(path), sha1))
+        _note_header(r, seen, path, rel(path))
+    return seen
+
+
+def _note_header(r: dict, seen: _Seen, path: str | Path, name: str) -> None:
+    """Count a readable file's mode, format and size from its header, and list it in r['tiny'] when a side is
+    under TINY_SIDE and in r['mismatched'] when its content is not the format its extension names."""
+    header = image_header(path)
+    if header is None:
+        return
+    fmt, mode, size = header
+    seen.modes[mode] += 1
+    seen.formats[fmt] += 1
+    seen.sizes[size] += 1
+    if min(size) < TINY_SIDE:
+        r["tiny"].append({"path": name, "size": list(size)})
+    expected = FORMATS_BY_SUFFIX.get(Path(path).suffix.lower())
+    if expected and fmt != expected:
+        r["mismatched"].append({"path": name, "format": fmt})
+
+
+def _size_summary(sizes: Counter) -> dict:
+    """{min, max, most_common} of the (width, height) tally, min and max by area; {} when nothing was read."""
+    if not sizes:
+        return {}
+    by_area = sorted(sizes, key=lambda s: (s[0] * s[1], s))
+    return {"min": list(by_area[0]), "max": list(by_area[-1]),
+            "most_common": [[w, h, n] for (w, h), n in sizes.most_common(5)]}
+
+
+def _exact_copies(by_hash: dict[str, list[tuple[str, str]]]) -> tuple[list[list[str]], list[list[str]]]:
+    """(leaks, duplicates): the paths of byte-identical files, groups spanning splits / within one split."""
+    leaks, duplicates = [], []
     for group in by_hash.values():
         if len(group) > 1:
             splits = {s for s, _ in group}
-            (r["leaks"] if len(splits) > 1 else r["duplicates"]).append([p for _, p in group])
-    r.update(near_copies(near.tensor(), readable))
-
-    _judge(r, files_per_split, bad_per_split, max_bad_fraction)
-    return r
+            (leaks if len(splits) > 1 else duplicates).append([p for _, p in group])
+    return leaks, duplicates
 
 
 def near_copies(desc: torch.Tensor, readable: list[tuple[str, str, str]]) -> dict:
@@ -289,19 +353,30 @@ def near_leak_gallery(root: str | Path, groups: list[list[str]], path: Path, lim
                                     captions, columns=4), path)
 
 
+@dataclasses.dataclass
+class DataCheck:
+    """The outcome of check_data: code, the exit code (1 when training on the data would fail, else 0); text,
+    what the script prints (the report for a terminal, or its JSON); report, data_report's dict with the
+    sections, near_leaks_gallery and quarantined added, or only {data, fatal} when DATA cannot be read as a
+    dataset at all."""
+    code: int
+    text: str
+    report: dict
+
+
 def check_data(cfg: TrainConfig, quarantine_dir: str = "", as_json: bool = False, listed: list[str] | None = None,
-               sections: dict | None = None, sections_text: str = "", out_dir: str = "") -> int:
-    """Print the report of cfg.data read with cfg's label source and carve, and quarantine when asked: the
-    unreadable files, or the files `listed` (paths relative to DATA, e.g. label_errors.csv's). `sections` (e.g.
-    {"label_errors": ...}) join the JSON and `sections_text` the text before the verdict. 1 when training on this
-    data would fail, 2 when there is no dataset to report on."""
+               sections: dict | None = None, sections_text: str = "", out_dir: str = "") -> DataCheck:
+    """The report of cfg.data read with cfg's label source and carve, and quarantine when asked: the unreadable
+    files, or the files `listed` (paths relative to DATA, e.g. label_errors.csv's). `sections` (e.g.
+    {"label_errors": ...}) join the JSON and `sections_text` the text before the verdict. A folder the layout
+    cannot read is a fatal finding, reported as text even for JSON; no folder at all raises UserError."""
     try:
-        lay = layout_of(cfg, need=None)
+        lay = read_layout(cfg.data, **cfg.layout_settings(need=None))
     except UserError as e:
         if not Path(cfg.data).is_dir():
             raise
-        print(f"data: {cfg.data}\nFATAL: {e}\nverdict: cannot train on this data")
-        return 1
+        return DataCheck(1, f"data: {cfg.data}\nFATAL: {e}\nverdict: cannot train on this data",
+                         {"data": cfg.data, "fatal": [str(e)]})
     report = data_report(lay, cfg.max_bad_fraction, cfg.workers)
     report.update(sections or {})
     if out_dir and report["near_leaks"]:
@@ -310,12 +385,13 @@ def check_data(cfg: TrainConfig, quarantine_dir: str = "", as_json: bool = False
     to_move = listed if listed is not None else [u["path"] for u in report["unreadable"]]
     if quarantine_dir and to_move:
         report["quarantined"] = quarantine(lay.root, to_move, quarantine_dir, list(lay.folder_paths.values()))
-    if as_json:
-        print(json.dumps(report, indent=2))
-    else:
-        text = format_report(report)
-        if sections_text:
-            head, verdict = text.rsplit("\n", 1)
-            text = f"{head}\n{sections_text}\n{verdict}"
-        print(text)
-    return 1 if report["fatal"] else 0
+    text = json.dumps(report, indent=2) if as_json else _with_sections(format_report(report), sections_text)
+    return DataCheck(1 if report["fatal"] else 0, text, report)
+
+
+def _with_sections(text: str, sections_text: str) -> str:
+    """format_report's text with sections_text put in before its last line, the verdict."""
+    if not sections_text:
+        return text
+    head, verdict = text.rsplit("\n", 1)
+    return f"{head}\n{sections_text}\n{verdict}"

@@ -1,5 +1,5 @@
 """Likely label errors, found before training: every training image is predicted by a model that never saw it
-(K short runs on the cached pixels, one per fold), then confident learning (Northcutt et al., 2021) names the
+(K short runs of the training loop on the cached pixels, one per fold), then confident learning (Northcutt et al., 2021) names the
 images whose given label loses clearly to another class.
 
 Usage (from check_data.py and train.py):
@@ -17,16 +17,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from config import TrainConfig
-from core.common import UserError, needs_grad_scaler, pick_amp_dtype, pick_device
+from core.common import UserError, pick_amp_dtype, pick_device
 from core.plots import plot_gallery, save_figure
-from dataset import Split, augment, batches, fetch_batch, load_items, to_float
-from loading.layout import Layout, layout_of, layout_splits
-from model import build_model, fetch_pretrained, input_normalization
-from prediction.predict import amp, predict_logits
-from training.optimization import LRSchedule, build_optimizer, plan_to_budget, planning_epoch_seconds, train_mode
+from dataset import Split, load_items
+from loading.layout import Layout, read_layout, layout_splits
+from model import fetch_pretrained, input_normalization
+from prediction.predict import predict_logits
+from training.loop import build_trainer, train_epochs
 from training.runs import LABEL_ERRORS_CSV, LABEL_ERRORS_PNG
 
 CSV_COLUMNS = ("path", "given", "suggested", "confidence", "given_probability")
@@ -44,81 +43,49 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tenso
     return fold
 
 
-def train_short(data: Split, rows: torch.Tensor, num_classes: int, cfg: TrainConfig, epochs: int,
-                device: torch.device, generator: torch.Generator, pretrained_state: dict | None = None,
-                seconds: float = 0.0) -> tuple[nn.Module, int]:
-    """A model trained as train.py trains (same architecture, starting weights, augmentation but CutMix, AdamW,
-    warmup and cosine, label smoothing, mixed precision), without validation, averaging or checkpoints: enough to
-    predict images it has not seen; and the epochs it trained. It trains on data's images `rows`, read
-    where they are (a memory map, or a GPU). With `pretrained_state` (--pretrained / --weights) it starts from those
-    weights, the backbone at train.py's lower learning rate, on ImageNet-normalized input. With `seconds` it trains
-    as many of the `epochs` as fit in that time, the learning rate annealed to 0 over the last of them, as
-    train.py --time-budget plans (optimization.plan_to_budget)."""
-    model = build_model(cfg.arch, num_classes, cfg.channels, cfg.width, cfg.image_size,
-                        pretrained_state=pretrained_state, blocks=cfg.blocks).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = max(1, len(rows) // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(steps_per_epoch, 0, epochs * steps_per_epoch))
-    budget = dataclasses.replace(cfg, epochs=epochs, time_budget=seconds, freeze_epochs=0)  # what the planner reads
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    norm, amp_dtype = input_normalization(cfg.uses_pretrained, cfg.channels), pick_amp_dtype(device, cfg.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp_dtype))  # fp16 on older GPUs
-    labels = data.labels.to(device)
-    train_mode(model)
-    planned, epoch, times = epochs, 0, []
-    while epoch < planned:
-        started = time.time()
-        for batch in batches(len(rows), cfg.batch_size, True, generator, drop_last=True):
-            idx = rows[batch]
-            x = augment(to_float(fetch_batch(data.images, idx, device), norm["mean"], norm["std"]),
-                        cfg.flip, cfg.max_rotation, cfg.max_shift, cfg.max_scale, generator)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with amp(device, amp_dtype):
-                loss = loss_fn(model(x).float(), labels[idx.to(device)])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the epoch's time, not the time to queue its kernels
-        epoch, times = epoch + 1, times + [time.time() - started]
-        if seconds > 0:
-            planned = plan_to_budget(scheduler, optimizer, steps_per_epoch, budget, epoch, seconds - sum(times),
-                                     planning_epoch_seconds(times))[0]
-    return model.eval(), epoch
+def fold_config(cfg: TrainConfig, epochs: int, seconds: float) -> TrainConfig:
+    """The settings a fold's short run trains with: the run's own (architecture, starting weights, augmentation,
+    optimizer, schedule, label smoothing, precision), `epochs` of them or as many as fit in `seconds`, without
+    what only a full run needs or could not judge here: CutMix, the moving average, the rotation head, --other
+    images, class weights, a frozen first phase."""
+    return dataclasses.replace(cfg, epochs=epochs, time_budget=seconds, cutmix=0.0, ema_decay=0.0,
+                               rotation_weight=0.0, other="", class_weights="none", freeze_epochs=0, compile=False)
 
 
 def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: int = 4, epochs: int = 80,
-                      report=print, budget: float = 0.0) -> tuple[torch.Tensor, float, list[int]]:
+                      report=None, budget: float = 0.0) -> tuple[torch.Tensor, float, list[int]]:
     """(N, classes) softmax probabilities of every image of `data`, each from the model trained on the other
-    folds (with the mirror image averaged in), the seconds it took, and each fold's epochs. With a `budget` in
+    folds (with the mirror image averaged in), the seconds it took, and each fold's epochs. Each fold trains
+    through training/loop.py's loop (fold_config says what differs from a full run). With a `budget` in
     seconds, each fold gets an equal share of the time left and trains as many of `epochs` as fit in it. With
     --pretrained or --weights every fold's model starts from those ImageNet weights, the way to folds strong
-    enough on photos that few hard images are named."""
+    enough on photos that few hard images are named. `report` (a callable) gets a line per fold."""
     t0 = time.time()
     device = pick_device(cfg.device)
-    pretrained_state = fetch_pretrained(cfg, report)
-    fold = stratified_folds(data.labels, folds, cfg.seed)
+    amp_dtype = pick_amp_dtype(device, cfg.amp)
+    pretrained_state = fetch_pretrained(cfg)
+    if pretrained_state is not None and report is not None:
+        report(f"pretrained: {cfg.weights or 'torchvision ImageNet weights'}, normalization "
+               f"{input_normalization(True, cfg.channels)}")
+    fold = stratified_folds(data.labels.cpu(), folds, cfg.seed)
     probs = torch.zeros(len(data.labels), num_classes)
-    generator = torch.Generator().manual_seed(cfg.seed)
     ran = []
     for k in range(folds):
         held = torch.nonzero(fold == k).flatten()
         share = max((budget - (time.time() - t0)) / (folds - k), 1e-3) if budget > 0 else 0.0  # 0: no limit
+        fold_cfg = fold_config(dataclasses.replace(cfg, seed=cfg.seed + k), epochs, share)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + k)  # the same folds' models whoever calls, and the caller's stream untouched
-            model, trained = train_short(data, torch.nonzero(fold != k).flatten(), num_classes, cfg, epochs, device,
-                                         generator, pretrained_state, seconds=share)
+            rest = data.subset(torch.nonzero(fold != k).flatten())
+            t = build_trainer(fold_cfg, rest, num_classes, device, amp_dtype, pretrained_state)
+            model, trained = train_epochs(t, rest, fold_cfg, share)
         logits = predict_logits(model, data.subset(held).images, device, tta=True, channels_last=cfg.channels_last,
                                 normalization=input_normalization(cfg.uses_pretrained, cfg.channels))
         probs[held] = torch.softmax(logits.float(), 1)
         ran.append(trained)
-        report(f"label check: fold {k + 1}/{folds} ({len(held)} images, {trained} epochs) predicted, "
-               f"{time.time() - t0:.0f}s")
+        if report is not None:
+            report(f"label check: fold {k + 1}/{folds} ({len(held)} images, {trained} epochs) predicted, "
+                   f"{time.time() - t0:.0f}s")
     return probs, time.time() - t0, ran
 
 
@@ -200,11 +167,13 @@ def read_listed_paths(csv_path: str | Path) -> list[str]:
 
 
 def label_check(data: Split, classes: list[str], root: str | Path, cfg: TrainConfig, out_dir: str | Path,
-                report=print) -> dict:
+                report=None) -> dict:
     """The whole check on a training split: out-of-fold probabilities, confident learning, label_errors.csv and
-    label_errors.png in out_dir. What the report and --json carry: images, folds, epochs (each fold's), seconds,
-    found (the CSV's rows, most likely first), csv and gallery paths."""
+    label_errors.png in out_dir; `report` (a callable) gets a line as it starts and one per fold. What the report
+    and --json carry: images, folds, epochs (each fold's), seconds, found (the CSV's rows, most likely first), csv
+    and gallery paths."""
     within = f" or as many as fit in about {cfg.label_error_budget:.0f}s" if cfg.label_error_budget > 0 else ""
+    report = report or (lambda line: None)
     report(f"label check: {cfg.label_error_folds} folds x {cfg.label_error_epochs} epochs{within} on "
            f"{len(data.labels)} train images, each predicted by a model that did not see it")
     probs, seconds, ran = out_of_fold_probs(data, len(classes), cfg, cfg.label_error_folds, cfg.label_error_epochs,
@@ -239,12 +208,12 @@ def format_label_check(summary: dict, limit: int = 20) -> str:
 
 def train_split_of(cfg: TrainConfig) -> tuple[Layout, Split]:
     """cfg.data's layout and its train split, decoded as train.py reads them (through the cache)."""
-    lay = layout_of(cfg, need=None)
+    lay = read_layout(cfg.data, **cfg.layout_settings(need=None))
     return lay, load_items(layout_splits(lay)["train"], lay.classes, "train", cfg.image_size, cfg.channels,
                            cfg.cache_dir, cfg.workers)
 
 
-def label_check_of_data(cfg: TrainConfig, out_dir: str | Path, report=print) -> dict:
+def label_check_of_data(cfg: TrainConfig, out_dir: str | Path, report=None) -> dict:
     """label_check of the train split of cfg.data, read as train.py reads it (check_data.py --label-errors)."""
     lay, train = train_split_of(cfg)
     return label_check(train, lay.classes, lay.root, cfg, out_dir, report)

@@ -235,7 +235,8 @@ def test_training_over_data_larger_than_the_memory_bound_keeps_anonymous_memory_
             "--workers", "2", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "m"),
             "--log-dir", str(tmp_path / "l"), "--curves-dir", str(tmp_path / "cv"), "--no-tta", "--ema-decay", "0",
             "--time-budget", "3", "--device", "cpu"]  # a CUDA context alone takes over 1 GB of RssAnon
-    script = ("import json, sys, bench, train\n"
+    script = ("import json, sys, train\n"
+              "from benchmarks import bench\n"
               "with bench.MemoryPeaks() as m:\n"
               "    train.main(sys.argv[1:])\n"
               "print(json.dumps(m.peak))\n")
@@ -249,7 +250,7 @@ def test_training_over_data_larger_than_the_memory_bound_keeps_anonymous_memory_
             in r.stdout
         return json.loads(r.stdout.strip().splitlines()[-1])["RssAnon"]
 
-    libraries = "import json, bench, train, evaluate, matplotlib.pyplot, torch.utils.tensorboard"
+    libraries = "import json, train, evaluate, matplotlib.pyplot, torch.utils.tensorboard; from benchmarks import bench"
     idle = subprocess.run([sys.executable, "-c", f"{libraries}; print(json.dumps(bench.MemoryPeaks.now()))"],
                           cwd=ROOT, capture_output=True, text=True, check=True, env=env)
     bound = json.loads(idle.stdout)["RssAnon"] + 768 * 2**20
@@ -262,11 +263,11 @@ def test_training_reads_the_map_on_cpu_and_copies_it_only_when_asked(split_dir, 
     split = load(split_dir, tmp_path / "c")
     view = split.subset(torch.tensor([4, 0, 2]))
     cpu = torch.device("cpu")
-    same, line = dataset.place_images(view.images, cpu, "auto")
-    assert same is view.images and line.startswith("training images: batches read from the memory map")
-    whole, line = dataset.place_images(view.images, cpu, "device")
+    same, placement = dataset.place_images(view.images, cpu, "auto")
+    assert same is view.images and placement == dataset.Placement("map", "cpu", view.images.shape.numel())
+    whole, placement = dataset.place_images(view.images, cpu, "device")
     assert isinstance(whole, torch.Tensor) and torch.equal(whole, split.images[[4, 0, 2]])
-    assert line.startswith("training images: whole set on cpu")
+    assert placement.where == "device" and placement.device == "cpu"
     assert torch.equal(dataset.fetch_batch(view.images, torch.tensor([2, 1]), cpu), split.images[[2, 0]])
     with pytest.raises(UserError, match="--data-placement must be one of auto, device, map, not 'gpu'"):
         TrainConfig(data_placement="gpu")
@@ -276,8 +277,8 @@ def test_on_cuda_a_set_larger_than_half_the_free_memory_stays_in_the_map(split_d
     images = load(split_dir, tmp_path / "c").images
     n_bytes = images.numel()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * n_bytes - 1, 10 * n_bytes))
-    same, line = dataset.place_images(images, torch.device("cuda"), "auto")
-    assert same is images and "batches read from the memory map" in line and "pinned-memory batches" in line
+    same, placement = dataset.place_images(images, torch.device("cuda"), "auto")
+    assert same is images and placement == dataset.Placement("map", "cuda", n_bytes, 2 * n_bytes - 1)
 
 
 def test_the_cache_folder_is_the_deepest_folder_holding_every_file():
@@ -294,6 +295,22 @@ def test_entries_are_matched_by_name_in_a_stored_run_or_one_by_one():
     assert cache.match_entries(known, ["t/1", "t/3", "new"]).tolist() == [2, 4, -1]
     assert cache.match_entries(known, ["new", "v/2"]).tolist() == [-1, 1]
     assert cache.match_entries([], ["a"]).tolist() == [-1] and cache.match_entries(known, []).tolist() == []
+
+
+def test_files_are_matched_to_the_index_by_name_size_and_mtime():
+    """Reused: same name, size and mtime (an unreadable one keeps its reason); decoded: new or changed; the index's
+    entries of files not in the list are the other lists'."""
+    index = {"names": ["val/1", "a", "b", "bad", "c"], "sizes": np.array([9, 1, 2, 3, 4]),
+             "mtimes": np.array([9, 10, 20, 30, 40]), "rows": np.array([0, 5, 6, -1, 7]),
+             "reasons": ["", "", "", "PIL: broken", ""]}
+    names = ["c", "a", "bad", "b", "new"]
+    sizes, mtimes = np.array([4, 1, 3, 2, 8]), np.array([40, 10, 30, 21, 80])  # b's mtime changed
+    rows, reasons, todo, other = cache.match_rows(index, names, sizes, mtimes)
+    assert rows.tolist() == [7, 5, -1, -1, -1] and reasons == ["", "", "PIL: broken", "", ""]
+    assert todo == [3, 4] and other.tolist() == [0]
+    rows, reasons, todo, other = cache.match_rows(None, names, sizes, mtimes)
+    assert rows.tolist() == [-1] * 5 and reasons == [""] * 5 and todo == [0, 1, 2, 3, 4] and other.tolist() == []
+    assert cache.relative_names("/d/train/", ["/d/train/cat/1.jpg", "/e/2.jpg"]) == ["cat/1.jpg", "/e/2.jpg"]
 
 
 # ---------------------------------------------------------------- arrays derived from the rows

@@ -5,8 +5,9 @@ import pytest
 
 import check_data
 import train
+from config import TrainConfig
 from conftest import NASTY_DUPLICATE, NASTY_IGNORED, NASTY_LEAK, NASTY_UNREADABLE
-from core.common import IMAGE_EXTENSIONS
+from core.common import IMAGE_EXTENSIONS, UserError
 from loading.layout import MISSING, UNLABELED, UNPARSABLE, read_layout
 from loading.synthetic import make_synthetic
 from quality import audit
@@ -60,15 +61,18 @@ def test_quarantine_refuses_a_folder_inside_the_data(nasty_data, capsys):
     assert (nasty_data / NASTY_UNREADABLE[0]).exists()
 
 
+def check(data, **settings) -> audit.DataCheck:
+    """check_data.py's check of `data` without the script: decoded in this process."""
+    return audit.check_data(TrainConfig(data=str(data), workers=0, **settings))
+
+
 @pytest.mark.parametrize("problem,message", [
     ("one_class", "a classifier needs at least 2"),
     ("all_bad_class", "train has no readable image for class(es): horse"),
     ("mostly_bad", "cannot be read"),
     ("val_missing_class", "val has no readable image for class(es): dog"),
 ])
-
-
-def test_fatal_problems_exit_nonzero(tmp_path, capsys, problem, message):
+def test_fatal_problems_exit_nonzero(tmp_path, problem, message):
     data = make_synthetic(tmp_path / "d", 3, size=24, splits=("train",))
     if problem == "one_class":
         for f in (data / "train" / "dog").iterdir():
@@ -82,26 +86,31 @@ def test_fatal_problems_exit_nonzero(tmp_path, capsys, problem, message):
             (data / "train" / "cat" / f"bad{i}.png").write_text("no")
     else:
         make_synthetic(data, {"cat": 8}, size=24, splits=("val",))
-    assert check_data.main([str(data)]) == 1
-    out = capsys.readouterr().out
-    assert any(line.startswith("FATAL: ") and message in line for line in out.splitlines()), out
-    assert "verdict: cannot train on this data" in out
+    checked = check(data)
+    assert checked.code == 1
+    assert any(message in f for f in checked.report["fatal"]), checked.report["fatal"]
 
 
-def test_an_empty_class_folder_is_reported_not_fatal(tmp_path, capsys):
+def test_an_empty_class_folder_is_reported_not_fatal(tmp_path):
     data = make_synthetic(tmp_path / "d", 3, size=24, splits=("train",))
     (data / "train" / "horse").mkdir()
-    assert check_data.main([str(data)]) == 0
-    out = capsys.readouterr().out
-    assert "train/horse" in out.split("class folders without image files")[1] and "verdict: ok to train" in out
+    checked = check(data)
+    assert checked.code == 0 and checked.report["fatal"] == []
+    assert checked.report["empty_classes"] == ["train/horse"]
 
 
-def test_check_on_a_name_labelled_flat_folder_reports_layout_and_unparsable_names(tmp_path, capsys):
-    flat = make_synthetic(tmp_path / "gen", 4, size=24, splits=("train",))
+def name_labelled(tmp_path, per_class: int):
+    """Dogs vs. Cats style: ROOT/train/cat.0.png, dog.1.png, ... with no class folders; ROOT/train returned."""
+    flat = make_synthetic(tmp_path / "gen", per_class, size=24, splits=("train",))
     data = tmp_path / "dogs-vs-cats" / "train"
     data.mkdir(parents=True)
     for i, f in enumerate(sorted(flat.rglob("*.png"))):
         f.rename(data / f"{f.parent.name}.{i}.png")
+    return data
+
+
+def test_check_on_a_name_labelled_flat_folder_reports_layout_and_unparsable_names(tmp_path, capsys):
+    data = name_labelled(tmp_path, 4)
     (data / "IMG.png").write_bytes((data / "cat.0.png").read_bytes())
     assert check_data.main([str(data.parent), "--labels-from-name", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -109,25 +118,40 @@ def test_check_on_a_name_labelled_flat_folder_reports_layout_and_unparsable_name
                            "val = 20% of train (stratified, seed 0)")
     assert r["classes"] == ["cat", "dog"] and r["problems"] == {UNPARSABLE: ["train/IMG.png"]}
     assert r["counts"] == {"train": {"cat": 3, "dog": 3}, "val": {"cat": 1, "dog": 1}}
-    assert check_data.main([str(data.parent)]) == 1  # without the flag: no class folders, the fix is named
-    assert "add --labels-from-name" in capsys.readouterr().out
+    checked = check(data.parent)  # without the flag: no class folders, a fatal finding that names the fix
+    assert checked.code == 1 and list(checked.report) == ["data", "fatal"]
+    assert "add --labels-from-name" in checked.report["fatal"][0]
 
 
-def test_check_on_a_table_names_missing_rows_and_unlabelled_images(tmp_path, capsys):
+def test_a_folder_the_layout_cannot_read_prints_three_lines_even_for_json(tmp_path, capsys):
+    data = name_labelled(tmp_path, 2).parent
+    fatal = check(data).report["fatal"][0]
+    for flags in ([], ["--json"]):
+        assert check_data.main([str(data), *flags]) == 1
+        assert capsys.readouterr().out == f"data: {data}\nFATAL: {fatal}\nverdict: cannot train on this data\n"
+
+
+def test_check_on_a_table_names_missing_rows_and_unlabelled_images(tmp_path):
     data = make_synthetic(tmp_path / "d", 3, size=24, splits=("train",))
     files = sorted(p.relative_to(data / "train").as_posix() for p in data.rglob("*.png"))
     rows = [f"{f.rsplit('.', 1)[0]},{f.split('/')[0]}" for f in files[1:]] + ["cat/ghost,cat"]
     (data / "labels.csv").write_text("id,breed\n" + "\n".join(rows) + "\n")
-    assert check_data.main([str(data), "--labels", str(data / "labels.csv")]) == 0
-    out = capsys.readouterr().out
-    assert out.splitlines()[0] == ("layout: labels from labels.csv (columns id -> breed) for the files in train/ "
-                                   "(train); val = 20% of train (stratified, seed 0)")
-    assert f"1 {MISSING}: cat/ghost (line 7)" in out and f"1 {UNLABELED}: train/{files[0]}" in out
+    checked = check(data, labels=str(data / "labels.csv"))
+    assert checked.code == 0
+    assert checked.report["layout"] == ("layout: labels from labels.csv (columns id -> breed) for the files in "
+                                        "train/ (train); val = 20% of train (stratified, seed 0)")
+    assert checked.report["problems"] == {MISSING: ["cat/ghost (line 7)"], UNLABELED: [f"train/{files[0]}"]}
+    assert checked.text.splitlines()[0] == checked.report["layout"]
 
 
-def test_check_without_train_folder_and_train_check_only(tmp_path, capsys):
+def test_check_without_a_data_folder_is_a_user_error(tmp_path, capsys):
+    with pytest.raises(UserError, match="no dataset folder at"):
+        check(tmp_path / "nope")
     assert check_data.main([str(tmp_path / "nope")]) == 2
     assert "no dataset folder at" in capsys.readouterr().err
+
+
+def test_train_check_only_prints_the_report(tmp_path, capsys):
     data = make_synthetic(tmp_path / "d", 3, size=24, splits=("train", "test"))
     assert train.main(["--check-only", "--data", str(data)]) == 0
     out = capsys.readouterr().out

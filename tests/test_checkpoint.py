@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import train
+from training import loop
 from config import TrainConfig
 from core import common
 from core.common import UserError, save_atomic
@@ -96,7 +96,7 @@ def test_checkpoint_is_self_sufficient_and_holds_the_trained_model(trained):
     model = model_from_checkpoint(ckpt).to(memory_format=torch.channels_last)
     _, val = load_data(read_layout(trained["data"]), 32, 1)
     cpu = torch.device("cpu")
-    ev = train.validate(model, val, cpu, tta=True, channels_last=True, amp_dtype=common.pick_amp_dtype(cpu, True),
+    ev = loop.validate(model, val, cpu, tta=True, channels_last=True, amp_dtype=common.pick_amp_dtype(cpu, True),
                         normalization=normalization_of(ckpt))
     assert ev["acc"] == raw["metrics"]["val"]["acc"] == raw["best"]["acc"]
     assert ev["loss"] == pytest.approx(raw["metrics"]["val"]["loss"], rel=1e-3)

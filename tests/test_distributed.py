@@ -9,7 +9,7 @@ import torch
 from conftest import train_args
 from dataset import batches
 from prediction.checkpoint import load_checkpoint, model_from_checkpoint
-from train import shard_batches
+from training.distributed import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,12 +22,14 @@ from model import fetch_pretrained
 from quality import label_errors
 from quality.label_errors import (
     confident_learning,
+    fold_config,
     out_of_fold_probs,
     read_listed_paths,
     stratified_folds,
-    train_short,
     train_split_of,
 )
+from training import loop
+from training.loop import build_trainer, train_epochs
 
 
 def test_stratified_folds_deal_each_class_evenly_and_repeat_with_the_seed():
@@ -140,8 +142,10 @@ def test_with_weights_the_folds_start_from_them_and_predict_on_imagenet_normaliz
     cfg = TrainConfig(data=str(data), arch="resnet18", weights=str(tmp_path / "r18.pth"), image_size=32,
                       batch_size=8, workers=0, cache_dir="", device="cpu")
     _, split = train_split_of(cfg)
-    model, _ = train_short(split, torch.arange(len(split.labels)), 2, cfg, 0, torch.device("cpu"), torch.Generator(),
-                           fetch_pretrained(cfg))
+    fold_cfg = fold_config(cfg, epochs=0, seconds=0.0)
+    t = build_trainer(fold_cfg, split, 2, torch.device("cpu"), None, fetch_pretrained(cfg))
+    model, trained = train_epochs(t, split, fold_cfg)
+    assert trained == 0
     assert torch.equal(model.conv1.weight, r18.conv1.weight.sum(1, keepdim=True))  # gray stem: RGB kernels summed
     assert torch.equal(model.layer4[1].conv2.weight, r18.layer4[1].conv2.weight)
     seen = []
@@ -160,22 +164,24 @@ def test_with_weights_the_folds_start_from_them_and_predict_on_imagenet_normaliz
 
 def test_a_budget_shares_the_time_between_the_folds_and_each_trains_the_epochs_that_fit(tmp_path, monkeypatch):
     """A clock that moves one second per training batch: each fold gets an equal share of the time left and
-    trains as many epochs as fit in it, not the most it may (50); without a budget each trains `epochs`."""
+    trains as many epochs as fit in it (training/loop.py's planner), not the most it may (50); without a budget
+    each trains `epochs`."""
     data, _ = planted(tmp_path, flips=0, per_class=8)
     cfg = TrainConfig(data=str(data), image_size=32, width=8, batch_size=8, workers=0, cache_dir="", device="cpu")
     _, split = train_split_of(cfg)  # 16 images: 8 in each of 2 folds, one batch an epoch
     ticks = [0.0]
-    real_batches = label_errors.batches
+    real_batches = loop.shard_batches
 
     def timed_batches(*a, **kw):
         for b in real_batches(*a, **kw):
             ticks[0] += 1.0
             yield b
-    monkeypatch.setattr(label_errors, "batches", timed_batches)
-    monkeypatch.setattr(label_errors, "time", types.SimpleNamespace(time=lambda: ticks[0]))
-    optimizers, real_optimizer = [], label_errors.build_optimizer
-    monkeypatch.setattr(label_errors, "build_optimizer",
-                        lambda *a: optimizers.append(real_optimizer(*a)) or optimizers[-1])
+    clock = types.SimpleNamespace(time=lambda: ticks[0], perf_counter=lambda: ticks[0])
+    monkeypatch.setattr(loop, "shard_batches", timed_batches)
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(label_errors, "time", clock)
+    optimizers, real_optimizer = [], loop.build_optimizer
+    monkeypatch.setattr(loop, "build_optimizer", lambda *a: optimizers.append(real_optimizer(*a)) or optimizers[-1])
     probs, seconds, ran = out_of_fold_probs(split, 2, cfg, folds=2, epochs=50, report=lambda line: None, budget=12)
     assert ran == [6, 6] and seconds == 12.0 and probs.shape == (16, 2)
     assert [o.param_groups[0]["lr"] for o in optimizers] == [0.0, 0.0]  # each fold ended at the bottom of its schedule

@@ -9,7 +9,19 @@ from torchvision.transforms.functional import normalize
 from conftest import imagenet_like_resnet18
 from core.common import UserError
 from dataset import to_float
-from model import SmallResNet, adapt_state_dict, build_model, load_pretrained, pretrained_normalization, unwrap
+from model import (
+    SmallResNet,
+    adapt_state_dict,
+    build_model,
+    cam_stages,
+    feature_stages,
+    forward_stages,
+    head_of,
+    load_pretrained,
+    pretrained_normalization,
+    resnet_parts,
+    unwrap,
+)
 
 
 @pytest.mark.parametrize("arch,channels,classes", [("resnet_small", 1, 2), ("resnet_small", 3, 5),
@@ -50,6 +62,59 @@ def test_unwrap_removes_wrappers():
             self.module = m
 
     assert unwrap(Wrapper(model)) is model
+
+
+
+@pytest.mark.parametrize("arch,image_size,names,widths", [
+    ("resnet_small", 64, ["layers.0", "layers.1", "layers.2", "layers.3"], [8, 16, 32, 64]),
+    ("resnet18", 224, ["layer1", "layer2", "layer3", "layer4"], [64, 128, 256, 512])])  # 224: a real max-pool
+def test_resnet_parts_chain_from_the_stem_through_the_stages_to_the_head(arch, image_size, names, widths):
+    """resnet_parts names both kinds of ResNet the same way: run in turn, stem, stages, pool and head give the
+    model's own logits; the head is the class layer (not the rotation head); the stages are the model's modules
+    under their own names; head_of, feature_stages, cam_stages and forward_stages all read these parts."""
+    torch.manual_seed(0)
+    model = build_model(arch, 3, 1, width=8, image_size=image_size, rotation_head=True).eval()
+    parts = resnet_parts(model)
+    assert isinstance(parts.head, torch.nn.Linear) and parts.head.out_features == 3 and parts.head is model.fc
+    modules = dict(model.named_modules())
+    assert list(parts.stages) == names and all(modules[n] is m for n, m in parts.stages.items())
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        y = x
+        for module in parts.stem:
+            y = module(y)
+        maps = [y]
+        for stage in parts.stages.values():
+            y = stage(y)
+            maps.append(y)
+        assert [m.shape[1] for m in maps[1:]] == widths
+        assert torch.allclose(parts.head(torch.flatten(parts.pool(y), 1)), model(x), atol=1e-5)
+        ref_maps, penultimate = forward_stages(model, x)
+        assert len(ref_maps) == len(maps) and all(torch.equal(a, b) for a, b in zip(maps, ref_maps))
+        assert torch.allclose(model.fc(penultimate), model(x), atol=1e-5)
+        caught = []
+        hooks = [m.register_forward_hook(lambda mod, inp, out: caught.append(out)) for m in feature_stages(model)]
+        model(x)  # the model's own forward: feature_stages' modules output forward_stages' maps
+        for h in hooks:
+            h.remove()
+    assert len(caught) == len(maps) and all(torch.equal(a, b) for a, b in zip(caught, maps))
+    assert head_of(model) is model.fc and cam_stages(model) == parts.stages
+
+
+def test_resnet_parts_see_through_wrappers_and_refuse_other_networks():
+    model = SmallResNet(2, 1, 8)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    assert resnet_parts(Wrapper(model)).head is model.fc
+    with pytest.raises(UserError, match=r"parts of Sequential for Grad-CAM"):
+        cam_stages(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten()))
+    model.fc = torch.nn.Identity()
+    with pytest.raises(UserError, match="expected a Linear layer named fc"):
+        head_of(model)
 
 
 @pytest.mark.slow

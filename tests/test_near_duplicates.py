@@ -26,7 +26,7 @@ from loading.near_duplicates import (
     copy_groups,
     cross_and_within,
     near_duplicate_pairs,
-    start_up_line,
+    start_up_check,
     thumbnails,
 )
 from loading.synthetic import make_synthetic
@@ -98,13 +98,13 @@ def test_check_data_names_near_copies_across_splits_and_counts_those_within(leak
     assert "near-copies within a split: 1 group(s) of 2 images" in text
 
 
-def test_training_start_up_line_counts_near_copies(leaky):
+def test_training_start_up_check_counts_near_copies(leaky):
     train, val = (load_folder(leaky / s, ["cat", "dog"], 64) for s in ("train", "val"))
-    line = start_up_line(train.near_descriptors(), val.near_descriptors())
-    assert line.startswith("near-copies: 1 group(s) within train or val, 1 across them (leakage")
-    late = start_up_line(train.near_descriptors(), val.near_descriptors(), seconds=0)
-    assert late.startswith("near-copies: not finished in ")
-    assert late.endswith("at start-up; python check_data.py DATA gives the full report")
+    check = start_up_check(train.near_descriptors(), val.near_descriptors())
+    assert check.found.end is End.DONE and check.n_train == len(train.labels)
+    assert check.counts() == (1, 1, 0)  # one group within train or val, one across them, none not judged
+    late = start_up_check(train.near_descriptors(), val.near_descriptors(), seconds=0)
+    assert late.found.end is End.TIME_CAP and late.counts() == (0, 0, len(train.labels) + len(val.labels))
 
 
 def test_large_chains_are_look_alikes_not_copies(tmp_path, capsys):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from model import SmallResNet
-from prediction.predict import explain, extract_features, normalize, predict_logits
+from model import SmallResNet, forward_stages
+from prediction.predict import ONE_PASS_IMAGES, explain, extract_features, normalize, per_view, predict_logits
 
 
 def test_predict_logits_default_normalization_is_unchanged():
@@ -52,9 +52,6 @@ def test_logits_features_and_gradcam_give_the_same_prediction(tta):
 def test_small_batches_take_both_views_in_one_pass_and_give_the_same_numbers():
     """per_view: up to ONE_PASS_IMAGES images, the image and its mirror go through the network together and are
     split again, in views() order; larger batches take a pass per view. Either way the same numbers."""
-    from model import forward_stages
-    from prediction.predict import ONE_PASS_IMAGES, per_view
-
     torch.manual_seed(0)
     model = SmallResNet(2, 1, 8).eval()
     calls = []

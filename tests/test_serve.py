@@ -100,6 +100,40 @@ def test_health_reports_the_checkpoint(client, ckpt):
     assert h["val_acc"] == round(ckpt["metrics"]["val"]["acc"], 4) and h["checkpoint"] == "best_model.pth"
 
 
+class CountingCheckpoint(dict):
+    """A checkpoint that counts the reads of its fields."""
+
+    reads = 0
+
+    def __getitem__(self, key):
+        self.reads += 1
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.reads += 1
+        return super().get(key, default)
+
+
+def test_requests_do_not_read_the_checkpoint(trained, ckpt, monkeypatch):
+    """create_app reads the checkpoint's facts once; answering requests reads neither its fields nor its readers."""
+    counting = CountingCheckpoint(ckpt)
+    app = serve.create_app(counting, "best_model.pth")
+    assert counting.reads > 0
+    counting.reads, calls = 0, []
+    for module, reader in [(predict, "normalization_of"), (predict, "temperature_of"), (predict, "tta_of"),
+                           (predict, "novelty_of"), (serve, "temperature_of"), (serve, "val_accuracy_of"),
+                           (serve, "checkpoint_facts")]:
+        real = getattr(module, reader)
+        monkeypatch.setattr(module, reader, lambda *a, real=real, name=reader, **k: calls.append(name) or real(*a, **k))
+    images = sample_images(trained)[:3]
+    with TestClient(app) as c:
+        assert c.post("/predict", files=as_files(images)).status_code == 200
+        assert c.post("/predict", content=images[0].read_bytes()).status_code == 200
+        assert c.post("/gradcam", content=images[1].read_bytes()).status_code == 200
+        assert c.get("/health").json()["classes"] == ["cat", "dog"]
+    assert counting.reads == 0 and calls == []
+
+
 def test_gradcam_gives_the_prediction_and_a_heatmap(trained, ckpt, client):
     image = sample_images(trained)[0]
     r = client.post("/gradcam", content=image.read_bytes())

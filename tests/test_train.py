@@ -18,8 +18,8 @@ from loading.synthetic import make_synthetic
 from model import SmallResNet, adapt_state_dict, build_model
 from prediction.checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
 from prediction.predict import predict_logits
-from training import optimization, runs
-from training.runs import read_results, read_summary
+from training import loop, optimization, runs
+from training.runs import Progress, read_results, read_summary
 
 
 @pytest.mark.slow
@@ -170,25 +170,23 @@ def test_a_time_budget_keeps_the_schedule_then_anneals_over_the_last_quarter_of_
         return lrs
 
     epochs(2)
-    assert optimization.plan_to_budget(sched, opt, 10, cfg, 2, 500.0, 10.0) == (40, "", "")  # all 40 fit
+    plan = optimization.plan_to_budget
+    assert plan(sched, opt, 10, cfg, 2, 500.0, 10.0) == optimization.BudgetPlan(40, 10.0)  # all 40 fit
     # After epoch 2, 100 s left at 10 s an epoch: 12 fit; the 40-epoch cosine runs on, untouched, ...
-    assert optimization.plan_to_budget(sched, opt, 10, cfg, 2, 100.0, 10.0) == (12, "", "")
+    assert plan(sched, opt, 10, cfg, 2, 100.0, 10.0) == optimization.BudgetPlan(12, 10.0)
     assert epochs(6)[-1] == pytest.approx(optimization.warmup_cosine(10, 400)(80))
-    assert optimization.plan_to_budget(sched, opt, 10, cfg, 8, 40.0, 10.0) == (12, "", "")
+    assert plan(sched, opt, 10, cfg, 8, 40.0, 10.0) == optimization.BudgetPlan(12, 10.0)
     # ... until the last quarter of them (3 of 12): from there a fresh cosine reaches 0 at the end of epoch 12.
     epochs(1)
     lr9 = opt.param_groups[0]["lr"]
-    planned, change, stop = optimization.plan_to_budget(sched, opt, 10, cfg, 9, 30.0, 10.0)
-    assert (planned, stop) == (12, "") and change.startswith(
-        f"time budget 150s: 12 epochs fit at 10.0s; the learning rate follows a fresh cosine from {lr9:.2e} "
-        "after epoch 9 down to 0 at epoch 12")
+    assert plan(sched, opt, 10, cfg, 9, 30.0, 10.0) == optimization.BudgetPlan(
+        12, 10.0, optimization.Replan("fresh", pytest.approx(lr9), 9, 12))
     lrs = epochs(3)
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and all(a > b for a, b in zip([lr9] + lrs, lrs))
     # Annealing, one epoch more than planned is noise; two more move the end; none left: stop, saying why.
-    assert optimization.plan_to_budget(sched, opt, 10, cfg, 10, 25.0, 10.0) == (12, "", "")
-    assert "down to 0 at epoch 14" in optimization.plan_to_budget(sched, opt, 10, cfg, 10, 40.0, 10.0)[1]
-    planned, change, stop = optimization.plan_to_budget(sched, opt, 10, cfg, 11, 5.0, 10.0)
-    assert (planned, change) == (11, "") and stop.startswith("time budget of 150s: no further epoch of 10.0s fits")
+    assert plan(sched, opt, 10, cfg, 10, 25.0, 10.0) == optimization.BudgetPlan(12, 10.0)
+    assert plan(sched, opt, 10, cfg, 10, 40.0, 10.0).replan.epochs == 14
+    assert plan(sched, opt, 10, cfg, 11, 5.0, 10.0) == optimization.BudgetPlan(11, 10.0, stop=True)
 
 
 def test_a_budgeted_toy_run_ends_at_the_bottom_of_its_cosine(tmp_path, monkeypatch, capsys):
@@ -208,8 +206,13 @@ def test_a_budgeted_toy_run_ends_at_the_bottom_of_its_cosine(tmp_path, monkeypat
     assert train.main(train_args(data, tmp_path, "--epochs", "40", "--time-budget", "125",
                                  "--novelty-score", "none", "--max-rotation", "0")) == 0
     out = capsys.readouterr().out
-    history = runs.read_summary(tmp_path / "logs", "t")["history"]
+    summary = runs.read_summary(tmp_path / "logs", "t")
+    history = summary["history"]
     assert [h["epoch"] for h in history] == list(range(1, 13))
+    assert summary["stop_reason"] == "no_epoch_fits"
+    assert summary["plan"] == {"last_epoch": 12, "epoch_seconds": 10.0, "replan": None, "stop": True,
+                               "seconds_after": 0.0}
+    # What train.py says of its plan (the test of its printed lines):
     assert "time budget 125s: about 12 of 40 epochs fit; the learning rate will anneal to 0 over the last 3" in out
     assert "time budget 125s: 12 epochs fit at 10.0s; the learning rate follows a fresh cosine" in out
     assert "after epoch 9 down to 0 at epoch 12" in out and "no further epoch of 10.0s fits" in out
@@ -352,11 +355,20 @@ def test_cat_and_dog_nested_layout_and_labels_from_names(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_early_stopping(tiny_data, tmp_path, capsys):
+def test_early_stopping(tiny_data, tmp_path):
     assert train.main(train_args(tiny_data, tmp_path, "--epochs", "30", "--patience", "1", "--lr", "0")) == 0
-    assert "early stop: no better val accuracy for 1 epochs" in capsys.readouterr().out
     summary = read_summary(tmp_path / "logs", "t")
+    assert summary["stop_reason"] == "patience" and summary["plan"] is None
     assert summary["epochs_run"] == summary["best_epoch"] + 1 < 30  # stopped one epoch after the best
+
+
+def test_stop_reason_is_patience_then_the_time_budget_else_none():
+    cfg = TrainConfig(patience=3)
+    progress = Progress(best={"acc": 0.9, "epoch": 4})
+    assert loop.stop_reason(cfg, progress, 6, deadline=math.inf) is None
+    assert loop.stop_reason(cfg, progress, 7, deadline=math.inf) is loop.Stop.PATIENCE
+    assert loop.stop_reason(cfg, progress, 6, deadline=0.0) is loop.Stop.TIME_BUDGET
+    assert loop.stop_reason(TrainConfig(patience=0), progress, 40, deadline=math.inf) is None
 
 
 def test_class_weights_auto_are_inverse_frequency():
@@ -539,9 +551,9 @@ def test_evaluate_top5_counts_a_label_among_the_five_best():
                            [0.0, 0, 0, 0, 0, 0, 9]])   # label 6: top-1
     images = torch.arange(4, dtype=torch.uint8)[:, None, None, None].expand(4, 1, 2, 2).clone()
     data = Split(images, torch.tensor([0, 4, 6, 6]), ["a", "b", "c", "d"])
-    ev = train.validate(_Lookup(logits), data, torch.device("cpu"))
+    ev = loop.validate(_Lookup(logits), data, torch.device("cpu"))
     assert ev["acc"] == 0.5 and ev["top5"] == 0.75
-    assert "top5" not in train.validate(_Lookup(logits[:, :5]), Split(images, torch.tensor([0, 4, 1, 1]),
+    assert "top5" not in loop.validate(_Lookup(logits[:, :5]), Split(images, torch.tensor([0, 4, 1, 1]),
                                                                        ["a", "b", "c", "d"]), torch.device("cpu"))
 
 
@@ -616,21 +628,22 @@ def test_the_fp16_loss_scale_survives_a_resume(tmp_path):
     cfg = parse_config(["--out-dir", str(tmp_path), "--width", "4", "--image-size", "16", "--epochs", "2"])
     data = Split(torch.zeros(8, 1, 16, 16, dtype=torch.uint8), torch.tensor([0, 1] * 4), [f"{i}.png" for i in range(8)])
     cpu = torch.device("cpu")
-    saved = train.build_trainer(cfg, data, 2, cpu, torch.float16, None)
+    saved = loop.build_trainer(cfg, data, 2, cpu, torch.float16, None)
     saved.scaler.scale(torch.ones(()))  # the scale starts at 65,536 on first use
     saved.scaler.update(new_scale=512.0)
-    progress = train.Progress(history=[{"epoch": 1, "train_seconds": 1.0}], best={"acc": 0.5, "epoch": 1})
+    progress = Progress(history=[{"epoch": 1, "train_seconds": 1.0}], best={"acc": 0.5, "epoch": 1})
     train.save_epoch(saved, cfg, ["a", "b"], {}, progress, {"val": {}, "train": {}}, improved=False, finite=True)
     last = load_checkpoint(tmp_path / train.LAST)
     assert last["scaler_state"]["scale"] == 512.0
-    resumed = train.build_trainer(cfg, data, 2, cpu, torch.float16, None)
-    assert train.restore(resumed, cfg, last).start_epoch == 1
+    resumed = loop.build_trainer(cfg, data, 2, cpu, torch.float16, None)
+    assert loop.restore(resumed, cfg, last) == (Progress(1, progress.history, progress.best, saved_epoch=1,
+                                                          train_seconds=1.0, started=pytest.approx(0, abs=1e12)), None)
     assert resumed.scaler.get_scale() == 512.0
     # a last.pth written without loss scaling (bf16, fp32) resumes under fp16 with a fresh scaler
-    plain = train.build_trainer(cfg, data, 2, cpu, None, None)
+    plain = loop.build_trainer(cfg, data, 2, cpu, None, None)
     train.save_epoch(plain, cfg, ["a", "b"], {}, progress, {"val": {}, "train": {}}, improved=False, finite=True)
     assert "scaler_state" not in load_checkpoint(tmp_path / train.LAST)
-    fresh = train.build_trainer(cfg, data, 2, cpu, torch.float16, None)
-    train.restore(fresh, cfg, load_checkpoint(tmp_path / train.LAST))
+    fresh = loop.build_trainer(cfg, data, 2, cpu, torch.float16, None)
+    loop.restore(fresh, cfg, load_checkpoint(tmp_path / train.LAST))
     fresh.scaler.scale(torch.ones(()))
     assert fresh.scaler.get_scale() == 65536.0

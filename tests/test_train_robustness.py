@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import train
+from training import loop
 from conftest import NASTY_IGNORED, NASTY_READABLE, NASTY_UNREADABLE, train_args
 from loading.synthetic import make_synthetic
 from prediction.checkpoint import load_checkpoint, model_from_checkpoint
 from training import distributed
-from training.runs import read_results
+from training.runs import read_results, read_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,17 +175,18 @@ def _ctrl_c_during_step(monkeypatch, step: int, presses: int) -> list:
                 for _ in range(presses):
                     os.kill(os.getpid(), signal.SIGINT)
             yield idx
-    monkeypatch.setattr(train, "shard_batches", batches_with_ctrl_c)
+    monkeypatch.setattr(loop, "shard_batches", batches_with_ctrl_c)
     return taken
 
 
-@pytest.mark.parametrize("presses, step, saved, note", [
-    (1, 6, 1, "Ctrl-C stopped epoch 2 after a step; that epoch is not saved, --resume starts it again"),
-    (1, 4, 1, "Ctrl-C stopped the run after epoch 1"),  # the last step of epoch 1: that epoch is whole, and saved
-    (2, 6, 1, "a second Ctrl-C stopped it at once"),
+@pytest.mark.parametrize("presses, step, saved, stop, note", [
+    (1, 6, 1, "ctrl_c_in_epoch", "Ctrl-C stopped epoch 2 after a step; that epoch is not saved, --resume starts it "
+                                 "again"),
+    (1, 4, 1, "ctrl_c", "Ctrl-C stopped the run after epoch 1"),  # the last step of epoch 1: whole, and saved
+    (2, 6, 1, "ctrl_c_twice", "a second Ctrl-C stopped it at once"),
 ])
 def test_ctrl_c_stops_after_the_step_and_a_second_at_once(tiny_data, tmp_path, capfd, monkeypatch, presses, step,
-                                                          saved, note):
+                                                          saved, stop, note):
     handler = signal.getsignal(signal.SIGINT)
     taken = _ctrl_c_during_step(monkeypatch, step, presses)
     assert train.main(train_args(tiny_data, tmp_path, "--epochs", "5", "--novelty-score", "none")) == 0
@@ -197,6 +199,7 @@ def test_ctrl_c_stops_after_the_step_and_a_second_at_once(tiny_data, tmp_path, c
     assert err.count("Ctrl-C: stopping after this training step (press it again to stop at once)") == 1
     assert signal.getsignal(signal.SIGINT) is handler  # the previous handler is back
     assert [r["epoch"] for r in read_results(tmp_path / "logs" / "t" / "results.csv")] == list(range(1, saved + 1))
+    assert read_summary(tmp_path / "logs", "t")["stop_reason"] == stop
 
 
 # ---------------------------------------------------------------- NaN / inf
@@ -207,7 +210,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tiny_data, tmp_path, c
     models = tmp_path / "models"
     before = {name: (models / name).read_bytes() for name in ("best_model.pth", "last.pth")}
     capsys.readouterr()
-    monkeypatch.setattr(train, "augment", lambda x, *a, **k: x * math.nan)
+    monkeypatch.setattr(loop, "augment", lambda x, *a, **k: x * math.nan)
     assert train.main(["--resume", "--out-dir", str(models), "--epochs", "3"]) == 2
     err = capsys.readouterr().err
     assert "error: training loss became NaN/inf in 4 steps; lower --lr" in err and "Traceback" not in err
@@ -215,13 +218,13 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tiny_data, tmp_path, c
 
 
 def test_a_single_nan_step_is_skipped_and_counted(tiny_data, tmp_path, capsys, monkeypatch):
-    real, calls = train.augment, []
+    real, calls = loop.augment, []
 
     def nan_once(x, *a, **k):
         calls.append(1)
         return real(x, *a, **k) * (math.nan if len(calls) == 2 else 1.0)
 
-    monkeypatch.setattr(train, "augment", nan_once)
+    monkeypatch.setattr(loop, "augment", nan_once)
     assert train.main(train_args(tiny_data, tmp_path)) == 0
     assert "(1 NaN/inf steps skipped)" in capsys.readouterr().out
     assert torch.load(tmp_path / "models" / "last.pth", weights_only=True)["history"][0]["skipped_steps"] == 1

@@ -11,6 +11,7 @@ Usage (from train.py):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -69,20 +70,25 @@ class LRSchedule:
         return how
 
 
+@dataclass(frozen=True)
+class Replan:
+    """What replan_lr did: after `epoch`, the learning rate (`lr`, the head's) follows a new schedule down to 0
+    at `epochs`; `how` is LRSchedule.replan's answer ('fresh', 'ended' or 'two-phase')."""
+    how: str
+    lr: float
+    epoch: int
+    epochs: int
+
+
 def replan_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torch.optim.Optimizer, epoch: int,
-              epochs: int, steps_per_epoch: int, freeze_epochs: int) -> str:
+              epochs: int, steps_per_epoch: int, freeze_epochs: int) -> Replan:
     """--resume with another --epochs: the remaining epochs get a fresh cosine from the current learning rate down
-    to 0 (LRSchedule.replan has the details), set on the optimizer at once; returns what happened, in words."""
+    to 0 (LRSchedule.replan has the details), set on the optimizer at once."""
     schedule, step = scheduler.lr_lambdas[0], scheduler.last_epoch
     how = schedule.replan(step, epochs * steps_per_epoch, min(freeze_epochs, epochs) * steps_per_epoch)
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
         group["lr"] = base * schedule(step)
-    lr = optimizer.param_groups[-1]["lr"]
-    if how == "two-phase":
-        return f"the learning rate follows the two-phase schedule planned for {epochs} epochs (lr {lr:.2e} now)"
-    return (f"the learning rate follows a fresh cosine from {lr:.2e} after epoch {epoch} down to 0 at epoch "
-            f"{epochs}" + (f" (the saved run had finished its schedule at lr 0, so it starts where a "
-                           f"{epochs}-epoch schedule is after epoch {epoch})" if how == "ended" else ""))
+    return Replan(how, optimizer.param_groups[-1]["lr"], epoch, epochs)
 
 
 def epochs_that_fit(seconds_left: float, epoch_seconds: float, epoch: int, max_epochs: int) -> int:
@@ -115,12 +121,24 @@ def anneal_epochs(fits: int) -> int:
     return max(1, round(ANNEAL_SHARE * fits))
 
 
+@dataclass(frozen=True)
+class BudgetPlan:
+    """--time-budget after an epoch: the last epoch the run now expects (`last_epoch`) at `epoch_seconds` an epoch,
+    validation included; the schedule change made for it (None: none); whether the run stops now because no
+    further epoch fits; and the seconds set aside for the steps after training."""
+    last_epoch: int
+    epoch_seconds: float
+    replan: Replan | None = None
+    stop: bool = False
+    seconds_after: float = 0.0
+
+
 def plan_to_budget(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torch.optim.Optimizer,
                    steps_per_epoch: int, cfg: TrainConfig, epoch: int, seconds_left: float,
-                   epoch_seconds: float) -> tuple[int, str, str]:
+                   epoch_seconds: float) -> BudgetPlan:
     """--time-budget, after `epoch`: the last epoch that fits in `seconds_left` (the steps after training already
-    set aside) at `epoch_seconds` an epoch, validation included, at most --epochs; what the plan changed, in
-    words ('' when nothing); and why the run stops now ('' to go on).
+    set aside) at `epoch_seconds` an epoch, validation included, at most --epochs; what the plan changed; and
+    whether the run stops now.
 
     While the whole schedule fits, nothing changes. When it does not, the run keeps the --epochs schedule's
     learning rate (high and slowly falling: what a short run learns most from) until the last ANNEAL_SHARE of
@@ -130,16 +148,14 @@ def plan_to_budget(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torc
     end = scheduler.lr_lambdas[0].total_steps // steps_per_epoch  # where the learning rate reaches 0 now
     fits = epochs_that_fit(seconds_left, epoch_seconds, epoch, cfg.epochs)
     if fits == epoch:
-        stop = (f"time budget of {cfg.time_budget:.0f}s: no further epoch of {epoch_seconds:.1f}s fits before the "
-                "steps after training" if epoch < cfg.epochs else "")
-        return epoch, "", stop
+        return BudgetPlan(epoch, epoch_seconds, stop=epoch < cfg.epochs)
     annealing = end < cfg.epochs
     if (not annealing and fits >= end) or (annealing and end <= fits < end + 2):
-        return min(fits, end), "", ""
+        return BudgetPlan(min(fits, end), epoch_seconds)
     if not annealing and fits - epoch > anneal_epochs(fits):
-        return fits, "", ""  # not yet: the schedule runs on at its height
-    return fits, (f"time budget {cfg.time_budget:.0f}s: {fits} epochs fit at {epoch_seconds:.1f}s; "
-                  + replan_lr(scheduler, optimizer, epoch, fits, steps_per_epoch, cfg.freeze_epochs)), ""
+        return BudgetPlan(fits, epoch_seconds)  # not yet: the schedule runs on at its height
+    return BudgetPlan(fits, epoch_seconds, replan_lr(scheduler, optimizer, epoch, fits, steps_per_epoch,
+                                                     cfg.freeze_epochs))
 
 
 def two_phase_schedule(warmup_steps: int, phase1_steps: int, total_steps: int):

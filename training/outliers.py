@@ -4,13 +4,14 @@ prediction with little evidence for any class (energy-margin outlier exposure, m
 
 Usage (from train.py):
     other = load_other_images("photos_of_other_things/", side=128, channels=1, cache_dir="", workers=2,
-                              synthetic=500, seed=0, device=device)     # uint8, held in memory
+                              synthetic=500, seed=0, device=device).images   # uint8, held in memory
     turned, turns = rotation_copies(x, 0.25, generator)               # x: the augmented batch
     others = other_crops(other, n=64, size=64, normalization=norm, generator=generator, zoom_out=0.5)
     loss = loss + 0.1 * energy_margin_loss(logits_of_batch, logits_of_others)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,11 +23,21 @@ from loading.decode import expand_inputs, preprocess
 from loading.synthetic import make_unknown_images
 
 
+@dataclass(frozen=True)
+class OtherImages:
+    """The --other images on the training device (uint8), and how many came from files, could not be read, and
+    were generated."""
+    images: torch.Tensor
+    read: int
+    unreadable: int
+    generated: int
+
+
 def load_other_images(folder: str, side: int, channels: int, cache_dir: str, workers: int, synthetic: int,
-                      seed: int, device: torch.device) -> torch.Tensor:
-    """Every image file under `folder` (any layout) and `synthetic` generated far-away ones (novelty.py), uint8 at
-    `side` pixels (twice the training side: each step takes random crops of them), on the device. They are few
-    (a class's worth), so they are held in memory."""
+                      seed: int, device: torch.device) -> OtherImages:
+    """Every image file under `folder` (any layout) and `synthetic` generated far-away ones
+    (loading/synthetic.py), uint8 at `side` pixels (twice the training side: each step takes random crops of
+    them), on the device. They are few (a class's worth), so they are held in memory."""
     if not Path(folder).is_dir():
         raise UserError(f"--other {folder}: no such folder")
     paths = [str(p) for p in expand_inputs([folder])]
@@ -36,9 +47,7 @@ def load_other_images(folder: str, side: int, channels: int, cache_dir: str, wor
     drawn = [torch.from_numpy(preprocess(img, side, channels))
              for _, img in make_unknown_images(synthetic, side, seed=seed)]
     images = torch.cat([other.images[torch.arange(len(other.labels))], *([torch.stack(drawn)] if drawn else [])])
-    print(f"other: {len(other.labels)} images of no class from {folder} ({len(other.bad)} unreadable) and "
-          f"{len(drawn)} generated ones")
-    return images.to(device)
+    return OtherImages(images.to(device), len(other.labels), len(other.bad), len(drawn))
 
 
 def rotation_copies(x: torch.Tensor, share: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

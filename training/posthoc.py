@@ -17,7 +17,7 @@ from config import TrainConfig
 from core.metrics import confusion_matrix, expected_calibration_error, fit_temperature
 from core.plots import plot_confusion_matrix
 from dataset import Split, load_items
-from loading.layout import layout_of
+from loading.layout import read_layout
 from prediction.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
@@ -57,8 +57,6 @@ def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool
     cm = confusion_matrix(val.labels, logits.argmax(1), len(ckpt["classes"]))
     if writer is not None:
         writer.add_figure("confusion_matrix/val", plot_confusion_matrix(cm, ckpt["classes"]), ckpt["epoch"])
-    print(f"calibration on val: temperature {temperature:.3f}, expected calibration error {before:.4f} -> "
-          f"{after:.4f} (stored in {path})")
     return {"temperature": temperature, "val_ece_before": before, "val_ece_after": after}
 
 
@@ -68,7 +66,7 @@ def left_out_images(cfg: TrainConfig, classes: list[str]) -> tuple[Split | None,
     used to choose the threshold)."""
     if not cfg.classes:
         return None, []
-    everything = layout_of(dataclasses.replace(cfg, classes=[]), need=None)
+    everything = read_layout(cfg.data, **dataclasses.replace(cfg, classes=[]).layout_settings(need=None))
     for name in ("val", "train"):
         items = [(p, c) for p, c in everything.items[name] if c not in classes]
         if items:
@@ -99,21 +97,12 @@ def fit_novelty(path: Path, train: Split, val: Split, cfg: TrainConfig, device: 
     save_checkpoint(with_novelty(ckpt, novelty_record(states, cfg.novelty_score, threshold, cfg.accept_rate, tta,
                                                       seconds, n_fit)), path)
     size = sum(state_bytes(s) for s in states.values())
-    fitted_on = (f"{n_fit} train images" if n_fit == len(train.labels) else
-                 f"a stratified sample of {n_fit} of the {len(train.labels)} train images (--novelty-max-images)")
-    print(f"novelty score {cfg.novelty_score}: fitted on {fitted_on} in {seconds:.1f}s "
-          f"({size / 1e6:.1f} MB stored, scores {', '.join(states)}); threshold {threshold:.4g} accepts "
-          f"{accepted(val_scores[cfg.novelty_score], threshold).double().mean().item():.1%} of val "
-          f"(--accept-rate {cfg.accept_rate})")
     out = {"novelty_score": cfg.novelty_score, "novelty_threshold": threshold, "novelty_seconds": round(seconds, 1),
-           "novelty_bytes": size, "novelty_train_images": n_fit}
+           "novelty_bytes": size, "novelty_train_images": n_fit, "novelty_scores": list(states),
+           "novelty_val_accepted": accepted(val_scores[cfg.novelty_score], threshold).double().mean().item()}
     left_out, left_out_names = left_out_images(cfg, ckpt["classes"])
     if left_out is not None:
         report = unknown_report(cfg.novelty_score, threshold, val_scores,
                                 score_images(model, left_out.images, states, **options))
         out["known_unknowns"] = {"classes": left_out_names, "images": len(left_out.labels), **report}
-        print(f"left-out classes as unknown images ({', '.join(left_out_names)}: {len(left_out.labels)} images): "
-              f"{cfg.novelty_score} AUROC {report['auroc']:.3f}, FPR at 95% TPR {report['fpr_at_95_tpr']:.1%}; "
-              f"at the stored threshold {report['known_rejected']:.1%} of val rejected, "
-              f"{report['unknown_accepted']:.1%} of the left-out images accepted")
     return out

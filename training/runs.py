@@ -201,37 +201,25 @@ def ctrl_c_stops_after_the_step():
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
-def interrupted_message(out_dir: str, saved_epoch: int, note: str = "") -> str:
-    """What the run says when Ctrl-C stopped it: which epoch last.pth holds (only saved epochs count)."""
-    if not saved_epoch:
-        return "interrupted; nothing saved: no epoch had ended" + (f" ({note})" if note else "")
-    return (f"interrupted; {Path(out_dir) / LAST} holds epoch {saved_epoch}: continue with --resume"
-            + (f" ({note})" if note else ""))
-
-
 def name_run(cfg: TrainConfig) -> TrainConfig:
     """A new run gets a name no earlier run has in LOG_DIR, OUT_DIR or CURVES_DIR (default: date-time and arch;
     a name in use gets -2, -3...); a resumed run keeps its own."""
     if cfg.resume:
         return cfg
     wanted = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}"
-    name = unique_run_name(wanted, [cfg.log_dir, cfg.out_dir, cfg.curves_dir])
-    if cfg.run_name and name != cfg.run_name:
-        print(f"run name {cfg.run_name!r} is taken (an earlier run's folder exists); this run is {name!r}")
-    return dataclasses.replace(cfg, run_name=name)
+    return dataclasses.replace(cfg, run_name=unique_run_name(wanted, [cfg.log_dir, cfg.out_dir, cfg.curves_dir]))
 
 
-def make_room(cfg: TrainConfig, start_epoch: int, history: list[dict]) -> None:
+def make_room(cfg: TrainConfig, start_epoch: int, history: list[dict]) -> dict[str, list[Path]]:
     """On the main rank, before anything is written: a new run moves the previous run's checkpoints and plots to
-    OUT_DIR/<its run name>/ and CURVES_DIR/<its run name>/ (never deleting) and says where; a resumed run
-    continues in place, its results.csv cut back to the epochs last.pth holds."""
+    OUT_DIR/<its run name>/ and CURVES_DIR/<its run name>/ (never deleting) and returns {its name: the folders};
+    a resumed run continues in place, its results.csv cut back to the epochs last.pth holds."""
     if not is_main_rank():
-        return
+        return {}
     if start_epoch:
         rewrite_results(Path(cfg.log_dir) / cfg.run_name / RESULTS, history)
-        return
-    for name, folders in archive_previous_run(cfg.out_dir, cfg.curves_dir).items():
-        print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")
+        return {}
+    return archive_previous_run(cfg.out_dir, cfg.curves_dir)
 
 
 def train_batch_images(images: torch.Tensor, labels: torch.Tensor, classes: list[str], cfg: TrainConfig,
@@ -251,13 +239,13 @@ def train_batch_images(images: torch.Tensor, labels: torch.Tensor, classes: list
     return to_uint8(x, normalization["mean"], normalization["std"]), names
 
 
-def save_train_batch(cfg: TrainConfig, train: Split, classes: list[str], normalization: dict) -> None:
-    """CURVES_DIR/train_batch.png: 16 augmented training images with their labels, to check the augmentation."""
+def save_train_batch(cfg: TrainConfig, train: Split, classes: list[str], normalization: dict) -> Path | None:
+    """CURVES_DIR/train_batch.png: 16 augmented training images with their labels, to check the augmentation
+    (on the main rank, when there are images); its path."""
     if not is_main_rank() or len(train.labels) == 0:
-        return
+        return None
     images, captions = train_batch_images(train.images, train.labels, classes, cfg, normalization)
-    path = save_figure(plot_gallery(images, captions), Path(cfg.curves_dir) / TRAIN_BATCH)
-    print(f"augmented training images: {path}")
+    return save_figure(plot_gallery(images, captions), Path(cfg.curves_dir) / TRAIN_BATCH)
 
 
 def open_run_log(cfg: TrainConfig):
