@@ -39,7 +39,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# Ours against the plain pipeline (baseline.py) on real photos: `make bench DATA=path/to/dataset`.
+# Ours against the plain pipeline (benchmarks/baseline.py) on real photos: `make bench DATA=path/to/dataset`.
 bench: setup
 	@test -n "$(DATA)" || { echo "make bench needs DATA=PATH/TO/DATA (a dataset train.py reads)"; exit 2; }
 	$(PY) -m benchmarks.bench --data $(DATA)

@@ -109,7 +109,7 @@ class TrainConfig:
                                  "(bounds its memory and time on big sets); 0 uses all")
     # machine
     device: str = _f("auto", "auto picks cuda, then mps, then cpu")
-    amp: bool = _f(True, "mixed precision: bf16 on GPUs and CPUs that compute it natively (~2x faster), "
+    amp: bool = _f(True, "mixed precision: bf16 on GPUs and CPUs that compute it natively (faster), "
                          "fp16 with a GradScaler on other GPUs")
     channels_last: bool = _f(True, "memory layout that makes convolutions faster on CPU and GPU")
     compile: bool = _f(False, "torch.compile the model (CUDA; slow first epoch)")
@@ -183,8 +183,8 @@ class TrainConfig:
         return cls(**{**dict(BEFORE_FIELD), **{k: v for k, v in d.items() if k in names}})
 
 
-# What a run saved before these fields existed trained with (their defaults now differ): so that resuming it, or
-# starting from its config.json, goes on as it began.
+# Fields a saved config may lack, with the value a run whose config lacks them trained with (not the default), so
+# that resuming it, or starting from its config.json, goes on as it began.
 BEFORE_FIELD = (("max_scale", 0.0), ("other_zoom_out", 0.0))
 
 

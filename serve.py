@@ -50,15 +50,8 @@ from starlette.exceptions import HTTPException
 from core.common import UserError, reports_user_errors
 from loading.decode import BadImage, decode_bytes
 from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, temperature_of, val_accuracy_of
-from prediction.predict import (
-    OnnxFeatures,
-    PredictionFacts,
-    explain,
-    normalize,
-    onnx_runtime,
-    pick_cam_layer,
-    predict_images,
-)
+from prediction.predict import (OnnxFeatures, PredictionFacts, explain, normalize, onnx_runtime, pick_cam_layer,
+                                predict_images)
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_IMAGES = 64  # images in one request: bounds the decoded batch whatever their file size
@@ -537,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                              "checked against PyTorch within 1e-4, PyTorch when that fails) or PyTorch")
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes sharing the port, each with its own copy of the model and of "
-                             "the PyTorch libraries (about 1 GB of memory each; default: 1)")
+                             "the PyTorch libraries (bench_serve prints the memory each takes; default: 1)")
     parser.add_argument("--log-level", default="info", help="uvicorn's: info logs each request (default), warning")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:

@@ -39,56 +39,20 @@ from core.plots import plot_history
 from dataset import Split, layout_record, load_training_data
 from loading.layout import Layout, format_problems, read_layout
 from model import fetch_pretrained, input_normalization
-from prediction.checkpoint import (
-    BEST,
-    LAST,
-    build_checkpoint,
-    config_of,
-    layout_info_of,
-    load_resume_checkpoint,
-    rng_state,
-    save_checkpoint,
-    with_resume_state,
-)
+from prediction.checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_resume_checkpoint,
+                                   rng_state, save_checkpoint, with_resume_state)
 from quality.audit import check_data
 from quality.label_errors import format_label_check, label_check
-from training.distributed import (
-    any_rank,
-    close_distributed,
-    init_distributed,
-    is_main_rank,
-    quiet_unless_rank0,
-    rank_world,
-)
-from training.loop import (
-    Stop,
-    Trainer,
-    build_trainer,
-    is_finite,
-    plan_budget,
-    restore,
-    set_phase,
-    stop_reason,
-    train_one_epoch,
-    validate,
-)
+from training.distributed import (any_rank, close_distributed, init_distributed, is_main_rank, quiet_unless_rank0,
+                                  rank_world)
+from training.loop import (Stop, Trainer, build_trainer, is_finite, plan_budget, restore, set_phase, stop_reason,
+                           train_one_epoch, validate)
 from training.optimization import BudgetPlan
 from training.outliers import load_other_images
 from training.posthoc import calibrate_best_model, fit_novelty
 from training.report import budget_lines, data_lines, device_line, novelty_lines, replan_words, stop_line
-from training.runs import (
-    TRAINING_CURVES,
-    Progress,
-    ctrl_c_stops_after_the_step,
-    epoch_line,
-    log_epoch,
-    make_room,
-    name_run,
-    open_run_log,
-    record_epoch,
-    save_train_batch,
-    write_summary,
-)
+from training.runs import (TRAINING_CURVES, Progress, ctrl_c_stops_after_the_step, epoch_line, log_epoch, make_room,
+                           name_run, open_run_log, record_epoch, save_train_batch, write_summary)
 
 
 @dataclass

@@ -50,30 +50,13 @@ import torch
 from PIL import Image
 
 from config import TrainConfig, parse_config
-from core.common import (
-    PROJECT_DIR,
-    UserError,
-    markdown_source,
-    markdown_table,
-    program,
-    program_env,
-    provenance,
-    reports_user_errors,
-    run_script,
-    split_at_dashes,
-)
+from core.common import (PROJECT_DIR, UserError, markdown_source, markdown_table, program, program_env, provenance,
+                         reports_user_errors, run_script, split_at_dashes)
 from dataset import load_data
 from loading.decode import decode_files, preprocess
 from loading.layout import Layout, read_layout, layout_splits
-from loading.near_duplicates import (
-    SIDE,
-    Joined,
-    altered_copy,
-    connected_groups,
-    cross_and_within,
-    descriptors,
-    find_near_copies,
-)
+from loading.near_duplicates import (SIDE, Joined, altered_copy, connected_groups, cross_and_within, descriptors,
+                                     find_near_copies)
 from quality.label_errors import confident_learning, out_of_fold_probs, train_split_of
 from training.runs import read_summary, unique_run_name
 

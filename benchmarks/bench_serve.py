@@ -37,15 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.common import (
-    UserError,
-    markdown_source,
-    markdown_table,
-    provenance,
-    reports_user_errors,
-    run_script,
-    split_at_dashes,
-)
+from core.common import (UserError, markdown_source, markdown_table, provenance, reports_user_errors, run_script,
+                         split_at_dashes)
 from loading.synthetic import make_synthetic
 from prediction.checkpoint import load_checkpoint, width_of
 

@@ -188,7 +188,7 @@ def remove_stale_temp_files(folder: str | Path, name_pattern: str = "*") -> None
 # ---------------------------------------------------------------- precision
 
 def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 math (AVX512-BF16 or AMX), where bf16 autocast trains ~2x faster; elsewhere
+    """True on CPUs with native bf16 math (AVX512-BF16 or AMX), where bf16 autocast trains faster; elsewhere
     PyTorch emulates bf16 and it is slower than fp32. These checks are private to torch.cpu, hence the getattr."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)

@@ -212,8 +212,8 @@ def novelty_of(ckpt: dict, needed_by: str = "") -> dict | None:
     (a flag), a UserError that says to retrain instead of None."""
     novelty = ckpt.get("novelty")
     if novelty is None and needed_by:
-        raise UserError(f"{needed_by} needs a checkpoint with a novelty score, which train.py stores since "
-                        f"issue 20; this one has none (older, or trained with --novelty-score none): retrain it")
+        raise UserError(f"{needed_by} needs a checkpoint with a novelty score, which train.py stores unless "
+                        f"--novelty-score none; this one has none: retrain it")
     return novelty
 
 

@@ -39,15 +39,17 @@ def test_bench_prints_one_json_object(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_runs_the_baseline_from_a_clone_without_shared(tmp_path):
-    """A fresh clone has no ../shared: bench.py still compares against its own baseline.py."""
+    """A fresh clone has no ../shared: benchmarks.bench still compares against its own baseline."""
     clone = tmp_path / "clone"
     clone.mkdir()
     for script in REPO.glob("*.py"):
         shutil.copy(script, clone)
+    for package in (init.parent for init in REPO.glob("*/__init__.py")):
+        shutil.copytree(package, clone / package.name, ignore=shutil.ignore_patterns("__pycache__"))
     assert not (tmp_path / "shared").exists()
     data = make_synthetic(tmp_path / "d", 8, size=24, splits=("train", "val"))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--data", str(data), "--epochs", "1", "--workers", "0",
-                           "--time-budget", "20", "--baseline-epochs", "2", "--baseline-seconds", "120",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--data", str(data), "--epochs", "1",
+                           "--workers", "0", "--time-budget", "20", "--baseline-epochs", "2", "--baseline-seconds", "120",
                            "--", "--batch-size", "8", "--image-size", "32", "--width", "8"],
                           cwd=clone, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -9,23 +9,9 @@ from core.common import UserError, save_atomic
 from dataset import load_data
 from loading.layout import read_layout
 from model import SmallResNet
-from prediction.checkpoint import (
-    FORMAT_VERSION,
-    LAST,
-    blocks_of,
-    build_checkpoint,
-    load_checkpoint,
-    load_resume_checkpoint,
-    model_from_checkpoint,
-    normalization_of,
-    on_cpu,
-    save_checkpoint,
-    temperature_of,
-    tta_of,
-    val_accuracy_of,
-    width_of,
-    with_temperature,
-)
+from prediction.checkpoint import (FORMAT_VERSION, LAST, blocks_of, build_checkpoint, load_checkpoint,
+                                   load_resume_checkpoint, model_from_checkpoint, normalization_of, on_cpu,
+                                   save_checkpoint, temperature_of, tta_of, val_accuracy_of, width_of, with_temperature)
 from prediction.predict import predict_logits
 
 

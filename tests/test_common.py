@@ -4,15 +4,8 @@ import pickle
 import pytest
 import torch
 
-from core.common import (
-    FORMATS_BY_SUFFIX,
-    IMAGE_EXTENSIONS,
-    UserError,
-    pick_device,
-    remove_stale_temp_files,
-    save_atomic,
-    split_at_dashes,
-)
+from core.common import (FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError, pick_device, remove_stale_temp_files,
+                         save_atomic, split_at_dashes)
 
 
 def test_save_atomic_keeps_old_file_when_writing_fails(tmp_path):

@@ -8,17 +8,8 @@ from PIL import Image
 import dataset
 from conftest import NASTY_READABLE
 from core.common import UserError
-from dataset import (
-    augment,
-    batch_affine,
-    batch_flip_lr,
-    cutmix,
-    image_tensor,
-    load_data,
-    load_split,
-    random_affine,
-    to_float,
-)
+from dataset import (augment, batch_affine, batch_flip_lr, cutmix, image_tensor, load_data, load_split, random_affine,
+                     to_float)
 from loading import decode
 from loading.decode import decode_image, preprocess
 from loading.layout import SKIPPED, layout_splits, read_layout

@@ -20,14 +20,8 @@ from config import TrainConfig
 from conftest import train_args
 from model import fetch_pretrained
 from quality import label_errors
-from quality.label_errors import (
-    confident_learning,
-    fold_config,
-    out_of_fold_probs,
-    read_listed_paths,
-    stratified_folds,
-    train_split_of,
-)
+from quality.label_errors import (confident_learning, fold_config, out_of_fold_probs, read_listed_paths,
+                                  stratified_folds, train_split_of)
 from training import loop
 from training.loop import build_trainer, train_epochs
 

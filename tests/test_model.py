@@ -9,19 +9,8 @@ from torchvision.transforms.functional import normalize
 from conftest import imagenet_like_resnet18
 from core.common import UserError
 from dataset import to_float
-from model import (
-    SmallResNet,
-    adapt_state_dict,
-    build_model,
-    cam_stages,
-    feature_stages,
-    forward_stages,
-    head_of,
-    load_pretrained,
-    pretrained_normalization,
-    resnet_parts,
-    unwrap,
-)
+from model import (SmallResNet, adapt_state_dict, build_model, cam_stages, feature_stages, forward_stages, head_of,
+                   load_pretrained, pretrained_normalization, resnet_parts, unwrap)
 
 
 @pytest.mark.parametrize("arch,channels,classes", [("resnet_small", 1, 2), ("resnet_small", 3, 5),

@@ -18,17 +18,8 @@ from conftest import load_folder
 from dataset import RowView
 from loading import near_duplicates
 from loading.decode import preprocess
-from loading.near_duplicates import (
-    End,
-    Joined,
-    altered_copy,
-    connected_groups,
-    copy_groups,
-    cross_and_within,
-    near_duplicate_pairs,
-    start_up_check,
-    thumbnails,
-)
+from loading.near_duplicates import (End, Joined, altered_copy, connected_groups, copy_groups, cross_and_within,
+                                     near_duplicate_pairs, start_up_check, thumbnails)
 from loading.synthetic import make_synthetic
 
 

@@ -35,20 +35,9 @@ from model import build_model, input_normalization, unwrap
 from prediction.checkpoint import config_of, resume_state_of, set_rng_state
 from prediction.predict import amp, predict_logits
 from training.distributed import all_reduce_sum, any_rank, rank_world, shard_batches, wrap_for_training
-from training.optimization import (
-    BudgetPlan,
-    LRSchedule,
-    Replan,
-    build_optimizer,
-    class_weight_tensor,
-    ema_of,
-    plan_to_budget,
-    planning_epoch_seconds,
-    replan_lr,
-    seconds_after_training,
-    set_backbone_trainable,
-    train_mode,
-)
+from training.optimization import (BudgetPlan, LRSchedule, Replan, build_optimizer, class_weight_tensor, ema_of,
+                                   plan_to_budget, planning_epoch_seconds, replan_lr, seconds_after_training,
+                                   set_backbone_trainable, train_mode)
 from training.outliers import other_crops, rotation_copies
 from training.runs import CtrlC, Progress
 

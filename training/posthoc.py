@@ -18,26 +18,10 @@ from core.metrics import confusion_matrix, expected_calibration_error, fit_tempe
 from core.plots import plot_confusion_matrix
 from dataset import Split, load_items
 from loading.layout import read_layout
-from prediction.checkpoint import (
-    load_checkpoint,
-    model_from_checkpoint,
-    normalization_of,
-    novelty_record,
-    save_checkpoint,
-    temperature_of,
-    tta_of,
-    with_novelty,
-    with_temperature,
-)
-from prediction.novelty import (
-    OTHER_ENERGY_WEIGHT,
-    accepted,
-    fit_sample,
-    fit_states,
-    state_bytes,
-    threshold_for_accept_rate,
-    unknown_report,
-)
+from prediction.checkpoint import (load_checkpoint, model_from_checkpoint, normalization_of, novelty_record,
+                                   save_checkpoint, temperature_of, tta_of, with_novelty, with_temperature)
+from prediction.novelty import (OTHER_ENERGY_WEIGHT, accepted, fit_sample, fit_states, state_bytes,
+                                threshold_for_accept_rate, unknown_report)
 from prediction.predict import extract_features, predict_logits, score_images
 
 
