@@ -11,7 +11,7 @@ Usage:
     python check_data.py DATA --quarantine held_out --listed curves/label_errors.csv   # move those files out
     python train.py --data DATA --check-only           # the same report
 
-DATA is read as train.py reads it (layout.py): class folders with or without split folders, a labels table,
+DATA is read as train.py reads it (loading/layout.py): class folders with or without split folders, a labels table,
 or labels in file names. The report starts with the 'layout:' line and the files left out, by kind.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                              "instead of the unreadable ones")
     parser.add_argument("--label-errors", action="store_true",
                         help="also find likely wrong labels: every train image is predicted by a model trained "
-                             "on the other folds, then confident learning (label_errors.py)")
+                             "on the other folds, then confident learning (quality/label_errors.py)")
     parser.add_argument("--out-dir", default="curves",
                         help="where near_leaks.png (near-copies across splits), label_errors.csv and .png go")
     parser.add_argument("--workers", type=int, default=2, help="processes that decode images")

@@ -22,7 +22,8 @@ or images labelled by a table (--labels) or by their names (--labels-from-name);
 Every flag below is a field of TrainConfig in config.py, shown with its reason and default. With --resume the
 saved run's settings are the defaults and the flags given override them."""
 ARCHS = ("resnet_small", "resnet18", "resnet50")
-NOVELTY_SCORES = ("combined", "msp", "energy", "knn", "mahalanobis", "layer_mahalanobis", "rotation")  # novelty.py
+NOVELTY_SCORES = ("combined", "msp", "energy", "knn", "mahalanobis", "layer_mahalanobis", "rotation")  # their maths:
+# prediction/novelty.py
 PLACEMENTS = ("auto", "device", "map")
 # The cache stores pixels as uint8 and the network sees (x / 127.5 - 1), i.e. mean 0.5 and std 0.5 of [0, 1].
 NORMALIZATION = {"mean": 0.5, "std": 0.5}
@@ -87,7 +88,7 @@ class TrainConfig:
     cutmix: float = _f(0.0, "share of training batches given CutMix: a random box of each image replaced by the same "
                        "box of another, the loss split between their labels by area (0 = off; pays in long runs)")
     tta: bool = _f(True, "evaluate on the image and its mirror and average (flip test-time augmentation)")
-    # images of no known class (novelty.py)
+    # images of no known class (prediction/novelty.py)
     novelty_score: str = _f("combined", "score fitted on the train features at the end, for --reject: combined "
                             "(measured best on real photos), msp, energy, knn, mahalanobis, layer_mahalanobis or "
                             "rotation (needs --rotation-weight); 'none' skips it",
@@ -98,8 +99,8 @@ class TrainConfig:
     other: str = _f("", "folder of images of no class (any layout), e.g. what users send by mistake: trained "
                     "to hold little evidence for any class (energy-margin outlier exposure); never a class, never "
                     "in the accuracy")
-    other_synthetic: int = _f(500, "generated far-away images (novelty.py: shapes, text, noise...) added to the "
-                              "--other images, so that they are more varied")
+    other_synthetic: int = _f(500, "generated far-away images (loading/synthetic.py: shapes, text, noise...) added to "
+                              "the --other images, so that they are more varied")
     other_weight: float = _f(0.1, "weight of the --other images' loss (metrics.energy_margin_loss)")
     other_share: float = _f(0.5, "--other images added to each batch, as a share of the batch size")
     other_zoom_out: float = _f(0.5, "share of the --other crops shrunk onto a plain ground (outliers.zoomed_out): "
@@ -124,7 +125,7 @@ class TrainConfig:
     config: str = _f("", "start from this saved config.json (LOG_DIR/<run>/config.json); flags given override it")
     check_only: bool = _f(False, "report on the data (counts, unreadable files, duplicates) and exit")
     find_label_errors: bool = _f(False, "before training, predict every train image with short runs that never saw "
-                                 "it and list the likely wrong labels (label_errors.py); nothing is changed")
+                                 "it and list the likely wrong labels (quality/label_errors.py); nothing is changed")
     label_error_folds: int = _f(4, "label check (--find-label-errors, check_data.py --label-errors): folds, each "
                                 "predicted by a model trained on the others")
     label_error_epochs: int = _f(80, "label check: epochs of each fold's run, its learning-rate schedule (as "

@@ -135,8 +135,9 @@ def cache_folder(paths: list[str]) -> str:
 def load_split(paths: list[str], labels: list[int], name: str, size: int, channels: int = 1,
                cache_dir: str = "", workers: int = 0) -> Split:
     """Decode a list of image files with their class indices. With cache_dir, files new or changed since the
-    last run (by path, size and mtime) are decoded into the memory-mapped cache (cache.py) and the images are read
-    from the map; without one they are decoded into memory. `name` (train, val...) labels the progress bar."""
+    last run (by path, size and mtime) are decoded into the memory-mapped cache (loading/cache.py) and the images
+    are read from the map; without one they are decoded into memory. `name` (train, val...) labels the progress
+    bar."""
 
     def decode(some: list[str]):
         return decode_files(some, size, channels, workers, desc=f"decoding {name}")

@@ -11,7 +11,7 @@ Usage:
 
 Writes OUT_DIR/metrics.json, confusion_matrix.png (counts and row-normalized), most_confident_wrong.png and
 most_confident_wrong.csv; with --gradcam, OUT_DIR/gradcam_<image name>.png. The class names, image size,
-channels and softmax temperature come from the checkpoint. The data is read as train.py read it (layout.py,
+channels and softmax temperature come from the checkpoint. The data is read as train.py read it (loading/layout.py,
 with the checkpoint's --labels/--labels-from-name/--name-pattern unless given), so a val or test split that
 train.py carved out of train (--val-fraction, --test-fraction, --seed) is carved again, file for file.
 OUT_DIR defaults to curves/<run name>/ (the training run's curves folder and name, from the checkpoint).

@@ -12,7 +12,7 @@ Usage:
     python inference.py --image x.jpg --checkpoint models/best_model.pth
 
 Needs nothing but the checkpoint: class names, image size, channels and normalization travel inside it, and
-the novelty score and threshold that --reject uses (fitted at the end of training; see novelty.py).
+the novelty score and threshold that --reject uses (fitted at the end of training; see prediction/novelty.py).
 """
 from __future__ import annotations
 

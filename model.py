@@ -7,8 +7,8 @@ Usage:
     model = build_model("resnet18", num_classes=10, pretrained_state=state)
     parts = resnet_parts(model)   # stem, stages, pool, head: the one description of both kinds of ResNet
 The networks, their parts (what the novelty features and Grad-CAM read) and their weights only: checkpoints
-(saving, loading, rebuilding the model from one) are checkpoint.py's, predictions (the forward path with
-normalization, TTA, amp) predict.py's.
+(saving, loading, rebuilding the model from one) are prediction/checkpoint.py's, predictions (the forward path with
+normalization, TTA, amp) prediction/predict.py's.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def build_model(arch: str, num_classes: int, in_channels: int = 1, width: int = 
     """The network; `pretrained_state` (from adapt_state_dict) fills every layer but the new head; `width` and
     `blocks` (per stage) shape resnet_small only.
     `rotation_head` adds `rot`, a 4-way linear layer on the penultimate feature that tells which quarter turn
-    an image was given (trained beside the classifier; it scores images of no known class, novelty.py). The
+    an image was given (trained beside the classifier; it scores images of no known class, prediction/novelty.py). The
     model's forward stays the class logits alone."""
     if arch == "resnet_small":
         if pretrained_state is not None:

@@ -10,7 +10,7 @@ Usage:
     python split_dataset.py photos Dataset --mode move            # moves the originals: only when asked
     python split_dataset.py photos Dataset --classes cat dog      # only these classes
 
-SRC is read as train.py --data reads it (layout.py: class folders, split folders and their aliases, a labels
+SRC is read as train.py --data reads it (loading/layout.py: class folders, split folders and their aliases, a labels
 table, labels in file names). DST must be new or empty and gets DST/<split>/<class>/<file name>. Split folders
 SRC already has are kept; the missing val/test shares are carved from train, each class divided in the given
 ratios (stratified, the same carve train.py uses), so the same seed gives the same split. Files left out (no

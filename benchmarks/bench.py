@@ -366,7 +366,7 @@ def scale_main(argv: list[str]) -> int:
                         "command, commit, date and machine) instead of JSON")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
-    source = provenance("bench.py", ["scale", *argv])  # the code as it was when the measuring began
+    source = provenance("benchmarks.bench", ["scale", *argv])  # the code as it was when the measuring began
     work = Path(args.work_dir)
     cfg = train_config(train_flags, data="", image_size=args.size, channels=args.channels, workers=args.workers,
                        cache_dir="", epochs=1, time_budget=args.train_seconds, out_dir=str(work / "models"),
@@ -420,7 +420,7 @@ def near_copies_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    source = provenance("bench.py", ["near-copies", *argv])  # the code as it was when the measuring began
+    source = provenance("benchmarks.bench", ["near-copies", *argv])  # the code as it was when the measuring began
     splits = layout_splits(read_layout(args.data, **TrainConfig(data=args.data).layout_settings(need=None)))
     order = ["train", "val"] + [name for name in splits if name not in ("train", "val")]
     paths = [p for name in order for p, _ in splits.get(name, [])]
@@ -475,7 +475,7 @@ def label_errors_main(argv: list[str]) -> int:
                         help="also save the out-of-fold probabilities, the given labels and the flipped images")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
-    source = provenance("bench.py", ["label-errors", *argv])  # the code as it was when the measuring began
+    source = provenance("benchmarks.bench", ["label-errors", *argv])  # the code as it was when the measuring began
     cfg = train_config(train_flags, data=args.data)
     lay, train = train_split_of(cfg)
     generator = torch.Generator().manual_seed(args.seed)
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                         "command, commit, date and machine) instead of JSON")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
-    source = provenance("bench.py", argv)  # the code as it was when the measuring began
+    source = provenance("benchmarks.bench", argv)  # the code as it was when the measuring began
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.work_dir or scratch
         cfg = train_config(train_flags, data=args.data, epochs=args.epochs, time_budget=args.time_budget,

@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + shares)
     print(f"\nserver RSS: {rss['started']} MiB started, {rss['before']} MiB before and {rss['after']} MiB after "
           f"{args.memory_requests} more requests ({memory_run['requests_per_s']} requests/s)\n")
-    prov = provenance("bench_serve.py", argv)
+    prov = provenance("benchmarks.bench_serve", argv)
     print(markdown_source(prov) + "\n")
     result = {**prov, "checkpoint": args.checkpoint or "the default model, 1 epoch on synthetic data", "model": model,
               "image_bytes": len(image), "serve_flags": serve_flags, "levels": rows,

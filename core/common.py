@@ -6,7 +6,7 @@ Usage (from other scripts):
     raise UserError("no dataset at ...")      # a @reports_user_errors main() prints it as one line, exit code 2
     device = pick_device("auto")              # cuda, then mps, then cpu
     save_atomic(obj, "models/last.pth")       # the old file or the new one, never half of one
-    print(markdown_table(["clients", "requests/s"], rows)); print(markdown_source(provenance("bench.py", argv)))
+    text = markdown_table(["clients", "requests/s"], rows) + "\n" + markdown_source(provenance("train.py", argv))
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 SPLITS = ("train", "val", "test")
-# Folder names (and table values) read as each split, compared lower-case with '-' and ' ' as '_' (layout.py).
+# Folder names (and table values) read as each split, compared lower-case with '-' and ' ' as '_' (loading/layout.py).
 SPLIT_ALIASES = {
     "train": ("train", "training", "training_set", "train_set", "trn"),
     "val": ("val", "valid", "validation", "val_set", "dev"),
@@ -109,8 +109,10 @@ def git_commit() -> str:
 
 
 def provenance(script: str, argv: list[str]) -> dict:
-    """Where a figure comes from: the command that printed it, the commit, the date (UTC) and the machine."""
-    return {"command": shlex.join(["python", script, *argv]), "commit": git_commit(),
+    """Where a figure comes from: the command that printed it (`script` as `program` takes it: train.py, or
+    benchmarks.bench for python -m), the commit, the date (UTC) and the machine."""
+    run = [script] if script.endswith(".py") else ["-m", script]
+    return {"command": shlex.join(["python", *run, *argv]), "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "machine": machine()}
 
 
@@ -129,14 +131,15 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def reports_user_errors(main):
-    """For a script's main(argv=None): a UserError raised anywhere in it is printed as 'error: <message>' on
-    stderr, with no traceback, and main returns 2."""
+    """For a script's main(argv=None): a UserError raised anywhere in it is written as 'error: <message>' to
+    stderr, with no traceback, and main returns 2: the scripts' one error handler, the one place this library
+    writes to a stream."""
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         try:
             return main(argv)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            sys.stderr.write(f"error: {e}\n")
             return 2
     return run
 

@@ -22,7 +22,7 @@ Bounds, for N images:
   stops too, saying why (Search.end); an image with more than LOOKALIKE_GROUP near-copies or whose queries
   meet crowded buckets in CROWDED_QUERIES tables, and everything joined to it, is a look-alike, not judged.
 
-Usage (from audit.py and dataset.py):
+Usage (from quality/audit.py and dataset.py):
     found = find_near_copies(descriptors(thumbnails))   # uint8 (N, 1, 32, 32) -> Search (or DescriptorBlocks)
     groups, lookalike = found.groups()                   # [[i, j, ...]] sets of near-copies, images not judged
     pairs = near_duplicate_pairs(thumbnails)             # [(i, j, similarity)], i < j, most similar first
@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 from tqdm import tqdm
 
-SIDE = 32           # the thumbnails' side (audit.py decodes at this size anyway)
+SIDE = 32           # the thumbnails' side (quality/audit.py decodes at this size anyway)
 GRID = 8            # the descriptor is a GRID x GRID thumbnail
 CROP_SIDES = (30, 28)  # of SIDE = 32: crops of 6% and 12.5%, and the places between, are matched within a pixel
 VARIANTS = 1 + 9 * len(CROP_SIDES)  # descriptors per image: the whole image, then its crops
-THRESHOLD = 0.96    # cosine of a near-copy: measured on real photos (bench.py near-copies, BENCHMARKS.md)
+THRESHOLD = 0.96    # cosine of a near-copy: measured on real photos (benchmarks/bench.py near-copies, BENCHMARKS.md)
 TABLES, BITS = 24, 28  # hash tables and bits per key: a near-copy shares a key in one of them (measured)
 TABLE_GROUP = 2     # tables keyed in one pass over the descriptors: 4 bytes a key, VARIANTS + 2 keys per image
 LOOKALIKE_GROUP = 10  # a chain of more images than this is pictures that look alike at 8x8 (one shape on a

@@ -23,7 +23,7 @@ Format version 2, a dict of plain types and tensors:
     epoch, metrics {"val", "train"}, best {"acc", "epoch", "loss"}, history [one record per epoch]
     layout           how the data was read: {"description", "source", "folders", "carve", "val_files_sha1"}
                      (absent in older files; evaluate.py rebuilds a carved val/test from config)
-  novelty (optional) what tells images of no known class apart, fitted at the end of training (novelty.py):
+  novelty (optional) what tells images of no known class apart, fitted at the end of training (prediction/novelty.py):
                    {"score": the name used, "states": {score name: plain dict of tensors and numbers},
                     "threshold": accept an image when its score <= this, "accept_rate": the share of val images
                     accepted at that threshold when it was chosen, "tta": features averaged with the mirror,

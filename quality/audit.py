@@ -202,7 +202,7 @@ def _exact_copies(by_hash: dict[str, list[tuple[str, str]]]) -> tuple[list[list[
 
 def near_copies(desc: torch.Tensor, readable: list[tuple[str, str, str]]) -> dict:
     """near_leaks and near_duplicates: groups of paths that are the same photo resized, re-encoded, cropped a
-    little, mirrored or recolored (near_duplicates.py), across splits / within one, from the descriptors of the
+    little, mirrored or recolored (loading/near_duplicates.py), across splits / within one, from the descriptors of the
     readable files; groups of byte-identical files only are left to leaks and duplicates; how the search ended
     and its work; near_seconds: its time."""
     t0 = time.time()

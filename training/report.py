@@ -3,8 +3,8 @@ training) as the lines it prints. Pure functions of values; the decisions are ma
 training/optimization.py, and only the script prints.
 
 Usage (from train.py):
-    print(data_lines(cfg, train, val, classes, summary))     # the data's counts, near-copies, placement
-    print(stop_line(cfg, Stop.PATIENCE, plan, progress))       # early stop: no better val accuracy for 5 epochs
+    text = data_lines(cfg, train, val, classes, summary)      # the data's counts, near-copies, placement
+    line = stop_line(cfg, Stop.PATIENCE, plan, progress)       # early stop: no better val accuracy for 5 epochs
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ from training.distributed import is_main_rank
 
 TRAINING_CURVES, TRAIN_BATCH, RESULTS = "training_curves.png", "train_batch.png", "results.csv"
 LABEL_ERRORS_CSV, LABEL_ERRORS_PNG = "label_errors.csv", "label_errors.png"  # the label check's, in CURVES_DIR
-SUMMARY = "summary.json"  # LOG_DIR/<run>/: what the run ended with (train.py's summary; bench.py reads it)
+SUMMARY = "summary.json"  # LOG_DIR/<run>/: what the run ended with (train.py's summary; benchmarks/bench.py reads it)
 # What a run leaves at the top of --curves-dir: its plots, and what evaluate.py --out-dir CURVES_DIR wrote.
 RUN_CURVES = (TRAINING_CURVES, TRAIN_BATCH, "metrics.json", "confusion_matrix.png", "most_confident_wrong.png",
               "most_confident_wrong.csv", "unknown_scores.png", "gradcam_*.png", LABEL_ERRORS_CSV, LABEL_ERRORS_PNG)
@@ -286,7 +286,8 @@ class Progress:
 
 def record_epoch(progress: Progress, epoch: int, tr: dict, ev: dict, lr: float, train_seconds: float,
                  epoch_started: float) -> dict:
-    """Append the epoch's figures to the history (what last.pth, the curves and bench.py read) and return them."""
+    """Append the epoch's figures to the history (what last.pth, the curves and benchmarks/bench.py read) and
+    return them."""
     progress.train_seconds += train_seconds
     h = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": ev["loss"],
          "val_acc": ev["acc"], "lr": lr, "train_seconds": round(progress.train_seconds, 2),
