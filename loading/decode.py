@@ -24,12 +24,12 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from core.common import UserError
-from loading.layout import walk_files
+from loading.files import walk_files
 
 
 def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """(image files, other files) under folder, recursively (symlinked folders too) and sorted; hidden files
-    and folders are neither. The listing is layout.walk_files'."""
+    and folders are neither. The listing is loading/files.py's walk_files."""
     images, others = walk_files(str(folder))
     return sorted(map(Path, images)), sorted(map(Path, others))
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import csv
 import os
-import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.common import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, UserError, is_hidden
+from loading.carve import carve
+from loading.files import abs_path, files_in, is_image, subdirs, walk_files, walk_paths
 
 # Header names that hold the file and the label, in order of preference (compared as lower_snake_case).
 FILE_COLUMNS = ("file", "filename", "file_name", "filepath", "file_path", "path", "image", "image_path",
@@ -107,85 +108,13 @@ def _match_label(m: re.Match | None, group: int | str = 1) -> str | None:
 
 # ---------------------------------------------------------------- folders
 
-def _abs(p: str | Path) -> Path:
-    """Absolute, without resolving symlinks: the path as the user's folders show it (and as caches key it)."""
-    return Path(os.path.abspath(p))
-
-
-def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _subdirs(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_dir() and not is_hidden(p.name))
-
-
-def _files(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and not is_hidden(p.name))
-
-
-def _suffix(name: str) -> str:
-    """Path(name).suffix, without building a Path: '.JPG' for 'a.JPG', '' for 'a' or 'a.'."""
-    i = name.rfind(".")
-    return name[i:] if 0 < i < len(name) - 1 else ""
-
-
-def walk_files(d: str, hidden: list[tuple[str, bool]] | None = None) -> tuple[list[str], list[str]]:
-    """(image files, other files) under folder d as path strings that start with d, recursively, in os.walk's
-    order (a folder's files by name, then each subfolder by name); hidden files and folders are left out.
-    Symlinked folders are entered (a folder of links to class folders reads like the folders themselves); a link
-    back to a folder it sits in is a loop, refused with a UserError naming it. One os.scandir per folder and no
-    Path per file, so that large folders list quickly. When given, `hidden` gets (path, is a folder) for each
-    hidden entry passed over (nothing inside hidden folders): what check_data.py reports as skipped."""
-    images, others = [], []
-    exts = IMAGE_EXTENSIONS
-    inside: set[str] = set()  # real paths of the folders being visited (the current one and those above it)
-
-    def visit(here: str) -> None:
-        real = os.path.realpath(here)
-        if real in inside:
-            raise UserError(f"symlink loop: {here} leads back to {real}, a folder it is inside")
-        try:
-            with os.scandir(here) as it:
-                entries = list(it)
-        except OSError:
-            return
-        inside.add(real)
-        files, dirs = [], []
-        prefix = here if here.endswith(os.sep) else here + os.sep
-        for e in entries:
-            try:
-                is_dir = e.is_dir()
-            except OSError:
-                is_dir = False
-            if is_hidden(e.name):
-                if hidden is not None:
-                    hidden.append((prefix + e.name, is_dir))
-                continue
-            (dirs if is_dir else files).append(e.name)
-        for n in sorted(files):
-            (images if _suffix(n).lower() in exts else others).append(prefix + n)
-        for n in sorted(dirs):
-            visit(prefix + n)
-        inside.discard(real)
-
-    visit(str(d))
-    return images, others
-
-
-def _walk(d: Path) -> tuple[list[Path], list[Path]]:
-    """walk_files as Paths."""
-    images, others = walk_files(str(d))
-    return [Path(f) for f in images], [Path(f) for f in others]
-
-
 def _unwrap(root: Path) -> Path:
     """Descend single wrapper folders (DATA/dataset/...) that hold no images of their own."""
     d = root
     while True:
-        dirs = _subdirs(d)
-        if len(dirs) != 1 or split_of(dirs[0].name) or any(_is_image(f) for f in _files(d)) \
-                or any(_is_image(f) for f in _files(dirs[0])):
+        dirs = subdirs(d)
+        if len(dirs) != 1 or split_of(dirs[0].name) or any(is_image(f) for f in files_in(d)) \
+                or any(is_image(f) for f in files_in(dirs[0])):
             return d
         d = dirs[0]
 
@@ -194,9 +123,9 @@ def _collapse(split_dir: Path) -> Path:
     """training_set/training_set/ -> the inner folder: a split folder whose only content is one of its kind."""
     d = split_dir
     while True:
-        dirs = _subdirs(d)
+        dirs = subdirs(d)
         if len(dirs) != 1 or split_of(dirs[0].name) != split_of(split_dir.name) \
-                or any(_is_image(f) for f in _files(d)):
+                or any(is_image(f) for f in files_in(d)):
             return d
         d = dirs[0]
 
@@ -206,19 +135,19 @@ def _images(n: int) -> str:
 
 
 def _has_images(d: Path) -> bool:
-    return any(_is_image(f) for f in _files(d))
+    return any(is_image(f) for f in files_in(d))
 
 
 def _find_split_dirs(base: Path, by_folder: bool) -> tuple[dict[str, Path], list[Path]]:
     """({split: folder}, other folders next to them); {} when base holds no split folders."""
     named, others = defaultdict(list), []
-    for d in _subdirs(base):
+    for d in subdirs(base):
         s = split_of(d.name)
         (named[s] if s else others).append(d)
     if not named:
         return {}, []
     if by_folder and any(_has_images(d) for d in others) and \
-            all(_has_images(d) and not _subdirs(d) for ds in named.values() for d in ds):
+            all(_has_images(d) and not subdirs(d) for ds in named.values() for d in ds):
         return {}, []  # class folders, one of them named like a split (e.g. the class 'train' among vehicles)
     for s, ds in named.items():
         if len(ds) > 1:
@@ -233,21 +162,21 @@ def _from_folders(split_dirs: dict[str, Path], problems, rel) -> dict[str, list[
     items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     flat = []  # (split folder, its images) without any class folder
     for s, d in split_dirs.items():
-        class_dirs = _subdirs(d)
-        loose = [f for f in _files(d) if _is_image(f)]
+        class_dirs = subdirs(d)
+        loose = [f for f in files_in(d) if is_image(f)]
         if loose and not class_dirs:
             flat.append((d, loose))
             continue
         problems[LOOSE] += [rel(f) for f in loose]
         for c in class_dirs:
-            images, others = walk_files(str(_abs(c)))  # absolute already: no Path per file
+            images, others = walk_files(str(abs_path(c)))  # absolute already: no Path per file
             problems[SKIPPED] += [rel(f) for f in others]
             if not images:
                 problems[EMPTY].append(rel(c) + "/")
             items[s] += [(f, c.name) for f in images]
     if flat and not any(items.values()):
         d, loose = flat[0]
-        tables = sorted({t for t in _files(Path(rel.root)) + _files(d) if t.suffix.lower() in (".csv", ".tsv")})
+        tables = sorted({t for t in files_in(Path(rel.root)) + files_in(d) if t.suffix.lower() in (".csv", ".tsv")})
         table_hint = f"--labels {tables[0]}" if tables else "--labels FILE.csv"
         raise UserError(f"{d} holds {len(loose)} images and no class folders, so nothing says their labels: if the "
                         f"label is in the file name (as in {loose[0].name}), add --labels-from-name (or --name-pattern "
@@ -261,8 +190,8 @@ def _from_folders(split_dirs: dict[str, Path], problems, rel) -> dict[str, list[
 def _from_names(split_dirs: dict[str, Path], rule, tops: set[Path], problems, rel) -> dict[str, list[tuple[str, str]]]:
     items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for s, d in split_dirs.items():
-        images, others = walk_files(str(_abs(d)))  # absolute already: no Path per file
-        top_dirs = {str(_abs(t)) for t in tops}
+        images, others = walk_files(str(abs_path(d)))  # absolute already: no Path per file
+        top_dirs = {str(abs_path(t)) for t in tops}
         problems[SKIPPED] += [rel(f) for f in others if os.path.dirname(f) not in top_dirs]  # DATA/labels.csv
         for f in images:
             label = rule(os.path.basename(f))
@@ -330,7 +259,7 @@ class _Resolver:
                 names = set()
             stems = defaultdict(list)
             for n in sorted(names):
-                if _is_image(Path(n)):
+                if is_image(Path(n)):
                     stems[n[:n.rfind(".")]].append(n)
             self.listings[d] = names, stems
         return self.listings[d]
@@ -392,7 +321,7 @@ def _table_labels(rows: list[list[str]], columns: tuple[int, int, int | None], r
                   ) -> tuple[dict[Path, tuple[str, str]], set[Path]]:
     """({file: (split, label)} from the rows, every file a row names, used or not: not reported again as
     unlabelled). A file that rows give two different labels is left out and named with its labels."""
-    folder_split = {_abs(d): s for s, d in split_dirs.items()}
+    folder_split = {abs_path(d): s for s, d in split_dirs.items()}
     labels: dict[Path, tuple[str, str]] = {}
     conflicts: dict[Path, set[str]] = {}
     named: set[Path] = set()
@@ -442,15 +371,15 @@ def _row_file(cell: str, n: int, resolve: _Resolver, named: set[Path], problems:
     """The image file (absolute) that a file cell on line n names; None, with the row named under its problem,
     when it names no file, several, or one that is not an image. Every file it names goes into `named`."""
     found = resolve(cell)
-    named.update(_abs(p) for p in found)
+    named.update(abs_path(p) for p in found)
     if not found:
         problems[MISSING].append(f"{cell} (line {n})")
         return None
     if len(found) > 1:
         problems[SEVERAL].append(f"{cell} (line {n}: {', '.join(p.name for p in found)})")
         return None
-    path = _abs(found[0])
-    if not _is_image(path):
+    path = abs_path(found[0])
+    if not is_image(path):
         problems[SKIPPED].append(f"{cell} (line {n})")
         return None
     return path
@@ -464,14 +393,14 @@ def _report_unlabeled(folders: list[Path], named: set[Path], root: Path, base: P
     unlabeled = defaultdict(list)  # folder -> images there that the table does not name
     holders = {p.parent for p in named}
     for d in folders:
-        images, non_images = _walk(d)
+        images, non_images = walk_paths(d)
         problems[SKIPPED] += [rel(f) for f in non_images
-                              if f.parent not in (root, base) and _abs(f) != _abs(table)]
+                              if f.parent not in (root, base) and abs_path(f) != abs_path(table)]
         for f in images:
-            if _abs(f) not in named:
+            if abs_path(f) not in named:
                 unlabeled[f.parent].append(f)
     for folder, files in sorted(unlabeled.items()):
-        if _abs(folder) in holders:
+        if abs_path(folder) in holders:
             problems[UNLABELED] += [rel(f) for f in files]
         else:
             problems[UNLABELED_FOLDERS].append(f"{rel(folder)}/ ({_images(len(files))})")
@@ -510,7 +439,7 @@ def read_layout(data: str | Path, *, labels_file: str | Path | None = None, labe
     base = _unwrap(root)
     split_dirs, others = _find_split_dirs(base, source == "folders")
     if source != "table":  # a table may name files anywhere; its unlabelled images are reported instead
-        problems[NOT_READ] += [f"{rel(d)}/ ({_images(n)})" for d in others if (n := len(_walk(d)[0]))]
+        problems[NOT_READ] += [f"{rel(d)}/ ({_images(n)})" for d in others if (n := len(walk_paths(d)[0]))]
     single = not split_dirs
     if single:
         split_dirs = {"train": base}
@@ -532,7 +461,7 @@ def read_layout(data: str | Path, *, labels_file: str | Path | None = None, labe
     lay = Layout(classes=names, items=items, carve=carve, problems={k: v for k, v in problems.items() if v},
                  description="", root=str(root), seed=seed, source=source,
                  folders={s: rel(d) for s, d in split_dirs.items()},
-                 folder_paths={s: str(_abs(d)) for s, d in split_dirs.items()})
+                 folder_paths={s: str(abs_path(d)) for s, d in split_dirs.items()})
     lay.description = describe(lay, single, table, columns, name_pattern)
     _check_usable(lay, need, table, columns, rule is not None, rel(base))
     return lay
@@ -543,11 +472,11 @@ class _relative_to:
 
     def __init__(self, root: Path):
         self.root = str(root)
-        self.absolute = _abs(root)
+        self.absolute = abs_path(root)
 
     def __call__(self, p: Path) -> str:
         try:
-            r = _abs(p).relative_to(self.absolute).as_posix()
+            r = abs_path(p).relative_to(self.absolute).as_posix()
             return r if r != "." else self.absolute.name
         except ValueError:
             return str(p)
@@ -640,40 +569,6 @@ def format_problems(lay: Layout, limit: int = 10) -> str:
 
 
 # ---------------------------------------------------------------- carving val/test from train
-
-def carve_indices(labels: list, ratios: list[float], seed: int) -> list[list[int]]:
-    """Sorted index lists, one per ratio (e.g. train/val/test = 0.7/0.2/0.1), each class divided in those
-    ratios: counts rounded by largest remainder so each index is used once, and a split with a share gets at
-    least one image of every class that has more than one. Same labels and seed, same lists."""
-    rng = random.Random(seed)
-    by_class = defaultdict(list)
-    for i, c in enumerate(labels):
-        by_class[c].append(i)
-    parts: list[list[int]] = [[] for _ in ratios]
-    for c in sorted(by_class):
-        idx = by_class[c]
-        rng.shuffle(idx)
-        exact = [len(idx) * r / sum(ratios) for r in ratios]
-        counts = [int(e) for e in exact]
-        for k in sorted(range(len(ratios)), key=lambda k: (counts[k] - exact[k], k))[:len(idx) - sum(counts)]:
-            counts[k] += 1
-        for k, r in enumerate(ratios):
-            largest = max(range(len(counts)), key=lambda j: counts[j])
-            if r > 0 and counts[k] == 0 and counts[largest] > 1:
-                counts[k], counts[largest] = 1, counts[largest] - 1
-        start = 0
-        for k, n in enumerate(counts):
-            parts[k] += idx[start:start + n]
-            start += n
-    return [sorted(p) for p in parts]
-
-
-def carve(items: list[tuple[str, str]], fractions: dict[str, float], seed: int) -> dict[str, list[tuple[str, str]]]:
-    """{'train': the rest, and one list per fraction} from (path, class) items, stratified by class."""
-    ratios = [1 - sum(fractions.values()), *fractions.values()]
-    parts = carve_indices([c for _, c in items], ratios, seed)
-    return {name: [items[i] for i in idx] for name, idx in zip(["train", *fractions], parts)}
-
 
 def layout_splits(lay: Layout) -> dict[str, list[tuple[str, str]]]:
     """Every split's (path, class) items with lay.carve applied to train, by lay.seed."""

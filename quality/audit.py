@@ -26,7 +26,8 @@ from config import TrainConfig
 from core.common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError
 from core.plots import plot_gallery, save_figure
 from loading.decode import decode_files, decode_image
-from loading.layout import EMPTY, SKIPPED, Layout, read_layout, layout_splits, walk_files
+from loading.files import walk_files
+from loading.layout import EMPTY, SKIPPED, Layout, layout_splits, read_layout
 from loading.near_duplicates import DescriptorBlocks, find_near_copies
 
 TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model

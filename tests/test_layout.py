@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from core.common import IMAGE_EXTENSIONS, UserError, is_hidden
+from loading.carve import carve, carve_indices
 from loading.layout import (CONFLICT, EMPTY, LOOSE, MISSING, NO_LABEL, NOT_IN_TRAIN, NOT_READ, SEVERAL, SINGLE, SKIPPED,
-                            UNLABELED, UNLABELED_FOLDERS, UNPARSABLE, carve, carve_indices, format_problems,
-                            layout_splits, name_rule, read_layout, split_of, walk_files)
+                            UNLABELED, UNLABELED_FOLDERS, UNPARSABLE, format_problems, layout_splits, name_rule,
+                            read_layout, split_of, walk_files)
 
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP"}
 
