@@ -68,10 +68,6 @@ def cache_key(folder: str | Path, size: int, channels: int) -> str:
     return f"{folder.name}-{size}px-{channels}ch-{digest}"
 
 
-def index_path(cache_dir: str | Path, folder: str | Path, size: int, channels: int) -> Path:
-    return Path(cache_dir) / f"{cache_key(folder, size, channels)}.index.pt"
-
-
 # ---------------------------------------------------------------- the index
 
 def _blob(strings: list[str]) -> np.ndarray:
