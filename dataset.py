@@ -281,6 +281,66 @@ def cutmix(x: torch.Tensor, share: float, generator: torch.Generator | None = No
     return out, perm, 1 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
+def _uniform(n: int, low: float, high: float, generator: torch.Generator | None, device: torch.device
+             ) -> torch.Tensor:
+    """n draws from U(low, high), one per image, shaped (n, 1, 1, 1) to scale a batch."""
+    return (low + (high - low) * torch.rand(n, generator=generator)).to(device).view(n, 1, 1, 1)
+
+
+def photometric(x: torch.Tensor, brightness: float, contrast: float, gamma: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image brightness (+-brightness added), contrast (scaled by 1 +- contrast about the image's mean) and
+    gamma (an exponent in exp(+-gamma)) of a float (N, C, H, W) batch of pixels in [0, 1]; clipped to [0, 1]."""
+    n, device = x.shape[0], x.device
+    x = x + _uniform(n, -brightness, brightness, generator, device)
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = ((x - mean) * _uniform(n, 1 - contrast, 1 + contrast, generator, device) + mean).clamp(0, 1)
+    return x.pow(_uniform(n, -gamma, gamma, generator, device).exp())
+
+
+def blur_and_noise(x: torch.Tensor, blur_share: float, noise: float, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+    """A 3x3 Gaussian blur of a random `blur_share` of the images of a float (N, C, H, W) batch, then Gaussian
+    noise of a standard deviation uniform in [0, noise] per image."""
+    n, c, device = x.shape[0], x.shape[1], x.device
+    kernel = torch.tensor([1.0, 2.0, 1.0], device=device)
+    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(c, 1, 3, 3).to(x.dtype)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c)
+    chosen = (torch.rand(n, generator=generator) < blur_share).to(device).view(n, 1, 1, 1)
+    x = torch.where(chosen, blurred, x)
+    sigma = _uniform(n, 0.0, noise, generator, device)
+    return x + sigma * torch.randn(x.shape, generator=generator).to(device, x.dtype)
+
+
+def cutout(x: torch.Tensor, side: float, fill: float | torch.Tensor, generator: torch.Generator | None = None
+           ) -> torch.Tensor:
+    """Each image of a (N, C, H, W) batch with one square of `side` x its height, centred anywhere (clipped at
+    the borders), set to `fill` (DeVries and Taylor, 2017)."""
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    size = max(1, round(side * h))
+    cy, cx = (torch.rand(n, generator=generator) * h).long(), (torch.rand(n, generator=generator) * w).long()
+    top, left = (cy - size // 2).view(n, 1, 1), (cx - size // 2).view(n, 1, 1)
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    box = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return torch.where(box[:, None].to(x.device), torch.as_tensor(fill, dtype=x.dtype, device=x.device), x)
+
+
+def strong_augment(x: torch.Tensor, mean: float | list[float], std: float | list[float], max_degrees: float = 30.0,
+                   max_shift: float = 0.2, max_scale: float = 0.3, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+    """The strong view of a normalized float batch (what a semi-supervised step trains towards a pseudo-label,
+    FixMatch-style): random mirror; brightness, contrast and gamma; blur and noise; a larger rotation, shift and
+    zoom than training's; and a cutout of a quarter of the side, filled with the mean pixel. `mean` and `std` are
+    the normalization the batch carries (to_float's), so the photometric changes act on pixels in [0, 1]."""
+    shape = (-1, 1, 1)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(shape)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(shape)
+    pixels = batch_flip_lr(x, generator) * s + m
+    pixels = blur_and_noise(photometric(pixels, 0.3, 0.4, 0.4, generator), 0.5, 0.05, generator)
+    x = random_affine((pixels - m) / s, max_degrees, max_shift, max_scale, generator)
+    return cutout(x, 0.25, 0.0, generator)
+
+
 def rotate_quarters(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Each square image x[i] of a (N, C, S, S) batch turned by turns[i] quarter turns (0-3) counter-clockwise."""
     out = x.clone()

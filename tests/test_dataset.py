@@ -327,3 +327,53 @@ def test_cutmix_pastes_one_box_from_the_permuted_images_and_says_its_share():
     assert cutmix(x, 0.0, g)[1] is None and cutmix(x, 0.0, g)[0] is x
     kept = [cutmix(x, 0.5, g)[1] is None for _ in range(400)]
     assert 0.4 < sum(kept) / 400 < 0.6  # share 0.5: about half the batches are left alone
+
+
+def test_photometric_changes_are_per_image_and_off_at_zero():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 8, 8) * 0.5 + 0.25  # room on both sides, so no clipping
+    assert torch.allclose(dataset.photometric(x, 0.0, 0.0, 0.0, g), x)
+    shifted = dataset.photometric(x, 0.2, 0.0, 0.0, g) - x
+    per_image = shifted.flatten(1)
+    assert torch.allclose(per_image, per_image[:, :1].expand_as(per_image), atol=1e-6)  # one shift an image
+    assert per_image[:, 0].abs().max() <= 0.2 and per_image[:, 0].std() > 0  # within +-0.2, not all the same
+    stretched = dataset.photometric(x, 0.0, 0.5, 0.0, g)
+    assert torch.allclose(stretched.mean((1, 2, 3)), x.mean((1, 2, 3)), atol=1e-5)  # contrast keeps the mean
+    assert dataset.photometric(torch.ones(3, 1, 4, 4), 0.0, 0.0, 0.5, g).eq(1).all()  # gamma keeps 0 and 1
+
+
+def test_blur_and_noise_blur_an_impulse_by_the_gaussian_kernel_and_are_off_at_zero():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(2, 1, 5, 5)
+    x[:, :, 2, 2] = 16.0
+    assert torch.equal(dataset.blur_and_noise(x, 0.0, 0.0, g), x)
+    blurred = dataset.blur_and_noise(x, 1.0, 0.0, g)[0, 0]
+    assert blurred[1:4, 1:4].tolist() == [[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]
+    assert blurred.sum() == 16.0
+
+
+def test_cutout_sets_one_square_per_image_to_the_fill():
+    g = torch.Generator().manual_seed(3)
+    x = torch.ones(20, 2, 16, 16)
+    out = dataset.cutout(x, 0.25, -1.0, g)
+    filled = (out == -1.0)
+    assert torch.equal(filled[:, 0], filled[:, 1])  # every channel of the same square
+    whole = 0
+    for mask in filled[:, 0]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        assert 1 <= len(rows) <= 4 and 1 <= len(cols) <= 4  # a 4 px square, clipped at the borders
+        assert mask.sum() == len(rows) * len(cols)  # one rectangle, nothing else
+        whole += len(rows) == len(cols) == 4
+    assert whole >= 10  # most squares lie inside the image
+    assert ((out == 1.0) | filled).all()
+
+
+def test_strong_augment_keeps_shape_repeats_with_the_generator_and_changes_each_image():
+    x = dataset.to_float(torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8))
+    a = dataset.strong_augment(x, 0.5, 0.5, generator=torch.Generator().manual_seed(1))
+    b = dataset.strong_augment(x, 0.5, 0.5, generator=torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and a.dtype == torch.float32 and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert ((a - x).flatten(1).abs().mean(1) > 0.05).all()
+    imagenet = dataset.strong_augment(x, [0.449], [0.226], generator=torch.Generator().manual_seed(1))
+    assert imagenet.shape == x.shape and torch.isfinite(imagenet).all()
