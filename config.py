@@ -105,6 +105,15 @@ class TrainConfig:
     other_share: float = _f(0.5, "--other images added to each batch, as a share of the batch size")
     other_zoom_out: float = _f(0.5, "share of the --other crops shrunk onto a plain ground (outliers.zoomed_out): "
                                "things seen from afar as well as close up")
+    # images without labels
+    unlabeled: str = _f("", "folder of images without labels (any layout; labels in it are ignored): each step also "
+                            "trains the strongly augmented view of some of them towards the class the model gives "
+                            "their weakly augmented view, where it is confident (FixMatch); accuracy stays on "
+                            "labelled val")
+    unlabeled_ratio: float = _f(1.0, "--unlabeled images in each step, per labelled image of the batch")
+    pseudo_threshold: float = _f(0.95, "--unlabeled: the confidence above which a weak view's class becomes the "
+                                       "strong view's target")
+    unlabeled_weight: float = _f(1.0, "weight of the --unlabeled images' loss")
     accept_rate: float = _f(0.95, "share of known (val) images the stored novelty threshold accepts")
     novelty_max_images: int = _f(20_000, "fit the novelty score on a stratified sample of this many train images "
                                  "(bounds its memory and time on big sets); 0 uses all")
@@ -163,6 +172,9 @@ class TrainConfig:
         for name in ("other_zoom_out", "cutmix"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], not {getattr(self, name)}")
+        if self.unlabeled and not (self.unlabeled_ratio > 0 and 0.0 < self.pseudo_threshold <= 1.0):
+            raise UserError(f"--unlabeled needs --unlabeled-ratio above 0 (not {self.unlabeled_ratio}) and "
+                            f"--pseudo-threshold in (0, 1] (not {self.pseudo_threshold})")
         if not 0.0 <= self.max_scale < 1.0:
             raise UserError(f"--max-scale must be in [0, 1), not {self.max_scale}")
         if self.novelty_score == "rotation" and self.rotation_weight <= 0:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from config import NORMALIZATION, TrainConfig
 from core.common import UserError, reports_user_errors
 from loading.cache import derived_rows, update_cache
-from loading.decode import decode_files, decode_image, mapped_tensor
+from loading.decode import decode_files, decode_image, expand_inputs, mapped_tensor
 from loading.layout import Layout, layout_splits
 from loading.near_duplicates import GRID, VARIANTS, StartUpCheck, descriptors, start_up_check
 from loading.synthetic import make_synthetic, write_unknown_set
@@ -414,6 +414,18 @@ def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expe
     train.images, placement = place_images(train.images, device, cfg.data_placement)
     train.labels = train.labels.to(device)
     return train, val, DataSummary(seconds, near, placement)
+
+
+def load_unlabeled(folder: str, size: int, channels: int, cache_dir: str = "", workers: int = 0) -> Split:
+    """Every image file under `folder` (any layout; its labels, if any, ignored: -1 each), decoded through the
+    cache as train is, for --unlabeled."""
+    if not Path(folder).is_dir():
+        raise UserError(f"--unlabeled {folder}: no such folder")
+    paths = [str(p) for p in expand_inputs([folder])]
+    split = load_split(paths, [-1] * len(paths), "unlabeled", size, channels, cache_dir, workers)
+    if not len(split.labels):
+        raise UserError(f"--unlabeled {folder}: none of its {len(paths)} image files could be read")
+    return split
 
 
 # ---------------------------------------------------------------- where training reads its images

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from config import TrainConfig, format_config, parse_config
 from core.common import UserError, pick_amp_dtype, pick_device, reports_user_errors
 from core.plots import plot_history
-from dataset import Split, layout_record, load_training_data
+from dataset import Split, layout_record, load_training_data, load_unlabeled
 from loading.layout import Layout, format_problems, read_layout
 from model import fetch_pretrained, input_normalization
 from prediction.checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_resume_checkpoint,
@@ -64,6 +64,7 @@ class RunData:
     classes: list[str]
     layout: dict
     other: torch.Tensor | None = None
+    unlabeled: Split | None = None
     writer: object = None
 
 
@@ -103,7 +104,12 @@ def read_data(cfg: TrainConfig, device: torch.device, resume_ckpt: dict | None) 
         print(f"other: {found.read} images of no class from {cfg.other} ({found.unreadable} unreadable) and "
               f"{found.generated} generated ones")
         other = found.images
-    return lay, RunData(train, val, lay.classes, record, other)
+    unlabeled = None
+    if cfg.unlabeled:
+        unlabeled = load_unlabeled(cfg.unlabeled, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers)
+        print(f"unlabeled: {len(unlabeled.labels)} images from {cfg.unlabeled} ({len(unlabeled.bad)} unreadable), "
+              f"{cfg.unlabeled_ratio:g} per labelled image in each step")
+    return lay, RunData(train, val, lay.classes, record, other, unlabeled)
 
 
 def start(t: Trainer, cfg: TrainConfig, resume_ckpt: dict | None) -> tuple[Progress, bool]:
@@ -143,7 +149,7 @@ def one_epoch(t: Trainer, cfg: TrainConfig, data: RunData, progress: Progress, e
     """Train an epoch, validate, log, save, and decide: why the run stops after it (None: go on) and the
     time-budget plan."""
     started = time.time()
-    tr = train_one_epoch(t, data.train, cfg, deadline, ctrl_c, data.other)
+    tr = train_one_epoch(t, data.train, cfg, deadline, ctrl_c, data.other, unlabeled=data.unlabeled)
     if tr.pop("interrupted"):
         return Stop.CTRL_C_IN_EPOCH, plan
     train_seconds = time.time() - started

@@ -84,6 +84,19 @@ def mixed_loss(loss_fn, logits: torch.Tensor, labels: torch.Tensor, perm: torch.
     return own * loss_fn(logits, labels) + (1 - own) * loss_fn(logits, labels[perm])
 
 
+def consistency_loss(strong_logits: torch.Tensor, weak_logits: torch.Tensor, threshold: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch's unlabelled loss (Sohn et al., 2020): each weak view's most probable class is the target of its
+    strong view where that probability is at least `threshold`; cross-entropy of the strong views towards their
+    targets, zero for the others, averaged over all of them. Returns (the loss, the mask of images with a target);
+    no gradient flows through the weak views."""
+    probs = torch.softmax(weak_logits.detach().float(), 1)
+    confidence, target = probs.max(1)
+    mask = confidence >= threshold
+    loss = F.cross_entropy(strong_logits.float(), target, reduction="none")
+    return (loss * mask).mean(), mask
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins by image count."""
     if len(labels) == 0:

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import fixed_confusion_matrix
 from core import metrics
-from core.metrics import mixed_loss
+from core.metrics import consistency_loss, mixed_loss
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -87,3 +88,16 @@ def test_mixed_loss_splits_by_the_share_each_image_keeps():
     expected = 0.75 * ce(logits, labels) + 0.25 * ce(logits, torch.tensor([1, 1, 0]))
     assert mixed_loss(ce, logits, labels, perm, 0.75).item() == pytest.approx(expected.item())
     assert mixed_loss(ce, logits, labels, perm, 0.0).item() == pytest.approx(ce(logits, labels[perm]).item())
+
+
+def test_consistency_loss_targets_only_the_weak_views_above_the_threshold():
+    weak = torch.log(torch.tensor([[0.97, 0.03], [0.6, 0.4], [0.02, 0.98], [0.95, 0.05]]))
+    strong = torch.tensor([[0.0, 0.0], [3.0, -3.0], [1.0, -1.0], [2.0, 0.0]], requires_grad=True)
+    loss, mask = consistency_loss(strong, weak, threshold=0.95)
+    assert mask.tolist() == [True, False, True, True]  # 0.6 is below 0.95: no target, no loss
+    expected = (F.cross_entropy(strong[0:1], torch.tensor([0])) + F.cross_entropy(strong[2:3], torch.tensor([1]))
+                + F.cross_entropy(strong[3:4], torch.tensor([0]))) / 4  # averaged over all four
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    assert strong.grad[1].abs().sum() == 0  # the image without a target pulls nothing
+    assert consistency_loss(strong, weak, threshold=1.0)[1].sum() == 0

@@ -635,3 +635,35 @@ def test_the_fp16_loss_scale_survives_a_resume(tmp_path):
     loop.restore(fresh, cfg, load_checkpoint(tmp_path / train.LAST))
     fresh.scaler.scale(torch.ones(()))
     assert fresh.scaler.get_scale() == 65536.0
+
+
+def test_unlabeled_views_are_of_the_same_images():
+    """Black and white unlabelled images: row i of the weak and of the strong view come from one image (the
+    strong view's photometric changes keep a black image dark and a white one light)."""
+    cfg = TrainConfig(image_size=16, width=4, epochs=1)
+    images = torch.zeros(40, 1, 16, 16, dtype=torch.uint8)
+    images[::2] = 255
+    unlabeled = Split(images, torch.full((40,), -1), [f"{i}.png" for i in range(40)])
+    t = loop.build_trainer(cfg, unlabeled, 2, torch.device("cpu"), None, None)
+    weak, strong = loop.unlabeled_views(t, unlabeled, 64, cfg)
+    assert weak.shape == strong.shape == (64, 1, 16, 16)
+    light = weak.mean((1, 2, 3)) > 0
+    assert light.any() and (~light).any() and torch.equal(strong.median(-1).values.median(-1).values[:, 0] > 0,
+                                                            light)
+
+
+@pytest.mark.slow
+def test_unlabeled_images_train_in_the_same_steps_and_never_count_as_labelled(tiny_data, tmp_path):
+    unlabeled = make_synthetic(tmp_path / "u", {"thing": 24}, size=32, seed=7, splits=("train",))
+    assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2", "--unlabeled", str(unlabeled),
+                                 "--pseudo-threshold", "0.5", "--unlabeled-ratio", "2")) == 0
+    ckpt = load_checkpoint(tmp_path / "models" / "last.pth")
+    assert ckpt["config"]["unlabeled"] == str(unlabeled) and ckpt["config"]["unlabeled_ratio"] == 2.0
+    labelled = load_checkpoint(tmp_path / "models" / "last.pth")["history"]
+    assert [h["train_images"] for h in labelled] == [32, 32]  # the labelled images only: 32 in batches of 8
+    assert all(0.0 <= h["pseudo_share"] <= 1.0 for h in labelled)
+    plain = tmp_path / "plain"
+    assert train.main(train_args(tiny_data, plain, "--epochs", "2")) == 0
+    assert "pseudo_share" not in load_checkpoint(plain / "models" / "last.pth")["history"][0]
+    with pytest.raises(common.UserError, match="--unlabeled needs --unlabeled-ratio above 0"):
+        parse_config(["--unlabeled", str(unlabeled), "--unlabeled-ratio", "0"])

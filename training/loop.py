@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from config import TrainConfig
 from core.common import UserError, needs_grad_scaler
-from core.metrics import correct_count, energy_margin_loss, loss_sum, mixed_loss
-from dataset import Split, augment, cutmix, fetch_batch, to_float
+from core.metrics import consistency_loss, correct_count, energy_margin_loss, loss_sum, mixed_loss
+from dataset import Split, augment, cutmix, fetch_batch, strong_augment, to_float
 from model import build_model, input_normalization, unwrap
 from prediction.checkpoint import config_of, resume_state_of, set_rng_state
 from prediction.predict import amp, predict_logits
@@ -144,30 +144,47 @@ def extra_images(t: Trainer, x: torch.Tensor, cfg: TrainConfig, other: torch.Ten
     return turned, turns, others
 
 
+def unlabeled_views(t: Trainer, unlabeled: Split, n: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weak, strong) views of n --unlabeled images drawn at random, row i of both from the same image: training's
+    own augmentation, and dataset.strong_augment."""
+    idx = torch.randint(0, len(unlabeled.labels), (n,), generator=t.generator)
+    mean, std = t.normalization["mean"], t.normalization["std"]
+    base = to_float(fetch_batch(unlabeled.images, idx, t.device), mean, std)
+    weak = augment(base, cfg.flip, cfg.max_rotation, cfg.max_shift, cfg.max_scale, t.generator)
+    return weak, strong_augment(base, mean, std, generator=t.generator)
+
+
 def step_loss(t: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-              other: torch.Tensor | None, mixed: tuple[torch.Tensor | None, float] = (None, 1.0)
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, its classification part, the batch's class logits) of one training step, in one forward pass: the
-    classification loss on x (on a CutMix batch, `mixed` = (perm, own): split by area between y and y[perm]),
-    plus the rotation loss on its turned copies and the energy margins of x and the --other images when those
-    are on (extra_images). The train loss reported is the classification part alone, comparable with runs
-    without them."""
+              other: torch.Tensor | None, mixed: tuple[torch.Tensor | None, float] = (None, 1.0),
+              views: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(loss, its classification part, the batch's class logits, how many unlabelled images got a target) of
+    one training step, in one forward pass: the classification loss on x (on a CutMix batch, `mixed` = (perm,
+    own): split by area between y and y[perm]), plus the rotation loss on its turned copies and the energy
+    margins of x and the --other images when those are on (extra_images), plus the --unlabeled images'
+    consistency loss on their weak and strong `views` (metrics.consistency_loss). The train loss reported is the
+    classification part alone, comparable with runs without them."""
     turned, turns, others = extra_images(t, x, cfg, other)
-    parts = [x] + [p for p in (turned, others) if p is not None]
+    parts = [p for p in (x, turned, others, *(views or ())) if p is not None]
     batch = torch.cat(parts) if len(parts) > 1 else x
     if cfg.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    n = len(x)
+    n, start, confident = len(x), len(x) + (0 if turned is None else len(turned)), 0
     with amp(t.device, t.amp_dtype):
         out = model(batch)
         logits, rot_logits = out if isinstance(out, tuple) else (out, None)
         loss = class_loss = mixed_loss(t.loss_fn, logits[:n].float(), y, *mixed)
         if turned is not None:
-            loss = loss + cfg.rotation_weight * F.cross_entropy(rot_logits[n:n + len(turned)].float(), turns)
+            loss = loss + cfg.rotation_weight * F.cross_entropy(rot_logits[n:start].float(), turns)
         if others is not None:
             loss = loss + cfg.other_weight * energy_margin_loss(logits[:n].float(),
-                                                                logits[len(batch) - len(others):].float())
-    return loss, class_loss.detach(), logits[:n]
+                                                                logits[start:start + len(others)].float())
+        if views is not None:
+            k = len(views[0])
+            u_loss, mask = consistency_loss(logits[len(batch) - k:], logits[len(batch) - 2 * k:len(batch) - k],
+                                            cfg.pseudo_threshold)
+            loss, confident = loss + cfg.unlabeled_weight * u_loss, int(mask.sum())
+    return loss, class_loss.detach(), logits[:n], confident
 
 
 def optimizer_step(t: Trainer, loss: torch.Tensor) -> None:
@@ -216,12 +233,13 @@ def augmented_batch(t: Trainer, data: Split, idx: torch.Tensor, labels: torch.Te
 
 
 def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float = math.inf,
-                    ctrl_c: CtrlC | None = None, other: torch.Tensor | None = None, progress_bar: bool = True
-                    ) -> dict:
-    """One pass over the training images, augmented on whole batches; returns mean loss, accuracy, counts, and
-    'interrupted' when a Ctrl-C (ctrl_c.requested, on any rank) ended it after a step, before its end. `other`:
-    the --other images (step_loss). A NaN/inf step is skipped (its BatchNorm statistics undone); too many stop
-    the run with a UserError."""
+                    ctrl_c: CtrlC | None = None, other: torch.Tensor | None = None, progress_bar: bool = True,
+                    unlabeled: Split | None = None) -> dict:
+    """One pass over the training images, augmented on whole batches; returns mean loss, accuracy (of the
+    labelled images only), counts, and 'interrupted' when a Ctrl-C (ctrl_c.requested, on any rank) ended it
+    after a step, before its end; with `unlabeled` also 'pseudo_share', the share of its images drawn that got
+    a target. `other`: the --other images (step_loss). A NaN/inf step is skipped (its BatchNorm statistics
+    undone); too many stop the run with a UserError."""
     model, device = t.train_model, t.device
     train_mode(model)
     rank, world = rank_world()
@@ -231,13 +249,15 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float =
     # different images; that keeps the permutations in step without passing state between processes.
     bar = tqdm(shard_batches(len(data.labels), cfg.batch_size, t.generator, rank, world), total=t.steps_per_epoch,
                leave=False, desc="train", mininterval=1.0, file=sys.stderr, disable=rank != 0 or not progress_bar)
-    guard, stop = BufferGuard(model), False
+    guard, stop, drawn, confident = BufferGuard(model), False, 0, 0
     for idx in bar:
         t_data = time.perf_counter()
         x, y, mixed = augmented_batch(t, data, idx, labels, cfg)
+        views = (unlabeled_views(t, unlabeled, max(1, round(len(idx) * cfg.unlabeled_ratio)), cfg)
+                 if unlabeled is not None else None)
         data_seconds += time.perf_counter() - t_data  # exact on CPU; CUDA runs it async
         guard.save()
-        loss, class_loss, logits = step_loss(t, model, x, y, cfg, other, mixed)
+        loss, class_loss, logits, sure = step_loss(t, model, x, y, cfg, other, mixed, views)
         # The ranks agree on both in one reduction: skip this step (NaN/inf), and stop after it (Ctrl-C).
         nonfinite, stop = (v > 0 for v in all_reduce_sum(
             [float(not torch.isfinite(loss).item()), float(ctrl_c is not None and ctrl_c.requested)], device))
@@ -250,6 +270,7 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float =
         else:
             optimizer_step(t, loss)
             steps, seen = steps + 1, seen + len(y)
+            drawn, confident = drawn + (0 if views is None else len(views[0])), confident + sure
             total_loss, correct = total_loss + class_loss.item() * len(y), correct + correct_count(logits, y)
             if steps % 10 == 0:
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}")
@@ -257,9 +278,10 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float =
             break
     bar.close()
     interrupted = stop and steps + skipped < t.steps_per_epoch  # stopped on its last step: a whole epoch
-    total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], device)
-    return {"loss": total_loss / max(1, seen), "acc": correct / max(1, seen), "images": int(seen),
-            "skipped_steps": skipped, "data_seconds": data_seconds, "interrupted": interrupted}
+    total_loss, correct, seen, drawn, confident = all_reduce_sum([total_loss, correct, seen, drawn, confident], device)
+    out = {"loss": total_loss / max(1, seen), "acc": correct / max(1, seen), "images": int(seen),
+           "skipped_steps": skipped, "data_seconds": data_seconds, "interrupted": interrupted}
+    return out | ({"pseudo_share": confident / max(1, drawn)} if unlabeled is not None else {})
 
 
 def validate(model: nn.Module, data: Split, device: torch.device, tta: bool = False, channels_last: bool = False,

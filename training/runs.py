@@ -297,6 +297,8 @@ def record_epoch(progress: Progress, epoch: int, tr: dict, ev: dict, lr: float, 
          "data_seconds": round(tr["data_seconds"], 2), "elapsed_seconds": round(time.time() - progress.started, 2)}
     if "top5" in ev:
         h["val_top5"] = ev["top5"]
+    if "pseudo_share" in tr:
+        h["pseudo_share"] = round(tr["pseudo_share"], 4)
     progress.history.append(h)
     return h
 
