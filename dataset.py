@@ -416,15 +416,15 @@ def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expe
     return train, val, DataSummary(seconds, near, placement)
 
 
-def load_unlabeled(folder: str, size: int, channels: int, cache_dir: str = "", workers: int = 0) -> Split:
+def load_folder(folder: str, flag: str, size: int, channels: int, cache_dir: str = "", workers: int = 0) -> Split:
     """Every image file under `folder` (any layout; its labels, if any, ignored: -1 each), decoded through the
-    cache as train is, for --unlabeled."""
+    cache as train is: the folder a flag such as --unlabeled or --other names, which its errors name."""
     if not Path(folder).is_dir():
-        raise UserError(f"--unlabeled {folder}: no such folder")
+        raise UserError(f"{flag} {folder}: no such folder")
     paths = [str(p) for p in expand_inputs([folder])]
-    split = load_split(paths, [-1] * len(paths), "unlabeled", size, channels, cache_dir, workers)
+    split = load_split(paths, [-1] * len(paths), flag.lstrip("-"), size, channels, cache_dir, workers)
     if not len(split.labels):
-        raise UserError(f"--unlabeled {folder}: none of its {len(paths)} image files could be read")
+        raise UserError(f"{flag} {folder}: none of its {len(paths)} image files could be read")
     return split
 
 

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from config import TrainConfig, format_config, parse_config
 from core.common import UserError, pick_amp_dtype, pick_device, reports_user_errors
 from core.plots import plot_history
-from dataset import Split, layout_record, load_training_data, load_unlabeled
+from dataset import Split, layout_record, load_folder, load_training_data
 from loading.layout import Layout, format_problems, read_layout
 from model import fetch_pretrained, input_normalization
 from prediction.checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_resume_checkpoint,
@@ -106,7 +106,8 @@ def read_data(cfg: TrainConfig, device: torch.device, resume_ckpt: dict | None) 
         other = found.images
     unlabeled = None
     if cfg.unlabeled:
-        unlabeled = load_unlabeled(cfg.unlabeled, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.workers)
+        unlabeled = load_folder(cfg.unlabeled, "--unlabeled", cfg.image_size, cfg.channels, cfg.cache_dir,
+                                cfg.workers)
         print(f"unlabeled: {len(unlabeled.labels)} images from {cfg.unlabeled} ({len(unlabeled.bad)} unreadable), "
               f"{cfg.unlabeled_ratio:g} per labelled image in each step")
     return lay, RunData(train, val, lay.classes, record, other, unlabeled)

@@ -12,14 +12,12 @@ Usage (from train.py):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from core.common import UserError
-from dataset import batch_flip_lr, load_split, random_crops, rotate_quarters, scale_shift_grid, to_float
-from loading.decode import expand_inputs, preprocess
+from dataset import batch_flip_lr, load_folder, random_crops, rotate_quarters, scale_shift_grid, to_float
+from loading.decode import preprocess
 from loading.synthetic import make_unknown_images
 
 
@@ -38,12 +36,7 @@ def load_other_images(folder: str, side: int, channels: int, cache_dir: str, wor
     """Every image file under `folder` (any layout) and `synthetic` generated far-away ones
     (loading/synthetic.py), uint8 at `side` pixels (twice the training side: each step takes random crops of
     them), on the device. They are few (a class's worth), so they are held in memory."""
-    if not Path(folder).is_dir():
-        raise UserError(f"--other {folder}: no such folder")
-    paths = [str(p) for p in expand_inputs([folder])]
-    other = load_split(paths, [0] * len(paths), "other", side, channels, cache_dir, workers)
-    if not len(other.labels):
-        raise UserError(f"--other {folder}: none of its {len(paths)} image files could be read")
+    other = load_folder(folder, "--other", side, channels, cache_dir, workers)
     drawn = [torch.from_numpy(preprocess(img, side, channels))
              for _, img in make_unknown_images(synthetic, side, seed=seed)]
     images = torch.cat([other.images[torch.arange(len(other.labels))], *([torch.stack(drawn)] if drawn else [])])
