@@ -254,7 +254,8 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
         print(f"pretrained: {cfg.weights or 'torchvision ImageNet weights'}, normalization "
               f"{input_normalization(True, cfg.channels)}")
     lay, data = read_data(cfg, device, resume_ckpt)
-    t = build_trainer(cfg, data.train, len(lay.classes), device, amp_dtype, pretrained_state)
+    t = build_trainer(cfg, data.train, len(lay.classes), device, amp_dtype, pretrained_state,
+                      n_unlabeled=0 if data.unlabeled is None else len(data.unlabeled.labels))
     progress, frozen = start(t, cfg, resume_ckpt)
     if cfg.find_label_errors:
         if rank_world()[1] > 1:

@@ -1,4 +1,5 @@
 """train.py: checkpoints, logs and curves of a run, resume, EMA, schedules, fine-tuning, calibration."""
+import dataclasses
 import json
 import math
 
@@ -19,6 +20,7 @@ from model import SmallResNet, adapt_state_dict, build_model
 from prediction.checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
 from prediction.predict import predict_logits
 from training import loop, optimization, runs
+from training.distributed import shard_batches
 from training.runs import Progress, read_results, read_summary
 
 
@@ -645,8 +647,8 @@ def test_unlabeled_views_are_of_the_same_images():
     images[::2] = 255
     unlabeled = Split(images, torch.full((40,), -1), [f"{i}.png" for i in range(40)])
     t = loop.build_trainer(cfg, unlabeled, 2, torch.device("cpu"), None, None)
-    weak, strong = loop.unlabeled_views(t, unlabeled, 64, cfg)
-    assert weak.shape == strong.shape == (64, 1, 16, 16)
+    weak, strong = loop.unlabeled_views(t, unlabeled, torch.randperm(40)[:32], cfg)
+    assert weak.shape == strong.shape == (32, 1, 16, 16)
     light = weak.mean((1, 2, 3)) > 0
     assert light.any() and (~light).any() and torch.equal(strong.median(-1).values.median(-1).values[:, 0] > 0,
                                                             light)
@@ -667,3 +669,25 @@ def test_unlabeled_images_train_in_the_same_steps_and_never_count_as_labelled(ti
     assert "pseudo_share" not in load_checkpoint(plain / "models" / "last.pth")["history"][0]
     with pytest.raises(common.UserError, match="--unlabeled needs --unlabeled-ratio above 0"):
         parse_config(["--unlabeled", str(unlabeled), "--unlabeled-ratio", "0"])
+
+
+def test_an_epoch_with_unlabeled_images_is_one_pass_over_them_while_the_labelled_batches_cycle():
+    cfg = TrainConfig(image_size=16, width=4, batch_size=8, unlabeled="u", unlabeled_ratio=2.0)
+    labelled = Split(torch.zeros(20, 1, 16, 16, dtype=torch.uint8), torch.zeros(20, dtype=torch.long),
+                     [f"{i}.png" for i in range(20)])
+    t = loop.build_trainer(cfg, labelled, 2, torch.device("cpu"), None, None, n_unlabeled=100)
+    assert t.steps_per_epoch == 6  # 100 unlabelled images, 16 a step (2 per labelled image), the last 4 dropped
+    pairs = list(loop.epoch_batches(t, 20, 100, cfg))
+    assert len(pairs) == 6 and all(len(idx) == 8 and len(u) == 16 for idx, u in pairs)
+    seen = torch.cat([u for _, u in pairs])
+    assert len(seen.unique()) == 96 and int(seen.max()) < 100  # each unlabelled image at most once an epoch
+    first_pass = torch.cat([idx for idx, _ in pairs[:2]])
+    assert len(first_pass.unique()) == 16 and int(torch.cat([idx for idx, _ in pairs]).max()) < 20
+    # without unlabelled images, an epoch is exactly one pass over the labelled ones, as before
+    plain = loop.build_trainer(dataclasses.replace(cfg, unlabeled=""), labelled, 2, torch.device("cpu"), None, None)
+    torch.manual_seed(0)
+    plain.generator.manual_seed(3)
+    got = [idx for idx, u in loop.epoch_batches(plain, 20, 0, cfg)]
+    want = list(shard_batches(20, 8, torch.Generator().manual_seed(3)))
+    assert plain.steps_per_epoch == 2 and len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert loop.unlabeled_batch_size(5, cfg) == 5  # a folder smaller than a step's share: all of it each step

@@ -75,9 +75,43 @@ class Stop(enum.Enum):
     CTRL_C_TWICE = "ctrl_c_twice"        # a second Ctrl-C stopped it at once
 
 
+def unlabeled_batch_size(n_unlabeled: int, cfg: TrainConfig, world: int = 1) -> int:
+    """--unlabeled images in each step of each process: --unlabeled-ratio per labelled image of the batch, at
+    most what one process's share of the folder holds."""
+    return max(1, min(round(cfg.batch_size * cfg.unlabeled_ratio), n_unlabeled // world))
+
+
+def epoch_steps(n: int, n_unlabeled: int, cfg: TrainConfig, world: int = 1) -> int:
+    """Steps in an epoch of each process: one pass over the n training images, or, with --unlabeled images, over
+    whichever of the two takes more steps (the other's batches cycle through further passes)."""
+    steps = max(1, n // world // cfg.batch_size)
+    if n_unlabeled:
+        steps = max(steps, n_unlabeled // world // unlabeled_batch_size(n_unlabeled, cfg, world))
+    return steps
+
+
+def _passes(n: int, batch_size: int, generator: torch.Generator, rank: int, world: int):
+    """This rank's index batches of pass after pass over n images, each pass in a fresh order."""
+    while True:
+        yield from shard_batches(n, batch_size, generator, rank, world)
+
+
+def epoch_batches(t: Trainer, n: int, n_unlabeled: int, cfg: TrainConfig):
+    """(labelled, unlabelled or None) index batches of this rank's t.steps_per_epoch steps. Without --unlabeled
+    images these are exactly one pass over the training images (distributed.shard_batches); with them, each
+    step also takes the next unlabeled_batch_size indices of passes over those, every rank its own share."""
+    rank, world = rank_world()
+    labelled = _passes(n, cfg.batch_size, t.generator, rank, world)
+    u_size = unlabeled_batch_size(n_unlabeled, cfg, world) if n_unlabeled else 0
+    unlabelled = _passes(n_unlabeled, u_size, t.generator, rank, world) if n_unlabeled else None
+    for _ in range(t.steps_per_epoch):
+        yield next(labelled), None if unlabelled is None else next(unlabelled)
+
+
 def build_trainer(cfg: TrainConfig, train: Split, num_classes: int, device: torch.device,
-                  amp_dtype: torch.dtype | None, pretrained_state: dict | None) -> Trainer:
-    """The model, its moving average, loss, optimizer and learning-rate schedule."""
+                  amp_dtype: torch.dtype | None, pretrained_state: dict | None, n_unlabeled: int = 0) -> Trainer:
+    """The model, its moving average, loss, optimizer and learning-rate schedule; `n_unlabeled`: how many
+    --unlabeled images there are, which sets an epoch's steps (epoch_steps)."""
     model = build_model(cfg.arch, num_classes, cfg.channels, cfg.width, cfg.image_size, blocks=cfg.blocks,
                         pretrained_state=pretrained_state, rotation_head=cfg.rotation_weight > 0).to(device)
     if cfg.channels_last:
@@ -86,7 +120,7 @@ def build_trainer(cfg: TrainConfig, train: Split, num_classes: int, device: torc
     loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
                                   label_smoothing=cfg.label_smoothing)
     optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = max(1, len(train.paths) // rank_world()[1] // cfg.batch_size)
+    steps_per_epoch = epoch_steps(len(train.paths), n_unlabeled, cfg, rank_world()[1])
     warmup_steps, total_steps = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
     phase1_steps = min(cfg.freeze_epochs, cfg.epochs) * steps_per_epoch
     schedule = LRSchedule(warmup_steps, phase1_steps, total_steps)
@@ -144,10 +178,10 @@ def extra_images(t: Trainer, x: torch.Tensor, cfg: TrainConfig, other: torch.Ten
     return turned, turns, others
 
 
-def unlabeled_views(t: Trainer, unlabeled: Split, n: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weak, strong) views of n --unlabeled images drawn at random, row i of both from the same image: training's
-    own augmentation, and dataset.strong_augment."""
-    idx = torch.randint(0, len(unlabeled.labels), (n,), generator=t.generator)
+def unlabeled_views(t: Trainer, unlabeled: Split, idx: torch.Tensor, cfg: TrainConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weak, strong) views of the --unlabeled images at idx, row i of both from the same image: training's own
+    augmentation, and dataset.strong_augment."""
     mean, std = t.normalization["mean"], t.normalization["std"]
     base = to_float(fetch_batch(unlabeled.images, idx, t.device), mean, std)
     weak = augment(base, cfg.flip, cfg.max_rotation, cfg.max_shift, cfg.max_scale, t.generator)
@@ -235,7 +269,8 @@ def augmented_batch(t: Trainer, data: Split, idx: torch.Tensor, labels: torch.Te
 def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float = math.inf,
                     ctrl_c: CtrlC | None = None, other: torch.Tensor | None = None, progress_bar: bool = True,
                     unlabeled: Split | None = None) -> dict:
-    """One pass over the training images, augmented on whole batches; returns mean loss, accuracy (of the
+    """One epoch (epoch_batches: a pass over the training images, or over the --unlabeled ones), augmented on
+    whole batches; returns mean loss, accuracy (of the
     labelled images only), counts, and 'interrupted' when a Ctrl-C (ctrl_c.requested, on any rank) ended it
     after a step, before its end; with `unlabeled` also 'pseudo_share', the share of its images drawn that got
     a target. `other`: the --other images (step_loss). A NaN/inf step is skipped (its BatchNorm statistics
@@ -247,14 +282,14 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float =
     total_loss = correct = seen = skipped = steps = data_seconds = 0
     # Under torchrun the ranks share one generator state, so augmentation draws repeat across ranks, each on
     # different images; that keeps the permutations in step without passing state between processes.
-    bar = tqdm(shard_batches(len(data.labels), cfg.batch_size, t.generator, rank, world), total=t.steps_per_epoch,
-               leave=False, desc="train", mininterval=1.0, file=sys.stderr, disable=rank != 0 or not progress_bar)
+    n_unlabeled = 0 if unlabeled is None else len(unlabeled.labels)
+    bar = tqdm(epoch_batches(t, len(data.labels), n_unlabeled, cfg), total=t.steps_per_epoch, leave=False,
+               desc="train", mininterval=1.0, file=sys.stderr, disable=rank != 0 or not progress_bar)
     guard, stop, drawn, confident = BufferGuard(model), False, 0, 0
-    for idx in bar:
+    for idx, u_idx in bar:
         t_data = time.perf_counter()
         x, y, mixed = augmented_batch(t, data, idx, labels, cfg)
-        views = (unlabeled_views(t, unlabeled, max(1, round(len(idx) * cfg.unlabeled_ratio)), cfg)
-                 if unlabeled is not None else None)
+        views = None if u_idx is None else unlabeled_views(t, unlabeled, u_idx, cfg)
         data_seconds += time.perf_counter() - t_data  # exact on CPU; CUDA runs it async
         guard.save()
         loss, class_loss, logits, sure = step_loss(t, model, x, y, cfg, other, mixed, views)
