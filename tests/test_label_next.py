@@ -1,0 +1,88 @@
+"""Which photos to label next (quality/label_next.py, check_data.py --label-next): uncertain first, spread over
+the features, written as a CSV and a gallery, copied on request and never moved."""
+import csv
+import hashlib
+import math
+
+import pytest
+import torch
+
+import check_data
+from loading.synthetic import make_synthetic
+from quality.label_next import LABEL_NEXT_CSV, LABEL_NEXT_PNG, copy_picks, farthest_first, margins, rank_to_label
+
+
+def test_margin_is_the_gap_between_the_two_most_probable_classes():
+    probs = torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.7, 0.2], [1.0, 0.0, 0.0]])
+    assert torch.allclose(margins(probs), torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_the_ranking_prefers_uncertain_images():
+    probs = torch.tensor([[0.99, 0.01], [0.52, 0.48], [0.9, 0.1], [0.45, 0.55], [0.7, 0.3], [0.5, 0.5]])
+    picks = rank_to_label(torch.randn(6, 4), probs, n=3, pool_factor=1)
+    assert sorted(p.index for p in picks) == [1, 3, 5]
+    assert picks[0].index == 5 and picks[0].margin == 0.0 and math.isinf(picks[0].distance)
+    assert {p.index: (p.suggested, p.runner_up) for p in picks}[3] == (1, 0)
+
+
+def test_the_ranking_spreads_over_the_features_instead_of_taking_near_copies_of_one_hard_image():
+    # ten near-copies of one very uncertain image, and four distinct images a little less uncertain
+    copies = torch.tensor([1.0, 0.0, 0.0]) + 0.001 * torch.randn(10, 3)
+    others = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    features = torch.cat([copies, others])
+    probs = torch.tensor([[0.5, 0.5]] * 10 + [[0.6, 0.4]] * 4)
+    picks = rank_to_label(features, probs, n=4, pool_factor=4)
+    assert sum(p.index < 10 for p in picks) == 1 and sum(p.index >= 10 for p in picks) == 3
+    # by uncertainty alone the four picks would all be copies
+    assert all(p.index < 10 for p in rank_to_label(features, probs, n=4, pool_factor=1))
+
+
+def test_farthest_first_gaps_never_grow():
+    order, gaps = farthest_first(torch.randn(200, 8), 30)
+    assert len(set(order)) == 30 and math.isinf(gaps[0])
+    assert all(a >= b for a, b in zip(gaps[1:], gaps[2:]))
+
+
+def test_copies_get_new_names_and_the_originals_stay(tmp_path):
+    src = tmp_path / "photos"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "x.png").write_bytes(b"one")
+    (src / "b" / "x.png").write_bytes(b"two")
+    picks = rank_to_label(torch.randn(2, 3), torch.tensor([[0.5, 0.5], [0.6, 0.4]]), n=2)
+    copied = copy_picks(picks, [str(src / "a" / "x.png"), str(src / "b" / "x.png")], tmp_path / "to_label")
+    assert sorted(p.name for p in copied) == ["x-2.png", "x.png"]
+    assert sorted(p.read_bytes() for p in copied) == [b"one", b"two"]
+    assert (src / "a" / "x.png").read_bytes() == b"one" and (src / "b" / "x.png").read_bytes() == b"two"
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): hashlib.sha1(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_check_data_label_next_writes_csv_and_gallery_and_copies_without_changing_the_folder(trained, tmp_path,
+                                                                                             capsys):
+    photos = make_synthetic(tmp_path / "photos", {"cat": 6, "dog": 6}, size=40, seed=9, splits=("train",))
+    before = _snapshot(photos)
+    out, dest = tmp_path / "curves", tmp_path / "to_label"
+    assert check_data.main([str(photos), "--label-next", "5", "--checkpoint", str(trained["checkpoint"]),
+                            "--out-dir", str(out), "--move-to", str(dest), "--workers", "0"]) == 0
+    assert _snapshot(photos) == before
+    with open(out / LABEL_NEXT_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4", "5"]
+    assert all((photos / r["path"]).is_file() and r["suggested"] in ("cat", "dog") for r in rows)
+    assert len({r["path"] for r in rows}) == 5 and rows[0]["why"].startswith("uncertain: ")
+    assert (out / LABEL_NEXT_PNG).stat().st_size > 0
+    assert sorted(p.name for p in dest.iterdir()) == sorted(r["path"].split("/")[-1] for r in rows)
+    printed = capsys.readouterr().out
+    assert "12 photos in" in printed and f"copied 5 photos to {dest}" in printed
+
+
+def test_label_next_errors(trained, tmp_path, capsys):
+    assert check_data.main([str(tmp_path / "none"), "--label-next", "3", "--checkpoint",
+                            str(trained["checkpoint"])]) == 2
+    assert f"--label-next {tmp_path / 'none'}: no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        check_data.main([str(tmp_path), "--move-to", str(tmp_path / "x")])
+    assert "--move-to copies the photos --label-next N picks" in capsys.readouterr().err
