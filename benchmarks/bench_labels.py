@@ -1,0 +1,228 @@
+"""Few labels, many photos, measured on real photos: training with an unlabeled folder, and which photos to label
+next.
+
+Usage:
+    python -m benchmarks.bench_labels semi --data ../shared/data/catdog --per-class 500 --time-budget 1800
+    python -m benchmarks.bench_labels semi --data DATA --per-class 500 --tune 1000 --skip-supervised -- --pseudo-threshold 0.8
+    python -m benchmarks.bench_labels label-next --data ../shared/data/catdog --per-class 100 --add 800 --seeds 0 1
+
+`semi`: --per-class train photos of each class (stratified, --seed) keep their labels; the rest of train becomes
+the unlabeled folder (links named by number: no labels, no class names). train.py runs on the labelled photos
+alone and with --unlabeled, with the same flags (those after --) and --time-budget, and the val accuracy of
+both is measured on DATA's val. With --tune N, N of the would-be unlabeled photos (stratified) keep their labels
+and are the val instead, and DATA's val is never read: the way to choose flags without looking at the photos
+the figures are reported on.
+
+`label-next`: for each seed, a model trained on --per-class photos of each class ranks the rest of train
+(check_data.py --label-next); the labelled photos plus the --add photos it picks, with their true labels, and
+plus --add photos picked at random train one model each, the same way; the val accuracy of each and the means
+over the seeds.
+
+Both print JSON, or with --markdown a table with the command, commit, date and machine.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench import train_config, training_flags
+from config import TrainConfig
+from core.common import markdown_source, markdown_table, provenance, reports_user_errors, run_script, split_at_dashes
+from loading.layout import layout_splits, read_layout
+from training.runs import read_summary
+
+
+def stratified(labels: list[str], per_class: int, generator: torch.Generator) -> list[int]:
+    """`per_class` indices of each class of `labels` (all of a class that has fewer), drawn at random."""
+    picked = []
+    for c in sorted(set(labels)):
+        members = [i for i, label in enumerate(labels) if label == c]
+        order = torch.randperm(len(members), generator=generator)[:per_class]
+        picked += [members[i] for i in order.tolist()]
+    return sorted(picked)
+
+
+def link_labelled(items: list[tuple[str, str]], folder: Path) -> None:
+    """Links to the (path, class) items in class folders under `folder`."""
+    for path, c in items:
+        dest = folder / c / Path(path).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.symlink_to(path)
+
+
+def link_unlabelled(items: list[tuple[str, str]], folder: Path) -> dict[str, str]:
+    """Links to the items' files in one folder, named by number (no label shows); returns link name -> class."""
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for i, (path, c) in enumerate(items):
+        name = f"{i:05d}{Path(path).suffix.lower()}"
+        (folder / name).symlink_to(path)
+        truth[name] = c
+    return truth
+
+
+def split_train(data: str, cfg: TrainConfig, per_class: int, tune: int, seed: int
+                ) -> tuple[list, list, list]:
+    """(labelled, unlabelled, val) (path, class) items: per_class of each class of DATA's train, the rest of
+    train, and DATA's val, or with `tune`, that many of the rest (stratified) as val instead."""
+    splits = layout_splits(read_layout(data, **cfg.layout_settings()))
+    train, generator = splits["train"], torch.Generator().manual_seed(seed)
+    keep = set(stratified([c for _, c in train], per_class, generator))
+    labelled = [item for i, item in enumerate(train) if i in keep]
+    rest = [item for i, item in enumerate(train) if i not in keep]
+    if not tune:
+        return labelled, rest, splits["val"]
+    n_classes = len({c for _, c in rest})
+    held = set(stratified([c for _, c in rest], max(1, tune // n_classes), generator))
+    return labelled, [it for i, it in enumerate(rest) if i not in held], [it for i, it in enumerate(rest) if i in held]
+
+
+def train_run(cfg: TrainConfig, scratch: Path, **changes) -> dict:
+    """train.py with cfg's settings and `changes`, in a process of its own; its summary."""
+    run_cfg = TrainConfig.from_dict({**cfg.to_dict(), **changes})
+    flags, name = training_flags(run_cfg, scratch)
+    run_script("train.py", flags, stdout=sys.__stderr__)  # our stdout: the result only
+    return read_summary(run_cfg.log_dir, name)
+
+
+def run_row(summary: dict) -> dict:
+    """A run's figures: best val accuracy, its epoch, epochs run, seconds, and the last pseudo-label share."""
+    last = summary["history"][-1]
+    return {"best_val_acc": round(summary["best_val_acc"], 4), "best_epoch": summary["best_epoch"],
+            "epochs": len(summary["history"]), "train_seconds": round(last["train_seconds"], 1),
+            **({"pseudo_share_last_epoch": last["pseudo_share"]} if "pseudo_share" in last else {})}
+
+
+def semi_main(argv: list[str]) -> int:
+    """`semi`: train.py on --per-class labelled photos alone and with the rest as --unlabeled."""
+    parser = argparse.ArgumentParser(prog="bench_labels.py semi")
+    parser.add_argument("--data", required=True, metavar="PATH/TO/DATA")
+    parser.add_argument("--per-class", type=int, default=500, help="labelled train photos kept of each class")
+    parser.add_argument("--time-budget", type=float, default=1800.0, help="each run's train.py --time-budget")
+    parser.add_argument("--epochs", type=int, default=1000, help="each run's train.py --epochs (the budget ends "
+                        "the run sooner: both use the whole budget)")
+    parser.add_argument("--tune", type=int, default=0, metavar="N", help="measure on N of the would-be unlabeled "
+                        "photos instead of DATA's val")
+    parser.add_argument("--seed", type=int, default=0, help="which photos keep their labels")
+    parser.add_argument("--skip-supervised", action="store_true")
+    parser.add_argument("--work-dir", default="", help="keep the links, cache and runs here")
+    parser.add_argument("--markdown", action="store_true")
+    ours, train_flags = split_at_dashes(argv)
+    args = parser.parse_args(ours)
+    source = provenance("benchmarks.bench_labels", ["semi", *argv])
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.work_dir or scratch)
+        cfg = train_config(train_flags, time_budget=args.time_budget, epochs=args.epochs,
+                           cache_dir=str(work / "cache"), out_dir=str(work / "models"), log_dir=str(work / "logs"),
+                           curves_dir=str(work / "curves"))
+        labelled, rest, val = split_train(args.data, cfg, args.per_class, args.tune, args.seed)
+        link_labelled(labelled, work / "labelled" / "train")
+        link_labelled(val, work / "labelled" / "val")
+        link_unlabelled(rest, work / "unlabeled")
+        result = {**source, "data": args.data, "labelled": len(labelled), "unlabeled": len(rest), "val": len(val),
+                  "val_from": "train (--tune)" if args.tune else "val"}
+        base = dict(data=str(work / "labelled"), val_fraction=0.0)
+        if not args.skip_supervised:
+            result["supervised"] = run_row(train_run(cfg, work, **base, run_name="supervised"))
+        result["semi_supervised"] = run_row(train_run(cfg, work, **base, unlabeled=str(work / "unlabeled"),
+                                                      run_name="semi"))
+    print(semi_markdown(result) if args.markdown else json.dumps(result, indent=2))
+    return 0
+
+
+def semi_markdown(result: dict) -> str:
+    rows = [[name, f"{r['best_val_acc']:.2%}", r["best_epoch"], r["epochs"], f"{r['train_seconds']:.0f}",
+             f"{r['pseudo_share_last_epoch']:.0%}" if "pseudo_share_last_epoch" in r else "-"]
+            for name, r in (("supervised, labelled only", result.get("supervised")),
+                            ("semi-supervised, + unlabeled", result["semi_supervised"])) if r]
+    head = (f"{result['labelled']} labelled train photos, {result['unlabeled']} unlabeled, val: {result['val']} "
+            f"photos of {result['val_from']}")
+    return "\n\n".join([head, markdown_table(["run", "best val acc", "best epoch", "epochs", "train s",
+                                              "pseudo-labelled share, last epoch"], rows), markdown_source(result)])
+
+
+def arm_folder(work: Path, labelled: list, added: list, val: list) -> Path:
+    """A train/val folder of links: the labelled items plus `added`, each in its class's folder, and val."""
+    link_labelled(labelled + added, work / "train")
+    link_labelled(val, work / "val")
+    return work
+
+
+def label_next_seed(args, cfg: TrainConfig, seed: int, work: Path) -> dict:
+    """One seed of `label-next`: the seed model, its picks, and the val accuracy of the ranked and random arms."""
+    labelled, rest, val = split_train(args.data, cfg, args.per_class, args.tune, seed)
+    truth = link_unlabelled(rest, work / "pool")
+    by_name = {name: item for name, item in zip(truth, rest)}
+    seed_run = train_run(cfg, work, data=str(arm_folder(work / "seed", labelled, [], val)), val_fraction=0.0,
+                         seed=seed, run_name=f"seed{seed}", out_dir=str(work / "seed_models"))
+    run_script("check_data.py", [str(work / "pool"), "--label-next", str(args.add), "--checkpoint",
+                                 seed_run["checkpoint"], "--out-dir", str(work / "picks")], stdout=sys.__stderr__)
+    with open(work / "picks" / "label_next.csv", newline="") as f:
+        ranked = [by_name[row["path"]] for row in csv.DictReader(f)]
+    shuffled = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:args.add]
+    row = {"seed": seed, "seed_val_acc": round(seed_run["best_val_acc"], 4)}
+    for arm, added in (("ranked", ranked), ("random", [rest[i] for i in shuffled.tolist()])):
+        row[f"{arm}_picked_per_class"] = {c: sum(1 for _, k in added if k == c) for c in sorted({k for _, k in rest})}
+        run = train_run(cfg, work, data=str(arm_folder(work / arm, labelled, added, val)), val_fraction=0.0,
+                        seed=seed, run_name=f"{arm}{seed}", out_dir=str(work / f"{arm}_models"))
+        row[f"{arm}_val_acc"] = round(run["best_val_acc"], 4)
+    return row
+
+
+def label_next_main(argv: list[str]) -> int:
+    """`label-next`: the ranking's picks against random picks, each added to a small labelled seed."""
+    parser = argparse.ArgumentParser(prog="bench_labels.py label-next")
+    parser.add_argument("--data", required=True, metavar="PATH/TO/DATA")
+    parser.add_argument("--per-class", type=int, default=100, help="labelled seed photos of each class")
+    parser.add_argument("--add", type=int, default=800, help="photos the ranking (or chance) adds to the seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="which photos are the seed, and the "
+                        "runs' seeds")
+    parser.add_argument("--tune", type=int, default=0, metavar="N", help="measure on N of the would-be pool's "
+                        "photos instead of DATA's val")
+    parser.add_argument("--work-dir", default="", help="keep the links, cache and runs here")
+    parser.add_argument("--markdown", action="store_true")
+    ours, train_flags = split_at_dashes(argv)
+    args = parser.parse_args(ours)
+    source = provenance("benchmarks.bench_labels", ["label-next", *argv])
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.work_dir or scratch)
+        cfg = train_config(train_flags, cache_dir=str(work / "cache"), log_dir=str(work / "logs"),
+                           curves_dir=str(work / "curves"))
+        rows = [label_next_seed(args, cfg, seed, work / f"seed{seed}") for seed in args.seeds]
+    mean = {arm: round(sum(r[f"{arm}_val_acc"] for r in rows) / len(rows), 4) for arm in ("ranked", "random")}
+    result = {**source, "data": args.data, "per_class": args.per_class, "added": args.add,
+              "val_from": "train (--tune)" if args.tune else "val", "seeds": rows, "mean_val_acc": mean,
+              "ranked_minus_random_points": round(100 * (mean["ranked"] - mean["random"]), 2)}
+    print(label_next_markdown(result) if args.markdown else json.dumps(result, indent=2))
+    return 0
+
+
+def label_next_markdown(result: dict) -> str:
+    rows = [[r["seed"], f"{r['seed_val_acc']:.2%}", f"{r['ranked_val_acc']:.2%}", f"{r['random_val_acc']:.2%}",
+             " / ".join(map(str, r["ranked_picked_per_class"].values()))] for r in result["seeds"]]
+    mean = result["mean_val_acc"]
+    rows.append(["mean", "", f"{mean['ranked']:.2%}", f"{mean['random']:.2%}", ""])
+    head = (f"{result['per_class']} labelled photos per class as the seed, +{result['added']} picked; val: photos "
+            f"of {result['val_from']}; ranked minus random: {result['ranked_minus_random_points']:+.2f} points")
+    return "\n\n".join([head, markdown_table(["seed", "seed model", "seed + ranked", "seed + random",
+                                              "ranked picks per class"], rows), markdown_source(result)])
+
+
+@reports_user_errors
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["semi"]:
+        return semi_main(argv[1:])
+    if argv[:1] == ["label-next"]:
+        return label_next_main(argv[1:])
+    raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
