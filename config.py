@@ -107,12 +107,13 @@ class TrainConfig:
                                "things seen from afar as well as close up")
     # images without labels
     unlabeled: str = _f("", "folder of images without labels (any layout; labels in it are ignored): each step also "
-                            "trains the strongly augmented view of some of them towards the class the model gives "
-                            "their weakly augmented view, where it is confident (FixMatch); accuracy stays on "
-                            "labelled val")
+                            "trains the strongly augmented view of some of them towards the class the evaluated "
+                            "model gives their weakly augmented view, where it is confident (FixMatch); an epoch "
+                            "is a pass over them; accuracy stays on labelled val")
     unlabeled_ratio: float = _f(1.0, "--unlabeled images in each step, per labelled image of the batch")
-    pseudo_threshold: float = _f(0.95, "--unlabeled: the confidence above which a weak view's class becomes the "
-                                       "strong view's target")
+    pseudo_threshold: float = _f(0.8, "--unlabeled: the confidence above which a weak view's class becomes the "
+                                      "strong view's target (label smoothing keeps confidences near 1 - "
+                                      "smoothing x (classes - 1) / classes at most: 0.95 for two classes)")
     unlabeled_weight: float = _f(1.0, "weight of the --unlabeled images' loss")
     accept_rate: float = _f(0.95, "share of known (val) images the stored novelty threshold accepts")
     novelty_max_images: int = _f(20_000, "fit the novelty score on a stratified sample of this many train images "

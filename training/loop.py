@@ -188,6 +188,21 @@ def unlabeled_views(t: Trainer, unlabeled: Split, idx: torch.Tensor, cfg: TrainC
     return weak, strong_augment(base, mean, std, generator=t.generator)
 
 
+def teacher_logits(t: Trainer, weak: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The class logits of the --unlabeled images' weak views by the model evaluated (the moving average, where
+    there is one) in eval mode, without gradients: steadier pseudo-labels than the model in training gives, and
+    a forward pass that trains nothing costs no backward pass."""
+    teacher = t.eval_model
+    teacher.eval()
+    if cfg.channels_last:
+        weak = weak.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), amp(t.device, t.amp_dtype):
+        out = teacher(weak)
+    if teacher is t.model:  # no moving average: the model in training, back to training mode
+        train_mode(t.model)
+    return (out[0] if isinstance(out, tuple) else out).float()
+
+
 def step_loss(t: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
               other: torch.Tensor | None, mixed: tuple[torch.Tensor | None, float] = (None, 1.0),
               views: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -196,10 +211,12 @@ def step_loss(t: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cf
     one training step, in one forward pass: the classification loss on x (on a CutMix batch, `mixed` = (perm,
     own): split by area between y and y[perm]), plus the rotation loss on its turned copies and the energy
     margins of x and the --other images when those are on (extra_images), plus the --unlabeled images'
-    consistency loss on their weak and strong `views` (metrics.consistency_loss). The train loss reported is the
-    classification part alone, comparable with runs without them."""
+    consistency loss (metrics.consistency_loss): their strong views, in the same pass, trained towards the class
+    the evaluated model gives their weak views (teacher_logits). The train loss reported is the classification
+    part alone, comparable with runs without them."""
     turned, turns, others = extra_images(t, x, cfg, other)
-    parts = [p for p in (x, turned, others, *(views or ())) if p is not None]
+    targets = None if views is None else teacher_logits(t, views[0], cfg)
+    parts = [p for p in (x, turned, others, None if views is None else views[1]) if p is not None]
     batch = torch.cat(parts) if len(parts) > 1 else x
     if cfg.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
@@ -213,10 +230,8 @@ def step_loss(t: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cf
         if others is not None:
             loss = loss + cfg.other_weight * energy_margin_loss(logits[:n].float(),
                                                                 logits[start:start + len(others)].float())
-        if views is not None:
-            k = len(views[0])
-            u_loss, mask = consistency_loss(logits[len(batch) - k:], logits[len(batch) - 2 * k:len(batch) - k],
-                                            cfg.pseudo_threshold)
+        if targets is not None:
+            u_loss, mask = consistency_loss(logits[len(batch) - len(targets):], targets, cfg.pseudo_threshold)
             loss, confident = loss + cfg.unlabeled_weight * u_loss, int(mask.sum())
     return loss, class_loss.detach(), logits[:n], confident
 
