@@ -43,7 +43,7 @@ def test_unlabelled_links_hide_the_labels(tmp_path):
 @pytest.mark.slow
 def test_both_commands_run_end_to_end_on_a_toy_set(tmp_path, capsys):
     data = make_synthetic(tmp_path / "d", 16, size=32, seed=1)
-    assert bench_labels.main(["semi", "--data", str(data), "--per-class", "4", "--time-budget", "60",
+    assert bench_labels.main(["semi", "--data", str(data), "--per-class", "4", "--time-budget", "3600",
                               "--epochs", "2", *TOY[:1], *TOY[3:]]) == 0
     semi = json.loads(capsys.readouterr().out)
     assert (semi["labelled"], semi["unlabeled"], semi["val_from"]) == (8, 24, "val")

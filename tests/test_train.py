@@ -691,3 +691,19 @@ def test_an_epoch_with_unlabeled_images_is_one_pass_over_them_while_the_labelled
     want = list(shard_batches(20, 8, torch.Generator().manual_seed(3)))
     assert plain.steps_per_epoch == 2 and len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, want))
     assert loop.unlabeled_batch_size(5, cfg) == 5  # a folder smaller than a step's share: all of it each step
+
+
+@pytest.mark.parametrize("ema_decay", [0.995, 0.0])
+def test_pseudo_labels_come_from_the_evaluated_model_in_eval_mode_and_training_goes_on_in_train_mode(ema_decay):
+    cfg = TrainConfig(image_size=16, width=4, ema_decay=ema_decay, channels_last=False)
+    data = Split(torch.zeros(8, 1, 16, 16, dtype=torch.uint8), torch.zeros(8, dtype=torch.long),
+                 [f"{i}.png" for i in range(8)])
+    t = loop.build_trainer(cfg, data, 2, torch.device("cpu"), None, None)
+    optimization.train_mode(t.model)
+    weak = torch.randn(4, 1, 16, 16)
+    logits = loop.teacher_logits(t, weak, cfg)
+    assert logits.shape == (4, 2) and not logits.requires_grad and t.model.training
+    with torch.no_grad():
+        expected = t.eval_model.eval()(weak)  # eval mode: BatchNorm's running statistics, not the batch's
+    optimization.train_mode(t.model)
+    assert torch.allclose(logits, expected) and (t.ema is None) == (t.eval_model is t.model)
