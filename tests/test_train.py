@@ -657,10 +657,13 @@ def test_unlabeled_views_are_of_the_same_images():
 @pytest.mark.slow
 def test_unlabeled_images_train_in_the_same_steps_and_never_count_as_labelled(tiny_data, tmp_path):
     unlabeled = make_synthetic(tmp_path / "u", {"thing": 24}, size=32, seed=7, splits=("train",))
+    other = make_synthetic(tmp_path / "o", {"else": 8}, size=32, seed=8, splits=("train",))
     assert train.main(train_args(tiny_data, tmp_path, "--epochs", "2", "--unlabeled", str(unlabeled),
-                                 "--pseudo-threshold", "0.5", "--unlabeled-ratio", "2")) == 0
+                                 "--pseudo-threshold", "0.5", "--unlabeled-ratio", "2", "--other", str(other),
+                                 "--other-synthetic", "0")) == 0
     ckpt = load_checkpoint(tmp_path / "models" / "last.pth")
     assert ckpt["config"]["unlabeled"] == str(unlabeled) and ckpt["config"]["unlabeled_ratio"] == 2.0
+    assert load_checkpoint(tmp_path / "models" / "best_model.pth")["novelty"]["score"] == "combined"
     labelled = load_checkpoint(tmp_path / "models" / "last.pth")["history"]
     assert [h["train_images"] for h in labelled] == [32, 32]  # the labelled images only: 32 in batches of 8
     assert all(0.0 <= h["pseudo_share"] <= 1.0 for h in labelled)
