@@ -26,7 +26,7 @@ def readme_commands(text: str) -> list[tuple[str, str, list[str]]]:
         words = args.split()
         ours, theirs = (words[:words.index("--")], words[words.index("--") + 1:]) if "--" in words else (words, [])
         sub = ours[0] if ours and re.fullmatch(r"[a-z][a-z-]*", ours[0]) \
-            and script in ("benchmarks.bench", "benchmarks.bench_serve", "dataset") else ""
+            and script in ("benchmarks.bench", "benchmarks.bench_labels", "benchmarks.bench_serve", "dataset") else ""
         out.append((script, sub, [w.split("=")[0] for w in ours if w.startswith("--")]))
         if theirs:
             out.append(("serve" if script == "benchmarks.bench_serve" else "train", "",
