@@ -99,20 +99,27 @@ def run_row(summary: dict) -> dict:
             **({"pseudo_share_last_epoch": last["pseudo_share"]} if "pseudo_share" in last else {})}
 
 
+def command_parser(command: str, per_class: int, per_class_help: str) -> argparse.ArgumentParser:
+    """The flags both commands take."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.bench_labels {command}")
+    parser.add_argument("--data", required=True, metavar="PATH/TO/DATA")
+    parser.add_argument("--per-class", type=int, default=per_class, help=per_class_help)
+    parser.add_argument("--tune", type=int, default=0, metavar="N", help="measure on N of the train photos that "
+                        "are not labelled (stratified) instead of DATA's val, which is then never read")
+    parser.add_argument("--work-dir", default="", help="keep the links, cache and runs here")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table with the command, commit, "
+                        "date and machine")
+    return parser
+
+
 def semi_main(argv: list[str]) -> int:
     """`semi`: train.py on --per-class labelled photos alone and with the rest as --unlabeled."""
-    parser = argparse.ArgumentParser(prog="bench_labels.py semi")
-    parser.add_argument("--data", required=True, metavar="PATH/TO/DATA")
-    parser.add_argument("--per-class", type=int, default=500, help="labelled train photos kept of each class")
+    parser = command_parser("semi", 500, "labelled train photos kept of each class")
     parser.add_argument("--time-budget", type=float, default=1800.0, help="each run's train.py --time-budget")
     parser.add_argument("--epochs", type=int, default=1000, help="each run's train.py --epochs (the budget ends "
                         "the run sooner: both use the whole budget)")
-    parser.add_argument("--tune", type=int, default=0, metavar="N", help="measure on N of the would-be unlabeled "
-                        "photos instead of DATA's val")
     parser.add_argument("--seed", type=int, default=0, help="which photos keep their labels")
     parser.add_argument("--skip-supervised", action="store_true")
-    parser.add_argument("--work-dir", default="", help="keep the links, cache and runs here")
-    parser.add_argument("--markdown", action="store_true")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
     source = provenance("benchmarks.bench_labels", ["semi", *argv])
@@ -177,16 +184,10 @@ def label_next_seed(args, cfg: TrainConfig, seed: int, work: Path) -> dict:
 
 def label_next_main(argv: list[str]) -> int:
     """`label-next`: the ranking's picks against random picks, each added to a small labelled seed."""
-    parser = argparse.ArgumentParser(prog="bench_labels.py label-next")
-    parser.add_argument("--data", required=True, metavar="PATH/TO/DATA")
-    parser.add_argument("--per-class", type=int, default=100, help="labelled seed photos of each class")
+    parser = command_parser("label-next", 100, "labelled seed photos of each class")
     parser.add_argument("--add", type=int, default=800, help="photos the ranking (or chance) adds to the seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="which photos are the seed, and the "
                         "runs' seeds")
-    parser.add_argument("--tune", type=int, default=0, metavar="N", help="measure on N of the would-be pool's "
-                        "photos instead of DATA's val")
-    parser.add_argument("--work-dir", default="", help="keep the links, cache and runs here")
-    parser.add_argument("--markdown", action="store_true")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
     source = provenance("benchmarks.bench_labels", ["label-next", *argv])

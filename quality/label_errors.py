@@ -143,18 +143,24 @@ def write_label_errors(rows: list[dict], found: list[dict], images, out_dir: str
                        ) -> tuple[Path, Path]:
     """label_errors.csv (every flagged image) and label_errors.png (the `top` most likely, each captioned with
     its given and suggested label) in out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / LABEL_ERRORS_CSV
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    shown = torch.tensor([f["index"] for f in found[:top]], dtype=torch.int64)
-    pictures = images[shown] if len(shown) else torch.zeros(0, 1, 8, 8, dtype=torch.uint8)
     captions = [f"{r['given']} -> {r['suggested']} {r['confidence']:.0%}\n{Path(r['path']).name[:24]}"
                 for r in rows[:top]]
-    return csv_path, save_figure(plot_gallery(pictures, captions), out / LABEL_ERRORS_PNG)
+    return write_listing(rows, CSV_COLUMNS, images, [f["index"] for f in found[:top]], captions,
+                         Path(out_dir) / LABEL_ERRORS_CSV, Path(out_dir) / LABEL_ERRORS_PNG)
+
+
+def write_listing(rows: list[dict], columns: tuple[str, ...], images, shown: list[int], captions: list[str],
+                  csv_path: Path, png_path: Path) -> tuple[Path, Path]:
+    """A list of images as a CSV of `rows` and a gallery PNG of images[shown] with their captions: what the
+    quality checks write for a person to look at."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    index = torch.tensor(shown, dtype=torch.int64)
+    pictures = images[index] if len(index) else torch.zeros(0, 1, 8, 8, dtype=torch.uint8)
+    return csv_path, save_figure(plot_gallery(pictures, captions), png_path)
 
 
 def read_listed_paths(csv_path: str | Path) -> list[str]:

@@ -11,7 +11,6 @@ Usage (from check_data.py --label-next):
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import shutil
@@ -22,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from core.common import UserError
-from core.plots import plot_gallery, save_figure
 from dataset import load_folder
 from prediction.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, temperature_of, tta_of
 from prediction.predict import extract_features
+from quality.label_errors import write_listing
 
 LABEL_NEXT_CSV, LABEL_NEXT_PNG = "label_next.csv", "label_next.png"
 CSV_COLUMNS = ("rank", "path", "suggested", "confidence", "why")
@@ -115,18 +114,10 @@ def write_picks(rows: list[dict], picks: list[Pick], images, out_dir: str | Path
                 ) -> tuple[Path, Path]:
     """label_next.csv (every pick) and label_next.png (the first `top`, each captioned with its rank and
     suggested label) in out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / LABEL_NEXT_CSV
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    shown = torch.tensor([p.index for p in picks[:top]], dtype=torch.int64)
-    pictures = images[shown] if len(shown) else torch.zeros(0, 1, 8, 8, dtype=torch.uint8)
     captions = [f"{r['rank']}. {r['suggested']}? {r['confidence']:.0%}\n{Path(r['path']).name[:24]}"
                 for r in rows[:top]]
-    return csv_path, save_figure(plot_gallery(pictures, captions), out / LABEL_NEXT_PNG)
+    return write_listing(rows, CSV_COLUMNS, images, [p.index for p in picks[:top]], captions,
+                         Path(out_dir) / LABEL_NEXT_CSV, Path(out_dir) / LABEL_NEXT_PNG)
 
 
 def copy_picks(picks: list[Pick], paths: list[str], dest: str | Path) -> list[Path]:
