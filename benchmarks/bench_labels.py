@@ -49,10 +49,12 @@ def stratified(labels: list[str], per_class: int, generator: torch.Generator) ->
 
 
 def link_labelled(items: list[tuple[str, str]], folder: Path) -> None:
-    """Links to the (path, class) items in class folders under `folder`."""
-    for path, c in items:
+    """Links to the (path, class) items in class folders under `folder` (a name already there gets its number)."""
+    for i, (path, c) in enumerate(items):
         dest = folder / c / Path(path).name
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            dest = dest.with_name(f"{i:05d}-{dest.name}")
         dest.symlink_to(path)
 
 

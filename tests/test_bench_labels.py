@@ -53,3 +53,12 @@ def test_both_commands_run_end_to_end_on_a_toy_set(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| seed | seed model | seed + ranked | seed + random |" in table and "\n| 3 | " in table
     assert "python -m benchmarks.bench_labels label-next --data" in table
+
+
+def test_labelled_links_keep_two_photos_of_one_name(tmp_path):
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "1.png").write_bytes(folder.encode())
+    bench_labels.link_labelled([(str(tmp_path / "x" / "1.png"), "cat"), (str(tmp_path / "y" / "1.png"), "cat")],
+                               tmp_path / "out")
+    assert sorted(p.read_bytes() for p in (tmp_path / "out" / "cat").iterdir()) == [b"x", b"y"]
