@@ -285,10 +285,9 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float =
                     ctrl_c: CtrlC | None = None, other: torch.Tensor | None = None, progress_bar: bool = True,
                     unlabeled: Split | None = None) -> dict:
     """One epoch (epoch_batches: a pass over the training images, or over the --unlabeled ones), augmented on
-    whole batches; returns mean loss, accuracy (of the
-    labelled images only), counts, and 'interrupted' when a Ctrl-C (ctrl_c.requested, on any rank) ended it
-    after a step, before its end; with `unlabeled` also 'pseudo_share', the share of its images drawn that got
-    a target. `other`: the --other images (step_loss). A NaN/inf step is skipped (its BatchNorm statistics
+    whole batches; returns mean loss, accuracy (of the labelled images only), counts, and 'interrupted' when a
+    Ctrl-C (ctrl_c.requested, on any rank) ended it after a step, before its end; with `unlabeled` also
+    'pseudo_share', the share of its images drawn that got a target. `other`: the --other images (step_loss). A NaN/inf step is skipped (its BatchNorm statistics
     undone); too many stop the run with a UserError."""
     model, device = t.train_model, t.device
     train_mode(model)
