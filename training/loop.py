@@ -291,7 +291,7 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float =
     undone); too many stop the run with a UserError."""
     model, device = t.train_model, t.device
     train_mode(model)
-    rank, world = rank_world()
+    rank = rank_world()[0]
     labels = data.labels.to(device)  # images: on the device, or the cache's memory map
     total_loss = correct = seen = skipped = steps = data_seconds = 0
     # Under torchrun the ranks share one generator state, so augmentation draws repeat across ranks, each on
