@@ -35,7 +35,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The quick subset while editing: everything but the tests marked slow (pytest.ini), in well under 30 s.
+# The quick subset while editing: everything but the tests marked slow (pytest.ini), about a minute on 2 CPU cores.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
