@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 import tempfile
@@ -87,7 +88,7 @@ def split_train(data: str, cfg: TrainConfig, per_class: int, tune: int, seed: in
 
 def train_run(cfg: TrainConfig, scratch: Path, **changes) -> dict:
     """train.py with cfg's settings and `changes`, in a process of its own; its summary."""
-    run_cfg = TrainConfig.from_dict({**cfg.to_dict(), **changes})
+    run_cfg = dataclasses.replace(cfg, **changes)
     flags, name = training_flags(run_cfg, scratch)
     run_script("train.py", flags, stdout=sys.__stderr__)  # our stdout: the result only
     return read_summary(run_cfg.log_dir, name)
