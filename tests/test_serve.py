@@ -490,6 +490,149 @@ def test_page_in_headless_chromium(server, tmp_path):
         browser.quit()
 
 
+# The page's camera: Chromium's fake device (a generated moving test pattern) stands in for a webcam, and
+# --use-fake-ui-for-media-stream grants the permission; 127.0.0.1 is a secure context, so getUserMedia is there.
+FAKE_CAMERA = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
+RESULT_SHOWN = ("const h = document.getElementById('heatmap');"
+                "return !h.hidden && h.complete && h.naturalWidth > 0 && h.getBoundingClientRect().width > 0;")
+
+
+def needs_chromium() -> None:
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+
+
+def gradient_png(path: Path) -> Path:
+    yy, xx = np.mgrid[0:90, 0:120]
+    Image.fromarray(np.stack([xx * 2, yy * 2, (xx + yy)], -1).astype(np.uint8), "RGB").save(path)
+    return path
+
+
+def predicted(url: str, image: bytes) -> dict:
+    request = urllib.request.Request(f"{url}/predict", data=image, method="POST")
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())[0]
+
+
+def shown_photo(browser) -> bytes:
+    """The bytes behind the page's #photo (a blob: URL), read back in the page."""
+    data_url = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(document.getElementById('photo').src).then((r) => r.blob()).then((b) => {"
+        "  const reader = new FileReader(); reader.onload = () => done(reader.result); reader.readAsDataURL(b); });")
+    return base64.b64decode(data_url.split(",", 1)[1])
+
+
+def assert_result_for(browser, expected: dict) -> None:
+    """The page shows `expected` (a /predict answer): label and percentage, 2 bars, the heatmap over the photo."""
+    label = browser.find_element(By.ID, "label").text
+    assert label.split() == [expected["label"], f"{100 * expected['confidence']:.1f}%"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 2
+    photo, heat = (browser.find_element(By.ID, i).rect for i in ("photo", "heatmap"))
+    assert photo["width"] > 0 and (heat["width"], heat["height"]) == pytest.approx(
+        (photo["width"], photo["height"]), abs=1)
+    assert browser.find_element(By.ID, "error").text == ""
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+
+
+@pytest.mark.slow
+def test_camera_snap_in_headless_chromium_is_scored_like_a_dropped_file(server, tmp_path):
+    needs_chromium()
+    browser = bench_serve.headless_chromium(tmp_path / "profile", "390,844", *FAKE_CAMERA)
+    try:
+        browser.get(server["url"] + "/")
+        wait = WebDriverWait(browser, 60)
+        assert browser.find_element(By.ID, "camera").is_displayed() is False
+        browser.find_element(By.ID, "webcam").click()
+        wait.until(lambda b: b.execute_script(
+            "const v = document.getElementById('preview'); return v.videoWidth > 0 && !v.paused;"))
+        assert browser.find_element(By.ID, "preview").is_displayed()
+        assert not browser.find_element(By.ID, "webcam").is_displayed()  # one stream at a time
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        wait.until(lambda b: b.find_element(By.ID, "snap").is_enabled())
+        browser.find_element(By.ID, "snap").click()
+        wait.until(lambda b: b.execute_script(RESULT_SHOWN))
+        # The photo shown is the snapped frame, a JPEG of the video's size with the test pattern in it (not a
+        # blank frame), and the answer shown is the server's for exactly those bytes.
+        assert browser.execute_script("return document.getElementById('photo').src").startswith("blob:")
+        frame = shown_photo(browser)
+        video = browser.execute_script(
+            "const v = document.getElementById('preview'); return [v.videoWidth, v.videoHeight];")
+        with Image.open(io.BytesIO(frame)) as im:
+            assert im.format == "JPEG" and list(im.size) == video
+            assert np.asarray(im.convert("L"), dtype=float).std() > 10
+        assert browser.execute_script(
+            "const p = document.getElementById('photo'); return [p.naturalWidth, p.naturalHeight];") == video
+        expected = predicted(server["url"], frame)
+        assert expected["label"] in ("cat", "dog")
+        assert_result_for(browser, expected)
+        # Closing the camera stops the stream's tracks (the camera's light goes off), not just the preview.
+        browser.execute_script("window.openStream = document.getElementById('preview').srcObject;")
+        browser.find_element(By.ID, "close-camera").click()
+        assert browser.execute_script("return window.openStream.getTracks().length > 0 && "
+                                      "window.openStream.getTracks().every((t) => t.readyState === 'ended')")
+        assert browser.execute_script("return document.getElementById('preview').srcObject === null")
+        assert not browser.find_element(By.ID, "camera").is_displayed()
+        assert browser.find_element(By.ID, "webcam").is_displayed()
+        assert browser.find_element(By.ID, "label").text.split() == [expected["label"],
+                                                                     f"{100 * expected['confidence']:.1f}%"]
+    finally:
+        browser.quit()
+
+
+@pytest.mark.slow
+def test_camera_capture_input_in_headless_chromium_scores_like_the_file_input(server, tmp_path):
+    """The "Take a photo" input is what opens a phone's camera (accept and capture); headless, a file sent through
+    it must be scored as one chosen with the file input is."""
+    needs_chromium()
+    upload = gradient_png(tmp_path / "upload.png")
+    expected = predicted(server["url"], upload.read_bytes())
+    browser = bench_serve.headless_chromium(tmp_path / "profile", "390,844")
+    try:
+        browser.get(server["url"] + "/")
+        capture = browser.find_element(By.ID, "capture")
+        assert (capture.get_attribute("type"), capture.get_attribute("accept"),
+                capture.get_attribute("capture")) == ("file", "image/*", "environment")
+        take = browser.find_element(By.ID, "take")
+        assert take.is_displayed() and take.text.strip() == "Take a photo"  # its label, what is tapped
+        assert browser.execute_script("return document.getElementById('capture').labels[0].id") == "take"
+        capture.send_keys(str(upload))
+        WebDriverWait(browser, 60).until(lambda b: b.execute_script(RESULT_SHOWN))
+        assert shown_photo(browser) == upload.read_bytes()
+        assert_result_for(browser, expected)
+    finally:
+        browser.quit()
+
+
+@pytest.mark.slow
+def test_camera_refused_or_unavailable_says_so_and_files_still_work(server, tmp_path):
+    needs_chromium()
+    upload = gradient_png(tmp_path / "upload.png")
+    expected = predicted(server["url"], upload.read_bytes())
+    browser = bench_serve.headless_chromium(tmp_path / "profile", "390,844", "--use-fake-device-for-media-stream",
+                                            "--deny-permission-prompts")
+    try:
+        browser.get(server["url"] + "/")
+        wait = WebDriverWait(browser, 60)
+        error = browser.find_element(By.ID, "error")
+        browser.find_element(By.ID, "webcam").click()
+        wait.until(lambda b: error.text)
+        assert error.text.startswith("the camera was refused: allow it for this page in the browser's settings")
+        assert not browser.find_element(By.ID, "camera").is_displayed()
+        assert browser.find_element(By.ID, "webcam").is_enabled()
+        # No getUserMedia at all, as on a page opened over plain http from another machine.
+        browser.execute_script("Object.defineProperty(navigator, 'mediaDevices', {value: undefined});")
+        browser.find_element(By.ID, "webcam").click()
+        wait.until(lambda b: error.text and not error.text.startswith("the camera was refused"))
+        assert error.text.startswith("camera not available here: ")
+        assert "open the page on https or on localhost, or use Take a photo on a phone" in error.text
+        assert not browser.find_element(By.ID, "camera").is_displayed()
+        browser.find_element(By.ID, "file").send_keys(str(upload))
+        wait.until(lambda b: b.execute_script(RESULT_SHOWN))
+        assert_result_for(browser, expected)  # the error is gone too
+    finally:
+        browser.quit()
+
+
 def test_pixel_limit_holds_when_another_thread_resets_the_warning_filter(nasty_data, monkeypatch):
     """decode_image turns PIL's bomb warning into an error with a process-wide filter; a server's other threads
     can reset that filter mid-decode, so the limit is also checked explicitly."""
