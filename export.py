@@ -1,9 +1,11 @@
-"""Export a trained checkpoint to TorchScript and ONNX, and check the exported model against PyTorch.
+"""Export a trained checkpoint to TorchScript, ONNX and INT8 ONNX, and check the exported model against PyTorch.
 
 Usage:
     python export.py                                          # models/best_model.pth -> models/model.pt, .onnx
     python export.py --checkpoint models/best_model.pth --format onnx --out models/catdog
     python export.py --format torchscript --no-check
+    python export.py --format onnx-int8                       # -> models/model.int8.onnx, for --runtime onnx-int8
+    python export.py --format onnx-int8 --data PATH --calibration 500 --int8-tolerance 0.5
 
 Writes OUT.pt (TorchScript), OUT.onnx (ONNX, batch size free) and OUT.json (class names and preprocessing).
 The exported model maps a normalized float tensor (N, C, S, S) to logits (N, classes); it does not decode,
@@ -16,10 +18,20 @@ resize or normalize. Feed it what training fed the network:
 Flip test-time augmentation is not part of the exported model. The check (on by default) runs both exported
 files on sample inputs and compares with PyTorch (max |difference| <= 1e-4); ONNX needs `pip install onnx
 onnxscript`, and its check onnxruntime (skipped with a note when absent).
+
+--format onnx-int8 writes OUT.int8.onnx: the network with INT8 convolutions (onnxruntime's static quantization,
+prediction/quantize.py), calibrated on --calibration training images of --data (default: the data the model
+trained on), read as training read them. Its first output is 'logits', as OUT.onnx's; the others are the
+features the novelty score needs. It is checked against the float model on the val split (never used for
+calibration): agreement of the predicted labels and both accuracies, printed and kept in the file. When INT8
+loses more than --int8-tolerance points of val accuracy, it is not written: the float OUT.onnx is kept instead,
+and the export exits with status 1. `inference.py --runtime onnx-int8`, `serve.py --runtime onnx-int8` and
+`Classifier.load(..., runtime="onnx-int8")` read it from beside the checkpoint (--int8-model elsewhere).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -28,13 +40,29 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from config import TrainConfig
 from core.common import UserError, reports_user_errors
-from dataset import to_float
-from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of
+from dataset import Split, load_items, to_float
+from loading.layout import layout_splits, read_layout
+from prediction.checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
+                                   temperature_of)
 from prediction.predict import export_onnx
+from prediction.quantize import Int8Check, quantize
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "onnx-int8")
+DEFAULT_FORMATS = ["torchscript", "onnx"]  # INT8 needs the training images, so it is asked for by name
 TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Settings:
+    """What --format onnx-int8 reads: the dataset (None: the one the model trained on), how many training images
+    calibrate, the val accuracy it may lose (points), the sample's seed and the decoding processes."""
+    data: str | None = None
+    calibration: int = 300
+    tolerance: float = 0.5
+    seed: int = 0
+    workers: int = 2
 
 
 def preprocessing(ckpt: dict) -> dict:
@@ -99,18 +127,54 @@ def check_onnx(path: Path, model: nn.Module, inputs: torch.Tensor) -> float:
         return max_difference(model(inputs), got)
 
 
-def export(ckpt: dict, out: Path, formats: list[str], check: bool = True) -> dict:
-    """Write the exported files (and OUT.json); returns {format: path} and, when checked, {format_diff: value}."""
+def int8_images(ckpt: dict, settings: Int8Settings) -> tuple[torch.Tensor, Split]:
+    """A seeded sample of settings.calibration training images and the labelled val split (never calibrated on),
+    read as train.py read the data (layout, labels, carve, classes from the checkpoint's config)."""
+    saved = config_of(ckpt)
+    data = settings.data or saved.get("data")
+    if not data:
+        raise UserError("--format onnx-int8 calibrates on training images: give the dataset with --data DIR")
+    cfg = dataclasses.replace(TrainConfig.from_dict(saved), data=data)
+    splits = layout_splits(read_layout(cfg.data, **cfg.layout_settings(need="val")))
+    classes = list(ckpt["classes"])
+    train, val = ([(p, c) for p, c in splits.get(name, []) if c in classes] for name in ("train", "val"))
+    if not train or not val:
+        raise UserError(f"INT8 needs train images to calibrate on and labelled val images to check on; {data} has "
+                        f"{len(train)} and {len(val)} of the checkpoint's classes ({', '.join(classes)})")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed))[:settings.calibration]
+    size, channels = ckpt["image_size"], ckpt["channels"]
+    calibration = load_items([train[i] for i in sorted(pick.tolist())], classes, "calibration", size, channels,
+                             workers=settings.workers)
+    return calibration.images, load_items(val, classes, "val", size, channels, workers=settings.workers)
+
+
+def export_int8(ckpt: dict, model: nn.Module, out: Path, settings: Int8Settings) -> tuple[Path, Int8Check]:
+    """OUT.int8.onnx (quantize.quantize), and its check against the float model on val."""
+    calibration, val = int8_images(ckpt, settings)
+    path = with_suffix(out, ".int8.onnx")
+    return path, quantize(model, ckpt, calibration, val.images, val.labels, path, settings.tolerance)
+
+
+def export(ckpt: dict, out: Path, formats: list[str], check: bool = True, int8: Int8Settings | None = None) -> dict:
+    """Write the exported files (and OUT.json); returns {format: path} and, when checked, {format_diff: value};
+    with onnx-int8, {"int8_check": Int8Check} and {"onnx-int8": path, or None when INT8 lost more than the
+    tolerance, in which case the float ONNX model is written too}."""
     model = model_from_checkpoint(ckpt)  # eval mode: BatchNorm uses its running statistics
     example = sample_inputs(ckpt, n=2, seed=1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pre = preprocessing(ckpt)
-    with_suffix(out, ".json").write_text(json.dumps(pre, indent=2))
-    result: dict = {"json": str(with_suffix(out, ".json"))}
+    result: dict = {}
+    if "onnx-int8" in formats:  # first: it is the one that can fail on the data
+        path, result["int8_check"] = export_int8(ckpt, model, out, int8 or Int8Settings())
+        within = (int8 or Int8Settings()).tolerance >= -result["int8_check"].accuracy_change
+        result["onnx-int8"] = str(path) if within else None
+        if not within and "onnx" not in formats:
+            formats = [*formats, "onnx"]
+    with_suffix(out, ".json").write_text(json.dumps(preprocessing(ckpt), indent=2))
+    result["json"] = str(with_suffix(out, ".json"))
     writers = {"torchscript": (export_torchscript, ".pt", check_torchscript),
                "onnx": (lambda m, x, path: export_onnx(m, x, path, ["logits"]), ".onnx", check_onnx)}
     inputs = sample_inputs(ckpt, n=4, seed=2)
-    for fmt in formats:
+    for fmt in (f for f in formats if f in writers):
         write, suffix, verify = writers[fmt]
         path = write(model, example, with_suffix(out, suffix))
         result[fmt] = str(path)
@@ -133,18 +197,39 @@ def export(ckpt: dict, out: Path, formats: list[str], check: bool = True) -> dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=DEFAULT_PATH, help="checkpoint written by train.py")
-    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write")
-    parser.add_argument("--out", default="models/model", help="output path without suffix (.pt, .onnx, .json)")
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=DEFAULT_FORMATS,
+                        help="what to write (default: torchscript onnx)")
+    parser.add_argument("--out", default="models/model",
+                        help="output path without suffix (.pt, .onnx, .int8.onnx, .json; default: models/model)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="compare the exported model's outputs with PyTorch's on sample inputs")
+    parser.add_argument("--data", help="onnx-int8: dataset whose train images calibrate and whose val images check "
+                        "(default: the one the model trained on)")
+    parser.add_argument("--calibration", type=int, default=Int8Settings.calibration,
+                        help=f"onnx-int8: training images to calibrate on (default: {Int8Settings.calibration})")
+    parser.add_argument("--int8-tolerance", type=float, default=Int8Settings.tolerance,
+                        help="onnx-int8: most val accuracy INT8 may lose, in points; beyond it the float model is "
+                             f"kept (default: {Int8Settings.tolerance})")
+    parser.add_argument("--workers", type=int, default=Int8Settings.workers,
+                        help=f"onnx-int8: processes that decode images (default: {Int8Settings.workers})")
     args = parser.parse_args(argv)
+    if args.calibration < 1 or args.int8_tolerance < 0 or args.workers < 0:
+        raise UserError("--calibration must be at least 1, --int8-tolerance at least 0 and --workers at least 0")
     ckpt = load_checkpoint(args.checkpoint)
-    result = export(ckpt, Path(args.out), list(dict.fromkeys(args.format)), args.check)
-    for fmt in args.format:
+    formats = list(dict.fromkeys(args.format))
+    result = export(ckpt, Path(args.out), formats, args.check,
+                    Int8Settings(args.data, args.calibration, args.int8_tolerance, workers=args.workers))
+    for fmt in (f for f in FORMATS if result.get(f)):
         diff = result.get(f"{fmt}_diff")
         print(f"wrote {result[fmt]}" + (f"  (max |difference| to PyTorch {diff:.1e})" if diff is not None else ""))
     print(f"wrote {result['json']}")
     print(describe(preprocessing(ckpt)))
+    if "int8_check" in result:
+        print(f"INT8: {result['int8_check'].describe()}")
+        if result["onnx-int8"] is None:
+            print(f"INT8 not written: it loses more than --int8-tolerance {args.int8_tolerance} points of val "
+                  f"accuracy; kept the float model {result['onnx']}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -25,34 +25,25 @@ from pathlib import Path
 import torch
 
 from core.common import UserError, reports_user_errors
-from loading.decode import BadImage, decode_image, expand_inputs
-from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, novelty_of
-from prediction.predict import onnx_runtime, predict_images
+from loading.decode import BadImage, expand_inputs
+from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, novelty_of
+from prediction.classifier import BATCH, RUNTIMES, Classifier, default_int8_path
 
 
-def classify(paths: list[Path], ckpt: dict, threshold: float = 0.0, tta: bool | None = None,
-             reject: bool = False, runtime: str = "torch") -> list[dict]:
+def classify(paths: list[Path], clf: Classifier) -> list[dict]:
     """One result per path: {'path', 'label', 'confidence', 'probabilities'[, 'novelty_score', 'known']} or
-    {'path', 'error'}. runtime 'onnx': scored by onnxruntime when it exports and matches PyTorch (a note on
-    stderr says which)."""
-    novelty_of(ckpt, needed_by="--reject" if reject else "")  # before decoding anything
-    model = model_from_checkpoint(ckpt)
-    onnx = None
-    if runtime == "onnx":
-        onnx, note = onnx_runtime(model, ckpt, torch.get_num_threads())
-        print(f"scoring with {note}", file=sys.stderr)
+    {'path', 'error'}; the readable images are scored together (Classifier.predict_decoded)."""
     results, images, good = [], [], []
     for p in paths:
+        results.append({"path": str(p)})
         try:
-            if not p.is_file():
-                raise BadImage("file not found")
-            images.append(decode_image(p, ckpt["image_size"], ckpt["channels"]))
-            good.append(len(results))
-            results.append({"path": str(p)})
+            images.append(clf.decode(p))
+            good.append(len(results) - 1)
         except BadImage as e:
-            results.append({"path": str(p), "error": str(e)})
-    for i, prediction in zip(good, predict_images(model, ckpt, images, threshold, tta, reject, runtime=onnx)):
-        results[i].update(prediction)
+            results[-1]["error"] = str(e).removeprefix(f"{p}: ")
+    for i in range(0, len(images), BATCH):
+        for k, prediction in zip(good[i:i + BATCH], clf.predict_decoded(images[i:i + BATCH])):
+            results[k].update(prediction.as_dict())
     return results
 
 
@@ -102,16 +93,23 @@ def main(argv: list[str] | None = None) -> int:
                              "(the score and threshold stored at the end of training)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the mirrored image (default: as in training)")
-    parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
-                        help="what scores the images: PyTorch (default) or onnxruntime, exported at start (a few "
-                             "seconds, paid back on large folders) and checked against PyTorch within 1e-4")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="what scores the images: PyTorch (default); onnxruntime, exported at start (a few "
+                             "seconds, paid back on large folders) and checked against PyTorch within 1e-4; or "
+                             "onnx-int8, the INT8 model export.py --format onnx-int8 wrote (see --int8-model)")
+    parser.add_argument("--int8-model", metavar="FILE",
+                        help="with --runtime onnx-int8: the INT8 file (default: model.int8.onnx beside the checkpoint)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
     ckpt = load_checkpoint(args.checkpoint)
     columns = csv_columns(args.csv_columns, ckpt["classes"], novelty_of(ckpt) is not None)
     paths = expand_inputs(args.image)
-    results = classify(paths, ckpt, args.threshold, args.tta, args.reject, args.runtime)
+    clf = Classifier(ckpt, args.runtime, args.threshold, args.reject, args.tta, torch.get_num_threads(),
+                     args.int8_model or default_int8_path(args.checkpoint))
+    if args.runtime != "torch":
+        print(f"scoring with {clf.runtime_note}", file=sys.stderr)
+    results = classify(paths, clf)
     for r in results:
         # With --reject: "dog  0.97  novelty 1.52 known" or "unknown  0.91  novelty 9.80 no known class".
         novelty = (f"  novelty {r['novelty_score']:.2f} {'known' if r['known'] else 'no known class'}"

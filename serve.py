@@ -15,7 +15,8 @@ Requests that arrive together are decoded in parallel and their images scored in
 --max-wait-ms); each answer is the one its request would get alone (the same label; confidence and novelty
 score to float rounding, 1e-4). A request not answered within --timeout-s gets a 503. The network runs in
 onnxruntime (--runtime onnx, the default: exported at start and checked against PyTorch within 1e-4, PyTorch
-when that fails) or PyTorch (--runtime torch).
+when that fails), PyTorch (--runtime torch), or onnxruntime on the INT8 model export.py --format onnx-int8 wrote
+(--runtime onnx-int8). Predictions come from prediction.Classifier, as inference.py's and your own code's do.
 """
 from __future__ import annotations
 
@@ -49,9 +50,9 @@ from starlette.exceptions import HTTPException
 
 from core.common import UserError, reports_user_errors
 from loading.decode import BadImage, decode_bytes
-from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, temperature_of, val_accuracy_of
-from prediction.predict import (OnnxFeatures, PredictionFacts, explain, normalize, onnx_runtime, pick_cam_layer,
-                                predict_images)
+from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, temperature_of, val_accuracy_of
+from prediction.classifier import RUNTIMES, Classifier, default_int8_path
+from prediction.predict import PredictionFacts, explain, normalize, pick_cam_layer
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_IMAGES = 64  # images in one request: bounds the decoded batch whatever their file size
@@ -341,17 +342,15 @@ class ServedCheckpoint:
 
 class Scorer:
     """The model's work for the handlers, on the facts read once (ServedCheckpoint): predictions of decoded images
-    (predict_images, in onnxruntime when `onnx` is set, else PyTorch) and /gradcam's prediction with its heatmap."""
+    (the Classifier's, in its runtime) and /gradcam's prediction with its heatmap."""
 
-    def __init__(self, model: torch.nn.Module, ckpt: dict, served: ServedCheckpoint, threshold: float,
-                 onnx: OnnxFeatures | None):
-        self.model, self.ckpt, self.served, self.threshold, self.onnx = model, ckpt, served, threshold, onnx
-        self.heatmaps = HeatMaps(model, served)
+    def __init__(self, clf: Classifier, served: ServedCheckpoint):
+        self.clf, self.served = clf, served
+        self.heatmaps = HeatMaps(clf.model, served)
 
     def predict(self, images: list) -> list[dict]:
         """One inference.py --json object per decoded image, all in one forward pass."""
-        return predict_images(self.model, self.ckpt, images, self.threshold, self.served.tta, runtime=self.onnx,
-                              facts=self.served.prediction)
+        return [p.as_dict() for p in self.clf.predict_decoded(images)]
 
     def predict_and_explain(self, upload: tuple[str | None, bytes]) -> dict:
         """The prediction of one upload and the Grad-CAM heatmap of the class it predicts (predict.explain, with
@@ -361,15 +360,6 @@ class Scorer:
         classes, probs = self.served.classes, result["probabilities"]
         k = classes.index(result["label"] if result["label"] in classes else max(probs, key=probs.get))
         return {**result, "heatmap_class": classes[k], "heatmap": self.heatmaps.png(images[0], k)}
-
-
-def scorer_for(ckpt: dict, served: ServedCheckpoint, threshold: float, runtime: str, runtime_threads: int
-               ) -> tuple[Scorer, str]:
-    """The model set-up: the network rebuilt from the checkpoint, in onnxruntime for runtime 'onnx' when it
-    exports and matches PyTorch (`runtime_threads` each call), and what was taken and why."""
-    model = model_from_checkpoint(ckpt)
-    onnx, runtime_note = onnx_runtime(model, ckpt, runtime_threads) if runtime == "onnx" else (None, "PyTorch")
-    return Scorer(model, ckpt, served, threshold, onnx), runtime_note
 
 
 def batch_observer(metrics: dict) -> Callable[[int, list[float]], None]:
@@ -451,16 +441,18 @@ def add_scoring_routes(app: FastAPI, scorer: Scorer, batcher: Batcher, pool: Thr
 def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0, threshold: float = 0.0,
                tta: bool | None = None, threads: int = 2, max_batch: int = 32, max_wait_ms: float = 0.0,
                timeout_s: float = 10.0, load_seconds: float = 0.0, runtime: str = "torch",
-               runtime_threads: int = 1) -> FastAPI:
+               runtime_threads: int = 1, int8_model: str | Path | None = None) -> FastAPI:
     """The ASGI app for one loaded checkpoint; `name` is what /health reports as its checkpoint. /predict's
     images are scored in micro-batches (Batcher: max_batch, max_wait_ms) on `threads` model threads; a request
     not answered within timeout_s gets a 503. `load_seconds` (reading the checkpoint) goes into /metrics.
     runtime 'onnx' scores with onnxruntime (predict.onnx_runtime, `runtime_threads` each call) when it
-    exports and matches PyTorch, else with PyTorch; app.state.runtime says which was taken and why.
+    exports and matches PyTorch, else with PyTorch; 'onnx-int8' with the INT8 file `int8_model` (export.py
+    --format onnx-int8); app.state.runtime says which was taken and why.
     The checkpoint's facts are read here, once (ServedCheckpoint): no request reads `ckpt`."""
     start = time.perf_counter()
     served = ServedCheckpoint.of(ckpt, name, tta)
-    scorer, runtime_note = scorer_for(ckpt, served, threshold, runtime, runtime_threads)
+    clf = Classifier(ckpt, runtime, threshold, tta=served.tta, threads=runtime_threads, int8_model=int8_model)
+    scorer = Scorer(clf, served)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="model")
     decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
     page = PAGE.read_text()
@@ -469,11 +461,11 @@ def create_app(ckpt: dict, name: str = "checkpoint", max_upload_mb: float = 10.0
 
     app = FastAPI(title="image classifier", lifespan=lifespan_of(batcher, [pool, decode_pool]), docs_url=None,
                   redoc_url=None)  # docs need a CDN
-    app.state.classes, app.state.runtime = list(served.classes), runtime_note
+    app.state.classes, app.state.runtime = list(served.classes), clf.runtime_note
     add_middleware_and_errors(app, max_upload_mb, metrics)
     health_answer = {**served.health, "threshold": threshold, "max_upload_mb": max_upload_mb,
                      "max_images": MAX_IMAGES, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-                     "timeout_s": timeout_s, "runtime": "onnx" if scorer.onnx is not None else "torch"}
+                     "timeout_s": timeout_s, "runtime": clf.runtime}
     add_info_routes(app, page, health_answer, registry)
     add_scoring_routes(app, scorer, batcher, pool, decode_pool, timeout_s)
     return app
@@ -491,7 +483,7 @@ def app_from_settings(settings: dict) -> FastAPI:
     return create_app(ckpt, Path(settings["checkpoint"]).name, settings["max_upload_mb"], settings["threshold"],
                       settings["tta"], settings["threads"], settings["max_batch"], settings["max_wait_ms"],
                       settings["timeout_s"], load_seconds=time.perf_counter() - start, runtime=settings["runtime"],
-                      runtime_threads=settings["torch_threads"])
+                      runtime_threads=settings["torch_threads"], int8_model=settings["int8_model"])
 
 
 def app_from_environment() -> FastAPI:
@@ -525,9 +517,12 @@ def main(argv: list[str] | None = None) -> int:
                              "batches form from the requests queued while the threads are busy)")
     parser.add_argument("--timeout-s", type=float, default=10.0,
                         help="answer 503 to a request not answered within this (default: 10)")
-    parser.add_argument("--runtime", choices=["onnx", "torch"], default="onnx",
+    parser.add_argument("--runtime", choices=RUNTIMES, default="onnx",
                         help="what scores the images: onnxruntime (default: faster on a CPU, exported at start and "
-                             "checked against PyTorch within 1e-4, PyTorch when that fails) or PyTorch")
+                             "checked against PyTorch within 1e-4, PyTorch when that fails), PyTorch, or onnx-int8, "
+                             "the INT8 model export.py --format onnx-int8 wrote (see --int8-model)")
+    parser.add_argument("--int8-model", metavar="FILE",
+                        help="with --runtime onnx-int8: the INT8 file (default: model.int8.onnx beside the checkpoint)")
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes sharing the port, each with its own copy of the model and of "
                              "the PyTorch libraries (bench_serve prints the memory each takes; default: 1)")
@@ -542,10 +537,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"checkpoint": args.checkpoint, "max_upload_mb": args.max_upload_mb, "threshold": args.threshold,
                 "tta": args.tta, "threads": args.threads, "torch_threads": args.torch_threads,
                 "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "timeout_s": args.timeout_s,
-                "runtime": args.runtime}
-    if args.workers > 1:  # each worker builds its own app (app_from_environment); here only the checkpoint's check
-        app, classes = None, load_checkpoint(args.checkpoint)["classes"]
-        runtime = ("onnxruntime" if args.runtime == "onnx" else "PyTorch") + ", set up by each process"
+                "runtime": args.runtime, "int8_model": str(args.int8_model or default_int8_path(args.checkpoint))}
+    if args.workers > 1:  # each worker builds its own app (app_from_environment); here only the files' check
+        app, ckpt = None, load_checkpoint(args.checkpoint)
+        if args.runtime == "onnx-int8":
+            Classifier(ckpt, "onnx-int8", int8_model=settings["int8_model"])  # a missing or foreign file: its error
+        classes = ckpt["classes"]
+        runtime = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime INT8", "torch": "PyTorch"}[args.runtime] \
+            + ", set up by each process"
     else:
         app = app_from_settings(settings)
         classes, runtime = app.state.classes, app.state.runtime

@@ -1,2 +1,11 @@
 """A trained model in use: the checkpoint format and its one owner (checkpoint.py), the one forward path for
-every prediction with features, Grad-CAM and onnxruntime (predict.py), and the novelty scores (novelty.py)."""
+every prediction with features, Grad-CAM and onnxruntime (predict.py), the novelty scores (novelty.py), INT8
+models (quantize.py), and Classifier, the object your own code predicts with (classifier.py):
+
+    from prediction import Classifier
+    clf = Classifier.load("models/best_model.pth")
+    clf.predict("photo.jpg")
+"""
+from prediction.classifier import Classifier, Prediction
+
+__all__ = ["Classifier", "Prediction"]

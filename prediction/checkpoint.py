@@ -6,7 +6,7 @@ Usage (from other scripts):
     ckpt = load_checkpoint("models/best_model.pth")      # weights_only=True, validated, version 1 upgraded
     model = model_from_checkpoint(ckpt)                  # eval mode, CPU
     tta_of(ckpt), temperature_of(ckpt), width_of(ckpt), blocks_of(ckpt), normalization_of(ckpt), val_accuracy_of(ckpt),
-    run_name_of(ckpt)
+    run_name_of(ckpt), fingerprint_of(ckpt)
     ckpt = with_novelty(ckpt, novelty_record(states, "combined", threshold, 0.95, tta, seconds, n))
     novelty = novelty_of(ckpt)                           # None for a checkpoint trained before it existed
     novelty = novelty_of(ckpt, needed_by="--reject")     # ... or a UserError that says to retrain
@@ -35,6 +35,7 @@ readers used: config's width and tta, else the defaults width 48 and tta off, an
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -215,6 +216,16 @@ def novelty_of(ckpt: dict, needed_by: str = "") -> dict | None:
         raise UserError(f"{needed_by} needs a checkpoint with a novelty score, which train.py stores unless "
                         f"--novelty-score none; this one has none: retrain it")
     return novelty
+
+
+def fingerprint_of(ckpt: dict) -> str:
+    """A short hash of the network's weights and class names: files made from a checkpoint (an INT8 model)
+    record it, so that a reader can tell they were made from this checkpoint and not from another."""
+    h = hashlib.sha256(repr(list(ckpt["classes"])).encode())
+    for name, tensor in sorted(ckpt["model_state"].items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def config_of(ckpt: dict) -> dict:

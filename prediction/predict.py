@@ -18,6 +18,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -116,8 +117,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device,
 
 
 class PredictionFacts(NamedTuple):
-    """What predict_images reads from a checkpoint, read once: a caller that predicts again and again (serve.py)
-    passes it to every call, so that no call reads the checkpoint again."""
+    """What predict_images reads from a checkpoint, read once: a caller that predicts again and again (serve.py,
+    prediction/classifier.py) passes it to every call, so that no call reads the checkpoint again."""
     classes: tuple[str, ...]
     normalization: dict
     tta: bool
@@ -130,11 +131,31 @@ class PredictionFacts(NamedTuple):
                    novelty_of(ckpt))
 
 
-def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: float = 0.0,
+@dataclass(frozen=True)
+class Prediction:
+    """One image's prediction, as users see it. `label` is a class, or 'unknown' below the confidence threshold
+    or (with reject) when the novelty score says the image is of no known class; `confidence` and
+    `probabilities` (by class, in the checkpoint's class order) are the softmax of the logits over the
+    checkpoint's temperature, rounded to 4 decimals. `novelty_score` and `known` (score <= the stored threshold)
+    are None for a checkpoint without a novelty score."""
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    novelty_score: float | None = None
+    known: bool | None = None
+
+    def as_dict(self) -> dict:
+        """inference.py --json's object and serve.py's answer: the novelty fields only when there is a score."""
+        out = {"label": self.label, "confidence": self.confidence, "probabilities": dict(self.probabilities)}
+        if self.novelty_score is not None:
+            out.update(novelty_score=self.novelty_score, known=self.known)
+        return out
+
+
+def predict_images(model: torch.nn.Module, ckpt: dict | None, images: list, threshold: float = 0.0,
                    tta: bool | None = None, reject: bool = False, runtime: OnnxFeatures | None = None,
-                   facts: PredictionFacts | None = None) -> list[dict]:
-    """One {'label', 'confidence', 'probabilities'} per decoded uint8 (C, S, S) image, all in one batch, plus
-    {'novelty_score', 'known'} when the checkpoint has a novelty score (known: score <= its stored threshold).
+                   facts: PredictionFacts | None = None) -> list[Prediction]:
+    """One Prediction per decoded uint8 (C, S, S) image, all in one batch.
 
     The prediction inference.py prints and serve.py answers: the checkpoint's softmax temperature is applied,
     below `threshold` the label is 'unknown', and with `reject` also when the image is of no known class (a
@@ -146,7 +167,7 @@ def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: 
     facts = PredictionFacts.of(ckpt) if facts is None else facts
     novelty = facts.novelty
     if reject and novelty is None:
-        novelty_of(ckpt, needed_by="--reject")  # the UserError that says to retrain
+        novelty_of({}, needed_by="--reject")  # the UserError that says to retrain
     if not images:
         return []
     classes, norm = facts.classes, facts.normalization
@@ -167,11 +188,8 @@ def predict_images(model: torch.nn.Module, ckpt: dict, images: list, threshold: 
         conf, k = pr.max(0)
         known = scores is None or scores[i] <= novelty["threshold"]
         label = classes[k] if conf.item() >= threshold and (known or not reject) else "unknown"
-        result = {"label": label, "confidence": round(conf.item(), 4),
-                  "probabilities": {c: round(v, 4) for c, v in zip(classes, pr.tolist())}}
-        if scores is not None:
-            result.update(novelty_score=round(scores[i], 4), known=known)
-        results.append(result)
+        results.append(Prediction(label, round(conf.item(), 4), {c: round(v, 4) for c, v in zip(classes, pr.tolist())},
+                                  None if scores is None else round(scores[i], 4), None if scores is None else known))
     return results
 
 
@@ -272,7 +290,8 @@ def score_images(model: nn.Module, images: torch.Tensor, states: dict[str, dict]
 
 class FeatureNet(nn.Module):
     """What extract_features takes from one pass of the network, as one module to export: a normalized batch ->
-    (penultimate feature, each stage's statistics...)."""
+    (logits, penultimate feature, each stage's statistics...). The logits come first, so that the file answers
+    like export.py's plain ONNX model for code that reads only its first output ('logits')."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -280,7 +299,11 @@ class FeatureNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         maps, pen = forward_stages(self.model, x)
-        return (pen, *[stage_statistics(m) for m in maps])
+        return (head_of(self.model)(pen), pen, *[stage_statistics(m) for m in maps])
+
+    @staticmethod
+    def output_names(stages: int) -> list[str]:
+        return ["logits", "penultimate"] + [f"stage{i}" for i in range(stages)]
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, output_names: list[str]) -> Path:
@@ -294,28 +317,48 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, outpu
     return Path(path)
 
 
-class OnnxFeatures:
-    """FeatureNet of a model run by onnxruntime on the CPU: called like extract_features' PyTorch pass, on a
-    normalized batch, it returns (penultimate, [statistics per stage]) as float32 tensors. Exported once, at
-    construction (the slow part), into `folder`; `threads` is onnxruntime's intra-op thread count."""
+def export_features(model: nn.Module, image_size: int, channels: int, path: str | Path) -> Path:
+    """FeatureNet of a model as an ONNX file (what OnnxFeatures runs and prediction/quantize.py quantizes)."""
+    unwrap(model).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+        return export_onnx(FeatureNet(model).eval(), torch.zeros(2, channels, image_size, image_size), path,
+                           FeatureNet.output_names(len(feature_stages(model))))
 
-    def __init__(self, model: nn.Module, image_size: int, channels: int, folder: str | Path, threads: int = 1):
+
+class OnnxFeatures:
+    """A FeatureNet ONNX file (export_features; or its INT8 version) run by onnxruntime on the CPU: called like
+    extract_features' PyTorch pass, on a normalized batch, it returns (penultimate, [statistics per stage]) as
+    float32 tensors. `threads` is onnxruntime's intra-op thread count. OnnxFeatures.of(model, ...) exports the
+    model first (the slow part) into a temporary folder; the session keeps the graph in memory."""
+
+    def __init__(self, path: str | Path, threads: int = 1):
         import onnxruntime
 
-        unwrap(model).eval()
-        self.stages = len(feature_stages(model))
-        names = ["penultimate"] + [f"stage{i}" for i in range(self.stages)]
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-            path = export_onnx(FeatureNet(model).eval(), torch.zeros(2, channels, image_size, image_size),
-                               Path(folder) / "features.onnx", names)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.session.get_outputs() if o.name != "logits"]
+
+    @classmethod
+    def of(cls, model: nn.Module, image_size: int, channels: int, threads: int = 1) -> OnnxFeatures:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            return cls(export_features(model, image_size, channels, Path(folder) / "features.onnx"), threads)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        pen, *stats = self.session.run(None, {"image": x.float().contiguous().numpy()})
+        pen, *stats = self.session.run(self.outputs, {"image": x.float().contiguous().numpy()})
         return torch.from_numpy(pen), [torch.from_numpy(s) for s in stats]
+
+
+def runtime_difference(model: nn.Module, ckpt: dict, runtime: OnnxFeatures, images: torch.Tensor) -> float:
+    """Max |difference| between the softmax probabilities (TTA as trained) of PyTorch and of `runtime` on uint8
+    images."""
+    options = {"tta": tta_of(ckpt), "normalization": normalization_of(ckpt)}
+    probs = [torch.softmax(extract_features(model, images, runtime=r, **options)["logits"] / temperature_of(ckpt), 1)
+             for r in (None, runtime)]
+    return (probs[0] - probs[1]).abs().max().item()
 
 
 def onnx_runtime(model: nn.Module, ckpt: dict, threads: int = 1, tolerance: float = 1e-4
@@ -323,19 +366,13 @@ def onnx_runtime(model: nn.Module, ckpt: dict, threads: int = 1, tolerance: floa
     """OnnxFeatures for a checkpoint's model, checked against PyTorch on 8 generated images (softmax
     probabilities, TTA as trained, within `tolerance`), and a line saying so; (None, why) when it cannot be
     exported or does not match, so that the caller falls back to PyTorch."""
-    import tempfile
-
     try:
-        with tempfile.TemporaryDirectory() as folder:  # the session keeps the model in memory
-            runtime = OnnxFeatures(model, ckpt["image_size"], ckpt["channels"], folder, threads)
+        runtime = OnnxFeatures.of(model, ckpt["image_size"], ckpt["channels"], threads)
     except Exception as e:  # a missing package, an operator the exporter cannot take...
         return None, f"onnxruntime unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); using PyTorch"
     images = torch.randint(0, 256, (8, ckpt["channels"], ckpt["image_size"], ckpt["image_size"]),
                            generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    options = {"tta": tta_of(ckpt), "normalization": normalization_of(ckpt)}
-    probs = [torch.softmax(extract_features(model, images, runtime=r, **options)["logits"] / temperature_of(ckpt), 1)
-             for r in (None, runtime)]
-    diff = (probs[0] - probs[1]).abs().max().item()
+    diff = runtime_difference(model, ckpt, runtime, images)
     if not diff <= tolerance:
         return None, f"onnxruntime's probabilities differ from PyTorch's by {diff:.1e} (> {tolerance}); using PyTorch"
     return runtime, f"onnxruntime (probabilities within {diff:.1e} of PyTorch's)"

@@ -16,7 +16,7 @@ from core.metrics import compute_metrics
 from dataset import image_tensor
 from loading.layout import layout_splits, read_layout
 from model import build_model
-from prediction import predict
+from prediction import Classifier, predict
 from prediction.checkpoint import load_checkpoint, model_from_checkpoint
 
 
@@ -185,7 +185,7 @@ def test_gradcam_prints_the_label_and_confidence_inference_prints(trained, tmp_p
     assert len({line.split()[2] for line in expected}) > 2  # confidences that differ, so a mismatch would show
     # The exact probabilities too, not only their two printed decimals.
     model = model_from_checkpoint(raw)
-    for row in inference.classify([Path(p) for p in images], raw, tta=tta == "--tta"):
+    for row in inference.classify([Path(p) for p in images], Classifier(raw, tta=tta == "--tta")):
         x = image_tensor(row["path"], raw["image_size"], raw["channels"])
         result = predict.explain(model, x, tta=tta == "--tta", temperature=raw["temperature"])
         assert [round(p, 4) for p in result.probabilities.tolist()] == list(row["probabilities"].values())

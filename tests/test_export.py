@@ -7,6 +7,7 @@ import torch
 import export
 import inference
 from dataset import image_tensor
+from prediction import Classifier
 from prediction.checkpoint import load_checkpoint, model_from_checkpoint
 
 
@@ -21,7 +22,7 @@ def test_torchscript_matches_pytorch_and_the_documented_preprocessing(trained, t
     assert pre["classes"] == ["cat", "dog"] and pre["input_shape"] == [1, 1, 32, 32]
     # Follow the documented preprocessing by hand and get inference.py's answer.
     images = sorted((trained["data"] / "test").rglob("*.png"))[:4]
-    expected = inference.classify(images, ckpt, tta=False)
+    expected = inference.classify(images, Classifier(ckpt, tta=False))
     for path, want in zip(images, expected):
         x = image_tensor(path, pre["input_shape"][-1], pre["input_shape"][1],
                          {"mean": pre["mean"], "std": pre["std"]})

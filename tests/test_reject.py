@@ -21,16 +21,17 @@ from conftest import load_folder, train_args
 from core.common import UserError
 from loading import synthetic
 from loading.synthetic import make_synthetic
+from prediction import Classifier
 from prediction import novelty as nv
 from prediction import predict
-from prediction.checkpoint import load_checkpoint, novelty_of, save_checkpoint, with_novelty
+from prediction.checkpoint import load_checkpoint, model_from_checkpoint, novelty_of, save_checkpoint, with_novelty
 
 
 def val_scores(ckpt: dict, data: Path) -> torch.Tensor:
     """The stored score of every val image, computed again from the checkpoint alone."""
     novelty = novelty_of(ckpt)
     val = load_folder(data / "val", ckpt["classes"], ckpt["image_size"], ckpt["channels"])
-    model = inference.model_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt)
     feats = predict.extract_features(model, val.images, tta=novelty["tta"], normalization=ckpt["normalization"])
     return nv.novelty_score(novelty["states"][novelty["score"]], feats)
 
@@ -77,7 +78,7 @@ def split_threshold(trained, tmp_path) -> tuple[Path, list[Path], dict]:
     some noise images, so that both verdicts occur: (checkpoint, images, {path: score})."""
     images = sorted((trained["data"] / "test" / "cat").glob("*.png"))[:3] + noise_images(tmp_path / "noise", 3)
     ckpt = load_checkpoint(trained["checkpoint"])
-    scores = {r["path"]: r["novelty_score"] for r in inference.classify(images, ckpt)}
+    scores = {r["path"]: r["novelty_score"] for r in inference.classify(images, Classifier(ckpt))}
     ordered = sorted(scores.values())
     threshold = (ordered[2] + ordered[3]) / 2
     path = tmp_path / "ckpt.pth"
@@ -129,7 +130,7 @@ def test_the_score_ignores_a_tta_override(split_threshold):
     path, images, scores = split_threshold
     ckpt = load_checkpoint(path)
     for tta in (False, True):
-        got = inference.classify(images, ckpt, tta=tta)
+        got = inference.classify(images, Classifier(ckpt, tta=tta))
         assert [r["novelty_score"] for r in got] == pytest.approx([scores[str(p)] for p in images], abs=1e-3)
 
 
@@ -182,7 +183,7 @@ def test_evaluate_unknown_dir_writes_the_metrics_and_the_histogram(trained, tmp_
     ckpt = load_checkpoint(trained["checkpoint"])
     novelty = novelty_of(ckpt)
     test = load_folder(trained["data"] / "test", ckpt["classes"], ckpt["image_size"], ckpt["channels"])
-    feats = predict.extract_features(inference.model_from_checkpoint(ckpt), test.images, tta=novelty["tta"],
+    feats = predict.extract_features(model_from_checkpoint(ckpt), test.images, tta=novelty["tta"],
                                 normalization=ckpt["normalization"])
     scores = nv.novelty_score(novelty["states"][novelty["score"]], feats)
     assert m["known_rejected"] == pytest.approx((~nv.accepted(scores, novelty["threshold"])).double().mean().item())

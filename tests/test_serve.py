@@ -336,18 +336,18 @@ def test_a_request_that_timed_out_is_not_scored_and_a_model_error_reaches_its_ba
 
 def test_a_request_not_answered_in_time_gets_503_and_the_server_goes_on(ckpt, trained, monkeypatch):
     image = sample_images(trained)[0].read_bytes()
-    real = serve.predict_images
+    real = serve.Classifier.predict_decoded
 
     def slow(*args, **kwargs):
         time.sleep(1.0)
         return real(*args, **kwargs)
 
     with TestClient(serve.create_app(ckpt, timeout_s=0.3)) as c:
-        monkeypatch.setattr(serve, "predict_images", slow)
+        monkeypatch.setattr(serve.Classifier, "predict_decoded", slow)
         r = c.post("/predict", content=image)
         assert r.status_code == 503 and r.json() == {
             "error": "no answer within 0.3 s: the server is too busy (--timeout-s); try again later"}
-        monkeypatch.setattr(serve, "predict_images", real)
+        monkeypatch.setattr(serve.Classifier, "predict_decoded", real)
         time.sleep(1.0)  # the slow call ends; the thread is free again
         assert c.post("/predict", content=image).status_code == 200
         metrics = c.get("/metrics").text
@@ -710,7 +710,7 @@ def test_onnx_runtime_falls_back_to_pytorch_when_it_cannot_export_or_does_not_ma
     def broken(*args, **kwargs):
         raise ModuleNotFoundError("No module named 'onnxscript'")
 
-    monkeypatch.setattr(predict, "OnnxFeatures", broken)
+    monkeypatch.setattr(predict, "export_features", broken)
     assert predict.onnx_runtime(model, ckpt) == (
         None, "onnxruntime unavailable (ModuleNotFoundError: No module named 'onnxscript'); using PyTorch")
     app = serve.create_app(ckpt, runtime="onnx")
@@ -719,8 +719,9 @@ def test_onnx_runtime_falls_back_to_pytorch_when_it_cannot_export_or_does_not_ma
         assert c.get("/health").json()["runtime"] == "torch"
 
     class Off:  # exports, but its numbers are not PyTorch's
-        def __init__(self, *args, **kwargs):
-            pass
+        @classmethod
+        def of(cls, *args, **kwargs):
+            return cls()
 
         def __call__(self, x):
             pen, stats = runtime(x)

@@ -17,6 +17,7 @@ from dataset import Split, augment, cutmix, image_tensor, load_data, to_float
 from loading.layout import read_layout
 from loading.synthetic import make_synthetic
 from model import SmallResNet, adapt_state_dict, build_model
+from prediction import Classifier
 from prediction.checkpoint import load_checkpoint, model_from_checkpoint, run_name_of
 from prediction.predict import predict_logits
 from training import loop, optimization, runs
@@ -487,7 +488,7 @@ def test_two_phase_fine_tuning_from_a_weights_file(tmp_path):
     # Inference normalizes with the checkpoint's statistics, not the [-1, 1] default.
     ckpt = load_checkpoint(tmp_path / "models" / "last.pth")
     image = next((data / "test" / "cat").iterdir())
-    result = inference.classify([image], ckpt, tta=False)[0]
+    result = inference.classify([image], Classifier(ckpt, tta=False))[0]
     x = image_tensor(image, 16, 1, ckpt["normalization"])
     with torch.no_grad():
         probs = torch.softmax(model_from_checkpoint(ckpt)(x), 1)[0]
@@ -517,7 +518,7 @@ def test_many_classes_report_top5(tmp_path):
     assert ckpt["classes"] == sorted(classes)
     h = ckpt["history"][0]
     assert h["val_acc"] <= h["val_top5"]  # the right class among the best 5 at least as often as first
-    results = inference.classify(sorted((data / "test").rglob("*.png"))[:3], ckpt)
+    results = inference.classify(sorted((data / "test").rglob("*.png"))[:3], Classifier(ckpt))
     assert all(r["label"] in classes for r in results)
 
 
