@@ -40,14 +40,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from config import TrainConfig
 from core.common import UserError, reports_user_errors
-from dataset import Split, load_items, to_float
-from loading.layout import layout_splits, read_layout
-from prediction.checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
-                                   temperature_of)
+from dataset import to_float
+from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of
 from prediction.predict import export_onnx
-from prediction.quantize import Int8Check, quantize
+from prediction.quantize import Int8Check, int8_images, quantize
 
 FORMATS = ("torchscript", "onnx", "onnx-int8")
 DEFAULT_FORMATS = ["torchscript", "onnx"]  # INT8 needs the training images, so it is asked for by name
@@ -127,30 +124,9 @@ def check_onnx(path: Path, model: nn.Module, inputs: torch.Tensor) -> float:
         return max_difference(model(inputs), got)
 
 
-def int8_images(ckpt: dict, settings: Int8Settings) -> tuple[torch.Tensor, Split]:
-    """A seeded sample of settings.calibration training images and the labelled val split (never calibrated on),
-    read as train.py read the data (layout, labels, carve, classes from the checkpoint's config)."""
-    saved = config_of(ckpt)
-    data = settings.data or saved.get("data")
-    if not data:
-        raise UserError("--format onnx-int8 calibrates on training images: give the dataset with --data DIR")
-    cfg = dataclasses.replace(TrainConfig.from_dict(saved), data=data)
-    splits = layout_splits(read_layout(cfg.data, **cfg.layout_settings(need="val")))
-    classes = list(ckpt["classes"])
-    train, val = ([(p, c) for p, c in splits.get(name, []) if c in classes] for name in ("train", "val"))
-    if not train or not val:
-        raise UserError(f"INT8 needs train images to calibrate on and labelled val images to check on; {data} has "
-                        f"{len(train)} and {len(val)} of the checkpoint's classes ({', '.join(classes)})")
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed))[:settings.calibration]
-    size, channels = ckpt["image_size"], ckpt["channels"]
-    calibration = load_items([train[i] for i in sorted(pick.tolist())], classes, "calibration", size, channels,
-                             workers=settings.workers)
-    return calibration.images, load_items(val, classes, "val", size, channels, workers=settings.workers)
-
-
 def export_int8(ckpt: dict, model: nn.Module, out: Path, settings: Int8Settings) -> tuple[Path, Int8Check]:
     """OUT.int8.onnx (quantize.quantize), and its check against the float model on val."""
-    calibration, val = int8_images(ckpt, settings)
+    calibration, val = int8_images(ckpt, settings.data, settings.calibration, settings.seed, settings.workers)
     path = with_suffix(out, ".int8.onnx")
     return path, quantize(model, ckpt, calibration, val.images, val.labels, path, settings.tolerance)
 

@@ -6,13 +6,16 @@ Usage:
     python -m benchmarks.bench_serve                                    # first trains the default model 1 epoch on synthetic data
     python -m benchmarks.bench_serve --checkpoint models/best_model.pth --image photo.jpg
     python -m benchmarks.bench_serve --requests 500 --memory-requests 2000 -- --threads 1 --torch-threads 2   # serve.py flags
+    python -m benchmarks.bench_serve --checkpoint models/best_model.pth --runtimes onnx onnx-int8   # one after the other
     python -m benchmarks.bench_serve screenshot --checkpoint models/best_model.pth --image photo.jpg --out docs/serve_page.png
 
 The server runs as `python serve.py` in its own process on a free localhost port; the clients are threads of
 this process, each with its own keep-alive connection, sending one image as the raw body of POST /predict.
 Without --image the image is a generated 200x200 JPEG (the size of the cat/dog photos). Speed depends on the
-architecture, width and image size, not on how well the model was trained. Prints a Markdown table, then one
-JSON object with the same figures.
+architecture, width and image size, not on how well the model was trained. With several --runtimes the server is
+started with each `--runtime` in turn, in the same run; for onnx-int8 the INT8 model is first written by
+`export.py --format onnx-int8` (calibrated on the data the checkpoint trained on) into a temporary folder.
+Prints a Markdown table, then one JSON object with the same figures.
 
 `screenshot` starts serve.py the same way, drops the image on its page in headless Chromium (Debian's chromium
 and chromium-driver, driven by selenium) at a phone's width, waits for the answer and the heatmap, and saves
@@ -41,6 +44,7 @@ from core.common import (UserError, markdown_source, markdown_table, provenance,
                          split_at_dashes)
 from loading.synthetic import make_synthetic
 from prediction.checkpoint import load_checkpoint, width_of
+from prediction.classifier import RUNTIMES
 
 ROOT = Path(__file__).resolve().parents[1]  # the project, where serve.py is
 CLIENTS = (1, 8, 32, 64)
@@ -220,15 +224,17 @@ def screenshot(argv: list[str]) -> int:
 def serve_and_load(checkpoint: Path, image: bytes, serve_flags: list[str], requests: int, memory_requests: int
                    ) -> tuple[list[dict], dict, dict]:
     """serve.py started with `serve_flags` and put under load: a load() row per concurrency level and the mixed
-    row; the server's RSS in MiB {"started", "before", "after"}, the last two around `memory_requests` further
+    row, each with the runtime /health says scored ('served_by'); the server's RSS in MiB {"started", "before", "after"}, the last two around `memory_requests` further
     requests; and those requests' load() row."""
     port = free_port()
     server = start_server(checkpoint, port, serve_flags)
     try:
         rss_started = rss_mb(server.pid)
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
         load(port, image, 8, 100)  # warm-up: first calls allocate the batch-of-one buffers
         rows = [load(port, image, c, requests) for c in CLIENTS]
         rows.append(load(port, image, MIXED[0], requests, bad_every=MIXED[1]))
+        rows = [{**r, "served_by": health["runtime"]} for r in rows]  # what scored: onnx falls back to torch
         rss_before = rss_mb(server.pid)
         memory_run = load(port, image, 8, memory_requests)
         rss_after = rss_mb(server.pid)
@@ -251,6 +257,44 @@ def batch_shares(rows: list[dict]) -> str:
         for i, (le, n) in enumerate(share) if n)
 
 
+def int8_flags(checkpoint: Path, work: Path) -> list[str]:
+    """serve.py's flags for the INT8 runtime: the model written by export.py --format onnx-int8 into `work`."""
+    run_script("export.py", ["--checkpoint", str(checkpoint), "--format", "onnx-int8", "--out", str(work / "model"),
+                             "--workers", "0"], stdout=sys.__stderr__)
+    return ["--int8-model", str(work / "model.int8.onnx")]
+
+
+def serve_runtimes(checkpoint: Path, image: bytes, serve_flags: list[str], runtimes: list[str], args, work: Path
+                   ) -> list[tuple[str, list[dict], dict, dict]]:
+    """serve_and_load for each runtime in turn: (runtime, rows, RSS, memory run); rows say their runtime."""
+    out = []
+    for runtime in runtimes:
+        flags = [*serve_flags, *(["--runtime", runtime] if len(runtimes) > 1 or runtime != "onnx" else [])]
+        if runtime == "onnx-int8":
+            flags += int8_flags(checkpoint, work)
+        rows, rss, memory_run = serve_and_load(checkpoint, image, flags, args.requests, args.memory_requests)
+        out.append((runtime, [{**r, "runtime": runtime} for r in rows], rss, memory_run))
+    return out
+
+
+def print_tables(measured: list[tuple[str, list[dict], dict, dict]], memory_requests: int) -> None:
+    """The load rows of every runtime as one Markdown table, then each runtime's batch sizes and memory."""
+    several = len(measured) > 1
+    print(markdown_table((["runtime"] if several else []) + ["clients", "requests/s", "p50 latency", "p99 latency",
+                                                             "images per forward pass"],
+                         [([runtime] if several else [])
+                          + [f"{r['clients']}" + (f", 1 in {r['bad_every']} unreadable" if r["bad_every"] else ""),
+                             r["requests_per_s"], f"{r['p50_ms']} ms", f"{r['p99_ms']} ms", r.get("mean_batch", "")]
+                          for runtime, rows, _, _ in measured for r in rows]))
+    for runtime, rows, rss, memory_run in measured:
+        name = f"{runtime}: " if several else ""
+        shares = batch_shares(rows)
+        if shares:
+            print(f"\n{name}{shares}")
+        print(f"\n{name}server RSS: {rss['started']} MiB started, {rss['before']} MiB before and {rss['after']} MiB "
+              f"after {memory_requests} more requests ({memory_run['requests_per_s']} requests/s)")
+
+
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -263,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000, help="requests per concurrency level (default: 1000)")
     parser.add_argument("--memory-requests", type=int, default=5000,
                         help="requests between the two memory readings (default: 5000)")
+    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=["onnx"],
+                        help="serve.py --runtime of each server measured, one after the other (default: onnx)")
     ours, serve_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
     try:
@@ -271,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as work:
             checkpoint = Path(args.checkpoint) if args.checkpoint else train_default_model(Path(work))
             image = Path(args.image).read_bytes() if args.image else sample_jpeg()
-            rows, rss, memory_run = serve_and_load(checkpoint, image, serve_flags, args.requests,
-                                                   args.memory_requests)
+            measured = serve_runtimes(checkpoint, image, serve_flags, list(dict.fromkeys(args.runtimes)), args,
+                                      Path(work))
             ckpt = load_checkpoint(checkpoint)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -280,20 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     model = (f"{ckpt['arch']} width {width_of(ckpt)}, {ckpt['image_size']}x{ckpt['image_size']}"
              f" {ckpt['channels']}-channel input, {len(ckpt['classes'])} classes")
     print(f"{model}; {len(image)}-byte image; serve.py flags: {' '.join(serve_flags) or 'the defaults'}\n")
-    print(markdown_table(["clients", "requests/s", "p50 latency", "p99 latency", "images per forward pass"],
-                         [[f"{r['clients']}" + (f", 1 in {r['bad_every']} unreadable" if r["bad_every"] else ""),
-                           r["requests_per_s"], f"{r['p50_ms']} ms", f"{r['p99_ms']} ms", r.get("mean_batch", "")]
-                          for r in rows]))
-    shares = batch_shares(rows)
-    if shares:
-        print("\n" + shares)
-    print(f"\nserver RSS: {rss['started']} MiB started, {rss['before']} MiB before and {rss['after']} MiB after "
-          f"{args.memory_requests} more requests ({memory_run['requests_per_s']} requests/s)\n")
+    print_tables(measured, args.memory_requests)
     prov = provenance("benchmarks.bench_serve", argv)
-    print(markdown_source(prov) + "\n")
+    print("\n" + markdown_source(prov) + "\n")
+    first = measured[0]
     result = {**prov, "checkpoint": args.checkpoint or "the default model, 1 epoch on synthetic data", "model": model,
-              "image_bytes": len(image), "serve_flags": serve_flags, "levels": rows,
-              "rss_mb": {**rss, "requests_between": args.memory_requests}}
+              "image_bytes": len(image), "serve_flags": serve_flags, "runtimes": [m[0] for m in measured],
+              "levels": [r for m in measured for r in m[1]],
+              "rss_mb": {**first[2], "requests_between": args.memory_requests},
+              "rss_mb_by_runtime": {m[0]: m[2] for m in measured}}
     print(json.dumps(result, indent=2))
     return 0
 

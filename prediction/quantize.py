@@ -2,7 +2,8 @@
 images, checked against the float model, and loaded back to score images in place of PyTorch.
 
 Usage:
-    check = quantize(model, ckpt, train_images, val_images, val_labels, "models/model.int8.onnx", tolerance=0.5)
+    train_images, val = int8_images(ckpt, "PATH/TO/DATA", calibration=300)   # as training read them
+    check = quantize(model, ckpt, train_images, val.images, val.labels, "models/model.int8.onnx", tolerance=0.5)
     check.describe()      # label agreement with the float model on val, both accuracies (written only if within 0.5)
     runtime, note = int8_runtime(model, ckpt, "models/model.int8.onnx")        # runtime= for predict_images
 
@@ -16,6 +17,7 @@ file made from another checkpoint and can say how close to the float model it is
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import warnings
@@ -25,12 +27,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from config import TrainConfig
 from core.common import UserError
-from prediction.checkpoint import fingerprint_of
+from dataset import Split, load_items
+from loading.layout import layout_splits, read_layout
+from prediction.checkpoint import config_of, fingerprint_of
 from prediction.predict import OnnxFeatures, export_features, normalize, predict_images
 
 CALIBRATION_BATCH = 32  # images per batch fed to the calibrator
-QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Add", "Relu", "GlobalAveragePool"]  # what becomes INT8
+QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Add", "Relu", "GlobalAveragePool"]  # INT8; the statistics stay float
 FINGERPRINT_KEY, CHECK_KEY = "checkpoint_fingerprint", "int8_check"  # the file's metadata
 
 
@@ -55,6 +60,29 @@ class Int8Check:
         return (f"on {self.images} val images INT8 agrees with float on {100 * self.agreement:.1f}% of labels"
                 f"{known}; accuracy {100 * self.int8_accuracy:.2f}% vs {100 * self.float_accuracy:.2f}% "
                 f"({self.accuracy_change:+.2f} points)")
+
+
+def int8_images(ckpt: dict, data: str | None = None, calibration: int = 300, seed: int = 0, workers: int = 2
+                ) -> tuple[torch.Tensor, Split]:
+    """A seeded sample of `calibration` training images of `data` (None: the data the model trained on) and its
+    labelled val split (never calibrated on), read as train.py read them (layout, labels, carve and classes from
+    the checkpoint's config)."""
+    saved = config_of(ckpt)
+    data = data or saved.get("data")
+    if not data:
+        raise UserError("--format onnx-int8 calibrates on training images: give the dataset with --data DIR")
+    cfg = dataclasses.replace(TrainConfig.from_dict(saved), data=data)
+    splits = layout_splits(read_layout(cfg.data, **cfg.layout_settings(need="val")))
+    classes = list(ckpt["classes"])
+    train, val = ([(p, c) for p, c in splits.get(name, []) if c in classes] for name in ("train", "val"))
+    if not train or not val:
+        raise UserError(f"INT8 needs train images to calibrate on and labelled val images to check on; {data} has "
+                        f"{len(train)} and {len(val)} of the checkpoint's classes ({', '.join(classes)})")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calibration]
+    size, channels = ckpt["image_size"], ckpt["channels"]
+    sample = load_items([train[i] for i in sorted(pick.tolist())], classes, "calibration", size, channels,
+                        workers=workers)
+    return sample.images, load_items(val, classes, "val", size, channels, workers=workers)
 
 
 def calibration_reader(images: torch.Tensor, normalization: dict):

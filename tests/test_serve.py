@@ -662,6 +662,20 @@ def test_bench_serve_prints_a_table_and_the_memory(trained, capsys):
 
 
 @pytest.mark.slow
+def test_bench_serve_measures_each_runtime_in_the_same_run(trained, capsys):
+    assert bench_serve.main(["--checkpoint", str(trained["checkpoint"]), "--requests", "64", "--memory-requests", "16",
+                             "--runtimes", "onnx", "onnx-int8", "--", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    table, result = out.split("\n{", 1)
+    result = json.loads("{" + result)
+    assert result["runtimes"] == ["onnx", "onnx-int8"]
+    assert [(r["runtime"], r["served_by"], r["clients"]) for r in result["levels"]] == [
+        (runtime, runtime, c) for runtime in ("onnx", "onnx-int8") for c in (1, 8, 32, 64, 32)]
+    assert "| onnx-int8 | 32, 1 in 4 unreadable |" in table and "\nonnx-int8: server RSS: " in table
+    assert set(result["rss_mb_by_runtime"]) == {"onnx", "onnx-int8"}
+
+
+@pytest.mark.slow
 def test_bench_serve_screenshot_saves_the_page_with_an_answer(trained, tmp_path):
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
