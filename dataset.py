@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from config import NORMALIZATION, TrainConfig
 from core.common import UserError, reports_user_errors
 from loading.cache import derived_rows, update_cache
 from loading.decode import decode_files, decode_image, expand_inputs, mapped_tensor
-from loading.layout import Layout, layout_splits
+from loading.layout import Layout, layout_splits, read_layout
 from loading.near_duplicates import GRID, VARIANTS, StartUpCheck, descriptors, start_up_check
 from loading.synthetic import make_synthetic, write_unknown_set
 
@@ -414,6 +415,18 @@ def load_training_data(cfg: TrainConfig, lay: Layout, device: torch.device, expe
     train.images, placement = place_images(train.images, device, cfg.data_placement)
     train.labels = train.labels.to(device)
     return train, val, DataSummary(seconds, near, placement)
+
+
+def trained_items(saved: dict, classes: list[str], data: str | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Every split's (path, class) items of the data a training run read, read again as it read them: its saved
+    config (a checkpoint's) for the layout, labels, carve and classes; `data` instead of the run's data folder
+    if given. Only the checkpoint's `classes` are kept."""
+    data = data or saved.get("data")
+    if not data:
+        raise UserError("the checkpoint does not say which data it trained on: give it with --data DIR")
+    cfg = dataclasses.replace(TrainConfig.from_dict(saved), data=data)
+    splits = layout_splits(read_layout(cfg.data, **cfg.layout_settings(need="val")))
+    return {name: [(path, c) for path, c in items if c in classes] for name, items in splits.items()}
 
 
 def load_folder(folder: str, flag: str, size: int, channels: int, cache_dir: str = "", workers: int = 0) -> Split:

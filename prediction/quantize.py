@@ -17,7 +17,6 @@ file made from another checkpoint and can say how close to the float model it is
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 import warnings
@@ -27,10 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from config import TrainConfig
 from core.common import UserError
-from dataset import Split, load_items
-from loading.layout import layout_splits, read_layout
+from dataset import Split, load_items, trained_items
 from prediction.checkpoint import config_of, fingerprint_of
 from prediction.predict import OnnxFeatures, export_features, normalize, predict_images
 
@@ -67,17 +64,13 @@ def int8_images(ckpt: dict, data: str | None = None, calibration: int = 300, see
     """A seeded sample of `calibration` training images of `data` (None: the data the model trained on) and its
     labelled val split (never calibrated on), read as train.py read them (layout, labels, carve and classes from
     the checkpoint's config)."""
-    saved = config_of(ckpt)
-    data = data or saved.get("data")
-    if not data:
-        raise UserError("--format onnx-int8 calibrates on training images: give the dataset with --data DIR")
-    cfg = dataclasses.replace(TrainConfig.from_dict(saved), data=data)
-    splits = layout_splits(read_layout(cfg.data, **cfg.layout_settings(need="val")))
     classes = list(ckpt["classes"])
-    train, val = ([(p, c) for p, c in splits.get(name, []) if c in classes] for name in ("train", "val"))
+    splits = trained_items(config_of(ckpt), classes, data)
+    train, val = splits.get("train", []), splits.get("val", [])
     if not train or not val:
-        raise UserError(f"INT8 needs train images to calibrate on and labelled val images to check on; {data} has "
-                        f"{len(train)} and {len(val)} of the checkpoint's classes ({', '.join(classes)})")
+        raise UserError(f"INT8 needs train images to calibrate on and labelled val images to check on; "
+                        f"{data or config_of(ckpt).get('data')} has {len(train)} and {len(val)} of the checkpoint's "
+                        f"classes ({', '.join(classes)})")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calibration]
     size, channels = ckpt["image_size"], ckpt["channels"]
     sample = load_items([train[i] for i in sorted(pick.tolist())], classes, "calibration", size, channels,

@@ -176,7 +176,7 @@ def test_int8_export_needs_data_it_can_read(trained, tmp_path):
     save_checkpoint(no_data, tmp_path / "c.pth")
     assert export.main(["--checkpoint", str(tmp_path / "c.pth"), "--format", "onnx-int8",
                         "--out", str(tmp_path / "m")]) == 2
-    with pytest.raises(UserError, match="calibrates on training images: give the dataset with --data DIR"):
+    with pytest.raises(UserError, match="the checkpoint does not say which data it trained on: give it with --data DIR"):
         export.export(no_data, tmp_path / "m", ["onnx-int8"])
     assert not (tmp_path / "m.int8.onnx").exists() and not (tmp_path / "m.json").exists()
 
