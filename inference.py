@@ -10,6 +10,7 @@ Usage:
     python inference.py --image x.jpg --threshold 0.8              # "unknown" below 80% confidence
     python inference.py --image photos/ --reject --json            # "unknown" when of no known class
     python inference.py --image x.jpg --checkpoint models/best_model.pth
+    python inference.py --image photos/ --runtime onnx-int8         # the INT8 model export.py --format onnx-int8 wrote
 
 Needs nothing but the checkpoint: class names, image size, channels and normalization travel inside it, and
 the novelty score and threshold that --reject uses (fitted at the end of training; see prediction/novelty.py).
@@ -27,7 +28,7 @@ import torch
 from core.common import UserError, reports_user_errors
 from loading.decode import BadImage, expand_inputs
 from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, novelty_of
-from prediction.classifier import BATCH, RUNTIMES, Classifier, default_int8_path
+from prediction.classifier import BATCH, Classifier, add_runtime_flags, default_int8_path
 
 
 def classify(paths: list[Path], clf: Classifier) -> list[dict]:
@@ -93,12 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(the score and threshold stored at the end of training)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the mirrored image (default: as in training)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                        help="what scores the images: PyTorch (default); onnxruntime, exported at start (a few "
-                             "seconds, paid back on large folders) and checked against PyTorch within 1e-4; or "
-                             "onnx-int8, the INT8 model export.py --format onnx-int8 wrote (see --int8-model)")
-    parser.add_argument("--int8-model", metavar="FILE",
-                        help="with --runtime onnx-int8: the INT8 file (default: model.int8.onnx beside the checkpoint)")
+    add_runtime_flags(parser, "torch", "; onnx's export takes a few seconds, paid back on large folders")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")

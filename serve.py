@@ -4,6 +4,7 @@ Usage:
     python serve.py                                         # models/best_model.pth on http://127.0.0.1:8000/
     python serve.py --checkpoint models/best_model.pth --port 8080
     python serve.py --host 0.0.0.0                          # reachable from other machines: see the README
+    python serve.py --runtime onnx-int8                     # the INT8 model export.py --format onnx-int8 wrote
     curl --data-binary @photo.jpg http://127.0.0.1:8000/predict               # one image as the body
     curl -F files=@a.jpg -F files=@b.png http://127.0.0.1:8000/predict        # several, one forward pass
 
@@ -51,7 +52,7 @@ from starlette.exceptions import HTTPException
 from core.common import UserError, reports_user_errors
 from loading.decode import BadImage, decode_bytes
 from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, temperature_of, val_accuracy_of
-from prediction.classifier import RUNTIMES, Classifier, default_int8_path
+from prediction.classifier import Classifier, add_runtime_flags, default_int8_path
 from prediction.predict import PredictionFacts, explain, normalize, pick_cam_layer
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
@@ -517,12 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                              "batches form from the requests queued while the threads are busy)")
     parser.add_argument("--timeout-s", type=float, default=10.0,
                         help="answer 503 to a request not answered within this (default: 10)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="onnx",
-                        help="what scores the images: onnxruntime (default: faster on a CPU, exported at start and "
-                             "checked against PyTorch within 1e-4, PyTorch when that fails), PyTorch, or onnx-int8, "
-                             "the INT8 model export.py --format onnx-int8 wrote (see --int8-model)")
-    parser.add_argument("--int8-model", metavar="FILE",
-                        help="with --runtime onnx-int8: the INT8 file (default: model.int8.onnx beside the checkpoint)")
+    add_runtime_flags(parser, "onnx", ": faster on a CPU")
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes sharing the port, each with its own copy of the model and of "
                              "the PyTorch libraries (bench_serve prints the memory each takes; default: 1)")

@@ -20,7 +20,6 @@ Prints Markdown tables with the command, commit, date and machine, then one JSON
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from core.common import markdown_source, markdown_table, provenance, reports_user_errors, run_script
+from core.common import markdown_table, print_figures, reports_user_errors, run_script
 from loading.decode import decode_image
 from prediction.checkpoint import load_checkpoint
 from prediction.classifier import Classifier
@@ -153,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         result = measure(args, Path(work))
-    prov = provenance("benchmarks.bench_predict", argv)
-    print(tables(result) + "\n\n" + markdown_source(prov) + "\n")
-    print(json.dumps({**prov, **result}, indent=2))
+    print_figures("benchmarks.bench_predict", argv, tables(result), result)
     return 0
 
 

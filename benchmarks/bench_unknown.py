@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from core.common import UserError, markdown_source, markdown_table, provenance, reports_user_errors
+from core.common import UserError, markdown_table, print_figures, reports_user_errors
 from dataset import load_items, trained_items
 from prediction.checkpoint import config_of, load_checkpoint, model_from_checkpoint, normalization_of, novelty_of
 from prediction.novelty import auroc, combined_parts, load_images, scores_by_name
@@ -147,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes that decode images (default: 2)")
     args = parser.parse_args(argv)
     result = measure(args)
-    prov = provenance("benchmarks.bench_unknown", argv)
-    print(tables(result) + "\n\n" + markdown_source(prov) + "\n")
-    print(json.dumps({**prov, **result}, indent=2))
+    print_figures("benchmarks.bench_unknown", argv, tables(result), result)
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import json
 import os
 import platform
 import shlex
@@ -122,6 +123,14 @@ def markdown_source(prov: dict) -> str:
     return (f"`{prov['command']}` at commit {prov['commit']}, {prov['date']}; {m['cpu']}, {m['cpu_cores']} cores "
             f"({m['torch_threads']} torch threads), {m['memory_gb']} GB, GPU: {m['cuda'] or 'none'}; "
             f"torch {m['torch']}")
+
+
+def print_figures(script: str, argv: list[str], tables: str, figures: dict) -> None:
+    """A benchmark's output: its Markdown tables, the line with the command, commit, date and machine under them,
+    then the same figures as one JSON object."""
+    prov = provenance(script, argv)
+    print(tables + "\n\n" + markdown_source(prov) + "\n")
+    print(json.dumps({**prov, **figures}, indent=2))
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -19,6 +19,7 @@ wrote, by default model.int8.onnx beside the checkpoint).
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,17 @@ def default_int8_path(checkpoint: str | Path) -> Path:
     """Where runtime 'onnx-int8' looks unless told: model.int8.onnx in the checkpoint's folder (export.py's
     --out models/model, the default, writes models/model.int8.onnx beside models/best_model.pth)."""
     return Path(checkpoint).parent / INT8_NAME
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, default: str, note: str = "") -> None:
+    """--runtime and --int8-model, as inference.py and serve.py take them (Classifier's runtime and int8_model)."""
+    parser.add_argument("--runtime", choices=RUNTIMES, default=default,
+                        help=f"what scores the images (default: {default}{note}): torch, PyTorch; onnx, "
+                             "onnxruntime, exported at start and checked against PyTorch within 1e-4 (PyTorch when "
+                             "that fails); onnx-int8, the INT8 model export.py --format onnx-int8 wrote "
+                             "(see --int8-model)")
+    parser.add_argument("--int8-model", metavar="FILE",
+                        help="with --runtime onnx-int8: the INT8 file (default: model.int8.onnx beside the checkpoint)")
 
 
 class Classifier:
