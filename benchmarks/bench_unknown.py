@@ -12,7 +12,8 @@ on. The unknown images are --other's subfolders grouped into sources (default: e
 - The combined score's recipe (its parts: each early stage's statistics, the energy of the logits and, with a
   rotation head, its surprise; each part weighed 0, 1, 2 or 3) chosen on all sources but one and measured on the
   one left out, for each source in turn; beside it the checkpoint's own recipe on the same source, and both means.
-  A recipe that only fits the kinds it was chosen on shows here as a drop on the source left out.
+  A recipe that only fits the kinds it was chosen on shows here as a drop on the source left out. --drop PART
+  leaves a part out of every recipe (and of the checkpoint's, for the comparison).
 Prints Markdown tables with the command, commit, date and machine, then one JSON object with the same figures.
 """
 from __future__ import annotations
@@ -85,7 +86,7 @@ def source_folders(other: Path, specs: list[str]) -> dict[str, list[Path]]:
     return out
 
 
-def measure(args: argparse.Namespace) -> dict:
+def measure(args: argparse.Namespace, drop: list[str]) -> dict:
     """The features of val and of every source, then both tables' figures."""
     ckpt = load_checkpoint(args.checkpoint)
     novelty = novelty_of(ckpt, needed_by="bench_unknown")
@@ -109,13 +110,19 @@ def measure(args: argparse.Namespace) -> dict:
     by_score = {name: {src: auroc(known_scores[name], scores_by_name(states, f)[name]) for src, f in unknown.items()}
                 for name in known_scores}
     combined = states["combined"]
-    parts = {src: standardized_parts(combined, f) for src, f in unknown.items()}
-    known_parts = standardized_parts(combined, known)
-    default = tuple(float(w) for w in combined.get("weights", torch.ones(len(known_parts))).tolist())
+    names = part_names(combined)
+    unknown_parts = [d for d in drop if d not in names]
+    if unknown_parts:
+        raise UserError(f"--drop {', '.join(unknown_parts)}: the combined score's parts are {', '.join(names)}")
+    keep = [i for i, name in enumerate(names) if name not in drop]
+    parts = {src: standardized_parts(combined, f)[keep] for src, f in unknown.items()}
+    known_parts = standardized_parts(combined, known)[keep]
+    weights = combined.get("weights", torch.ones(len(names)))
+    default = tuple(float(weights[i]) for i in keep)
     rows = leave_one_source_out(known_parts[:, 0::2], known_parts[:, 1::2], parts, default)
     return {"val_images": {"choose": known_parts[:, 0::2].shape[1], "report": known_parts[:, 1::2].shape[1]},
             "images": {src: int(p.shape[1]) for src, p in parts.items()}, "by_score": by_score,
-            "parts": part_names(combined), "default_recipe": list(default), "loso": rows,
+            "parts": [names[i] for i in keep], "default_recipe": list(default), "loso": rows,
             "loso_mean": {k: sum(r[k] for r in rows) / len(rows) for k in ("chosen_auroc", "default_auroc")}}
 
 
@@ -143,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--other", required=True, help="photos of no known class, in subfolders")
     parser.add_argument("--sources", nargs="+", default=[], metavar="NAME=SUB,SUB",
                         help="group --other's subfolders into sources (default: each subfolder a source)")
+    parser.add_argument("--drop", nargs="+", default=[], metavar="PART",
+                        help="parts of the combined score left out of every recipe, e.g. rotation (whose three "
+                             "extra forward passes per image cost the most)")
     parser.add_argument("--workers", type=int, default=2, help="processes that decode images (default: 2)")
     args = parser.parse_args(argv)
-    result = measure(args)
+    result = measure(args, args.drop)
     print_figures("benchmarks.bench_unknown", argv, tables(result), result)
     return 0
 

@@ -58,4 +58,11 @@ def test_bench_unknown_prints_both_tables(trained, tmp_path, capsys):
     assert set(result["by_score"]) >= {"combined", "msp", "energy"}
     assert "| source left out | recipe chosen on the others |" in table and "| mean |" in table
     assert bench_unknown.main(["--checkpoint", str(trained["checkpoint"]), "--other", str(tmp_path / "other"),
+                               "--drop", "energy", "--workers", "0"]) == 0
+    dropped = json.loads("{" + capsys.readouterr().out.split("\n{", 1)[1])
+    assert dropped["parts"] == ["stem statistics", "stage 1 statistics"] and dropped["default_recipe"] == [1.0, 1.0]
+    assert all(len(r["chosen"]) == 2 for r in dropped["loso"])
+    assert bench_unknown.main(["--checkpoint", str(trained["checkpoint"]), "--other", str(tmp_path / "other"),
+                               "--drop", "rotation"]) == 2  # no such part: the toy model has no rotation head
+    assert bench_unknown.main(["--checkpoint", str(trained["checkpoint"]), "--other", str(tmp_path / "other"),
                                "--sources", "all=noise,shapes"]) == 2  # one source: nothing to leave out
