@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--listed names files for --quarantine DIR to move: give both")
     if args.move_to and not args.label_next:
         parser.error("--move-to copies the photos --label-next N picks: give both")
+    report_only = [flag for flag, given in (("--quarantine", args.quarantine), ("--json", args.json),
+                                            ("--label-errors", args.label_errors)) if given]
+    if args.label_next and report_only:
+        flags = " and ".join(report_only)
+        parser.error(f"{flags} {'is' if len(report_only) == 1 else 'are'} for the data report, which --label-next "
+                     "does not make: run the report without --label-next")
     if args.label_next:
         return print_label_next(args.data, args.checkpoint, args.label_next, args.out_dir, args.move_to,
                                 args.workers)

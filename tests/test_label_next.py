@@ -86,3 +86,11 @@ def test_label_next_errors(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         check_data.main([str(tmp_path), "--move-to", str(tmp_path / "x")])
     assert "--move-to copies the photos --label-next N picks" in capsys.readouterr().err
+    for flag in (["--json"], ["--label-errors"], ["--quarantine", str(tmp_path / "q")]):
+        with pytest.raises(SystemExit):
+            check_data.main([str(tmp_path), "--label-next", "3", *flag])
+        assert f"{flag[0]} is for the data report, which --label-next does not make" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(SystemExit):
+        check_data.main([str(tmp_path), "--label-next", "3", "--json", "--label-errors"])
+    assert "--json and --label-errors are for the data report" in capsys.readouterr().err
