@@ -493,6 +493,17 @@ def app_from_environment() -> FastAPI:
     return app_from_settings(json.loads(os.environ[SETTINGS_VARIABLE]))
 
 
+def checked_for_workers(settings: dict) -> tuple[list[str], str]:
+    """Before --workers processes start, each building its own app: the checkpoint (and the INT8 file for runtime
+    onnx-int8) checked here, so that a bad file stops the server before any worker starts; the classes, and what
+    each process will score with."""
+    ckpt = load_checkpoint(settings["checkpoint"])
+    if settings["runtime"] == "onnx-int8":
+        Classifier(ckpt, "onnx-int8", int8_model=settings["int8_model"])  # a missing or foreign file: its error
+    runtime = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime INT8", "torch": "PyTorch"}[settings["runtime"]]
+    return list(ckpt["classes"]), runtime + ", set up by each process"
+
+
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -535,12 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "timeout_s": args.timeout_s,
                 "runtime": args.runtime, "int8_model": str(args.int8_model or default_int8_path(args.checkpoint))}
     if args.workers > 1:  # each worker builds its own app (app_from_environment); here only the files' check
-        app, ckpt = None, load_checkpoint(args.checkpoint)
-        if args.runtime == "onnx-int8":
-            Classifier(ckpt, "onnx-int8", int8_model=settings["int8_model"])  # a missing or foreign file: its error
-        classes = ckpt["classes"]
-        runtime = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime INT8", "torch": "PyTorch"}[args.runtime] \
-            + ", set up by each process"
+        app, (classes, runtime) = None, checked_for_workers(settings)
     else:
         app = app_from_settings(settings)
         classes, runtime = app.state.classes, app.state.runtime

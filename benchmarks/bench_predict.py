@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from core.common import markdown_table, print_figures, reports_user_errors, run_script
+from core.common import figures_report, markdown_table, reports_user_errors, run_script
 from loading.decode import decode_image
 from prediction.checkpoint import load_checkpoint
 from prediction.classifier import Classifier
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         result = measure(args, Path(work))
-    print_figures("benchmarks.bench_predict", argv, tables(result), result)
+    print(figures_report("benchmarks.bench_predict", argv, tables(result), result))
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from core.common import UserError, markdown_table, print_figures, reports_user_errors
+from core.common import UserError, figures_report, markdown_table, reports_user_errors
 from dataset import load_items, trained_items
 from prediction.checkpoint import config_of, load_checkpoint, model_from_checkpoint, normalization_of, novelty_of
 from prediction.novelty import auroc, combined_parts, load_images, scores_by_name
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes that decode images (default: 2)")
     args = parser.parse_args(argv)
     result = measure(args, args.drop)
-    print_figures("benchmarks.bench_unknown", argv, tables(result), result)
+    print(figures_report("benchmarks.bench_unknown", argv, tables(result), result))
     return 0
 
 

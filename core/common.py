@@ -125,12 +125,11 @@ def markdown_source(prov: dict) -> str:
             f"torch {m['torch']}")
 
 
-def print_figures(script: str, argv: list[str], tables: str, figures: dict) -> None:
-    """A benchmark's output: its Markdown tables, the line with the command, commit, date and machine under them,
-    then the same figures as one JSON object."""
+def figures_report(script: str, argv: list[str], tables: str, figures: dict) -> str:
+    """What a benchmark prints: its Markdown tables, the line with the command, commit, date and machine under
+    them, then the same figures as one JSON object."""
     prov = provenance(script, argv)
-    print(tables + "\n\n" + markdown_source(prov) + "\n")
-    print(json.dumps({**prov, **figures}, indent=2))
+    return tables + "\n\n" + markdown_source(prov) + "\n\n" + json.dumps({**prov, **figures}, indent=2)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
