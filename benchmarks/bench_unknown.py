@@ -10,7 +10,8 @@ positions): the even half helps choose, the odd half is reported, so no figure i
 on. The unknown images are --other's subfolders grouped into sources (default: each subfolder a source of its own).
 - Every novelty score the checkpoint holds: AUROC of the reported half of val against each source.
 - The combined score's recipe (its parts: each early stage's statistics, the energy of the logits and, with a
-  rotation head, its surprise; each part weighed 0, 1, 2 or 3) chosen on all sources but one and measured on the
+  rotation head, the penultimate feature's distance and the head's surprise at the upright image; each part
+  weighed 0, 1, 2 or 3) chosen on all sources but one and measured on the
   one left out, for each source in turn; beside it the checkpoint's own recipe on the same source, and both means.
   A recipe that only fits the kinds it was chosen on shows here as a drop on the source left out. --drop PART
   leaves a part out of every recipe (and of the checkpoint's, for the comparison).
@@ -28,7 +29,7 @@ import torch
 from core.common import UserError, figures_report, markdown_table, reports_user_errors
 from dataset import load_items, trained_items
 from prediction.checkpoint import config_of, load_checkpoint, model_from_checkpoint, normalization_of, novelty_of
-from prediction.novelty import auroc, combined_parts, load_images, scores_by_name
+from prediction.novelty import auroc, combined_parts, load_images, needs_turns, scores_by_name
 from prediction.predict import extract_features
 
 WEIGHTS = (0, 1, 2, 3)  # what each part of the combined score may weigh in a recipe
@@ -37,7 +38,8 @@ WEIGHTS = (0, 1, 2, 3)  # what each part of the combined score may weigh in a re
 def part_names(state: dict) -> list[str]:
     """The combined score's parts, in combined_parts' order."""
     stages = ["stem statistics", "stage 1 statistics", "stage 2 statistics", "stage 3 statistics"]
-    return stages[:len(state["means"])] + ["energy"] + (["rotation"] if state["rotation"] else [])
+    head = ["penultimate", "upright"] if state.get("upright", False) else []
+    return stages[:len(state["means"])] + ["energy"] + head + (["rotation"] if state["rotation"] else [])
 
 
 def standardized_parts(state: dict, features: dict) -> torch.Tensor:
@@ -101,6 +103,7 @@ def measure(args: argparse.Namespace, drop: list[str]) -> dict:
     sources = source_folders(Path(args.other), args.sources)
     if len(sources) < 2:
         raise UserError(f"leave-one-source-out needs at least 2 sources in {args.other}, not {len(sources)}")
+    options["turns"] = needs_turns(novelty["states"])
     known = extract_features(model, val.images, **options)
     unknown = {name: extract_features(model, torch.cat([load_images(f, size, channels, args.workers)[0]
                                                         for f in folders]), **options)
@@ -151,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", nargs="+", default=[], metavar="NAME=SUB,SUB",
                         help="group --other's subfolders into sources (default: each subfolder a source)")
     parser.add_argument("--drop", nargs="+", default=[], metavar="PART",
-                        help="parts of the combined score left out of every recipe, e.g. rotation (whose three "
-                             "extra forward passes per image cost the most)")
+                        help="parts of the combined score left out of every recipe, e.g. penultimate upright "
+                             "(what a rotation head adds)")
     parser.add_argument("--workers", type=int, default=2, help="processes that decode images (default: 2)")
     args = parser.parse_args(argv)
     result = measure(args, args.drop)

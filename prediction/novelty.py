@@ -14,15 +14,17 @@ Usage:
     auroc(known_scores, unknown_scores), fpr_at_tpr(known_scores, unknown_scores, 0.95)
 
 Every score is oriented the same way: the higher, the less the image looks like the training classes.
-  combined           the sum of three parts, each standardised over the training images: the Mahalanobis distance
+  combined           the sum of parts, each standardised over the training images: the Mahalanobis distance
                      of the stem's and of the first residual stage's per-channel mean and spread (how the image
                      looks: texture, light, background), and the energy of the logits (how much evidence for any
-                     class it holds); with a rotation head (--rotation-weight) its surprise is a fourth part. The
-                     default (DEFAULT_SCORE), chosen on real photos of other things (../shared/data/other, scenes
-                     and objects) against cat/dog val photos, never on generated ones: the sum separates them
-                     better than any part alone, each part catching images the others miss; see BENCHMARKS.md.
-                     For a model trained with --other the energy part counts OTHER_ENERGY_WEIGHT times: outlier
-                     exposure trains it.
+                     class it holds); with a rotation head (--rotation-weight, on by default) also the Mahalanobis
+                     distance of the penultimate feature (what the image shows) and the head's surprise that the
+                     image is upright, both from the pass that classifies it. The default (DEFAULT_SCORE), chosen
+                     on real photos of other things (../shared/data/other, scenes and objects) against cat/dog val
+                     photos, never on generated ones, by what carries from one kind to the other (leave one source
+                     out, benchmarks/bench_unknown.py): the sum separates them better than any part alone, each
+                     part catching images the others miss; see BENCHMARKS.md. For a model trained with --other
+                     the energy part counts OTHER_ENERGY_WEIGHT times: outlier exposure trains it.
   msp                1 - max softmax probability (the confidence --threshold already uses)
   energy             -T * logsumexp(logits / T)
   knn                L2 distance from the L2-normalised penultimate feature to its k-th nearest training feature
@@ -144,25 +146,38 @@ def fit_layer_mahalanobis(stages: list[torch.Tensor], labels: torch.Tensor, num_
 
 def combined_parts(state: dict, features: dict) -> list[torch.Tensor]:
     """The unscaled parts of the combined score: the Mahalanobis distance of each early stage's statistics, the
-    energy of the logits, and the rotation head's surprise when the state has it."""
+    energy of the logits; with a rotation head the Mahalanobis distance of the penultimate feature and the head's
+    surprise that the image is upright; and the surprise over all four turns in states that have it."""
     t = float(state.get("temperature", 1.0))
     parts = [mahalanobis_distance(m, p, x) for m, p, x in
              zip(state["means"], state["precisions"], features["stages"][:len(state["means"])])]
     parts.append(-t * torch.logsumexp(features["logits"].float() / t, dim=1))
+    if state.get("upright", False):
+        parts.append(mahalanobis_distance(*state["penultimate"], features["penultimate"]))
+        parts.append(features["upright"].float())
     if state["rotation"]:
         parts.append(features["rotation"].float())
     return parts
 
 
+def needs_turns(states: dict[str, dict]) -> bool:
+    """Whether scoring with these states needs extract_features(turns=True): the rotation score, or a combined
+    state with the four-turn part."""
+    return any(s["score"] == "rotation" or (s["score"] == "combined" and s["rotation"]) for s in states.values())
+
+
 def fit_combined(features: dict, labels: torch.Tensor, num_classes: int, temperature: float = 1.0,
                  stages: int = COMBINED_STAGES, shrinkage: float = 0.01, energy_weight: float = 1.0) -> dict:
-    """combined state: class Gaussians of the first `stages` stages' statistics, whether the rotation head's
-    surprise is a part, the mean and standard deviation of every part over the training images, which put
-    the parts on one scale before they are added, and the weight of each part in the sum (1, the energy's
-    `energy_weight`)."""
+    """combined state: class Gaussians of the first `stages` stages' statistics, with a rotation head
+    ("upright" in the features) those of the penultimate feature, the mean and standard deviation of every part
+    over the training images, which put the parts on one scale before they are added, and the weight of each part
+    in the sum (1, the energy's `energy_weight`). The four-turn rotation surprise is never a part: it costs three
+    more passes per image for no more than the upright part and the penultimate one give (BENCHMARKS.md)."""
     means, precisions = zip(*(class_gaussians(x, labels, num_classes, shrinkage) for x in features["stages"][:stages]))
-    state = {"score": "combined", "means": list(means), "precisions": list(precisions),
-             "rotation": "rotation" in features, "temperature": float(temperature)}
+    state = {"score": "combined", "means": list(means), "precisions": list(precisions), "rotation": False,
+             "upright": "upright" in features, "temperature": float(temperature)}
+    if state["upright"]:
+        state["penultimate"] = list(class_gaussians(features["penultimate"], labels, num_classes, shrinkage))
     parts = torch.stack([p.double() for p in combined_parts(state, features)])
     weights = torch.ones(len(parts))
     weights[len(means)] = energy_weight  # the part after the stages' is the energy
@@ -230,7 +245,9 @@ def novelty_score(state: dict, features: dict) -> torch.Tensor:
     if name == "rotation":
         return features["rotation"].float()
     if name == "combined":
-        if state["rotation"] and "rotation" not in features:
+        missing = (state["rotation"] and "rotation" not in features) or (state.get("upright") and
+                                                                          "upright" not in features)
+        if missing:
             raise UserError("the combined novelty score needs the rotation head the checkpoint's model was "
                             "trained with")
         parts = torch.stack(combined_parts(state, features))

@@ -31,7 +31,7 @@ from core.common import UserError
 from dataset import RowView, rotate_quarters, to_float
 from model import cam_stages, feature_stages, forward_stages, has_rotation_head, head_of, unwrap
 from prediction.checkpoint import normalization_of, novelty_of, temperature_of, tta_of
-from prediction.novelty import novelty_score, scores_by_name
+from prediction.novelty import needs_turns, novelty_score, scores_by_name
 
 MAX_STAGE_CHANNELS = 256  # wider stages are averaged over neighbouring channels: a stage adds at most 512 values
 FEATURE_BATCH_VALUES = 2**20  # pixel values per forward pass: 256 images at 64 px gray, 21 at 128 px RGB
@@ -175,8 +175,10 @@ def predict_images(model: torch.nn.Module, ckpt: dict | None, images: list, thre
     batch = torch.stack([torch.as_tensor(im) for im in images])
     scores = None
     if novelty is not None:
-        features = extract_features(model, batch, tta=novelty["tta"], normalization=norm, runtime=runtime)
-        scores = novelty_score(novelty["states"][novelty["score"]], features).tolist()
+        state = novelty["states"][novelty["score"]]
+        features = extract_features(model, batch, tta=novelty["tta"], normalization=norm, runtime=runtime,
+                                    turns=needs_turns({novelty["score"]: state}))
+        scores = novelty_score(state, features).tolist()
     if novelty is not None and tta == novelty["tta"]:
         logits = features["logits"]  # the same numbers predict_logits gives, without a second pass
     elif runtime is not None:
@@ -212,9 +214,11 @@ def stage_statistics(maps: torch.Tensor, max_channels: int = MAX_STAGE_CHANNELS)
 def extract_features(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu",
                      batch_size: int | None = None, tta: bool = False, normalization: dict | None = None,
                      amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                     runtime: OnnxFeatures | None = None) -> dict:
+                     runtime: OnnxFeatures | None = None, turns: bool = False) -> dict:
     """What every score needs, float32 on the CPU, for uint8 images (N, C, S, S):
-    {"penultimate": (N, D), "logits": (N, classes), "stages": [(N, d_s) per stage]}.
+    {"penultimate": (N, D), "logits": (N, classes), "stages": [(N, d_s) per stage]}; for a model with a rotation
+    head also "upright" (N,), its surprise that the image is upright (from the penultimate feature: no extra pass),
+    and with `turns` "rotation" (N,), its surprise over all four quarter turns (three more passes per view).
 
     The stages are called in turn (forward_stages), exactly as the model's forward does; the logits are the head
     applied to the penultimate feature. With tta everything is averaged over the image and its mirror; the head
@@ -238,7 +242,7 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
         passes = per_view(runtime or features, x, tta)  # (penultimate, [statistics per stage]) of each view
         penultimate.append(torch.stack([p for p, _ in passes]).mean(0).cpu())
         stats.append([torch.stack([st[i] for _, st in passes]).mean(0).cpu() for i in range(len(stages))])
-        if rot is not None:
+        if rot is not None and turns:
             surprise.append(torch.stack([rotation_surprise(model, rot, v, p, amp_dtype, runtime)
                                          for v, (p, _) in zip(views(x, tta), passes)]).mean(0).cpu())
     if not penultimate:
@@ -250,6 +254,9 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
     out = {"penultimate": penultimate, "logits": logits,
            "stages": [torch.cat([batch[i] for batch in stats]) for i in range(len(stages))]}
     if rot is not None:
+        out["upright"] = -F.log_softmax(F.linear(penultimate, rot.weight.float().cpu(), rot.bias.float().cpu()),
+                                        dim=1)[:, 0]
+    if surprise:
         out["rotation"] = torch.cat(surprise)
     return out
 
@@ -280,7 +287,9 @@ def score_images(model: nn.Module, images: torch.Tensor, states: dict[str, dict]
     def rows(i: int) -> RowView:  # lazy: indexing the whole chunk at once would read all its pixels
         return RowView.of(images, torch.arange(i, min(i + chunk, len(images))))
 
-    parts = [scores_by_name(states, extract_features(model, rows(i), **options)) for i in range(0, len(images), chunk)]
+    turns = needs_turns(states)
+    parts = [scores_by_name(states, extract_features(model, rows(i), turns=turns, **options))
+             for i in range(0, len(images), chunk)]
     return {name: torch.cat([p[name] for p in parts]) if parts else torch.zeros(0)
             for name in NOVELTY_SCORES if name in states}
 

@@ -133,24 +133,29 @@ def small_features(n: int = 40, seed: int = 3) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"penultimate": torch.randn(n, 8, generator=g), "logits": torch.randn(n, 2, generator=g),
             "stages": [torch.randn(n, 4, generator=g), torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)],
-            "rotation": torch.rand(n, generator=g)}
+            "upright": torch.rand(n, generator=g), "rotation": torch.rand(n, generator=g)}
 
 
 @pytest.mark.parametrize("with_rotation", [False, True])
-def test_combined_adds_the_early_stages_energy_and_rotation_each_on_the_training_images_scale(with_rotation):
+def test_combined_adds_the_early_stages_energy_and_the_heads_parts_each_on_the_training_images_scale(with_rotation):
     train = small_features(40)
     query = small_features(7, seed=5)
     if not with_rotation:
-        del train["rotation"], query["rotation"]
+        for f in (train, query):
+            del f["upright"], f["rotation"]
     labels = torch.arange(40) % 2
     state = nv.fit_score("combined", train, labels, 2, temperature=2.0)
-    assert state["rotation"] is with_rotation and len(state["means"]) == nv.COMBINED_STAGES == 2
+    assert state["upright"] is with_rotation and len(state["means"]) == nv.COMBINED_STAGES == 2
+    assert state["rotation"] is False and not nv.needs_turns({"combined": state})  # no part needs the four turns
 
-    def parts(f):  # by hand: the Mahalanobis distance of stages 0 and 1, energy at T = 2, the rotation surprise
+    def parts(f):  # by hand: the Mahalanobis distance of stages 0 and 1, energy at T = 2, then with a rotation
         out = [nv.mahalanobis_distance(*nv.class_gaussians(train["stages"][i], labels, 2), f["stages"][i])
-               for i in range(2)]
+               for i in range(2)]  # head the penultimate feature's distance and the upright surprise
         out.append(-2.0 * torch.logsumexp(f["logits"] / 2.0, 1))
-        return out + ([f["rotation"]] if with_rotation else [])
+        if not with_rotation:
+            return out
+        return out + [nv.mahalanobis_distance(*nv.class_gaussians(train["penultimate"], labels, 2), f["penultimate"]),
+                      f["upright"]]
 
     ref = [p.double() for p in parts(train)]
     want = sum((p.double() - r.mean()) / r.std(correction=0) for p, r in zip(parts(query), ref))
@@ -166,9 +171,29 @@ def test_combined_adds_the_early_stages_energy_and_rotation_each_on_the_training
     del weighted["weights"]
     assert torch.allclose(nv.novelty_score(weighted, query).double(), want, atol=1e-4)
     if with_rotation:
-        del query["rotation"]
+        del query["upright"]
         with pytest.raises(UserError, match="rotation head"):
             nv.novelty_score(state, query)
+
+
+def test_a_combined_state_with_the_four_turn_part_still_scores_and_asks_for_the_turns():
+    """Checkpoints whose combined score has the rotation surprise over four turns as its fourth part."""
+    train, query = small_features(40), small_features(7, seed=5)
+    for f in (train, query):
+        del f["upright"]
+    labels = torch.arange(40) % 2
+    state = nv.fit_score("combined", train, labels, 2)
+    parts = [p.double() for p in nv.combined_parts(state, train)] + [train["rotation"].double()]
+    state.update(rotation=True, centre=torch.stack([p.mean() for p in parts]).float(),
+                 scale=torch.stack([p.std(correction=0) for p in parts]).float(), weights=torch.ones(4))
+    del state["upright"]
+    assert nv.needs_turns({"combined": state}) and nv.needs_turns({"rotation": {"score": "rotation"}})
+    want = sum((p.double() - r.mean()) / r.std(correction=0) for p, r in
+               zip([*nv.combined_parts({**state, "rotation": False}, query), query["rotation"]], parts))
+    assert torch.allclose(nv.novelty_score(state, query).double(), want, atol=1e-4)
+    del query["rotation"]
+    with pytest.raises(UserError, match="rotation head"):
+        nv.novelty_score(state, query)
 
 
 @pytest.mark.parametrize("name", NOVELTY_SCORES)

@@ -83,15 +83,28 @@ def test_rotation_head_is_extra_weights_that_checkpoints_carry_and_forward_ignor
     with torch.no_grad():
         logits, rot_logits = WithRotationHead(model)(x)
         assert torch.allclose(logits, model(x), atol=1e-6) and rot_logits.shape == (4, 4)
-    feats = predict.extract_features(model, torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8))
-    assert feats["rotation"].shape == (4,) and "rotation" not in predict.extract_features(
-        plain, torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8))
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    feats = predict.extract_features(model, images, turns=True)
+    assert feats["rotation"].shape == feats["upright"].shape == (4,)
+    assert "rotation" not in predict.extract_features(model, images)  # the four turns only when asked for
+    assert not {"rotation", "upright"} & set(predict.extract_features(plain, images, turns=True))
+
+
+def test_upright_surprise_is_the_nll_of_no_turn_from_the_classifying_pass():
+    model = build_model("resnet_small", 2, 1, 8, rotation_head=True).eval()
+    images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    feats = predict.extract_features(model, images, tta=True, turns=True)
+    x = images.float() / 127.5 - 1
+    with torch.no_grad():  # the head is linear: its logits on the mean feature of the image and its mirror
+        rot = (WithRotationHead(model)(x)[1] + WithRotationHead(model)(torch.flip(x, (3,)))[1]) / 2
+    assert torch.allclose(feats["upright"], -torch.log_softmax(rot, 1)[:, 0], atol=1e-4)
+    assert not torch.allclose(feats["upright"], feats["rotation"], atol=1e-3)
 
 
 def test_rotation_surprise_is_the_mean_nll_of_the_right_turn():
     model = build_model("resnet_small", 2, 1, 8, rotation_head=True).eval()
     images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
-    got = predict.extract_features(model, images)["rotation"]
+    got = predict.extract_features(model, images, turns=True)["rotation"]
     x = images.float() / 127.5 - 1
     want = torch.zeros(3)
     with torch.no_grad():
@@ -143,7 +156,8 @@ def test_a_model_trained_with_other_weights_the_energy_in_its_combined_score(tin
         out = tmp_path / name
         assert train.main(train_args(tiny_data, out, "--other-synthetic", "4", *extra)) == 0
         state = load_checkpoint(out / "models" / "best_model.pth")["novelty"]["states"]["combined"]
-        assert state["weights"].tolist() == [1.0, 1.0, weight]  # stem, first stage, energy (no rotation head)
+        # stem, first stage, energy, then the default rotation head's: the penultimate feature, the upright surprise
+        assert state["weights"].tolist() == [1.0, 1.0, weight, 1.0, 1.0] and state["upright"]
 
 
 def test_other_must_be_a_folder_with_images(tiny_data, tmp_path):

@@ -435,7 +435,7 @@ def test_pretrained_needs_a_torchvision_arch(tiny_data, tmp_path, capsys):
 
 
 def _backbone(state: dict) -> dict:
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return {k: v for k, v in state.items() if not k.startswith(("fc.", "rot."))}  # the two heads
 
 
 def test_param_groups_freeze_and_frozen_batchnorm():

@@ -71,7 +71,8 @@ def fit_novelty(path: Path, train: Split, val: Split, cfg: TrainConfig, device: 
     options = {"device": device, "tta": tta, "normalization": normalization_of(ckpt),
                "channels_last": cfg.channels_last, "batch_size": cfg.batch_size}  # no bigger than training's
     sample = train.subset(fit_sample(train.labels.cpu(), cfg.novelty_max_images, cfg.seed))
-    states = fit_states(extract_features(model, sample.images, **options), sample.labels.cpu(),
+    turns = cfg.novelty_score == "rotation"  # the four turns' three extra passes only for the score that needs them
+    states = fit_states(extract_features(model, sample.images, turns=turns, **options), sample.labels.cpu(),
                         len(ckpt["classes"]), cfg.novelty_score, temperature_of(ckpt),
                         energy_weight=OTHER_ENERGY_WEIGHT if cfg.other else 1.0)
     val_scores = score_images(model, val.images, states, **options)
