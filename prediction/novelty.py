@@ -37,7 +37,7 @@ Every score is oriented the same way: the higher, the less the image looks like 
                      text, noise), weak on real photos (BENCHMARKS.md).
   rotation           the rotation head's mean negative log-probability of the right quarter turn over the image's
                      four turns (a model trained with --rotation-weight); images whose upright side the model
-                     cannot see score high.
+                     cannot see score high. Three more passes per image, so fitted only when it is the chosen one.
 """
 from __future__ import annotations
 

@@ -246,8 +246,9 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
             surprise.append(torch.stack([rotation_surprise(model, rot, v, p, amp_dtype, runtime)
                                          for v, (p, _) in zip(views(x, tta), passes)]).mean(0).cpu())
     if not penultimate:
+        head_parts = {"upright": torch.zeros(0), **({"rotation": torch.zeros(0)} if turns else {})} if rot is not None else {}
         return {"penultimate": torch.zeros(0, head.in_features), "logits": torch.zeros(0, head.out_features),
-                "stages": [torch.zeros(0, 0) for _ in stages]}
+                "stages": [torch.zeros(0, 0) for _ in stages], **head_parts}
     penultimate = torch.cat(penultimate)
     logits = F.linear(penultimate, head.weight.float().cpu(),
                       None if head.bias is None else head.bias.float().cpu())

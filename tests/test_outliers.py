@@ -99,6 +99,7 @@ def test_upright_surprise_is_the_nll_of_no_turn_from_the_classifying_pass():
         rot = (WithRotationHead(model)(x)[1] + WithRotationHead(model)(torch.flip(x, (3,)))[1]) / 2
     assert torch.allclose(feats["upright"], -torch.log_softmax(rot, 1)[:, 0], atol=1e-4)
     assert not torch.allclose(feats["upright"], feats["rotation"], atol=1e-3)
+    assert predict.extract_features(model, images[:0])["upright"].shape == (0,)
 
 
 def test_rotation_surprise_is_the_mean_nll_of_the_right_turn():
