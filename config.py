@@ -93,9 +93,9 @@ class TrainConfig:
                             "(measured best on real photos), msp, energy, knn, mahalanobis, layer_mahalanobis or "
                             "rotation (needs --rotation-weight); 'none' skips it",
                             choices=(*NOVELTY_SCORES, "none"))
-    rotation_weight: float = _f(0.5, "weight of a self-supervised loss: a 4-way head learns which quarter turn "
+    rotation_weight: float = _f(0.0, "weight of a self-supervised loss: a 4-way head learns which quarter turn "
                                 "--rotation-share of each batch was given, so the features know more than the "
-                                "classes (better at telling unknown images; 0 = no rotation head)")
+                                "classes: better at telling unknown images, slower to train (0 = no rotation head)")
     rotation_share: float = _f(0.25, "share of each batch copied, turned and given to the rotation head")
     other: str = _f("", "folder of images of no class (any layout), e.g. what users send by mistake: trained "
                     "to hold little evidence for any class (energy-margin outlier exposure); never a class, never "

@@ -11,8 +11,8 @@ on. The unknown images are --other's subfolders grouped into sources (default: e
 - Every novelty score the checkpoint holds: AUROC of the reported half of val against each source.
 - The combined score's recipe (its parts: each early stage's statistics, the energy of the logits and, with a
   rotation head, the penultimate feature's distance and the head's surprise at the upright image; each part
-  weighed 0, 1, 2 or 3) chosen on all sources but one and measured on the
-  one left out, for each source in turn; beside it the checkpoint's own recipe on the same source, and both means.
+  weighed 0, 1, 2 or 3) chosen on all sources but one and measured on the one left out, for each source in turn;
+  beside it the checkpoint's own recipe on the same source, and both means.
   A recipe that only fits the kinds it was chosen on shows here as a drop on the source left out. --drop PART
   leaves a part out of every recipe (and of the checkpoint's, for the comparison).
 Prints Markdown tables with the command, commit, date and machine, then one JSON object with the same figures.

@@ -17,7 +17,7 @@ Every score is oriented the same way: the higher, the less the image looks like 
   combined           the sum of parts, each standardised over the training images: the Mahalanobis distance
                      of the stem's and of the first residual stage's per-channel mean and spread (how the image
                      looks: texture, light, background), and the energy of the logits (how much evidence for any
-                     class it holds); with a rotation head (--rotation-weight, on by default) also the Mahalanobis
+                     class it holds); with a rotation head (--rotation-weight 0.5) also the Mahalanobis
                      distance of the penultimate feature (what the image shows) and the head's surprise that the
                      image is upright, both from the pass that classifies it. The default (DEFAULT_SCORE), chosen
                      on real photos of other things (../shared/data/other, scenes and objects) against cat/dog val

@@ -33,6 +33,14 @@ def test_each_source_is_measured_with_a_recipe_chosen_without_it():
     assert all(r["chosen_auroc"] < 0.7 < 0.85 < r["default_auroc"] for r in rows)
 
 
+def test_part_names_follow_the_state():
+    two = {"means": [0, 0], "rotation": False}
+    assert bench_unknown.part_names(two) == ["stem statistics", "stage 1 statistics", "energy"]
+    assert bench_unknown.part_names({**two, "upright": True}) == [
+        "stem statistics", "stage 1 statistics", "energy", "penultimate", "upright"]
+    assert bench_unknown.part_names({**two, "rotation": True})[-1] == "rotation"  # the four turns, older states
+
+
 def test_sources_from_specs_or_subfolders(tmp_path):
     for name in ("b", "a", ".hidden"):
         (tmp_path / name).mkdir()
@@ -51,19 +59,18 @@ def test_bench_unknown_prints_both_tables(trained, tmp_path, capsys):
     table, result = capsys.readouterr().out.split("\n{", 1)
     result = json.loads("{" + result)
     assert result["images"] == {"noise": 12, "shapes": 12} and result["parts"] == [
-        "stem statistics", "stage 1 statistics", "energy", "penultimate", "upright"]  # the default rotation head's
-    assert result["default_recipe"] == [1.0] * 5
+        "stem statistics", "stage 1 statistics", "energy"] and result["default_recipe"] == [1.0, 1.0, 1.0]
     assert [r["left_out"] for r in result["loso"]] == ["noise", "shapes"]
     assert result["loso_mean"]["default_auroc"] == pytest.approx(
         sum(r["default_auroc"] for r in result["loso"]) / 2)
     assert set(result["by_score"]) >= {"combined", "msp", "energy"}
     assert "| source left out | recipe chosen on the others |" in table and "| mean |" in table
     assert bench_unknown.main(["--checkpoint", str(trained["checkpoint"]), "--other", str(tmp_path / "other"),
-                               "--drop", "energy", "upright", "--workers", "0"]) == 0
+                               "--drop", "energy", "--workers", "0"]) == 0
     dropped = json.loads("{" + capsys.readouterr().out.split("\n{", 1)[1])
-    assert dropped["parts"] == ["stem statistics", "stage 1 statistics", "penultimate"]
-    assert dropped["default_recipe"] == [1.0] * 3 and all(len(r["chosen"]) == 3 for r in dropped["loso"])
+    assert dropped["parts"] == ["stem statistics", "stage 1 statistics"] and dropped["default_recipe"] == [1.0, 1.0]
+    assert all(len(r["chosen"]) == 2 for r in dropped["loso"])
     assert bench_unknown.main(["--checkpoint", str(trained["checkpoint"]), "--other", str(tmp_path / "other"),
-                               "--drop", "rotation"]) == 2  # no such part: the four turns are not in the recipe
+                               "--drop", "upright"]) == 2  # no such part: the toy model has no rotation head
     assert bench_unknown.main(["--checkpoint", str(trained["checkpoint"]), "--other", str(tmp_path / "other"),
                                "--sources", "all=noise,shapes"]) == 2  # one source: nothing to leave out

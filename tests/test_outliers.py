@@ -123,6 +123,14 @@ def test_training_with_a_rotation_head_saves_it_and_stores_the_rotation_score(ti
     assert ckpt["novelty"]["score"] == "rotation" and "rotation" in ckpt["novelty"]["states"]
 
 
+def test_a_rotation_head_gives_the_combined_score_its_two_parts_without_the_four_turns(tiny_data, tmp_path):
+    assert train.main(train_args(tiny_data, tmp_path, "--rotation-weight", "0.5")) == 0
+    states = load_checkpoint(tmp_path / "models" / "best_model.pth")["novelty"]["states"]
+    combined = states["combined"]
+    assert combined["upright"] and not combined["rotation"] and combined["weights"].tolist() == [1.0] * 5
+    assert "rotation" not in states and not nv.needs_turns(states)  # the four turns are fitted only when chosen
+
+
 @pytest.mark.slow
 def test_other_images_score_higher_than_without(tmp_path):
     """--other: the same run with and without outlier exposure; the --other images' evidence for every class
@@ -157,8 +165,7 @@ def test_a_model_trained_with_other_weights_the_energy_in_its_combined_score(tin
         out = tmp_path / name
         assert train.main(train_args(tiny_data, out, "--other-synthetic", "4", *extra)) == 0
         state = load_checkpoint(out / "models" / "best_model.pth")["novelty"]["states"]["combined"]
-        # stem, first stage, energy, then the default rotation head's: the penultimate feature, the upright surprise
-        assert state["weights"].tolist() == [1.0, 1.0, weight, 1.0, 1.0] and state["upright"]
+        assert state["weights"].tolist() == [1.0, 1.0, weight] and not state["upright"]  # stem, stage 1, energy
 
 
 def test_other_must_be_a_folder_with_images(tiny_data, tmp_path):

@@ -68,7 +68,7 @@ def test_default_score_in_config_is_the_measured_one():
     with pytest.raises(UserError, match="--novelty-score must be one of combined, msp, .* none, not 'odin'"):
         TrainConfig(novelty_score="odin")
     with pytest.raises(UserError, match="--novelty-score rotation needs the rotation head"):
-        TrainConfig(novelty_score="rotation", rotation_weight=0.0)
+        TrainConfig(novelty_score="rotation")
     assert TrainConfig(novelty_score="none").novelty_score == "none"
 
 
