@@ -1,17 +1,18 @@
 """Which photos to label next: an unlabelled folder ranked by how much labelling each photo would teach the model.
-Uncertain photos first (a small margin between the model's two most probable classes), spread over the feature
-space by a greedy k-center cover of the uncertain ones, so that the picks are not N near-copies of one hard photo.
+The photos' features are grouped into N clusters (k-means), and each cluster gives its most uncertain photo (the
+smallest margin between the model's two most probable classes), the most uncertain first: every part of the
+feature space is asked about once, so the picks are neither N near-copies of one hard photo nor N odd ones out.
 
 Usage (from check_data.py --label-next):
     found = label_next(folder, "models/best_model.pth", n=100, out_dir="curves", move_to="to_label")   # LabelNext
     picks = rank_to_label(features, probs, n=100)     # [Pick], in the order to label them
+    groups = kmeans(features, k=100)                  # the cluster of each row
     rows = pick_rows(picks, paths, classes, root)     # what label_next.csv holds
     write_picks(rows, picks, images, out_dir)         # label_next.csv and label_next.png
     copied = copy_picks(picks, paths, "to_label")     # copies the picked files; the folder is never changed
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from quality.label_errors import write_listing
 
 LABEL_NEXT_CSV, LABEL_NEXT_PNG = "label_next.csv", "label_next.png"
 CSV_COLUMNS = ("rank", "path", "suggested", "confidence", "why")
-POOL_FACTOR = 2  # the cover is drawn from the POOL_FACTOR x n most uncertain photos
+KMEANS_STEPS = 30  # Lloyd iterations at most (it stops when no photo changes cluster)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Pick:
     runner_up: int      # its second most probable class
     confidence: float   # the probability of `suggested`
     margin: float       # confidence minus the runner-up's probability: small = uncertain
-    distance: float     # feature distance to the nearest earlier pick (inf for the first): large = new
+    group: int          # photos in its cluster, itself included: how many similar photos its label speaks for
 
 
 def margins(probs: torch.Tensor) -> torch.Tensor:
@@ -59,44 +60,61 @@ def margins(probs: torch.Tensor) -> torch.Tensor:
     return top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)
 
 
-def farthest_first(features: torch.Tensor, n: int, first: int = 0) -> tuple[list[int], list[float]]:
-    """A greedy k-center cover: from row `first`, n rows of `features` each the farthest from those before it;
-    returns the rows and each one's distance to the nearest earlier row (inf for the first)."""
-    chosen, gaps = [first], [math.inf]
-    nearest = (features - features[first]).norm(dim=1)
-    for _ in range(min(n, len(features)) - 1):
-        i = int(nearest.argmax())
-        chosen.append(i)
-        gaps.append(float(nearest[i]))
-        nearest = torch.minimum(nearest, (features - features[i]).norm(dim=1))
-    return chosen, gaps
+def nearest_centre(features: torch.Tensor, centres: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Index of the nearest centre for each row, `chunk` rows at a time (the distance matrix stays small)."""
+    return torch.cat([torch.cdist(features[i:i + chunk], centres).argmin(1) for i in range(0, len(features), chunk)])
 
 
-def rank_to_label(features: torch.Tensor, probs: torch.Tensor, n: int, pool_factor: float = POOL_FACTOR
-                  ) -> list[Pick]:
-    """The n photos to label first: of the pool_factor x n most uncertain (smallest margin), a greedy k-center
-    cover of their length-normalized features (`features`: (N, D), e.g. the penultimate layer), started from
-    the most uncertain; in the order they were picked."""
+def kmeans(features: torch.Tensor, k: int, steps: int = KMEANS_STEPS, seed: int = 0) -> torch.Tensor:
+    """Cluster of each row (N,) of `features` (N, D): k-means++ seeding (each new centre drawn with probability
+    proportional to the squared distance to the nearest one so far, so near-copies rarely get two), then Lloyd
+    steps. Fewer than k clusters when the rows hold fewer distinct points."""
+    x = features.float()
+    generator = torch.Generator().manual_seed(seed)
+    centres = [x[int(torch.randint(len(x), (1,), generator=generator))]]
+    gap = ((x - centres[0]) ** 2).sum(1)
+    while len(centres) < min(k, len(x)) and gap.sum() > 0:
+        centres.append(x[int(torch.multinomial(gap / gap.sum(), 1, generator=generator))])
+        gap = torch.minimum(gap, ((x - centres[-1]) ** 2).sum(1))
+    centres = torch.stack(centres)
+    assign = nearest_centre(x, centres)
+    for _ in range(steps):
+        counts = torch.bincount(assign, minlength=len(centres))
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
+        moved, assign = assign, nearest_centre(x, centres)
+        if torch.equal(moved, assign):
+            break
+    return assign
+
+
+def rank_to_label(features: torch.Tensor, probs: torch.Tensor, n: int) -> list[Pick]:
+    """The n photos to label first: the length-normalized `features` (N, D), e.g. the penultimate layer, grouped
+    into n clusters (kmeans); from each its most uncertain photo (smallest margin), the most uncertain first. When
+    the photos hold fewer than n distinct points, the most uncertain of the rest fill the list."""
     if n < 1:
         raise UserError(f"--label-next takes how many photos to pick, at least 1, not {n}")
+    if len(features) == 0:
+        return []
     margin = margins(probs)
-    pool = margin.argsort(stable=True)[:max(n, round(pool_factor * n))]
-    order, gaps = farthest_first(F.normalize(features[pool].float(), dim=1), n)
+    groups = kmeans(F.normalize(features.float(), dim=1), n)
+    sizes = torch.bincount(groups)
+    by_margin = margin.argsort(stable=True).tolist()
+    first = {}
+    for i in by_margin:  # the first photo met in each cluster is its most uncertain; dicts keep that order
+        first.setdefault(int(groups[i]), i)
+    chosen = list(first.values())
+    taken = set(chosen)
+    chosen += [i for i in by_margin if i not in taken][:max(0, n - len(chosen))]
     top = probs.topk(min(2, probs.shape[1]), dim=1)
-    picks = []
-    for j, gap in zip(order, gaps):
-        i = int(pool[j])
-        runner_up = int(top.indices[i, -1])
-        picks.append(Pick(i, int(top.indices[i, 0]), runner_up, round(float(top.values[i, 0]), 4),
-                          round(float(margin[i]), 4), gap))
-    return picks
+    return [Pick(i, int(top.indices[i, 0]), int(top.indices[i, -1]), round(float(top.values[i, 0]), 4),
+                 round(float(margin[i]), 4), int(sizes[groups[i]])) for i in chosen[:n]]
 
 
 def why(pick: Pick, classes: list[str]) -> str:
     """The reason a photo was picked, in words."""
-    near = "the first pick" if math.isinf(pick.distance) else f"{pick.distance:.2f} from the nearest earlier pick"
     return (f"uncertain: {classes[pick.suggested]} by a margin of {pick.margin:.2f} over "
-            f"{classes[pick.runner_up]}; {near}")
+            f"{classes[pick.runner_up]}; the most uncertain of {pick.group} similar photos")
 
 
 def pick_rows(picks: list[Pick], paths: list[str], classes: list[str], root: str | Path) -> list[dict]:

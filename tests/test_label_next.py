@@ -9,7 +9,7 @@ import torch
 
 import check_data
 from loading.synthetic import make_synthetic
-from quality.label_next import LABEL_NEXT_CSV, LABEL_NEXT_PNG, copy_picks, farthest_first, margins, rank_to_label
+from quality.label_next import LABEL_NEXT_CSV, LABEL_NEXT_PNG, copy_picks, kmeans, margins, rank_to_label
 
 
 def test_margin_is_the_gap_between_the_two_most_probable_classes():
@@ -18,29 +18,36 @@ def test_margin_is_the_gap_between_the_two_most_probable_classes():
 
 
 def test_the_ranking_prefers_uncertain_images():
+    # three places in the feature space, two photos in each: one uncertain, one sure
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0], [-1.0, 0.0], [-1.0, 0.01]])
     probs = torch.tensor([[0.99, 0.01], [0.52, 0.48], [0.9, 0.1], [0.45, 0.55], [0.7, 0.3], [0.5, 0.5]])
-    picks = rank_to_label(torch.randn(6, 4), probs, n=3, pool_factor=1)
-    assert sorted(p.index for p in picks) == [1, 3, 5]
-    assert picks[0].index == 5 and picks[0].margin == 0.0 and math.isinf(picks[0].distance)
+    picks = rank_to_label(features, probs, n=3)
+    assert [p.index for p in picks] == [5, 1, 3]  # one from each place, the most uncertain first
+    assert picks[0].margin == 0.0 and all(p.group == 2 for p in picks)
     assert {p.index: (p.suggested, p.runner_up) for p in picks}[3] == (1, 0)
+    # more picks than places: the most uncertain of the rest fill the list
+    assert [p.index for p in rank_to_label(features[[0, 0, 1, 1]], probs[[0, 1, 2, 3]], n=3)] == [1, 3, 2]
 
 
 def test_the_ranking_spreads_over_the_features_instead_of_taking_near_copies_of_one_hard_image():
     # ten near-copies of one very uncertain image, and four distinct images a little less uncertain
-    copies = torch.tensor([1.0, 0.0, 0.0]) + 0.001 * torch.randn(10, 3)
+    copies = torch.tensor([1.0, 0.0, 0.0]) + 0.001 * torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
     others = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
     features = torch.cat([copies, others])
     probs = torch.tensor([[0.5, 0.5]] * 10 + [[0.6, 0.4]] * 4)
-    picks = rank_to_label(features, probs, n=4, pool_factor=4)
-    assert sum(p.index < 10 for p in picks) == 1 and sum(p.index >= 10 for p in picks) == 3
-    # by uncertainty alone the four picks would all be copies
-    assert all(p.index < 10 for p in rank_to_label(features, probs, n=4, pool_factor=1))
+    picks = rank_to_label(features, probs, n=5)
+    assert sum(p.index < 10 for p in picks) == 1 and sorted(p.index for p in picks)[1:] == [10, 11, 12, 13]
+    assert picks[0].index < 10 and picks[0].group == 10  # by uncertainty alone all five would be copies
 
 
-def test_farthest_first_gaps_never_grow():
-    order, gaps = farthest_first(torch.randn(200, 8), 30)
-    assert len(set(order)) == 30 and math.isinf(gaps[0])
-    assert all(a >= b for a, b in zip(gaps[1:], gaps[2:]))
+def test_kmeans_finds_separate_groups_and_never_more_than_the_distinct_points():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[5.0, 0.0], [0.0, 5.0], [-5.0, -5.0]])
+    x = torch.cat([c + 0.1 * torch.randn(30, 2, generator=g) for c in centres])
+    groups = kmeans(x, 3)
+    assert all(len(set(groups[i * 30:(i + 1) * 30].tolist())) == 1 for i in range(3))
+    assert len(set(groups.tolist())) == 3
+    assert len(set(kmeans(torch.ones(6, 2), 4).tolist())) == 1  # six copies of one point: one cluster
 
 
 def test_copies_get_new_names_and_the_originals_stay(tmp_path):
