@@ -2,7 +2,6 @@
 the features, written as a CSV and a gallery, copied on request and never moved."""
 import csv
 import hashlib
-import math
 
 import pytest
 import torch
