@@ -38,8 +38,8 @@ WEIGHTS = (0, 1, 2, 3)  # what each part of the combined score may weigh in a re
 def part_names(state: dict) -> list[str]:
     """The combined score's parts, in combined_parts' order."""
     stages = ["stem statistics", "stage 1 statistics", "stage 2 statistics", "stage 3 statistics"]
-    head = ["penultimate", "upright"] if state.get("upright", False) else []
-    return stages[:len(state["means"])] + ["energy"] + head + (["rotation"] if state["rotation"] else [])
+    late = (["penultimate"] if "penultimate" in state else []) + (["upright"] if state.get("upright", False) else [])
+    return stages[:len(state["means"])] + ["energy"] + late + (["rotation"] if state["rotation"] else [])
 
 
 def standardized_parts(state: dict, features: dict) -> torch.Tensor:

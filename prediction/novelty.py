@@ -16,10 +16,10 @@ Usage:
 Every score is oriented the same way: the higher, the less the image looks like the training classes.
   combined           the sum of parts, each standardised over the training images: the Mahalanobis distance
                      of the stem's and of the first residual stage's per-channel mean and spread (how the image
-                     looks: texture, light, background), and the energy of the logits (how much evidence for any
-                     class it holds); with a rotation head (--rotation-weight 0.5) also the Mahalanobis
-                     distance of the penultimate feature (what the image shows) and the head's surprise that the
-                     image is upright, both from the pass that classifies it. The default (DEFAULT_SCORE), chosen
+                     looks: texture, light, background), the energy of the logits (how much evidence for any
+                     class it holds) and the Mahalanobis distance of the penultimate feature (what the image
+                     shows); with a rotation head (--rotation-weight 0.5) also the head's surprise that the image
+                     is upright, from the pass that classifies it. The default (DEFAULT_SCORE), chosen
                      on real photos of other things (../shared/data/other, scenes and objects) against cat/dog val
                      photos, never on generated ones, by what carries from one kind to the other (leave one source
                      out, benchmarks/bench_unknown.py): the sum separates them better than any part alone, each
@@ -58,6 +58,9 @@ STATE_VERSION = 1
 # trains that part): the best of 1, 2 and 3 on ../shared/data/other, trained on one part and scored on the other,
 # and steadier across the parts than energy alone (BENCHMARKS.md).
 OTHER_ENERGY_WEIGHT = 3.0
+# The weight of the combined score's penultimate part (the Mahalanobis distance of what the image shows), chosen
+# leave-one-source-out on ../shared/data/other (BENCHMARKS.md).
+PENULTIMATE_WEIGHT = 1.0
 STATE_BUDGET = 10_000_000  # bytes of score states a checkpoint may hold (the chosen score's is always kept)
 KNN_BANK_BYTES = 4_000_000  # the kNN bank stored beside the chosen score: ~5,000 features of 384 values
 
@@ -152,8 +155,9 @@ def combined_parts(state: dict, features: dict) -> list[torch.Tensor]:
     parts = [mahalanobis_distance(m, p, x) for m, p, x in
              zip(state["means"], state["precisions"], features["stages"][:len(state["means"])])]
     parts.append(-t * torch.logsumexp(features["logits"].float() / t, dim=1))
-    if state.get("upright", False):
+    if "penultimate" in state:
         parts.append(mahalanobis_distance(*state["penultimate"], features["penultimate"]))
+    if state.get("upright", False):
         parts.append(features["upright"].float())
     if state["rotation"]:
         parts.append(features["rotation"].float())
@@ -167,20 +171,22 @@ def needs_turns(states: dict[str, dict]) -> bool:
 
 
 def fit_combined(features: dict, labels: torch.Tensor, num_classes: int, temperature: float = 1.0,
-                 stages: int = COMBINED_STAGES, shrinkage: float = 0.01, energy_weight: float = 1.0) -> dict:
-    """combined state: class Gaussians of the first `stages` stages' statistics, with a rotation head
-    ("upright" in the features) those of the penultimate feature, the mean and standard deviation of every part
-    over the training images, which put the parts on one scale before they are added, and the weight of each part
-    in the sum (1, the energy's `energy_weight`). The four-turn rotation surprise is never a part: it costs three
-    more passes per image for no more than the upright part and the penultimate one give (BENCHMARKS.md)."""
+                 stages: int = COMBINED_STAGES, shrinkage: float = 0.01, energy_weight: float = 1.0,
+                 penultimate_weight: float = PENULTIMATE_WEIGHT) -> dict:
+    """combined state: class Gaussians of the first `stages` stages' statistics and of the penultimate feature,
+    with a rotation head ("upright" in the features) its part's place, the mean and standard deviation of every
+    part over the training images, which put the parts on one scale before they are added, and the weight of each
+    part in the sum (1; the energy's `energy_weight`, the penultimate's `penultimate_weight`). The four-turn
+    rotation surprise is never a part: it costs three more passes per image for no more than the upright part
+    and the penultimate one give (BENCHMARKS.md)."""
     means, precisions = zip(*(class_gaussians(x, labels, num_classes, shrinkage) for x in features["stages"][:stages]))
     state = {"score": "combined", "means": list(means), "precisions": list(precisions), "rotation": False,
-             "upright": "upright" in features, "temperature": float(temperature)}
-    if state["upright"]:
-        state["penultimate"] = list(class_gaussians(features["penultimate"], labels, num_classes, shrinkage))
+             "upright": "upright" in features, "temperature": float(temperature),
+             "penultimate": list(class_gaussians(features["penultimate"], labels, num_classes, shrinkage))}
     parts = torch.stack([p.double() for p in combined_parts(state, features)])
     weights = torch.ones(len(parts))
-    weights[len(means)] = energy_weight  # the part after the stages' is the energy
+    weights[len(means)] = energy_weight  # the part after the stages' is the energy, then the penultimate's
+    weights[len(means) + 1] = penultimate_weight
     state.update(centre=parts.mean(1).float(), scale=parts.std(1, correction=0).clamp(min=1e-12).float(),
                  weights=weights)
     return state

@@ -137,7 +137,8 @@ def small_features(n: int = 40, seed: int = 3) -> dict:
 
 
 @pytest.mark.parametrize("with_rotation", [False, True])
-def test_combined_adds_the_early_stages_energy_and_the_heads_parts_each_on_the_training_images_scale(with_rotation):
+def test_combined_adds_the_early_stages_energy_penultimate_and_heads_part_each_on_the_training_images_scale(
+        with_rotation):
     train = small_features(40)
     query = small_features(7, seed=5)
     if not with_rotation:
@@ -148,14 +149,13 @@ def test_combined_adds_the_early_stages_energy_and_the_heads_parts_each_on_the_t
     assert state["upright"] is with_rotation and len(state["means"]) == nv.COMBINED_STAGES == 2
     assert state["rotation"] is False and not nv.needs_turns({"combined": state})  # no part needs the four turns
 
-    def parts(f):  # by hand: the Mahalanobis distance of stages 0 and 1, energy at T = 2, then with a rotation
+    def parts(f, penultimate=True):  # by hand: the Mahalanobis distance of stages 0 and 1, energy at T = 2, the
         out = [nv.mahalanobis_distance(*nv.class_gaussians(train["stages"][i], labels, 2), f["stages"][i])
-               for i in range(2)]  # head the penultimate feature's distance and the upright surprise
+               for i in range(2)]  # penultimate feature's distance, then with a rotation head the upright surprise
         out.append(-2.0 * torch.logsumexp(f["logits"] / 2.0, 1))
-        if not with_rotation:
-            return out
-        return out + [nv.mahalanobis_distance(*nv.class_gaussians(train["penultimate"], labels, 2), f["penultimate"]),
-                      f["upright"]]
+        if penultimate:
+            out.append(nv.mahalanobis_distance(*nv.class_gaussians(train["penultimate"], labels, 2), f["penultimate"]))
+        return out + ([f["upright"]] if with_rotation else [])
 
     ref = [p.double() for p in parts(train)]
     want = sum((p.double() - r.mean()) / r.std(correction=0) for p, r in zip(parts(query), ref))
@@ -170,6 +170,13 @@ def test_combined_adds_the_early_stages_energy_and_the_heads_parts_each_on_the_t
                           want + (nv.OTHER_ENERGY_WEIGHT - 1) * scaled[2], atol=1e-4)
     del weighted["weights"]
     assert torch.allclose(nv.novelty_score(weighted, query).double(), want, atol=1e-4)
+    # the penultimate part counts PENULTIMATE_WEIGHT times
+    assert state["weights"].tolist() == [1.0, 1.0, 1.0, nv.PENULTIMATE_WEIGHT] + [1.0] * with_rotation
+    if not with_rotation:  # a state saved before the penultimate part (no head): the first three parts, as before
+        old = {k: v for k, v in state.items() if k != "penultimate"}
+        old.update(centre=state["centre"][:3], scale=state["scale"][:3], weights=state["weights"][:3])
+        three = sum((p.double() - r.mean()) / r.std(correction=0) for p, r in zip(parts(query, False), ref))
+        assert torch.allclose(nv.novelty_score(old, query).double(), three, atol=1e-4)
     if with_rotation:
         del query["upright"]
         with pytest.raises(UserError, match="rotation head"):
@@ -183,6 +190,7 @@ def test_a_combined_state_with_the_four_turn_part_still_scores_and_asks_for_the_
         del f["upright"]
     labels = torch.arange(40) % 2
     state = nv.fit_score("combined", train, labels, 2)
+    del state["penultimate"]  # such states had the early stages, the energy and the four turns
     parts = [p.double() for p in nv.combined_parts(state, train)] + [train["rotation"].double()]
     state.update(rotation=True, centre=torch.stack([p.mean() for p in parts]).float(),
                  scale=torch.stack([p.std(correction=0) for p in parts]).float(), weights=torch.ones(4))
