@@ -169,8 +169,10 @@ def label_next_seed(args, cfg: TrainConfig, seed: int, work: Path) -> dict:
     labelled, rest, val = split_train(args.data, cfg, args.per_class, args.tune, seed)
     truth = link_unlabelled(rest, work / "pool")
     by_name = {name: item for name, item in zip(truth, rest)}
+    semi = dict(unlabeled=str(work / "pool"), time_budget=args.seed_unlabeled, epochs=1000) \
+        if args.seed_unlabeled else {}
     seed_run = train_run(cfg, work, data=str(arm_folder(work / "seed", labelled, [], val)), val_fraction=0.0,
-                         seed=seed, run_name=f"seed{seed}", out_dir=str(work / "seed_models"))
+                         seed=seed, run_name=f"seed{seed}", out_dir=str(work / "seed_models"), **semi)
     run_script("check_data.py", [str(work / "pool"), "--label-next", str(args.add), "--checkpoint",
                                  seed_run["checkpoint"], "--out-dir", str(work / "picks")], stdout=sys.__stderr__)
     with open(work / "picks" / "label_next.csv", newline="") as f:
@@ -191,6 +193,8 @@ def label_next_main(argv: list[str]) -> int:
     parser.add_argument("--add", type=int, default=800, help="photos the ranking (or chance) adds to the seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="which photos are the seed, and the "
                         "runs' seeds")
+    parser.add_argument("--seed-unlabeled", type=float, default=0.0, metavar="SECONDS", help="train the seed "
+                        "model with the rest of train as --unlabeled, for this --time-budget (0: labelled only)")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
     source = provenance("benchmarks.bench_labels", ["label-next", *argv])
@@ -201,6 +205,7 @@ def label_next_main(argv: list[str]) -> int:
         rows = [label_next_seed(args, cfg, seed, work / f"seed{seed}") for seed in args.seeds]
     mean = {arm: round(sum(r[f"{arm}_val_acc"] for r in rows) / len(rows), 4) for arm in ("ranked", "random")}
     result = {**source, "data": args.data, "per_class": args.per_class, "added": args.add,
+              "seed_unlabeled_seconds": args.seed_unlabeled,
               "val_from": "train (--tune)" if args.tune else "val", "seeds": rows, "mean_val_acc": mean,
               "ranked_minus_random_points": round(100 * (mean["ranked"] - mean["random"]), 2)}
     print(label_next_markdown(result) if args.markdown else json.dumps(result, indent=2))
