@@ -174,8 +174,8 @@ def fit_combined(features: dict, labels: torch.Tensor, num_classes: int, tempera
                  stages: int = COMBINED_STAGES, shrinkage: float = 0.01, energy_weight: float = 1.0,
                  penultimate_weight: float = PENULTIMATE_WEIGHT) -> dict:
     """combined state: class Gaussians of the first `stages` stages' statistics and of the penultimate feature,
-    with a rotation head ("upright" in the features) its part's place, the mean and standard deviation of every
-    part over the training images, which put the parts on one scale before they are added, and the weight of each
+    whether a rotation head's upright part counts ("upright" in the features), the mean and standard deviation of
+    every part over the training images, which put the parts on one scale before they are added, and the weight of each
     part in the sum (1; the energy's `energy_weight`, the penultimate's `penultimate_weight`). The four-turn
     rotation surprise is never a part: it costs three more passes per image for no more than the upright part
     and the penultimate one give (BENCHMARKS.md)."""
