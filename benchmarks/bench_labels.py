@@ -16,7 +16,8 @@ the figures are reported on.
 `label-next`: for each seed, a model trained on --per-class photos of each class ranks the rest of train
 (check_data.py --label-next); the labelled photos plus the --add photos it picks, with their true labels, and
 plus --add photos picked at random train one model each, the same way; the val accuracy of each and the means
-over the seeds.
+over the seeds. With --seed-unlabeled SECONDS the seed model also trains on the rest of train as --unlabeled,
+in that --time-budget.
 
 Both print JSON, or with --markdown a table with the command, commit, date and machine.
 """
@@ -178,7 +179,8 @@ def label_next_seed(args, cfg: TrainConfig, seed: int, work: Path) -> dict:
     with open(work / "picks" / "label_next.csv", newline="") as f:
         ranked = [by_name[row["path"]] for row in csv.DictReader(f)]
     shuffled = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:args.add]
-    row = {"seed": seed, "seed_val_acc": round(seed_run["best_val_acc"], 4)}
+    row = {"seed": seed, "seed_val_acc": round(seed_run["best_val_acc"], 4),
+           **({"seed_pseudo_share_last_epoch": seed_run["history"][-1]["pseudo_share"]} if semi else {})}
     for arm, added in (("ranked", ranked), ("random", [rest[i] for i in shuffled.tolist()])):
         row[f"{arm}_picked_per_class"] = {c: sum(1 for _, k in added if k == c) for c in sorted({k for _, k in rest})}
         run = train_run(cfg, work, data=str(arm_folder(work / arm, labelled, added, val)), val_fraction=0.0,
@@ -217,8 +219,10 @@ def label_next_markdown(result: dict) -> str:
              " / ".join(map(str, r["ranked_picked_per_class"].values()))] for r in result["seeds"]]
     mean = result["mean_val_acc"]
     rows.append(["mean", "", f"{mean['ranked']:.2%}", f"{mean['random']:.2%}", ""])
-    head = (f"{result['per_class']} labelled photos per class as the seed, +{result['added']} picked; val: photos "
-            f"of {result['val_from']}; ranked minus random: {result['ranked_minus_random_points']:+.2f} points")
+    semi = (f" (its model also trained on the rest as --unlabeled, {result['seed_unlabeled_seconds']:g} s)"
+            if result["seed_unlabeled_seconds"] else "")
+    head = (f"{result['per_class']} labelled photos per class as the seed{semi}, +{result['added']} picked; val: "
+            f"photos of {result['val_from']}; ranked minus random: {result['ranked_minus_random_points']:+.2f} points")
     return "\n\n".join([head, markdown_table(["seed", "seed model", "seed + ranked", "seed + random",
                                               "ranked picks per class"], rows), markdown_source(result)])
 

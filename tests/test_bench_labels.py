@@ -53,6 +53,11 @@ def test_both_commands_run_end_to_end_on_a_toy_set(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| seed | seed model | seed + ranked | seed + random |" in table and "\n| 3 | " in table
     assert "python -m benchmarks.bench_labels label-next --data" in table
+    # the seed model semi-supervised on the pool: its history has the share of pool images that got a target
+    assert bench_labels.main(["label-next", "--data", str(data), "--per-class", "4", "--add", "6", "--seeds", "3",
+                              "--seed-unlabeled", "10", *TOY]) == 0
+    row = json.loads(capsys.readouterr().out)["seeds"][0]
+    assert 0.0 <= row["seed_pseudo_share_last_epoch"] <= 1.0 and row["ranked_picked_per_class"]
 
 
 def test_labelled_links_keep_two_photos_of_one_name(tmp_path):
