@@ -175,10 +175,10 @@ def fit_combined(features: dict, labels: torch.Tensor, num_classes: int, tempera
                  penultimate_weight: float = PENULTIMATE_WEIGHT) -> dict:
     """combined state: class Gaussians of the first `stages` stages' statistics and of the penultimate feature,
     whether a rotation head's upright part counts ("upright" in the features), the mean and standard deviation of
-    every part over the training images, which put the parts on one scale before they are added, and the weight of each
-    part in the sum (1; the energy's `energy_weight`, the penultimate's `penultimate_weight`). The four-turn
-    rotation surprise is never a part: it costs three more passes per image for no more than the upright part
-    and the penultimate one give (BENCHMARKS.md)."""
+    every part over the training images, which put the parts on one scale before they are added, and the weight
+    of each part in the sum (1; the energy's `energy_weight`, the penultimate's `penultimate_weight`). The
+    four-turn rotation surprise is never a part: it costs three more passes per image for no more than the
+    upright part and the penultimate one give (BENCHMARKS.md)."""
     means, precisions = zip(*(class_gaussians(x, labels, num_classes, shrinkage) for x in features["stages"][:stages]))
     state = {"score": "combined", "means": list(means), "precisions": list(precisions), "rotation": False,
              "upright": "upright" in features, "temperature": float(temperature),
