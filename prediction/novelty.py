@@ -149,8 +149,9 @@ def fit_layer_mahalanobis(stages: list[torch.Tensor], labels: torch.Tensor, num_
 
 def combined_parts(state: dict, features: dict) -> list[torch.Tensor]:
     """The unscaled parts of the combined score: the Mahalanobis distance of each early stage's statistics, the
-    energy of the logits; with a rotation head the Mahalanobis distance of the penultimate feature and the head's
-    surprise that the image is upright; and the surprise over all four turns in states that have it."""
+    energy of the logits, the Mahalanobis distance of the penultimate feature (states fitted before it was a part
+    lack it), with a rotation head its surprise that the image is upright, and the surprise over all four turns
+    in states that have it."""
     t = float(state.get("temperature", 1.0))
     parts = [mahalanobis_distance(m, p, x) for m, p, x in
              zip(state["means"], state["precisions"], features["stages"][:len(state["means"])])]

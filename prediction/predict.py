@@ -246,7 +246,8 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
             surprise.append(torch.stack([rotation_surprise(model, rot, v, p, amp_dtype, runtime)
                                          for v, (p, _) in zip(views(x, tta), passes)]).mean(0).cpu())
     if not penultimate:
-        head_parts = {"upright": torch.zeros(0), **({"rotation": torch.zeros(0)} if turns else {})} if rot is not None else {}
+        empty = torch.zeros(0)
+        head_parts = {} if rot is None else {"upright": empty, **({"rotation": empty} if turns else {})}
         return {"penultimate": torch.zeros(0, head.in_features), "logits": torch.zeros(0, head.out_features),
                 "stages": [torch.zeros(0, 0) for _ in stages], **head_parts}
     penultimate = torch.cat(penultimate)
