@@ -17,7 +17,8 @@ the figures are reported on.
 (check_data.py --label-next); the labelled photos plus the --add photos it picks, with their true labels, and
 plus --add photos picked at random train one model each, the same way; the val accuracy of each and the means
 over the seeds. With --seed-unlabeled SECONDS the seed model also trains on the rest of train as --unlabeled,
-in that --time-budget.
+in that --time-budget; with --arms-unlabeled SECONDS each arm also trains on the photos of the rest it did not add
+as --unlabeled (the same number for both arms), in that --time-budget.
 
 Both print JSON, or with --markdown a table with the command, commit, date and machine.
 """
@@ -165,13 +166,17 @@ def arm_folder(work: Path, labelled: list, added: list, val: list) -> Path:
     return work
 
 
+def semi_changes(unlabeled: Path, seconds: float) -> dict:
+    """train_run's changes for a run that also learns from `unlabeled` for `seconds` (none when 0)."""
+    return dict(unlabeled=str(unlabeled), time_budget=seconds, epochs=1000) if seconds else {}
+
+
 def label_next_seed(args, cfg: TrainConfig, seed: int, work: Path) -> dict:
     """One seed of `label-next`: the seed model, its picks, and the val accuracy of the ranked and random arms."""
     labelled, rest, val = split_train(args.data, cfg, args.per_class, args.tune, seed)
     truth = link_unlabelled(rest, work / "pool")
     by_name = {name: item for name, item in zip(truth, rest)}
-    semi = dict(unlabeled=str(work / "pool"), time_budget=args.seed_unlabeled, epochs=1000) \
-        if args.seed_unlabeled else {}
+    semi = semi_changes(work / "pool", args.seed_unlabeled)
     seed_run = train_run(cfg, work, data=str(arm_folder(work / "seed", labelled, [], val)), val_fraction=0.0,
                          seed=seed, run_name=f"seed{seed}", out_dir=str(work / "seed_models"), **semi)
     run_script("check_data.py", [str(work / "pool"), "--label-next", str(args.add), "--checkpoint",
@@ -183,9 +188,15 @@ def label_next_seed(args, cfg: TrainConfig, seed: int, work: Path) -> dict:
            **({"seed_pseudo_share_last_epoch": seed_run["history"][-1]["pseudo_share"]} if semi else {})}
     for arm, added in (("ranked", ranked), ("random", [rest[i] for i in shuffled.tolist()])):
         row[f"{arm}_picked_per_class"] = {c: sum(1 for _, k in added if k == c) for c in sorted({k for _, k in rest})}
+        if args.arms_unlabeled:
+            taken = set(added)
+            link_unlabelled([item for item in rest if item not in taken], work / f"{arm}_pool")
         run = train_run(cfg, work, data=str(arm_folder(work / arm, labelled, added, val)), val_fraction=0.0,
-                        seed=seed, run_name=f"{arm}{seed}", out_dir=str(work / f"{arm}_models"))
+                        seed=seed, run_name=f"{arm}{seed}", out_dir=str(work / f"{arm}_models"),
+                        **semi_changes(work / f"{arm}_pool", args.arms_unlabeled))
         row[f"{arm}_val_acc"] = round(run["best_val_acc"], 4)
+        if args.arms_unlabeled:
+            row[f"{arm}_pseudo_share_last_epoch"] = run["history"][-1]["pseudo_share"]
     return row
 
 
@@ -197,6 +208,9 @@ def label_next_main(argv: list[str]) -> int:
                         "runs' seeds")
     parser.add_argument("--seed-unlabeled", type=float, default=0.0, metavar="SECONDS", help="train the seed "
                         "model with the rest of train as --unlabeled, for this --time-budget (0: labelled only)")
+    parser.add_argument("--arms-unlabeled", type=float, default=0.0, metavar="SECONDS", help="train each arm "
+                        "with the photos of the rest it did not add as --unlabeled, for this --time-budget "
+                        "(0: labelled only)")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
     source = provenance("benchmarks.bench_labels", ["label-next", *argv])
@@ -207,7 +221,7 @@ def label_next_main(argv: list[str]) -> int:
         rows = [label_next_seed(args, cfg, seed, work / f"seed{seed}") for seed in args.seeds]
     mean = {arm: round(sum(r[f"{arm}_val_acc"] for r in rows) / len(rows), 4) for arm in ("ranked", "random")}
     result = {**source, "data": args.data, "per_class": args.per_class, "added": args.add,
-              "seed_unlabeled_seconds": args.seed_unlabeled,
+              "seed_unlabeled_seconds": args.seed_unlabeled, "arms_unlabeled_seconds": args.arms_unlabeled,
               "val_from": "train (--tune)" if args.tune else "val", "seeds": rows, "mean_val_acc": mean,
               "ranked_minus_random_points": round(100 * (mean["ranked"] - mean["random"]), 2)}
     print(label_next_markdown(result) if args.markdown else json.dumps(result, indent=2))
@@ -221,7 +235,9 @@ def label_next_markdown(result: dict) -> str:
     rows.append(["mean", "", f"{mean['ranked']:.2%}", f"{mean['random']:.2%}", ""])
     semi = (f" (its model also trained on the rest as --unlabeled, {result['seed_unlabeled_seconds']:g} s)"
             if result["seed_unlabeled_seconds"] else "")
-    head = (f"{result['per_class']} labelled photos per class as the seed{semi}, +{result['added']} picked; val: "
+    arms = (f" (each arm also trained on the rest it did not add as --unlabeled, "
+            f"{result['arms_unlabeled_seconds']:g} s)" if result.get("arms_unlabeled_seconds") else "")
+    head = (f"{result['per_class']} labelled photos per class as the seed{semi}, +{result['added']} picked{arms}; val: "
             f"photos of {result['val_from']}; ranked minus random: {result['ranked_minus_random_points']:+.2f} points")
     return "\n\n".join([head, markdown_table(["seed", "seed model", "seed + ranked", "seed + random",
                                               "ranked picks per class"], rows), markdown_source(result)])

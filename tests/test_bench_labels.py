@@ -53,11 +53,19 @@ def test_both_commands_run_end_to_end_on_a_toy_set(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| seed | seed model | seed + ranked | seed + random |" in table and "\n| 3 | " in table
     assert "python -m benchmarks.bench_labels label-next --data" in table
-    # the seed model semi-supervised on the pool: its history has the share of pool images that got a target
+    # the seed model and both arms semi-supervised: the seed on the pool, each arm on the pool less its picks
+    work = tmp_path / "work"
     assert bench_labels.main(["label-next", "--data", str(data), "--per-class", "4", "--add", "6", "--seeds", "3",
-                              "--seed-unlabeled", "10", *TOY]) == 0
+                              "--seed-unlabeled", "10", "--arms-unlabeled", "10", "--work-dir", str(work),
+                              *TOY]) == 0
     row = json.loads(capsys.readouterr().out)["seeds"][0]
     assert 0.0 <= row["seed_pseudo_share_last_epoch"] <= 1.0 and row["ranked_picked_per_class"]
+    assert all(0.0 <= row[f"{arm}_pseudo_share_last_epoch"] <= 1.0 for arm in ("ranked", "random"))
+    pool = {p.resolve() for p in (work / "seed3" / "pool").iterdir()}
+    for arm in ("ranked", "random"):
+        added = {p.resolve() for p in (work / "seed3" / arm / "train").rglob("*.png")} & pool
+        arm_pool = {p.resolve() for p in (work / "seed3" / f"{arm}_pool").iterdir()}
+        assert len(added) == 6 and arm_pool == pool - added
 
 
 def test_labelled_links_keep_two_photos_of_one_name(tmp_path):
