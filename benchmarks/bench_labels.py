@@ -96,12 +96,18 @@ def train_run(cfg: TrainConfig, scratch: Path, **changes) -> dict:
     return read_summary(run_cfg.log_dir, name)
 
 
+def pseudo_share(summary: dict, prefix: str = "") -> dict:
+    """{prefix + "pseudo_share_last_epoch": the last epoch's pseudo-labelled share} for a run that learnt from
+    --unlabeled, else {}."""
+    last = summary["history"][-1]
+    return {f"{prefix}pseudo_share_last_epoch": last["pseudo_share"]} if "pseudo_share" in last else {}
+
+
 def run_row(summary: dict) -> dict:
     """A run's figures: best val accuracy, its epoch, epochs run, seconds, and the last pseudo-label share."""
-    last = summary["history"][-1]
     return {"best_val_acc": round(summary["best_val_acc"], 4), "best_epoch": summary["best_epoch"],
-            "epochs": len(summary["history"]), "train_seconds": round(last["train_seconds"], 1),
-            **({"pseudo_share_last_epoch": last["pseudo_share"]} if "pseudo_share" in last else {})}
+            "epochs": len(summary["history"]), "train_seconds": round(summary["history"][-1]["train_seconds"], 1),
+            **pseudo_share(summary)}
 
 
 def command_parser(command: str, per_class: int, per_class_help: str) -> argparse.ArgumentParser:
@@ -176,16 +182,15 @@ def label_next_seed(args, cfg: TrainConfig, seed: int, work: Path) -> dict:
     labelled, rest, val = split_train(args.data, cfg, args.per_class, args.tune, seed)
     truth = link_unlabelled(rest, work / "pool")
     by_name = {name: item for name, item in zip(truth, rest)}
-    semi = semi_changes(work / "pool", args.seed_unlabeled)
     seed_run = train_run(cfg, work, data=str(arm_folder(work / "seed", labelled, [], val)), val_fraction=0.0,
-                         seed=seed, run_name=f"seed{seed}", out_dir=str(work / "seed_models"), **semi)
+                         seed=seed, run_name=f"seed{seed}", out_dir=str(work / "seed_models"),
+                         **semi_changes(work / "pool", args.seed_unlabeled))
     run_script("check_data.py", [str(work / "pool"), "--label-next", str(args.add), "--checkpoint",
                                  seed_run["checkpoint"], "--out-dir", str(work / "picks")], stdout=sys.__stderr__)
     with open(work / "picks" / "label_next.csv", newline="") as f:
         ranked = [by_name[row["path"]] for row in csv.DictReader(f)]
     shuffled = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:args.add]
-    row = {"seed": seed, "seed_val_acc": round(seed_run["best_val_acc"], 4),
-           **({"seed_pseudo_share_last_epoch": seed_run["history"][-1]["pseudo_share"]} if semi else {})}
+    row = {"seed": seed, "seed_val_acc": round(seed_run["best_val_acc"], 4), **pseudo_share(seed_run, "seed_")}
     for arm, added in (("ranked", ranked), ("random", [rest[i] for i in shuffled.tolist()])):
         row[f"{arm}_picked_per_class"] = {c: sum(1 for _, k in added if k == c) for c in sorted({k for _, k in rest})}
         if args.arms_unlabeled:
@@ -194,9 +199,7 @@ def label_next_seed(args, cfg: TrainConfig, seed: int, work: Path) -> dict:
         run = train_run(cfg, work, data=str(arm_folder(work / arm, labelled, added, val)), val_fraction=0.0,
                         seed=seed, run_name=f"{arm}{seed}", out_dir=str(work / f"{arm}_models"),
                         **semi_changes(work / f"{arm}_pool", args.arms_unlabeled))
-        row[f"{arm}_val_acc"] = round(run["best_val_acc"], 4)
-        if args.arms_unlabeled:
-            row[f"{arm}_pseudo_share_last_epoch"] = run["history"][-1]["pseudo_share"]
+        row.update({f"{arm}_val_acc": round(run["best_val_acc"], 4), **pseudo_share(run, f"{arm}_")})
     return row
 
 
