@@ -93,10 +93,13 @@ class TrainConfig:
                             "(measured best on real photos), msp, energy, knn, mahalanobis, layer_mahalanobis or "
                             "rotation (needs --rotation-weight); 'none' skips it",
                             choices=(*NOVELTY_SCORES, "none"))
-    rotation_weight: float = _f(0.0, "weight of a self-supervised loss: a 4-way head learns which quarter turn "
+    rotation_weight: float = _f(0.5, "weight of a self-supervised loss: a 4-way head learns which quarter turn "
                                 "--rotation-share of each batch was given, so the features know more than the "
-                                "classes: better at telling unknown images, slower to train (0 = no rotation head)")
-    rotation_share: float = _f(0.25, "share of each batch copied, turned and given to the rotation head")
+                                "classes: better at telling unknown images (0 = no rotation head)")
+    rotation_share: float = _f(0.25, "share of each batch turned and given to the rotation head")
+    rotation_copies: bool = _f(False, "turn copies of that share, added to the batch, instead of the images "
+                               "themselves (which the class loss then skips): every image teaches its class, but a "
+                               "step costs more, which short runs pay for")
     other: str = _f("", "folder of images of no class (any layout), e.g. what users send by mistake: trained "
                     "to hold little evidence for any class (energy-margin outlier exposure); never a class, never "
                     "in the accuracy")
@@ -179,6 +182,8 @@ class TrainConfig:
                             f"--pseudo-threshold in (0, 1] (not {self.pseudo_threshold})")
         if not 0.0 <= self.max_scale < 1.0:
             raise UserError(f"--max-scale must be in [0, 1), not {self.max_scale}")
+        if self.rotation_weight > 0 and not 0.0 < self.rotation_share < 1.0:
+            raise UserError(f"--rotation-share must be in (0, 1), not {self.rotation_share}")
         if self.novelty_score == "rotation" and self.rotation_weight <= 0:
             raise UserError("--novelty-score rotation needs the rotation head: give --rotation-weight > 0")
         if len(self.blocks) != 4 or min(self.blocks) < 1:
@@ -200,7 +205,7 @@ class TrainConfig:
 
 # Fields a saved config may lack, with the value a run whose config lacks them trained with (not the default), so
 # that resuming it, or starting from its config.json, goes on as it began.
-BEFORE_FIELD = (("max_scale", 0.0), ("other_zoom_out", 0.0))
+BEFORE_FIELD = (("max_scale", 0.0), ("other_zoom_out", 0.0), ("rotation_weight", 0.0), ("rotation_copies", True))
 
 
 def _flag_kwargs(f: dataclasses.Field, hints: dict) -> dict:

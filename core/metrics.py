@@ -75,13 +75,13 @@ def energy_margin_loss(known_logits: torch.Tensor, other_logits: torch.Tensor, k
     return known + other
 
 
-def mixed_loss(loss_fn, logits: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor | None = None,
+def mixed_loss(loss_fn, logits: torch.Tensor, labels: torch.Tensor, box_labels: torch.Tensor | None = None,
                own: float = 1.0) -> torch.Tensor:
-    """loss_fn on a batch's logits; on a CutMix batch (dataset.cutmix: `perm`, `own`) split by area between each
-    image's label (weight own) and the label of the image its box came from."""
-    if perm is None:
+    """loss_fn on a batch's logits; on a CutMix batch (dataset.cutmix) split by area between each image's label
+    (weight `own`) and `box_labels`, the label of the image its box came from (labels[perm])."""
+    if box_labels is None:
         return loss_fn(logits, labels)
-    return own * loss_fn(logits, labels) + (1 - own) * loss_fn(logits, labels[perm])
+    return own * loss_fn(logits, labels) + (1 - own) * loss_fn(logits, box_labels)
 
 
 def consistency_loss(strong_logits: torch.Tensor, weak_logits: torch.Tensor, threshold: float

@@ -86,8 +86,8 @@ def test_mixed_loss_splits_by_the_share_each_image_keeps():
     assert mixed_loss(ce, logits, labels) == ce(logits, labels)  # no CutMix: the plain loss
     perm = torch.tensor([1, 2, 0])  # boxes from images 1, 2 and 0: their labels 1, 1, 0
     expected = 0.75 * ce(logits, labels) + 0.25 * ce(logits, torch.tensor([1, 1, 0]))
-    assert mixed_loss(ce, logits, labels, perm, 0.75).item() == pytest.approx(expected.item())
-    assert mixed_loss(ce, logits, labels, perm, 0.0).item() == pytest.approx(ce(logits, labels[perm]).item())
+    assert mixed_loss(ce, logits, labels, labels[perm], 0.75).item() == pytest.approx(expected.item())
+    assert mixed_loss(ce, logits, labels, labels[perm], 0.0).item() == pytest.approx(ce(logits, labels[perm]).item())
 
 
 def test_consistency_loss_targets_only_the_weak_views_above_the_threshold():

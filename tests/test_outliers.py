@@ -10,16 +10,18 @@ import torch
 
 import evaluate
 import train
+from config import TrainConfig
 from conftest import load_folder, train_args
 from core.metrics import energy_margin_loss
-from dataset import random_crops, rotate_quarters
+from dataset import Split, random_crops, rotate_quarters
 from loading import synthetic
 from loading.synthetic import make_synthetic
 from model import WithRotationHead, build_model, has_rotation_head
 from prediction import novelty as nv
 from prediction import predict
 from prediction.checkpoint import load_checkpoint, model_from_checkpoint
-from training.outliers import blob_masks, other_crops, zoomed_out
+from training import loop
+from training.outliers import blob_masks, other_crops, turn_in_place, zoomed_out
 
 
 def test_rotate_quarters_turns_each_image_by_its_own_count():
@@ -31,6 +33,39 @@ def test_rotate_quarters_turns_each_image_by_its_own_count():
     assert torch.equal(x, torch.arange(18.).view(2, 1, 3, 3).repeat(4, 1, 1, 1))  # the input is left alone
     # counter-clockwise: the top row becomes the left column, read bottom-up
     assert rotate_quarters(x[:1], torch.tensor([1]))[0, 0, :, 0].tolist() == [2.0, 1.0, 0.0]
+
+
+def test_turn_in_place_turns_the_first_share_of_the_batch_and_leaves_at_least_one_image_as_it_was():
+    x = torch.randn(8, 1, 5, 5)
+    out, turns = turn_in_place(x, 0.25, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and turns.shape == (2,) and torch.equal(out[2:], x[2:])
+    for i, k in enumerate(turns.tolist()):
+        assert torch.equal(out[i], torch.rot90(x[i], k, (1, 2)))
+    g = torch.Generator().manual_seed(1)
+    assert [len(turn_in_place(x[:n], 0.9, g)[1]) for n in (2, 3, 8)] == [1, 2, 7]  # never the whole batch
+
+
+def test_a_step_with_the_head_trains_the_class_on_the_images_it_did_not_turn():
+    """In place (the default), the turned rows teach the turn and never the class; with --rotation-copies every
+    row teaches its class and the copies the turn. Eval mode, so that each row's logits are its own."""
+    data = Split(torch.zeros(8, 1, 16, 16, dtype=torch.uint8), torch.tensor([0, 1] * 4), [f"{i}.png" for i in range(8)])
+    x, y = torch.randn(8, 1, 16, 16), torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    for copies, rows in ((False, slice(2, 8)), (True, slice(0, 8))):
+        cfg = TrainConfig(image_size=16, width=4, epochs=1, rotation_weight=0.5, rotation_share=0.25,
+                          rotation_copies=copies, channels_last=False)
+        t = loop.build_trainer(cfg, data, 2, torch.device("cpu"), None, None)
+        net = WithRotationHead(t.model).eval()  # what training calls: both heads' logits
+        same_draws = torch.Generator().set_state(t.generator.get_state())
+        turned, turns = turn_in_place(x, 0.25, same_draws)
+        with torch.no_grad():
+            loss, class_loss, logits, labels, _ = loop.step_loss(t, net, x, y, cfg, None)
+            class_logits = net(x)[0]
+            rot_logits = net(turned)[1][:2]
+        assert torch.equal(labels, y[rows]) and torch.allclose(logits, class_logits[rows], atol=1e-5)
+        assert class_loss.item() == pytest.approx(t.loss_fn(class_logits[rows], y[rows]).item(), abs=1e-5)
+        if not copies:  # the rotation loss: the turns the step drew, named from the turned rows
+            want = 0.5 * torch.nn.functional.cross_entropy(rot_logits, turns)
+            assert (loss - class_loss).item() == pytest.approx(want.item(), abs=1e-5)
 
 
 def test_random_crops_take_a_part_of_each_image_at_the_asked_size():
@@ -165,8 +200,8 @@ def test_a_model_trained_with_other_weights_the_energy_in_its_combined_score(tin
         out = tmp_path / name
         assert train.main(train_args(tiny_data, out, "--other-synthetic", "4", *extra)) == 0
         state = load_checkpoint(out / "models" / "best_model.pth")["novelty"]["states"]["combined"]
-        # stem, stage 1, energy, penultimate
-        assert state["weights"].tolist() == [1.0, 1.0, weight, nv.PENULTIMATE_WEIGHT] and not state["upright"]
+        # stem, stage 1, energy, penultimate and the rotation head's upright surprise
+        assert state["weights"].tolist() == [1.0, 1.0, weight, nv.PENULTIMATE_WEIGHT, 1.0] and state["upright"]
 
 
 def test_other_must_be_a_folder_with_images(tiny_data, tmp_path):

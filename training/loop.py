@@ -38,7 +38,7 @@ from training.distributed import all_reduce_sum, any_rank, rank_world, shard_bat
 from training.optimization import (BudgetPlan, LRSchedule, Replan, build_optimizer, class_weight_tensor, ema_of,
                                    plan_to_budget, planning_epoch_seconds, replan_lr, seconds_after_training,
                                    set_backbone_trainable, train_mode)
-from training.outliers import other_crops, rotation_copies
+from training.outliers import other_crops, rotation_copies, turn_in_place
 from training.runs import CtrlC, Progress
 
 
@@ -166,16 +166,22 @@ def set_phase(t: Trainer, cfg: TrainConfig, epoch: int) -> bool:
 # ---------------------------------------------------------------- one step, one epoch
 
 def extra_images(t: Trainer, x: torch.Tensor, cfg: TrainConfig, other: torch.Tensor | None
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """What a step adds to the augmented batch x (training/outliers.py): turned copies of its first
-    --rotation-share images with their turns, for the rotation head; --other-share random crops of the --other
-    images."""
-    turned, turns = rotation_copies(x, cfg.rotation_share, t.generator) if cfg.rotation_weight > 0 else (None, None)
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int, torch.Tensor | None]:
+    """The augmented batch x as the step trains it, and what it adds (training/outliers.py): (x, turned copies
+    or None, the turns for the rotation head, how many of x's first rows are turned in place, --other-share
+    random crops of the --other images or None). The rotation head's --rotation-share of x is turned in place
+    (those rows teach the turn, not the class), or with --rotation-copies given as turned copies."""
+    turned, turns, in_place = None, None, 0
+    if cfg.rotation_weight > 0 and cfg.rotation_copies:
+        turned, turns = rotation_copies(x, cfg.rotation_share, t.generator)
+    elif cfg.rotation_weight > 0 and len(x) > 1:
+        x, turns = turn_in_place(x, cfg.rotation_share, t.generator)
+        in_place = len(turns)
     others = None
     if other is not None:
         n = max(1, round(len(x) * cfg.other_share))
         others = other_crops(other, n, x.shape[-1], t.normalization, t.generator, cfg.other_zoom_out)
-    return turned, turns, others
+    return x, turned, turns, in_place, others
 
 
 def unlabeled_views(t: Trainer, unlabeled: Split, idx: torch.Tensor, cfg: TrainConfig
@@ -206,34 +212,38 @@ def teacher_logits(t: Trainer, weak: torch.Tensor, cfg: TrainConfig) -> torch.Te
 def step_loss(t: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
               other: torch.Tensor | None, mixed: tuple[torch.Tensor | None, float] = (None, 1.0),
               views: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(loss, its classification part, the batch's class logits, how many unlabelled images got a target) of
-    one training step, in one forward pass: the classification loss on x (on a CutMix batch, `mixed` = (perm,
-    own): split by area between y and y[perm]), plus the rotation loss on its turned copies and the energy
-    margins of x and the --other images when those are on (extra_images), plus the --unlabeled images'
-    consistency loss (metrics.consistency_loss): their strong views, in the same pass, trained towards the class
-    the evaluated model gives their weak views (teacher_logits). The train loss reported is the classification
-    part alone, comparable with runs without them."""
-    turned, turns, others = extra_images(t, x, cfg, other)
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(loss, its classification part, the class logits and labels it was on, how many unlabelled images got a
+    target) of one training step, in one forward pass: the classification loss on x's rows that were not turned
+    (on a CutMix batch, `mixed` = (perm, own): split by area between y and y[perm]), plus the rotation loss on
+    the turned rows or copies and the energy margins of x and the --other images when those are on
+    (extra_images), plus the --unlabeled images' consistency loss (metrics.consistency_loss): their strong
+    views, in the same pass, trained towards the class the evaluated model gives their weak views
+    (teacher_logits). The train loss reported is the classification part alone, comparable with runs without
+    them."""
+    x, turned, turns, k, others = extra_images(t, x, cfg, other)
     targets = None if views is None else teacher_logits(t, views[0], cfg)
     parts = [p for p in (x, turned, others, None if views is None else views[1]) if p is not None]
     batch = torch.cat(parts) if len(parts) > 1 else x
     if cfg.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     n, start, confident = len(x), len(x) + (0 if turned is None else len(turned)), 0
+    perm, own = mixed
     with amp(t.device, t.amp_dtype):
         out = model(batch)
         logits, rot_logits = out if isinstance(out, tuple) else (out, None)
-        loss = class_loss = mixed_loss(t.loss_fn, logits[:n].float(), y, *mixed)
-        if turned is not None:
-            loss = loss + cfg.rotation_weight * F.cross_entropy(rot_logits[n:start].float(), turns)
+        loss = class_loss = mixed_loss(t.loss_fn, logits[k:n].float(), y[k:], None if perm is None else y[perm][k:],
+                                       own)
+        if turns is not None:
+            rows = rot_logits[:k] if k else rot_logits[n:start]
+            loss = loss + cfg.rotation_weight * F.cross_entropy(rows.float(), turns)
         if others is not None:
-            loss = loss + cfg.other_weight * energy_margin_loss(logits[:n].float(),
+            loss = loss + cfg.other_weight * energy_margin_loss(logits[k:n].float(),
                                                                 logits[start:start + len(others)].float())
         if targets is not None:
             u_loss, mask = consistency_loss(logits[len(batch) - len(targets):], targets, cfg.pseudo_threshold)
             loss, confident = loss + cfg.unlabeled_weight * u_loss, int(mask.sum())
-    return loss, class_loss.detach(), logits[:n], confident
+    return loss, class_loss.detach(), logits[k:n], y[k:], confident
 
 
 def optimizer_step(t: Trainer, loss: torch.Tensor) -> None:
@@ -285,15 +295,16 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float =
                     ctrl_c: CtrlC | None = None, other: torch.Tensor | None = None, progress_bar: bool = True,
                     unlabeled: Split | None = None) -> dict:
     """One epoch (epoch_batches: a pass over the training images, or over the --unlabeled ones), augmented on
-    whole batches; returns mean loss, accuracy (of the labelled images only), counts, and 'interrupted' when a
-    Ctrl-C (ctrl_c.requested, on any rank) ended it after a step, before its end; with `unlabeled` also
-    'pseudo_share', the share of its images drawn that got a target. `other`: the --other images (step_loss). A NaN/inf step is skipped (its BatchNorm statistics
-    undone); too many stop the run with a UserError."""
+    whole batches; returns mean loss and accuracy (of the labelled images the class loss saw), counts, and
+    'interrupted' when a Ctrl-C (ctrl_c.requested, on any rank) ended it after a step, before its end; with
+    `unlabeled` also 'pseudo_share', the share of its images drawn that got a target. `other`: the --other images
+    (step_loss). A NaN/inf step is skipped (its BatchNorm statistics undone); too many stop the run with a
+    UserError."""
     model, device = t.train_model, t.device
     train_mode(model)
     rank = rank_world()[0]
     labels = data.labels.to(device)  # images: on the device, or the cache's memory map
-    total_loss = correct = seen = skipped = steps = data_seconds = 0
+    total_loss = correct = seen = judged = skipped = steps = data_seconds = 0  # judged: images the class loss saw
     # Under torchrun the ranks share one generator state, so augmentation draws repeat across ranks, each on
     # different images; that keeps the permutations in step without passing state between processes.
     n_unlabeled = 0 if unlabeled is None else len(unlabeled.labels)
@@ -306,7 +317,7 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float =
         views = None if u_idx is None else unlabeled_views(t, unlabeled, u_idx, cfg)
         data_seconds += time.perf_counter() - t_data  # exact on CPU; CUDA runs it async
         guard.save()
-        loss, class_loss, logits, sure = step_loss(t, model, x, y, cfg, other, mixed, views)
+        loss, class_loss, logits, class_y, sure = step_loss(t, model, x, y, cfg, other, mixed, views)
         # The ranks agree on both in one reduction: skip this step (NaN/inf), and stop after it (Ctrl-C).
         nonfinite, stop = (v > 0 for v in all_reduce_sum(
             [float(not torch.isfinite(loss).item()), float(ctrl_c is not None and ctrl_c.requested)], device))
@@ -318,17 +329,19 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float =
                 raise UserError(f"training loss became NaN/inf in {skipped} steps; lower --lr (now {cfg.lr})")
         else:
             optimizer_step(t, loss)
-            steps, seen = steps + 1, seen + len(y)
+            steps, seen, judged = steps + 1, seen + len(y), judged + len(class_y)
             drawn, confident = drawn + (0 if views is None else len(views[0])), confident + sure
-            total_loss, correct = total_loss + class_loss.item() * len(y), correct + correct_count(logits, y)
+            total_loss += class_loss.item() * len(class_y)
+            correct += correct_count(logits, class_y)
             if steps % 10 == 0:
-                bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+                bar.set_postfix(loss=f"{total_loss / judged:.3f}")
         if stop or (deadline < math.inf and any_rank(time.time() > deadline, device)):
             break
     bar.close()
     interrupted = stop and steps + skipped < t.steps_per_epoch  # stopped on its last step: a whole epoch
-    total_loss, correct, seen, drawn, confident = all_reduce_sum([total_loss, correct, seen, drawn, confident], device)
-    out = {"loss": total_loss / max(1, seen), "acc": correct / max(1, seen), "images": int(seen),
+    total_loss, correct, seen, judged, drawn, confident = all_reduce_sum(
+        [total_loss, correct, seen, judged, drawn, confident], device)
+    out = {"loss": total_loss / max(1, judged), "acc": correct / max(1, judged), "images": int(seen),
            "skipped_steps": skipped, "data_seconds": data_seconds, "interrupted": interrupted}
     return out | ({"pseudo_share": confident / max(1, drawn)} if unlabeled is not None else {})
 

@@ -1,11 +1,12 @@
-"""What training adds so that the model can tell its classes from everything else: copies of the batch turned by
-quarter turns for the rotation head (--rotation-weight), and images of no class (--other) pushed towards a
+"""What training adds so that the model can tell its classes from everything else: images of the batch turned by
+quarter turns for the rotation head (--rotation-weight; in place, or as copies with --rotation-copies), and images of no class (--other) pushed towards a
 prediction with little evidence for any class (energy-margin outlier exposure, metrics.energy_margin_loss).
 
 Usage (from train.py):
     other = load_other_images("photos_of_other_things/", side=128, channels=1, cache_dir="", workers=2,
                               synthetic=500, seed=0, device=device).images   # uint8, held in memory
-    turned, turns = rotation_copies(x, 0.25, generator)               # x: the augmented batch
+    x, turns = turn_in_place(x, 0.25, generator)                      # x: the augmented batch
+    turned, turns = rotation_copies(x, 0.25, generator)               # or copies of its first quarter
     others = other_crops(other, n=64, size=64, normalization=norm, generator=generator, zoom_out=0.5)
     loss = loss + 0.1 * energy_margin_loss(logits_of_batch, logits_of_others)
 """
@@ -49,6 +50,16 @@ def rotation_copies(x: torch.Tensor, share: float, generator: torch.Generator) -
     n = max(1, round(len(x) * share))
     turns = torch.randint(0, 4, (n,), generator=generator)
     return rotate_quarters(x[:n], turns), turns.to(x.device)
+
+
+def turn_in_place(x: torch.Tensor, share: float, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x with its first `share` of rows given a random quarter turn each (at least one row left as it was), and
+    the turns (0-3) on x's device: the rotation head learns to name them, the class loss skips those rows, and
+    the batch costs what it cost without the head."""
+    n = min(max(1, round(len(x) * share)), len(x) - 1)
+    turns = torch.randint(0, 4, (n,), generator=generator)
+    return torch.cat([rotate_quarters(x[:n], turns), x[n:]]), turns.to(x.device)
 
 
 def other_crops(other: torch.Tensor, n: int, size: int, normalization: dict, generator: torch.Generator,
