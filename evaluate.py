@@ -254,8 +254,9 @@ def gradcam_images(args: argparse.Namespace) -> int:
             n += 1
             name = f"gradcam_{path.stem}_{n}.png"
         used.add(name)
-        fig = plot_gradcam(image, result.cam, f"Grad-CAM ({result.layer}): {label} {result.probability:.2f}")
-        print(f"{path}  {label}  {result.probability:.2f}  -> {save_figure(fig, out / name)}")
+        confidence = round(result.probability, 4)  # as a Prediction holds it, so both print the same two digits
+        fig = plot_gradcam(image, result.cam, f"Grad-CAM ({result.layer}): {label} {confidence:.2f}")
+        print(f"{path}  {label}  {confidence:.2f}  -> {save_figure(fig, out / name)}")
     return 1 if failed else 0
 
 
