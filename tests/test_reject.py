@@ -68,10 +68,10 @@ def test_default_score_in_config_is_the_measured_one():
     with pytest.raises(UserError, match="--novelty-score must be one of combined, msp, .* none, not 'odin'"):
         TrainConfig(novelty_score="odin")
     with pytest.raises(UserError, match="--novelty-score rotation needs the rotation head"):
-        TrainConfig(novelty_score="rotation", rotation_weight=0.0)
+        TrainConfig(novelty_score="rotation")
     with pytest.raises(UserError, match=r"--rotation-share must be in \(0, 1\), not 1.0"):
-        TrainConfig(rotation_share=1.0)
-    assert TrainConfig(rotation_share=1.0, rotation_weight=0.0).rotation_weight == 0.0  # no head: no share needed
+        TrainConfig(rotation_share=1.0, rotation_weight=0.5)
+    assert TrainConfig(rotation_share=1.0).rotation_share == 1.0  # no head: the share is not used
     assert TrainConfig(novelty_score="none").novelty_score == "none"
 
 
