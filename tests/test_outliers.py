@@ -66,6 +66,9 @@ def test_a_step_with_the_head_trains_the_class_on_the_images_it_did_not_turn():
         if not copies:  # the rotation loss: the turns the step drew, named from the turned rows
             want = 0.5 * torch.nn.functional.cross_entropy(rot_logits, turns)
             assert (loss - class_loss).item() == pytest.approx(want.item(), abs=1e-5)
+            with torch.no_grad():  # a batch of one image: it teaches its class, and a turned copy the head
+                one = loop.step_loss(t, net, x[:1], y[:1], cfg, None)
+            assert torch.equal(one[3], y[:1]) and one[0] > one[1]
 
 
 def test_random_crops_take_a_part_of_each_image_at_the_asked_size():

@@ -170,11 +170,12 @@ def extra_images(t: Trainer, x: torch.Tensor, cfg: TrainConfig, other: torch.Ten
     """The augmented batch x as the step trains it, and what it adds (training/outliers.py): (x, turned copies
     or None, the turns for the rotation head, how many of x's first rows are turned in place, --other-share
     random crops of the --other images or None). The rotation head's --rotation-share of x is turned in place
-    (those rows teach the turn, not the class), or with --rotation-copies given as turned copies."""
+    (those rows teach the turn, not the class), or with --rotation-copies given as turned copies; a batch of one
+    image gets a copy, so that it still teaches its class and the head trains in every step."""
     turned, turns, in_place = None, None, 0
-    if cfg.rotation_weight > 0 and cfg.rotation_copies:
+    if cfg.rotation_weight > 0 and (cfg.rotation_copies or len(x) == 1):
         turned, turns = rotation_copies(x, cfg.rotation_share, t.generator)
-    elif cfg.rotation_weight > 0 and len(x) > 1:
+    elif cfg.rotation_weight > 0:
         x, turns = turn_in_place(x, cfg.rotation_share, t.generator)
         in_place = len(turns)
     others = None
