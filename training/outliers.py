@@ -58,8 +58,8 @@ def turn_in_place(x: torch.Tensor, share: float, generator: torch.Generator
     the turns (0-3) on x's device: the rotation head learns to name them, the class loss skips those rows, and
     the batch costs what it cost without the head."""
     n = min(max(1, round(len(x) * share)), len(x) - 1)
-    turns = torch.randint(0, 4, (n,), generator=generator)
-    return torch.cat([rotate_quarters(x[:n], turns), x[n:]]), turns.to(x.device)
+    turned, turns = rotation_copies(x[:n], 1.0, generator)
+    return torch.cat([turned, x[n:]]), turns
 
 
 def other_crops(other: torch.Tensor, n: int, size: int, normalization: dict, generator: torch.Generator,
