@@ -46,9 +46,10 @@ def test_turn_in_place_turns_the_first_share_of_the_batch_and_leaves_at_least_on
 
 
 def test_a_step_with_the_head_trains_the_class_on_the_images_it_did_not_turn():
-    """In place (the default), the turned rows teach the turn and never the class; with --rotation-copies every
+    """Turned in place (without --rotation-copies), the turned rows teach the turn and never the class; with --rotation-copies every
     row teaches its class and the copies the turn. Eval mode, so that each row's logits are its own."""
-    data = Split(torch.zeros(8, 1, 16, 16, dtype=torch.uint8), torch.tensor([0, 1] * 4), [f"{i}.png" for i in range(8)])
+    data = Split(torch.zeros(8, 1, 16, 16, dtype=torch.uint8), torch.tensor([0, 1] * 4),
+                 [f"{i}.png" for i in range(8)])
     x, y = torch.randn(8, 1, 16, 16), torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
     for copies, rows in ((False, slice(2, 8)), (True, slice(0, 8))):
         cfg = TrainConfig(image_size=16, width=4, epochs=1, rotation_weight=0.5, rotation_share=0.25,

@@ -1,6 +1,7 @@
 """What training adds so that the model can tell its classes from everything else: images of the batch turned by
-quarter turns for the rotation head (--rotation-weight; in place, or as copies with --rotation-copies), and images of no class (--other) pushed towards a
-prediction with little evidence for any class (energy-margin outlier exposure, metrics.energy_margin_loss).
+quarter turns for the rotation head (--rotation-weight; in place, or as copies with --rotation-copies), and images
+of no class (--other) pushed towards a prediction with little evidence for any class (energy-margin outlier
+exposure, metrics.energy_margin_loss).
 
 Usage (from train.py):
     other = load_other_images("photos_of_other_things/", side=128, channels=1, cache_dir="", workers=2,
