@@ -18,8 +18,8 @@ Every score is oriented the same way: the higher, the less the image looks like 
                      of the stem's and of the first residual stage's per-channel mean and spread (how the image
                      looks: texture, light, background), the energy of the logits (how much evidence for any
                      class it holds) and the Mahalanobis distance of the penultimate feature (what the image
-                     shows); with a rotation head (--rotation-weight 0.5) also the head's surprise that the image
-                     is upright, from the pass that classifies it. The default (DEFAULT_SCORE), chosen
+                     shows); with a rotation head (--rotation-weight, on by default) also the head's surprise
+                     that the image is upright, from the pass that classifies it. The default (DEFAULT_SCORE), chosen
                      on real photos of other things (../shared/data/other, scenes and objects) against cat/dog val
                      photos, never on generated ones, by what carries from one kind to the other (leave one source
                      out, benchmarks/bench_unknown.py): the sum separates them better than any part alone, each

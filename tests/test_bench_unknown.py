@@ -61,8 +61,8 @@ def test_bench_unknown_prints_both_tables(trained, tmp_path, capsys):
     table, result = capsys.readouterr().out.split("\n{", 1)
     result = json.loads("{" + result)
     assert result["images"] == {"noise": 12, "shapes": 12} and result["parts"] == [
-        "stem statistics", "stage 1 statistics", "energy", "penultimate"]
-    assert result["default_recipe"] == [1.0, 1.0, 1.0, 1.0]
+        "stem statistics", "stage 1 statistics", "energy", "penultimate", "upright"]  # the default rotation head's
+    assert result["default_recipe"] == [1.0, 1.0, 1.0, 1.0, 1.0]
     assert [r["left_out"] for r in result["loso"]] == ["noise", "shapes"]
     assert result["loso_mean"]["default_auroc"] == pytest.approx(
         sum(r["default_auroc"] for r in result["loso"]) / 2)
@@ -71,9 +71,9 @@ def test_bench_unknown_prints_both_tables(trained, tmp_path, capsys):
     assert bench_unknown.main(["--checkpoint", str(trained["checkpoint"]), "--other", str(tmp_path / "other"),
                                "--drop", "energy", "penultimate", "--workers", "0"]) == 0
     dropped = json.loads("{" + capsys.readouterr().out.split("\n{", 1)[1])
-    assert dropped["parts"] == ["stem statistics", "stage 1 statistics"] and dropped["default_recipe"] == [1.0, 1.0]
-    assert all(len(r["chosen"]) == 2 for r in dropped["loso"])
+    assert dropped["parts"] == ["stem statistics", "stage 1 statistics", "upright"]
+    assert dropped["default_recipe"] == [1.0, 1.0, 1.0] and all(len(r["chosen"]) == 3 for r in dropped["loso"])
     assert bench_unknown.main(["--checkpoint", str(trained["checkpoint"]), "--other", str(tmp_path / "other"),
-                               "--drop", "upright"]) == 2  # no such part: the toy model has no rotation head
+                               "--drop", "rotation"]) == 2  # no such part: the four turns are a score of their own
     assert bench_unknown.main(["--checkpoint", str(trained["checkpoint"]), "--other", str(tmp_path / "other"),
                                "--sources", "all=noise,shapes"]) == 2  # one source: nothing to leave out

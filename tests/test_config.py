@@ -64,9 +64,10 @@ def test_round_trip_through_dict():
 
 
 def test_a_run_saved_before_a_field_existed_keeps_what_it_trained_with(tmp_path):
-    saved = {k: v for k, v in TrainConfig(epochs=7).to_dict().items() if k not in ("max_scale", "other_zoom_out")}
+    lacks = ("max_scale", "other_zoom_out", "rotation_weight")
+    saved = {k: v for k, v in TrainConfig(epochs=7).to_dict().items() if k not in lacks}
     old = TrainConfig.from_dict(saved)
-    assert (old.max_scale, old.other_zoom_out, old.epochs) == (0.0, 0.0, 7)  # not today's 0.15 and 0.5
+    assert (old.max_scale, old.other_zoom_out, old.rotation_weight, old.epochs) == (0.0, 0.0, 0.0, 7)  # not today's
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert load_config_file(tmp_path / "config.json").max_scale == 0.0
     assert TrainConfig.from_dict(TrainConfig().to_dict()).max_scale == 0.15  # a run that saved it keeps its own

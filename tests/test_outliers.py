@@ -204,8 +204,8 @@ def test_a_model_trained_with_other_weights_the_energy_in_its_combined_score(tin
         out = tmp_path / name
         assert train.main(train_args(tiny_data, out, "--other-synthetic", "4", *extra)) == 0
         state = load_checkpoint(out / "models" / "best_model.pth")["novelty"]["states"]["combined"]
-        # stem, stage 1, energy, penultimate
-        assert state["weights"].tolist() == [1.0, 1.0, weight, nv.PENULTIMATE_WEIGHT] and not state["upright"]
+        # stem, stage 1, energy, penultimate, the default rotation head's upright surprise
+        assert state["weights"].tolist() == [1.0, 1.0, weight, nv.PENULTIMATE_WEIGHT, 1.0] and state["upright"]
 
 
 def test_other_must_be_a_folder_with_images(tiny_data, tmp_path):

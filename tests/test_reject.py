@@ -68,10 +68,11 @@ def test_default_score_in_config_is_the_measured_one():
     with pytest.raises(UserError, match="--novelty-score must be one of combined, msp, .* none, not 'odin'"):
         TrainConfig(novelty_score="odin")
     with pytest.raises(UserError, match="--novelty-score rotation needs the rotation head"):
-        TrainConfig(novelty_score="rotation")
+        TrainConfig(novelty_score="rotation", rotation_weight=0)
+    assert TrainConfig(novelty_score="rotation").rotation_weight > 0  # the default trains the head
     with pytest.raises(UserError, match=r"--rotation-share must be in \(0, 1\), not 1.0"):
-        TrainConfig(rotation_share=1.0, rotation_weight=0.5)
-    assert TrainConfig(rotation_share=1.0).rotation_share == 1.0  # no head: the share is not used
+        TrainConfig(rotation_share=1.0)
+    assert TrainConfig(rotation_share=1.0, rotation_weight=0).rotation_share == 1.0  # no head: the share is not used
     assert TrainConfig(novelty_score="none").novelty_score == "none"
 
 
@@ -177,7 +178,8 @@ def test_evaluate_unknown_dir_writes_the_metrics_and_the_histogram(trained, tmp_
                       "unknown_accepted", "by_score", "by_folder", "command", "commit", "date", "machine"}
     assert (m["known_images"], m["unknown_images"]) == (len(load_folder(trained["data"] / "test", ["cat", "dog"],
                                                                          32).labels), 22)
-    assert m["score"] == nv.DEFAULT_SCORE and set(m["by_score"]) == set(NOVELTY_SCORES) - {"rotation"}  # no rotation head
+    # every stored score; the four turns' is stored only when chosen
+    assert m["score"] == nv.DEFAULT_SCORE and set(m["by_score"]) == set(NOVELTY_SCORES) - {"rotation"}
     assert all(set(r) == {"auroc", "fpr_at_95_tpr", "by_folder"} for r in m["by_score"].values())
     assert m["by_score"][m["score"]]["auroc"] == m["auroc"]
     assert m["by_score"][m["score"]]["fpr_at_95_tpr"] == m["fpr_at_95_tpr"]
