@@ -43,7 +43,7 @@ from loading.layout import read_layout, layout_splits, split_of
 from prediction.checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
                                    novelty_of, run_name_of, temperature_of, tta_of)
 from prediction.novelty import folder_groups, load_images, report_by_group, split_by_group, unknown_report
-from prediction.predict import explain, normalize, predict_logits, score_images
+from prediction.predict import PREDICTION_DIGITS, explain, normalize, predict_logits, score_images
 
 
 def format_report(m: dict) -> str:
@@ -254,7 +254,7 @@ def gradcam_images(args: argparse.Namespace) -> int:
             n += 1
             name = f"gradcam_{path.stem}_{n}.png"
         used.add(name)
-        confidence = round(result.probability, 4)  # as a Prediction holds it, so both print the same two digits
+        confidence = round(result.probability, PREDICTION_DIGITS)  # as a Prediction holds it: both print alike
         fig = plot_gradcam(image, result.cam, f"Grad-CAM ({result.layer}): {label} {confidence:.2f}")
         print(f"{path}  {label}  {confidence:.2f}  -> {save_figure(fig, out / name)}")
     return 1 if failed else 0

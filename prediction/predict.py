@@ -75,6 +75,7 @@ def views(x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
     return [x, x.flip(-1)] if tta else [x]
 
 
+PREDICTION_DIGITS = 4  # decimals a Prediction keeps of each probability and score; every printout rounds from them
 ONE_PASS_IMAGES = 16  # up to this many images, all their views go through the network as one batch
 
 
@@ -190,8 +191,10 @@ def predict_images(model: torch.nn.Module, ckpt: dict | None, images: list, thre
         conf, k = pr.max(0)
         known = scores is None or scores[i] <= novelty["threshold"]
         label = classes[k] if conf.item() >= threshold and (known or not reject) else "unknown"
-        results.append(Prediction(label, round(conf.item(), 4), {c: round(v, 4) for c, v in zip(classes, pr.tolist())},
-                                  None if scores is None else round(scores[i], 4), None if scores is None else known))
+        probabilities = {c: round(v, PREDICTION_DIGITS) for c, v in zip(classes, pr.tolist())}
+        results.append(Prediction(label, round(conf.item(), PREDICTION_DIGITS), probabilities,
+                                  None if scores is None else round(scores[i], PREDICTION_DIGITS),
+                                  None if scores is None else known))
     return results
 
 
