@@ -177,7 +177,7 @@ def one_epoch(t: Trainer, cfg: TrainConfig, data: RunData, progress: Progress, e
                            (len(data.val.labels), len(data.train.labels)), t.device)
         for line in budget_lines(cfg, plan, epoch == progress.start_epoch + 1):
             print(line)
-        stop = Stop.NO_EPOCH_FITS if plan.stop else None
+        stop = Stop.COMPLETED if plan.ended else Stop.NO_EPOCH_FITS if plan.stop else None
     if stop is None and any_rank(ctrl_c.requested, t.device):  # pressed in the last step or the save
         stop = Stop.CTRL_C
     return stop, plan

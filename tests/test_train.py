@@ -178,6 +178,8 @@ def test_a_time_budget_keeps_the_schedule_then_anneals_over_the_last_quarter_of_
         12, 10.0, optimization.Replan("fresh", pytest.approx(lr9), 9, 12))
     lrs = epochs(3)
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and all(a > b for a, b in zip([lr9] + lrs, lrs))
+    # At the planned end the learning rate is 0: the run is complete, even when one more epoch would fit.
+    assert plan(sched, opt, 10, cfg, 12, 15.0, 10.0) == optimization.BudgetPlan(12, 10.0, stop=True, ended=True)
     # Annealing, one epoch more than planned is noise; two more move the end; none left: stop, saying why.
     assert plan(sched, opt, 10, cfg, 10, 25.0, 10.0) == optimization.BudgetPlan(12, 10.0)
     assert plan(sched, opt, 10, cfg, 10, 40.0, 10.0).replan.epochs == 14
@@ -204,16 +206,41 @@ def test_a_budgeted_toy_run_ends_at_the_bottom_of_its_cosine(tmp_path, monkeypat
     summary = runs.read_summary(tmp_path / "logs", "t")
     history = summary["history"]
     assert [h["epoch"] for h in history] == list(range(1, 13))
-    assert summary["stop_reason"] == "no_epoch_fits"
+    assert summary["stop_reason"] == "completed"
     assert summary["plan"] == {"last_epoch": 12, "epoch_seconds": 10.0, "replan": None, "stop": True,
-                               "seconds_after": 0.0}
+                               "seconds_after": 0.0, "ended": True}
     # What train.py says of its plan (the test of its printed lines):
     assert "time budget 125s: about 12 of 40 epochs fit; the learning rate will anneal to 0 over the last 3" in out
     assert "time budget 125s: 12 epochs fit at 10.0s; the learning rate follows a fresh cosine" in out
-    assert "after epoch 9 down to 0 at epoch 12" in out and "no further epoch of 10.0s fits" in out
+    assert "after epoch 9 down to 0 at epoch 12" in out
     schedule = optimization.warmup_cosine(2, 80)  # 16 images in batches of 8: 2 steps an epoch, 40 epochs
     assert [h["lr"] for h in history[:9]] == pytest.approx([1e-3 * 4 * schedule(2 * e) for e in range(1, 10)])
     assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and history[8]["lr"] > 3e-3
+
+
+def test_a_budgeted_run_whose_epochs_speed_up_while_annealing_stops_at_its_planned_end(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """Epochs of 10 s, then of 8 s from epoch 10, in a 125 s budget: the plan anneals to 0 at epoch 12; after it
+    one more epoch would fit, but at learning rate 0 it would learn nothing, so the run ends there, complete."""
+    data = make_synthetic(tmp_path / "data", 8, size=32, seed=0)
+    clock, done = [1e9], []
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    real_epoch = train.train_one_epoch
+
+    def timed(*args, **kwargs):
+        done.append(1)
+        clock[0] += 10.0 if len(done) < 10 else 8.0
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", timed)
+    assert train.main(train_args(data, tmp_path, "--epochs", "40", "--time-budget", "125",
+                                 "--novelty-score", "none", "--max-rotation", "0")) == 0
+    out = capsys.readouterr().out
+    summary = runs.read_summary(tmp_path / "logs", "t")
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 13))
+    assert summary["stop_reason"] == "completed" and summary["plan"]["ended"] is True
+    assert summary["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert "epoch 13/" not in out
 
 
 def test_replanning_before_the_backbone_is_unfrozen_keeps_the_two_phase_schedule():

@@ -124,13 +124,15 @@ def anneal_epochs(fits: int) -> int:
 @dataclass(frozen=True)
 class BudgetPlan:
     """--time-budget after an epoch: the last epoch the run now expects (`last_epoch`) at `epoch_seconds` an epoch,
-    validation included; the schedule change made for it (None: none); whether the run stops now because no
-    further epoch fits; and the seconds set aside for the steps after training."""
+    validation included; the schedule change made for it (None: none); whether the run stops now, and whether
+    that is because its learning rate reached 0 at the planned end (`ended`: the run is complete) rather than
+    because no further epoch fits; and the seconds set aside for the steps after training."""
     last_epoch: int
     epoch_seconds: float
     replan: Replan | None = None
     stop: bool = False
     seconds_after: float = 0.0
+    ended: bool = False
 
 
 def plan_to_budget(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torch.optim.Optimizer,
@@ -144,8 +146,12 @@ def plan_to_budget(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torc
     learning rate (high and slowly falling: what a short run learns most from) until the last ANNEAL_SHARE of
     the epochs that fit, and then lays a fresh cosine from the learning rate reached down to 0 at the last of
     them (replan_lr), so the run ends on the low end of its schedule instead of being cut off half-way down it.
-    Once annealing, the end moves when the speed does: earlier at once, later by 2 epochs or more."""
+    Once annealing, the end moves when the speed does: earlier at once, later by 2 epochs or more; once the
+    learning rate has reached 0 at that end, the run stops there, however much time is left (an epoch at
+    learning rate 0 would learn nothing)."""
     end = scheduler.lr_lambdas[0].total_steps // steps_per_epoch  # where the learning rate reaches 0 now
+    if end < cfg.epochs and epoch >= end:
+        return BudgetPlan(epoch, epoch_seconds, stop=True, ended=True)
     fits = epochs_that_fit(seconds_left, epoch_seconds, epoch, cfg.epochs)
     if fits == epoch:
         return BudgetPlan(epoch, epoch_seconds, stop=epoch < cfg.epochs)
