@@ -11,7 +11,11 @@ The file is predict.FeatureNet's graph (outputs: logits, penultimate feature, st
 normalized float batch of any size), so it answers like export.py's float ONNX model to code that reads only
 'logits', and gives predict_images everything the novelty score needs. Convolutions and the head are INT8
 (per-channel weights, activations from the calibration images' min-max, the QDQ format that onnxruntime fuses
-into integer kernels); the stage statistics stay float. Its metadata holds the fingerprint of the checkpoint it
+into integer kernels); the stage statistics stay float. The weights keep 7 bits (reduce_range, |w| <= 64): on x86
+CPUs without VNNI (AVX2 only) onnxruntime multiplies uint8 activations by int8 weights in pairs summed into int16,
+and with full 8-bit weights a pair of bright pixels under two large weights passes 32,767 and saturates (the
+first convolution, which sees the image itself, most of all); 2 x 255 x 64 cannot. A file is made on one machine
+and run on others, so it is made to be exact on all of them. Its metadata holds the fingerprint of the checkpoint it
 was made from (checkpoint.fingerprint_of) and the check made at export (compare), so that a reader refuses a
 file made from another checkpoint and can say how close to the float model it is.
 """
@@ -116,8 +120,9 @@ def quantize(model: nn.Module, ckpt: dict, calibration: torch.Tensor, val_images
         quant_pre_process(str(float_file), str(prepared))
         try:
             quantize_static(str(prepared), str(partial), calibration_reader(calibration, ckpt["normalization"]),
-                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS)
+                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=QUANTIZED_OPS)
             check = compare(model, ckpt, OnnxFeatures(partial), val_images, val_labels)
             if check.accuracy_change < -tolerance:
                 path.unlink(missing_ok=True)

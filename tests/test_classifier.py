@@ -134,6 +134,55 @@ def test_int8_export_is_loaded_by_the_api_inference_and_serve(trained, int8_mode
     assert session.run(["logits"], {"image": np.zeros((3, 1, 32, 32), np.float32)})[0].shape == (3, 2)
 
 
+def quantized_weights(path: Path) -> dict[str, np.ndarray]:
+    """The integer weights of every Conv and Gemm of an INT8 QDQ file, by node name."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    return {node.name: stored[producer[node.input[1]].input[0]] for node in graph.node
+            if node.op_type in ("Conv", "Gemm") and node.input[1] in producer}
+
+
+@pytest.mark.slow
+def test_int8_weights_leave_no_int16_pair_sum_to_saturate(int8_model):
+    """On AVX2 CPUs without VNNI onnxruntime sums uint8 x int8 products in pairs into int16: with 8-bit weights
+    (up to 127) two bright pixels give 2 x 255 x 127 = 64,770 and saturate at 32,767, which wrecked the first
+    convolution's output and with it the known/unknown verdicts. 7-bit weights (|w| <= 64) cannot pass it."""
+    weights = quantized_weights(int8_model)
+    assert len(weights) >= 5 and all(w.dtype == np.int8 for w in weights.values())  # the convolutions and the head
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights.values()) <= 64
+    assert 2 * 255 * 64 <= 32767
+
+
+@pytest.mark.slow
+def test_int8_kernels_of_this_cpu_keep_the_verdicts_of_a_model_with_a_rotation_head(ckpt, int8_model):
+    """The default model has a rotation head and a combined novelty score. INT8 as this CPU's fused integer
+    kernels run it answers as the file's quantized arithmetic, computed operator by operator in float (no
+    fusion), says: the same labels and known/unknown verdicts. Where the kernels saturate (AVX2 without VNNI,
+    8-bit weights) the first convolution's output is clipped and the verdicts part ways."""
+    import onnxruntime
+
+    from model import has_rotation_head
+    from prediction.checkpoint import model_from_checkpoint
+    from prediction.predict import OnnxFeatures, predict_images
+
+    model = model_from_checkpoint(ckpt)
+    assert has_rotation_head(model) and ckpt["novelty"]["score"] == "combined"
+    fused, exact = OnnxFeatures(int8_model), OnnxFeatures(int8_model)
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    exact.session = onnxruntime.InferenceSession(str(int8_model), options, providers=["CPUExecutionProvider"])
+    train_images, val = quantize.int8_images(ckpt, None, 40, workers=0)
+    images = list(torch.as_tensor(val.images)) + list(torch.as_tensor(train_images))
+    got, expected = (predict_images(model, ckpt, images, runtime=r) for r in (fused, exact))
+    assert [g.label for g in got] == [e.label for e in expected]
+    assert [g.known for g in got] == [e.known for e in expected]
+    assert max(abs(g.novelty_score - e.novelty_score) for g, e in zip(got, expected)) < 0.05
+
+
 @pytest.mark.slow
 def test_int8_file_of_another_checkpoint_or_none_is_refused(ckpt, int8_model, tmp_path):
     other = {**ckpt, "model_state": {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model_state"].items()}}
