@@ -89,9 +89,27 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa(flags: str | None = None) -> str:
+    """The vector instructions that set a CPU's speed here (bf16 training, INT8 kernels), from /proc/cpuinfo's
+    flags (or `flags`): 'AVX512 VNNI BF16', 'AVX512 VNNI', 'AVX512', 'AVX2 only' or 'unknown'."""
+    if flags is None:
+        with contextlib.suppress(OSError):
+            flags = next((line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")), None)
+    if not flags:
+        return "unknown"
+    have = set(flags.split())
+    if "avx512f" not in have:
+        return "AVX2 only" if "avx2" in have else "no AVX2"
+    return " ".join(["AVX512"] + [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"))
+                                  if flag in have])
+
+
 def machine() -> dict:
-    """What a benchmark ran on: CPU model, cores, torch's threads, memory, GPU, Python and torch versions."""
-    return {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    """What a benchmark ran on: CPU model and its vector instructions, cores, torch's threads, memory, GPU, Python
+    and torch versions."""
+    return {"cpu": cpu_model(), "cpu_isa": cpu_isa(), "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__}
@@ -120,7 +138,8 @@ def provenance(script: str, argv: list[str]) -> dict:
 def markdown_source(prov: dict) -> str:
     """One line for under a Markdown table: the command, commit, date and machine (provenance()'s keys)."""
     m = prov["machine"]
-    return (f"`{prov['command']}` at commit {prov['commit']}, {prov['date']}; {m['cpu']}, {m['cpu_cores']} cores "
+    isa = f" ({m['cpu_isa']})" if m.get("cpu_isa") else ""
+    return (f"`{prov['command']}` at commit {prov['commit']}, {prov['date']}; {m['cpu']}{isa}, {m['cpu_cores']} cores "
             f"({m['torch_threads']} torch threads), {m['memory_gb']} GB, GPU: {m['cuda'] or 'none'}; "
             f"torch {m['torch']}")
 

@@ -94,3 +94,12 @@ def test_split_at_dashes_passes_on_what_follows_a_bare_double_dash():
     assert split_at_dashes(["--data", "d", "--", "--width", "8"]) == (["--data", "d"], ["--width", "8"])
     assert split_at_dashes(("--data", "d")) == (["--data", "d"], [])
     assert split_at_dashes(["--"]) == ([], [])
+
+
+def test_cpu_isa_names_what_sets_the_speed_of_bf16_training_and_int8_kernels():
+    from core.common import cpu_isa
+
+    assert cpu_isa("fpu sse2 avx avx2 fma") == "AVX2 only"
+    assert cpu_isa("avx2 avx512f avx512bw avx512_vnni") == "AVX512 VNNI"
+    assert cpu_isa("avx2 avx512f avx512_vnni avx512_bf16") == "AVX512 VNNI BF16"
+    assert cpu_isa("avx2 avx512f") == "AVX512" and cpu_isa("sse2") == "no AVX2" and cpu_isa("") == "unknown"
