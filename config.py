@@ -21,7 +21,10 @@ or images labelled by a table (--labels) or by their names (--labels-from-name);
 
 Every flag below is a field of TrainConfig in config.py, shown with its reason and default. With --resume the
 saved run's settings are the defaults and the flags given override them."""
-ARCHS = ("resnet_small", "resnet18", "resnet50")
+# Pretrained backbones whose ImageNet weights come installed with a package (model.WEIGHT_PACKAGES): the input
+# each was trained at, and so what an --arch of one takes unless --image-size / --channels say otherwise.
+BACKBONE_INPUT = {"efficientnet_lite0": {"image_size": 224, "channels": 3}}
+ARCHS = ("resnet_small", "resnet18", "resnet50", *BACKBONE_INPUT)
 NOVELTY_SCORES = ("combined", "msp", "energy", "knn", "mahalanobis", "layer_mahalanobis", "rotation")  # their maths:
 # prediction/novelty.py
 PLACEMENTS = ("auto", "device", "map")
@@ -59,11 +62,16 @@ class TrainConfig:
                              "batches read from the cache's memory map; 'auto': device on CUDA when it fits",
                              choices=PLACEMENTS)
     # model
-    arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision)", choices=ARCHS)
+    arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision), or "
+                   "efficientnet_lite0: ImageNet weights installed with requirements.txt, frozen; its features are "
+                   "computed once and the head trains on them (RGB 224 px, pretrained, unless flags say otherwise)",
+                   choices=ARCHS)
     width: int = _f(32, "channels of resnet_small's first stage; the width sets CPU speed")
     blocks: list[int] = _f([1, 1, 1, 1], "resnet_small's residual blocks in each of its four stages")
-    pretrained: bool = _f(False, "start resnet18/resnet50 from ImageNet weights (needs internet or --weights)")
-    weights: str = _f("", "local torchvision state_dict to start from (implies --pretrained)")
+    pretrained: bool = _f(False, "start from ImageNet weights: resnet18/resnet50 torchvision's (needs internet or "
+                          "--weights), efficientnet_lite0 its installed package's (on for it unless --no-pretrained)")
+    weights: str = _f("", "local state_dict to start from: a torchvision ResNet's, or the backbone's (implies "
+                      "--pretrained)")
     freeze_epochs: int = _f(0, "with pretrained weights: train only the head for this many epochs first")
     backbone_lr_factor: float = _f(0.1, "with --pretrained or --freeze-epochs: backbone learning rate = lr x this")
     # optimisation
@@ -313,6 +321,8 @@ def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None)
             raise UserError("--config starts a new run from saved settings and --resume continues last.pth with "
                             "its own: give one of them")
         base = load_config_file(given["config"])
+    if given.get("arch") in BACKBONE_INPUT:  # a backbone's own input, pretrained, where the flags say nothing
+        given = {"pretrained": True, **BACKBONE_INPUT[given["arch"]], **given}
     return dataclasses.replace(base or TrainConfig(), **given)
 
 

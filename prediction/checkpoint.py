@@ -76,7 +76,7 @@ def build_checkpoint(model: nn.Module, cfg: TrainConfig, classes: list[str], epo
             "model_state": on_cpu(unwrap(model).state_dict()), "arch": cfg.arch,
             "classes": list(classes), "image_size": cfg.image_size, "channels": cfg.channels, "width": cfg.width,
             "blocks": list(cfg.blocks),
-            "normalization": input_normalization(cfg.uses_pretrained, cfg.channels), "tta": cfg.tta,
+            "normalization": input_normalization(cfg.uses_pretrained, cfg.channels, cfg.arch), "tta": cfg.tta,
             "temperature": 1.0, "config": cfg.to_dict(), "epoch": epoch, "metrics": metrics, "best": dict(best),
             "history": history}
 

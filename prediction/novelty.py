@@ -322,17 +322,17 @@ def separation_report(known_scores: torch.Tensor, unknown_scores: torch.Tensor, 
 
 
 def fit_states(features: dict, labels: torch.Tensor, num_classes: int, chosen: str = DEFAULT_SCORE,
-               temperature: float = 1.0, budget: int = STATE_BUDGET, energy_weight: float = 1.0
-               ) -> dict[str, dict]:
-    """{score name: state} for the chosen score and, while the total stays under `budget` bytes, the others
-    (so evaluate.py can compare every score with nothing but the checkpoint). msp and energy cost nothing.
+               temperature: float = 1.0, budget: int = STATE_BUDGET, energy_weight: float = 1.0,
+               names: tuple[str, ...] = NOVELTY_SCORES) -> dict[str, dict]:
+    """{score name: state} for the chosen score and, while the total stays under `budget` bytes, the others of
+    `names` (so evaluate.py can compare every score with nothing but the checkpoint). msp and energy cost nothing.
     `energy_weight`: the combined score's energy part's (OTHER_ENERGY_WEIGHT for a model trained with --other)."""
     if chosen not in NOVELTY_SCORES:
         raise UserError(f"unknown novelty score {chosen!r}; choose one of {', '.join(NOVELTY_SCORES)}")
     weighting = {"combined": {"energy_weight": energy_weight}}
     states = {chosen: fit_score(chosen, features, labels, num_classes, temperature, **weighting.get(chosen, {}))}
     used = state_bytes(states[chosen])
-    for name in (n for n in NOVELTY_SCORES if n != chosen):
+    for name in (n for n in NOVELTY_SCORES if n != chosen and n in names):
         options = {"max_bytes": KNN_BANK_BYTES} if name == "knn" else weighting.get(name, {})
         try:
             state = fit_score(name, features, labels, num_classes, temperature, **options)

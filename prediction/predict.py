@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from config import NORMALIZATION, NOVELTY_SCORES
 from core.common import UserError
@@ -264,6 +265,28 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
     if surprise:
         out["rotation"] = torch.cat(surprise)
     return out
+
+
+@torch.inference_mode()
+def pooled_features(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu",
+                    batch_size: int | None = None, normalization: dict | None = None,
+                    amp_dtype: torch.dtype | None = None, channels_last: bool = False, progress: str = ""
+                    ) -> torch.Tensor:
+    """The penultimate (pooled) feature of each uint8 image and of its mirror, (N, 2, D) float32 on the CPU: what
+    a head on a frozen backbone trains on (the mirror an augmentation) and predicts from (their mean is the
+    penultimate feature extract_features gives with tta). `progress`: a progress bar's label ('' = none)."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    unwrap(model).eval()
+    size = batch_size or feature_batch_size(images)
+    out = []
+    batches = normalized_batches(images, size, device, normalization, channels_last)
+    for x in tqdm(batches, total=math.ceil(len(images) / size), desc=progress, disable=not progress, leave=False,
+                  mininterval=1.0):
+        with amp(device, amp_dtype):
+            out.append(torch.stack([forward_stages(model, v)[1].float().cpu() for v in views(x, True)], 1))
+    return torch.cat(out) if out else torch.zeros(0, 2, head_of(model).in_features)
 
 
 def rotation_surprise(model: nn.Module, rot: nn.Linear, x: torch.Tensor, upright: torch.Tensor,

@@ -66,7 +66,7 @@ def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: in
     pretrained_state = fetch_pretrained(cfg)
     if pretrained_state is not None and report is not None:
         report(f"pretrained: {cfg.weights or 'torchvision ImageNet weights'}, normalization "
-               f"{input_normalization(True, cfg.channels)}")
+               f"{input_normalization(True, cfg.channels, cfg.arch)}")
     fold = stratified_folds(data.labels.cpu(), folds, cfg.seed)
     probs = torch.zeros(len(data.labels), num_classes)
     ran = []
@@ -80,7 +80,7 @@ def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: in
             t = build_trainer(fold_cfg, rest, num_classes, device, amp_dtype, pretrained_state)
             model, trained = train_epochs(t, rest, fold_cfg, share)
         logits = predict_logits(model, data.subset(held).images, device, tta=True, channels_last=cfg.channels_last,
-                                normalization=input_normalization(cfg.uses_pretrained, cfg.channels))
+                                normalization=input_normalization(cfg.uses_pretrained, cfg.channels, cfg.arch))
         probs[held] = torch.softmax(logits.float(), 1)
         ran.append(trained)
         if report is not None:

@@ -145,7 +145,7 @@ def test_failed_download_points_to_weights(monkeypatch):
 
 
 def test_bad_weights_and_archs_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="resnet18 or resnet50"):
+    with pytest.raises(UserError, match="resnet18, resnet50 or efficientnet_lite0"):
         load_pretrained("resnet_small")
     with pytest.raises(UserError, match="no such file"):
         load_pretrained("resnet18", str(tmp_path / "none.pth"))

@@ -184,7 +184,7 @@ def test_other_images_score_higher_than_without(tmp_path):
     for name, extra in (("plain", ()), ("other", ("--other", str(other.parent), "--other-synthetic", "0"))):
         out = tmp_path / name
         assert train.main(train_args(data, out, "--epochs", "12", "--batch-size", "16", "--novelty-score",
-                                     "energy", *extra)) == 0
+                                     "energy", "--no-amp", *extra)) == 0  # fp32: the same numbers on every CPU
         ckpt = load_checkpoint(out / "models" / "best_model.pth")
         assert ckpt["classes"] == ["cat", "dog"]
         model = model_from_checkpoint(ckpt)
@@ -192,9 +192,9 @@ def test_other_images_score_higher_than_without(tmp_path):
         scores = [nv.novelty_score({"score": "energy"}, predict.extract_features(model, images, tta=True))
                   for images in (nv.load_images(other, 32, 1)[0], val.images)]
         gap[name] = (scores[0].mean() - scores[1].mean()).item()
-    # measured: without --other the drawn images get more evidence (a lower energy) than val (gap -2.41), with it
-    # far less (+2.55); an --other that did nothing would leave the gaps equal
-    assert gap["other"] > 0 > gap["plain"] and gap["other"] > gap["plain"] + 2, gap
+    # measured in fp32: without --other the drawn images get more evidence (a lower energy) than val (gap -1.02),
+    # with it less (+0.48); an --other that did nothing would leave the gaps equal (in bf16: -2.41 and +2.55)
+    assert gap["other"] > 0 > gap["plain"] and gap["other"] > gap["plain"] + 1, gap
 
 
 def test_a_model_trained_with_other_weights_the_energy_in_its_combined_score(tiny_data, tmp_path):

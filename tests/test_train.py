@@ -455,10 +455,10 @@ def test_class_weights_change_the_loss(tmp_path):
     assert F.cross_entropy(logits, labels, weight=w) > F.cross_entropy(logits, labels)
 
 
-def test_pretrained_needs_a_torchvision_arch(tiny_data, tmp_path, capsys):
+def test_pretrained_needs_an_arch_with_imagenet_weights(tiny_data, tmp_path, capsys):
     code = train.main(train_args(tiny_data, tmp_path, "--pretrained"))  # arch resnet_small
     err = capsys.readouterr().err
-    assert code == 2 and "resnet18 or resnet50" in err and "Traceback" not in err
+    assert code == 2 and "resnet18, resnet50 or efficientnet_lite0" in err and "Traceback" not in err
 
 
 def _backbone(state: dict) -> dict:

@@ -127,7 +127,7 @@ def build_trainer(cfg: TrainConfig, train: Split, num_classes: int, device: torc
     return Trainer(model, ema_of(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, optimizer,
                    torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), loss_fn,
                    torch.Generator().manual_seed(cfg.seed), device, amp_dtype,
-                   input_normalization(cfg.uses_pretrained, cfg.channels), steps_per_epoch,
+                   input_normalization(cfg.uses_pretrained, cfg.channels, cfg.arch), steps_per_epoch,
                    torch.amp.GradScaler(device.type) if needs_grad_scaler(amp_dtype) else None)
 
 

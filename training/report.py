@@ -107,13 +107,13 @@ def novelty_lines(cfg: TrainConfig, fitted: dict, n_train: int) -> str:
     n_fit = fitted["novelty_train_images"]
     fitted_on = (f"{n_fit} train images" if n_fit == n_train else
                  f"a stratified sample of {n_fit} of the {n_train} train images (--novelty-max-images)")
-    line = (f"novelty score {cfg.novelty_score}: fitted on {fitted_on} in {fitted['novelty_seconds']:.1f}s "
+    line = (f"novelty score {fitted['novelty_score']}: fitted on {fitted_on} in {fitted['novelty_seconds']:.1f}s "
             f"({fitted['novelty_bytes'] / 1e6:.1f} MB stored, scores {', '.join(fitted['novelty_scores'])}); "
             f"threshold {fitted['novelty_threshold']:.4g} accepts {fitted['novelty_val_accepted']:.1%} of val "
             f"(--accept-rate {cfg.accept_rate})")
     if r := fitted.get("known_unknowns"):
         line += (f"\nleft-out classes as unknown images ({', '.join(r['classes'])}: {r['images']} images): "
-                 f"{cfg.novelty_score} AUROC {r['auroc']:.3f}, FPR at 95% TPR {r['fpr_at_95_tpr']:.1%}; at the "
+                 f"{fitted['novelty_score']} AUROC {r['auroc']:.3f}, FPR at 95% TPR {r['fpr_at_95_tpr']:.1%}; at the "
                  f"stored threshold {r['known_rejected']:.1%} of val rejected, {r['unknown_accepted']:.1%} of the "
                  "left-out images accepted")
     return line

