@@ -21,10 +21,13 @@ or images labelled by a table (--labels) or by their names (--labels-from-name);
 
 Every flag below is a field of TrainConfig in config.py, shown with its reason and default. With --resume the
 saved run's settings are the defaults and the flags given override them."""
-# Pretrained backbones whose ImageNet weights come installed with a package (model.WEIGHT_PACKAGES): the input
-# each was trained at, and so what an --arch of one takes unless --image-size / --channels say otherwise.
-BACKBONE_INPUT = {"efficientnet_lite0": {"image_size": 224, "channels": 3}}
-ARCHS = ("resnet_small", "resnet18", "resnet50", *BACKBONE_INPUT)
+# Pretrained backbones whose ImageNet weights come installed with a package (model.WEIGHT_PACKAGES), and what an
+# --arch of one takes unless the flags say otherwise: the input its weights were trained at, those weights, and
+# the head's recipe on its frozen features (a strong weight decay, few epochs: chosen on held-out train photos of
+# Dogs vs. Cats, benchmarks/bench_backbone.py; BENCHMARKS.md).
+BACKBONE_DEFAULTS = {"efficientnet_lite0": {"image_size": 224, "channels": 3, "pretrained": True, "epochs": 20,
+                                            "weight_decay": 5.0}}
+ARCHS = ("resnet_small", "resnet18", "resnet50", *BACKBONE_DEFAULTS)
 NOVELTY_SCORES = ("combined", "msp", "energy", "knn", "mahalanobis", "layer_mahalanobis", "rotation")  # their maths:
 # prediction/novelty.py
 PLACEMENTS = ("auto", "device", "map")
@@ -64,7 +67,8 @@ class TrainConfig:
     # model
     arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision), or "
                    "efficientnet_lite0: ImageNet weights installed with requirements.txt, frozen; its features are "
-                   "computed once and the head trains on them (RGB 224 px, pretrained, unless flags say otherwise)",
+                   "computed once and the head trains on them (RGB 224 px, pretrained, 20 epochs, weight decay 5, unless "
+                   "flags say otherwise)",
                    choices=ARCHS)
     width: int = _f(32, "channels of resnet_small's first stage; the width sets CPU speed")
     blocks: list[int] = _f([1, 1, 1, 1], "resnet_small's residual blocks in each of its four stages")
@@ -321,8 +325,8 @@ def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None)
             raise UserError("--config starts a new run from saved settings and --resume continues last.pth with "
                             "its own: give one of them")
         base = load_config_file(given["config"])
-    if given.get("arch") in BACKBONE_INPUT:  # a backbone's own input, pretrained, where the flags say nothing
-        given = {"pretrained": True, **BACKBONE_INPUT[given["arch"]], **given}
+    if given.get("arch") in BACKBONE_DEFAULTS:  # where the flags say nothing
+        given = {**BACKBONE_DEFAULTS[given["arch"]], **given}
     return dataclasses.replace(base or TrainConfig(), **given)
 
 
