@@ -265,8 +265,6 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
     epoch's model saved, then the temperature and novelty score fitted on the same features."""
     model = build_model(cfg.arch, len(data.classes), cfg.channels, image_size=cfg.image_size,
                         pretrained_state=pretrained_state).to(device)
-    if cfg.channels_last:  # on a CPU about twice as fast for this network's depthwise convolutions
-        model = model.to(memory_format=torch.channels_last)
     normalization = input_normalization(cfg.uses_pretrained, cfg.channels, cfg.arch)
     progress, feats = Progress(), {}
     for name, split in (("train", data.train), ("val", data.val)):
