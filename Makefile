@@ -33,11 +33,11 @@ demo: setup
 	$(PY) evaluate.py --checkpoint models/demo/best_model.pth --gradcam $(DEMO)/test/dog/dog_0000.png
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 # The quick subset while editing: everything but the tests marked slow (pytest.ini), about a minute on 2 CPU cores.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # Ours against the plain pipeline (benchmarks/baseline.py) on real photos: `make bench DATA=path/to/dataset`.
 bench: setup

@@ -258,15 +258,8 @@ def load_pretrained(arch: str, weights_path: str = "") -> dict:
         raise UserError(PRETRAINED_ARCH_HELP)
     if weights_path:
         path = Path(weights_path)
-        if not path.is_file():
-            raise UserError(f"--weights {path}: no such file")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read --weights {path}: {type(e).__name__}: {str(e)[:200]}") from None
-        if isinstance(state, dict) and "model_state" in state:  # one of our own checkpoints
-            state = state["model_state"]
-        if not isinstance(state, dict) or "conv1.weight" not in state:
+        state = read_state_dict(path)
+        if "conv1.weight" not in state:
             raise UserError(f"--weights {path} is not a torchvision ResNet state_dict (no conv1.weight)")
         return state
     weights = torchvision.models.get_weight(PRETRAINED_WEIGHTS[arch])
@@ -275,6 +268,22 @@ def load_pretrained(arch: str, weights_path: str = "") -> dict:
     except Exception as e:  # URLError, socket timeout, proxy refusal, truncated download...
         raise UserError(f"could not download {weights} ({type(e).__name__}: {str(e)[:120]}); without internet, "
                         f"fetch {weights.url} on another machine and pass --weights PATH") from None
+
+
+def read_state_dict(path: Path) -> dict:
+    """A state_dict from a weights file (the model_state of one of our checkpoints too), read safely
+    (weights_only); a UserError naming the file when it is missing, unreadable or not a dict of tensors."""
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read --weights {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    if isinstance(state, dict) and "model_state" in state:  # one of our own checkpoints
+        state = state["model_state"]
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {path} holds a {type(state).__name__}, not a state_dict")
+    return state
 
 
 def adapt_state_dict(state: dict, in_channels: int) -> dict:
@@ -342,15 +351,7 @@ def backbone_weights(arch: str, weights_path: str = "") -> dict:
     renamed tensor by tensor in module order, each pair checked by kind (weight, bias, running_mean...) and
     shape, so a file of another network is refused, never half-loaded."""
     path = Path(weights_path) if weights_path else packaged_weights_file(arch)
-    if not path.is_file():
-        raise UserError(f"--weights {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read the weights {path}: {type(e).__name__}: {str(e)[:200]}") from None
-    if isinstance(state, dict) and "model_state" in state:  # one of our own checkpoints
-        state = state["model_state"]
-    return timm_names(state, timm_model(arch, 1000, 3).state_dict(), f"{path} for --arch {arch}")
+    return timm_names(read_state_dict(path), timm_model(arch, 1000, 3).state_dict(), f"{path} for --arch {arch}")
 
 
 def timm_names(state: dict, reference: dict, what: str) -> dict:

@@ -73,6 +73,9 @@ def test_a_missing_weights_package_or_file_is_named(monkeypatch, tmp_path):
         packaged_weights_file(ARCH)
     with pytest.raises(UserError, match=f"--weights {tmp_path / 'none.pth'}: no such file"):
         backbone_weights(ARCH, str(tmp_path / "none.pth"))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(UserError, match="tensor.pth holds a Tensor, not a state_dict"):
+        backbone_weights(ARCH, str(tmp_path / "tensor.pth"))
 
 
 def test_the_backbones_parts_run_as_its_forward_does():

@@ -186,24 +186,31 @@ def test_a_time_budget_keeps_the_schedule_then_anneals_over_the_last_quarter_of_
     assert plan(sched, opt, 10, cfg, 11, 5.0, 10.0) == optimization.BudgetPlan(11, 10.0, stop=True)
 
 
+def budgeted_toy_run(tmp_path, monkeypatch, seconds) -> dict:
+    """A toy run of 40 epochs in a 125 s budget under a clock that moves seconds(epoch) in each epoch's training
+    and stands still otherwise (validation and the fits take 0 s); its summary."""
+    data = make_synthetic(tmp_path / "data", 8, size=32, seed=0)
+    clock, epochs = [1e9], []
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    real_epoch = train.train_one_epoch
+
+    def timed(*args, **kwargs):
+        epochs.append(len(epochs) + 1)
+        clock[0] += seconds(epochs[-1])
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", timed)
+    assert train.main(train_args(data, tmp_path, "--epochs", "40", "--time-budget", "125",
+                                 "--novelty-score", "none", "--max-rotation", "0")) == 0
+    return runs.read_summary(tmp_path / "logs", "t")
+
+
 def test_a_budgeted_toy_run_ends_at_the_bottom_of_its_cosine(tmp_path, monkeypatch, capsys):
     """A clock that moves 10 s in each epoch's training and stands still otherwise: with 125 s, 12 of the 40
     epochs fit (nothing is set aside: validation takes 0 s), the last 3 anneal, and the run stops at 12 with its
     learning rate at 0, where a cut-off schedule would still be near its top."""
-    data = make_synthetic(tmp_path / "data", 8, size=32, seed=0)
-    clock = [1e9]
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
-    real_epoch = train.train_one_epoch
-
-    def ten_seconds(*args, **kwargs):
-        clock[0] += 10.0
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_one_epoch", ten_seconds)
-    assert train.main(train_args(data, tmp_path, "--epochs", "40", "--time-budget", "125",
-                                 "--novelty-score", "none", "--max-rotation", "0")) == 0
+    summary = budgeted_toy_run(tmp_path, monkeypatch, lambda epoch: 10.0)
     out = capsys.readouterr().out
-    summary = runs.read_summary(tmp_path / "logs", "t")
     history = summary["history"]
     assert [h["epoch"] for h in history] == list(range(1, 13))
     assert summary["stop_reason"] == "completed"
@@ -222,21 +229,8 @@ def test_a_budgeted_run_whose_epochs_speed_up_while_annealing_stops_at_its_plann
                                                                                        capsys):
     """Epochs of 10 s, then of 8 s from epoch 10, in a 125 s budget: the plan anneals to 0 at epoch 12; after it
     one more epoch would fit, but at learning rate 0 it would learn nothing, so the run ends there, complete."""
-    data = make_synthetic(tmp_path / "data", 8, size=32, seed=0)
-    clock, done = [1e9], []
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
-    real_epoch = train.train_one_epoch
-
-    def timed(*args, **kwargs):
-        done.append(1)
-        clock[0] += 10.0 if len(done) < 10 else 8.0
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_one_epoch", timed)
-    assert train.main(train_args(data, tmp_path, "--epochs", "40", "--time-budget", "125",
-                                 "--novelty-score", "none", "--max-rotation", "0")) == 0
+    summary = budgeted_toy_run(tmp_path, monkeypatch, lambda epoch: 10.0 if epoch < 10 else 8.0)
     out = capsys.readouterr().out
-    summary = runs.read_summary(tmp_path / "logs", "t")
     assert [h["epoch"] for h in summary["history"]] == list(range(1, 13))
     assert summary["stop_reason"] == "completed" and summary["plan"]["ended"] is True
     assert summary["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
