@@ -4,14 +4,15 @@ them (seconds), and the temperature and the novelty score fitted on them. What t
 model.WEIGHT_PACKAGES (--arch efficientnet_lite0).
 
 Usage (from train.py):
-    feats = cached_features(model, split, cfg, normalization)           # (N, 2, D): each image, its mirror
-    head = HeadTrainer(model, feats, split.labels, val_feats, val.labels, cfg)
-    tr, ev = head.epoch()                                                # one pass over the features, then val
-    head.load_best(model)                                                # the best epoch's head into the model
-    fitted = fit_on_features(path, train_feats, train.labels, val_feats, val.labels, cfg)
+    feats, cached = cached_features(model, train, cfg, normalization, "train")   # (N, 2, D): each image, its mirror
+    head = HeadTrainer(model, feats, train.labels, val_feats, val.labels, cfg)
+    tr, ev = head.epoch()                                          # one pass over the features, then val
+    head.load_best(model)                                          # the best epoch's head into the model
+    fitted = fit_on_features(path, model, feats, train.labels, val_feats, val.labels, cfg)
 
-The features are keyed by the backbone's weights, the input size and every file's path, size and modification
-time: a changed file, another size or other weights compute them anew. They are stored as float16.
+The features are keyed by the backbone's weights, the input size, the arithmetic (fp32 or an autocast dtype) and
+every file's path, size and modification time: a changed file, another size or other weights compute them anew.
+They are stored as float16.
 """
 from __future__ import annotations
 
