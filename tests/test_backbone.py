@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import export
 import inference
 import train
 from config import parse_config
@@ -134,6 +135,8 @@ def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_pat
     assert Classifier(ckpt).predict(photo).label in ("cat", "dog")
     assert evaluate.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--data", str(data),
                           "--split", "test"]) == 0
+    assert export.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--out", str(tmp_path / "model"),
+                        "--format", "onnx"]) == 0  # checked against PyTorch within 1e-4
     capsys.readouterr()
     # The same files: the features come from the cache; one file changed: that split's are computed again.
     assert train.main(args) == 0
