@@ -166,9 +166,8 @@ def resnet_parts(model: nn.Module, purpose: str = "") -> ResNetParts:
                             model.fc)
     elif all(hasattr(model, n) for n in EFFICIENTNET_PARTS):
         stages = {f"blocks.{i}": m for i, m in enumerate(model.blocks)}
-        parts = ResNetParts((model.conv_stem, model.bn1), {**stages, "conv_head": nn.Sequential(model.conv_head,
-                                                                                               model.bn2)},
-                            model.global_pool, model.classifier)
+        stages["conv_head"] = nn.Sequential(model.conv_head, model.bn2)  # the model's own modules, in its order
+        parts = ResNetParts((model.conv_stem, model.bn1), stages, model.global_pool, model.classifier)
     else:
         raise UserError(f"do not know the parts of {type(model).__name__}{f' {purpose}' if purpose else ''} "
                         f"(expected a SmallResNet, a torchvision ResNet or timm's EfficientNet)")
