@@ -67,8 +67,8 @@ class TrainConfig:
     # model
     arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision), or "
                    "efficientnet_lite0: ImageNet weights installed with requirements.txt, frozen; its features are "
-                   "computed once and the head trains on them (RGB 224 px, pretrained, 20 epochs, weight decay 5, unless "
-                   "flags say otherwise)",
+                   "computed once and the head trains on them (RGB 224 px, pretrained, 20 epochs, weight decay 5, "
+                   "unless flags say otherwise)",
                    choices=ARCHS)
     width: int = _f(32, "channels of resnet_small's first stage; the width sets CPU speed")
     blocks: list[int] = _f([1, 1, 1, 1], "resnet_small's residual blocks in each of its four stages")

@@ -307,7 +307,8 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
         check_features_run(cfg, resume_ckpt)
     pretrained_state = fetch_pretrained(cfg) if resume_ckpt is None else None  # a resumed run has its weights
     if pretrained_state is not None:
-        source = cfg.weights or ("its package's ImageNet weights" if frozen_backbone else "torchvision ImageNet weights")
+        source = cfg.weights or ("its package's ImageNet weights" if frozen_backbone
+                                 else "torchvision ImageNet weights")
         print(f"pretrained: {source}, normalization {input_normalization(True, cfg.channels, cfg.arch)}")
     lay, data = read_data(cfg, device, resume_ckpt)
     if frozen_backbone:

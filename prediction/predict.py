@@ -275,8 +275,6 @@ def pooled_features(model: nn.Module, images: torch.Tensor, device: torch.device
     """The penultimate (pooled) feature of each uint8 image and of its mirror, (N, 2, D) float32 on the CPU: what
     a head on a frozen backbone trains on (the mirror an augmentation) and predicts from (their mean is the
     penultimate feature extract_features gives with tta). `progress`: a progress bar's label ('' = none)."""
-    from tqdm import tqdm
-
     device = torch.device(device)
     unwrap(model).eval()
     size = batch_size or feature_batch_size(images)
