@@ -38,7 +38,7 @@ from core.common import UserError, pick_amp_dtype, pick_device, reports_user_err
 from core.plots import plot_history
 from dataset import Split, layout_record, load_folder, load_training_data
 from loading.layout import Layout, format_problems, read_layout
-from model import WEIGHT_PACKAGES, build_model, fetch_pretrained, input_normalization
+from model import WEIGHT_PACKAGES, build_model, fetch_pretrained, head_of, input_normalization
 from prediction.checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_resume_checkpoint,
                                    rng_state, save_checkpoint, with_resume_state)
 from quality.audit import check_data
@@ -51,7 +51,8 @@ from training.loop import (Stop, Trainer, build_trainer, is_finite, plan_budget,
 from training.optimization import BudgetPlan
 from training.outliers import load_other_images
 from training.posthoc import calibrate_best_model, fit_novelty
-from training.report import budget_lines, data_lines, device_line, novelty_lines, replan_words, stop_line
+from training.report import (budget_lines, calibration_line, data_lines, device_line, novelty_lines, replan_words,
+                             stop_line)
 from training.runs import (TRAINING_CURVES, Progress, ctrl_c_stops_after_the_step, epoch_line, log_epoch, make_room,
                            name_run, open_run_log, record_epoch, save_train_batch, write_summary)
 
@@ -216,8 +217,7 @@ def after_training(cfg: TrainConfig, progress: Progress, data: RunData, device: 
     finished = is_main_rank() and progress.best["epoch"] and len(data.val.labels)
     fitted = calibrate_best_model(best, data.val, device, cfg.tta, None if at_once else writer) if finished else {}
     if fitted:
-        print(f"calibration on val: temperature {fitted['temperature']:.3f}, expected calibration error "
-              f"{fitted['val_ece_before']:.4f} -> {fitted['val_ece_after']:.4f} (stored in {best})")
+        print(calibration_line(fitted, best))
     if writer is not None and not at_once:
         writer.close()
     if finished and cfg.novelty_score != "none":
@@ -276,6 +276,7 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
     for name, folders in make_room(cfg, 0, []).items():
         print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")
     data.writer = open_run_log(cfg)
+    best_head = head.head_state()
     for epoch in range(1, cfg.epochs + 1):
         started = time.time()
         tr, ev = head.epoch()
@@ -283,17 +284,16 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
         log_epoch(data.writer, h, cfg)
         improved = ev["acc"] > progress.best["acc"]
         if improved:
-            progress.best = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"]}
+            progress.best, best_head = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"]}, head.head_state()
         print(epoch_line(h, cfg.epochs, improved), flush=True)
-    head.load_best(model)
+    head_of(model).load_state_dict(best_head)
     best = Path(cfg.out_dir) / BEST
     save_checkpoint(build_checkpoint(model, cfg, data.classes, progress.best["epoch"], {"val": progress.best},
                                      progress.history, progress.best, data.layout), best)
     plot_history(progress.history, Path(cfg.curves_dir) / TRAINING_CURVES)
     data.writer.close()
     fitted = fit_on_features(best, model, feats["train"], data.train.labels, feats["val"], data.val.labels, cfg)
-    print(f"calibration on val: temperature {fitted['temperature']:.3f}, expected calibration error "
-          f"{fitted['val_ece_before']:.4f} -> {fitted['val_ece_after']:.4f} (stored in {best})")
+    print(calibration_line(fitted, best))
     if "novelty_score" in fitted:
         print(novelty_lines(cfg, fitted, len(data.train.labels)))
     return progress, fitted

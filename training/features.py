@@ -7,7 +7,7 @@ Usage (from train.py):
     feats, cached = cached_features(model, train, cfg, normalization, "train")   # (N, 2, D): each image, its mirror
     head = HeadTrainer(model, feats, train.labels, val_feats, val.labels, cfg)
     tr, ev = head.epoch()                                          # one pass over the features, then val
-    head.load_best(model)                                          # the best epoch's head into the model
+    best = head.head_state()                                       # after the best epoch: the head's weights
     fitted = fit_on_features(path, model, feats, train.labels, val_feats, val.labels, cfg)
 
 The features are keyed by the backbone's weights, the input size, the arithmetic (fp32 or an autocast dtype) and
@@ -30,13 +30,13 @@ import torch.nn.functional as F
 
 from config import TrainConfig
 from core.common import save_atomic
-from core.metrics import expected_calibration_error, fit_temperature
 from dataset import Split
 from model import head_of, unwrap
 from prediction.checkpoint import load_checkpoint, novelty_record, save_checkpoint, with_novelty, with_temperature
-from prediction.novelty import accepted, fit_states, scores_by_name, state_bytes, threshold_for_accept_rate
+from prediction.novelty import fit_states, scores_by_name, threshold_for_accept_rate
 from prediction.predict import pooled_features
 from training.optimization import class_weight_tensor, warmup_cosine
+from training.posthoc import calibration, novelty_figures
 
 FEATURES_VERSION = 1
 FEATURE_SCORES = ("knn", "mahalanobis", "msp", "energy")  # the novelty scores the pooled features alone give
@@ -93,8 +93,7 @@ def cached_features(model: nn.Module, split: Split, cfg: TrainConfig, normalizat
 class HeadTrainer:
     """The classifier head trained alone on frozen features, from zero weights: AdamW with warmup and a cosine to 0
     over --epochs, --label-smoothing and --class-weights as the full run has them, each image and its mirror as two
-    samples; val on the mean of both (the mirror TTA), or on the image alone without --tta. Keeps the best epoch's
-    head."""
+    samples; val on the mean of both (the mirror TTA), or on the image alone without --tta."""
 
     def __init__(self, model: nn.Module, train: torch.Tensor, labels: torch.Tensor, val: torch.Tensor,
                  val_labels: torch.Tensor, cfg: TrainConfig):
@@ -110,7 +109,6 @@ class HeadTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.weights = class_weight_tensor(self.labels, self.head.out_features, cfg.class_weights)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.best, self.best_acc = None, -1.0
 
     def epoch(self) -> tuple[dict, dict]:
         """One pass over the training features, then val: (train figures, val figures) as the full loop's."""
@@ -133,17 +131,15 @@ class HeadTrainer:
             logits = self.head(self.val)
         acc = (logits.argmax(1) == self.val_labels).double().mean().item() if len(self.val) else float("nan")
         ev = {"loss": F.cross_entropy(logits, self.val_labels).item() if len(self.val) else float("nan"), "acc": acc}
-        if acc > self.best_acc:
-            self.best, self.best_acc = copy.deepcopy(self.head.state_dict()), acc
         return tr, ev
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def load_best(self, model: nn.Module) -> None:
-        """The best epoch's head weights into the model's head."""
-        head_of(model).load_state_dict(self.best if self.best is not None else self.head.state_dict())
+    def head_state(self) -> dict:
+        """A copy of the head's weights now (what the model's head takes, once an epoch is the best)."""
+        return copy.deepcopy(self.head.state_dict())
 
 
 def feature_logits(model: nn.Module, feats: torch.Tensor, tta: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,10 +158,8 @@ def fit_on_features(path: Path, model: nn.Module, train: torch.Tensor, labels: t
     started = time.time()
     ckpt = load_checkpoint(path)
     val_pen, val_logits = feature_logits(model, val, cfg.tta)
-    temperature = fit_temperature(val_logits, val_labels)
-    out = {"temperature": temperature,
-           "val_ece_before": expected_calibration_error(torch.softmax(val_logits, 1), val_labels),
-           "val_ece_after": expected_calibration_error(torch.softmax(val_logits / temperature, 1), val_labels)}
+    out = calibration(val_logits, val_labels)
+    temperature = out["temperature"]
     ckpt = with_temperature(ckpt, temperature)
     if cfg.novelty_score != "none":
         chosen = cfg.novelty_score if cfg.novelty_score in FEATURE_SCORES else DEFAULT_FEATURE_SCORE
@@ -177,9 +171,6 @@ def fit_on_features(path: Path, model: nn.Module, train: torch.Tensor, labels: t
         seconds = time.time() - started
         ckpt = with_novelty(ckpt, novelty_record(states, chosen, threshold, cfg.accept_rate, cfg.tta, seconds,
                                                  len(labels)))
-        out.update(novelty_score=chosen, novelty_threshold=threshold, novelty_seconds=round(seconds, 1),
-                   novelty_bytes=sum(state_bytes(s) for s in states.values()),
-                   novelty_train_images=len(labels), novelty_scores=list(states),
-                   novelty_val_accepted=accepted(val_scores[chosen], threshold).double().mean().item())
+        out.update(novelty_figures(states, chosen, threshold, seconds, len(labels), val_scores))
     save_checkpoint(ckpt, path)
     return out

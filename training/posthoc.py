@@ -34,14 +34,30 @@ def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool
     ckpt = load_checkpoint(path)
     logits = predict_logits(model_from_checkpoint(ckpt).to(device), val.images, device, tta=tta,
                             normalization=normalization_of(ckpt))
-    temperature = fit_temperature(logits, val.labels)
-    before = expected_calibration_error(torch.softmax(logits, 1), val.labels)
-    after = expected_calibration_error(torch.softmax(logits / temperature, 1), val.labels)
-    save_checkpoint(with_temperature(ckpt, temperature), path)
+    fitted = calibration(logits, val.labels)
+    save_checkpoint(with_temperature(ckpt, fitted["temperature"]), path)
     cm = confusion_matrix(val.labels, logits.argmax(1), len(ckpt["classes"]))
     if writer is not None:
         writer.add_figure("confusion_matrix/val", plot_confusion_matrix(cm, ckpt["classes"]), ckpt["epoch"])
-    return {"temperature": temperature, "val_ece_before": before, "val_ece_after": after}
+    return fitted
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The softmax temperature fitted on labelled logits, and the expected calibration error before and after."""
+    temperature = fit_temperature(logits, labels)
+    return {"temperature": temperature,
+            "val_ece_before": expected_calibration_error(torch.softmax(logits, 1), labels),
+            "val_ece_after": expected_calibration_error(torch.softmax(logits / temperature, 1), labels)}
+
+
+def novelty_figures(states: dict, chosen: str, threshold: float, seconds: float, n_fit: int,
+                    val_scores: dict) -> dict:
+    """What the run's summary holds of a fitted novelty score: its name, threshold, cost, size, the images it was
+    fitted on, the scores stored and the share of val its threshold accepts."""
+    return {"novelty_score": chosen, "novelty_threshold": threshold, "novelty_seconds": round(seconds, 1),
+            "novelty_bytes": sum(state_bytes(s) for s in states.values()), "novelty_train_images": n_fit,
+            "novelty_scores": list(states),
+            "novelty_val_accepted": accepted(val_scores[chosen], threshold).double().mean().item()}
 
 
 def left_out_images(cfg: TrainConfig, classes: list[str]) -> tuple[Split | None, list[str]]:
@@ -81,10 +97,7 @@ def fit_novelty(path: Path, train: Split, val: Split, cfg: TrainConfig, device: 
     n_fit = len(sample.labels)
     save_checkpoint(with_novelty(ckpt, novelty_record(states, cfg.novelty_score, threshold, cfg.accept_rate, tta,
                                                       seconds, n_fit)), path)
-    size = sum(state_bytes(s) for s in states.values())
-    out = {"novelty_score": cfg.novelty_score, "novelty_threshold": threshold, "novelty_seconds": round(seconds, 1),
-           "novelty_bytes": size, "novelty_train_images": n_fit, "novelty_scores": list(states),
-           "novelty_val_accepted": accepted(val_scores[cfg.novelty_score], threshold).double().mean().item()}
+    out = novelty_figures(states, cfg.novelty_score, threshold, seconds, n_fit, val_scores)
     left_out, left_out_names = left_out_images(cfg, ckpt["classes"])
     if left_out is not None:
         report = unknown_report(cfg.novelty_score, threshold, val_scores,

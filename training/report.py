@@ -103,6 +103,11 @@ def stop_line(cfg: TrainConfig, stop: Stop, plan: BudgetPlan | None, progress: P
     return f"interrupted; {Path(cfg.out_dir) / LAST} holds epoch {progress.saved_epoch}: continue with --resume ({note})"
 
 
+def calibration_line(fitted: dict, path: Path) -> str:
+    return (f"calibration on val: temperature {fitted['temperature']:.3f}, expected calibration error "
+            f"{fitted['val_ece_before']:.4f} -> {fitted['val_ece_after']:.4f} (stored in {path})")
+
+
 def novelty_lines(cfg: TrainConfig, fitted: dict, n_train: int) -> str:
     n_fit = fitted["novelty_train_images"]
     fitted_on = (f"{n_fit} train images" if n_fit == n_train else
