@@ -269,9 +269,11 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
     progress, feats = Progress(), {}
     for name, split in (("train", data.train), ("val", data.val)):
         started = time.time()
-        feats[name], cached = cached_features(model, split, cfg, normalization, name, device, amp_dtype)
-        print(f"{name} features ({len(split.labels)} images and their mirrors): "
-              f"{'read from the cache' if cached else 'computed'} in {time.time() - started:.1f}s")
+        feats[name], computed = cached_features(model, split.images, split.paths, cfg.arch, cfg.cache_dir,
+                                                normalization, device, amp_dtype, cfg.channels_last, cfg.batch_size,
+                                                name)
+        print(f"{name} features ({len(split.labels)} images and their mirrors): {computed} computed, "
+              f"{len(split.labels) - computed} read from the cache, {time.time() - started:.1f}s")
     head = HeadTrainer(model, feats["train"], data.train.labels, feats["val"], data.val.labels, cfg)
     for name, folders in make_room(cfg, 0, []).items():
         print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")

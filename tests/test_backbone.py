@@ -125,7 +125,8 @@ def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_pat
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert "pretrained: its package's ImageNet weights, normalization {'mean': 0.5, 'std': 0.5}" in out
-    assert "train features (24 images and their mirrors): computed" in out and "epoch 6/6" in out
+    assert "train features (24 images and their mirrors): 24 computed, 0 read from the cache" in out
+    assert "epoch 6/6" in out
     assert "novelty score knn: fitted on 24 train images" in out
     ckpt = load_checkpoint(tmp_path / "m" / "best_model.pth")
     assert ckpt["arch"] == ARCH and ckpt["image_size"] == 64 and ckpt["channels"] == 3
@@ -138,17 +139,24 @@ def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_pat
     assert export.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--out", str(tmp_path / "model"),
                         "--format", "onnx"]) == 0  # checked against PyTorch within 1e-4
     capsys.readouterr()
-    # The same files: the features come from the cache; one file changed: that split's are computed again.
+    # The same files: every feature comes from the store; one file changed: that file's alone is computed again.
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert "train features (24 images and their mirrors): read from the cache" in out
+    assert "train features (24 images and their mirrors): 0 computed, 24 read from the cache" in out
     changed = sorted((data / "train" / "cat").glob("*.png"))[0]
     Image.open(changed).rotate(90).save(changed)
     os.utime(changed, (time.time() + 5, time.time() + 5))
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert "train features (24 images and their mirrors): computed" in out and "val features" in out
-    assert "val features (6 images and their mirrors): read from the cache" in out
+    assert "train features (24 images and their mirrors): 1 computed, 23 read from the cache" in out
+    assert "val features (6 images and their mirrors): 0 computed, 6 read from the cache" in out
+    # Another folder of links to the same files computes nothing.
+    linked = tmp_path / "linked"
+    for f in data.rglob("*.png"):
+        (linked / f.relative_to(data)).parent.mkdir(parents=True, exist_ok=True)
+        (linked / f.relative_to(data)).symlink_to(f)
+    assert train.main([*args[:1], str(linked), *args[2:]]) == 0
+    assert "train features (24 images and their mirrors): 0 computed, 24 read from the cache" in capsys.readouterr().out
 
 
 def test_a_run_on_features_refuses_what_it_does_not_do(tmp_path, capsys):

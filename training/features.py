@@ -4,15 +4,17 @@ them (seconds), and the temperature and the novelty score fitted on them. What t
 model.WEIGHT_PACKAGES (--arch efficientnet_lite0).
 
 Usage (from train.py):
-    feats, cached = cached_features(model, train, cfg, normalization, "train")   # (N, 2, D): each image, its mirror
+    feats, computed = cached_features(model, train.images, train.paths, cfg.arch, cfg.cache_dir, normalization)
+        # (N, 2, D): each image and its mirror; computed: how many files were not in the store
     head = HeadTrainer(model, feats, train.labels, val_feats, val.labels, cfg)
     tr, ev = head.epoch()                                          # one pass over the features, then val
     best = head.head_state()                                       # after the best epoch: the head's weights
     fitted = fit_on_features(path, model, feats, train.labels, val_feats, val.labels, cfg)
 
-The features are keyed by the backbone's weights, the input size, the arithmetic (fp32 or an autocast dtype) and
-every file's path, size and modification time: a changed file, another size or other weights compute them anew.
-They are stored as float16.
+One store per backbone (a digest of its weights), input size and arithmetic (fp32 or an autocast dtype) holds the
+features of every file version it has seen (real path, size and modification time), as float16: a changed file,
+another size or other weights compute them anew, and a link to a file already seen, or a subset of a folder already
+seen, computes nothing.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from prediction.predict import pooled_features
 from training.optimization import class_weight_tensor, warmup_cosine
 from training.posthoc import calibration, novelty_figures
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 FEATURE_SCORES = ("knn", "mahalanobis", "msp", "energy")  # the novelty scores the pooled features alone give
 DEFAULT_FEATURE_SCORE = "knn"  # a score that needs stage statistics falls back to this one
 
@@ -54,40 +56,58 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def features_key(digest: str, image_size: int, channels: int, precision: str, paths: list[str]) -> str:
-    """The cache key of a split's features: the weights, the input, the arithmetic, and each file's path, size and
-    mtime."""
-    files = []
-    for p in paths:
-        st = os.stat(p)
-        files.append([p, st.st_size, st.st_mtime_ns])
-    text = json.dumps([FEATURES_VERSION, digest, image_size, channels, precision, files])
-    return hashlib.sha1(text.encode()).hexdigest()[:20]
+def file_version(path: str) -> str:
+    """A file's identity for the feature store: its real path (links to one file share it), size and mtime."""
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def cached_features(model: nn.Module, split: Split, cfg: TrainConfig, normalization: dict, name: str,
-                    device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None
-                    ) -> tuple[torch.Tensor, bool]:
-    """(the pooled features of the split's images and their mirrors (N, 2, D) float32, whether they came from the
-    cache): read from CACHE_DIR/features/ when this backbone computed them for these very files, else computed
-    (with a progress bar labelled `name`; in `amp_dtype` autocast and channels-last memory as the settings say) and
-    stored there. No cache folder (''): computed every time."""
-    path = None
-    if cfg.cache_dir:
-        key = features_key(weights_digest(model), cfg.image_size, cfg.channels, str(amp_dtype), split.paths)
-        path = Path(cfg.cache_dir) / "features" / f"{cfg.arch}-{name}-{key}.pt"
-        if path.is_file():
-            try:
-                stored = torch.load(path, map_location="cpu", weights_only=True)["features"]
-                if len(stored) == len(split.labels):
-                    return stored.float(), True
-            except (OSError, RuntimeError, KeyError, EOFError):
-                pass  # a file cut short or of another format: computed again below
-    feats = pooled_features(model, split.images, device, cfg.batch_size, normalization, amp_dtype, cfg.channels_last,
-                            progress=f"features {name}")
-    if path is not None:
-        save_atomic({"features": feats.half(), "paths": list(split.paths)}, path)
-    return feats, False
+def store_path(cache_dir: str | Path, arch: str, digest: str, image_size: int, channels: int, precision: str) -> Path:
+    """The one file holding this backbone's features at this input and arithmetic, for every file it has seen."""
+    text = json.dumps([FEATURES_VERSION, digest, image_size, channels, precision])
+    return Path(cache_dir) / "features" / f"{arch}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.pt"
+
+
+def read_store(path: Path) -> tuple[list[str], torch.Tensor | None]:
+    """(file versions, their features (M, 2, D) float16) of a store, or nothing when absent or unreadable."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("version") == FEATURES_VERSION and len(stored["keys"]) == len(stored["features"]):
+            return list(stored["keys"]), stored["features"]
+    except (OSError, RuntimeError, KeyError, EOFError, AttributeError):
+        pass  # absent, cut short or of another format: its features are computed again
+    return [], None
+
+
+def cached_features(model: nn.Module, images: torch.Tensor, paths: list[str], arch: str, cache_dir: str,
+                    normalization: dict, device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+                    channels_last: bool = False, batch_size: int | None = None, label: str = ""
+                    ) -> tuple[torch.Tensor, int]:
+    """(the pooled features of the images (uint8, N x C x S x S, read from `paths`) and of their mirrors, (N, 2, D)
+    float32; how many were computed). Each file version's features are kept in CACHE_DIR/features/, one store per
+    backbone, input and arithmetic: any later run, on any folder or link to the same files, reads them there and
+    computes (with a progress bar labelled `label`) only the files it has not seen. No cache folder (''):
+    computed every time."""
+    def compute(rows: torch.Tensor) -> torch.Tensor:
+        return pooled_features(model, images[rows], device, batch_size, normalization, amp_dtype, channels_last,
+                               progress=f"features {label}" if label else "")
+    if not cache_dir:
+        return compute(torch.arange(len(paths))), len(paths)
+    path = store_path(cache_dir, arch, weights_digest(model), images.shape[-1], images.shape[1], str(amp_dtype))
+    keys, stored = read_store(path)
+    row_of = {k: i for i, k in enumerate(keys)}
+    wanted = [file_version(p) for p in paths]
+    todo: dict[str, int] = {}  # a file version not stored yet -> its first row among the images
+    for i, k in enumerate(wanted):
+        if k not in row_of and k not in todo:
+            todo[k] = i
+    if todo:
+        fresh = compute(torch.tensor(list(todo.values()), dtype=torch.int64)).half()
+        row_of.update({k: len(keys) + j for j, k in enumerate(todo)})
+        keys += list(todo)
+        stored = fresh if stored is None else torch.cat([stored, fresh])
+        save_atomic({"version": FEATURES_VERSION, "keys": keys, "features": stored}, path)
+    return stored[[row_of[k] for k in wanted]].float(), len(todo)
 
 
 class HeadTrainer:
