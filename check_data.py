@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from config import CARVE_FIELDS, LABEL_CHECK_FIELDS, SOURCE_FIELDS, TrainConfig, add_flags
+from config import CARVE_FIELDS, LABEL_CHECK_FIELDS, SOURCE_FIELDS, TrainConfig, add_flags, with_arch_defaults
 from core.common import reports_user_errors
 from quality.audit import check_data
 from quality.label_errors import format_label_check, label_check_of_data, read_listed_paths
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.label_next:
         return print_label_next(args.data, args.checkpoint, args.label_next, args.out_dir, args.move_to,
                                 args.workers)
-    settings = {k: v for k, v in vars(args).items() if k in fields}
+    settings = with_arch_defaults({k: v for k, v in vars(args).items() if k in fields})
     cfg = TrainConfig(data=args.data, max_bad_fraction=args.max_bad_fraction, workers=args.workers, **settings)
     sections, text = {}, ""
     if args.label_errors:

@@ -325,9 +325,12 @@ def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None)
             raise UserError("--config starts a new run from saved settings and --resume continues last.pth with "
                             "its own: give one of them")
         base = load_config_file(given["config"])
-    if given.get("arch") in BACKBONE_DEFAULTS:  # where the flags say nothing
-        given = {**BACKBONE_DEFAULTS[given["arch"]], **given}
-    return dataclasses.replace(base or TrainConfig(), **given)
+    return dataclasses.replace(base or TrainConfig(), **with_arch_defaults(given))
+
+
+def with_arch_defaults(given: dict) -> dict:
+    """The given settings, with what their --arch implies (BACKBONE_DEFAULTS) where they say nothing."""
+    return {**BACKBONE_DEFAULTS.get(given.get("arch", ""), {}), **given}
 
 
 def format_config(cfg: TrainConfig) -> str:

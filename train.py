@@ -247,25 +247,36 @@ def summarise(cfg: TrainConfig, progress: Progress, fitted: dict, stop: Stop, pl
     return summary
 
 
+def find_label_errors(cfg: TrainConfig, train: Split, lay: Layout) -> None:
+    """--find-label-errors: the label check on the train split, printed, before any training."""
+    if rank_world()[1] > 1:
+        raise UserError("--find-label-errors runs in one process: run python check_data.py DATA --label-errors "
+                        "first, then torchrun")
+    print(format_label_check(label_check(train, lay.classes, lay.root, cfg, cfg.curves_dir, print)))
+
+
 # ---------------------------------------------------------------- a frozen backbone: its features, then the head
 
 def check_features_run(cfg: TrainConfig, resume_ckpt: dict | None) -> None:
     """What a run on a frozen backbone's features does not do, said before any work."""
     refused = [flag for flag, given in (("--resume", resume_ckpt is not None), ("--unlabeled", cfg.unlabeled),
-                                        ("--other", cfg.other), ("--find-label-errors", cfg.find_label_errors),
-                                        ("torchrun", rank_world()[1] > 1)) if given]
+                                        ("--other", cfg.other), ("torchrun", rank_world()[1] > 1)) if given]
     if refused:
         raise UserError(f"--arch {cfg.arch} trains its head on the frozen backbone's features, in seconds once they "
                         f"are cached; it does not take {', '.join(refused)}")
 
 
-def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, data: RunData,
+def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, data: RunData, lay: Layout,
                  pretrained_state: dict | None) -> tuple[Progress, dict]:
     """The frozen backbone's features of train and val (cached), the head trained on them for --epochs, the best
     epoch's model saved, then the temperature and novelty score fitted on the same features."""
     model = build_model(cfg.arch, len(data.classes), cfg.channels, image_size=cfg.image_size,
                         pretrained_state=pretrained_state).to(device)
     normalization = input_normalization(cfg.uses_pretrained, cfg.channels, cfg.arch)
+    for name, folders in make_room(cfg, 0, []).items():
+        print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")
+    if cfg.find_label_errors:
+        find_label_errors(cfg, data.train, lay)
     progress, feats = Progress(), {}
     for name, split in (("train", data.train), ("val", data.val)):
         started = time.time()
@@ -275,8 +286,6 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
         print(f"{name} features ({len(split.labels)} images and their mirrors): {computed} computed, "
               f"{len(split.labels) - computed} read from the cache, {time.time() - started:.1f}s")
     head = HeadTrainer(model, feats["train"], data.train.labels, feats["val"], data.val.labels, cfg)
-    for name, folders in make_room(cfg, 0, []).items():
-        print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")
     data.writer = open_run_log(cfg)
     best_head = head.head_state()
     for epoch in range(1, cfg.epochs + 1):
@@ -314,16 +323,13 @@ def run(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
         print(f"pretrained: {source}, normalization {input_normalization(True, cfg.channels, cfg.arch)}")
     lay, data = read_data(cfg, device, resume_ckpt)
     if frozen_backbone:
-        progress, fitted = features_run(cfg, device, amp_dtype, data, pretrained_state)
+        progress, fitted = features_run(cfg, device, amp_dtype, data, lay, pretrained_state)
         return summarise(cfg, progress, fitted, Stop.COMPLETED, None)
     t = build_trainer(cfg, data.train, len(lay.classes), device, amp_dtype, pretrained_state,
                       n_unlabeled=0 if data.unlabeled is None else len(data.unlabeled.labels))
     progress, frozen = start(t, cfg, resume_ckpt)
     if cfg.find_label_errors:
-        if rank_world()[1] > 1:
-            raise UserError("--find-label-errors runs in one process: run python check_data.py DATA --label-errors "
-                            "first, then torchrun")
-        print(format_label_check(label_check(data.train, lay.classes, lay.root, cfg, cfg.curves_dir, print)))
+        find_label_errors(cfg, data.train, lay)
     data.writer = open_run_log(cfg)
     if path := save_train_batch(cfg, data.train, lay.classes, t.normalization):
         print(f"augmented training images: {path}")

@@ -1,6 +1,7 @@
 """Likely label errors, found before training: every training image is predicted by a model that never saw it
-(K short runs of the training loop on the cached pixels, one per fold), then confident learning (Northcutt et al., 2021) names the
-images whose given label loses clearly to another class.
+(K short runs of the training loop on the cached pixels, one per fold; on a frozen pretrained backbone, K heads on
+its cached features), then confident learning (Northcutt et al., 2021) names the images whose given label loses
+clearly to another class.
 
 Usage (from check_data.py and train.py):
     probs, seconds, ran = out_of_fold_probs(train, num_classes, cfg, folds=4, epochs=80, budget=600)
@@ -23,8 +24,9 @@ from core.common import UserError, pick_amp_dtype, pick_device
 from core.plots import plot_gallery, save_figure
 from dataset import Split, load_items
 from loading.layout import Layout, read_layout, layout_splits
-from model import fetch_pretrained, input_normalization
+from model import WEIGHT_PACKAGES, build_model, fetch_pretrained, input_normalization
 from prediction.predict import predict_logits
+from training.features import cached_features, out_of_fold_head_probs
 from training.loop import build_trainer, train_epochs
 from training.runs import LABEL_ERRORS_CSV, LABEL_ERRORS_PNG
 
@@ -63,6 +65,9 @@ def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: in
     t0 = time.time()
     device = pick_device(cfg.device)
     amp_dtype = pick_amp_dtype(device, cfg.amp)
+    if cfg.arch in WEIGHT_PACKAGES:
+        probs = frozen_backbone_probs(data, num_classes, cfg, folds, device, amp_dtype, report)
+        return probs, time.time() - t0, [cfg.epochs] * folds
     pretrained_state = fetch_pretrained(cfg)
     if pretrained_state is not None and report is not None:
         report(f"pretrained: {cfg.weights or 'torchvision ImageNet weights'}, normalization "
@@ -87,6 +92,21 @@ def out_of_fold_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: in
             report(f"label check: fold {k + 1}/{folds} ({len(held)} images, {trained} epochs) predicted, "
                    f"{time.time() - t0:.0f}s")
     return probs, time.time() - t0, ran
+
+
+def frozen_backbone_probs(data: Split, num_classes: int, cfg: TrainConfig, folds: int, device: torch.device,
+                          amp_dtype: torch.dtype | None, report=None) -> torch.Tensor:
+    """out_of_fold_probs on a frozen pretrained backbone (--arch of model.WEIGHT_PACKAGES): its features of the
+    images (from the feature store, computed where missing), then one head per fold on the other folds' features."""
+    model = build_model(cfg.arch, num_classes, cfg.channels, image_size=cfg.image_size,
+                        pretrained_state=fetch_pretrained(cfg)).to(device)
+    feats, computed = cached_features(model, data.images, data.paths, cfg.arch, cfg.cache_dir,
+                                      input_normalization(True, cfg.channels, cfg.arch), device, amp_dtype,
+                                      cfg.channels_last, cfg.batch_size, "label check")
+    if report is not None:
+        report(f"label check: features of {len(data.labels)} images ({computed} computed, the rest from the cache)")
+    return out_of_fold_head_probs(model, feats, data.labels.cpu(), stratified_folds(data.labels.cpu(), folds, cfg.seed),
+                                  cfg, report)
 
 
 def confident_learning(probs: torch.Tensor, labels: torch.Tensor) -> list[dict]:
@@ -179,9 +199,11 @@ def label_check(data: Split, classes: list[str], root: str | Path, cfg: TrainCon
     and --json carry: images, folds, epochs (each fold's), seconds, found (the CSV's rows, most likely first), csv
     and gallery paths."""
     within = f" or as many as fit in about {cfg.label_error_budget:.0f}s" if cfg.label_error_budget > 0 else ""
+    runs = (f"{cfg.epochs} epochs of a head on {cfg.arch}'s features" if cfg.arch in WEIGHT_PACKAGES
+            else f"{cfg.label_error_epochs} epochs{within}")
     report = report or (lambda line: None)
-    report(f"label check: {cfg.label_error_folds} folds x {cfg.label_error_epochs} epochs{within} on "
-           f"{len(data.labels)} train images, each predicted by a model that did not see it")
+    report(f"label check: {cfg.label_error_folds} folds x {runs} on {len(data.labels)} train images, each predicted "
+           "by a model that did not see it")
     probs, seconds, ran = out_of_fold_probs(data, len(classes), cfg, cfg.label_error_folds, cfg.label_error_epochs,
                                             report, cfg.label_error_budget)
     found = confident_learning(probs, data.labels)

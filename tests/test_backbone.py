@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import check_data
 import evaluate
 import export
 import inference
@@ -23,6 +24,8 @@ from model import (adapt_stem, backbone_weights, build_model, cam_stages, featur
 from prediction import Classifier
 from prediction.checkpoint import load_checkpoint
 from prediction.predict import extract_features, pooled_features
+from quality.label_errors import confident_learning, stratified_folds
+from training.features import out_of_fold_head_probs
 
 ARCH = "efficientnet_lite0"
 IMAGENET_CATS = range(281, 286)    # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -168,3 +171,36 @@ def test_a_run_on_features_refuses_what_it_does_not_do(tmp_path, capsys):
     assert (f"--arch {ARCH} trains its head on the frozen backbone's features, in seconds once they are cached; it "
             "does not take --unlabeled, --other") in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_the_label_check_on_features_names_the_flipped_labels():
+    # Two well-separated clusters of features; 3 of 40 labels flipped: the heads of the other folds see through it.
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(2, 1280, generator=generator) * 0.2
+    labels = torch.arange(40) % 2
+    feats = centres[labels][:, None] + 0.05 * torch.randn(40, 2, 1280, generator=generator)
+    given = labels.clone()
+    given[[3, 10, 25]] = 1 - given[[3, 10, 25]]
+    model = build_model(ARCH, 2, 3, image_size=32)
+    cfg = parse_config(["--arch", ARCH, "--weight-decay", "0.01"])
+    lines = []
+    probs = out_of_fold_head_probs(model, feats, given, stratified_folds(given, 4, 0), cfg, lines.append)
+    assert probs.shape == (40, 2) and len(lines) == 4
+    assert sorted(f["index"] for f in confident_learning(probs, given)) == [3, 10, 25]
+
+
+@pytest.mark.slow
+def test_the_label_check_runs_on_the_backbones_features(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "data", 8, size=32, seed=0)
+    common = ["--arch", ARCH, "--image-size", "32", "--cache-dir", str(tmp_path / "cache")]
+    assert check_data.main([str(data), "--label-errors", "--out-dir", str(tmp_path / "c"), "--workers", "0", *common]) == 0
+    out = capsys.readouterr().out
+    assert f"label check: 4 folds x 20 epochs of a head on {ARCH}'s features on 16 train images" in out
+    assert "label check: features of 16 images (16 computed, the rest from the cache)" in out
+    assert (tmp_path / "c" / "label_errors.csv").is_file()
+    assert train.main(["--data", str(data), "--find-label-errors", "--epochs", "2", "--workers", "0",
+                       "--out-dir", str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"),
+                       "--curves-dir", str(tmp_path / "c2"), *common]) == 0
+    out = capsys.readouterr().out
+    assert "label check: features of 16 images (0 computed, the rest from the cache)" in out
+    assert (tmp_path / "c2" / "label_errors.csv").is_file() and (tmp_path / "m" / "best_model.pth").is_file()

@@ -194,3 +194,24 @@ def fit_on_features(path: Path, model: nn.Module, train: torch.Tensor, labels: t
         out.update(novelty_figures(states, chosen, threshold, seconds, len(labels), val_scores))
     save_checkpoint(ckpt, path)
     return out
+
+
+def out_of_fold_head_probs(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor, fold: torch.Tensor,
+                           cfg: TrainConfig, report=None) -> torch.Tensor:
+    """(N, classes) softmax probabilities of every image, each from a head trained (as HeadTrainer trains it, for
+    --epochs) on the features of the other folds, on the mean of the image and its mirror: the label check on a
+    frozen backbone, in seconds once the features exist. `report` (a callable) gets a line per fold."""
+    folds = int(fold.max()) + 1
+    probs = torch.zeros(len(labels), head_of(model).out_features)
+    for k in range(folds):
+        held, rest = torch.nonzero(fold == k).flatten(), torch.nonzero(fold != k).flatten()
+        head = HeadTrainer(model, feats[rest], labels[rest], feats[held], labels[held], cfg)
+        head.generator.manual_seed(cfg.seed + k)
+        for _ in range(cfg.epochs):
+            head.epoch()
+        with torch.no_grad():
+            probs[held] = torch.softmax(head.head(feats[held].mean(1)), 1)
+        if report is not None:
+            report(f"label check: fold {k + 1}/{folds} ({len(held)} images, {cfg.epochs} epochs of the head) "
+                   "predicted")
+    return probs
