@@ -45,7 +45,8 @@ from quality.audit import check_data
 from quality.label_errors import format_label_check, label_check
 from training.distributed import (any_rank, close_distributed, init_distributed, is_main_rank, quiet_unless_rank0,
                                   rank_world)
-from training.features import HeadTrainer, cached_features, fit_on_features
+from training.features import (SELF_TRAINING_ROUNDS, HeadTrainer, cached_features, fit_on_features,
+                               pseudo_labelled)
 from training.loop import (Stop, Trainer, build_trainer, is_finite, plan_budget, restore, set_phase, stop_reason,
                            train_one_epoch, validate)
 from training.optimization import BudgetPlan
@@ -110,8 +111,10 @@ def read_data(cfg: TrainConfig, device: torch.device, resume_ckpt: dict | None) 
     if cfg.unlabeled:
         unlabeled = load_folder(cfg.unlabeled, "--unlabeled", cfg.image_size, cfg.channels, cfg.cache_dir,
                                 cfg.workers)
+        use = ("pseudo-labelled by self-training on the features" if cfg.arch in WEIGHT_PACKAGES
+               else f"{cfg.unlabeled_ratio:g} per labelled image in each step")
         print(f"unlabeled: {len(unlabeled.labels)} images from {cfg.unlabeled} ({len(unlabeled.bad)} unreadable), "
-              f"{cfg.unlabeled_ratio:g} per labelled image in each step")
+              f"{use}")
     return lay, RunData(train, val, lay.classes, record, other, unlabeled)
 
 
@@ -259,35 +262,64 @@ def find_label_errors(cfg: TrainConfig, train: Split, lay: Layout) -> None:
 
 def check_features_run(cfg: TrainConfig, resume_ckpt: dict | None) -> None:
     """What a run on a frozen backbone's features does not do, said before any work."""
-    refused = [flag for flag, given in (("--resume", resume_ckpt is not None), ("--unlabeled", cfg.unlabeled),
-                                        ("--other", cfg.other), ("torchrun", rank_world()[1] > 1)) if given]
+    refused = [flag for flag, given in (("--resume", resume_ckpt is not None), ("--other", cfg.other),
+                                        ("torchrun", rank_world()[1] > 1)) if given]
     if refused:
         raise UserError(f"--arch {cfg.arch} trains its head on the frozen backbone's features, in seconds once they "
                         f"are cached; it does not take {', '.join(refused)}")
 
 
-def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, data: RunData, lay: Layout,
-                 pretrained_state: dict | None) -> tuple[Progress, dict]:
-    """The frozen backbone's features of train and val (cached), the head trained on them for --epochs, the best
-    epoch's model saved, then the temperature and novelty score fitted on the same features."""
-    model = build_model(cfg.arch, len(data.classes), cfg.channels, image_size=cfg.image_size,
-                        pretrained_state=pretrained_state).to(device)
+def split_features(model: torch.nn.Module, cfg: TrainConfig, data: RunData, device: torch.device,
+                   amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The frozen backbone's features of train, val and --unlabeled (when given), from the feature store where it
+    has them; a line per split says how many were computed."""
     normalization = input_normalization(cfg.uses_pretrained, cfg.channels, cfg.arch)
-    for name, folders in make_room(cfg, 0, []).items():
-        print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")
-    if cfg.find_label_errors:
-        find_label_errors(cfg, data.train, lay)
-    progress, feats = Progress(), {}
-    for name, split in (("train", data.train), ("val", data.val)):
+    feats = {}
+    for name, split in (("train", data.train), ("val", data.val), ("unlabeled", data.unlabeled)):
+        if split is None:
+            continue
         started = time.time()
         feats[name], computed = cached_features(model, split.images, split.paths, cfg.arch, cfg.cache_dir,
                                                 normalization, device, amp_dtype, cfg.channels_last, cfg.batch_size,
                                                 name)
         print(f"{name} features ({len(split.labels)} images and their mirrors): {computed} computed, "
               f"{len(split.labels) - computed} read from the cache, {time.time() - started:.1f}s")
-    head = HeadTrainer(model, feats["train"], data.train.labels, feats["val"], data.val.labels, cfg)
+    return feats
+
+
+def head_training_set(model: torch.nn.Module, cfg: TrainConfig, data: RunData, feats: dict
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features, labels, per-image loss weights) the head trains on: the labelled images (weight 1), and with
+    --unlabeled those self-training pseudo-labels (weight --unlabeled-weight)."""
+    x, y = feats["train"], data.train.labels.long()
+    if "unlabeled" not in feats:
+        return x, y, torch.ones(len(y))
+    started = time.time()
+    keep, pseudo = pseudo_labelled(model, x, y, feats["val"], data.val.labels, feats["unlabeled"], cfg)
+    counts = ", ".join(f"{c} {int((pseudo == k).sum())}" for k, c in enumerate(data.classes))
+    print(f"unlabeled: {len(keep)} of {len(feats['unlabeled'])} images pseudo-labelled ({counts}) by a head at "
+          f"least {cfg.pseudo_threshold:.0%} sure, after {SELF_TRAINING_ROUNDS} rounds of self-training, "
+          f"{time.time() - started:.1f}s")
+    weights = torch.cat([torch.ones(len(y)), torch.full((len(keep),), cfg.unlabeled_weight)])
+    return torch.cat([x, feats["unlabeled"][keep]]), torch.cat([y, pseudo]), weights
+
+
+def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, data: RunData, lay: Layout,
+                 pretrained_state: dict | None) -> tuple[Progress, dict]:
+    """The frozen backbone's features (cached), the head trained on them for --epochs (with --unlabeled, on
+    pseudo-labels too), the best epoch's model saved, then the temperature and novelty score fitted on the labelled
+    features."""
+    model = build_model(cfg.arch, len(data.classes), cfg.channels, image_size=cfg.image_size,
+                        pretrained_state=pretrained_state).to(device)
+    for name, folders in make_room(cfg, 0, []).items():
+        print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")
+    if cfg.find_label_errors:
+        find_label_errors(cfg, data.train, lay)
+    feats = split_features(model, cfg, data, device, amp_dtype)
+    x, y, weights = head_training_set(model, cfg, data, feats)
+    head = HeadTrainer(model, x, y, feats["val"], data.val.labels, cfg, weights)
     data.writer = open_run_log(cfg)
-    best_head = head.head_state()
+    progress, best_head = Progress(), head.head_state()
     for epoch in range(1, cfg.epochs + 1):
         started = time.time()
         tr, ev = head.epoch()

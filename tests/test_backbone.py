@@ -2,6 +2,7 @@
 weights' names mapped onto timm's network, the network's parts, the settings it implies, and a run that trains its
 head on features computed once and read from the cache the next time."""
 import os
+import re
 import time
 from collections import OrderedDict
 
@@ -25,7 +26,7 @@ from prediction import Classifier
 from prediction.checkpoint import load_checkpoint
 from prediction.predict import extract_features, pooled_features
 from quality.label_errors import confident_learning, stratified_folds
-from training.features import out_of_fold_head_probs
+from training.features import out_of_fold_head_probs, pseudo_labelled
 
 ARCH = "efficientnet_lite0"
 IMAGENET_CATS = range(281, 286)    # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -164,21 +165,35 @@ def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_pat
 
 def test_a_run_on_features_refuses_what_it_does_not_do(tmp_path, capsys):
     data = make_synthetic(tmp_path / "data", 4, size=32, seed=0)
-    args = ["--data", str(data), "--arch", ARCH, "--unlabeled", str(data / "test"), "--other", str(data / "test"),
-            "--workers", "0", "--out-dir", str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"),
-            "--curves-dir", str(tmp_path / "c")]
+    args = ["--data", str(data), "--arch", ARCH, "--other", str(data / "test"), "--workers", "0",
+            "--out-dir", str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"), "--curves-dir", str(tmp_path / "c")]
     assert train.main(args) == 2
     assert (f"--arch {ARCH} trains its head on the frozen backbone's features, in seconds once they are cached; it "
-            "does not take --unlabeled, --other") in capsys.readouterr().err
+            "does not take --other") in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n features (each with a near mirror) of two well-separated classes, and their labels (alternating)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(2, 1280, generator=torch.Generator().manual_seed(0)) * 0.2
+    labels = torch.arange(n) % 2
+    return centres[labels][:, None] + 0.05 * torch.randn(n, 2, 1280, generator=generator), labels
+
+
+def test_self_training_pseudo_labels_the_unlabeled_features_it_is_sure_of():
+    feats, labels = clusters(4, 1)
+    unlabeled, truth = clusters(40, 2)
+    unlabeled[:4] = 0.0  # no class's: no head is sure of them
+    model = build_model(ARCH, 2, 3, image_size=32)
+    cfg = parse_config(["--arch", ARCH, "--weight-decay", "0.01", "--pseudo-threshold", "0.7"])
+    keep, pseudo = pseudo_labelled(model, feats, labels, feats, labels, unlabeled, cfg)
+    assert keep.tolist() == list(range(4, 40)) and torch.equal(pseudo, truth[keep])
 
 
 def test_the_label_check_on_features_names_the_flipped_labels():
     # Two well-separated clusters of features; 3 of 40 labels flipped: the heads of the other folds see through it.
-    generator = torch.Generator().manual_seed(0)
-    centres = torch.randn(2, 1280, generator=generator) * 0.2
-    labels = torch.arange(40) % 2
-    feats = centres[labels][:, None] + 0.05 * torch.randn(40, 2, 1280, generator=generator)
+    feats, labels = clusters(40, 0)
     given = labels.clone()
     given[[3, 10, 25]] = 1 - given[[3, 10, 25]]
     model = build_model(ARCH, 2, 3, image_size=32)
@@ -193,14 +208,18 @@ def test_the_label_check_on_features_names_the_flipped_labels():
 def test_the_label_check_runs_on_the_backbones_features(tmp_path, capsys):
     data = make_synthetic(tmp_path / "data", 8, size=32, seed=0)
     common = ["--arch", ARCH, "--image-size", "32", "--cache-dir", str(tmp_path / "cache")]
-    assert check_data.main([str(data), "--label-errors", "--out-dir", str(tmp_path / "c"), "--workers", "0", *common]) == 0
+    assert check_data.main([str(data), "--label-errors", "--out-dir", str(tmp_path / "c"), "--workers", "0",
+                            *common]) == 0
     out = capsys.readouterr().out
     assert f"label check: 4 folds x 20 epochs of a head on {ARCH}'s features on 16 train images" in out
     assert "label check: features of 16 images (16 computed, the rest from the cache)" in out
     assert (tmp_path / "c" / "label_errors.csv").is_file()
-    assert train.main(["--data", str(data), "--find-label-errors", "--epochs", "2", "--workers", "0",
+    assert train.main(["--data", str(data), "--find-label-errors", "--unlabeled", str(data / "test"),
+                       "--epochs", "2", "--workers", "0",
                        "--out-dir", str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"),
                        "--curves-dir", str(tmp_path / "c2"), *common]) == 0
     out = capsys.readouterr().out
     assert "label check: features of 16 images (0 computed, the rest from the cache)" in out
+    assert "unlabeled features (4 images and their mirrors): 4 computed, 0 read from the cache" in out
+    assert re.search(r"unlabeled: \d of 4 images pseudo-labelled \(cat \d, dog \d\) by a head at least 80% sure", out)
     assert (tmp_path / "c2" / "label_errors.csv").is_file() and (tmp_path / "m" / "best_model.pth").is_file()

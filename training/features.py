@@ -43,6 +43,7 @@ from training.posthoc import calibration, novelty_figures
 FEATURES_VERSION = 2
 FEATURE_SCORES = ("knn", "mahalanobis", "msp", "energy")  # the novelty scores the pooled features alone give
 DEFAULT_FEATURE_SCORE = "knn"  # a score that needs stage statistics falls back to this one
+SELF_TRAINING_ROUNDS = 2  # teachers before the head that is kept, with --unlabeled
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -113,12 +114,15 @@ def cached_features(model: nn.Module, images: torch.Tensor, paths: list[str], ar
 class HeadTrainer:
     """The classifier head trained alone on frozen features, from zero weights: AdamW with warmup and a cosine to 0
     over --epochs, --label-smoothing and --class-weights as the full run has them, each image and its mirror as two
-    samples; val on the mean of both (the mirror TTA), or on the image alone without --tta."""
+    samples (each image's loss times its `sample_weights`, 1 without); val on the mean of both (the mirror TTA), or
+    on the image alone without --tta."""
 
     def __init__(self, model: nn.Module, train: torch.Tensor, labels: torch.Tensor, val: torch.Tensor,
-                 val_labels: torch.Tensor, cfg: TrainConfig):
+                 val_labels: torch.Tensor, cfg: TrainConfig, sample_weights: torch.Tensor | None = None):
         self.cfg, self.labels, self.val_labels = cfg, labels.long(), val_labels.long()
         self.x, self.y = train.reshape(-1, train.shape[-1]), self.labels.repeat_interleave(train.shape[1])
+        weights = torch.ones(len(labels)) if sample_weights is None else sample_weights.float()
+        self.w = weights.repeat_interleave(train.shape[1])
         self.val = val.mean(1) if cfg.tta else val[:, 0]
         self.head = copy.deepcopy(head_of(model)).float().train()
         for p in self.head.parameters():  # from zero: every class equally likely (timm's init gives logits of tens)
@@ -137,8 +141,9 @@ class HeadTrainer:
         for i in range(0, len(order), self.cfg.batch_size):
             idx = order[i:i + self.cfg.batch_size]
             logits = self.head(self.x[idx])
-            loss = F.cross_entropy(logits, self.y[idx], weight=self.weights,
+            each = F.cross_entropy(logits, self.y[idx], weight=self.weights, reduction="none",
                                    label_smoothing=self.cfg.label_smoothing)
+            loss = (each * self.w[idx]).sum() / self.w[idx].sum()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -215,3 +220,22 @@ def out_of_fold_head_probs(model: nn.Module, feats: torch.Tensor, labels: torch.
             report(f"label check: fold {k + 1}/{folds} ({len(held)} images, {cfg.epochs} epochs of the head) "
                    "predicted")
     return probs
+
+
+def pseudo_labelled(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor, val: torch.Tensor,
+                    val_labels: torch.Tensor, unlabeled: torch.Tensor, cfg: TrainConfig,
+                    rounds: int = SELF_TRAINING_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-training on frozen features: a teacher head trained on the labelled features names the class of each
+    unlabeled image it is at least --pseudo-threshold sure of (on the mean of the image and its mirror); the next
+    teacher trains on both, `rounds` times. (indices into `unlabeled`, their pseudo-labels) of the last round."""
+    keep, pseudo = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    for _ in range(rounds):
+        head = HeadTrainer(model, torch.cat([feats, unlabeled[keep]]), torch.cat([labels.long(), pseudo]), val,
+                           val_labels, cfg)
+        for _ in range(cfg.epochs):
+            head.epoch()
+        with torch.no_grad():
+            confidence, predicted = torch.softmax(head.head(unlabeled.mean(1)), 1).max(1)
+        keep = torch.nonzero(confidence >= cfg.pseudo_threshold).flatten()
+        pseudo = predicted[keep]
+    return keep, pseudo
