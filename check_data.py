@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                      "does not make: run the report without --label-next")
     if args.label_next:
         return print_label_next(args.data, args.checkpoint, args.label_next, args.out_dir, args.move_to,
-                                args.workers)
+                                args.workers, getattr(args, "cache_dir", TrainConfig.cache_dir))
     settings = with_arch_defaults({k: v for k, v in vars(args).items() if k in fields})
     cfg = TrainConfig(data=args.data, max_bad_fraction=args.max_bad_fraction, workers=args.workers, **settings)
     sections, text = {}, ""
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     return checked.code
 
 
-def print_label_next(folder: str, checkpoint: str, n: int, out_dir: str, move_to: str, workers: int) -> int:
-    found = label_next(folder, checkpoint, n, out_dir, move_to, workers=workers)
+def print_label_next(folder: str, checkpoint: str, n: int, out_dir: str, move_to: str, workers: int,
+                     cache_dir: str) -> int:
+    found = label_next(folder, checkpoint, n, out_dir, move_to, cache_dir, workers)
     print(f"{found.images} photos in {folder} ({found.unreadable} unreadable); the {len(found.rows)} to label next, "
           "first the most useful:")
     for row in found.rows[:10]:

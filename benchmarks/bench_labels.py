@@ -36,8 +36,10 @@ import torch
 
 from benchmarks.bench import train_config, training_flags
 from config import TrainConfig
-from core.common import markdown_source, markdown_table, provenance, reports_user_errors, run_script, split_at_dashes
+from core.common import (UserError, markdown_source, markdown_table, provenance, reports_user_errors, run_script,
+                         split_at_dashes)
 from loading.layout import layout_splits, read_layout
+from model import WEIGHT_PACKAGES
 from training.runs import read_summary
 
 
@@ -118,6 +120,8 @@ def command_parser(command: str, per_class: int, per_class_help: str) -> argpars
     parser.add_argument("--tune", type=int, default=0, metavar="N", help="measure on N of the train photos that "
                         "are not labelled (stratified) instead of DATA's val, which is then never read")
     parser.add_argument("--work-dir", default="", help="keep the links, cache and runs here")
+    parser.add_argument("--cache-dir", default="", help="the runs' cache folder (default: one in the work folder); "
+                        "a shared one lets a frozen backbone's runs read the features earlier runs computed")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table with the command, commit, "
                         "date and machine")
     return parser
@@ -127,8 +131,9 @@ def semi_main(argv: list[str]) -> int:
     """`semi`: train.py on --per-class labelled photos alone and with the rest as --unlabeled."""
     parser = command_parser("semi", 500, "labelled train photos kept of each class")
     parser.add_argument("--time-budget", type=float, default=1800.0, help="each run's train.py --time-budget")
-    parser.add_argument("--epochs", type=int, default=1000, help="each run's train.py --epochs (the budget ends "
-                        "the run sooner: both use the whole budget)")
+    parser.add_argument("--epochs", type=int, default=None, help="each run's train.py --epochs (default: 1000, and "
+                        "the budget ends the run sooner, so that both use the whole budget; on a frozen backbone, "
+                        "its head's own)")
     parser.add_argument("--seed", type=int, default=0, help="which photos keep their labels")
     parser.add_argument("--skip-supervised", action="store_true")
     ours, train_flags = split_at_dashes(argv)
@@ -136,9 +141,12 @@ def semi_main(argv: list[str]) -> int:
     source = provenance("benchmarks.bench_labels", ["semi", *argv])
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work_dir or scratch)
-        cfg = train_config(train_flags, time_budget=args.time_budget, epochs=args.epochs,
-                           cache_dir=str(work / "cache"), out_dir=str(work / "models"), log_dir=str(work / "logs"),
-                           curves_dir=str(work / "curves"))
+        cfg = train_config(train_flags, time_budget=args.time_budget, cache_dir=args.cache_dir or str(work / "cache"),
+                           out_dir=str(work / "models"), log_dir=str(work / "logs"), curves_dir=str(work / "curves"))
+        if any(a == "--epochs" or a.startswith("--epochs=") for a in train_flags):
+            raise UserError("--epochs after --: semi sets it for its runs; its own --epochs goes before --")
+        if args.epochs or cfg.arch not in WEIGHT_PACKAGES:
+            cfg = dataclasses.replace(cfg, epochs=args.epochs or 1000)
         labelled, rest, val = split_train(args.data, cfg, args.per_class, args.tune, args.seed)
         link_labelled(labelled, work / "labelled" / "train")
         link_labelled(val, work / "labelled" / "val")
@@ -186,7 +194,8 @@ def label_next_seed(args, cfg: TrainConfig, seed: int, work: Path) -> dict:
                          seed=seed, run_name=f"seed{seed}", out_dir=str(work / "seed_models"),
                          **semi_changes(work / "pool", args.seed_unlabeled))
     run_script("check_data.py", [str(work / "pool"), "--label-next", str(args.add), "--checkpoint",
-                                 seed_run["checkpoint"], "--out-dir", str(work / "picks")], stdout=sys.__stderr__)
+                                 seed_run["checkpoint"], "--out-dir", str(work / "picks"), "--cache-dir",
+                                 cfg.cache_dir], stdout=sys.__stderr__)
     with open(work / "picks" / "label_next.csv", newline="") as f:
         ranked = [by_name[row["path"]] for row in csv.DictReader(f)]
     shuffled = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:args.add]
@@ -219,7 +228,7 @@ def label_next_main(argv: list[str]) -> int:
     source = provenance("benchmarks.bench_labels", ["label-next", *argv])
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work_dir or scratch)
-        cfg = train_config(train_flags, cache_dir=str(work / "cache"), log_dir=str(work / "logs"),
+        cfg = train_config(train_flags, cache_dir=args.cache_dir or str(work / "cache"), log_dir=str(work / "logs"),
                            curves_dir=str(work / "curves"))
         rows = [label_next_seed(args, cfg, seed, work / f"seed{seed}") for seed in args.seeds]
     mean = {arm: round(sum(r[f"{arm}_val_acc"] for r in rows) / len(rows), 4) for arm in ("ranked", "random")}

@@ -21,11 +21,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from core.common import UserError
+from config import TrainConfig
+from core.common import UserError, pick_amp_dtype, pick_device
 from dataset import load_folder
-from prediction.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, temperature_of, tta_of
+from model import WEIGHT_PACKAGES
+from prediction.checkpoint import (config_of, load_checkpoint, model_from_checkpoint, normalization_of,
+                                   temperature_of, tta_of)
 from prediction.predict import extract_features
 from quality.label_errors import write_listing
+from training.features import cached_features, feature_logits
 
 LABEL_NEXT_CSV, LABEL_NEXT_PNG = "label_next.csv", "label_next.png"
 CSV_COLUMNS = ("rank", "path", "suggested", "confidence", "why")
@@ -154,6 +158,23 @@ def copy_picks(picks: list[Pick], paths: list[str], dest: str | Path) -> list[Pa
     return copied
 
 
+def folder_features(ckpt: dict, images: torch.Tensor, paths: list[str], cache_dir: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate features, logits) of the images as the checkpoint's model sees them; on a frozen pretrained
+    backbone, from the feature store (in the arithmetic its training used), so that a pool whose files a run has
+    seen costs nothing."""
+    model = model_from_checkpoint(ckpt)
+    if ckpt["arch"] not in WEIGHT_PACKAGES:
+        features = extract_features(model, images, tta=tta_of(ckpt), normalization=normalization_of(ckpt))
+        return features["penultimate"], features["logits"]
+    cfg = TrainConfig.from_dict(config_of(ckpt))
+    device = pick_device(cfg.device)
+    feats, _ = cached_features(model.to(device), images, paths, ckpt["arch"], cache_dir, normalization_of(ckpt),
+                               device, pick_amp_dtype(device, cfg.amp), cfg.channels_last, cfg.batch_size,
+                               "label-next")
+    return feature_logits(model.cpu(), feats, tta_of(ckpt))
+
+
 def label_next(folder: str, checkpoint: str, n: int, out_dir: str | Path, move_to: str = "", cache_dir: str = "",
                workers: int = 0) -> LabelNext:
     """The n photos of `folder` (any layout; labels in it ignored) the checkpoint's model would learn most from:
@@ -161,10 +182,9 @@ def label_next(folder: str, checkpoint: str, n: int, out_dir: str | Path, move_t
     (write_picks) and, with move_to, copied there."""
     ckpt = load_checkpoint(checkpoint)
     unlabelled = load_folder(folder, "--label-next", ckpt["image_size"], ckpt["channels"], cache_dir, workers)
-    features = extract_features(model_from_checkpoint(ckpt), unlabelled.images, tta=tta_of(ckpt),
-                                normalization=normalization_of(ckpt))
-    probs = torch.softmax(features["logits"] / temperature_of(ckpt), dim=1)
-    picks = rank_to_label(features["penultimate"], probs, n)
+    penultimate, logits = folder_features(ckpt, unlabelled.images, unlabelled.paths, cache_dir)
+    probs = torch.softmax(logits / temperature_of(ckpt), dim=1)
+    picks = rank_to_label(penultimate, probs, n)
     rows = pick_rows(picks, unlabelled.paths, list(ckpt["classes"]), folder)
     csv_path, gallery = write_picks(rows, picks, unlabelled.images, out_dir)
     copied = copy_picks(picks, unlabelled.paths, move_to) if move_to else []

@@ -1,6 +1,7 @@
 """A pretrained backbone whose ImageNet weights come installed with a package (--arch efficientnet_lite0): the
 weights' names mapped onto timm's network, the network's parts, the settings it implies, and a run that trains its
 head on features computed once and read from the cache the next time."""
+import csv
 import os
 import re
 import time
@@ -223,3 +224,10 @@ def test_the_label_check_runs_on_the_backbones_features(tmp_path, capsys):
     assert "unlabeled features (4 images and their mirrors): 4 computed, 0 read from the cache" in out
     assert re.search(r"unlabeled: \d of 4 images pseudo-labelled \(cat \d, dog \d\) by a head at least 80% sure", out)
     assert (tmp_path / "c2" / "label_errors.csv").is_file() and (tmp_path / "m" / "best_model.pth").is_file()
+    # --label-next on photos the run has seen reads their features from the same store: nothing is added to it.
+    assert check_data.main([str(data / "test"), "--label-next", "3", "--checkpoint", str(tmp_path / "m" /
+                            "best_model.pth"), "--out-dir", str(tmp_path / "c3"), "--cache-dir",
+                            str(tmp_path / "cache")]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "c3" / "label_next.csv")))) == 3
+    stores = list((tmp_path / "cache" / "features").glob("*.pt"))
+    assert len(stores) == 1 and len(torch.load(stores[0], weights_only=True)["keys"]) == 16 + 4 + 4
