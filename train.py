@@ -45,7 +45,7 @@ from quality.audit import check_data
 from quality.label_errors import format_label_check, label_check
 from training.distributed import (any_rank, close_distributed, init_distributed, is_main_rank, quiet_unless_rank0,
                                   rank_world)
-from training.features import (SELF_TRAINING_ROUNDS, HeadTrainer, cached_features, fit_on_features,
+from training.features import (PROPAGATION_NEIGHBOURS, HeadTrainer, cached_features, fit_on_features,
                                pseudo_labelled)
 from training.loop import (Stop, Trainer, build_trainer, is_finite, plan_budget, restore, set_phase, stop_reason,
                            train_one_epoch, validate)
@@ -111,7 +111,7 @@ def read_data(cfg: TrainConfig, device: torch.device, resume_ckpt: dict | None) 
     if cfg.unlabeled:
         unlabeled = load_folder(cfg.unlabeled, "--unlabeled", cfg.image_size, cfg.channels, cfg.cache_dir,
                                 cfg.workers)
-        use = ("pseudo-labelled by self-training on the features" if cfg.arch in WEIGHT_PACKAGES
+        use = ("pseudo-labelled by label spreading on the features" if cfg.arch in WEIGHT_PACKAGES
                else f"{cfg.unlabeled_ratio:g} per labelled image in each step")
         print(f"unlabeled: {len(unlabeled.labels)} images from {cfg.unlabeled} ({len(unlabeled.bad)} unreadable), "
               f"{use}")
@@ -290,15 +290,15 @@ def split_features(model: torch.nn.Module, cfg: TrainConfig, data: RunData, devi
 def head_training_set(model: torch.nn.Module, cfg: TrainConfig, data: RunData, feats: dict
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features, labels, per-image loss weights) the head trains on: the labelled images (weight 1), and with
-    --unlabeled those self-training pseudo-labels (weight --unlabeled-weight)."""
+    --unlabeled those label spreading pseudo-labels (weight --unlabeled-weight)."""
     x, y = feats["train"], data.train.labels.long()
     if "unlabeled" not in feats:
         return x, y, torch.ones(len(y))
     started = time.time()
-    keep, pseudo = pseudo_labelled(model, x, y, feats["val"], data.val.labels, feats["unlabeled"], cfg)
+    keep, pseudo = pseudo_labelled(x, y, feats["unlabeled"], len(data.classes), cfg.pseudo_threshold)
     counts = ", ".join(f"{c} {int((pseudo == k).sum())}" for k, c in enumerate(data.classes))
-    print(f"unlabeled: {len(keep)} of {len(feats['unlabeled'])} images pseudo-labelled ({counts}) by a head at "
-          f"least {cfg.pseudo_threshold:.0%} sure, after {SELF_TRAINING_ROUNDS} rounds of self-training, "
+    print(f"unlabeled: {len(keep)} of {len(feats['unlabeled'])} images pseudo-labelled ({counts}): label spreading "
+          f"over the {PROPAGATION_NEIGHBOURS} nearest features, at least {cfg.pseudo_threshold:.0%} sure, "
           f"{time.time() - started:.1f}s")
     weights = torch.cat([torch.ones(len(y)), torch.full((len(keep),), cfg.unlabeled_weight)])
     return torch.cat([x, feats["unlabeled"][keep]]), torch.cat([y, pseudo]), weights

@@ -27,7 +27,7 @@ from prediction import Classifier
 from prediction.checkpoint import load_checkpoint
 from prediction.predict import extract_features, pooled_features
 from quality.label_errors import confident_learning, stratified_folds
-from training.features import out_of_fold_head_probs, pseudo_labelled
+from training.features import out_of_fold_head_probs, propagated_labels, pseudo_labelled
 
 ARCH = "efficientnet_lite0"
 IMAGENET_CATS = range(281, 286)    # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -182,13 +182,14 @@ def clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return centres[labels][:, None] + 0.05 * torch.randn(n, 2, 1280, generator=generator), labels
 
 
-def test_self_training_pseudo_labels_the_unlabeled_features_it_is_sure_of():
+def test_label_spreading_pseudo_labels_the_unlabeled_features_it_is_sure_of():
     feats, labels = clusters(4, 1)
     unlabeled, truth = clusters(40, 2)
-    unlabeled[:4] = 0.0  # no class's: no head is sure of them
-    model = build_model(ARCH, 2, 3, image_size=32)
-    cfg = parse_config(["--arch", ARCH, "--weight-decay", "0.01", "--pseudo-threshold", "0.7"])
-    keep, pseudo = pseudo_labelled(model, feats, labels, feats, labels, unlabeled, cfg)
+    unlabeled[:4] = 0.0  # no class's: nothing spreads to them
+    probs = propagated_labels(feats, labels, unlabeled, 2)
+    assert probs.shape == (40, 2) and torch.allclose(probs.sum(1), torch.ones(40))
+    assert torch.equal(probs[:4], torch.full((4, 2), 0.5))
+    keep, pseudo = pseudo_labelled(feats, labels, unlabeled, 2, 0.7)
     assert keep.tolist() == list(range(4, 40)) and torch.equal(pseudo, truth[keep])
 
 
@@ -222,7 +223,7 @@ def test_the_label_check_runs_on_the_backbones_features(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "label check: features of 16 images (0 computed, the rest from the cache)" in out
     assert "unlabeled features (4 images and their mirrors): 4 computed, 0 read from the cache" in out
-    assert re.search(r"unlabeled: \d of 4 images pseudo-labelled \(cat \d, dog \d\) by a head at least 80% sure", out)
+    assert re.search(r"unlabeled: \d of 4 images pseudo-labelled \(cat \d, dog \d\): label spreading", out)
     assert (tmp_path / "c2" / "label_errors.csv").is_file() and (tmp_path / "m" / "best_model.pth").is_file()
     # --label-next on photos the run has seen reads their features from the same store: nothing is added to it.
     assert check_data.main([str(data / "test"), "--label-next", "3", "--checkpoint", str(tmp_path / "m" /

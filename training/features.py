@@ -43,7 +43,7 @@ from training.posthoc import calibration, novelty_figures
 FEATURES_VERSION = 2
 FEATURE_SCORES = ("knn", "mahalanobis", "msp", "energy")  # the novelty scores the pooled features alone give
 DEFAULT_FEATURE_SCORE = "knn"  # a score that needs stage statistics falls back to this one
-SELF_TRAINING_ROUNDS = 2  # teachers before the head that is kept, with --unlabeled
+PROPAGATION_NEIGHBOURS = 10  # --unlabeled: each image's neighbours in the label-spreading graph
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -222,20 +222,48 @@ def out_of_fold_head_probs(model: nn.Module, feats: torch.Tensor, labels: torch.
     return probs
 
 
-def pseudo_labelled(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor, val: torch.Tensor,
-                    val_labels: torch.Tensor, unlabeled: torch.Tensor, cfg: TrainConfig,
-                    rounds: int = SELF_TRAINING_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-training on frozen features: a teacher head trained on the labelled features names the class of each
-    unlabeled image it is at least --pseudo-threshold sure of (on the mean of the image and its mirror); the next
-    teacher trains on both, `rounds` times. (indices into `unlabeled`, their pseudo-labels) of the last round."""
-    keep, pseudo = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    for _ in range(rounds):
-        head = HeadTrainer(model, torch.cat([feats, unlabeled[keep]]), torch.cat([labels.long(), pseudo]), val,
-                           val_labels, cfg)
-        for _ in range(cfg.epochs):
-            head.epoch()
-        with torch.no_grad():
-            confidence, predicted = torch.softmax(head.head(unlabeled.mean(1)), 1).max(1)
-        keep = torch.nonzero(confidence >= cfg.pseudo_threshold).flatten()
-        pseudo = predicted[keep]
-    return keep, pseudo
+def knn_graph(z: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(neighbour indices, cosine similarities), (N, k) each: every row's k most similar other rows."""
+    z = F.normalize(z, dim=1)
+    index, similarity = [], []
+    for i in range(0, len(z), chunk):
+        s = z[i:i + chunk] @ z.T
+        s[torch.arange(len(s)), torch.arange(i, i + len(s))] = -2.0  # not its own neighbour
+        v, j = s.topk(min(k, len(z) - 1), dim=1)
+        index.append(j)
+        similarity.append(v)
+    return torch.cat(index), torch.cat(similarity)
+
+
+def propagated_labels(feats: torch.Tensor, labels: torch.Tensor, unlabeled: torch.Tensor, num_classes: int,
+                      k: int = PROPAGATION_NEIGHBOURS, alpha: float = 0.99, gamma: float = 3.0, steps: int = 30
+                      ) -> torch.Tensor:
+    """Label spreading (Zhou et al. 2004, on a kNN graph as Iscen et al. 2019 build it): the labelled images'
+    classes flow along a graph joining each image (the mean of it and its mirror) to its k most similar ones,
+    weighted by similarity**gamma and normalized symmetrically, `steps` times. (len(unlabeled), classes) class
+    probabilities of the unlabeled images (uniform where nothing reached them)."""
+    z = torch.cat([feats, unlabeled]).mean(1)
+    n, n_lab = len(z), len(feats)
+    index, similarity = knn_graph(z, k)
+    rows = torch.arange(n).repeat_interleave(index.shape[1])
+    w = torch.sparse_coo_tensor(torch.stack([rows, index.flatten()]), similarity.clamp(min=0).flatten() ** gamma,
+                                (n, n), check_invariants=True)
+    w = (w + w.t()).coalesce()
+    d = torch.sparse.sum(w, 1).to_dense().clamp(min=1e-12).rsqrt()[:, None]
+    seeds = torch.zeros(n, num_classes)
+    seeds[torch.arange(n_lab), labels.long()] = 1.0
+    f = seeds.clone()
+    for _ in range(steps):
+        f = alpha * d * torch.sparse.mm(w, d * f) + (1 - alpha) * seeds
+    f = f[n_lab:].clamp(min=0)
+    total = f.sum(1, keepdim=True)
+    return torch.where(total > 0, f / total.clamp(min=1e-12), torch.full_like(f, 1.0 / num_classes))
+
+
+def pseudo_labelled(feats: torch.Tensor, labels: torch.Tensor, unlabeled: torch.Tensor, num_classes: int,
+                    threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices into `unlabeled`, their pseudo-labels): the unlabeled images whose propagated class probability
+    (propagated_labels) is at least `threshold`."""
+    confidence, predicted = propagated_labels(feats, labels, unlabeled, num_classes).max(1)
+    keep = torch.nonzero(confidence >= threshold).flatten()
+    return keep, predicted[keep]
