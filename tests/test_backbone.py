@@ -100,10 +100,12 @@ def test_the_backbones_parts_run_as_its_forward_does():
 
 def test_arch_implies_its_input_and_its_weights_unless_the_flags_say_otherwise():
     cfg = parse_config(["--arch", ARCH])
-    assert (cfg.image_size, cfg.channels, cfg.pretrained, cfg.epochs, cfg.weight_decay) == (224, 3, True, 20, 5.0)
+    assert (cfg.image_size, cfg.channels, cfg.pretrained, cfg.epochs, cfg.weight_decay, cfg.pseudo_threshold) == (
+        224, 3, True, 20, 5.0, 0.6)
     cfg = parse_config(["--arch", ARCH, "--image-size", "160", "--channels", "1", "--no-pretrained", "--epochs", "3",
-                        "--weight-decay", "0.1"])
-    assert (cfg.image_size, cfg.channels, cfg.pretrained, cfg.epochs, cfg.weight_decay) == (160, 1, False, 3, 0.1)
+                        "--weight-decay", "0.1", "--pseudo-threshold", "0.9"])
+    assert (cfg.image_size, cfg.channels, cfg.pretrained, cfg.epochs, cfg.weight_decay, cfg.pseudo_threshold) == (
+        160, 1, False, 3, 0.1, 0.9)
     assert (parse_config([]).image_size, parse_config([]).channels) == (64, 1)
 
 
