@@ -9,6 +9,8 @@ The known images are the checkpoint's val split (read as training read it), cut 
 positions): the even half helps choose, the odd half is reported, so no figure is on an image a choice was made
 on. The unknown images are --other's subfolders grouped into sources (default: each subfolder a source of its own).
 - Every novelty score the checkpoint holds: AUROC of the reported half of val against each source.
+- Without a combined score (a frozen backbone's checkpoint), the recipe is which stored score: the one with the
+  best mean AUROC on all sources but one, measured on the one left out, beside the checkpoint's own score.
 - The combined score's recipe (its parts: each early stage's statistics, the energy of the logits and, with a
   rotation head, the penultimate feature's distance and the head's surprise at the upright image; each part
   weighed 0, 1, 2 or 3) chosen on all sources but one and measured on the one left out, for each source in turn;
@@ -74,6 +76,22 @@ def leave_one_source_out(known_choose: torch.Tensor, known_report: torch.Tensor,
     return rows
 
 
+def score_loso(known: dict[str, torch.Tensor], unknown: dict[str, dict[str, torch.Tensor]], default: str
+               ) -> list[dict]:
+    """Leave-one-source-out over whole scores (a checkpoint without the combined score): for each source, the
+    score with the highest mean AUROC on the other sources (against the even half of val), and the AUROC of it and
+    of the checkpoint's own score on the source left out (against the odd half)."""
+    rows = []
+    for left in unknown:
+        def on_others(name: str) -> float:
+            return sum(auroc(known[name][0::2], unknown[s][name]) for s in unknown if s != left) / (len(unknown) - 1)
+        chosen = max(sorted(known), key=on_others)
+        rows.append({"left_out": left, "chosen": chosen, "chosen_auroc": auroc(known[chosen][1::2],
+                                                                                unknown[left][chosen]),
+                     "default_auroc": auroc(known[default][1::2], unknown[left][default])})
+    return rows
+
+
 def source_folders(other: Path, specs: list[str]) -> dict[str, list[Path]]:
     """{source: its folders under --other}, from NAME=SUB,SUB specs, or each subfolder a source."""
     if not specs:
@@ -92,8 +110,6 @@ def measure(args: argparse.Namespace, drop: list[str]) -> dict:
     """The features of val and of every source, then both tables' figures."""
     ckpt = load_checkpoint(args.checkpoint)
     novelty = novelty_of(ckpt, needed_by="bench_unknown")
-    if novelty["states"].get("combined") is None:
-        raise UserError("the checkpoint holds no combined score to choose the recipe of")
     model, size, channels = model_from_checkpoint(ckpt), ckpt["image_size"], ckpt["channels"]
     options = {"tta": novelty["tta"], "normalization": normalization_of(ckpt)}
     val_items = trained_items(config_of(ckpt), list(ckpt["classes"]), args.data).get("val", [])
@@ -112,6 +128,13 @@ def measure(args: argparse.Namespace, drop: list[str]) -> dict:
     known_scores = {k: v[1::2] for k, v in scores_by_name(states, known).items()}
     by_score = {name: {src: auroc(known_scores[name], scores_by_name(states, f)[name]) for src, f in unknown.items()}
                 for name in known_scores}
+    if states.get("combined") is None:  # a frozen backbone's scores: the recipe is which one
+        rows = score_loso(scores_by_name(states, known), {src: scores_by_name(states, f) for src, f in unknown.items()},
+                          novelty["score"])
+        return {"val_images": {"choose": (len(val.labels) + 1) // 2, "report": len(val.labels) // 2},
+                "images": {src: len(f["logits"]) for src, f in unknown.items()}, "by_score": by_score,
+                "parts": ["one of the stored scores"], "default_recipe": novelty["score"], "loso": rows,
+                "loso_mean": {k: sum(r[k] for r in rows) / len(rows) for k in ("chosen_auroc", "default_auroc")}}
     combined = states["combined"]
     names = part_names(combined)
     unknown_parts = [d for d in drop if d not in names]

@@ -33,6 +33,16 @@ def test_each_source_is_measured_with_a_recipe_chosen_without_it():
     assert all(r["chosen_auroc"] < 0.7 < 0.85 < r["default_auroc"] for r in rows)
 
 
+def test_a_whole_score_is_chosen_on_the_other_sources():
+    # "a" tells source x alone from the known images, "b" the other three: left out, x gets "b", chosen on the
+    # others, though "a" (the checkpoint's) would have been right there.
+    known = {"a": torch.zeros(8), "b": torch.zeros(8)}
+    x, rest = {"a": torch.ones(4), "b": -torch.ones(4)}, {"a": -torch.ones(4), "b": torch.ones(4)}
+    rows = bench_unknown.score_loso(known, {"x": x, "y": rest, "z": rest, "w": rest}, "a")
+    assert [(r["left_out"], r["chosen"]) for r in rows] == [("x", "b"), ("y", "b"), ("z", "b"), ("w", "b")]
+    assert [(r["chosen_auroc"], r["default_auroc"]) for r in rows] == [(0.0, 1.0)] + [(1.0, 0.0)] * 3
+
+
 def test_part_names_follow_the_state():
     two = {"means": [0, 0], "rotation": False}
     assert bench_unknown.part_names(two) == ["stem statistics", "stage 1 statistics", "energy"]
