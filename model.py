@@ -205,8 +205,12 @@ def feature_stages(model: nn.Module) -> list[nn.Module]:
 
 def cam_stages(model: nn.Module) -> dict[str, nn.Module]:
     """The residual stages Grad-CAM can weigh, shallow to deep, by module name: layers.0-3 of resnet_small,
-    layer1-4 of torchvision ResNets."""
-    return resnet_parts(model, "for Grad-CAM").stages
+    layer1-4 of torchvision ResNets, blocks.0-6 and conv_head of EfficientNet. Each is a module the model's own
+    forward calls, so that hooks on it fire: a stage made of several of the model's modules (EfficientNet's
+    conv_head with bn2) is represented by its last."""
+    registered = {id(m) for m in unwrap(model).modules()}
+    return {name: m if id(m) in registered else list(m.children())[-1]
+            for name, m in resnet_parts(model, "for Grad-CAM").stages.items()}
 
 
 class WithRotationHead(nn.Module):

@@ -9,12 +9,14 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 
 import check_data
 import evaluate
 import export
 import inference
+import serve
 import train
 from config import parse_config
 from conftest import SHARED
@@ -141,6 +143,10 @@ def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_pat
     photo = sorted((data / "test" / "dog").glob("*.png"))[0]
     assert inference.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--image", str(photo)]) == 0
     assert Classifier(ckpt).predict(photo).label in ("cat", "dog")
+    with TestClient(serve.create_app(ckpt, "best_model.pth")) as client:
+        assert client.post("/predict", content=photo.read_bytes()).json()[0]["label"] in ("cat", "dog")
+        explained = client.post("/gradcam", content=photo.read_bytes())
+        assert explained.status_code == 200 and explained.json()["heatmap"].startswith("data:image/png;base64,")
     assert evaluate.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--data", str(data),
                           "--split", "test"]) == 0
     assert export.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--out", str(tmp_path / "model"),
