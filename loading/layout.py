@@ -30,13 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.common import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, UserError, is_hidden
-from loading.carve import carve
+from loading.carve import TAG_SEP, carve, split_tags
 from loading.files import abs_path, files_in, is_image, subdirs, walk_files, walk_paths
 
 # Header names that hold the file and the label, in order of preference (compared as lower_snake_case).
 FILE_COLUMNS = ("file", "filename", "file_name", "filepath", "file_path", "path", "image", "image_path",
                 "image_name", "image_id", "img", "id")
 LABEL_COLUMNS = ("label", "class", "class_name", "category", "breed", "target", "species")
+# Header names of a column that holds several tags per row (several labels per image).
+TAG_COLUMNS = ("tags", "tag", "labels", "genres", "genre", "attributes", "categories", "keywords", "findings",
+               "finding_labels")
 SPLIT_COLUMNS = ("split", "fold", "subset")
 # The name before a trailing separator and number: cat.123 -> cat, great_pyrenees_158 -> great_pyrenees, Cat1 -> Cat.
 DEFAULT_NAME_RULE = re.compile(r"^(.*[^\d\s._-])[\s._-]*\d+$")
@@ -44,6 +47,7 @@ DEFAULT_NAME_RULE = re.compile(r"^(.*[^\d\s._-])[\s._-]*\d+$")
 # Problem kinds, each a plural phrase that reads after a count: "3 table rows whose file is missing: ...".
 MISSING = "table rows whose file is missing"
 NO_LABEL = "table rows with no label"
+NO_TAG = "table rows with no tag"
 NO_FILE = "table rows with no file"
 BAD_SPLIT = "table rows with an unknown split"
 SEVERAL = "table rows matching several files"
@@ -71,6 +75,8 @@ class Layout:
     source: str = "folders"                       # where the labels come from: folders, names or table
     folders: dict[str, str] = field(default_factory=dict)  # split -> the folder it was read from, as shown
     folder_paths: dict[str, str] = field(default_factory=dict)  # split -> that folder's absolute path
+    multi_label: bool = False                     # several tags per image: classes are the tags, and each item's
+    # label is its tags joined by loading.carve.TAG_SEP
 
 
 # ---------------------------------------------------------------- names
@@ -236,6 +242,7 @@ def find_columns(header: list[str], label_columns: list[str] | tuple[str, ...] |
         file_col, label_col = found
     else:
         file_col, label_col = pick(FILE_COLUMNS), pick(LABEL_COLUMNS)
+        label_col = pick(TAG_COLUMNS) if label_col is None else label_col
         if file_col is None or label_col is None:
             raise UserError(f"cannot tell which columns of {table} hold the file and the label (its columns: "
                             f"{', '.join(header)}); name them with --label-columns FILE_COL LABEL_COL")
@@ -247,9 +254,11 @@ class _Resolver:
     """File cells to files: relative to several folders, with or without the image extension; one directory
     listing per folder, then dictionary look-ups per cell, whatever the table's length."""
 
-    def __init__(self, bases: list[Path]):
+    def __init__(self, bases: list[Path], anywhere: Path | None = None):
         self.bases = list(dict.fromkeys(bases))
         self.listings: dict[Path, tuple[set[str], dict[str, list[str]]]] = {}
+        self.anywhere = anywhere  # a bare name not found beside the bases: looked up under this folder's tree
+        self.by_name: dict[str, list[Path]] | None = None
 
     def _listing(self, d: Path) -> tuple[set[str], dict[str, list[str]]]:
         if d not in self.listings:
@@ -274,23 +283,98 @@ class _Resolver:
                 return [p]
             if p.name in stems:
                 return [p.parent / n for n in stems[p.name]]
-        return []
+        return self._by_name(rel) if self.anywhere is not None and len(rel.parts) == 1 else []
+
+    def _by_name(self, rel: Path) -> list[Path]:
+        """The images under `anywhere` whose name (or name without its extension) is rel's: one walk of the tree,
+        then look-ups. Several found: all of them (the row is then reported, not guessed)."""
+        if self.by_name is None:
+            self.by_name = defaultdict(list)
+            for f in walk_paths(self.anywhere)[0]:
+                self.by_name[f.name].append(f)
+                self.by_name[f.name[:f.name.rfind(".")]].append(f)
+        return list(self.by_name.get(rel.name, []))
+
+
+@dataclass(frozen=True)
+class _Tags:
+    """How a table gives several tags per image: a cell of tags (split on `sep`; None: on white space), or one
+    0/1 column per tag (`columns`: (index, tag))."""
+    sep: str | None = None
+    columns: tuple[tuple[int, str], ...] = ()
+
+
+def binary_columns(header: list[str], rows: list[list[str]], skip: set[int]) -> list[int]:
+    """The columns (not in `skip`) whose every value is 0 or 1 and some value 1: one tag each, when there are at
+    least two of them (as tables of genres or findings come: Id,Action,Comedy,...)."""
+    found = []
+    for c in range(len(header)):
+        values = {_cell(r, c) for r in rows} - {""}
+        if c not in skip and values and values <= {"0", "1"} and "1" in values:
+            found.append(c)
+    return found if len(found) >= 2 else []
+
+
+def tag_separator(cells: list[str]) -> str | None:
+    """The separator of a column of tags: the first of | ; , that some cell holds, else white space (None)."""
+    return next((sep for sep in "|;," if any(sep in c for c in cells)), None)
+
+
+def parse_tags(cell: str, sep: str | None) -> list[str]:
+    """The distinct tags of a cell, in order ('a, b,a' -> ['a', 'b'] with sep ',')."""
+    return list(dict.fromkeys(t.strip() for t in cell.split(sep) if t.strip()))
+
+
+def _row_label(row: list[str], label_col: int | None, tags: _Tags | None) -> str:
+    """A row's label: the cell, or with tags its tags sorted and joined by TAG_SEP ('' when there is none)."""
+    if tags is None:
+        return _cell(row, label_col)
+    if tags.columns:
+        names = [name for c, name in tags.columns if _cell(row, c) == "1"]
+    else:
+        names = [t.replace(TAG_SEP, "_") for t in parse_tags(_cell(row, label_col), tags.sep)]
+    return TAG_SEP.join(sorted(set(names)))
+
+
+def _table_reading(header: list[str], rows: list[list[str]], label_columns, table: Path, multi_label: bool
+                   ) -> tuple[tuple[int, int | None, int | None], _Tags | None]:
+    """(file, label and split columns; how tags are read, None for one label per row). 0/1 tag columns win
+    when there are two or more (and --label-columns does not name a label column); a column of tags is read as
+    several tags per row when its header says tags (TAG_COLUMNS) and some row has several, or with multi_label."""
+    if not label_columns:
+        keys = [_column_key(h) for h in header]
+        file_col = next((keys.index(w) for w in FILE_COLUMNS if w in keys), None)
+        split_col = next((keys.index(w) for w in SPLIT_COLUMNS if w in keys), None)
+        binary = binary_columns(header, rows, {file_col, split_col}) if file_col is not None else []
+        if binary:
+            if split_col is not None and not any(split_of(r[split_col]) for r in rows if len(r) > split_col):
+                split_col = None
+            return (file_col, None, split_col), _Tags(columns=tuple((c, header[c]) for c in binary))
+    columns = _table_columns(header, rows, label_columns, table)
+    cells = [_cell(r, columns[1]) for r in rows]
+    sep = tag_separator(cells)
+    several = any(len(parse_tags(c, sep)) > 1 for c in cells)
+    if multi_label or (_column_key(header[columns[1]]) in TAG_COLUMNS and several):
+        return columns, _Tags(sep=sep)
+    return columns, None
 
 
 def _from_table(table: Path, label_columns, split_dirs: dict[str, Path], others: list[Path], root: Path,
-                base: Path, problems, rel) -> tuple[dict[str, list[tuple[str, str]]], str]:
+                base: Path, problems, rel, multi_label: bool = False
+                ) -> tuple[dict[str, list[tuple[str, str]]], str, bool]:
     """Labels (and splits) from the table's rows, for the files they name relative to the table's folder, DATA or
-    the split folders: (items per split, the 'columns ...' text that says which columns were read). The rows left
-    out, and the images no row names, are named in `problems`."""
+    the split folders, or by a name found once anywhere under DATA: (items per split, the 'columns ...' text that
+    says which columns were read, whether rows carry several tags). The rows left out, and the images no row
+    names, are named in `problems`."""
     header, rows = read_table(table)
-    columns = _table_columns(header, rows, label_columns, table)
-    resolve = _Resolver([table.parent, root, base, *split_dirs.values()])
-    labels, named = _table_labels(rows, columns, resolve, split_dirs, problems, rel)
+    columns, tags = _table_reading(header, rows, label_columns, table, multi_label)
+    resolve = _Resolver([table.parent, root, base, *split_dirs.values()], root)
+    labels, named = _table_labels(rows, columns, resolve, split_dirs, problems, rel, tags)
     _report_unlabeled([*split_dirs.values(), *others], named, root, base, table, problems, rel)
     items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for path, (split, label) in sorted(labels.items()):
         items[split].append((str(path), label))
-    return items, _columns_text(header, columns)
+    return items, _columns_text(header, columns, tags), tags is not None
 
 
 def _table_columns(header: list[str], rows: list[list[str]], label_columns: list[str] | tuple[str, ...] | None,
@@ -302,10 +386,16 @@ def _table_columns(header: list[str], rows: list[list[str]], label_columns: list
     return file_col, label_col, split_col
 
 
-def _columns_text(header: list[str], columns: tuple[int, int, int | None]) -> str:
-    """'columns FILE -> LABEL', with ', split from column SPLIT' when there is one."""
+def _columns_text(header: list[str], columns: tuple[int, int | None, int | None], tags: _Tags | None) -> str:
+    """'columns FILE -> LABEL', with how tags are read and ', split from column SPLIT' when there is one."""
     file_col, label_col, split_col = columns
-    text = f"columns {header[file_col]} -> {header[label_col]}"
+    if tags is not None and tags.columns:
+        text = f"columns {header[file_col]} -> {len(tags.columns)} tag columns of 0/1 ({header[tags.columns[0][0]]}" \
+               f"{', ...' if len(tags.columns) > 1 else ''})"
+    else:
+        text = f"columns {header[file_col]} -> {header[label_col]}"
+        if tags is not None:
+            text += f" (several tags per image, separated by {repr(tags.sep) if tags.sep else 'spaces'})"
     if split_col is not None:
         text += f", split from column {header[split_col]}"
     return text
@@ -316,9 +406,9 @@ def _cell(row: list[str], col: int) -> str:
     return row[col].strip() if len(row) > col else ""
 
 
-def _table_labels(rows: list[list[str]], columns: tuple[int, int, int | None], resolve: _Resolver,
-                  split_dirs: dict[str, Path], problems: dict[str, list[str]], rel: _relative_to
-                  ) -> tuple[dict[Path, tuple[str, str]], set[Path]]:
+def _table_labels(rows: list[list[str]], columns: tuple[int, int | None, int | None], resolve: _Resolver,
+                  split_dirs: dict[str, Path], problems: dict[str, list[str]], rel: _relative_to,
+                  tags: _Tags | None = None) -> tuple[dict[Path, tuple[str, str]], set[Path]]:
     """({file: (split, label)} from the rows, every file a row names, used or not: not reported again as
     unlabelled). A file that rows give two different labels is left out and named with its labels."""
     folder_split = {abs_path(d): s for s, d in split_dirs.items()}
@@ -326,7 +416,7 @@ def _table_labels(rows: list[list[str]], columns: tuple[int, int, int | None], r
     conflicts: dict[Path, set[str]] = {}
     named: set[Path] = set()
     for n, row in enumerate(rows, start=2):
-        entry = _read_row(row, n, columns, resolve, folder_split, named, problems)
+        entry = _read_row(row, n, columns, resolve, folder_split, named, problems, tags)
         if entry is None:
             continue
         path, split, label = entry
@@ -340,13 +430,13 @@ def _table_labels(rows: list[list[str]], columns: tuple[int, int, int | None], r
     return labels, named
 
 
-def _read_row(row: list[str], n: int, columns: tuple[int, int, int | None], resolve: _Resolver,
-              folder_split: dict[Path, str], named: set[Path], problems: dict[str, list[str]]
-              ) -> tuple[Path, str, str] | None:
+def _read_row(row: list[str], n: int, columns: tuple[int, int | None, int | None], resolve: _Resolver,
+              folder_split: dict[Path, str], named: set[Path], problems: dict[str, list[str]],
+              tags: _Tags | None = None) -> tuple[Path, str, str] | None:
     """(file, split, label) of the row on line n of the table; None, with the row named under its problem, when
     it gives none. The split is the split column's, else that of the split folder holding the file, else train."""
     file_col, label_col, split_col = columns
-    cell, label = _cell(row, file_col), _cell(row, label_col)
+    cell, label = _cell(row, file_col), _row_label(row, label_col, tags)
     if not cell:
         problems[NO_FILE].append(f"line {n}")
         return None
@@ -354,7 +444,7 @@ def _read_row(row: list[str], n: int, columns: tuple[int, int, int | None], reso
     if path is None:
         return None
     if not label:
-        problems[NO_LABEL].append(f"{cell} (line {n})")
+        problems[NO_LABEL if tags is None else NO_TAG].append(f"{cell} (line {n})")
         return None
     if split_col is None:
         return path, next((s for d, s in folder_split.items() if d in path.parents), "train"), label
@@ -411,11 +501,13 @@ def _report_unlabeled(folders: list[Path], named: set[Path], root: Path, base: P
 def read_layout(data: str | Path, *, labels_file: str | Path | None = None, label_columns: list[str] | None = None,
                 labels_from_name: bool = False, name_pattern: str | None = None, val_fraction: float = 0.2,
                 test_fraction: float = 0.0, seed: int = 0, classes: list[str] | None = None,
-                need: str | None = "train") -> Layout:
+                need: str | None = "train", multi_label: bool = False) -> Layout:
     """What DATA holds: class names, files per split, what is still to carve from train, and the problems.
 
     Labels come from class folders (the default), from a table (labels_file, columns by header name or
-    label_columns), or from file names (labels_from_name / name_pattern). `need` is the split the caller
+    label_columns), or from file names (labels_from_name / name_pattern). A table may give several tags per
+    image (a column of tags, or one 0/1 column per tag; multi_label reads the label column as tags): the
+    classes are then the tags, and the carve spreads every tag. `need` is the split the caller
     reads ('train' for training); a UserError says what to change when it would have no images, or when
     there are fewer than 2 classes.
     """
@@ -443,15 +535,18 @@ def read_layout(data: str | Path, *, labels_file: str | Path | None = None, labe
     single = not split_dirs
     if single:
         split_dirs = {"train": base}
-    columns = ""
+    columns, tagged = "", False
+    if multi_label and source != "table":
+        raise UserError("--multi-label reads several tags per image from a labels table: give it with --labels FILE")
     if source == "table":
-        items, columns = _from_table(table, label_columns, split_dirs, others, root, base, problems, rel)
+        items, columns, tagged = _from_table(table, label_columns, split_dirs, others, root, base, problems, rel,
+                                             multi_label)
     elif source == "names":
         items = _from_names(split_dirs, rule, {root, base}, problems, rel)
     else:
         items = _from_folders(split_dirs, problems, rel)
 
-    names = _choose_classes(items, classes, problems)
+    names = _choose_tags(items, classes, problems) if tagged else _choose_classes(items, classes, problems)
     carve = {}
     if items["train"]:
         if not items["val"] and val_fraction > 0:
@@ -461,7 +556,7 @@ def read_layout(data: str | Path, *, labels_file: str | Path | None = None, labe
     lay = Layout(classes=names, items=items, carve=carve, problems={k: v for k, v in problems.items() if v},
                  description="", root=str(root), seed=seed, source=source,
                  folders={s: rel(d) for s, d in split_dirs.items()},
-                 folder_paths={s: str(abs_path(d)) for s, d in split_dirs.items()})
+                 folder_paths={s: str(abs_path(d)) for s, d in split_dirs.items()}, multi_label=tagged)
     lay.description = describe(lay, single, table, columns, name_pattern)
     _check_usable(lay, need, table, columns, rule is not None, rel(base))
     return lay
@@ -510,6 +605,36 @@ def _choose_classes(items: dict[str, list[tuple[str, str]]], wanted: list[str] |
     return names
 
 
+def _choose_tags(items: dict[str, list[tuple[str, str]]], wanted: list[str] | None, problems) -> list[str]:
+    """_choose_classes for images with several tags: the sorted tags of train, narrowed to `wanted` (other tags
+    dropped from every image, and an image left with none dropped); val/test tags train lacks, and tags on a
+    single image, are reported."""
+    tags_of = {s: [split_tags(c) for _, c in v] for s, v in items.items()}
+    found = sorted(set().union(*tags_of["train"])) if items["train"] else sorted(
+        set().union(*(t for v in tags_of.values() for t in v)))
+    for s in ("val", "test"):
+        lacking = defaultdict(int)
+        for t in (t for ts in tags_of[s] for t in ts if t not in found):
+            lacking[t] += 1
+        problems[NOT_IN_TRAIN] += [f"{s}: {t} ({_images(n)})" for t, n in sorted(lacking.items())]
+    names = found
+    if wanted:
+        missing = [c for c in wanted if c not in found]
+        if missing:
+            raise UserError(f"--classes {' '.join(missing)} not found in the data (it has: {', '.join(found)})")
+        names = sorted(set(wanted))
+    keep = set(names)
+    totals = defaultdict(int)
+    for s in SPLITS:
+        kept = [(p, TAG_SEP.join(sorted(ts & keep))) for (p, _), ts in zip(items[s], tags_of[s])]
+        items[s] = [(p, c) for p, c in kept if c]
+        for _, c in items[s]:
+            for t in split_tags(c):
+                totals[t] += 1
+    problems[SINGLE] += [t for t in names if totals[t] == 1]
+    return names
+
+
 def describe(lay: Layout, single: bool, table: Path | None, columns: str, name_pattern: str | None) -> str:
     """The one 'layout: ...' line that says what was understood."""
     if single:
@@ -527,7 +652,8 @@ def describe(lay: Layout, single: bool, table: Path | None, columns: str, name_p
         text = f"classes from folders in {where}"
     if lay.carve:
         shares = " and ".join(f"{s} = {f:.0%}" for s, f in lay.carve.items())
-        text += f"; {shares} of train (stratified, seed {lay.seed})"
+        how = "every tag spread by iterative stratification" if lay.multi_label else "stratified"
+        text += f"; {shares} of train ({how}, seed {lay.seed})"
     return f"layout: {text}"
 
 
@@ -574,5 +700,5 @@ def layout_splits(lay: Layout) -> dict[str, list[tuple[str, str]]]:
     """Every split's (path, class) items with lay.carve applied to train, by lay.seed."""
     out = {s: list(v) for s, v in lay.items.items()}
     if lay.carve:
-        out.update(carve(lay.items["train"], lay.carve, lay.seed))
+        out.update(carve(lay.items["train"], lay.carve, lay.seed, tags=lay.multi_label))
     return out

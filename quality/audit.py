@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -27,10 +28,13 @@ from core.common import FORMATS_BY_SUFFIX, IMAGE_EXTENSIONS, UserError
 from core.plots import plot_gallery, save_figure
 from loading.decode import decode_files, decode_image
 from loading.files import walk_files
-from loading.layout import EMPTY, SKIPPED, Layout, layout_splits, read_layout
+from loading.carve import split_tags
+from loading.layout import EMPTY, NO_TAG, SKIPPED, Layout, layout_splits, read_layout
 from loading.near_duplicates import DescriptorBlocks, find_near_copies
 
 TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model
+MIN_TAG_TRAIN = 10  # a tag on fewer train images than this is too rare to learn well
+MIN_TAG_VAL = 5  # a tag on fewer val images than this has an AP that is mostly noise
 NEAR_LEAKS_PNG = "near_leaks.png"
 
 
@@ -106,7 +110,24 @@ def _layout_part(lay: Layout) -> dict:
             "tiny": [], "mismatched": [], "duplicates": [], "leaks": [],
             "empty_classes": [f.rstrip("/") for f in lay.problems.get(EMPTY, [])], "hidden_folders": [],
             "hidden_files": [], "ignored": list(lay.problems.get(SKIPPED, [])), "imbalance": None, "fatal": [],
-            "warnings": []}
+            "warnings": [], "multi_label": lay.multi_label, "tags": tag_report(lay) if lay.multi_label else None}
+
+
+def tag_report(lay: Layout, pairs: int = 10) -> dict:
+    """For images with several tags: images and tags per image, the tags too rare to learn (under
+    MIN_TAG_TRAIN train images) or to measure (under MIN_TAG_VAL val images, carve applied), the `pairs` most
+    frequent pairs of tags on one image, and the table rows with no tag."""
+    splits = layout_splits(lay)
+    sets = {s: [split_tags(c) for _, c in v] for s, v in splits.items()}
+    every = [t for v in sets.values() for t in v]
+    count = {s: Counter(t for ts in v for t in ts) for s, v in sets.items()}
+    together = Counter(pair for ts in every for pair in itertools.combinations(sorted(ts), 2))
+    return {"images": len(every), "tags_per_image": round(sum(map(len, every)) / max(1, len(every)), 2),
+            "min_train": MIN_TAG_TRAIN, "min_val": MIN_TAG_VAL,
+            "rare_to_learn": [t for t in lay.classes if count["train"][t] < MIN_TAG_TRAIN],
+            "rare_to_measure": [t for t in lay.classes if count["val"][t] < MIN_TAG_VAL] if sets["val"] else [],
+            "pairs": [[a, b, n] for (a, b), n in together.most_common(pairs)],
+            "no_tag": len(lay.problems.get(NO_TAG, []))}
 
 
 def _image_entries(lay: Layout, r: dict) -> list[tuple[str, str, str]]:
@@ -156,7 +177,8 @@ def _read_images(r: dict, entries: list[tuple[str, str, str]], decoded: list, re
             seen.bad[split] += 1
             r["unreadable"].append({"path": rel(path), "reason": reason})
             continue
-        r["counts"][split][cls] += 1
+        for c in (split_tags(cls) if r["multi_label"] else (cls,)):
+            r["counts"][split][c] += 1
         sha1 = file_sha1(path)
         seen.by_hash[sha1].append((split, rel(path)))
         seen.near.add(pixels)
@@ -231,14 +253,18 @@ def _judge(r: dict, files: dict, bad: dict, max_bad_fraction: float) -> None:
         if split not in counts:
             continue
         no_images = [c for c in classes if counts[split].get(c, 0) == 0]
-        if no_images:
+        if no_images and r["multi_label"] and split == "val":  # that tag's AP cannot be measured; training goes on
+            r["warnings"].append(f"val has no readable image for tag(s): {', '.join(no_images)}")
+        elif no_images:
             r["fatal"].append(f"{split} has no readable image for class(es): {', '.join(no_images)}")
     for split, n in files.items():
         if n and bad[split] / n > max_bad_fraction:
             message = f"{bad[split]} of {n} image files in {split} cannot be read"
             (r["fatal"] if split != "test" else r["warnings"]).append(message)
     train_counts = [counts["train"][c] for c in classes]
-    if len(classes) >= 2 and min(train_counts) > 0:
+    if r["multi_label"]:
+        _judge_tags(r)
+    elif len(classes) >= 2 and min(train_counts) > 0:
         r["imbalance"] = round(max(train_counts) / min(train_counts), 2)
         if r["imbalance"] >= 1.5:
             r["warnings"].append(f"classes are imbalanced ({r['imbalance']}x); consider --class-weights auto")
@@ -261,6 +287,28 @@ def _judge(r: dict, files: dict, bad: dict, max_bad_fraction: float) -> None:
                              "(move them away with --quarantine DIR)")
 
 
+def _judge_tags(r: dict) -> None:
+    """The warnings of a multi-label report: tags too rare to learn or to measure, rows with no tag."""
+    t = r["tags"]
+    if t["rare_to_learn"]:
+        r["warnings"].append(f"tag(s) on fewer than {t['min_train']} train images, too rare to learn well: "
+                             f"{', '.join(t['rare_to_learn'])}")
+    if t["rare_to_measure"]:
+        r["warnings"].append(f"tag(s) on fewer than {t['min_val']} val images, too rare to measure (their AP is "
+                             f"noise): {', '.join(t['rare_to_measure'])}")
+    if t["no_tag"]:
+        r["warnings"].append(f"{t['no_tag']} table row(s) give no tag: left out")
+
+
+def format_tags(t: dict) -> list[str]:
+    """The report lines on tags: how many per image, and the most frequent pairs."""
+    lines = [f"tags: {t['images']} images, {t['tags_per_image']} tags per image on average (the counts above are "
+             "images per tag)"]
+    if t["pairs"]:
+        lines.append("tags seen together most: " + ", ".join(f"{a}+{b} {n}" for a, b, n in t["pairs"]))
+    return lines
+
+
 def format_report(r: dict, limit: int = 20) -> str:
     """The report as text for a terminal; long lists are cut at `limit` lines (--json has everything)."""
     lines = [r["layout"], f"data: {r['data']}"]
@@ -270,9 +318,12 @@ def format_report(r: dict, limit: int = 20) -> str:
     lines.append(f"  {'class':<{width}}" + "".join(f"{s:>8}" for s in splits))
     for name in names:
         lines.append(f"  {name:<{width}}" + "".join(f"{r['counts'][s].get(name, '-'):>8}" for s in splits))
-    lines.append(f"  {'total':<{width}}" + "".join(f"{sum(r['counts'][s].values()):>8}" for s in splits))
+    total = "tag total" if r.get("multi_label") else "total"  # an image with 3 tags counts 3 times
+    lines.append(f"  {total:<{width}}" + "".join(f"{sum(r['counts'][s].values()):>8}" for s in splits))
     if r["imbalance"] is not None:
         lines.append(f"class imbalance in train (largest / smallest): {r['imbalance']}x")
+    if r.get("tags"):
+        lines += format_tags(r["tags"])
     if r["modes"]:
         lines.append("image modes: " + ", ".join(f"{m} {n}" for m, n in r["modes"].items()))
         lines.append("file types: " + ", ".join(f"{m} {n}" for m, n in r["formats"].items()))
