@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from config import NORMALIZATION, TrainConfig
 from core.common import UserError, reports_user_errors
 from loading.cache import derived_rows, update_cache
+from loading.carve import TAG_SEP, split_tags
 from loading.decode import decode_files, decode_image, expand_inputs, mapped_tensor
 from loading.layout import Layout, layout_splits, read_layout
 from loading.near_duplicates import GRID, VARIANTS, StartUpCheck, descriptors, start_up_check
@@ -163,17 +164,29 @@ def load_split(paths: list[str], labels: list[int], name: str, size: int, channe
     in_order = torch.equal(order, torch.arange(len(base)))
     kept = keep.tolist()
     return Split(images=base if in_order else RowView(base, order),
-                 labels=torch.tensor([labels[i] for i in kept], dtype=torch.int64),
+                 labels=kept_labels(labels, kept),
                  paths=[paths[i] for i in kept],
                  bad=[(paths[i], reasons[i]) for i in np.flatnonzero(rows < 0).tolist()],
                  near=None if near_base is None else near_base if in_order else RowView(near_base, order))
 
 
+def kept_labels(labels: list, kept: list[int]) -> torch.Tensor:
+    """The labels of the kept rows: class indices as int64 (N,), or rows of 0/1 tags as float32 (N, T)."""
+    if labels and isinstance(labels[0], list):
+        return torch.tensor([labels[i] for i in kept], dtype=torch.float32).reshape(len(kept), len(labels[0]))
+    return torch.tensor([labels[i] for i in kept], dtype=torch.int64)
+
+
 def load_items(items: list[tuple[str, str]], classes: list[str], name: str, size: int, channels: int = 1,
-               cache_dir: str = "", workers: int = 0) -> Split:
-    """load_split of layout items (path, class name), labelled by their index in `classes`."""
-    index = {c: k for k, c in enumerate(classes)}
-    return load_split([p for p, _ in items], [index[c] for _, c in items], name, size, channels, cache_dir, workers)
+               cache_dir: str = "", workers: int = 0, tags: bool = False) -> Split:
+    """load_split of layout items (path, class name), labelled by their index in `classes`; with `tags` (a
+    layout with several tags per image) by a 0/1 row over `classes`, the tags (Split.labels (N, T) float32)."""
+    if tags:
+        labels = [[float(c in split_tags(label)) for c in classes] for _, label in items]
+    else:
+        index = {c: k for k, c in enumerate(classes)}
+        labels = [index[c] for _, c in items]
+    return load_split([p for p, _ in items], labels, name, size, channels, cache_dir, workers)
 
 
 def check_split(split: Split, classes: list[str], where: str, max_bad_fraction: float) -> None:
@@ -183,8 +196,11 @@ def check_split(split: Split, classes: list[str], where: str, max_bad_fraction: 
         raise UserError(f"{len(split.bad)} of {total} image files in {where} cannot be read "
                         f"(more than {max_bad_fraction:.0%}); run `python check_data.py DATA` for a report "
                         f"(first: {split.bad[0][0]}: {split.bad[0][1]})")
-    counts = torch.bincount(split.labels, minlength=len(classes))
+    tagged = split.labels.dim() == 2
+    counts = split.labels.sum(0) if tagged else torch.bincount(split.labels, minlength=len(classes))
     empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
+    if empty and tagged and not where.startswith("train"):  # a tag val lacks: its AP cannot be measured, no more
+        return
     if empty:
         raise UserError(f"class(es) with no readable images in {where}: {', '.join(empty)}")
 
@@ -199,7 +215,7 @@ def load_data(lay: Layout, size: int, channels: int, cache_dir: str = "", worker
                         "--val-fraction above 0")
     out = []
     for name in ("train", "val"):
-        split = load_items(splits[name], lay.classes, name, size, channels, cache_dir, workers)
+        split = load_items(splits[name], lay.classes, name, size, channels, cache_dir, workers, lay.multi_label)
         check_split(split, lay.classes, f"{name} ({lay.folders.get(name, lay.folders.get('train', lay.root))})",
                     max_bad_fraction)
         out.append(split)
@@ -425,7 +441,13 @@ def trained_items(saved: dict, classes: list[str], data: str | None = None) -> d
     if not data:
         raise UserError("the checkpoint does not say which data it trained on: give it with --data DIR")
     cfg = dataclasses.replace(TrainConfig.from_dict(saved), data=data)
-    splits = layout_splits(read_layout(cfg.data, **cfg.layout_settings(need="val")))
+    lay = read_layout(cfg.data, **cfg.layout_settings(need="val"))
+    splits = layout_splits(lay)
+    if lay.multi_label:  # tags the run did not learn are dropped from each image
+        keep = set(classes)
+        splits = {name: [(p, TAG_SEP.join(sorted(split_tags(c) & keep))) for p, c in items]
+                  for name, items in splits.items()}
+        return {name: [(p, c) for p, c in items if c] for name, items in splits.items()}
     return {name: [(path, c) for path, c in items if c in classes] for name, items in splits.items()}
 
 

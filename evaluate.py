@@ -35,13 +35,15 @@ import torch.nn as nn
 
 from config import SOURCE_FIELDS, TrainConfig, add_flags
 from core.common import SPLITS, UserError, markdown_source, markdown_table, pick_device, provenance, reports_user_errors
-from core.metrics import compute_metrics, most_confident_wrong
-from core.plots import plot_confusion_matrix, plot_gallery, plot_gradcam, plot_unknown_scores, save_figure
+from core.metrics import compute_metrics, most_confident_wrong, tag_figures
+from core.plots import (plot_confusion_matrix, plot_gallery, plot_gradcam, plot_pr_curves, plot_unknown_scores,
+                        save_figure)
 from dataset import load_items
+from loading.carve import split_tags
 from loading.decode import BadImage, decode_image, expand_inputs
 from loading.layout import read_layout, layout_splits, split_of
 from prediction.checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
-                                   novelty_of, run_name_of, temperature_of, tta_of)
+                                   novelty_of, run_name_of, tag_thresholds_of, temperature_of, tta_of)
 from prediction.novelty import folder_groups, load_images, report_by_group, split_by_group, unknown_report
 from prediction.predict import PREDICTION_DIGITS, explain, normalize, predict_logits, score_images
 
@@ -187,9 +189,12 @@ def evaluate_split(args: argparse.Namespace, device: torch.device, prov: dict) -
     lay = read_layout(settings.data, **settings.layout_settings(need=split_name))
     print(lay.description)
     check_classes(lay.classes, classes, settings.data, subset_ok=bool(settings.classes))
-    items = [(p, c) for p, c in layout_splits(lay)[split_name] if c in classes]
+    thresholds = tag_thresholds_of(ckpt)
+    items = [(p, c) for p, c in layout_splits(lay)[split_name]
+             if (split_tags(c) & set(classes) if thresholds is not None else c in classes)]
     where = f"{settings.data} ({split_name}" + (", carved from train" if split_name in lay.carve else "") + ")"
-    split = load_items(items, classes, split_name, ckpt["image_size"], ckpt["channels"], args.cache_dir, args.workers)
+    split = load_items(items, classes, split_name, ckpt["image_size"], ckpt["channels"], args.cache_dir, args.workers,
+                       tags=thresholds is not None)
     for path, reason in split.bad:
         print(f"skipped unreadable image {path}: {reason}")
     if len(split.labels) == 0:
@@ -200,13 +205,17 @@ def evaluate_split(args: argparse.Namespace, device: torch.device, prov: dict) -
     model = model_from_checkpoint(ckpt).to(device)
     logits = predict_logits(model, split.images, device, args.batch_size, tta=tta,
                             normalization=normalization_of(ckpt))
-    metrics = compute_metrics(logits, split.labels, classes, temperature)
     print(f"{args.checkpoint} on {where}: {len(split.labels)} images"
           + (f", {len(split.bad)} unreadable skipped" if split.bad else "") + f", tta {tta}\n")
-    print(format_report(metrics))
-
     out = out_dir_of(args.out_dir, ckpt)
     out.mkdir(parents=True, exist_ok=True)
+    if thresholds is not None:
+        return evaluate_tags(torch.sigmoid(logits.float()), split, classes, thresholds, out,
+                             {"checkpoint": str(args.checkpoint), "data": str(settings.data), "split": split_name,
+                              "layout": lay.description, "tta": tta, "skipped": [list(b) for b in split.bad]},
+                             args.gallery)
+    metrics = compute_metrics(logits, split.labels, classes, temperature)
+    print(format_report(metrics))
     report = {"checkpoint": str(args.checkpoint), "data": str(settings.data), "split": split_name,
               "layout": lay.description, "tta": tta,
               "skipped": [list(b) for b in split.bad], **metrics}
@@ -223,6 +232,49 @@ def evaluate_split(args: argparse.Namespace, device: torch.device, prov: dict) -
           f"and .csv ({len(wrong)} of {int((probs.argmax(1) != split.labels).sum())} misclassified images)")
     if args.markdown and args.unknown_dir:
         print("\n" + unknown_markdown(report, where) + "\n\n" + markdown_source(report["unknown"]))
+    return report
+
+
+def format_tags(figures: dict) -> str:
+    """The per-tag table (AP, precision, recall, F1, support, threshold), most frequent tag first, then mAP and
+    the micro and macro F1."""
+    per_tag = figures["per_tag"]
+    width = max(len(t) for t in per_tag) + 2
+    lines = [f"{'tag':<{width}}{'AP':>7}{'prec':>7}{'recall':>8}{'F1':>7}{'support':>9}{'threshold':>11}"]
+    for tag, f in sorted(per_tag.items(), key=lambda kv: -kv[1]["support"]):
+        lines.append(f"{tag:<{width}}{f['ap']:>7.3f}{f['precision']:>7.3f}{f['recall']:>8.3f}{f['f1']:>7.3f}"
+                     f"{f['support']:>9}{f['threshold']:>11.3f}")
+    lines.append(f"\nmAP {figures['map']:.4f}  micro F1 {figures['micro_f1']:.4f}  macro F1 {figures['macro_f1']:.4f}  "
+                 f"({figures['images']} images; each tag predicted at its stored threshold)")
+    return "\n".join(lines)
+
+
+def evaluate_tags(probs: torch.Tensor, split, tags: list[str], thresholds: list[float], out: Path, report: dict,
+                  gallery: int) -> dict:
+    """evaluate_split for several tags per image: the per-tag figures printed and in metrics.json, a precision-
+    recall curve per tag (pr_curves.png), and the images whose predicted tags are furthest from theirs
+    (worst_misses.png and .csv)."""
+    figures = tag_figures(probs, split.labels, thresholds, tags)
+    print(format_tags(figures))
+    report = {**report, **figures}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    aps = [figures["per_tag"][t]["ap"] for t in tags]
+    save_figure(plot_pr_curves(probs, split.labels, tags, aps), out / "pr_curves.png")
+    predicted = probs >= torch.tensor(thresholds)
+    wrong = (predicted != split.labels.bool()).float() * (probs - split.labels).abs()
+    worst = wrong.sum(1).argsort(descending=True)[:gallery]
+    worst = worst[wrong.sum(1)[worst] > 0]
+    rows, captions = [], []
+    for i in worst.tolist():
+        truth = {t for t, y in zip(tags, split.labels[i].tolist()) if y}
+        said = {t for t, p in zip(tags, predicted[i].tolist()) if p}
+        rows.append([split.paths[i], " ".join(sorted(truth)), " ".join(sorted(said))])
+        captions.append(f"{Path(split.paths[i]).name[:18]}\nmissed {' '.join(sorted(truth - said))[:22]}\n"
+                        f"extra {' '.join(sorted(said - truth))[:22]}")
+    with open(out / "worst_misses.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "tags", "predicted"], *rows])
+    save_figure(plot_gallery(split.images[worst], captions), out / "worst_misses.png")
+    print(f"\nwrote {out / 'metrics.json'}, {out / 'pr_curves.png'}, {out / 'worst_misses.png'} and .csv")
     return report
 
 

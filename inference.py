@@ -76,6 +76,13 @@ def csv_row(r: dict, columns: list[str]) -> list:
     return [values[c] if c in values else probs.get(c, "") for c in columns]
 
 
+def answer(r: dict) -> str:
+    """'dog  0.97', or for several tags per image each tag with its probability: 'people 0.94, portrait 0.88'."""
+    if "labels" not in r:
+        return f"{r['label']}  {r['confidence']:.2f}"
+    return ", ".join(f"{t} {r['probabilities'][t]:.2f}" for t in r["labels"]) or "(no tag)"
+
+
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         elif "error" in r:
             print(f"error: {r['path']}: {r['error']}", file=sys.stderr)
         elif len(results) == 1:
-            print(f"{r['label']}  {r['confidence']:.2f}{novelty}")
+            print(f"{answer(r)}{novelty}")
         else:
-            print(f"{r['path']}  {r['label']}  {r['confidence']:.2f}{novelty}")
+            print(f"{r['path']}  {answer(r)}{novelty}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)

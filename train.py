@@ -35,18 +35,20 @@ import torch.distributed as dist
 
 from config import TrainConfig, format_config, parse_config
 from core.common import UserError, pick_amp_dtype, pick_device, reports_user_errors
+from core.metrics import best_f1_thresholds, tag_figures
 from core.plots import plot_history
 from dataset import Split, layout_record, load_folder, load_training_data
 from loading.layout import Layout, format_problems, read_layout
 from model import WEIGHT_PACKAGES, build_model, fetch_pretrained, head_of, input_normalization
-from prediction.checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_resume_checkpoint,
-                                   rng_state, save_checkpoint, with_resume_state)
+from prediction.checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_checkpoint,
+                                   load_resume_checkpoint, rng_state, save_checkpoint, with_resume_state,
+                                   with_tag_thresholds)
 from quality.audit import check_data
 from quality.label_errors import format_label_check, label_check
 from training.distributed import (any_rank, close_distributed, init_distributed, is_main_rank, quiet_unless_rank0,
                                   rank_world)
-from training.features import (PROPAGATION_NEIGHBOURS, HeadTrainer, cached_features, fit_on_features,
-                               pseudo_labelled)
+from training.features import (PROPAGATION_NEIGHBOURS, HeadTrainer, cached_features, feature_logits,
+                               fit_on_features, pseudo_labelled)
 from training.loop import (Stop, Trainer, build_trainer, is_finite, plan_budget, restore, set_phase, stop_reason,
                            train_one_epoch, validate)
 from training.optimization import BudgetPlan
@@ -91,6 +93,11 @@ def read_data(cfg: TrainConfig, device: torch.device, resume_ckpt: dict | None) 
     the --other images."""
     lay = read_layout(cfg.data, **cfg.layout_settings())
     print(lay.description)
+    if lay.multi_label and cfg.arch not in WEIGHT_PACKAGES:
+        raise UserError(f"several tags per image train on a pretrained backbone's features: add --arch "
+                        f"{next(iter(WEIGHT_PACKAGES))} (the {cfg.arch} network trains one class per image)")
+    if lay.multi_label and (cfg.unlabeled or cfg.find_label_errors):
+        raise UserError("--unlabeled and --find-label-errors take one class per image, not several tags")
     if problems := format_problems(lay):
         print("data problems (left out):\n" + "\n".join(f"  {line}" for line in problems.splitlines()))
     record = layout_record(lay)
@@ -239,9 +246,12 @@ def summarise(cfg: TrainConfig, progress: Progress, fitted: dict, stop: Stop, pl
                "wall_seconds": round(time.time() - progress.started, 1),
                "checkpoint": str(Path(cfg.out_dir) / BEST), "stop_reason": stop.value,
                "plan": None if plan is None else dataclasses.asdict(plan), "history": progress.history, **fitted}
+    if "map" in best:
+        summary["best_val_map"] = best["map"]
     if best["epoch"]:
         cost = f" (novelty score: {fitted['novelty_seconds']:.0f}s of it)" if "novelty_seconds" in fitted else ""
-        print(f"done: best val acc {best['acc']:.4f} at epoch {best['epoch']}, {summary['wall_seconds']:.0f}s{cost}, "
+        figure = f"val mAP {best['map']:.4f}" if "map" in best else f"val acc {best['acc']:.4f}"
+        print(f"done: best {figure} at epoch {best['epoch']}, {summary['wall_seconds']:.0f}s{cost}, "
               f"saved {summary['checkpoint']}")
     if is_main_rank():
         write_summary(cfg.log_dir, cfg.run_name, summary)
@@ -304,6 +314,21 @@ def head_training_set(model: torch.nn.Module, cfg: TrainConfig, data: RunData, f
     return torch.cat([x, feats["unlabeled"][keep]]), torch.cat([y, pseudo]), weights
 
 
+def fit_tag_thresholds(best: Path, model: torch.nn.Module, val: torch.Tensor, val_labels: torch.Tensor,
+                       tags: list[str], tta: bool) -> dict:
+    """Each tag's threshold (its best F1 on val) stored in the checkpoint at `best`, and the val figures at them
+    printed; what was fitted (the thresholds, mAP, micro and macro F1)."""
+    _, logits = feature_logits(model, val, tta)
+    probs = torch.sigmoid(logits)
+    thresholds = best_f1_thresholds(probs, val_labels)
+    save_checkpoint(with_tag_thresholds(load_checkpoint(best), thresholds), best)
+    figures = tag_figures(probs, val_labels, thresholds, tags)
+    print(f"tags: thresholds fitted on val (each tag's best F1), stored in {best}; val mAP {figures['map']:.4f}, "
+          f"micro F1 {figures['micro_f1']:.4f}, macro F1 {figures['macro_f1']:.4f}")
+    return {"tag_thresholds": dict(zip(tags, thresholds)), "val_map": figures["map"],
+            "val_micro_f1": figures["micro_f1"], "val_macro_f1": figures["macro_f1"]}
+
+
 def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, data: RunData, lay: Layout,
                  pretrained_state: dict | None) -> tuple[Progress, dict]:
     """The frozen backbone's features (cached), the head trained on them for --epochs (with --unlabeled, on
@@ -320,14 +345,15 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
     head = HeadTrainer(model, x, y, feats["val"], data.val.labels, cfg, weights)
     data.writer = open_run_log(cfg)
     progress, best_head = Progress(), head.head_state()
+    key = "map" if head.tagged else "acc"  # several tags per image: the best epoch by val mAP
     for epoch in range(1, cfg.epochs + 1):
         started = time.time()
         tr, ev = head.epoch()
         h = record_epoch(progress, epoch, tr, ev, head.lr, tr["seconds"], started)
         log_epoch(data.writer, h, cfg)
-        improved = ev["acc"] > progress.best["acc"]
+        improved = ev[key] > progress.best.get(key, -1.0)
         if improved:
-            progress.best, best_head = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"]}, head.head_state()
+            progress.best, best_head = {**ev, "epoch": epoch}, head.head_state()
         print(epoch_line(h, cfg.epochs, improved), flush=True)
     head_of(model).load_state_dict(best_head)
     best = Path(cfg.out_dir) / BEST
@@ -335,6 +361,8 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
                                      progress.history, progress.best, data.layout), best)
     plot_history(progress.history, Path(cfg.curves_dir) / TRAINING_CURVES)
     data.writer.close()
+    if head.tagged:
+        return progress, fit_tag_thresholds(best, model, feats["val"], data.val.labels, data.classes, cfg.tta)
     fitted = fit_on_features(best, model, feats["train"], data.train.labels, feats["val"], data.val.labels, cfg)
     print(calibration_line(fitted, best))
     if "novelty_score" in fitted:

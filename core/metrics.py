@@ -163,3 +163,69 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: lis
                ece=expected_calibration_error(probs, labels), classes=list(class_names),
                confusion_matrix=cm.tolist())
     return out
+
+
+# ---------------------------------------------------------------- several tags per image
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Average precision of one tag: the mean, over its positive images, of the precision among the images scored
+    at least as high (ranked by score, ties in their given order); nan when no image has the tag."""
+    positives = int(targets.sum())
+    if positives == 0:
+        return float("nan")
+    hits = targets[torch.argsort(scores, descending=True, stable=True)].float()
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / positives)
+
+
+def tag_average_precisions(probs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """Each tag's average_precision over the images (probs and targets (N, T)); mAP is their mean over the tags
+    that some image has."""
+    return [average_precision(probs[:, t], targets[:, t]) for t in range(targets.shape[1])]
+
+
+def mean_ap(aps: list[float]) -> float:
+    """The mean of the tags' average precisions, leaving out tags no image has (nan)."""
+    known = [a for a in aps if not math.isnan(a)]
+    return sum(known) / len(known) if known else float("nan")
+
+
+def best_f1_thresholds(probs: torch.Tensor, targets: torch.Tensor, default: float = 0.5) -> list[float]:
+    """Per tag, the probability threshold with the best F1 on these images (the midpoint between the lowest
+    probability kept and the next one down); `default` for a tag no image has."""
+    out = []
+    for t in range(targets.shape[1]):
+        p, y = probs[:, t], targets[:, t].float()
+        if y.sum() == 0:
+            out.append(default)
+            continue
+        order = torch.argsort(p, descending=True, stable=True)
+        sp, hits = p[order], y[order].cumsum(0)
+        f1 = 2 * hits / (torch.arange(1, len(p) + 1) + y.sum())
+        k = int(f1.argmax())
+        below = sp[k + 1].item() if k + 1 < len(sp) else 0.0
+        out.append((sp[k].item() + below) / 2)
+    return out
+
+
+def tag_figures(probs: torch.Tensor, targets: torch.Tensor, thresholds: list[float], tags: list[str]) -> dict:
+    """What evaluate.py reports for several tags per image: per tag AP, precision, recall, F1 and support at
+    `thresholds`; mAP; micro F1 (over every image-tag pair) and macro F1 (the mean over the tags with support)."""
+    predicted = probs >= torch.tensor(thresholds)
+    truth = targets.bool()
+    aps = tag_average_precisions(probs, targets)
+    per_tag, f1s = {}, []
+    for t, name in enumerate(tags):
+        tp = int((predicted[:, t] & truth[:, t]).sum())
+        p_n, support = int(predicted[:, t].sum()), int(truth[:, t].sum())
+        precision = tp / p_n if p_n else 0.0
+        recall = tp / support if support else float("nan")
+        f1 = 2 * tp / (p_n + support) if p_n + support else 0.0
+        per_tag[name] = {"ap": aps[t], "precision": precision, "recall": recall, "f1": f1, "support": support,
+                         "threshold": thresholds[t]}
+        if support:
+            f1s.append(f1)
+    tp = int((predicted & truth).sum())
+    micro = 2 * tp / max(1, int(predicted.sum()) + int(truth.sum()))
+    return {"per_tag": per_tag, "map": mean_ap(aps), "micro_f1": micro,
+            "macro_f1": sum(f1s) / len(f1s) if f1s else float("nan"), "images": len(targets)}

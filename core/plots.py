@@ -147,3 +147,23 @@ def plot_unknown_scores(known: torch.Tensor, unknown: torch.Tensor, threshold: f
         box.set_xlim(ax.get_xlim())
         box.set_xlabel("novelty score by folder of the unknown set")
     return fig
+
+
+def plot_pr_curves(probs: torch.Tensor, targets: torch.Tensor, tags: list[str], aps: list[float], columns: int = 4):
+    """One precision-recall curve per tag (probs and targets (N, T)), each titled with its AP and support."""
+    n = len(tags)
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    fig = _figure(3.0 * cols, 2.6 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax in axes[n:]:
+        ax.axis("off")
+    for t, ax in enumerate(axes[:n]):
+        hits = targets[torch.argsort(probs[:, t], descending=True, stable=True), t].float()
+        support = int(hits.sum())
+        if support:
+            found = hits.cumsum(0)
+            ax.plot((found / support).numpy(), (found / torch.arange(1, len(hits) + 1)).numpy())
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
+        ax.set_title(f"{tags[t]}: AP {aps[t]:.2f} ({support} images)", fontsize=8)
+    return fig

@@ -99,6 +99,12 @@ def with_temperature(ckpt: dict, temperature: float) -> dict:
     return {**ckpt, "temperature": float(temperature)}
 
 
+def with_tag_thresholds(ckpt: dict, thresholds: list[float]) -> dict:
+    """A checkpoint of a model with several tags per image: one sigmoid per class (tag), and the probability each
+    tag needs to be predicted (fitted on val)."""
+    return {**ckpt, "tag_thresholds": [float(t) for t in thresholds]}
+
+
 def novelty_record(states: dict, score: str, threshold: float, accept_rate: float, tta: bool,
                    fit_seconds: float = 0.0, train_images: int = 0) -> dict:
     """The optional "novelty" field: score states (novelty.fit_states) and the threshold chosen on val."""
@@ -206,6 +212,11 @@ def val_accuracy_of(ckpt: dict) -> float | None:
     if acc is None:
         acc = (ckpt.get("best") or {}).get("acc")
     return None if acc is None or acc < 0 else float(acc)  # best starts at -1 before any epoch
+
+
+def tag_thresholds_of(ckpt: dict) -> list[float] | None:
+    """Each tag's threshold for a model with several tags per image; None for one class per image."""
+    return ckpt.get("tag_thresholds")
 
 
 def novelty_of(ckpt: dict, needed_by: str = "") -> dict | None:

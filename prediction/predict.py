@@ -31,7 +31,7 @@ from config import NORMALIZATION, NOVELTY_SCORES
 from core.common import UserError
 from dataset import RowView, rotate_quarters, to_float
 from model import cam_stages, feature_stages, forward_stages, has_rotation_head, head_of, unwrap
-from prediction.checkpoint import normalization_of, novelty_of, temperature_of, tta_of
+from prediction.checkpoint import normalization_of, novelty_of, tag_thresholds_of, temperature_of, tta_of
 from prediction.novelty import needs_turns, novelty_score, scores_by_name
 
 MAX_STAGE_CHANNELS = 256  # wider stages are averaged over neighbouring channels: a stage adds at most 512 values
@@ -126,11 +126,13 @@ class PredictionFacts(NamedTuple):
     tta: bool
     temperature: float
     novelty: dict | None
+    tag_thresholds: tuple[float, ...] | None = None  # several tags per image: each tag's threshold
 
     @classmethod
     def of(cls, ckpt: dict) -> PredictionFacts:
+        tags = tag_thresholds_of(ckpt)
         return cls(tuple(ckpt["classes"]), normalization_of(ckpt), tta_of(ckpt), temperature_of(ckpt),
-                   novelty_of(ckpt))
+                   novelty_of(ckpt), None if tags is None else tuple(tags))
 
 
 @dataclass(frozen=True)
@@ -139,19 +141,38 @@ class Prediction:
     or (with reject) when the novelty score says the image is of no known class; `confidence` and
     `probabilities` (by class, in the checkpoint's class order) are the softmax of the logits over the
     checkpoint's temperature, rounded to 4 decimals. `novelty_score` and `known` (score <= the stored threshold)
-    are None for a checkpoint without a novelty score."""
+    are None for a checkpoint without a novelty score. For a model with several tags per image, `labels` are the
+    tags whose sigmoid probability reaches their threshold, most probable first; `label` is them joined by spaces
+    ('' for none), `probabilities` each tag's and `confidence` the largest."""
     label: str
     confidence: float
     probabilities: dict[str, float]
     novelty_score: float | None = None
     known: bool | None = None
+    labels: tuple[str, ...] | None = None
 
     def as_dict(self) -> dict:
-        """inference.py --json's object and serve.py's answer: the novelty fields only when there is a score."""
+        """inference.py --json's object and serve.py's answer: the novelty fields only when there is a score,
+        `labels` only for several tags per image."""
         out = {"label": self.label, "confidence": self.confidence, "probabilities": dict(self.probabilities)}
+        if self.labels is not None:
+            out["labels"] = list(self.labels)
         if self.novelty_score is not None:
             out.update(novelty_score=self.novelty_score, known=self.known)
         return out
+
+
+def tag_predictions(logits: torch.Tensor, tags: tuple[str, ...], thresholds: tuple[float, ...]) -> list[Prediction]:
+    """Predictions of a model with several tags per image: each tag's sigmoid probability, and the tags that reach
+    their threshold, most probable first."""
+    results = []
+    for pr in torch.sigmoid(logits.float()):
+        probabilities = {t: round(v, PREDICTION_DIGITS) for t, v in zip(tags, pr.tolist())}
+        chosen = sorted((t for t, v, th in zip(tags, pr.tolist(), thresholds) if v >= th),
+                        key=lambda t: -probabilities[t])
+        results.append(Prediction(" ".join(chosen), round(pr.max().item(), PREDICTION_DIGITS), probabilities,
+                                  labels=tuple(chosen)))
+    return results
 
 
 def predict_images(model: torch.nn.Module, ckpt: dict | None, images: list, threshold: float = 0.0,
@@ -187,6 +208,8 @@ def predict_images(model: torch.nn.Module, ckpt: dict | None, images: list, thre
         logits = extract_features(model, batch, tta=tta, normalization=norm, runtime=runtime)["logits"]
     else:
         logits = predict_logits(model, batch, torch.device("cpu"), tta=tta, normalization=norm)
+    if facts.tag_thresholds is not None:
+        return tag_predictions(logits, classes, facts.tag_thresholds)
     results = []
     for i, pr in enumerate(torch.softmax(logits / facts.temperature, dim=1)):
         conf, k = pr.max(0)

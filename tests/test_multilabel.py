@@ -95,3 +95,61 @@ def test_mirflickr_reads_as_fourteen_tags_each_in_val():
     assert len(splits["train"]) + len(splits["val"]) == 3500
     val = Counter(t for _, c in splits["val"] for t in split_tags(c))
     assert set(val) == set(lay.classes) and min(val.values()) >= 5
+
+
+def tagged_photos(folder, n=24):
+    """n generated photos in folder/images and a table of their tags: 'red' when a red square is drawn, 'blue' when
+    a blue disc is, 'sky' when the top is light (several per photo, some with none dropped as untagged)."""
+    from PIL import ImageDraw
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        image = Image.new("RGB", (64, 64), (200, 220, 255) if i % 3 == 0 else (60, 60, 60))
+        draw = ImageDraw.Draw(image)
+        tags = ["sky"] if i % 3 == 0 else []
+        if i % 2 == 0:
+            draw.rectangle([8, 30, 28, 50], fill=(230, 20, 20))
+            tags.append("red")
+        if i % 4 in (1, 2):
+            draw.ellipse([34, 30, 56, 52], fill=(20, 20, 230))
+            tags.append("blue")
+        image.save(folder / "images" / f"p{i}.png")
+        rows.append([f"p{i}.png", " ".join(tags) or "red"])
+    write_table(folder / "labels.csv", ["image", "tags"], rows)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_tag_model_trains_on_the_backbone_and_answers_with_tags(tmp_path, capsys):
+    import evaluate
+    import inference
+    import train
+    from prediction import Classifier
+    from prediction.checkpoint import load_checkpoint
+    data = tagged_photos(tmp_path / "tagged")
+    common = ["--data", str(data), "--labels", str(data / "labels.csv"), "--workers", "0", "--out-dir",
+              str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"), "--curves-dir", str(tmp_path / "c"),
+              "--cache-dir", str(tmp_path / "cache"), "--val-fraction", "0.25"]
+    assert train.main(common) == 2  # the from-scratch network takes one class per image
+    assert "several tags per image train on a pretrained backbone's features: add --arch efficientnet_lite0" in \
+        capsys.readouterr().err
+    assert train.main([*common, "--arch", "efficientnet_lite0", "--image-size", "64", "--epochs", "30",
+                       "--weight-decay", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "mAP" in out and "tags: thresholds fitted on val (each tag's best F1)" in out
+    ckpt = load_checkpoint(tmp_path / "m" / "best_model.pth")
+    assert ckpt["classes"] == ["blue", "red", "sky"] and len(ckpt["tag_thresholds"]) == 3
+    photo = data / "images" / "p0.png"  # sky and red
+    prediction = Classifier(ckpt).predict(photo)
+    assert prediction.labels is not None and prediction.label == " ".join(prediction.labels)
+    assert set(prediction.probabilities) == {"blue", "red", "sky"}
+    assert inference.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--image", str(photo),
+                           "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["labels"] == list(prediction.labels)
+    assert evaluate.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--split", "val",
+                          "--out-dir", str(tmp_path / "e")]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert set(metrics["per_tag"]) == {"blue", "red", "sky"} and 0 <= metrics["map"] <= 1
+    assert metrics["per_tag"]["red"]["support"] + metrics["per_tag"]["blue"]["support"] > 0
+    assert (tmp_path / "e" / "pr_curves.png").is_file() and (tmp_path / "e" / "worst_misses.png").is_file()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from config import TrainConfig
 from core.common import save_atomic
+from core.metrics import tag_figures
 from dataset import Split
 from model import head_of, unwrap
 from prediction.checkpoint import load_checkpoint, novelty_record, save_checkpoint, with_novelty, with_temperature
@@ -115,12 +116,15 @@ class HeadTrainer:
     """The classifier head trained alone on frozen features, from zero weights: AdamW with warmup and a cosine to 0
     over --epochs, --label-smoothing and --class-weights as the full run has them, each image and its mirror as two
     samples (each image's loss times its `sample_weights`, 1 without); val on the mean of both (the mirror TTA), or
-    on the image alone without --tta."""
+    on the image alone without --tta. Labels (N, T) of 0/1 tags train one sigmoid per tag (binary cross-entropy,
+    each tag's positives weighed by tag_pos_weight); val then also gives mAP and F1 at 0.5."""
 
     def __init__(self, model: nn.Module, train: torch.Tensor, labels: torch.Tensor, val: torch.Tensor,
                  val_labels: torch.Tensor, cfg: TrainConfig, sample_weights: torch.Tensor | None = None):
-        self.cfg, self.labels, self.val_labels = cfg, labels.long(), val_labels.long()
-        self.x, self.y = train.reshape(-1, train.shape[-1]), self.labels.repeat_interleave(train.shape[1])
+        self.tagged = labels.dim() == 2
+        kind = torch.float32 if self.tagged else torch.int64
+        self.cfg, self.labels, self.val_labels = cfg, labels.to(kind), val_labels.to(kind)
+        self.x, self.y = train.reshape(-1, train.shape[-1]), self.labels.repeat_interleave(train.shape[1], dim=0)
         weights = torch.ones(len(labels)) if sample_weights is None else sample_weights.float()
         self.w = weights.repeat_interleave(train.shape[1])
         self.val = val.mean(1) if cfg.tta else val[:, 0]
@@ -131,32 +135,55 @@ class HeadTrainer:
         self.steps = math.ceil(len(self.x) / cfg.batch_size)
         schedule = warmup_cosine(round(cfg.warmup_epochs * self.steps), cfg.epochs * self.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.weights = class_weight_tensor(self.labels, self.head.out_features, cfg.class_weights)
+        self.weights = (tag_pos_weight(self.labels) if self.tagged
+                        else class_weight_tensor(self.labels, self.head.out_features, cfg.class_weights))
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
+    def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each image's loss: cross-entropy, or with tags the binary cross-entropy averaged over the tags."""
+        if self.tagged:
+            return F.binary_cross_entropy_with_logits(logits, y, pos_weight=self.weights, reduction="none").mean(1)
+        return F.cross_entropy(logits, y, weight=self.weights, reduction="none",
+                               label_smoothing=self.cfg.label_smoothing)
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        """Images right (the top class), or with tags the share of each image's tags right at 0.5, summed."""
+        if self.tagged:
+            return ((logits > 0) == y.bool()).float().mean(1).sum().item()
+        return (logits.argmax(1) == y).sum().item()
+
     def epoch(self) -> tuple[dict, dict]:
-        """One pass over the training features, then val: (train figures, val figures) as the full loop's."""
-        started, total, correct = time.time(), 0.0, 0
+        """One pass over the training features, then val: (train figures, val figures) as the full loop's; with
+        tags val also has map, micro_f1 and macro_f1 (at 0.5)."""
+        started, total, correct = time.time(), 0.0, 0.0
         order = torch.randperm(len(self.x), generator=self.generator)
         for i in range(0, len(order), self.cfg.batch_size):
             idx = order[i:i + self.cfg.batch_size]
             logits = self.head(self.x[idx])
-            each = F.cross_entropy(logits, self.y[idx], weight=self.weights, reduction="none",
-                                   label_smoothing=self.cfg.label_smoothing)
-            loss = (each * self.w[idx]).sum() / self.w[idx].sum()
+            loss = (self.losses(logits, self.y[idx]) * self.w[idx]).sum() / self.w[idx].sum()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
             total += loss.item() * len(idx)
-            correct += (logits.argmax(1) == self.y[idx]).sum().item()
+            correct += self.hits(logits.detach(), self.y[idx])
         tr = {"loss": total / len(self.x), "acc": correct / len(self.x), "images": len(self.x),
               "skipped_steps": 0, "data_seconds": 0.0, "seconds": time.time() - started}
+        return tr, self.evaluate()
+
+    def evaluate(self) -> dict:
+        """The head's figures on val: loss and accuracy, and with tags mAP and F1 at 0.5."""
+        n = len(self.val)
         with torch.no_grad():
             logits = self.head(self.val)
-        acc = (logits.argmax(1) == self.val_labels).double().mean().item() if len(self.val) else float("nan")
-        ev = {"loss": F.cross_entropy(logits, self.val_labels).item() if len(self.val) else float("nan"), "acc": acc}
-        return tr, ev
+            ev = {"loss": self.losses(logits, self.val_labels).mean().item() if n else float("nan"),
+                  "acc": self.hits(logits, self.val_labels) / n if n else float("nan")}
+        if self.tagged and n:
+            probs = torch.sigmoid(logits)
+            figures = tag_figures(probs, self.val_labels, [0.5] * probs.shape[1], [str(t) for t in range(
+                probs.shape[1])])
+            ev.update(map=figures["map"], micro_f1=figures["micro_f1"], macro_f1=figures["macro_f1"])
+        return ev
 
     @property
     def lr(self) -> float:
@@ -165,6 +192,13 @@ class HeadTrainer:
     def head_state(self) -> dict:
         """A copy of the head's weights now (what the model's head takes, once an epoch is the best)."""
         return copy.deepcopy(self.head.state_dict())
+
+
+def tag_pos_weight(labels: torch.Tensor, cap: float = 10.0) -> torch.Tensor:
+    """Per tag, the weight of its positive images in the binary loss: sqrt(negatives / positives), at least 1 and
+    at most `cap`. A rare tag's few positives then count more, without the full ratio's over-confidence."""
+    positives = labels.sum(0)
+    return ((len(labels) - positives) / positives.clamp(min=1)).sqrt().clamp(1.0, cap)
 
 
 def feature_logits(model: nn.Module, feats: torch.Tensor, tta: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -267,7 +267,8 @@ def log_epoch(writer, h: dict, cfg: TrainConfig) -> None:
         return
     append_result(Path(cfg.log_dir) / cfg.run_name / RESULTS, h)
     for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_acc", "acc/train"),
-                     ("val_acc", "acc/val"), ("val_top5", "acc5/val"), ("lr", "lr")):
+                     ("val_acc", "acc/val"), ("val_top5", "acc5/val"), ("val_map", "map/val"),
+                     ("val_micro_f1", "f1_micro/val"), ("val_macro_f1", "f1_macro/val"), ("lr", "lr")):
         if key in h:
             writer.add_scalar(tag, h[key], h["epoch"])
     writer.flush()
@@ -297,6 +298,9 @@ def record_epoch(progress: Progress, epoch: int, tr: dict, ev: dict, lr: float, 
          "data_seconds": round(tr["data_seconds"], 2), "elapsed_seconds": round(time.time() - progress.started, 2)}
     if "top5" in ev:
         h["val_top5"] = ev["top5"]
+    for key in ("map", "micro_f1", "macro_f1"):  # several tags per image
+        if key in ev:
+            h[f"val_{key}"] = ev[key]
     if "pseudo_share" in tr:
         h["pseudo_share"] = round(tr["pseudo_share"], 4)
     progress.history.append(h)
@@ -305,6 +309,8 @@ def record_epoch(progress: Progress, epoch: int, tr: dict, ev: dict, lr: float, 
 
 def epoch_line(h: dict, epochs: int, improved: bool) -> str:
     top5 = f" top5 {h['val_top5']:.4f}" if "val_top5" in h else ""
+    if "val_map" in h:
+        top5 += f" mAP {h['val_map']:.4f} F1 {h['val_micro_f1']:.4f}"
     return (f"epoch {h['epoch']}/{epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f}  "
             f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}{top5}  lr {h['lr']:.2e}  {h['epoch_seconds']:.1f}s"
             + ("  *best*" if improved else "")
