@@ -42,7 +42,8 @@ import torch.nn as nn
 
 from core.common import UserError, reports_user_errors
 from dataset import to_float
-from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of, temperature_of
+from prediction.checkpoint import (DEFAULT_PATH, load_checkpoint, model_from_checkpoint, normalization_of,
+                                   tag_thresholds_of, temperature_of)
 from prediction.predict import export_onnx
 from prediction.quantize import Int8Check, int8_images, quantize
 
@@ -68,16 +69,22 @@ def preprocessing(ckpt: dict) -> dict:
     channels = ckpt["channels"]
     mean = norm["mean"] if isinstance(norm["mean"], list) else [norm["mean"]] * channels
     std = norm["std"] if isinstance(norm["std"], list) else [norm["std"]] * channels
-    return {"classes": list(ckpt["classes"]), "input_shape": [1, channels, ckpt["image_size"], ckpt["image_size"]],
-            "color": "grayscale" if channels == 1 else "RGB", "resize": "bilinear, whole image, no crop",
-            "scale": "1/255", "mean": mean, "std": std, "temperature": temperature_of(ckpt)}
+    pre = {"classes": list(ckpt["classes"]), "input_shape": [1, channels, ckpt["image_size"], ckpt["image_size"]],
+           "color": "grayscale" if channels == 1 else "RGB", "resize": "bilinear, whole image, no crop",
+           "scale": "1/255", "mean": mean, "std": std, "temperature": temperature_of(ckpt)}
+    thresholds = tag_thresholds_of(ckpt)
+    if thresholds is not None:  # several tags per image: one sigmoid per class, each with its threshold
+        pre["tag_thresholds"] = dict(zip(ckpt["classes"], thresholds))
+    return pre
 
 
 def describe(pre: dict) -> str:
     s = pre["input_shape"][-1]
     return (f"input: float32 {tuple(pre['input_shape'])} (batch size free) = {pre['color']}, resized to {s}x{s}, "
             f"x/255, (x - {pre['mean']}) / {pre['std']}; output: logits for {pre['classes']}, "
-            f"probabilities = softmax(logits / {pre['temperature']})")
+            + (f"probabilities = sigmoid(logits), a tag when its probability reaches its threshold "
+               f"{pre['tag_thresholds']}" if "tag_thresholds" in pre else
+               f"probabilities = softmax(logits / {pre['temperature']})"))
 
 
 def sample_inputs(ckpt: dict, n: int = 4, seed: int = 0) -> torch.Tensor:

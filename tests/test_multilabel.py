@@ -5,12 +5,20 @@ import json
 from collections import Counter
 
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 import check_data
+import evaluate
+import export
+import inference
+import serve
+import train
 from conftest import SHARED
 from loading.carve import iterative_stratification, split_tags
 from loading.layout import NO_TAG, SEVERAL, layout_splits, read_layout
+from prediction import Classifier
+from prediction.checkpoint import load_checkpoint
 
 
 def write_images(folder, names):
@@ -121,11 +129,6 @@ def tagged_photos(folder, n=24):
 
 @pytest.mark.slow
 def test_a_tag_model_trains_on_the_backbone_and_answers_with_tags(tmp_path, capsys):
-    import evaluate
-    import inference
-    import train
-    from prediction import Classifier
-    from prediction.checkpoint import load_checkpoint
     data = tagged_photos(tmp_path / "tagged")
     common = ["--data", str(data), "--labels", str(data / "labels.csv"), "--workers", "0", "--out-dir",
               str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"), "--curves-dir", str(tmp_path / "c"),
@@ -153,3 +156,9 @@ def test_a_tag_model_trains_on_the_backbone_and_answers_with_tags(tmp_path, caps
     assert set(metrics["per_tag"]) == {"blue", "red", "sky"} and 0 <= metrics["map"] <= 1
     assert metrics["per_tag"]["red"]["support"] + metrics["per_tag"]["blue"]["support"] > 0
     assert (tmp_path / "e" / "pr_curves.png").is_file() and (tmp_path / "e" / "worst_misses.png").is_file()
+    with TestClient(serve.create_app(ckpt, "best_model.pth")) as client:
+        assert client.post("/predict", content=photo.read_bytes()).json()[0]["labels"] == list(prediction.labels)
+    assert export.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--out", str(tmp_path / "x" / "model"),
+                        "--format", "onnx"]) == 0
+    saved = json.loads((tmp_path / "x" / "model.json").read_text())
+    assert saved["tag_thresholds"] == dict(zip(ckpt["classes"], ckpt["tag_thresholds"]))
