@@ -341,6 +341,7 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
     if cfg.find_label_errors:
         find_label_errors(cfg, data.train, lay)
     feats = split_features(model, cfg, data, device, amp_dtype)
+    data.train.labels = data.train.labels.cpu()  # beside the features, which are on the CPU whatever the device
     x, y, weights = head_training_set(model, cfg, data, feats)
     head = HeadTrainer(model, x, y, feats["val"], data.val.labels, cfg, weights)
     data.writer = open_run_log(cfg)

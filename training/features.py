@@ -123,12 +123,12 @@ class HeadTrainer:
                  val_labels: torch.Tensor, cfg: TrainConfig, sample_weights: torch.Tensor | None = None):
         self.tagged = labels.dim() == 2
         kind = torch.float32 if self.tagged else torch.int64
-        self.cfg, self.labels, self.val_labels = cfg, labels.to(kind), val_labels.to(kind)
+        self.cfg, self.labels, self.val_labels = cfg, labels.to("cpu", kind), val_labels.to("cpu", kind)
         self.x, self.y = train.reshape(-1, train.shape[-1]), self.labels.repeat_interleave(train.shape[1], dim=0)
         weights = torch.ones(len(labels)) if sample_weights is None else sample_weights.float()
         self.w = weights.repeat_interleave(train.shape[1])
         self.val = val.mean(1) if cfg.tta else val[:, 0]
-        self.head = copy.deepcopy(head_of(model)).float().train()
+        self.head = copy.deepcopy(head_of(model)).float().cpu().train()  # beside the features, on the CPU
         for p in self.head.parameters():  # from zero: every class equally likely (timm's init gives logits of tens)
             nn.init.zeros_(p)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -205,8 +205,10 @@ def feature_logits(model: nn.Module, feats: torch.Tensor, tta: bool) -> tuple[to
     """(penultimate features, logits) of the images as predict_images sees them: the mean over the image and its
     mirror with tta, the image alone without."""
     pen = feats.mean(1) if tta else feats[:, 0]
+    head = head_of(model)  # on the model's device; the features on the CPU
     with torch.no_grad():
-        return pen, head_of(model).float()(pen)
+        return pen, F.linear(pen, head.weight.detach().float().cpu(),
+                             None if head.bias is None else head.bias.detach().float().cpu())
 
 
 def fit_on_features(path: Path, model: nn.Module, train: torch.Tensor, labels: torch.Tensor, val: torch.Tensor,
