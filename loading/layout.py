@@ -338,11 +338,12 @@ def _row_label(row: list[str], label_col: int | None, tags: _Tags | None) -> str
 
 def _table_reading(header: list[str], rows: list[list[str]], label_columns, table: Path, multi_label: bool
                    ) -> tuple[tuple[int, int | None, int | None], _Tags | None]:
-    """(file, label and split columns; how tags are read, None for one label per row). 0/1 tag columns win
-    when there are two or more (and --label-columns does not name a label column); a column of tags is read as
-    several tags per row when its header says tags (TAG_COLUMNS) and some row has several, or with multi_label."""
-    if not label_columns:
-        keys = [_column_key(h) for h in header]
+    """(file, label and split columns; how tags are read, None for one label per row). 0/1 tag columns are read
+    when there are two or more and no column is named as one label's (LABEL_COLUMNS) nor given by --label-columns;
+    a column of tags is read as several tags per row when its header says tags (TAG_COLUMNS) and some row has
+    several, or with multi_label."""
+    keys = [_column_key(h) for h in header]
+    if not label_columns and not any(k in LABEL_COLUMNS for k in keys):
         file_col = next((keys.index(w) for w in FILE_COLUMNS if w in keys), None)
         split_col = next((keys.index(w) for w in SPLIT_COLUMNS if w in keys), None)
         binary = binary_columns(header, rows, {file_col, split_col}) if file_col is not None else []

@@ -162,3 +162,12 @@ def test_a_tag_model_trains_on_the_backbone_and_answers_with_tags(tmp_path, caps
                         "--format", "onnx"]) == 0
     saved = json.loads((tmp_path / "x" / "model.json").read_text())
     assert saved["tag_thresholds"] == dict(zip(ckpt["classes"], ckpt["tag_thresholds"]))
+
+
+def test_zero_one_columns_beside_a_label_column_are_not_tags(tmp_path):
+    data = tmp_path / "pets"
+    write_images(data, [f"{i}.png" for i in range(6)])
+    write_table(data / "labels.csv", ["file", "label", "occluded", "truncated"],
+                [[f"{i}.png", ["cat", "dog"][i % 2], str(i % 2), str(int(i < 3))] for i in range(6)])
+    lay = read_layout(data, labels_file=data / "labels.csv", val_fraction=0.0)
+    assert not lay.multi_label and lay.classes == ["cat", "dog"]
