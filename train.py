@@ -35,14 +35,12 @@ import torch.distributed as dist
 
 from config import TrainConfig, format_config, parse_config
 from core.common import UserError, pick_amp_dtype, pick_device, reports_user_errors
-from core.metrics import best_f1_thresholds, tag_figures
 from core.plots import plot_history
 from dataset import Split, layout_record, load_folder, load_training_data
 from loading.layout import Layout, format_problems, read_layout
 from model import WEIGHT_PACKAGES, build_model, fetch_pretrained, head_of, input_normalization
-from prediction.checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_checkpoint,
-                                   load_resume_checkpoint, rng_state, save_checkpoint, with_resume_state,
-                                   with_tag_thresholds)
+from prediction.checkpoint import (BEST, LAST, build_checkpoint, config_of, layout_info_of, load_resume_checkpoint,
+                                   rng_state, save_checkpoint, with_resume_state)
 from quality.audit import check_data
 from quality.label_errors import format_label_check, label_check
 from training.distributed import (any_rank, close_distributed, init_distributed, is_main_rank, quiet_unless_rank0,
@@ -53,7 +51,7 @@ from training.loop import (Stop, Trainer, build_trainer, is_finite, plan_budget,
                            train_one_epoch, validate)
 from training.optimization import BudgetPlan
 from training.outliers import load_other_images
-from training.posthoc import calibrate_best_model, fit_novelty
+from training.posthoc import calibrate_best_model, fit_novelty, store_tag_thresholds, tag_thresholds_of_best_model
 from training.report import (budget_lines, calibration_line, data_lines, device_line, novelty_lines, replan_words,
                              stop_line)
 from training.runs import (TRAINING_CURVES, Progress, ctrl_c_stops_after_the_step, epoch_line, log_epoch, make_room,
@@ -93,11 +91,11 @@ def read_data(cfg: TrainConfig, device: torch.device, resume_ckpt: dict | None) 
     the --other images."""
     lay = read_layout(cfg.data, **cfg.layout_settings())
     print(lay.description)
-    if lay.multi_label and cfg.arch not in WEIGHT_PACKAGES:
-        raise UserError(f"several tags per image train on a pretrained backbone's features: add --arch "
-                        f"{next(iter(WEIGHT_PACKAGES))} (the {cfg.arch} network trains one class per image)")
-    if lay.multi_label and (cfg.unlabeled or cfg.find_label_errors):
-        raise UserError("--unlabeled and --find-label-errors take one class per image, not several tags")
+    refused = [flag for flag, given in (("--unlabeled", cfg.unlabeled), ("--other", cfg.other),
+                                        ("--find-label-errors", cfg.find_label_errors)) if given]
+    if lay.multi_label and refused:
+        raise UserError(f"{', '.join(refused)} take{'s' if len(refused) == 1 else ''} one class per image, not "
+                        "several tags")
     if problems := format_problems(lay):
         print("data problems (left out):\n" + "\n".join(f"  {line}" for line in problems.splitlines()))
     record = layout_record(lay)
@@ -171,9 +169,11 @@ def one_epoch(t: Trainer, cfg: TrainConfig, data: RunData, progress: Progress, e
     h = record_epoch(progress, epoch, tr, ev, t.optimizer.param_groups[-1]["lr"], train_seconds, started)
     log_epoch(data.writer, h, cfg)  # the lr is the head's, when the backbone has a lower one
     finite = is_finite(t, ev["loss"])
-    improved = finite and ev["acc"] > progress.best["acc"]
+    key = "map" if "map" in ev else "acc"  # several tags per image: the best epoch by val mAP
+    improved = finite and ev[key] > progress.best.get(key, -1.0)
     if improved:
-        progress.best = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"]}
+        progress.best = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"], **({"map": ev["map"]} if
+                                                                                   key == "map" else {})}
     if is_main_rank():
         save_epoch(t, cfg, data.classes, data.layout, progress, {"val": ev, "train": tr}, improved, finite)
     if finite:
@@ -225,6 +225,10 @@ def after_training(cfg: TrainConfig, progress: Progress, data: RunData, device: 
         plot_history(progress.history, Path(cfg.curves_dir) / TRAINING_CURVES)
     writer, best = data.writer, Path(cfg.out_dir) / BEST
     finished = is_main_rank() and progress.best["epoch"] and len(data.val.labels)
+    if data.val.labels.dim() == 2:  # several tags per image: each tag's threshold instead
+        if writer is not None and not at_once:
+            writer.close()
+        return tag_lines(tag_thresholds_of_best_model(best, data.val, device, cfg.tta), best) if finished else {}
     fitted = calibrate_best_model(best, data.val, device, cfg.tta, None if at_once else writer) if finished else {}
     if fitted:
         print(calibration_line(fitted, best))
@@ -314,19 +318,11 @@ def head_training_set(model: torch.nn.Module, cfg: TrainConfig, data: RunData, f
     return torch.cat([x, feats["unlabeled"][keep]]), torch.cat([y, pseudo]), weights
 
 
-def fit_tag_thresholds(best: Path, model: torch.nn.Module, val: torch.Tensor, val_labels: torch.Tensor,
-                       tags: list[str], tta: bool) -> dict:
-    """Each tag's threshold (its best F1 on val) stored in the checkpoint at `best`, and the val figures at them
-    printed; what was fitted (the thresholds, mAP, micro and macro F1)."""
-    _, logits = feature_logits(model, val, tta)
-    probs = torch.sigmoid(logits)
-    thresholds = best_f1_thresholds(probs, val_labels)
-    save_checkpoint(with_tag_thresholds(load_checkpoint(best), thresholds), best)
-    figures = tag_figures(probs, val_labels, thresholds, tags)
-    print(f"tags: thresholds fitted on val (each tag's best F1), stored in {best}; val mAP {figures['map']:.4f}, "
-          f"micro F1 {figures['micro_f1']:.4f}, macro F1 {figures['macro_f1']:.4f}")
-    return {"tag_thresholds": dict(zip(tags, thresholds)), "val_map": figures["map"],
-            "val_micro_f1": figures["micro_f1"], "val_macro_f1": figures["macro_f1"]}
+def tag_lines(fitted: dict, best: Path) -> dict:
+    """Print what store_tag_thresholds fitted; return it."""
+    print(f"tags: thresholds fitted on val (each tag's best F1), stored in {best}; val mAP {fitted['val_map']:.4f}, "
+          f"micro F1 {fitted['val_micro_f1']:.4f}, macro F1 {fitted['val_macro_f1']:.4f}")
+    return fitted
 
 
 def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, data: RunData, lay: Layout,
@@ -363,7 +359,8 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
     plot_history(progress.history, Path(cfg.curves_dir) / TRAINING_CURVES)
     data.writer.close()
     if head.tagged:
-        return progress, fit_tag_thresholds(best, model, feats["val"], data.val.labels, data.classes, cfg.tta)
+        probs = torch.sigmoid(feature_logits(model, feats["val"], cfg.tta)[1])
+        return progress, tag_lines(store_tag_thresholds(best, probs, data.val.labels.cpu(), data.classes), best)
     fitted = fit_on_features(best, model, feats["train"], data.train.labels, feats["val"], data.val.labels, cfg)
     print(calibration_line(fitted, best))
     if "novelty_score" in fitted:

@@ -47,9 +47,12 @@ def classification_report(cm: torch.Tensor, class_names: list[str]) -> dict:
 
 
 def correct_count(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> int:
-    """How many images have their true class among the k highest logits (k = 1: the prediction is right)."""
+    """How many images have their true class among the k highest logits (k = 1: the prediction is right); with
+    0/1 tags (labels (N, T)), the share of each image's tags right at probability 0.5, summed over the images."""
     if len(labels) == 0:
         return 0
+    if labels.dim() == 2:
+        return float(((logits > 0) == labels.bool()).float().mean(1).sum().item())
     if k == 1:  # argmax: ties go to the first class, as everywhere else
         return int((logits.argmax(1) == labels).sum().item())
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
@@ -62,7 +65,10 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Summed plain cross-entropy (no label smoothing or class weights): per-process sums add up across ranks."""
+    """Summed plain cross-entropy (no label smoothing or class weights): per-process sums add up across ranks; with
+    0/1 tags, each image's binary cross-entropy averaged over its tags, summed."""
+    if len(labels) and labels.dim() == 2:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(1).sum().item()
     return F.cross_entropy(logits.float(), labels, reduction="sum").item() if len(labels) else 0.0
 
 

@@ -128,14 +128,21 @@ def tagged_photos(folder, n=24):
 
 
 @pytest.mark.slow
-def test_a_tag_model_trains_on_the_backbone_and_answers_with_tags(tmp_path, capsys):
+def test_a_tag_model_trains_and_answers_with_tags(tmp_path, capsys):
     data = tagged_photos(tmp_path / "tagged")
     common = ["--data", str(data), "--labels", str(data / "labels.csv"), "--workers", "0", "--out-dir",
               str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"), "--curves-dir", str(tmp_path / "c"),
               "--cache-dir", str(tmp_path / "cache"), "--val-fraction", "0.25"]
-    assert train.main(common) == 2  # the from-scratch network takes one class per image
-    assert "several tags per image train on a pretrained backbone's features: add --arch efficientnet_lite0" in \
-        capsys.readouterr().err
+    # The default network: a sigmoid per tag, the best epoch by mAP, thresholds after training; --resume goes on.
+    assert train.main([*common, "--epochs", "2"]) == 0
+    assert train.main([*common, "--epochs", "3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 3/3" in out and "mAP" in out and "tags: thresholds fitted on val (each tag's best F1)" in out
+    ckpt = load_checkpoint(tmp_path / "m" / "best_model.pth")
+    assert ckpt["arch"] == "resnet_small" and len(ckpt["tag_thresholds"]) == 3
+    assert Classifier(ckpt).predict(data / "images" / "p0.png").labels is not None
+    assert train.main([*common, "--other", str(data / "images")]) == 2
+    assert "--other takes one class per image, not several tags" in capsys.readouterr().err
     assert train.main([*common, "--arch", "efficientnet_lite0", "--image-size", "64", "--epochs", "30",
                        "--weight-decay", "0.01"]) == 0
     out = capsys.readouterr().out

@@ -38,7 +38,7 @@ from model import head_of, unwrap
 from prediction.checkpoint import load_checkpoint, novelty_record, save_checkpoint, with_novelty, with_temperature
 from prediction.novelty import fit_states, scores_by_name, threshold_for_accept_rate
 from prediction.predict import pooled_features
-from training.optimization import class_weight_tensor, warmup_cosine
+from training.optimization import class_weight_tensor, tag_pos_weight, warmup_cosine
 from training.posthoc import calibration, novelty_figures
 
 FEATURES_VERSION = 2
@@ -192,13 +192,6 @@ class HeadTrainer:
     def head_state(self) -> dict:
         """A copy of the head's weights now (what the model's head takes, once an epoch is the best)."""
         return copy.deepcopy(self.head.state_dict())
-
-
-def tag_pos_weight(labels: torch.Tensor, cap: float = 10.0) -> torch.Tensor:
-    """Per tag, the weight of its positive images in the binary loss: sqrt(negatives / positives), at least 1 and
-    at most `cap`. A rare tag's few positives then count more, without the full ratio's over-confidence."""
-    positives = labels.sum(0)
-    return ((len(labels) - positives) / positives.clamp(min=1)).sqrt().clamp(1.0, cap)
 
 
 def feature_logits(model: nn.Module, feats: torch.Tensor, tta: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from config import TrainConfig
 from core.common import UserError, needs_grad_scaler
-from core.metrics import consistency_loss, correct_count, energy_margin_loss, loss_sum, mixed_loss
+from core.metrics import consistency_loss, correct_count, energy_margin_loss, loss_sum, mixed_loss, tag_figures
 from dataset import Split, augment, cutmix, fetch_batch, strong_augment, to_float
 from model import build_model, input_normalization, unwrap
 from prediction.checkpoint import config_of, resume_state_of, set_rng_state
@@ -37,7 +37,7 @@ from prediction.predict import amp, predict_logits
 from training.distributed import all_reduce_sum, any_rank, rank_world, shard_batches, wrap_for_training
 from training.optimization import (BudgetPlan, LRSchedule, Replan, build_optimizer, class_weight_tensor, ema_of,
                                    plan_to_budget, planning_epoch_seconds, replan_lr, seconds_after_training,
-                                   set_backbone_trainable, train_mode)
+                                   set_backbone_trainable, tag_pos_weight, train_mode)
 from training.outliers import other_crops, rotation_copies, turn_in_place
 from training.runs import CtrlC, Progress
 
@@ -116,9 +116,12 @@ def build_trainer(cfg: TrainConfig, train: Split, num_classes: int, device: torc
                         pretrained_state=pretrained_state, rotation_head=cfg.rotation_weight > 0).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    weights = class_weight_tensor(train.labels.cpu(), num_classes, cfg.class_weights)
-    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
-                                  label_smoothing=cfg.label_smoothing)
+    if train.labels.dim() == 2:  # 0/1 tags: a sigmoid per tag, rare tags' positives weighed up
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=tag_pos_weight(train.labels.cpu()).to(device))
+    else:
+        weights = class_weight_tensor(train.labels.cpu(), num_classes, cfg.class_weights)
+        loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                                      label_smoothing=cfg.label_smoothing)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = epoch_steps(len(train.paths), n_unlabeled, cfg, rank_world()[1])
     warmup_steps, total_steps = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
@@ -350,12 +353,17 @@ def train_one_epoch(t: Trainer, data: Split, cfg: TrainConfig, deadline: float =
 def validate(model: nn.Module, data: Split, device: torch.device, tta: bool = False, channels_last: bool = False,
              amp_dtype: torch.dtype | None = None, normalization: dict | None = None) -> dict:
     """Plain cross-entropy loss and accuracy over a split, and top-5 accuracy ('top5') with more than 5 classes.
-    Under torchrun each rank scores every world-th image and the sums are reduced: all ranks get the same numbers."""
+    Under torchrun each rank scores every world-th image and the sums are reduced: all ranks get the same numbers.
+    With 0/1 tags: the binary loss, the share of tags right at 0.5, and mAP, micro and macro F1 at 0.5 ('map',
+    'micro_f1', 'macro_f1'), every rank scoring every image (an AP does not add up across ranks)."""
     rank, world = rank_world()
-    if world > 1:
+    tagged = data.labels.dim() == 2
+    if world > 1 and not tagged:
         data = data.subset(torch.arange(rank, len(data.labels), world))
     logits = predict_logits(model, data.images, device, tta=tta, channels_last=channels_last, amp_dtype=amp_dtype,
                             normalization=normalization)
+    if tagged:
+        return tag_validation(logits.float().cpu(), data.labels.cpu())
     labels, n = data.labels, len(data.labels)
     num_classes = unwrap(model).fc.out_features
     top5 = correct_count(logits, labels, 5) if num_classes > 5 else 0
@@ -364,6 +372,18 @@ def validate(model: nn.Module, data: Split, device: torch.device, tta: bool = Fa
     out = {"loss": total_loss / n if n else float("nan"), "acc": correct / n if n else float("nan")}
     if num_classes > 5:
         out["top5"] = top5 / n if n else float("nan")
+    return out
+
+
+def tag_validation(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """validate's figures for 0/1 tags (labels (N, T)), from the logits of every image."""
+    n = len(labels)
+    out = {"loss": loss_sum(logits, labels) / n if n else float("nan"),
+           "acc": correct_count(logits, labels) / n if n else float("nan")}
+    if n:
+        figures = tag_figures(torch.sigmoid(logits), labels, [0.5] * labels.shape[1],
+                              [str(t) for t in range(labels.shape[1])])
+        out.update(map=figures["map"], micro_f1=figures["micro_f1"], macro_f1=figures["macro_f1"])
     return out
 
 

@@ -241,3 +241,10 @@ def ema_of(model: nn.Module, decay: float) -> AveragedModel:
             else:  # BatchNorm's step counter
                 a.copy_(c)
     return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+
+
+def tag_pos_weight(labels: torch.Tensor, cap: float = 10.0) -> torch.Tensor:
+    """Per tag, the weight of its positive images in the binary loss: sqrt(negatives / positives), at least 1 and
+    at most `cap`. A rare tag's few positives then count more, without the full ratio's over-confidence."""
+    positives = labels.sum(0)
+    return ((len(labels) - positives) / positives.clamp(min=1)).sqrt().clamp(1.0, cap)

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from config import TrainConfig
-from core.metrics import confusion_matrix, expected_calibration_error, fit_temperature
+from core.metrics import best_f1_thresholds, confusion_matrix, expected_calibration_error, fit_temperature, tag_figures
 from core.plots import plot_confusion_matrix
 from dataset import Split, load_items
 from loading.layout import read_layout
 from prediction.checkpoint import (load_checkpoint, model_from_checkpoint, normalization_of, novelty_record,
-                                   save_checkpoint, temperature_of, tta_of, with_novelty, with_temperature)
+                                   save_checkpoint, temperature_of, tta_of, with_novelty, with_tag_thresholds,
+                                   with_temperature)
 from prediction.novelty import (OTHER_ENERGY_WEIGHT, accepted, fit_sample, fit_states, state_bytes,
                                 threshold_for_accept_rate, unknown_report)
 from prediction.predict import extract_features, predict_logits, score_images
@@ -40,6 +41,24 @@ def calibrate_best_model(path: Path, val: Split, device: torch.device, tta: bool
     if writer is not None:
         writer.add_figure("confusion_matrix/val", plot_confusion_matrix(cm, ckpt["classes"]), ckpt["epoch"])
     return fitted
+
+
+def store_tag_thresholds(path: Path, probs: torch.Tensor, labels: torch.Tensor, tags: list[str]) -> dict:
+    """Each tag's threshold (its best F1 on these val probabilities) stored in the checkpoint at `path`; the
+    thresholds and the val figures at them (mAP, micro and macro F1)."""
+    thresholds = best_f1_thresholds(probs, labels)
+    save_checkpoint(with_tag_thresholds(load_checkpoint(path), thresholds), path)
+    figures = tag_figures(probs, labels, thresholds, tags)
+    return {"tag_thresholds": dict(zip(tags, thresholds)), "val_map": figures["map"],
+            "val_micro_f1": figures["micro_f1"], "val_macro_f1": figures["macro_f1"]}
+
+
+def tag_thresholds_of_best_model(path: Path, val: Split, device: torch.device, tta: bool) -> dict:
+    """store_tag_thresholds for the best model of a full run, from its predictions on val."""
+    ckpt = load_checkpoint(path)
+    logits = predict_logits(model_from_checkpoint(ckpt).to(device), val.images, device, tta=tta,
+                            normalization=normalization_of(ckpt))
+    return store_tag_thresholds(path, torch.sigmoid(logits.float().cpu()), val.labels.cpu(), list(ckpt["classes"]))
 
 
 def calibration(logits: torch.Tensor, labels: torch.Tensor) -> dict:

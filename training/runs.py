@@ -232,7 +232,9 @@ def train_batch_images(images: torch.Tensor, labels: torch.Tensor, classes: list
     x = to_float(images[idx.to(images.device)].cpu(), normalization["mean"], normalization["std"])
     x = augment(x, cfg.flip, cfg.max_rotation, cfg.max_shift, cfg.max_scale, generator)
     x, perm, own = cutmix(x, float(cfg.cutmix > 0), generator)
-    names = [classes[int(k)] for k in labels[idx.to(labels.device)]]
+    picked = labels[idx.to(labels.device)].cpu()
+    names = ([" ".join(c for c, y in zip(classes, row.tolist()) if y) for row in picked] if picked.dim() == 2
+             else [classes[int(k)] for k in picked])  # several tags per image: the tags
     if perm is not None:
         names = [name if names[j] == name else f"{name} + {1 - own:.0%} {names[j]}"
                  for name, j in zip(names, perm.tolist())]
