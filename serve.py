@@ -51,7 +51,7 @@ from starlette.exceptions import HTTPException
 
 from core.common import UserError, reports_user_errors
 from loading.decode import BadImage, decode_bytes
-from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, temperature_of, val_accuracy_of
+from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, tag_thresholds_of, temperature_of, val_accuracy_of
 from prediction.classifier import Classifier, add_runtime_flags, default_int8_path
 from prediction.predict import PredictionFacts, explain, normalize, pick_cam_layer
 
@@ -316,10 +316,13 @@ class HeatMaps:
 
 def checkpoint_facts(ckpt: dict, name: str) -> dict:
     """What /health says about the loaded checkpoint, `name` being its file name."""
-    val_acc = val_accuracy_of(ckpt)
-    return {"ok": True, "checkpoint": name, "classes": ckpt["classes"], "epoch": ckpt.get("epoch"),
-            "val_acc": None if val_acc is None else round(val_acc, 4), "arch": ckpt["arch"],
-            "image_size": ckpt["image_size"], "channels": ckpt["channels"], "temperature": temperature_of(ckpt)}
+    val_acc, thresholds = val_accuracy_of(ckpt), tag_thresholds_of(ckpt)
+    facts = {"ok": True, "checkpoint": name, "classes": ckpt["classes"], "epoch": ckpt.get("epoch"),
+             "val_acc": None if val_acc is None else round(val_acc, 4), "arch": ckpt["arch"],
+             "image_size": ckpt["image_size"], "channels": ckpt["channels"], "temperature": temperature_of(ckpt)}
+    if thresholds is not None:  # several tags per image: the page marks each tag's threshold on its bar
+        facts["tag_thresholds"] = {c: round(t, 4) for c, t in zip(ckpt["classes"], thresholds)}
+    return facts
 
 
 @dataclass(frozen=True)
