@@ -51,7 +51,8 @@ from starlette.exceptions import HTTPException
 
 from core.common import UserError, reports_user_errors
 from loading.decode import BadImage, decode_bytes
-from prediction.checkpoint import DEFAULT_PATH, load_checkpoint, tag_thresholds_of, temperature_of, val_accuracy_of
+from prediction.checkpoint import (DEFAULT_PATH, load_checkpoint, tag_thresholds_of, temperature_of, val_accuracy_of,
+                                   val_map_of)
 from prediction.classifier import Classifier, add_runtime_flags, default_int8_path
 from prediction.predict import PredictionFacts, explain, normalize, pick_cam_layer
 
@@ -322,6 +323,7 @@ def checkpoint_facts(ckpt: dict, name: str) -> dict:
              "image_size": ckpt["image_size"], "channels": ckpt["channels"], "temperature": temperature_of(ckpt)}
     if thresholds is not None:  # several tags per image: the page marks each tag's threshold on its bar
         facts["tag_thresholds"] = {c: round(t, 4) for c, t in zip(ckpt["classes"], thresholds)}
+        facts["val_map"] = None if val_map_of(ckpt) is None else round(val_map_of(ckpt), 4)
     return facts
 
 

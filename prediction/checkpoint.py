@@ -214,6 +214,12 @@ def val_accuracy_of(ckpt: dict) -> float | None:
     return None if acc is None or acc < 0 else float(acc)  # best starts at -1 before any epoch
 
 
+def val_map_of(ckpt: dict) -> float | None:
+    """A tag model's val mAP at the epoch saved, or None."""
+    value = ((ckpt.get("metrics") or {}).get("val") or {}).get("map")
+    return None if value is None else float(value)
+
+
 def tag_thresholds_of(ckpt: dict) -> list[float] | None:
     """Each tag's threshold for a model with several tags per image; None for one class per image."""
     return ckpt.get("tag_thresholds")

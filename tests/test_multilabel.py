@@ -165,8 +165,9 @@ def test_a_tag_model_trains_and_answers_with_tags(tmp_path, capsys):
     assert (tmp_path / "e" / "pr_curves.png").is_file() and (tmp_path / "e" / "worst_misses.png").is_file()
     with TestClient(serve.create_app(ckpt, "best_model.pth")) as client:
         assert client.post("/predict", content=photo.read_bytes()).json()[0]["labels"] == list(prediction.labels)
-        assert client.get("/health").json()["tag_thresholds"] == {
-            c: round(t, 4) for c, t in zip(ckpt["classes"], ckpt["tag_thresholds"])}
+        health = client.get("/health").json()
+        assert health["tag_thresholds"] == {c: round(t, 4) for c, t in zip(ckpt["classes"], ckpt["tag_thresholds"])}
+        assert health["val_map"] == round(ckpt["metrics"]["val"]["map"], 4)
         assert client.post("/gradcam", content=photo.read_bytes()).json()["labels"] == list(prediction.labels)
         assert "tagThresholds" in client.get("/").text
     assert export.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--out", str(tmp_path / "x" / "model"),
