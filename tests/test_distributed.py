@@ -9,6 +9,7 @@ import torch
 from conftest import train_args
 from dataset import batches
 from prediction.checkpoint import load_checkpoint, model_from_checkpoint
+from test_multilabel import tagged_photos
 from training.distributed import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +46,19 @@ def test_torchrun_two_gloo_processes_train_and_write_one_checkpoint(tiny_data, t
     assert ckpt["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["model_state"])
     model = model_from_checkpoint(ckpt)  # loads strictly: every key of the unwrapped model, none of DDP's
     assert set(model.state_dict()) == set(ckpt["model_state"])
+
+
+@pytest.mark.slow
+def test_torchrun_trains_a_tag_model_with_the_same_val_map_on_every_rank(tmp_path):
+    # Every rank scores all of val (an AP does not add up across ranks), so the best epoch is the same on each.
+    data = tagged_photos(tmp_path / "tagged")
+    argv = ["--data", str(data), "--labels", str(data / "labels.csv"), "--val-fraction", "0.25", "--device", "cpu",
+            "--epochs", "2", "--batch-size", "8", "--workers", "0", "--out-dir", str(tmp_path / "models"),
+            "--log-dir", str(tmp_path / "logs"), "--curves-dir", str(tmp_path / "curves"), "--run-name", "t"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *argv]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("epoch 2/2") == 1 and "mAP" in r.stdout and "tags: thresholds fitted on val" in r.stdout
+    ckpt = load_checkpoint(tmp_path / "models" / "best_model.pth")
+    assert len(ckpt["tag_thresholds"]) == 3 and 0 <= ckpt["metrics"]["val"]["map"] <= 1
