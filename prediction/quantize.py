@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from core.common import UserError
 from dataset import Split, load_items, trained_items
-from prediction.checkpoint import config_of, fingerprint_of
+from prediction.checkpoint import config_of, fingerprint_of, tag_thresholds_of
 from prediction.predict import OnnxFeatures, export_features, normalize, predict_images
 
 CALIBRATION_BATCH = 32  # images per batch fed to the calibrator
@@ -77,9 +77,10 @@ def int8_images(ckpt: dict, data: str | None = None, calibration: int = 300, see
                         f"classes ({', '.join(classes)})")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calibration]
     size, channels = ckpt["image_size"], ckpt["channels"]
+    tags = tag_thresholds_of(ckpt) is not None
     sample = load_items([train[i] for i in sorted(pick.tolist())], classes, "calibration", size, channels,
-                        workers=workers)
-    return sample.images, load_items(val, classes, "val", size, channels, workers=workers)
+                        workers=workers, tags=tags)
+    return sample.images, load_items(val, classes, "val", size, channels, workers=workers, tags=tags)
 
 
 def calibration_reader(images: torch.Tensor, normalization: dict):
@@ -162,12 +163,17 @@ def compare(model: nn.Module, ckpt: dict, runtime: OnnxFeatures, images: torch.T
     if not pairs:
         raise UserError("the INT8 check needs labelled val images; none were readable")
     classes = list(ckpt["classes"])
-    truth = [classes[k] for k in labels.tolist()]
+    if labels.dim() == 2:  # several tags per image: a prediction is its set of tags, right when it is the true set
+        truth = [frozenset(c for c, y in zip(classes, row) if y) for row in labels.tolist()]
+        pairs = [(frozenset(f.labels), frozenset(q.labels), f.known, q.known) for f, q in pairs]
+    else:
+        truth = [classes[k] for k in labels.tolist()]
+        pairs = [(f.label, q.label, f.known, q.known) for f, q in pairs]
     n = len(pairs)
-    known = (None if pairs[0][0].known is None else sum(f.known == q.known for f, q in pairs) / n)
-    return Int8Check(n, sum(f.label == q.label for f, q in pairs) / n,
-                     sum(f.label == t for (f, _), t in zip(pairs, truth)) / n,
-                     sum(q.label == t for (_, q), t in zip(pairs, truth)) / n, known)
+    known = None if pairs[0][2] is None else sum(fk == qk for _, _, fk, qk in pairs) / n
+    return Int8Check(n, sum(f == q for f, q, _, _ in pairs) / n,
+                     sum(f == t for (f, _, _, _), t in zip(pairs, truth)) / n,
+                     sum(q == t for (_, q, _, _), t in zip(pairs, truth)) / n, known)
 
 
 def int8_runtime(model: nn.Module, ckpt: dict, path: str | Path, threads: int = 1) -> tuple[OnnxFeatures, str]:

@@ -171,7 +171,8 @@ def test_a_tag_model_trains_and_answers_with_tags(tmp_path, capsys):
         assert client.post("/gradcam", content=photo.read_bytes()).json()["labels"] == list(prediction.labels)
         assert "tagThresholds" in client.get("/").text
     assert export.main(["--checkpoint", str(tmp_path / "m" / "best_model.pth"), "--out", str(tmp_path / "x" / "model"),
-                        "--format", "onnx"]) == 0
+                        "--format", "onnx", "onnx-int8", "--int8-tolerance", "100"]) == 0  # 5 val images
+    assert "INT8 agrees with float on" in capsys.readouterr().out  # tag sets compared, calibrated on tag images
     saved = json.loads((tmp_path / "x" / "model.json").read_text())
     assert saved["tag_thresholds"] == dict(zip(ckpt["classes"], ckpt["tag_thresholds"]))
 
