@@ -2,9 +2,11 @@
 anywhere under DATA), the carve that spreads every tag, and the data report on tags."""
 import csv
 import json
+import math
 from collections import Counter
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -184,3 +186,19 @@ def test_zero_one_columns_beside_a_label_column_are_not_tags(tmp_path):
                 [[f"{i}.png", ["cat", "dog"][i % 2], str(i % 2), str(int(i < 3))] for i in range(6)])
     lay = read_layout(data, labels_file=data / "labels.csv", val_fraction=0.0)
     assert not lay.multi_label and lay.classes == ["cat", "dog"]
+
+
+def test_tag_metrics_on_a_hand_worked_case():
+    from core.metrics import average_precision, best_f1_thresholds, tag_figures
+    scores, hits = torch.tensor([0.9, 0.8, 0.7, 0.1]), torch.tensor([1, 0, 1, 0])
+    assert average_precision(scores, hits) == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert math.isnan(average_precision(scores, torch.zeros(4)))
+    probs = torch.stack([scores, scores], 1)
+    targets = torch.stack([hits, torch.zeros(4)], 1)
+    # Tag 0: keeping the top 3 gives F1 0.8, the best: the threshold lies between 0.7 and 0.1.
+    assert best_f1_thresholds(probs, targets) == pytest.approx([0.4, 0.5])
+    figures = tag_figures(probs, targets, [0.4, 0.5], ["a", "b"])
+    assert figures["per_tag"]["a"]["f1"] == pytest.approx(0.8) and figures["per_tag"]["b"]["support"] == 0
+    # micro: 2 right; 3 predicted for a and 3 for b (no truth); 2 true: 2*2 / (6 + 2).
+    assert figures["micro_f1"] == pytest.approx(0.5) and figures["macro_f1"] == pytest.approx(0.8)
+    assert figures["map"] == pytest.approx((1 + 2 / 3) / 2)  # the tag no image has is left out
