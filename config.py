@@ -57,6 +57,8 @@ class TrainConfig:
     multi_label: bool = _f(False, "read the --labels table's label column as several tags per image (a column "
                            "named tags/labels/genres... with several per row, or 0/1 columns per tag, is read so "
                            "anyway)")
+    untagged: bool = _f(False, "with several tags per image: keep the table's rows with no tag as images with none "
+                        "of the tags (default: left out, and counted)")
     classes: list[str] = _f([], "train on these classes only (default: every class found)")
     val_fraction: float = _f(0.2, "share of train held out (stratified) when there is no val split")
     test_fraction: float = _f(0.0, "share of train held out as test (stratified) when there is no test split")
@@ -179,7 +181,8 @@ class TrainConfig:
         return {"labels_file": self.labels or None, "label_columns": self.label_columns or None,
                 "labels_from_name": self.labels_from_name, "name_pattern": self.name_pattern or None,
                 "val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "seed": self.seed,
-                "classes": self.classes or None, "need": need, "multi_label": self.multi_label}
+                "classes": self.classes or None, "need": need, "multi_label": self.multi_label,
+                "untagged": self.untagged}
 
     def __post_init__(self):
         """The one check of the settings whatever they come from (flags, --config, a saved run, a caller): a field
@@ -241,7 +244,7 @@ def _flag_kwargs(f: dataclasses.Field, hints: dict) -> dict:
 
 
 # Where the labels come from: the flags every script that reads a dataset takes (train, evaluate, check, split).
-SOURCE_FIELDS = ("labels", "label_columns", "labels_from_name", "name_pattern", "multi_label")
+SOURCE_FIELDS = ("labels", "label_columns", "labels_from_name", "name_pattern", "multi_label", "untagged")
 # What decides the carved val/test splits, besides the source.
 CARVE_FIELDS = ("classes", "val_fraction", "test_fraction", "seed")
 # What check_data.py --label-errors trains with, besides the defaults.

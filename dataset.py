@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from config import NORMALIZATION, TrainConfig
 from core.common import UserError, reports_user_errors
 from loading.cache import derived_rows, update_cache
-from loading.carve import TAG_SEP, split_tags
+from loading.carve import narrow_tags, split_tags
 from loading.decode import decode_files, decode_image, expand_inputs, mapped_tensor
 from loading.layout import Layout, layout_splits, read_layout
 from loading.near_duplicates import GRID, VARIANTS, StartUpCheck, descriptors, start_up_check
@@ -445,9 +445,8 @@ def trained_items(saved: dict, classes: list[str], data: str | None = None) -> d
     splits = layout_splits(lay)
     if lay.multi_label:  # tags the run did not learn are dropped from each image
         keep = set(classes)
-        splits = {name: [(p, TAG_SEP.join(sorted(split_tags(c) & keep))) for p, c in items]
-                  for name, items in splits.items()}
-        return {name: [(p, c) for p, c in items if c] for name, items in splits.items()}
+        return {name: [(p, narrow) for p, c in items if (narrow := narrow_tags(c, keep))]
+                for name, items in splits.items()}
     return {name: [(path, c) for path, c in items if c in classes] for name, items in splits.items()}
 
 

@@ -39,7 +39,7 @@ from core.metrics import compute_metrics, most_confident_wrong, tag_figures
 from core.plots import (plot_confusion_matrix, plot_gallery, plot_gradcam, plot_pr_curves, plot_unknown_scores,
                         save_figure)
 from dataset import load_items
-from loading.carve import split_tags
+from loading.carve import narrow_tags
 from loading.decode import BadImage, decode_image, expand_inputs
 from loading.layout import read_layout, layout_splits, split_of
 from prediction.checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
@@ -191,7 +191,7 @@ def evaluate_split(args: argparse.Namespace, device: torch.device, prov: dict) -
     check_classes(lay.classes, classes, settings.data, subset_ok=bool(settings.classes))
     thresholds = tag_thresholds_of(ckpt)
     items = [(p, c) for p, c in layout_splits(lay)[split_name]
-             if (split_tags(c) & set(classes) if thresholds is not None else c in classes)]
+             if (narrow_tags(c, set(classes)) if thresholds is not None else c in classes)]
     where = f"{settings.data} ({split_name}" + (", carved from train" if split_name in lay.carve else "") + ")"
     split = load_items(items, classes, split_name, ckpt["image_size"], ckpt["channels"], args.cache_dir, args.workers,
                        tags=thresholds is not None)

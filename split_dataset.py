@@ -50,6 +50,9 @@ def plan_split(src: Path, ratios: list[float], seed: int, source: dict | None = 
     cfg = TrainConfig(data=str(src), val_fraction=ratios[1], test_fraction=ratios[2] if len(ratios) > 2 else 0.0,
                       seed=seed, **(source or {}))
     lay = read_layout(cfg.data, **cfg.layout_settings())
+    if lay.multi_label:
+        raise UserError(f"{src} has several tags per image, which class folders cannot hold: train on the table as it "
+                        "is (train.py --labels carves val so that every tag is in it)")
     print(lay.description)
     problems = format_problems(lay)
     if problems:

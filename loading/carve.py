@@ -16,8 +16,15 @@ TAG_SEP = "|"  # joins an image's tags into the one label string a layout item h
 
 
 def split_tags(label: str) -> set[str]:
-    """The tags of a multi-label item's label string ('' = none)."""
+    """The tags of a multi-label item's label string ('' or TAG_SEP alone: none)."""
     return {t for t in label.split(TAG_SEP) if t}
+
+
+def narrow_tags(label: str, keep: set[str]) -> str:
+    """An item's label with only the tags in `keep`: '' (the item is dropped) when it had tags and none is kept;
+    TAG_SEP alone, an image with none of the tags, stays so."""
+    tags = split_tags(label)
+    return TAG_SEP.join(sorted(tags & keep)) if tags else label
 
 
 def carve_indices(labels: list, ratios: list[float], seed: int) -> list[list[int]]:

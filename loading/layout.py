@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.common import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, UserError, is_hidden
-from loading.carve import TAG_SEP, carve, split_tags
+from loading.carve import TAG_SEP, carve, narrow_tags, split_tags
 from loading.files import abs_path, files_in, is_image, subdirs, walk_files, walk_paths
 
 # Header names that hold the file and the label, in order of preference (compared as lower_snake_case).
@@ -302,6 +302,7 @@ class _Tags:
     0/1 column per tag (`columns`: (index, tag))."""
     sep: str | None = None
     columns: tuple[tuple[int, str], ...] = ()
+    keep_untagged: bool = False  # a row with no tag is an image with none of the tags (else it is left out)
 
 
 def binary_columns(header: list[str], rows: list[list[str]], skip: set[int]) -> list[int]:
@@ -333,11 +334,11 @@ def _row_label(row: list[str], label_col: int | None, tags: _Tags | None) -> str
         names = [name for c, name in tags.columns if _cell(row, c) == "1"]
     else:
         names = [t.replace(TAG_SEP, "_") for t in parse_tags(_cell(row, label_col), tags.sep)]
-    return TAG_SEP.join(sorted(set(names)))
+    return TAG_SEP.join(sorted(set(names))) or (TAG_SEP if tags.keep_untagged else "")
 
 
-def _table_reading(header: list[str], rows: list[list[str]], label_columns, table: Path, multi_label: bool
-                   ) -> tuple[tuple[int, int | None, int | None], _Tags | None]:
+def _table_reading(header: list[str], rows: list[list[str]], label_columns, table: Path, multi_label: bool,
+                   untagged: bool = False) -> tuple[tuple[int, int | None, int | None], _Tags | None]:
     """(file, label and split columns; how tags are read, None for one label per row). 0/1 tag columns are read
     when there are two or more and no column is named as one label's (LABEL_COLUMNS) nor given by --label-columns;
     a column of tags is read as several tags per row when its header says tags (TAG_COLUMNS) and some row has
@@ -350,25 +351,26 @@ def _table_reading(header: list[str], rows: list[list[str]], label_columns, tabl
         if binary:
             if split_col is not None and not any(split_of(r[split_col]) for r in rows if len(r) > split_col):
                 split_col = None
-            return (file_col, None, split_col), _Tags(columns=tuple((c, header[c]) for c in binary))
+            return (file_col, None, split_col), _Tags(columns=tuple((c, header[c]) for c in binary),
+                                                      keep_untagged=untagged)
     columns = _table_columns(header, rows, label_columns, table)
     cells = [_cell(r, columns[1]) for r in rows]
     sep = tag_separator(cells)
     several = any(len(parse_tags(c, sep)) > 1 for c in cells)
     if multi_label or (_column_key(header[columns[1]]) in TAG_COLUMNS and several):
-        return columns, _Tags(sep=sep)
+        return columns, _Tags(sep=sep, keep_untagged=untagged)
     return columns, None
 
 
 def _from_table(table: Path, label_columns, split_dirs: dict[str, Path], others: list[Path], root: Path,
-                base: Path, problems, rel, multi_label: bool = False
+                base: Path, problems, rel, multi_label: bool = False, untagged: bool = False
                 ) -> tuple[dict[str, list[tuple[str, str]]], str, bool]:
     """Labels (and splits) from the table's rows, for the files they name relative to the table's folder, DATA or
     the split folders, or by a name found once anywhere under DATA: (items per split, the 'columns ...' text that
     says which columns were read, whether rows carry several tags). The rows left out, and the images no row
     names, are named in `problems`."""
     header, rows = read_table(table)
-    columns, tags = _table_reading(header, rows, label_columns, table, multi_label)
+    columns, tags = _table_reading(header, rows, label_columns, table, multi_label, untagged)
     resolve = _Resolver([table.parent, root, base, *split_dirs.values()], root)
     labels, named = _table_labels(rows, columns, resolve, split_dirs, problems, rel, tags)
     _report_unlabeled([*split_dirs.values(), *others], named, root, base, table, problems, rel)
@@ -502,13 +504,14 @@ def _report_unlabeled(folders: list[Path], named: set[Path], root: Path, base: P
 def read_layout(data: str | Path, *, labels_file: str | Path | None = None, label_columns: list[str] | None = None,
                 labels_from_name: bool = False, name_pattern: str | None = None, val_fraction: float = 0.2,
                 test_fraction: float = 0.0, seed: int = 0, classes: list[str] | None = None,
-                need: str | None = "train", multi_label: bool = False) -> Layout:
+                need: str | None = "train", multi_label: bool = False, untagged: bool = False) -> Layout:
     """What DATA holds: class names, files per split, what is still to carve from train, and the problems.
 
     Labels come from class folders (the default), from a table (labels_file, columns by header name or
     label_columns), or from file names (labels_from_name / name_pattern). A table may give several tags per
     image (a column of tags, or one 0/1 column per tag; multi_label reads the label column as tags): the
-    classes are then the tags, and the carve spreads every tag. `need` is the split the caller
+    classes are then the tags, and the carve spreads every tag; a row with no tag is left out and counted, or with
+    `untagged` kept as an image with none of them. `need` is the split the caller
     reads ('train' for training); a UserError says what to change when it would have no images, or when
     there are fewer than 2 classes.
     """
@@ -541,7 +544,7 @@ def read_layout(data: str | Path, *, labels_file: str | Path | None = None, labe
         raise UserError("--multi-label reads several tags per image from a labels table: give it with --labels FILE")
     if source == "table":
         items, columns, tagged = _from_table(table, label_columns, split_dirs, others, root, base, problems, rel,
-                                             multi_label)
+                                             multi_label, untagged)
     elif source == "names":
         items = _from_names(split_dirs, rule, {root, base}, problems, rel)
     else:
@@ -627,8 +630,7 @@ def _choose_tags(items: dict[str, list[tuple[str, str]]], wanted: list[str] | No
     keep = set(names)
     totals = defaultdict(int)
     for s in SPLITS:
-        kept = [(p, TAG_SEP.join(sorted(ts & keep))) for (p, _), ts in zip(items[s], tags_of[s])]
-        items[s] = [(p, c) for p, c in kept if c]
+        items[s] = [(p, narrow) for p, c in items[s] if (narrow := narrow_tags(c, keep))]
         for _, c in items[s]:
             for t in split_tags(c):
                 totals[t] += 1

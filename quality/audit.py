@@ -127,7 +127,7 @@ def tag_report(lay: Layout, pairs: int = 10) -> dict:
             "rare_to_learn": [t for t in lay.classes if count["train"][t] < MIN_TAG_TRAIN],
             "rare_to_measure": [t for t in lay.classes if count["val"][t] < MIN_TAG_VAL] if sets["val"] else [],
             "pairs": [[a, b, n] for (a, b), n in together.most_common(pairs)],
-            "no_tag": len(lay.problems.get(NO_TAG, []))}
+            "no_tag": len(lay.problems.get(NO_TAG, [])), "untagged_kept": sum(not ts for ts in every)}
 
 
 def _image_entries(lay: Layout, r: dict) -> list[tuple[str, str, str]]:
@@ -297,13 +297,14 @@ def _judge_tags(r: dict) -> None:
         r["warnings"].append(f"tag(s) on fewer than {t['min_val']} val images, too rare to measure (their AP is "
                              f"noise): {', '.join(t['rare_to_measure'])}")
     if t["no_tag"]:
-        r["warnings"].append(f"{t['no_tag']} table row(s) give no tag: left out")
+        r["warnings"].append(f"{t['no_tag']} table row(s) give no tag: left out (--untagged keeps them as images "
+                             "with none of the tags)")
 
 
 def format_tags(t: dict) -> list[str]:
     """The report lines on tags: how many per image, and the most frequent pairs."""
     lines = [f"tags: {t['images']} images, {t['tags_per_image']} tags per image on average (the counts above are "
-             "images per tag)"]
+             "images per tag)" + (f"; {t['untagged_kept']} with no tag, kept" if t["untagged_kept"] else "")]
     if t["pairs"]:
         lines.append("tags seen together most: " + ", ".join(f"{a}+{b} {n}" for a, b, n in t["pairs"]))
     return lines

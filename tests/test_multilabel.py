@@ -15,8 +15,10 @@ import evaluate
 import export
 import inference
 import serve
+import split_dataset
 import train
 from conftest import SHARED
+from dataset import load_items
 from loading.carve import iterative_stratification, split_tags
 from loading.layout import NO_TAG, SEVERAL, layout_splits, read_layout
 from prediction import Classifier
@@ -202,3 +204,22 @@ def test_tag_metrics_on_a_hand_worked_case():
     # micro: 2 right; 3 predicted for a and 3 for b (no truth); 2 true: 2*2 / (6 + 2).
     assert figures["micro_f1"] == pytest.approx(0.5) and figures["macro_f1"] == pytest.approx(0.8)
     assert figures["map"] == pytest.approx((1 + 2 / 3) / 2)  # the tag no image has is left out
+
+
+def test_rows_with_no_tag_are_left_out_or_kept_as_images_with_none(tmp_path, capsys):
+    data = tagged_photos(tmp_path / "tagged", 12)
+    rows = [["image", "tags"]] + [[f"p{i}.png", "" if i < 3 else ["red", "blue sky"][i % 2]] for i in range(12)]
+    write_table(data / "labels.csv", *rows[:1], rows[1:])
+    lay = read_layout(data, labels_file=data / "labels.csv", val_fraction=0.0)
+    assert len(lay.items["train"]) == 9 and len(lay.problems[NO_TAG]) == 3
+    lay = read_layout(data, labels_file=data / "labels.csv", val_fraction=0.0, untagged=True)
+    assert len(lay.items["train"]) == 12 and NO_TAG not in lay.problems
+    untagged = [c for _, c in lay.items["train"] if not split_tags(c)]
+    assert len(untagged) == 3
+    split = load_items(lay.items["train"], lay.classes, "train", 32, 3, tags=True)
+    assert split.labels.shape == (12, 3) and int((split.labels.sum(1) == 0).sum()) == 3
+    assert check_data.main([str(data), "--labels", str(data / "labels.csv"), "--untagged", "--workers", "0"]) == 0
+    assert "3 with no tag, kept" in capsys.readouterr().out
+    assert split_dataset.main([str(data), str(tmp_path / "out"), "--labels", str(data / "labels.csv")]) == 2
+    assert "several tags per image, which class folders cannot hold" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
