@@ -223,3 +223,17 @@ def test_rows_with_no_tag_are_left_out_or_kept_as_images_with_none(tmp_path, cap
     assert split_dataset.main([str(data), str(tmp_path / "out"), "--labels", str(data / "labels.csv")]) == 2
     assert "several tags per image, which class folders cannot hold" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_tag_model_trains_within_a_time_budget(tmp_path, capsys):
+    data = tagged_photos(tmp_path / "tagged")
+    assert train.main(["--data", str(data), "--labels", str(data / "labels.csv"), "--workers", "0",
+                       "--val-fraction", "0.25", "--time-budget", "8", "--epochs", "1000",
+                       "--out-dir", str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"),
+                       "--curves-dir", str(tmp_path / "c"), "--run-name", "b"]) == 0
+    out = capsys.readouterr().out
+    assert "tags: thresholds fitted on val" in out
+    summary = json.loads((tmp_path / "l" / "b" / "summary.json").read_text())
+    assert summary["plan"] is not None and summary["wall_seconds"] < 60 and "best_val_map" in summary
+    assert len(summary["history"]) < 1000 and "val_map" in summary["history"][-1]
