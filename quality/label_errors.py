@@ -237,6 +237,8 @@ def format_label_check(summary: dict, limit: int = 20) -> str:
 def train_split_of(cfg: TrainConfig) -> tuple[Layout, Split]:
     """cfg.data's layout and its train split, decoded as train.py reads them (through the cache)."""
     lay = read_layout(cfg.data, **cfg.layout_settings(need=None))
+    if lay.multi_label:
+        raise UserError("--label-errors takes one class per image, not several tags")
     return lay, load_items(layout_splits(lay)["train"], lay.classes, "train", cfg.image_size, cfg.channels,
                            cfg.cache_dir, cfg.workers)
 

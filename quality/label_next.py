@@ -26,7 +26,7 @@ from core.common import UserError, pick_amp_dtype, pick_device
 from dataset import load_folder
 from model import WEIGHT_PACKAGES
 from prediction.checkpoint import (config_of, load_checkpoint, model_from_checkpoint, normalization_of,
-                                   temperature_of, tta_of)
+                                   tag_thresholds_of, temperature_of, tta_of)
 from prediction.predict import extract_features
 from quality.label_errors import write_listing
 from training.features import cached_features, feature_logits
@@ -181,6 +181,8 @@ def label_next(folder: str, checkpoint: str, n: int, out_dir: str | Path, move_t
     ranked (rank_to_label on its penultimate features and its calibrated probabilities), written to out_dir
     (write_picks) and, with move_to, copied there."""
     ckpt = load_checkpoint(checkpoint)
+    if tag_thresholds_of(ckpt) is not None:
+        raise UserError("--label-next ranks by a model of one class per image, not one of several tags")
     unlabelled = load_folder(folder, "--label-next", ckpt["image_size"], ckpt["channels"], cache_dir, workers)
     penultimate, logits = folder_features(ckpt, unlabelled.images, unlabelled.paths, cache_dir)
     probs = torch.softmax(logits / temperature_of(ckpt), dim=1)

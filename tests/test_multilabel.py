@@ -147,6 +147,11 @@ def test_a_tag_model_trains_and_answers_with_tags(tmp_path, capsys):
     assert Classifier(ckpt).predict(data / "images" / "p0.png").labels is not None
     assert train.main([*common, "--other", str(data / "images")]) == 2
     assert "--other takes one class per image, not several tags" in capsys.readouterr().err
+    assert check_data.main([str(data), "--labels", str(data / "labels.csv"), "--label-errors"]) == 2
+    assert "--label-errors takes one class per image, not several tags" in capsys.readouterr().err
+    assert check_data.main([str(data / "images"), "--label-next", "2", "--checkpoint",
+                            str(tmp_path / "m" / "best_model.pth")]) == 2
+    assert "--label-next ranks by a model of one class per image" in capsys.readouterr().err
     assert train.main([*common, "--arch", "efficientnet_lite0", "--image-size", "64", "--epochs", "30",
                        "--weight-decay", "0.01"]) == 0
     out = capsys.readouterr().out
