@@ -501,6 +501,26 @@ def _report_unlabeled(folders: list[Path], named: set[Path], root: Path, base: P
 
 # ---------------------------------------------------------------- the layout
 
+def _checked_settings(root: Path, labels_file: str | Path | None, by_name: bool, val_fraction: float,
+                      test_fraction: float, multi_label: bool) -> Path | None:
+    """The labels table (None without one), once the settings are known to fit together and the folders exist;
+    else the UserError that says what to change."""
+    if not root.is_dir():
+        raise UserError(f"no dataset folder at {root}: expected DATA/<class>/<images> or DATA/train/<class>/<images>"
+                        f" (see the README's 'Your data')")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UserError(f"--val-fraction {val_fraction:g} and --test-fraction {test_fraction:g} must each lie in "
+                        f"[0, 1) and leave some of train: their sum must be below 1")
+    if labels_file and by_name:
+        raise UserError("give the labels one way: --labels FILE or --labels-from-name/--name-pattern, not both")
+    table = Path(labels_file) if labels_file else None
+    if table is not None and not table.is_file():
+        raise UserError(f"no labels table at {table}")
+    if multi_label and table is None:
+        raise UserError("--multi-label reads several tags per image from a labels table: give it with --labels FILE")
+    return table
+
+
 def read_layout(data: str | Path, *, labels_file: str | Path | None = None, label_columns: list[str] | None = None,
                 labels_from_name: bool = False, name_pattern: str | None = None, val_fraction: float = 0.2,
                 test_fraction: float = 0.0, seed: int = 0, classes: list[str] | None = None,
@@ -516,17 +536,8 @@ def read_layout(data: str | Path, *, labels_file: str | Path | None = None, labe
     there are fewer than 2 classes.
     """
     root = Path(data)
-    if not root.is_dir():
-        raise UserError(f"no dataset folder at {root}: expected DATA/<class>/<images> or DATA/train/<class>/<images>"
-                        f" (see the README's 'Your data')")
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise UserError(f"--val-fraction {val_fraction:g} and --test-fraction {test_fraction:g} must each lie in "
-                        f"[0, 1) and leave some of train: their sum must be below 1")
-    if labels_file and (labels_from_name or name_pattern):
-        raise UserError("give the labels one way: --labels FILE or --labels-from-name/--name-pattern, not both")
-    table = Path(labels_file) if labels_file else None
-    if table is not None and not table.is_file():
-        raise UserError(f"no labels table at {table}")
+    table = _checked_settings(root, labels_file, labels_from_name or bool(name_pattern), val_fraction,
+                              test_fraction, multi_label)
     source = "table" if table else "names" if (labels_from_name or name_pattern) else "folders"
     rule = name_rule(name_pattern) if source == "names" else None
 
@@ -540,8 +551,6 @@ def read_layout(data: str | Path, *, labels_file: str | Path | None = None, labe
     if single:
         split_dirs = {"train": base}
     columns, tagged = "", False
-    if multi_label and source != "table":
-        raise UserError("--multi-label reads several tags per image from a labels table: give it with --labels FILE")
     if source == "table":
         items, columns, tagged = _from_table(table, label_columns, split_dirs, others, root, base, problems, rel,
                                              multi_label, untagged)
@@ -550,7 +559,7 @@ def read_layout(data: str | Path, *, labels_file: str | Path | None = None, labe
     else:
         items = _from_folders(split_dirs, problems, rel)
 
-    names = _choose_tags(items, classes, problems) if tagged else _choose_classes(items, classes, problems)
+    names = _choose_classes(items, classes, problems, tagged)
     carve = {}
     if items["train"]:
         if not items["val"] and val_fraction > 0:
@@ -581,60 +590,39 @@ class _relative_to:
             return str(p)
 
 
-def _choose_classes(items: dict[str, list[tuple[str, str]]], wanted: list[str] | None, problems) -> list[str]:
+def _choose_classes(items: dict[str, list[tuple[str, str]]], wanted: list[str] | None, problems,
+                    tagged: bool = False) -> list[str]:
     """Sorted class names of train (of every split when there is no train), narrowed to `wanted`; items of
-    other classes are removed, and val/test images of a class train lacks are reported."""
-    everywhere = sorted({c for split in items.values() for _, c in split})
-    found = sorted({c for _, c in items["train"]}) if items["train"] else everywhere
+    other classes are removed, and val/test images of a class train lacks, and classes on a single image, are
+    reported. With `tagged` (several tags per image) the classes are the tags: other tags are dropped from every
+    image, and an image left with none of its tags is dropped (carve.narrow_tags)."""
+    def labels_of(c: str) -> set[str]:
+        return split_tags(c) if tagged else {c}
+
+    def narrowed(c: str, keep: set[str]) -> str:
+        return narrow_tags(c, keep) if tagged else c if c in keep else ""
+
+    every = {s: [labels_of(c) for _, c in v] for s, v in items.items()}
+    found = sorted(set().union(*(every["train"] if items["train"] else [ls for v in every.values() for ls in v])))
+    known = set(found)
     for s in ("val", "test"):
         lacking = defaultdict(int)
-        for _, c in items[s]:
-            if c not in found:
-                lacking[c] += 1
+        for c in (c for ls in every[s] for c in ls if c not in known):
+            lacking[c] += 1
         problems[NOT_IN_TRAIN] += [f"{s}: {c} ({_images(n)})" for c, n in sorted(lacking.items())]
     names = found
     if wanted:
-        missing = [c for c in wanted if c not in found]
+        missing = [c for c in wanted if c not in known]
         if missing:
             raise UserError(f"--classes {' '.join(missing)} not found in the data (it has: {', '.join(found)})")
         names = sorted(set(wanted))
     keep = set(names)
-    for s in SPLITS:
-        items[s] = [(p, c) for p, c in items[s] if c in keep]
     totals = defaultdict(int)
-    for split in items.values():
-        for _, c in split:
+    for s in SPLITS:
+        items[s] = [(p, n) for p, c in items[s] if (n := narrowed(c, keep))]
+        for c in (c for _, label in items[s] for c in labels_of(label)):
             totals[c] += 1
     problems[SINGLE] += [c for c in names if totals[c] == 1]
-    return names
-
-
-def _choose_tags(items: dict[str, list[tuple[str, str]]], wanted: list[str] | None, problems) -> list[str]:
-    """_choose_classes for images with several tags: the sorted tags of train, narrowed to `wanted` (other tags
-    dropped from every image, and an image left with none dropped); val/test tags train lacks, and tags on a
-    single image, are reported."""
-    tags_of = {s: [split_tags(c) for _, c in v] for s, v in items.items()}
-    found = sorted(set().union(*tags_of["train"])) if items["train"] else sorted(
-        set().union(*(t for v in tags_of.values() for t in v)))
-    for s in ("val", "test"):
-        lacking = defaultdict(int)
-        for t in (t for ts in tags_of[s] for t in ts if t not in found):
-            lacking[t] += 1
-        problems[NOT_IN_TRAIN] += [f"{s}: {t} ({_images(n)})" for t, n in sorted(lacking.items())]
-    names = found
-    if wanted:
-        missing = [c for c in wanted if c not in found]
-        if missing:
-            raise UserError(f"--classes {' '.join(missing)} not found in the data (it has: {', '.join(found)})")
-        names = sorted(set(wanted))
-    keep = set(names)
-    totals = defaultdict(int)
-    for s in SPLITS:
-        items[s] = [(p, narrow) for p, c in items[s] if (narrow := narrow_tags(c, keep))]
-        for _, c in items[s]:
-            for t in split_tags(c):
-                totals[t] += 1
-    problems[SINGLE] += [t for t in names if totals[t] == 1]
     return names
 
 
