@@ -32,12 +32,13 @@ import torch.nn.functional as F
 
 from config import TrainConfig
 from core.common import save_atomic
-from core.metrics import tag_figures
+from core.metrics import correct_count, loss_sum
 from dataset import Split
 from model import head_of, unwrap
 from prediction.checkpoint import load_checkpoint, novelty_record, save_checkpoint, with_novelty, with_temperature
 from prediction.novelty import fit_states, scores_by_name, threshold_for_accept_rate
 from prediction.predict import pooled_features
+from training.loop import tag_validation
 from training.optimization import class_weight_tensor, tag_pos_weight, warmup_cosine
 from training.posthoc import calibration, novelty_figures
 
@@ -146,12 +147,6 @@ class HeadTrainer:
         return F.cross_entropy(logits, y, weight=self.weights, reduction="none",
                                label_smoothing=self.cfg.label_smoothing)
 
-    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> float:
-        """Images right (the top class), or with tags the share of each image's tags right at 0.5, summed."""
-        if self.tagged:
-            return ((logits > 0) == y.bool()).float().mean(1).sum().item()
-        return (logits.argmax(1) == y).sum().item()
-
     def epoch(self) -> tuple[dict, dict]:
         """One pass over the training features, then val: (train figures, val figures) as the full loop's; with
         tags val also has map, micro_f1 and macro_f1 (at 0.5)."""
@@ -166,24 +161,21 @@ class HeadTrainer:
             self.optimizer.step()
             self.scheduler.step()
             total += loss.item() * len(idx)
-            correct += self.hits(logits.detach(), self.y[idx])
+            correct += correct_count(logits.detach(), self.y[idx])
         tr = {"loss": total / len(self.x), "acc": correct / len(self.x), "images": len(self.x),
               "skipped_steps": 0, "data_seconds": 0.0, "seconds": time.time() - started}
         return tr, self.evaluate()
 
     def evaluate(self) -> dict:
-        """The head's figures on val: loss and accuracy, and with tags mAP and F1 at 0.5."""
+        """The head's figures on val as the full loop's validate gives them: the plain loss (no weights or
+        smoothing) and accuracy, and with tags mAP and F1 at 0.5 (loop.tag_validation)."""
         n = len(self.val)
         with torch.no_grad():
             logits = self.head(self.val)
-            ev = {"loss": self.losses(logits, self.val_labels).mean().item() if n else float("nan"),
-                  "acc": self.hits(logits, self.val_labels) / n if n else float("nan")}
-        if self.tagged and n:
-            probs = torch.sigmoid(logits)
-            figures = tag_figures(probs, self.val_labels, [0.5] * probs.shape[1], [str(t) for t in range(
-                probs.shape[1])])
-            ev.update(map=figures["map"], micro_f1=figures["micro_f1"], macro_f1=figures["macro_f1"])
-        return ev
+        if self.tagged:
+            return tag_validation(logits, self.val_labels)
+        return {"loss": loss_sum(logits, self.val_labels) / n if n else float("nan"),
+                "acc": correct_count(logits, self.val_labels) / n if n else float("nan")}
 
     @property
     def lr(self) -> float:
