@@ -24,8 +24,8 @@ saved run's settings are the defaults and the flags given override them."""
 # Pretrained backbones whose ImageNet weights come installed with a package (model.WEIGHT_PACKAGES), and what an
 # --arch of one takes unless the flags say otherwise: the input its weights were trained at, those weights, and
 # the head's recipe on its frozen features (a strong weight decay, few epochs: chosen on held-out train photos of
-# Dogs vs. Cats, benchmarks/bench_backbone.py; BENCHMARKS.md), and how sure label spreading must be of an
-# --unlabeled image's class (chosen on train photos of Dogs vs. Cats held out from 10 labelled per class).
+# Dogs vs. Cats, benchmarks/bench_backbone.py; docs/experiments/backbone.md), and how sure label spreading must be
+# of an --unlabeled image's class (chosen on train photos of Dogs vs. Cats held out from 10 labelled per class).
 BACKBONE_DEFAULTS = {"efficientnet_lite0": {"image_size": 224, "channels": 3, "pretrained": True, "epochs": 20,
                                             "weight_decay": 5.0, "pseudo_threshold": 0.6}}
 ARCHS = ("resnet_small", "resnet18", "resnet50", *BACKBONE_DEFAULTS)

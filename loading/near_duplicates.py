@@ -46,7 +46,8 @@ SIDE = 32           # the thumbnails' side (quality/audit.py decodes at this siz
 GRID = 8            # the descriptor is a GRID x GRID thumbnail
 CROP_SIDES = (30, 28)  # of SIDE = 32: crops of 6% and 12.5%, and the places between, are matched within a pixel
 VARIANTS = 1 + 9 * len(CROP_SIDES)  # descriptors per image: the whole image, then its crops
-THRESHOLD = 0.96    # cosine of a near-copy: measured on real photos (benchmarks/bench.py near-copies, BENCHMARKS.md)
+# The cosine of a near-copy: measured on real photos (benchmarks/bench.py near-copies, docs/experiments/data-checks.md).
+THRESHOLD = 0.96
 TABLES, BITS = 24, 28  # hash tables and bits per key: a near-copy shares a key in one of them (measured)
 TABLE_GROUP = 2     # tables keyed in one pass over the descriptors: 4 bytes a key, VARIANTS + 2 keys per image
 LOOKALIKE_GROUP = 10  # a chain of more images than this is pictures that look alike at 8x8 (one shape on a

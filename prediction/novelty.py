@@ -23,8 +23,9 @@ Every score is oriented the same way: the higher, the less the image looks like 
                      on real photos of other things (../shared/data/other, scenes and objects) against cat/dog val
                      photos, never on generated ones, by what carries from one kind to the other (leave one source
                      out, benchmarks/bench_unknown.py): the sum separates them better than any part alone, each
-                     part catching images the others miss; see BENCHMARKS.md. For a model trained with --other
-                     the energy part counts OTHER_ENERGY_WEIGHT times: outlier exposure trains it.
+                     part catching images the others miss (docs/experiments/unknown-images.md). For a model
+                     trained with --other the energy part counts OTHER_ENERGY_WEIGHT times: outlier exposure trains
+                     it.
   msp                1 - max softmax probability (the confidence --threshold already uses)
   energy             -T * logsumexp(logits / T)
   knn                L2 distance from the L2-normalised penultimate feature to its k-th nearest training feature
@@ -34,7 +35,7 @@ Every score is oriented the same way: the higher, the less the image looks like 
   layer_mahalanobis  the same distance on the per-channel mean and spread of every stage's feature maps, from the
                      stem to the penultimate; each stage's distance is standardised by its spread over the
                      training images, and the largest counts. Strong on generated far-away images (drawn shapes,
-                     text, noise), weak on real photos (BENCHMARKS.md).
+                     text, noise), weak on real photos (docs/experiments/unknown-images.md).
   rotation           the rotation head's mean negative log-probability of the right quarter turn over the image's
                      four turns (a model trained with --rotation-weight); images whose upright side the model
                      cannot see score high. Three more passes per image, so fitted only when it is the chosen one.
@@ -56,10 +57,10 @@ COMBINED_STAGES = 2  # the combined score's early stages: the stem's and the fir
 STATE_VERSION = 1
 # The weight of the combined score's energy part for a model trained with --other (energy-margin outlier exposure
 # trains that part): the best of 1, 2 and 3 on ../shared/data/other, trained on one part and scored on the other,
-# and steadier across the parts than energy alone (BENCHMARKS.md).
+# and steadier across the parts than energy alone (docs/experiments/unknown-images.md).
 OTHER_ENERGY_WEIGHT = 3.0
 # The weight of the combined score's penultimate part (the Mahalanobis distance of what the image shows), chosen
-# leave-one-source-out on ../shared/data/other (BENCHMARKS.md).
+# leave-one-source-out on ../shared/data/other (docs/experiments/unknown-images.md).
 PENULTIMATE_WEIGHT = 1.0
 STATE_BUDGET = 10_000_000  # bytes of score states a checkpoint may hold (the chosen score's is always kept)
 KNN_BANK_BYTES = 4_000_000  # the kNN bank stored beside the chosen score: ~5,000 features of 384 values
@@ -179,7 +180,7 @@ def fit_combined(features: dict, labels: torch.Tensor, num_classes: int, tempera
     every part over the training images, which put the parts on one scale before they are added, and the weight
     of each part in the sum (1; the energy's `energy_weight`, the penultimate's `penultimate_weight`). The
     four-turn rotation surprise is never a part: it costs three more passes per image for no more than the
-    upright part and the penultimate one give (BENCHMARKS.md)."""
+    upright part and the penultimate one give (docs/experiments/unknown-images.md)."""
     means, precisions = zip(*(class_gaussians(x, labels, num_classes, shrinkage) for x in features["stages"][:stages]))
     state = {"score": "combined", "means": list(means), "precisions": list(precisions), "rotation": False,
              "upright": "upright" in features, "temperature": float(temperature),

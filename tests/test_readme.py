@@ -1,5 +1,6 @@
-"""README.md stays true to the code: every flag a `python X.py ...` command in it (or in BENCHMARKS.md) uses is
-one X.py --help lists, and every file its Outputs table names is written by `make demo`."""
+"""README.md stays true to the code and short: every flag a `python X.py ...` command in it, in BENCHMARKS.md or in
+docs/experiments/ uses is one X.py --help lists, every file its Outputs table names is written by `make demo`, every
+local link leads to a file, and the guide and the results sheet fit their line budgets."""
 import contextlib
 import glob
 import importlib
@@ -53,10 +54,14 @@ def test_readme_commands_are_found():
                      ("benchmarks.bench", "near-copies", ["--copies"])]
 
 
-@pytest.mark.parametrize("doc", ["README.md", "BENCHMARKS.md"])
+DOCS = ["README.md", "BENCHMARKS.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs/experiments").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)#\s]+)\)")
+
+
+@pytest.mark.parametrize("doc", DOCS)
 def test_every_flag_in_the_docs_is_one_the_script_lists(doc):
     commands = readme_commands((ROOT / doc).read_text())
-    assert len(commands) > 5
+    assert len(commands) > (5 if doc in ("README.md", "BENCHMARKS.md") else 0)
     helps: dict[tuple[str, str], str] = {}
     unknown = []
     for script, sub, flags in commands:
@@ -67,6 +72,28 @@ def test_every_flag_in_the_docs_is_one_the_script_lists(doc):
         unknown += [f"python {script}.py {sub} {flag}".replace("  ", " ") for flag in flags
                     if not re.search(rf"{re.escape(flag)}(?![\w-])", text)]
     assert unknown == []
+
+
+@pytest.mark.parametrize("doc, most", [("README.md", 250), ("BENCHMARKS.md", 400)])
+def test_the_guide_and_the_results_sheet_fit_their_budget(doc, most):
+    assert len((ROOT / doc).read_text().splitlines()) <= most
+
+
+def test_local_links_lead_to_files_and_every_experiment_page_is_linked():
+    assert LINK.findall("see [a](docs/x.md) and [b](https://e.org) and ![c](p.png)") == ["docs/x.md", "https://e.org",
+                                                                                         "p.png"]
+    broken, linked = [], set()
+    for doc in DOCS:
+        for target in LINK.findall((ROOT / doc).read_text()):
+            if "://" in target:
+                continue
+            path = ((ROOT / doc).parent / target).resolve()
+            linked.add(path)
+            if not path.exists():
+                broken.append(f"{doc}: {target}")
+    assert broken == []
+    pages = sorted((ROOT / "docs/experiments").glob("*.md"))
+    assert len(pages) >= 5 and [p.name for p in pages if p.resolve() not in linked] == []
 
 
 def outputs_table(text: str) -> list[str]:
