@@ -230,12 +230,12 @@ def test_training_over_data_larger_than_the_memory_bound_keeps_anonymous_memory_
     data = synthetic_set(tmp_path, 4608, 24, workers=2)
     side = 256  # 4,608 x 3 x 256 x 256 bytes = 864 MiB (train alone, the whole set in RAM: about 850)
     # The novelty score is fitted after training as usual, in feature batches of --batch-size (16) images, on a
-    # sample of 512 train images (--novelty-max-images) read from the map as the whole set would be: the bound is
-    # on the pixels, and the features of all 4,500 cost minutes on a 2-core CPU in fp32. --width 16, not less:
-    # in fp32 (CPUs without bf16) PyTorch 2.15's channels-last training step at 256 px crashed at --width 8 and
+    # sample of 128 train images (--novelty-max-images) read from the map as the whole set would be: the bound is
+    # on the pixels, and the features of all 4,500 cost minutes on a 2-core CPU in fp32. --width 16, not less: in
+    # fp32 (CPUs without bf16) PyTorch 2.15's channels-last training step at 256 px crashed at --width 8 and
     # stalled for over 13 minutes at --width 4, on 2 threads; at 16 a run takes seconds.
     base = ["--data", str(data), "--image-size", str(side), "--channels", "3", "--epochs", "1", "--batch-size", "16",
-            "--width", "16", "--novelty-max-images", "512",
+            "--width", "16", "--novelty-max-images", "128",
             "--workers", "2", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "m"),
             "--log-dir", str(tmp_path / "l"), "--curves-dir", str(tmp_path / "cv"), "--no-tta", "--ema-decay", "0",
             "--time-budget", "3", "--device", "cpu"]  # a CUDA context alone takes over 1 GB of RssAnon
