@@ -25,9 +25,10 @@ saved run's settings are the defaults and the flags given override them."""
 # --arch of one takes unless the flags say otherwise: the input its weights were trained at, those weights, and
 # the head's recipe on its frozen features (a strong weight decay, few epochs: chosen on held-out train photos of
 # Dogs vs. Cats, benchmarks/bench_backbone.py; docs/experiments/backbone.md), and how sure label spreading must be
-# of an --unlabeled image's class (chosen on train photos of Dogs vs. Cats held out from 10 labelled per class).
+# of an --unlabeled image's class (chosen on train photos of Dogs vs. Cats held out from 10 labelled per class), and
+# how many epochs then fine-tune its last stages (chosen on held-out train photos of mirflickr and Dogs vs. Cats).
 BACKBONE_DEFAULTS = {"efficientnet_lite0": {"image_size": 224, "channels": 3, "pretrained": True, "epochs": 20,
-                                            "weight_decay": 5.0, "pseudo_threshold": 0.6}}
+                                            "weight_decay": 5.0, "pseudo_threshold": 0.6, "tune_epochs": 4}}
 ARCHS = ("resnet_small", "resnet18", "resnet50", *BACKBONE_DEFAULTS)
 NOVELTY_SCORES = ("combined", "msp", "energy", "knn", "mahalanobis", "layer_mahalanobis", "rotation")  # their maths:
 # prediction/novelty.py
@@ -84,6 +85,9 @@ class TrainConfig:
                       "--pretrained)")
     freeze_epochs: int = _f(0, "with pretrained weights: train only the head for this many epochs first")
     backbone_lr_factor: float = _f(0.1, "with --pretrained or --freeze-epochs: backbone learning rate = lr x this")
+    tune_epochs: int = _f(0, "a packaged backbone (--arch efficientnet_lite0): after its head, epochs fine-tuning its "
+                             "last stages with the head, from stored feature maps (0 = the head alone; "
+                             "--time-budget takes the epochs that fit)")
     # optimisation
     epochs: int = _f(80, "passes over the training set")
     batch_size: int = _f(128, "images per step; larger batches use 2 CPU cores better")
@@ -211,6 +215,9 @@ class TrainConfig:
         if self.label_error_budget < 0:
             raise UserError("--label-error-budget must be 0 (off) or a number of seconds, not "
                             f"{self.label_error_budget}")
+        if self.tune_epochs < 0 or (self.tune_epochs and self.arch not in BACKBONE_DEFAULTS):
+            raise UserError(f"--tune-epochs fine-tunes a packaged backbone (--arch {', '.join(BACKBONE_DEFAULTS)}): "
+                            f"0 or more epochs, not {self.tune_epochs} with --arch {self.arch}")
         if self.label_error_folds < 2 or self.label_error_epochs < 1:
             raise UserError("--label-error-folds must be at least 2 and --label-error-epochs at least 1, not "
                             f"{self.label_error_folds} and {self.label_error_epochs}")

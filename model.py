@@ -191,6 +191,29 @@ def forward_stages(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor
     return maps, torch.flatten(parts.pool(x), 1)
 
 
+def trunk_forward(model: nn.Module, x: torch.Tensor, tail: int) -> torch.Tensor:
+    """The feature map before the last `tail` stages of forward_stages: the stem and the stages before them, which a
+    fine-tuning of those last stages leaves frozen (what it stores, so that its epochs start from there)."""
+    parts = resnet_parts(model, "for fine-tuning its last stages")
+    for module in (*parts.stem, *list(parts.stages.values())[:-tail]):
+        x = module(x)
+    return x
+
+
+def tail_forward(model: nn.Module, maps: torch.Tensor, tail: int) -> torch.Tensor:
+    """The penultimate feature from trunk_forward's map: the last `tail` stages, then the pool, as forward_stages
+    runs them (so trunk, tail and head together give the model's logits)."""
+    parts = resnet_parts(model, "for fine-tuning its last stages")
+    for stage in list(parts.stages.values())[-tail:]:
+        maps = stage(maps)
+    return torch.flatten(parts.pool(maps), 1)
+
+
+def tail_stages(model: nn.Module, tail: int) -> list[nn.Module]:
+    """The modules of the last `tail` stages: the ones a fine-tuning of them trains."""
+    return list(resnet_parts(model, "for fine-tuning its last stages").stages.values())[-tail:]
+
+
 def head_of(model: nn.Module) -> nn.Linear:
     """The final linear layer (`fc`): its input is the penultimate feature, its outputs the class logits."""
     return resnet_parts(model, "for its classifier head").head

@@ -56,6 +56,7 @@ from training.report import (budget_lines, calibration_line, data_lines, device_
                              stop_line)
 from training.runs import (TRAINING_CURVES, Progress, ctrl_c_stops_after_the_step, epoch_line, log_epoch, make_room,
                            name_run, open_run_log, record_epoch, save_train_batch, write_summary)
+from training.tuning import TUNED_STAGES, TailTrainer
 
 
 @dataclass
@@ -284,19 +285,21 @@ def check_features_run(cfg: TrainConfig, resume_ckpt: dict | None) -> None:
 
 
 def split_features(model: torch.nn.Module, cfg: TrainConfig, data: RunData, device: torch.device,
-                   amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+                   amp_dtype: torch.dtype | None, before_last: int = 0) -> dict[str, torch.Tensor]:
     """The frozen backbone's features of train, val and --unlabeled (when given), from the feature store where it
-    has them; a line per split says how many were computed."""
+    has them; a line per split says how many were computed. With `before_last`, the feature maps before the last
+    stages of train and val (what fine-tuning those stages starts from)."""
     normalization = input_normalization(cfg.uses_pretrained, cfg.channels, cfg.arch)
+    what = "feature maps" if before_last else "features"
     feats = {}
     for name, split in (("train", data.train), ("val", data.val), ("unlabeled", data.unlabeled)):
-        if split is None:
+        if split is None or (before_last and name == "unlabeled"):
             continue
         started = time.time()
         feats[name], computed = cached_features(model, split.images, split.paths, cfg.arch, cfg.cache_dir,
                                                 normalization, device, amp_dtype, cfg.channels_last, cfg.batch_size,
-                                                name)
-        print(f"{name} features ({len(split.labels)} images and their mirrors): {computed} computed, "
+                                                name, before_last)
+        print(f"{name} {what} ({len(split.labels)} images and their mirrors): {computed} computed, "
               f"{len(split.labels) - computed} read from the cache, {time.time() - started:.1f}s")
     return feats
 
@@ -325,11 +328,66 @@ def tag_lines(fitted: dict, best: Path) -> dict:
     return fitted
 
 
+def trained_epoch(progress: Progress, epoch: int, epochs: int, tr: dict, ev: dict, lr: float, started: float,
+                  cfg: TrainConfig, writer) -> bool:
+    """Record, log and print one epoch of the head or of fine-tuning; whether it is the best so far (by val mAP
+    with several tags per image, else val accuracy)."""
+    h = record_epoch(progress, epoch, tr, ev, lr, tr["seconds"], started)
+    log_epoch(writer, h, cfg)
+    key = "map" if "map" in ev else "acc"
+    improved = ev[key] > progress.best.get(key, -1.0)
+    if improved:
+        progress.best = {**ev, "epoch": epoch}
+    print(epoch_line(h, epochs, improved), flush=True)
+    return improved
+
+
+def head_epochs(model: torch.nn.Module, head: HeadTrainer, cfg: TrainConfig, progress: Progress, epochs: int,
+                writer) -> None:
+    """--epochs of the head alone on the features; the model's head then holds the best epoch's weights."""
+    best = head.head_state()
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.time()
+        tr, ev = head.epoch()
+        if trained_epoch(progress, epoch, epochs, tr, ev, head.lr, started, cfg, writer):
+            best = head.head_state()
+    head_of(model).load_state_dict(best)
+
+
+def tune_epochs(model: torch.nn.Module, cfg: TrainConfig, data: RunData, progress: Progress, device: torch.device,
+                amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """--tune-epochs fine-tuning the backbone's last stages with the head, from their stored input maps, within
+    --time-budget (counted from the run's start: after the first epoch, the epochs that fit, one kept for the
+    fits after); the model then holds the best epoch's weights, of the head's epochs or these. Returns the
+    features of train and val through the stages as they end."""
+    maps = split_features(model, cfg, data, device, amp_dtype, before_last=TUNED_STAGES)
+    tuner = TailTrainer(model, maps["train"], data.train.labels, maps["val"], data.val.labels, cfg,
+                        cfg.tune_epochs, device, amp_dtype)
+    best, planned = tuner.state(), cfg.tune_epochs
+    deadline = progress.started + cfg.time_budget if cfg.time_budget > 0 else math.inf
+    for k in range(1, cfg.tune_epochs + 1):
+        if k > planned:
+            break
+        started = time.time()
+        tr, ev = tuner.epoch()
+        if trained_epoch(progress, cfg.epochs + k, cfg.epochs + planned, tr, ev, tuner.lr, started, cfg, data.writer):
+            best = tuner.state()
+        fit = k + int((deadline - time.time()) // (time.time() - started)) - 1 if deadline < math.inf else planned
+        if fit < planned:
+            planned = max(k, fit)
+            tuner.replan(planned)
+            print(f"time budget {cfg.time_budget:.0f}s: {planned} of {cfg.tune_epochs} fine-tuning epochs fit; the "
+                  f"learning rate reaches 0 at the last")
+    tuner.load_state(best)
+    return {"train": tuner.features(maps["train"]), "val": tuner.features(maps["val"])}
+
+
 def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, data: RunData, lay: Layout,
                  pretrained_state: dict | None) -> tuple[Progress, dict]:
     """The frozen backbone's features (cached), the head trained on them for --epochs (with --unlabeled, on
-    pseudo-labels too), the best epoch's model saved, then the temperature and novelty score fitted on the labelled
-    features."""
+    pseudo-labels too), then --tune-epochs fine-tuning the last stages with it; the best epoch's model saved, then
+    the temperature and novelty score fitted on the labelled features (through the tuned stages)."""
+    progress = Progress()
     model = build_model(cfg.arch, len(data.classes), cfg.channels, image_size=cfg.image_size,
                         pretrained_state=pretrained_state).to(device)
     for name, folders in make_room(cfg, 0, []).items():
@@ -341,18 +399,12 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
     x, y, weights = head_training_set(model, cfg, data, feats)
     head = HeadTrainer(model, x, y, feats["val"], data.val.labels, cfg, weights)
     data.writer = open_run_log(cfg)
-    progress, best_head = Progress(), head.head_state()
-    key = "map" if head.tagged else "acc"  # several tags per image: the best epoch by val mAP
-    for epoch in range(1, cfg.epochs + 1):
-        started = time.time()
-        tr, ev = head.epoch()
-        h = record_epoch(progress, epoch, tr, ev, head.lr, tr["seconds"], started)
-        log_epoch(data.writer, h, cfg)
-        improved = ev[key] > progress.best.get(key, -1.0)
-        if improved:
-            progress.best, best_head = {**ev, "epoch": epoch}, head.head_state()
-        print(epoch_line(h, cfg.epochs, improved), flush=True)
-    head_of(model).load_state_dict(best_head)
+    tune = cfg.tune_epochs if data.unlabeled is None else 0
+    if cfg.tune_epochs and not tune:
+        print("fine-tuning: not with --unlabeled (its pseudo-labels train the head alone)")
+    head_epochs(model, head, cfg, progress, cfg.epochs + tune, data.writer)
+    if tune:
+        feats = tune_epochs(model, cfg, data, progress, device, amp_dtype)
     best = Path(cfg.out_dir) / BEST
     save_checkpoint(build_checkpoint(model, cfg, data.classes, progress.best["epoch"], {"val": progress.best},
                                      progress.history, progress.best, data.layout), best)

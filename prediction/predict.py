@@ -30,7 +30,7 @@ from tqdm import tqdm
 from config import NORMALIZATION, NOVELTY_SCORES
 from core.common import UserError
 from dataset import RowView, rotate_quarters, to_float
-from model import cam_stages, feature_stages, forward_stages, has_rotation_head, head_of, unwrap
+from model import cam_stages, feature_stages, forward_stages, has_rotation_head, head_of, trunk_forward, unwrap
 from prediction.checkpoint import normalization_of, novelty_of, tag_thresholds_of, temperature_of, tta_of
 from prediction.novelty import needs_turns, novelty_score, scores_by_name
 
@@ -293,11 +293,13 @@ def extract_features(model: nn.Module, images: torch.Tensor, device: torch.devic
 @torch.inference_mode()
 def pooled_features(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu",
                     batch_size: int | None = None, normalization: dict | None = None,
-                    amp_dtype: torch.dtype | None = None, channels_last: bool = False, progress: str = ""
-                    ) -> torch.Tensor:
+                    amp_dtype: torch.dtype | None = None, channels_last: bool = False, progress: str = "",
+                    before_last: int = 0) -> torch.Tensor:
     """The penultimate (pooled) feature of each uint8 image and of its mirror, (N, 2, D) float32 on the CPU: what
     a head on a frozen backbone trains on (the mirror an augmentation) and predicts from (their mean is the
-    penultimate feature extract_features gives with tta). `progress`: a progress bar's label ('' = none)."""
+    penultimate feature extract_features gives with tta). With `before_last` k > 0, the feature map before the
+    last k stages instead, (N, 2, C, H, W) float16: what a fine-tuning of those stages trains on.
+    `progress`: a progress bar's label ('' = none)."""
     device = torch.device(device)
     unwrap(model).eval()
     size = batch_size or feature_batch_size(images)
@@ -306,7 +308,9 @@ def pooled_features(model: nn.Module, images: torch.Tensor, device: torch.device
     for x in tqdm(batches, total=math.ceil(len(images) / size), desc=progress, disable=not progress, leave=False,
                   mininterval=1.0):
         with amp(device, amp_dtype):
-            out.append(torch.stack([forward_stages(model, v)[1].float().cpu() for v in views(x, True)], 1))
+            both = [trunk_forward(model, v, before_last) if before_last else forward_stages(model, v)[1]
+                    for v in views(x, True)]
+        out.append(torch.stack([v.cpu().half() if before_last else v.float().cpu() for v in both], 1))
     return torch.cat(out) if out else torch.zeros(0, 2, head_of(model).in_features)
 
 

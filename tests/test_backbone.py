@@ -24,12 +24,13 @@ from core.common import UserError
 from dataset import image_tensor
 from loading.synthetic import make_synthetic
 from model import (adapt_stem, backbone_weights, build_model, cam_stages, feature_stages, forward_stages, head_of,
-                   packaged_weights_file, timm_model, timm_names)
+                   packaged_weights_file, tail_forward, tail_stages, timm_model, timm_names, trunk_forward)
 from prediction import Classifier
 from prediction.checkpoint import load_checkpoint
 from prediction.predict import extract_features, pooled_features
 from quality.label_errors import confident_learning, stratified_folds
-from training.features import out_of_fold_head_probs, propagated_labels, pseudo_labelled
+from training.features import cached_features, out_of_fold_head_probs, propagated_labels, pseudo_labelled
+from training.tuning import TUNED_STAGES, TailTrainer
 
 ARCH = "efficientnet_lite0"
 IMAGENET_CATS = range(281, 286)    # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -135,7 +136,8 @@ def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_pat
     out = capsys.readouterr().out
     assert "pretrained: its package's ImageNet weights, normalization {'mean': 0.5, 'std': 0.5}" in out
     assert "train features (24 images and their mirrors): 24 computed, 0 read from the cache" in out
-    assert "epoch 6/6" in out
+    assert "epoch 6/10" in out and "epoch 10/10" in out  # the head's 6, then 4 fine-tuning the last stages
+    assert "train feature maps (24 images and their mirrors): 24 computed, 0 read from the cache" in out
     assert "novelty score knn: fitted on 24 train images" in out
     ckpt = load_checkpoint(tmp_path / "m" / "best_model.pth")
     assert ckpt["arch"] == ARCH and ckpt["image_size"] == 64 and ckpt["channels"] == 3
@@ -156,6 +158,7 @@ def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_pat
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert "train features (24 images and their mirrors): 0 computed, 24 read from the cache" in out
+    assert "train feature maps (24 images and their mirrors): 0 computed, 24 read from the cache" in out
     changed = sorted((data / "train" / "cat").glob("*.png"))[0]
     Image.open(changed).rotate(90).save(changed)
     os.utime(changed, (time.time() + 5, time.time() + 5))
@@ -170,6 +173,68 @@ def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_pat
         (linked / f.relative_to(data)).symlink_to(f)
     assert train.main([*args[:1], str(linked), *args[2:]]) == 0
     assert "train features (24 images and their mirrors): 0 computed, 24 read from the cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch, tail", [(ARCH, TUNED_STAGES), ("resnet_small", 1), ("resnet18", 2)])
+def test_trunk_then_tail_then_head_is_the_models_forward(arch, tail):
+    model = build_model(arch, 3, 3, image_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = trunk_forward(model, x, tail)
+        assert torch.allclose(head_of(model)(tail_forward(model, maps, tail)), model(x), atol=1e-5)
+        assert torch.allclose(tail_forward(model, maps, tail), forward_stages(model, x)[1], atol=1e-5)
+    names = {id(m): n for n, m in model.named_modules()}
+    tuned = tail_stages(model, tail)
+    assert len(tuned) == tail and all(p.requires_grad for m in tuned for p in m.parameters())
+    if arch == ARCH:  # the last block group, and conv_head with bn2 (the model's own modules)
+        assert names[id(tuned[0])] == "blocks.6" and [names[id(m)] for m in tuned[1]] == ["conv_head", "bn2"]
+
+
+def test_fine_tuning_trains_the_last_stages_and_the_head_and_its_features_are_the_models(tmp_path):
+    model = build_model(ARCH, 2, 3, image_size=64, pretrained_state=backbone_weights(ARCH)).eval()
+    images = (torch.rand(12, 3, 64, 64) * 255).to(torch.uint8)
+    paths = []
+    for i in range(12):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(paths[-1])
+    norm = {"mean": 0.5, "std": 0.5}
+    maps, computed = cached_features(model, images, paths, ARCH, str(tmp_path / "cache"), norm,
+                                     before_last=TUNED_STAGES)
+    assert computed == 12 and maps.dtype == torch.float16 and maps.shape[:2] == (12, 2)
+    assert torch.equal(cached_features(model, images, paths, ARCH, str(tmp_path / "cache"), norm,
+                                       before_last=TUNED_STAGES)[0], maps)  # read back from its own store
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    labels = torch.arange(12) % 2
+    cfg = parse_config(["--arch", ARCH, "--batch-size", "4", "--lr", "0.01"])
+    tuner = TailTrainer(model, maps, labels, maps[:4], labels[:4], cfg, 2, torch.device("cpu"), None)
+    tr, ev = tuner.epoch()
+    assert tr["images"] == 12 and 0.0 <= ev["acc"] <= 1.0
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, frozen[n])}
+    assert changed and all(n.startswith(("blocks.6.", "conv_head.", "bn2.", "classifier.")) for n in changed)
+    # The features through the tuned stages are the whole model's on the images (the maps are float16).
+    expected = pooled_features(model, images, normalization=norm)
+    assert torch.allclose(tuner.features(maps), expected, atol=0.05, rtol=0.02)
+    assert tuner.factor(0) > 0 and tuner.factor(2 * tuner.steps) == 0.0
+    tuner.replan(1)
+    assert tuner.factor(tuner.steps) == 0.0 and tuner.factor(tuner.steps - 1) > 0
+
+
+@pytest.mark.slow
+def test_a_time_budget_keeps_the_fine_tuning_epochs_that_fit(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "data", 6, size=32, seed=2)
+    assert train.main(["--data", str(data), "--arch", ARCH, "--image-size", "32", "--epochs", "2", "--workers", "0",
+                       "--time-budget", "1", "--out-dir", str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"),
+                       "--curves-dir", str(tmp_path / "c"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "time budget 1s: 1 of 4 fine-tuning epochs fit; the learning rate reaches 0 at the last" in out
+    assert "epoch 3/6" in out and "epoch 4/" not in out
+    assert [h["epoch"] for h in load_checkpoint(tmp_path / "m" / "best_model.pth")["history"]] == [1, 2, 3]
+
+
+def test_fine_tuning_is_for_the_packaged_backbones():
+    with pytest.raises(UserError, match="--tune-epochs fine-tunes a packaged backbone"):
+        parse_config(["--tune-epochs", "2"])
+    assert parse_config(["--arch", ARCH]).tune_epochs == 4 and parse_config(["--arch", ARCH, "--tune-epochs", "0"])
 
 
 def test_a_run_on_features_refuses_what_it_does_not_do(tmp_path, capsys):
@@ -232,6 +297,7 @@ def test_the_label_check_runs_on_the_backbones_features(tmp_path, capsys):
     assert "label check: features of 16 images (0 computed, the rest from the cache)" in out
     assert "unlabeled features (4 images and their mirrors): 4 computed, 0 read from the cache" in out
     assert re.search(r"unlabeled: \d of 4 images pseudo-labelled \(cat \d, dog \d\): label spreading", out)
+    assert "fine-tuning: not with --unlabeled (its pseudo-labels train the head alone)" in out and "epoch 2/2" in out
     assert (tmp_path / "c2" / "label_errors.csv").is_file() and (tmp_path / "m" / "best_model.pth").is_file()
     # --label-next on photos the run has seen reads their features from the same store: nothing is added to it.
     assert check_data.main([str(data / "test"), "--label-next", "3", "--checkpoint", str(tmp_path / "m" /

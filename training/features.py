@@ -65,10 +65,13 @@ def file_version(path: str) -> str:
     return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def store_path(cache_dir: str | Path, arch: str, digest: str, image_size: int, channels: int, precision: str) -> Path:
-    """The one file holding this backbone's features at this input and arithmetic, for every file it has seen."""
-    text = json.dumps([FEATURES_VERSION, digest, image_size, channels, precision])
-    return Path(cache_dir) / "features" / f"{arch}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.pt"
+def store_path(cache_dir: str | Path, arch: str, digest: str, image_size: int, channels: int, precision: str,
+               before_last: int = 0) -> Path:
+    """The one file holding this backbone's features at this input and arithmetic, for every file it has seen (with
+    `before_last`, its feature maps before the last stages: another file)."""
+    key = [FEATURES_VERSION, digest, image_size, channels, precision] + ([before_last] if before_last else [])
+    name = f"{arch}-maps{before_last}" if before_last else arch
+    return Path(cache_dir) / "features" / f"{name}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt"
 
 
 def read_store(path: Path) -> tuple[list[str], torch.Tensor | None]:
@@ -84,19 +87,23 @@ def read_store(path: Path) -> tuple[list[str], torch.Tensor | None]:
 
 def cached_features(model: nn.Module, images: torch.Tensor, paths: list[str], arch: str, cache_dir: str,
                     normalization: dict, device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-                    channels_last: bool = False, batch_size: int | None = None, label: str = ""
-                    ) -> tuple[torch.Tensor, int]:
+                    channels_last: bool = False, batch_size: int | None = None, label: str = "",
+                    before_last: int = 0) -> tuple[torch.Tensor, int]:
     """(the pooled features of the images (uint8, N x C x S x S, read from `paths`) and of their mirrors, (N, 2, D)
     float32; how many were computed). Each file version's features are kept in CACHE_DIR/features/, one store per
     backbone, input and arithmetic: any later run, on any folder or link to the same files, reads them there and
     computes (with a progress bar labelled `label`) only the files it has not seen. No cache folder (''):
-    computed every time."""
+    computed every time. With `before_last` k > 0: the feature maps before the last k stages, (N, 2, C, H, W)
+    float16, in a store of their own."""
     def compute(rows: torch.Tensor) -> torch.Tensor:
         return pooled_features(model, images[rows], device, batch_size, normalization, amp_dtype, channels_last,
-                               progress=f"features {label}" if label else "")
+                               progress=f"{'feature maps' if before_last else 'features'} {label}" if label else "",
+                               before_last=before_last)
     if not cache_dir:
-        return compute(torch.arange(len(paths))), len(paths)
-    path = store_path(cache_dir, arch, weights_digest(model), images.shape[-1], images.shape[1], str(amp_dtype))
+        rows = compute(torch.arange(len(paths)))
+        return (rows if before_last else rows.float()), len(paths)
+    path = store_path(cache_dir, arch, weights_digest(model), images.shape[-1], images.shape[1], str(amp_dtype),
+                      before_last)
     keys, stored = read_store(path)
     row_of = {k: i for i, k in enumerate(keys)}
     wanted = [file_version(p) for p in paths]
@@ -110,7 +117,27 @@ def cached_features(model: nn.Module, images: torch.Tensor, paths: list[str], ar
         keys += list(todo)
         stored = fresh if stored is None else torch.cat([stored, fresh])
         save_atomic({"version": FEATURES_VERSION, "keys": keys, "features": stored}, path)
-    return stored[[row_of[k] for k in wanted]].float(), len(todo)
+    rows = stored[[row_of[k] for k in wanted]]
+    return (rows if before_last else rows.float()), len(todo)
+
+
+def head_losses(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, smoothing: float
+                ) -> torch.Tensor:
+    """Each image's loss: cross-entropy (class `weights`, label `smoothing`), or with 0/1 tags (y of floats) the
+    binary cross-entropy averaged over the tags (`weights`: each tag's positives' weight)."""
+    if y.is_floating_point():
+        return F.binary_cross_entropy_with_logits(logits, y, pos_weight=weights, reduction="none").mean(1)
+    return F.cross_entropy(logits, y, weight=weights, reduction="none", label_smoothing=smoothing)
+
+
+def val_figures(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """A head's figures on val as the full loop's validate gives them: the plain loss (no weights or smoothing)
+    and accuracy, and with tags (float labels) mAP and F1 at 0.5 (loop.tag_validation)."""
+    if labels.is_floating_point():
+        return tag_validation(logits, labels)
+    n = len(labels)
+    return {"loss": loss_sum(logits, labels) / n if n else float("nan"),
+            "acc": correct_count(logits, labels) / n if n else float("nan")}
 
 
 class HeadTrainer:
@@ -141,11 +168,7 @@ class HeadTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Each image's loss: cross-entropy, or with tags the binary cross-entropy averaged over the tags."""
-        if self.tagged:
-            return F.binary_cross_entropy_with_logits(logits, y, pos_weight=self.weights, reduction="none").mean(1)
-        return F.cross_entropy(logits, y, weight=self.weights, reduction="none",
-                               label_smoothing=self.cfg.label_smoothing)
+        return head_losses(logits, y, self.weights, self.cfg.label_smoothing)
 
     def epoch(self) -> tuple[dict, dict]:
         """One pass over the training features, then val: (train figures, val figures) as the full loop's; with
@@ -169,13 +192,8 @@ class HeadTrainer:
     def evaluate(self) -> dict:
         """The head's figures on val as the full loop's validate gives them: the plain loss (no weights or
         smoothing) and accuracy, and with tags mAP and F1 at 0.5 (loop.tag_validation)."""
-        n = len(self.val)
         with torch.no_grad():
-            logits = self.head(self.val)
-        if self.tagged:
-            return tag_validation(logits, self.val_labels)
-        return {"loss": loss_sum(logits, self.val_labels) / n if n else float("nan"),
-                "acc": correct_count(logits, self.val_labels) / n if n else float("nan")}
+            return val_figures(self.head(self.val), self.val_labels)
 
     @property
     def lr(self) -> float:
