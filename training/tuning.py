@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from config import TrainConfig
+from core.common import needs_grad_scaler
 from core.metrics import correct_count
 from prediction.predict import amp
 from model import head_of, tail_forward, tail_stages
@@ -60,6 +61,7 @@ class TailTrainer:
                    else class_weight_tensor(self.labels, self.head.out_features, cfg.class_weights))
         self.weights = None if weights is None else weights.to(device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp_dtype))  # fp16 on older GPUs
 
     def factor(self, step: int) -> float:
         """The learning rate's factor at `step`: warmup over half an epoch, then a cosine to 0 at the planned end
@@ -90,8 +92,9 @@ class TailTrainer:
             logits = self.logits(self.maps[idx, side])
             loss = head_losses(logits, y, self.weights, self.cfg.label_smoothing).mean()
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
             total += loss.item() * len(idx)
             correct += correct_count(logits.detach().cpu(), self.labels[idx])
