@@ -56,7 +56,7 @@ from training.report import (budget_lines, calibration_line, data_lines, device_
                              stop_line)
 from training.runs import (TRAINING_CURVES, Progress, ctrl_c_stops_after_the_step, epoch_line, log_epoch, make_room,
                            name_run, open_run_log, record_epoch, save_train_batch, write_summary)
-from training.tuning import TUNED_STAGES, TailTrainer
+from training.tuning import TUNED_STAGES, TailTrainer, epochs_that_fit
 
 
 @dataclass
@@ -372,9 +372,9 @@ def tune_epochs(model: torch.nn.Module, cfg: TrainConfig, data: RunData, progres
         tr, ev = tuner.epoch()
         if trained_epoch(progress, cfg.epochs + k, cfg.epochs + planned, tr, ev, tuner.lr, started, cfg, data.writer):
             best = tuner.state()
-        fit = k + int((deadline - time.time()) // (time.time() - started)) - 1 if deadline < math.inf else planned
+        fit = epochs_that_fit(k, planned, deadline - time.time(), time.time() - started)
         if fit < planned:
-            planned = max(k, fit)
+            planned = fit
             tuner.replan(planned)
             print(f"time budget {cfg.time_budget:.0f}s: {planned} of {cfg.tune_epochs} fine-tuning epochs fit; the "
                   f"learning rate reaches 0 at the last")

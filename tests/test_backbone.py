@@ -2,6 +2,7 @@
 weights' names mapped onto timm's network, the network's parts, the settings it implies, and a run that trains its
 head on features computed once and read from the cache the next time."""
 import csv
+import math
 import os
 import re
 import time
@@ -30,7 +31,7 @@ from prediction.checkpoint import load_checkpoint
 from prediction.predict import extract_features, pooled_features
 from quality.label_errors import confident_learning, stratified_folds
 from training.features import cached_features, out_of_fold_head_probs, propagated_labels, pseudo_labelled
-from training.tuning import TUNED_STAGES, TailTrainer
+from training.tuning import TUNED_STAGES, TailTrainer, epochs_that_fit
 
 ARCH = "efficientnet_lite0"
 IMAGENET_CATS = range(281, 286)    # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -226,9 +227,17 @@ def test_a_time_budget_keeps_the_fine_tuning_epochs_that_fit(tmp_path, capsys):
                        "--time-budget", "1", "--out-dir", str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"),
                        "--curves-dir", str(tmp_path / "c"), "--cache-dir", str(tmp_path / "cache")]) == 0
     out = capsys.readouterr().out
-    assert "time budget 1s: 1 of 4 fine-tuning epochs fit; the learning rate reaches 0 at the last" in out
+    assert out.count("time budget 1s: 1 of 4 fine-tuning epochs fit; the learning rate reaches 0 at the last") == 1
     assert "epoch 3/6" in out and "epoch 4/" not in out
     assert [h["epoch"] for h in load_checkpoint(tmp_path / "m" / "best_model.pth")["history"]] == [1, 2, 3]
+
+
+def test_the_fine_tuning_epochs_that_fit_keep_one_for_the_fits_after():
+    assert epochs_that_fit(1, 4, math.inf, 10.0) == 4                      # no budget: as planned
+    assert epochs_that_fit(1, 4, 100.0, 10.0) == 4                         # room for all
+    assert epochs_that_fit(1, 4, 25.0, 10.0) == 2                          # two more fit, one kept for the fits
+    assert epochs_that_fit(2, 3, 5.0, 10.0) == 2                           # none more: the epochs done
+    assert epochs_that_fit(3, 3, 0.0, 10.0) == 3 and epochs_that_fit(1, 4, -50.0, 10.0) == 1
 
 
 def test_fine_tuning_is_for_the_packaged_backbones():

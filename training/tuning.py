@@ -36,6 +36,15 @@ TUNED_STAGES = 2  # EfficientNet's last block group and its 1x1 head convolution
 VAL_BATCH = 256   # maps per pass when scoring val or computing features
 
 
+def epochs_that_fit(done: int, planned: int, seconds_left: float, epoch_seconds: float) -> int:
+    """How many fine-tuning epochs the run ends with, after `done` of `planned`, when `seconds_left` remain and an
+    epoch takes `epoch_seconds`: those that fit, keeping one epoch's time for the fits after training (at least
+    the epochs done, at most those planned)."""
+    if math.isinf(seconds_left):
+        return planned
+    return min(planned, max(done, done + int(seconds_left // max(epoch_seconds, 1e-9)) - 1))
+
+
 class TailTrainer:
     """The last TUNED_STAGES stages and the head, trained together on stored maps: AdamW, warmup over half an epoch
     and a cosine to 0 over the planned epochs; losses as HeadTrainer's (class weights, label smoothing, tags'
