@@ -354,17 +354,20 @@ def head_epochs(model: torch.nn.Module, head: HeadTrainer, cfg: TrainConfig, pro
     head_of(model).load_state_dict(best)
 
 
-def tune_epochs(model: torch.nn.Module, cfg: TrainConfig, data: RunData, progress: Progress, device: torch.device,
-                amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def fine_tune(model: torch.nn.Module, cfg: TrainConfig, data: RunData, progress: Progress, device: torch.device,
+              amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
     """--tune-epochs fine-tuning the backbone's last stages with the head, from their stored input maps, within
-    --time-budget (counted from the run's start: after the first epoch, the epochs that fit, one kept for the
-    fits after); the model then holds the best epoch's weights, of the head's epochs or these. Returns the
-    features of train and val through the stages as they end."""
+    --time-budget (counted from the run's start: none once it is spent; after the first epoch, the epochs that fit,
+    one kept for the fits after); the model then holds the best epoch's weights, of the head's epochs or these.
+    Returns the features of train and val through the stages as they end (None when no epoch ran)."""
+    deadline = progress.started + cfg.time_budget if cfg.time_budget > 0 else math.inf
+    if epochs_that_fit(0, cfg.tune_epochs, deadline - time.time(), math.inf) == 0:
+        print(f"time budget {cfg.time_budget:g}s: spent before the fine-tuning; no epoch of it fits")
+        return None
     maps = split_features(model, cfg, data, device, amp_dtype, before_last=TUNED_STAGES)
     tuner = TailTrainer(model, maps["train"], data.train.labels, maps["val"], data.val.labels, cfg,
                         cfg.tune_epochs, device, amp_dtype)
     best, planned = tuner.state(), cfg.tune_epochs
-    deadline = progress.started + cfg.time_budget if cfg.time_budget > 0 else math.inf
     for k in range(1, cfg.tune_epochs + 1):
         if k > planned:
             break
@@ -376,7 +379,7 @@ def tune_epochs(model: torch.nn.Module, cfg: TrainConfig, data: RunData, progres
         if fit < planned:
             planned = fit
             tuner.replan(planned)
-            print(f"time budget {cfg.time_budget:.0f}s: {planned} of {cfg.tune_epochs} fine-tuning epochs fit; the "
+            print(f"time budget {cfg.time_budget:g}s: {planned} of {cfg.tune_epochs} fine-tuning epochs fit; the "
                   f"learning rate reaches 0 at the last")
     tuner.load_state(best)
     return {"train": tuner.features(maps["train"]), "val": tuner.features(maps["val"])}
@@ -404,7 +407,7 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
         print("fine-tuning: not with --unlabeled (its pseudo-labels train the head alone)")
     head_epochs(model, head, cfg, progress, cfg.epochs + tune, data.writer)
     if tune:
-        feats = tune_epochs(model, cfg, data, progress, device, amp_dtype)
+        feats = fine_tune(model, cfg, data, progress, device, amp_dtype) or feats
     best = Path(cfg.out_dir) / BEST
     save_checkpoint(build_checkpoint(model, cfg, data.classes, progress.best["epoch"], {"val": progress.best},
                                      progress.history, progress.best, data.layout), best)

@@ -221,19 +221,21 @@ def test_fine_tuning_trains_the_last_stages_and_the_head_and_its_features_are_th
 
 
 @pytest.mark.slow
-def test_a_time_budget_keeps_the_fine_tuning_epochs_that_fit(tmp_path, capsys):
+def test_a_time_budget_spent_before_the_fine_tuning_leaves_it_out(tmp_path, capsys):
     data = make_synthetic(tmp_path / "data", 6, size=32, seed=2)
     assert train.main(["--data", str(data), "--arch", ARCH, "--image-size", "32", "--epochs", "2", "--workers", "0",
-                       "--time-budget", "1", "--out-dir", str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"),
+                       "--time-budget", "0.001", "--out-dir", str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"),
                        "--curves-dir", str(tmp_path / "c"), "--cache-dir", str(tmp_path / "cache")]) == 0
     out = capsys.readouterr().out
-    assert out.count("time budget 1s: 1 of 4 fine-tuning epochs fit; the learning rate reaches 0 at the last") == 1
-    assert "epoch 3/6" in out and "epoch 4/" not in out
-    assert [h["epoch"] for h in load_checkpoint(tmp_path / "m" / "best_model.pth")["history"]] == [1, 2, 3]
+    assert "time budget 0.001s: spent before the fine-tuning; no epoch of it fits" in out
+    assert "feature maps" not in out and "epoch 3/" not in out
+    assert [h["epoch"] for h in load_checkpoint(tmp_path / "m" / "best_model.pth")["history"]] == [1, 2]
 
 
 def test_the_fine_tuning_epochs_that_fit_keep_one_for_the_fits_after():
     assert epochs_that_fit(1, 4, math.inf, 10.0) == 4                      # no budget: as planned
+    assert epochs_that_fit(0, 4, 5.0, math.inf) == 4                       # time left, the epoch's unknown: try
+    assert epochs_that_fit(0, 4, -1.0, math.inf) == 0                      # spent before the first: none
     assert epochs_that_fit(1, 4, 100.0, 10.0) == 4                         # room for all
     assert epochs_that_fit(1, 4, 25.0, 10.0) == 2                          # two more fit, one kept for the fits
     assert epochs_that_fit(2, 3, 5.0, 10.0) == 2                           # none more: the epochs done

@@ -39,8 +39,12 @@ VAL_BATCH = 256   # maps per pass when scoring val or computing features
 def epochs_that_fit(done: int, planned: int, seconds_left: float, epoch_seconds: float) -> int:
     """How many fine-tuning epochs the run ends with, after `done` of `planned`, when `seconds_left` remain and an
     epoch takes `epoch_seconds`: those that fit, keeping one epoch's time for the fits after training (at least
-    the epochs done, at most those planned)."""
+    the epochs done, at most those planned). Before the first epoch its time is unknown: all, while time is left."""
     if math.isinf(seconds_left):
+        return planned
+    if seconds_left <= 0:
+        return done
+    if done == 0:
         return planned
     return min(planned, max(done, done + int(seconds_left // max(epoch_seconds, 1e-9)) - 1))
 
