@@ -12,8 +12,8 @@ Usage (from train.py):
     feats = tuner.features(maps)        # (N, 2, D) pooled features through the tuned stages
 
 The whole network stays in eval mode: batch norm keeps the ImageNet statistics (batches of a few classes would
-shift them), and the stages' weights alone learn, at --lr times --backbone-lr-factor, as the head does from the
-weights it reached alone.
+shift them). The tuned stages and the head learn at --lr times --backbone-lr-factor, the head from the weights it
+reached alone.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import torch.nn as nn
 from config import TrainConfig
 from core.common import needs_grad_scaler
 from core.metrics import correct_count
-from prediction.predict import amp
 from model import head_of, tail_forward, tail_stages
+from prediction.predict import amp
 from training.features import head_losses, val_figures
 from training.optimization import class_weight_tensor, tag_pos_weight
 
