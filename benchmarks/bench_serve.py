@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = (f"{ckpt['arch']} width {width_of(ckpt)}, {ckpt['image_size']}x{ckpt['image_size']}"
+    width = f" width {width_of(ckpt)}" if ckpt["arch"] == "resnet_small" else ""  # the others have no width field
+    model = (f"{ckpt['arch']}{width}, {ckpt['image_size']}x{ckpt['image_size']}"
              f" {ckpt['channels']}-channel input, {len(ckpt['classes'])} classes")
     print(f"{model}; {len(image)}-byte image; serve.py flags: {' '.join(serve_flags) or 'the defaults'}\n")
     print_tables(measured, args.memory_requests)
