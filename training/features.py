@@ -130,6 +130,18 @@ def head_losses(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | N
     return F.cross_entropy(logits, y, weight=weights, reduction="none", label_smoothing=smoothing)
 
 
+def as_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Labels on the CPU as the losses take them: 0/1 tags (N, T) as floats, class indices (N,) as integers."""
+    return labels.to("cpu", torch.float32 if labels.dim() == 2 else torch.int64)
+
+
+def loss_weights(labels: torch.Tensor, num_classes: int, class_weights: str) -> torch.Tensor | None:
+    """What head_losses weighs by: each tag's positives (tag_pos_weight) for 0/1 tags (N, T), else --class-weights."""
+    if labels.dim() == 2:
+        return tag_pos_weight(labels)
+    return class_weight_tensor(labels, num_classes, class_weights)
+
+
 def val_figures(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """A head's figures on val as the full loop's validate gives them: the plain loss (no weights or smoothing)
     and accuracy, and with tags (float labels) mAP and F1 at 0.5 (loop.tag_validation)."""
@@ -150,8 +162,7 @@ class HeadTrainer:
     def __init__(self, model: nn.Module, train: torch.Tensor, labels: torch.Tensor, val: torch.Tensor,
                  val_labels: torch.Tensor, cfg: TrainConfig, sample_weights: torch.Tensor | None = None):
         self.tagged = labels.dim() == 2
-        kind = torch.float32 if self.tagged else torch.int64
-        self.cfg, self.labels, self.val_labels = cfg, labels.to("cpu", kind), val_labels.to("cpu", kind)
+        self.cfg, self.labels, self.val_labels = cfg, as_targets(labels), as_targets(val_labels)
         self.x, self.y = train.reshape(-1, train.shape[-1]), self.labels.repeat_interleave(train.shape[1], dim=0)
         weights = torch.ones(len(labels)) if sample_weights is None else sample_weights.float()
         self.w = weights.repeat_interleave(train.shape[1])
@@ -163,12 +174,8 @@ class HeadTrainer:
         self.steps = math.ceil(len(self.x) / cfg.batch_size)
         schedule = warmup_cosine(round(cfg.warmup_epochs * self.steps), cfg.epochs * self.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.weights = (tag_pos_weight(self.labels) if self.tagged
-                        else class_weight_tensor(self.labels, self.head.out_features, cfg.class_weights))
+        self.weights = loss_weights(self.labels, self.head.out_features, cfg.class_weights)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-
-    def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return head_losses(logits, y, self.weights, self.cfg.label_smoothing)
 
     def epoch(self) -> tuple[dict, dict]:
         """One pass over the training features, then val: (train figures, val figures) as the full loop's; with
@@ -178,7 +185,8 @@ class HeadTrainer:
         for i in range(0, len(order), self.cfg.batch_size):
             idx = order[i:i + self.cfg.batch_size]
             logits = self.head(self.x[idx])
-            loss = (self.losses(logits, self.y[idx]) * self.w[idx]).sum() / self.w[idx].sum()
+            each = head_losses(logits, self.y[idx], self.weights, self.cfg.label_smoothing)
+            loss = (each * self.w[idx]).sum() / self.w[idx].sum()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -29,11 +29,10 @@ from core.common import needs_grad_scaler
 from core.metrics import correct_count
 from model import head_of, tail_forward, tail_stages
 from prediction.predict import amp
-from training.features import head_losses, val_figures
-from training.optimization import class_weight_tensor, tag_pos_weight
+from training.features import as_targets, feature_logits, head_losses, loss_weights, val_figures
 
 TUNED_STAGES = 2  # EfficientNet's last block group and its 1x1 head convolution with its batch norm
-VAL_BATCH = 256   # maps per pass when scoring val or computing features
+VAL_BATCH = 256   # maps per pass when computing features
 
 
 def epochs_that_fit(done: int, planned: int, seconds_left: float, epoch_seconds: float) -> int:
@@ -57,11 +56,9 @@ class TailTrainer:
     def __init__(self, model: nn.Module, maps: torch.Tensor, labels: torch.Tensor, val_maps: torch.Tensor,
                  val_labels: torch.Tensor, cfg: TrainConfig, epochs: int, device: torch.device,
                  amp_dtype: torch.dtype | None):
-        tagged = labels.dim() == 2
-        kind = torch.float32 if tagged else torch.int64
         self.model, self.cfg, self.device, self.amp_dtype = model.eval(), cfg, device, amp_dtype
-        self.maps, self.labels = maps, labels.to("cpu", kind)
-        self.val_maps, self.val_labels = val_maps, val_labels.to("cpu", kind)
+        self.maps, self.labels = maps, as_targets(labels)
+        self.val_maps, self.val_labels = val_maps, as_targets(val_labels)
         self.stages, self.head = tail_stages(model, TUNED_STAGES), head_of(model)
         lr = cfg.lr * cfg.backbone_lr_factor
         self.optimizer = torch.optim.AdamW([
@@ -70,8 +67,7 @@ class TailTrainer:
         self.steps = math.ceil(len(maps) / cfg.batch_size)
         self.total = epochs * self.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.factor)
-        weights = (tag_pos_weight(self.labels) if tagged
-                   else class_weight_tensor(self.labels, self.head.out_features, cfg.class_weights))
+        weights = loss_weights(self.labels, self.head.out_features, cfg.class_weights)
         self.weights = None if weights is None else weights.to(device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp_dtype))  # fp16 on older GPUs
@@ -88,10 +84,9 @@ class TailTrainer:
         """End the schedule after `epochs` epochs in all (the cosine from where it stands reaching 0 there)."""
         self.total = epochs * self.steps
 
-    def logits(self, maps: torch.Tensor) -> torch.Tensor:
-        x = maps.to(self.device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
-        with amp(self.device, self.amp_dtype):
-            return self.head(tail_forward(self.model, x, TUNED_STAGES)).float()
+    def inputs(self, maps: torch.Tensor) -> torch.Tensor:
+        """Stored maps (float16, on the CPU) as the stages take them: float, on the device, channels-last."""
+        return maps.to(self.device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
 
     def epoch(self) -> tuple[dict, dict]:
         """One pass over the training maps, each image as itself or its mirror at random, then val: (train
@@ -102,7 +97,8 @@ class TailTrainer:
             idx = order[i:i + self.cfg.batch_size]
             side = torch.randint(0, 2, (len(idx),), generator=self.generator)
             y = self.labels[idx].to(self.device)
-            logits = self.logits(self.maps[idx, side])
+            with amp(self.device, self.amp_dtype):
+                logits = self.head(tail_forward(self.model, self.inputs(self.maps[idx, side]), TUNED_STAGES)).float()
             loss = head_losses(logits, y, self.weights, self.cfg.label_smoothing).mean()
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -115,28 +111,19 @@ class TailTrainer:
               "skipped_steps": 0, "data_seconds": 0.0, "seconds": time.time() - started}
         return tr, self.evaluate()
 
-    @torch.inference_mode()
     def evaluate(self) -> dict:
-        logits = torch.cat([self.view_logits(self.val_maps[i:i + VAL_BATCH])
-                            for i in range(0, len(self.val_maps), VAL_BATCH)])
-        return val_figures(logits, self.val_labels)
-
-    def view_logits(self, maps: torch.Tensor) -> torch.Tensor:
-        """The logits of a batch of stored maps as prediction gives them: the mean over the image and its mirror
-        with --tta, the image alone without."""
-        if self.cfg.tta:
-            return (self.logits(maps[:, 0]) + self.logits(maps[:, 1])).cpu() / 2
-        return self.logits(maps[:, 0]).cpu()
+        """The figures on val as prediction gives its logits: the head on the pooled features of the image and its
+        mirror (their mean with --tta), through the stages as they are now."""
+        return val_figures(feature_logits(self.model, self.features(self.val_maps), self.cfg.tta)[1], self.val_labels)
 
     @torch.inference_mode()
     def features(self, maps: torch.Tensor) -> torch.Tensor:
         """(N, 2, D) float32 pooled features of stored maps through the stages as they are now (image, mirror)."""
         out = []
         for i in range(0, len(maps), VAL_BATCH):
-            x = maps[i:i + VAL_BATCH].to(self.device).float()
             with amp(self.device, self.amp_dtype):
-                out.append(torch.stack([tail_forward(self.model, x[:, s].contiguous(memory_format=torch.channels_last),
-                                                     TUNED_STAGES).float().cpu() for s in (0, 1)], 1))
+                both = [tail_forward(self.model, self.inputs(maps[i:i + VAL_BATCH, s]), TUNED_STAGES) for s in (0, 1)]
+            out.append(torch.stack([f.float().cpu() for f in both], 1))
         return torch.cat(out)
 
     @property
