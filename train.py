@@ -54,8 +54,8 @@ from training.outliers import load_other_images
 from training.posthoc import calibrate_best_model, fit_novelty, store_tag_thresholds, tag_thresholds_of_best_model
 from training.report import (budget_lines, calibration_line, data_lines, device_line, novelty_lines, replan_words,
                              stop_line)
-from training.runs import (TRAINING_CURVES, Progress, ctrl_c_stops_after_the_step, epoch_line, log_epoch, make_room,
-                           name_run, open_run_log, record_epoch, save_train_batch, write_summary)
+from training.runs import (TRAINING_CURVES, Progress, ctrl_c_stops_after_the_step, epoch_line, improves, log_epoch,
+                           make_room, name_run, open_run_log, record_epoch, save_train_batch, write_summary)
 from training.tuning import TUNED_STAGES, TailTrainer, epochs_that_fit
 
 
@@ -170,11 +170,10 @@ def one_epoch(t: Trainer, cfg: TrainConfig, data: RunData, progress: Progress, e
     h = record_epoch(progress, epoch, tr, ev, t.optimizer.param_groups[-1]["lr"], train_seconds, started)
     log_epoch(data.writer, h, cfg)  # the lr is the head's, when the backbone has a lower one
     finite = is_finite(t, ev["loss"])
-    key = "map" if "map" in ev else "acc"  # several tags per image: the best epoch by val mAP
-    improved = finite and ev[key] > progress.best.get(key, -1.0)
+    improved = finite and improves(ev, progress.best)
     if improved:
         progress.best = {"acc": ev["acc"], "epoch": epoch, "loss": ev["loss"], **({"map": ev["map"]} if
-                                                                                   key == "map" else {})}
+                                                                                   "map" in ev else {})}
     if is_main_rank():
         save_epoch(t, cfg, data.classes, data.layout, progress, {"val": ev, "train": tr}, improved, finite)
     if finite:
@@ -334,8 +333,7 @@ def trained_epoch(progress: Progress, epoch: int, epochs: int, tr: dict, ev: dic
     with several tags per image, else val accuracy)."""
     h = record_epoch(progress, epoch, tr, ev, lr, tr["seconds"], started)
     log_epoch(writer, h, cfg)
-    key = "map" if "map" in ev else "acc"
-    improved = ev[key] > progress.best.get(key, -1.0)
+    improved = improves(ev, progress.best)
     if improved:
         progress.best = {**ev, "epoch": epoch}
     print(epoch_line(h, epochs, improved), flush=True)

@@ -287,6 +287,13 @@ class Progress:
     started: float = field(default_factory=time.time)
 
 
+def improves(ev: dict, best: dict) -> bool:
+    """Whether an epoch's val figures beat the best so far: by val mAP with several tags per image, else by val
+    accuracy (the best of no epoch yet holds neither, or -1)."""
+    key = "map" if "map" in ev else "acc"
+    return ev[key] > best.get(key, -1.0)
+
+
 def record_epoch(progress: Progress, epoch: int, tr: dict, ev: dict, lr: float, train_seconds: float,
                  epoch_started: float) -> dict:
     """Append the epoch's figures to the history (what last.pth, the curves and benchmarks/bench.py read) and
