@@ -284,10 +284,12 @@ def check_features_run(cfg: TrainConfig, resume_ckpt: dict | None) -> None:
 
 
 def split_features(model: torch.nn.Module, cfg: TrainConfig, data: RunData, device: torch.device,
-                   amp_dtype: torch.dtype | None, before_last: int = 0) -> dict[str, torch.Tensor]:
+                   amp_dtype: torch.dtype | None, before_last: int = 0, maps: dict | None = None
+                   ) -> dict[str, torch.Tensor]:
     """The frozen backbone's features of train, val and --unlabeled (when given), from the feature store where it
     has them; a line per split says how many were computed. With `before_last`, the feature maps before the last
-    stages of train and val (what fine-tuning those stages starts from)."""
+    stages of train and val (what fine-tuning those stages starts from). `maps`: such maps of some splits (before
+    the last TUNED_STAGES), from which those splits' missing features are computed."""
     normalization = input_normalization(cfg.uses_pretrained, cfg.channels, cfg.arch)
     what = "feature maps" if before_last else "features"
     feats = {}
@@ -295,10 +297,12 @@ def split_features(model: torch.nn.Module, cfg: TrainConfig, data: RunData, devi
         if split is None or (before_last and name == "unlabeled"):
             continue
         started = time.time()
+        from_maps = (maps[name], TUNED_STAGES) if maps and name in maps else None
         feats[name], computed = cached_features(model, split.images, split.paths, cfg.arch, cfg.cache_dir,
                                                 normalization, device, amp_dtype, cfg.channels_last, cfg.batch_size,
-                                                name, before_last)
-        print(f"{name} {what} ({len(split.labels)} images and their mirrors): {computed} computed, "
+                                                name, before_last, from_maps)
+        source = " (from the feature maps)" if from_maps is not None and computed else ""
+        print(f"{name} {what} ({len(split.labels)} images and their mirrors): {computed} computed{source}, "
               f"{len(split.labels) - computed} read from the cache, {time.time() - started:.1f}s")
     return feats
 
@@ -352,9 +356,9 @@ def head_epochs(model: torch.nn.Module, head: HeadTrainer, cfg: TrainConfig, pro
     head_of(model).load_state_dict(best)
 
 
-def fine_tune(model: torch.nn.Module, cfg: TrainConfig, data: RunData, progress: Progress, device: torch.device,
-              amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
-    """--tune-epochs fine-tuning the backbone's last stages with the head, from their stored input maps, within
+def fine_tune(model: torch.nn.Module, cfg: TrainConfig, data: RunData, maps: dict, progress: Progress,
+              device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
+    """--tune-epochs fine-tuning the backbone's last stages with the head, from their input `maps`, within
     --time-budget (counted from the run's start: none once it is spent; after the first epoch, the epochs that fit,
     one kept for the fits after); the model then holds the best epoch's weights, of the head's epochs or these.
     Returns the features of train and val through the stages as they end (None when no epoch ran)."""
@@ -362,7 +366,6 @@ def fine_tune(model: torch.nn.Module, cfg: TrainConfig, data: RunData, progress:
     if epochs_that_fit(0, cfg.tune_epochs, deadline - time.time(), math.inf) == 0:
         print(f"time budget {cfg.time_budget:g}s: spent before the fine-tuning; no epoch of it fits")
         return None
-    maps = split_features(model, cfg, data, device, amp_dtype, before_last=TUNED_STAGES)
     tuner = TailTrainer(model, maps["train"], data.train.labels, maps["val"], data.val.labels, cfg,
                         cfg.tune_epochs, device, amp_dtype)
     best, planned = tuner.state(), cfg.tune_epochs
@@ -387,7 +390,8 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
                  pretrained_state: dict | None) -> tuple[Progress, dict]:
     """The frozen backbone's features (cached), the head trained on them for --epochs (with --unlabeled, on
     pseudo-labels too), then --tune-epochs fine-tuning the last stages with it; the best epoch's model saved, then
-    the temperature and novelty score fitted on the labelled features (through the tuned stages)."""
+    the temperature and novelty score fitted on the labelled features (through the tuned stages). With the tuning,
+    the maps before the tuned stages are read or computed first, and the features come from them."""
     progress = Progress()
     model = build_model(cfg.arch, len(data.classes), cfg.channels, image_size=cfg.image_size,
                         pretrained_state=pretrained_state).to(device)
@@ -395,17 +399,18 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
         print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")
     if cfg.find_label_errors:
         find_label_errors(cfg, data.train, lay)
-    feats = split_features(model, cfg, data, device, amp_dtype)
+    tune = cfg.tune_epochs if data.unlabeled is None else 0
+    if cfg.tune_epochs and not tune:
+        print("fine-tuning: not with --unlabeled (its pseudo-labels train the head alone)")
+    maps = split_features(model, cfg, data, device, amp_dtype, before_last=TUNED_STAGES) if tune else {}
+    feats = split_features(model, cfg, data, device, amp_dtype, maps=maps)
     data.train.labels = data.train.labels.cpu()  # beside the features, which are on the CPU whatever the device
     x, y, weights = head_training_set(model, cfg, data, feats)
     head = HeadTrainer(model, x, y, feats["val"], data.val.labels, cfg, weights)
     data.writer = open_run_log(cfg)
-    tune = cfg.tune_epochs if data.unlabeled is None else 0
-    if cfg.tune_epochs and not tune:
-        print("fine-tuning: not with --unlabeled (its pseudo-labels train the head alone)")
     head_epochs(model, head, cfg, progress, cfg.epochs + tune, data.writer)
     if tune:
-        feats = fine_tune(model, cfg, data, progress, device, amp_dtype) or feats
+        feats = fine_tune(model, cfg, data, maps, progress, device, amp_dtype) or feats
     best = Path(cfg.out_dir) / BEST
     save_checkpoint(build_checkpoint(model, cfg, data.classes, progress.best["epoch"], {"val": progress.best},
                                      progress.history, progress.best, data.layout), best)

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from config import NORMALIZATION, NOVELTY_SCORES
 from core.common import UserError
 from dataset import RowView, rotate_quarters, to_float
-from model import cam_stages, feature_stages, forward_stages, has_rotation_head, head_of, trunk_forward, unwrap
+from model import (cam_stages, feature_stages, forward_stages, has_rotation_head, head_of, tail_forward, trunk_forward,
+                   unwrap)
 from prediction.checkpoint import normalization_of, novelty_of, tag_thresholds_of, temperature_of, tta_of
 from prediction.novelty import needs_turns, novelty_score, scores_by_name
 
@@ -311,6 +312,22 @@ def pooled_features(model: nn.Module, images: torch.Tensor, device: torch.device
             both = [trunk_forward(model, v, before_last) if before_last else forward_stages(model, v)[1]
                     for v in views(x, True)]
         out.append(torch.stack([v.cpu().half() if before_last else v.float().cpu() for v in both], 1))
+    return torch.cat(out) if out else torch.zeros(0, 2, head_of(model).in_features)
+
+
+@torch.inference_mode()
+def maps_pooled(model: nn.Module, maps: torch.Tensor, tail: int, device: torch.device | str = "cpu",
+                amp_dtype: torch.dtype | None = None, batch_size: int = 256) -> torch.Tensor:
+    """(N, 2, D) float32 pooled features of stored feature maps (N, 2, C, H, W: an image and its mirror, before the
+    last `tail` stages, as pooled_features gives them with before_last) through those stages as they are now: the
+    same features as pooled_features of the images, without a second pass of the stages before."""
+    device = torch.device(device)
+    out = []
+    for i in range(0, len(maps), batch_size):
+        with amp(device, amp_dtype):
+            both = [tail_forward(model, maps[i:i + batch_size, s].to(device).float()
+                                 .contiguous(memory_format=torch.channels_last), tail) for s in (0, 1)]
+        out.append(torch.stack([f.float().cpu() for f in both], 1))
     return torch.cat(out) if out else torch.zeros(0, 2, head_of(model).in_features)
 
 

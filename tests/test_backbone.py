@@ -136,9 +136,11 @@ def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_pat
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert "pretrained: its package's ImageNet weights, normalization {'mean': 0.5, 'std': 0.5}" in out
-    assert "train features (24 images and their mirrors): 24 computed, 0 read from the cache" in out
+    # The maps before the tuned stages first; the features from them, through those stages.
+    maps_line = out.index("train feature maps (24 images and their mirrors): 24 computed, 0 read from the cache")
+    assert maps_line < out.index("train features (24 images and their mirrors): 24 computed (from the feature maps), "
+                                 "0 read from the cache")
     assert "epoch 6/10" in out and "epoch 10/10" in out  # the head's 6, then 4 fine-tuning the last stages
-    assert "train feature maps (24 images and their mirrors): 24 computed, 0 read from the cache" in out
     assert "novelty score knn: fitted on 24 train images" in out
     ckpt = load_checkpoint(tmp_path / "m" / "best_model.pth")
     assert ckpt["arch"] == ARCH and ckpt["image_size"] == 64 and ckpt["channels"] == 3
@@ -165,7 +167,8 @@ def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_pat
     os.utime(changed, (time.time() + 5, time.time() + 5))
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert "train features (24 images and their mirrors): 1 computed, 23 read from the cache" in out
+    assert "train feature maps (24 images and their mirrors): 1 computed, 23 read from the cache" in out
+    assert "train features (24 images and their mirrors): 1 computed (from the feature maps), 23 read from the cache" in out
     assert "val features (6 images and their mirrors): 0 computed, 6 read from the cache" in out
     # Another folder of links to the same files computes nothing.
     linked = tmp_path / "linked"
@@ -220,6 +223,26 @@ def test_fine_tuning_trains_the_last_stages_and_the_head_and_its_features_are_th
     assert tuner.factor(tuner.steps) == 0.0 and tuner.factor(tuner.steps - 1) > 0
 
 
+def test_features_from_the_maps_pass_the_trunk_once_and_fill_the_store_the_images_read(tmp_path):
+    model = build_model(ARCH, 2, 3, image_size=64, pretrained_state=backbone_weights(ARCH)).eval()
+    images = (torch.rand(6, 3, 64, 64) * 255).to(torch.uint8)
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(paths[-1])
+    norm, cache = {"mean": 0.5, "std": 0.5}, str(tmp_path / "cache")
+    maps, _ = cached_features(model, images, paths, ARCH, cache, norm, before_last=TUNED_STAGES)
+    stem_calls = []
+    hook = model.conv_stem.register_forward_hook(lambda *_: stem_calls.append(1))
+    feats, computed = cached_features(model, images, paths, ARCH, cache, norm, from_maps=(maps, TUNED_STAGES))
+    assert computed == 6 and stem_calls == []  # through the last stages alone
+    assert torch.allclose(feats, pooled_features(model, images, normalization=norm), atol=0.05, rtol=0.02)
+    stem_calls.clear()
+    again, computed = cached_features(model, images[:3], paths[:3], ARCH, cache, norm)  # the images' own route
+    hook.remove()
+    assert computed == 0 and stem_calls == [] and torch.equal(again, feats[:3])
+
+
 @pytest.mark.slow
 def test_a_time_budget_spent_before_the_fine_tuning_leaves_it_out(tmp_path, capsys):
     data = make_synthetic(tmp_path / "data", 6, size=32, seed=2)
@@ -228,7 +251,7 @@ def test_a_time_budget_spent_before_the_fine_tuning_leaves_it_out(tmp_path, caps
                        "--curves-dir", str(tmp_path / "c"), "--cache-dir", str(tmp_path / "cache")]) == 0
     out = capsys.readouterr().out
     assert "time budget 0.001s: spent before the fine-tuning; no epoch of it fits" in out
-    assert "feature maps" not in out and "epoch 3/" not in out
+    assert "epoch 3/" not in out  # the maps were computed (the features come from them), no tuning epoch ran
     assert [h["epoch"] for h in load_checkpoint(tmp_path / "m" / "best_model.pth")["history"]] == [1, 2]
 
 

@@ -37,7 +37,7 @@ from dataset import Split
 from model import head_of, unwrap
 from prediction.checkpoint import load_checkpoint, novelty_record, save_checkpoint, with_novelty, with_temperature
 from prediction.novelty import fit_states, scores_by_name, threshold_for_accept_rate
-from prediction.predict import pooled_features
+from prediction.predict import maps_pooled, pooled_features
 from training.loop import tag_validation
 from training.optimization import class_weight_tensor, tag_pos_weight, warmup_cosine
 from training.posthoc import calibration, novelty_figures
@@ -88,14 +88,19 @@ def read_store(path: Path) -> tuple[list[str], torch.Tensor | None]:
 def cached_features(model: nn.Module, images: torch.Tensor, paths: list[str], arch: str, cache_dir: str,
                     normalization: dict, device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
                     channels_last: bool = False, batch_size: int | None = None, label: str = "",
-                    before_last: int = 0) -> tuple[torch.Tensor, int]:
+                    before_last: int = 0, from_maps: tuple[torch.Tensor, int] | None = None
+                    ) -> tuple[torch.Tensor, int]:
     """(the pooled features of the images (uint8, N x C x S x S, read from `paths`) and of their mirrors, (N, 2, D)
     float32; how many were computed). Each file version's features are kept in CACHE_DIR/features/, one store per
     backbone, input and arithmetic: any later run, on any folder or link to the same files, reads them there and
     computes (with a progress bar labelled `label`) only the files it has not seen. No cache folder (''):
     computed every time. With `before_last` k > 0: the feature maps before the last k stages, (N, 2, C, H, W)
-    float16, in a store of their own."""
+    float16, in a store of their own. `from_maps` (maps, k), these images' maps before the last k stages: the
+    features the store lacks are computed from them through those stages (one pass of the stages before serves
+    both stores)."""
     def compute(rows: torch.Tensor) -> torch.Tensor:
+        if from_maps is not None:
+            return maps_pooled(model, from_maps[0][rows], from_maps[1], device, amp_dtype)
         return pooled_features(model, images[rows], device, batch_size, normalization, amp_dtype, channels_last,
                                progress=f"{'feature maps' if before_last else 'features'} {label}" if label else "",
                                before_last=before_last)
@@ -104,10 +109,16 @@ def cached_features(model: nn.Module, images: torch.Tensor, paths: list[str], ar
         return (rows if before_last else rows.float()), len(paths)
     path = store_path(cache_dir, arch, weights_digest(model), images.shape[-1], images.shape[1], str(amp_dtype),
                       before_last)
+    rows, computed = stored_rows(path, [file_version(p) for p in paths], compute)
+    return (rows if before_last else rows.float()), computed
+
+
+def stored_rows(path: Path, wanted: list[str], compute) -> tuple[torch.Tensor, int]:
+    """(the rows of the store at `path` for the file versions `wanted`; how many were computed): those the store
+    lacks are computed (`compute(indices into wanted)`) and added to it, written atomically."""
     keys, stored = read_store(path)
     row_of = {k: i for i, k in enumerate(keys)}
-    wanted = [file_version(p) for p in paths]
-    todo: dict[str, int] = {}  # a file version not stored yet -> its first row among the images
+    todo: dict[str, int] = {}  # a file version not stored yet -> its first index among the wanted
     for i, k in enumerate(wanted):
         if k not in row_of and k not in todo:
             todo[k] = i
@@ -117,8 +128,7 @@ def cached_features(model: nn.Module, images: torch.Tensor, paths: list[str], ar
         keys += list(todo)
         stored = fresh if stored is None else torch.cat([stored, fresh])
         save_atomic({"version": FEATURES_VERSION, "keys": keys, "features": stored}, path)
-    rows = stored[[row_of[k] for k in wanted]]
-    return (rows if before_last else rows.float()), len(todo)
+    return stored[[row_of[k] for k in wanted]], len(todo)
 
 
 def head_losses(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, smoothing: float

@@ -28,7 +28,7 @@ from config import TrainConfig
 from core.common import needs_grad_scaler
 from core.metrics import correct_count
 from model import head_of, tail_forward, tail_stages
-from prediction.predict import amp
+from prediction.predict import amp, maps_pooled
 from training.features import as_targets, feature_logits, head_losses, loss_weights, val_figures
 
 TUNED_STAGES = 2  # EfficientNet's last block group and its 1x1 head convolution with its batch norm
@@ -116,15 +116,9 @@ class TailTrainer:
         mirror (their mean with --tta), through the stages as they are now."""
         return val_figures(feature_logits(self.model, self.features(self.val_maps), self.cfg.tta)[1], self.val_labels)
 
-    @torch.inference_mode()
     def features(self, maps: torch.Tensor) -> torch.Tensor:
         """(N, 2, D) float32 pooled features of stored maps through the stages as they are now (image, mirror)."""
-        out = []
-        for i in range(0, len(maps), VAL_BATCH):
-            with amp(self.device, self.amp_dtype):
-                both = [tail_forward(self.model, self.inputs(maps[i:i + VAL_BATCH, s]), TUNED_STAGES) for s in (0, 1)]
-            out.append(torch.stack([f.float().cpu() for f in both], 1))
-        return torch.cat(out)
+        return maps_pooled(self.model, maps, TUNED_STAGES, self.device, self.amp_dtype, VAL_BATCH)
 
     @property
     def lr(self) -> float:
