@@ -397,13 +397,13 @@ def features_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
                         pretrained_state=pretrained_state).to(device)
     for name, folders in make_room(cfg, 0, []).items():
         print(f"previous run {name!r} moved to {' and '.join(f'{f}/' for f in folders)}")
-    if cfg.find_label_errors:
-        find_label_errors(cfg, data.train, lay)
     tune = cfg.tune_epochs if data.unlabeled is None else 0
     if cfg.tune_epochs and not tune:
         print("fine-tuning: not with --unlabeled (its pseudo-labels train the head alone)")
     maps = split_features(model, cfg, data, device, amp_dtype, before_last=TUNED_STAGES) if tune else {}
     feats = split_features(model, cfg, data, device, amp_dtype, maps=maps)
+    if cfg.find_label_errors:  # after the features: the check reads them from the store
+        find_label_errors(cfg, data.train, lay)
     data.train.labels = data.train.labels.cpu()  # beside the features, which are on the CPU whatever the device
     x, y, weights = head_training_set(model, cfg, data, feats)
     head = HeadTrainer(model, x, y, feats["val"], data.val.labels, cfg, weights)

@@ -340,3 +340,11 @@ def test_the_label_check_runs_on_the_backbones_features(tmp_path, capsys):
     assert len(list(csv.DictReader(open(tmp_path / "c3" / "label_next.csv")))) == 3
     stores = list((tmp_path / "cache" / "features").glob("*.pt"))
     assert len(stores) == 1 and len(torch.load(stores[0], weights_only=True)["keys"]) == 16 + 4 + 4
+    # A first run with the check and the tuning: the check reads the features made from the maps (one trunk pass).
+    capsys.readouterr()
+    assert train.main(["--data", str(data), "--find-label-errors", "--epochs", "1", "--tune-epochs", "1",
+                       "--workers", "0", "--out-dir", str(tmp_path / "m4"), "--log-dir", str(tmp_path / "l4"),
+                       "--curves-dir", str(tmp_path / "c4"), *common[:-1], str(tmp_path / "cache4")]) == 0
+    out = capsys.readouterr().out
+    assert "train feature maps (16 images and their mirrors): 16 computed, 0 read from the cache" in out
+    assert "label check: features of 16 images (0 computed, the rest from the cache)" in out
