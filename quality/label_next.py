@@ -1,11 +1,16 @@
 """Which photos to label next: an unlabelled folder ranked by how much labelling each photo would teach the model.
-The photos' features are grouped into N clusters (k-means), and each cluster gives its most uncertain photo (the
-smallest margin between the model's two most probable classes), the most uncertain first: every part of the
-feature space is asked about once, so the picks are neither N near-copies of one hard photo nor N odd ones out.
+On a pretrained backbone's features (which place photos well before any label): the folder's photos and the
+training photos the checkpoint keeps (its kNN bank) are clustered together, and the clusters with the fewest
+training photos, the largest first, each give their most typical photo (TypiClust, Hacohen et al. 2022): the picks
+cover what the labels do not. On features learned from the labels alone: the photos are grouped into N clusters and
+each gives its most uncertain photo (the smallest margin between the model's two most probable classes), the most
+uncertain first. Either way every part of the feature space is asked about once, so the picks are neither N
+near-copies of one photo nor N odd ones out.
 
 Usage (from check_data.py --label-next):
     found = label_next(folder, "models/best_model.pth", n=100, out_dir="curves", move_to="to_label")   # LabelNext
-    picks = rank_to_label(features, probs, n=100)     # [Pick], in the order to label them
+    picks = rank_to_label(features, probs, n=100)     # [Pick], in the order to label them: by uncertainty
+    picks = rank_to_label(features, probs, n=100, labelled=bank)   # by typicality where the labels are not
     groups = kmeans(features, k=100)                  # the cluster of each row
     rows = pick_rows(picks, paths, classes, root)     # what label_next.csv holds
     write_picks(rows, picks, images, out_dir)         # label_next.csv and label_next.png
@@ -25,7 +30,7 @@ from config import TrainConfig
 from core.common import UserError, pick_amp_dtype, pick_device
 from dataset import load_folder
 from model import WEIGHT_PACKAGES
-from prediction.checkpoint import (config_of, load_checkpoint, model_from_checkpoint, normalization_of,
+from prediction.checkpoint import (config_of, load_checkpoint, model_from_checkpoint, normalization_of, novelty_of,
                                    tag_thresholds_of, temperature_of, tta_of)
 from prediction.predict import extract_features
 from quality.label_errors import write_listing
@@ -34,6 +39,8 @@ from training.features import cached_features, feature_logits
 LABEL_NEXT_CSV, LABEL_NEXT_PNG = "label_next.csv", "label_next.png"
 CSV_COLUMNS = ("rank", "path", "suggested", "confidence", "why")
 KMEANS_STEPS = 30  # Lloyd iterations at most (it stops when no photo changes cluster)
+LABELLED_GROUPS = 500  # typicality: clusters beyond the n picks for the training photos, at most (k-means' cost)
+TYPICAL_NEIGHBOURS = 20  # a photo's typicality: the inverse mean distance to this many nearest in its cluster
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class Pick:
     confidence: float   # the probability of `suggested`
     margin: float       # confidence minus the runner-up's probability: small = uncertain
     group: int          # photos in its cluster, itself included: how many similar photos its label speaks for
+    labelled: int | None = None  # training photos in its cluster when picked by typicality (None: by uncertainty)
 
 
 def margins(probs: torch.Tensor) -> torch.Tensor:
@@ -92,15 +100,55 @@ def kmeans(features: torch.Tensor, k: int, steps: int = KMEANS_STEPS, seed: int 
     return assign
 
 
-def rank_to_label(features: torch.Tensor, probs: torch.Tensor, n: int) -> list[Pick]:
-    """The n photos to label first: the length-normalized `features` (N, D), e.g. the penultimate layer, grouped
-    into n clusters (kmeans); from each its most uncertain photo (smallest margin), the most uncertain first. When
-    the photos hold fewer than n distinct points, the most uncertain of the rest fill the list."""
+def typicality(features: torch.Tensor) -> torch.Tensor:
+    """Per row of L2-normalised features (one cluster's), the inverse mean distance to its TYPICAL_NEIGHBOURS
+    nearest other rows: high in the dense middle of the cluster, low at its odd edges."""
+    k = min(TYPICAL_NEIGHBOURS, len(features) - 1)
+    if k < 1:
+        return torch.ones(len(features))
+    nearest = torch.cdist(features, features).topk(k + 1, largest=False).values[:, 1:]
+    return 1 / (nearest.mean(1) + 1e-9)
+
+
+def typical_picks(features: torch.Tensor, labelled: torch.Tensor, n: int) -> list[tuple[int, int, int]]:
+    """(row, cluster size, labelled photos in the cluster) of up to n photos: the length-normalized `features` and
+    the `labelled` ones clustered together (k-means, one cluster per labelled photo plus n, at most LABELLED_GROUPS
+    plus n); the clusters with the fewest labelled photos first, the largest first among them; from each the most
+    typical of its photos."""
+    x = torch.cat([F.normalize(features.float(), dim=1), F.normalize(labelled.float(), dim=1)])
+    groups = kmeans(x, min(len(labelled), LABELLED_GROUPS) + n)
+    mine, theirs = groups[:len(features)], groups[len(features):]
+    sizes = torch.bincount(mine, minlength=int(groups.max()) + 1)
+    covered = torch.bincount(theirs, minlength=len(sizes))
+    order = sorted((c for c in range(len(sizes)) if sizes[c] > 0), key=lambda c: (int(covered[c]), -int(sizes[c])))
+    picks = []
+    for c in order[:n]:
+        rows = torch.nonzero(mine == c)[:, 0]
+        picks.append((int(rows[typicality(x[rows]).argmax()]), int(sizes[c]), int(covered[c])))
+    return picks
+
+
+def rank_to_label(features: torch.Tensor, probs: torch.Tensor, n: int, labelled: torch.Tensor | None = None
+                  ) -> list[Pick]:
+    """The n photos to label first. Without `labelled`: the length-normalized `features` (N, D), e.g. the
+    penultimate layer, grouped into n clusters (kmeans); from each its most uncertain photo (smallest margin), the
+    most uncertain first. With `labelled` (features of photos already labelled, in the same space): typical_picks.
+    When the photos hold fewer than n distinct points, the most uncertain of the rest fill the list."""
     if n < 1:
         raise UserError(f"--label-next takes how many photos to pick, at least 1, not {n}")
     if len(features) == 0:
         return []
     margin = margins(probs)
+    top = probs.topk(min(2, probs.shape[1]), dim=1)
+
+    def pick(i: int, group: int, labelled_in_group: int | None = None) -> Pick:
+        return Pick(i, int(top.indices[i, 0]), int(top.indices[i, -1]), round(float(top.values[i, 0]), 4),
+                    round(float(margin[i]), 4), group, labelled_in_group)
+    if labelled is not None and len(labelled):
+        picks = [pick(*p) for p in typical_picks(features, labelled, n)]
+        taken = {p.index for p in picks}
+        rest = [i for i in margin.argsort(stable=True).tolist() if i not in taken][:max(0, n - len(picks))]
+        return picks + [pick(i, 1) for i in rest]
     groups = kmeans(F.normalize(features.float(), dim=1), n)
     sizes = torch.bincount(groups)
     by_margin = margin.argsort(stable=True).tolist()
@@ -110,13 +158,14 @@ def rank_to_label(features: torch.Tensor, probs: torch.Tensor, n: int) -> list[P
     chosen = list(first.values())
     taken = set(chosen)
     chosen += [i for i in by_margin if i not in taken][:max(0, n - len(chosen))]
-    top = probs.topk(min(2, probs.shape[1]), dim=1)
-    return [Pick(i, int(top.indices[i, 0]), int(top.indices[i, -1]), round(float(top.values[i, 0]), 4),
-                 round(float(margin[i]), 4), int(sizes[groups[i]])) for i in chosen[:n]]
+    return [pick(i, int(sizes[groups[i]])) for i in chosen[:n]]
 
 
 def why(pick: Pick, classes: list[str]) -> str:
     """The reason a photo was picked, in words."""
+    if pick.labelled is not None:
+        return (f"typical: the most typical of {pick.group} similar photos, among which the model saw "
+                f"{pick.labelled or 'no'} training photos")
     return (f"uncertain: {classes[pick.suggested]} by a margin of {pick.margin:.2f} over "
             f"{classes[pick.runner_up]}; the most uncertain of {pick.group} similar photos")
 
@@ -175,10 +224,21 @@ def folder_features(ckpt: dict, images: torch.Tensor, paths: list[str], cache_di
     return feature_logits(model.cpu(), feats, tta_of(ckpt))
 
 
+def labelled_bank(ckpt: dict) -> torch.Tensor | None:
+    """The training photos' features a pretrained backbone's checkpoint keeps (its kNN novelty score's bank, all of
+    them or a sample), against which typical_picks finds what the labels do not cover; None for other networks,
+    whose features come from the labels alone, or without a kNN bank."""
+    novelty = novelty_of(ckpt)
+    if ckpt["arch"] not in WEIGHT_PACKAGES or novelty is None:
+        return None
+    return novelty.get("states", {}).get("knn", {}).get("bank")
+
+
 def label_next(folder: str, checkpoint: str, n: int, out_dir: str | Path, move_to: str = "", cache_dir: str = "",
                workers: int = 0) -> LabelNext:
     """The n photos of `folder` (any layout; labels in it ignored) the checkpoint's model would learn most from:
-    ranked (rank_to_label on its penultimate features and its calibrated probabilities), written to out_dir
+    ranked (rank_to_label on its penultimate features, its calibrated probabilities and, on a pretrained backbone,
+    the training photos' features it keeps), written to out_dir
     (write_picks) and, with move_to, copied there."""
     ckpt = load_checkpoint(checkpoint)
     if tag_thresholds_of(ckpt) is not None:
@@ -186,7 +246,7 @@ def label_next(folder: str, checkpoint: str, n: int, out_dir: str | Path, move_t
     unlabelled = load_folder(folder, "--label-next", ckpt["image_size"], ckpt["channels"], cache_dir, workers)
     penultimate, logits = folder_features(ckpt, unlabelled.images, unlabelled.paths, cache_dir)
     probs = torch.softmax(logits / temperature_of(ckpt), dim=1)
-    picks = rank_to_label(penultimate, probs, n)
+    picks = rank_to_label(penultimate, probs, n, labelled_bank(ckpt))
     rows = pick_rows(picks, unlabelled.paths, list(ckpt["classes"]), folder)
     csv_path, gallery = write_picks(rows, picks, unlabelled.images, out_dir)
     copied = copy_picks(picks, unlabelled.paths, move_to) if move_to else []

@@ -8,7 +8,8 @@ import torch
 
 import check_data
 from loading.synthetic import make_synthetic
-from quality.label_next import LABEL_NEXT_CSV, LABEL_NEXT_PNG, copy_picks, kmeans, margins, rank_to_label
+from quality.label_next import (LABEL_NEXT_CSV, LABEL_NEXT_PNG, copy_picks, kmeans, margins, rank_to_label,
+                                typicality, why)
 
 
 def test_margin_is_the_gap_between_the_two_most_probable_classes():
@@ -37,6 +38,28 @@ def test_the_ranking_spreads_over_the_features_instead_of_taking_near_copies_of_
     picks = rank_to_label(features, probs, n=5)
     assert sum(p.index < 10 for p in picks) == 1 and sorted(p.index for p in picks)[1:] == [10, 11, 12, 13]
     assert picks[0].index < 10 and picks[0].group == 10  # by uncertainty alone all five would be copies
+
+
+def test_with_the_labelled_features_the_picks_are_the_typical_photos_of_what_they_do_not_cover():
+    # ten photos like the labelled ones (place a), five in place b with one odd photo beside them, four in place c
+    a, b, b_edge, c = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 1.0]
+    features = torch.tensor([a] * 10 + [b] * 5 + [b_edge] + [c] * 4)
+    probs = torch.tensor([[0.99, 0.01]] * 10 + [[0.9, 0.1]] * 5 + [[0.5, 0.5]] + [[0.8, 0.2]] * 4)
+    labelled = torch.tensor([a] * 3)
+    picks = rank_to_label(features, probs, n=2, labelled=labelled)
+    assert [p.index in range(10, 15) for p in picks] == [True, False] and 16 <= picks[1].index < 20
+    assert [(p.group, p.labelled) for p in picks] == [(5, 0), (4, 0)]  # uncovered, the largest first
+    assert why(picks[0], ["cat", "dog"]) == ("typical: the most typical of 5 similar photos, among which the model "
+                                             "saw no training photos")
+    every = rank_to_label(features, probs, n=4, labelled=labelled)
+    assert [p.labelled for p in every] == [0, 0, 0, 3] and every[2].index == 15  # the covered place comes last
+    assert rank_to_label(features, probs, n=2)[0].index == 15  # without them: the most uncertain
+
+
+def test_typicality_is_highest_in_the_dense_middle():
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [-0.1, 0.0], [0.0, 0.1], [2.0, 2.0]])
+    t = typicality(x)
+    assert int(t.argmax()) == 0 and int(t.argmin()) == 4 and typicality(x[:1]).tolist() == [1.0]
 
 
 def test_kmeans_finds_separate_groups_and_never_more_than_the_distinct_points():
