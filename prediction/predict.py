@@ -322,6 +322,7 @@ def maps_pooled(model: nn.Module, maps: torch.Tensor, tail: int, device: torch.d
     last `tail` stages, as pooled_features gives them with before_last) through those stages as they are now: the
     same features as pooled_features of the images, without a second pass of the stages before."""
     device = torch.device(device)
+    unwrap(model).eval()
     out = []
     for i in range(0, len(maps), batch_size):
         with amp(device, amp_dtype):

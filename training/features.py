@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -113,7 +114,8 @@ def cached_features(model: nn.Module, images: torch.Tensor, paths: list[str], ar
     return (rows if before_last else rows.float()), computed
 
 
-def stored_rows(path: Path, wanted: list[str], compute) -> tuple[torch.Tensor, int]:
+def stored_rows(path: Path, wanted: list[str], compute: Callable[[torch.Tensor], torch.Tensor]
+                ) -> tuple[torch.Tensor, int]:
     """(the rows of the store at `path` for the file versions `wanted`; how many were computed): those the store
     lacks are computed (`compute(indices into wanted)`) and added to it, written atomically."""
     keys, stored = read_store(path)
