@@ -27,8 +27,12 @@ saved run's settings are the defaults and the flags given override them."""
 # Dogs vs. Cats, benchmarks/bench_backbone.py; docs/experiments/backbone.md), and how sure label spreading must be
 # of an --unlabeled image's class (chosen on train photos of Dogs vs. Cats held out from 10 labelled per class), and
 # how many epochs then fine-tune its last stages (chosen on held-out train photos of mirflickr and Dogs vs. Cats).
-BACKBONE_DEFAULTS = {"efficientnet_lite0": {"image_size": 224, "channels": 3, "pretrained": True, "epochs": 20,
-                                            "weight_decay": 5.0, "pseudo_threshold": 0.6, "tune_epochs": 4}}
+# efficientnet_lite2 takes lite0's recipe at the input its weights were trained at: twice the time per photo for
+# better features where labels are few (docs/experiments/backbone.md).
+_BACKBONE_RECIPE = {"channels": 3, "pretrained": True, "epochs": 20, "weight_decay": 5.0, "pseudo_threshold": 0.6,
+                    "tune_epochs": 4}
+BACKBONE_DEFAULTS = {"efficientnet_lite0": {"image_size": 224, **_BACKBONE_RECIPE},
+                     "efficientnet_lite2": {"image_size": 260, **_BACKBONE_RECIPE}}
 ARCHS = ("resnet_small", "resnet18", "resnet50", *BACKBONE_DEFAULTS)
 NOVELTY_SCORES = ("combined", "msp", "energy", "knn", "mahalanobis", "layer_mahalanobis", "rotation")  # their maths:
 # prediction/novelty.py
@@ -75,19 +79,19 @@ class TrainConfig:
     arch: str = _f("resnet_small", "resnet_small (fast on CPU), resnet18 or resnet50 (torchvision), or "
                    "efficientnet_lite0: ImageNet weights installed with requirements.txt, frozen; its features are "
                    "computed once and the head trains on them (RGB 224 px, pretrained, 20 epochs, weight decay 5, "
-                   "unless flags say otherwise)",
+                   "unless flags say otherwise); efficientnet_lite2: the same at 260 px, half as fast, for few labels",
                    choices=ARCHS)
     width: int = _f(32, "channels of resnet_small's first stage; the width sets CPU speed")
     blocks: list[int] = _f([1, 1, 1, 1], "resnet_small's residual blocks in each of its four stages")
     pretrained: bool = _f(False, "start from ImageNet weights: resnet18/resnet50 torchvision's (needs internet or "
-                          "--weights), efficientnet_lite0 its installed package's (on for it unless --no-pretrained)")
+                          "--weights), efficientnet_lite0/lite2 their installed packages' (on for them unless --no-pretrained)")
     weights: str = _f("", "local state_dict to start from: a torchvision ResNet's, or the backbone's (implies "
                       "--pretrained)")
     freeze_epochs: int = _f(0, "with pretrained weights: train only the head for this many epochs first")
     backbone_lr_factor: float = _f(0.1, "with --pretrained or --freeze-epochs: backbone learning rate = lr x this")
-    tune_epochs: int = _f(0, "a packaged backbone (--arch efficientnet_lite0): after its head, epochs fine-tuning its "
-                             "last stages with the head, from stored feature maps (0 = the head alone; "
-                             "--time-budget takes the epochs that fit)")
+    tune_epochs: int = _f(0, "a packaged backbone (--arch efficientnet_lite0/lite2): after its head, epochs "
+                             "fine-tuning its last stages with the head, from stored feature maps (0 = the head "
+                             "alone; --time-budget takes the epochs that fit)")
     # optimisation
     epochs: int = _f(80, "passes over the training set")
     batch_size: int = _f(128, "images per step; larger batches use 2 CPU cores better")

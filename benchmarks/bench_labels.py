@@ -136,6 +136,7 @@ def semi_main(argv: list[str]) -> int:
                         "its head's own)")
     parser.add_argument("--seed", type=int, default=0, help="which photos keep their labels")
     parser.add_argument("--skip-supervised", action="store_true")
+    parser.add_argument("--skip-semi", action="store_true", help="the labelled photos alone: no --unlabeled run")
     ours, train_flags = split_at_dashes(argv)
     args = parser.parse_args(ours)
     source = provenance("benchmarks.bench_labels", ["semi", *argv])
@@ -156,8 +157,9 @@ def semi_main(argv: list[str]) -> int:
         base = dict(data=str(work / "labelled"), val_fraction=0.0)
         if not args.skip_supervised:
             result["supervised"] = run_row(train_run(cfg, work, **base, run_name="supervised"))
-        result["semi_supervised"] = run_row(train_run(cfg, work, **base, unlabeled=str(work / "unlabeled"),
-                                                      run_name="semi"))
+        if not args.skip_semi:
+            result["semi_supervised"] = run_row(train_run(cfg, work, **base, unlabeled=str(work / "unlabeled"),
+                                                          run_name="semi"))
     print(semi_markdown(result) if args.markdown else json.dumps(result, indent=2))
     return 0
 
@@ -166,7 +168,7 @@ def semi_markdown(result: dict) -> str:
     rows = [[name, f"{r['best_val_acc']:.2%}", r["best_epoch"], r["epochs"], f"{r['train_seconds']:.0f}",
              f"{r['pseudo_share_last_epoch']:.0%}" if "pseudo_share_last_epoch" in r else "-"]
             for name, r in (("supervised, labelled only", result.get("supervised")),
-                            ("semi-supervised, + unlabeled", result["semi_supervised"])) if r]
+                            ("semi-supervised, + unlabeled", result.get("semi_supervised"))) if r]
     head = (f"{result['labelled']} labelled train photos, {result['unlabeled']} unlabeled, val: {result['val']} "
             f"photos of {result['val_from']}")
     return "\n\n".join([head, markdown_table(["run", "best val acc", "best epoch", "epochs", "train s",

@@ -19,7 +19,7 @@ import export
 import inference
 import serve
 import train
-from config import parse_config
+from config import BACKBONE_DEFAULTS, parse_config
 from conftest import SHARED
 from core.common import UserError
 from dataset import image_tensor
@@ -111,17 +111,21 @@ def test_arch_implies_its_input_and_its_weights_unless_the_flags_say_otherwise()
     assert (cfg.image_size, cfg.channels, cfg.pretrained, cfg.epochs, cfg.weight_decay, cfg.pseudo_threshold) == (
         160, 1, False, 3, 0.1, 0.9)
     assert (parse_config([]).image_size, parse_config([]).channels) == (64, 1)
+    lite2 = parse_config(["--arch", "efficientnet_lite2"])
+    assert (lite2.image_size, lite2.pretrained, lite2.tune_epochs) == (260, True, 4)
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "catdog").is_dir(), reason="needs ../shared/data/catdog (real photos)")
-def test_the_packaged_weights_put_real_cat_and_dog_photos_in_imagenets_cat_and_dog_classes():
-    model = timm_model(ARCH, 1000, 3)
-    model.load_state_dict(backbone_weights(ARCH))
+@pytest.mark.parametrize("arch", list(BACKBONE_DEFAULTS))
+def test_the_packaged_weights_put_real_cat_and_dog_photos_in_imagenets_cat_and_dog_classes(arch):
+    model = timm_model(arch, 1000, 3)
+    model.load_state_dict(backbone_weights(arch))
     model.eval()
     hits = 0
+    size = BACKBONE_DEFAULTS[arch]["image_size"]
     for kind, classes in (("cat", IMAGENET_CATS), ("dog", IMAGENET_DOGS)):
         photos = sorted((SHARED / "data" / "catdog" / "val" / kind).glob("*.jpg"))[:10]
-        x = torch.cat([image_tensor(p, 224, 3, {"mean": 0.5, "std": 0.5}) for p in photos])
+        x = torch.cat([image_tensor(p, size, 3, {"mean": 0.5, "std": 0.5}) for p in photos])
         with torch.no_grad():
             hits += sum(int(k) in classes for k in model(x).argmax(1))
     assert hits >= 17  # of 20; random weights would land in these 123 of 1000 classes about 2.5 times
