@@ -120,7 +120,7 @@ def test_config_file_is_the_base_and_flags_override_it(tmp_path):
     (None, "no such file"), ("{not json", "not a readable JSON file"), ("[1, 2]", "expected a JSON object"),
     ('{"epochs": "5"}', "epochs should be int, not '5'"), ('{"lr": true}', "lr should be float"),
     ('{"arch": "resnet19"}',
-     "--arch must be one of resnet_small, resnet18, resnet50, efficientnet_lite0, not 'resnet19'"),
+     "--arch must be one of resnet_small, resnet18, resnet50, efficientnet_lite0, efficientnet_lite2, not 'resnet19'"),
     ('{"channels": 2}', "--channels must be one of 1, 3, not 2"),
 ])
 def test_a_bad_config_file_is_a_user_error(tmp_path, content, message):
