@@ -38,6 +38,7 @@ from benchmarks.bench import train_config, training_flags
 from config import TrainConfig
 from core.common import (UserError, markdown_source, markdown_table, provenance, reports_user_errors, run_script,
                          split_at_dashes)
+from loading.cache import forget_folder
 from loading.layout import layout_splits, read_layout
 from model import WEIGHT_PACKAGES
 from training.runs import read_summary
@@ -160,6 +161,7 @@ def semi_main(argv: list[str]) -> int:
         if not args.skip_semi:
             result["semi_supervised"] = run_row(train_run(cfg, work, **base, unlabeled=str(work / "unlabeled"),
                                                           run_name="semi"))
+        forget_decoded(cfg, work)
     print(semi_markdown(result) if args.markdown else json.dumps(result, indent=2))
     return 0
 
@@ -173,6 +175,14 @@ def semi_markdown(result: dict) -> str:
             f"photos of {result['val_from']}")
     return "\n\n".join([head, markdown_table(["run", "best val acc", "best epoch", "epochs", "train s",
                                               "pseudo-labelled share, last epoch"], rows), markdown_source(result)])
+
+
+def forget_decoded(cfg: TrainConfig, work: Path) -> None:
+    """Drop from the runs' cache folder the decoded images of every folder under `work` (temporary links no run
+    reads again), so that a shared --cache-dir keeps the features the runs computed and not a copy of the pixels
+    of each temporary folder."""
+    for folder in [work, *(d for d in work.rglob("*") if d.is_dir() and not d.is_symlink())]:
+        forget_folder(cfg.cache_dir, folder, cfg.image_size, cfg.channels)
 
 
 def arm_folder(work: Path, labelled: list, added: list, val: list) -> Path:
@@ -211,6 +221,7 @@ def label_next_seed(args, cfg: TrainConfig, seed: int, work: Path) -> dict:
                         seed=seed, run_name=f"{arm}{seed}", out_dir=str(work / f"{arm}_models"),
                         **semi_changes(work / f"{arm}_pool", args.arms_unlabeled))
         row.update({f"{arm}_val_acc": round(run["best_val_acc"], 4), **pseudo_share(run, f"{arm}_")})
+    forget_decoded(cfg, work)
     return row
 
 

@@ -230,6 +230,16 @@ def _compact(cache_dir: Path, key: str, arr: np.ndarray, live_rows: np.ndarray,
     return name, remap
 
 
+def forget_folder(cache_dir: str | Path, folder: str | Path, size: int, channels: int) -> int:
+    """Delete what the cache keeps for `folder` at this size and channels (its arrays, index and lock), for a
+    folder that will not be read again, such as a benchmark's temporary links; how many files went."""
+    gone = 0
+    for f in Path(cache_dir).glob(f"{cache_key(folder, size, channels)}.*"):
+        f.unlink(missing_ok=True)
+        gone += 1
+    return gone
+
+
 def update_cache(cache_dir: str | Path, folder: str | Path, paths: list[str], size: int, channels: int,
                  decode: Decoder) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
     """Bring the cache of `folder` up to date with `paths` (files under it) and return (the array, memory-mapped

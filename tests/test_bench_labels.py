@@ -54,10 +54,13 @@ def test_both_commands_run_end_to_end_on_a_toy_set(tmp_path, capsys):
     assert "| seed | seed model | seed + ranked | seed + random |" in table and "\n| 3 | " in table
     assert "python -m benchmarks.bench_labels label-next --data" in table
     # the seed model and both arms semi-supervised: the seed on the pool, each arm on the pool less its picks
-    work = tmp_path / "work"
+    work, shared = tmp_path / "work", tmp_path / "shared_cache"
     assert bench_labels.main(["label-next", "--data", str(data), "--per-class", "4", "--add", "6", "--seeds", "3",
                               "--seed-unlabeled", "10", "--arms-unlabeled", "10", "--work-dir", str(work),
-                              *TOY]) == 0
+                              "--cache-dir", str(shared), *TOY]) == 0
+    # a shared cache folder keeps no decoded pixels of the temporary folders (the runs did decode there)
+    assert shared.is_dir()  # the runs decoded there
+    assert not list(shared.glob("*.npy")) and not list(shared.glob("*.index.pt"))
     row = json.loads(capsys.readouterr().out)["seeds"][0]
     assert 0.0 <= row["seed_pseudo_share_last_epoch"] <= 1.0 and row["ranked_picked_per_class"]
     assert all(0.0 <= row[f"{arm}_pseudo_share_last_epoch"] <= 1.0 for arm in ("ranked", "random"))

@@ -84,6 +84,16 @@ def test_round_trip_equals_a_fresh_decode_and_is_a_read_only_map(split_dir, tmp_
     assert np.array_equal(np.load(npy, mmap_mode="r"), fresh.images.numpy())
 
 
+def test_forgetting_a_folder_deletes_its_files_alone(split_dir, tmp_path, decoded):
+    load(split_dir, tmp_path / "c")
+    load(split_dir, tmp_path / "c", size=8)
+    kept = files(tmp_path / "c", "train-8px-*")
+    assert cache.forget_folder(tmp_path / "c", split_dir, 16, 1) >= 2  # its arrays and index
+    assert not list(Path(tmp_path / "c").glob("train-16px-*")) and files(tmp_path / "c", "train-8px-*") == kept
+    load(split_dir, tmp_path / "c")
+    assert len(decoded) == 3  # decoded at 16 px, at 8 px, then at 16 px again
+
+
 def test_new_files_are_the_only_ones_decoded_and_are_appended(split_dir, tmp_path, decoded):
     first = load(split_dir, tmp_path / "c")
     [npy] = files(tmp_path / "c", "*.npy")
