@@ -84,7 +84,8 @@ class TrainConfig:
     width: int = _f(32, "channels of resnet_small's first stage; the width sets CPU speed")
     blocks: list[int] = _f([1, 1, 1, 1], "resnet_small's residual blocks in each of its four stages")
     pretrained: bool = _f(False, "start from ImageNet weights: resnet18/resnet50 torchvision's (needs internet or "
-                          "--weights), efficientnet_lite0/lite2 their installed packages' (on for them unless --no-pretrained)")
+                          "--weights), efficientnet_lite0/lite2 their installed packages' (on for them unless "
+                          "--no-pretrained)")
     weights: str = _f("", "local state_dict to start from: a torchvision ResNet's, or the backbone's (implies "
                       "--pretrained)")
     freeze_epochs: int = _f(0, "with pretrained weights: train only the head for this many epochs first")

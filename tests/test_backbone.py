@@ -172,7 +172,8 @@ def test_a_run_trains_the_head_on_cached_features_and_its_model_predicts(tmp_pat
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert "train feature maps (24 images and their mirrors): 1 computed, 23 read from the cache" in out
-    assert "train features (24 images and their mirrors): 1 computed (from the feature maps), 23 read from the cache" in out
+    assert ("train features (24 images and their mirrors): 1 computed (from the feature maps), 23 read from the "
+            "cache") in out
     assert "val features (6 images and their mirrors): 0 computed, 6 read from the cache" in out
     # Another folder of links to the same files computes nothing.
     linked = tmp_path / "linked"
