@@ -315,6 +315,12 @@ def pooled_features(model: nn.Module, images: torch.Tensor, device: torch.device
     return torch.cat(out) if out else torch.zeros(0, 2, head_of(model).in_features)
 
 
+def maps_input(maps: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Stored feature maps (float16, on the CPU) as the stages after them take them: float, on the device,
+    channels-last."""
+    return maps.to(device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
+
+
 @torch.inference_mode()
 def maps_pooled(model: nn.Module, maps: torch.Tensor, tail: int, device: torch.device | str = "cpu",
                 amp_dtype: torch.dtype | None = None, batch_size: int = 256) -> torch.Tensor:
@@ -326,8 +332,7 @@ def maps_pooled(model: nn.Module, maps: torch.Tensor, tail: int, device: torch.d
     out = []
     for i in range(0, len(maps), batch_size):
         with amp(device, amp_dtype):
-            both = [tail_forward(model, maps[i:i + batch_size, s].to(device).float()
-                                 .contiguous(memory_format=torch.channels_last), tail) for s in (0, 1)]
+            both = [tail_forward(model, maps_input(maps[i:i + batch_size, s], device), tail) for s in (0, 1)]
         out.append(torch.stack([f.float().cpu() for f in both], 1))
     return torch.cat(out) if out else torch.zeros(0, 2, head_of(model).in_features)
 

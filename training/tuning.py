@@ -28,7 +28,7 @@ from config import TrainConfig
 from core.common import needs_grad_scaler
 from core.metrics import correct_count
 from model import head_of, tail_forward, tail_stages
-from prediction.predict import amp, maps_pooled
+from prediction.predict import amp, maps_input, maps_pooled
 from training.features import as_targets, feature_logits, head_losses, loss_weights, val_figures
 
 TUNED_STAGES = 2  # EfficientNet's last block group and its 1x1 head convolution with its batch norm
@@ -84,10 +84,6 @@ class TailTrainer:
         """End the schedule after `epochs` epochs in all (the cosine from where it stands reaching 0 there)."""
         self.total = epochs * self.steps
 
-    def inputs(self, maps: torch.Tensor) -> torch.Tensor:
-        """Stored maps (float16, on the CPU) as the stages take them: float, on the device, channels-last."""
-        return maps.to(self.device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
-
     def epoch(self) -> tuple[dict, dict]:
         """One pass over the training maps, each image as itself or its mirror at random, then val: (train
         figures, val figures) as HeadTrainer's."""
@@ -96,9 +92,9 @@ class TailTrainer:
         for i in range(0, len(order), self.cfg.batch_size):
             idx = order[i:i + self.cfg.batch_size]
             side = torch.randint(0, 2, (len(idx),), generator=self.generator)
-            y = self.labels[idx].to(self.device)
+            x, y = maps_input(self.maps[idx, side], self.device), self.labels[idx].to(self.device)
             with amp(self.device, self.amp_dtype):
-                logits = self.head(tail_forward(self.model, self.inputs(self.maps[idx, side]), TUNED_STAGES)).float()
+                logits = self.head(tail_forward(self.model, x, TUNED_STAGES)).float()
             loss = head_losses(logits, y, self.weights, self.cfg.label_smoothing).mean()
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
