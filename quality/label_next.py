@@ -144,21 +144,21 @@ def rank_to_label(features: torch.Tensor, probs: torch.Tensor, n: int, labelled:
     def pick(i: int, group: int, labelled_in_group: int | None = None) -> Pick:
         return Pick(i, int(top.indices[i, 0]), int(top.indices[i, -1]), round(float(top.values[i, 0]), 4),
                     round(float(margin[i]), 4), group, labelled_in_group)
+    by_margin = margin.argsort(stable=True).tolist()
+
+    def filled(chosen: list[int]) -> list[int]:
+        """`chosen`, then the most uncertain of the other photos, n in all."""
+        taken = set(chosen)
+        return (chosen + [i for i in by_margin if i not in taken])[:n]
     if labelled is not None and len(labelled):
-        picks = [pick(*p) for p in typical_picks(features, labelled, n)]
-        taken = {p.index for p in picks}
-        rest = [i for i in margin.argsort(stable=True).tolist() if i not in taken][:max(0, n - len(picks))]
-        return picks + [pick(i, 1) for i in rest]
+        found = {i: (size, covered) for i, size, covered in typical_picks(features, labelled, n)}
+        return [pick(i, *found.get(i, (1, None))) for i in filled(list(found))]
     groups = kmeans(F.normalize(features.float(), dim=1), n)
     sizes = torch.bincount(groups)
-    by_margin = margin.argsort(stable=True).tolist()
     first = {}
     for i in by_margin:  # the first photo met in each cluster is its most uncertain; dicts keep that order
         first.setdefault(int(groups[i]), i)
-    chosen = list(first.values())
-    taken = set(chosen)
-    chosen += [i for i in by_margin if i not in taken][:max(0, n - len(chosen))]
-    return [pick(i, int(sizes[groups[i]])) for i in chosen[:n]]
+    return [pick(i, int(sizes[groups[i]])) for i in filled(list(first.values()))]
 
 
 def why(pick: Pick, classes: list[str]) -> str:
