@@ -199,13 +199,20 @@ def test_trunk_then_tail_then_head_is_the_models_forward(arch, tail):
         assert names[id(tuned[0])] == "blocks.6" and [names[id(m)] for m in tuned[1]] == ["conv_head", "bn2"]
 
 
-def test_fine_tuning_trains_the_last_stages_and_the_head_and_its_features_are_the_models(tmp_path):
+def backbone_and_photos(tmp_path, n: int) -> tuple[torch.nn.Module, torch.Tensor, list[str]]:
+    """The pretrained backbone (2 classes, 64 px, eval mode), n random 64 px images, and n small files standing for
+    them (the feature store keys its rows by file)."""
     model = build_model(ARCH, 2, 3, image_size=64, pretrained_state=backbone_weights(ARCH)).eval()
-    images = (torch.rand(12, 3, 64, 64) * 255).to(torch.uint8)
+    images = (torch.rand(n, 3, 64, 64) * 255).to(torch.uint8)
     paths = []
-    for i in range(12):
+    for i in range(n):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.new("RGB", (8, 8), (i, 0, 0)).save(paths[-1])
+    return model, images, paths
+
+
+def test_fine_tuning_trains_the_last_stages_and_the_head_and_its_features_are_the_models(tmp_path):
+    model, images, paths = backbone_and_photos(tmp_path, 12)
     norm = {"mean": 0.5, "std": 0.5}
     maps, computed = cached_features(model, images, paths, ARCH, str(tmp_path / "cache"), norm,
                                      before_last=TUNED_STAGES)
@@ -229,12 +236,7 @@ def test_fine_tuning_trains_the_last_stages_and_the_head_and_its_features_are_th
 
 
 def test_features_from_the_maps_pass_the_trunk_once_and_fill_the_store_the_images_read(tmp_path):
-    model = build_model(ARCH, 2, 3, image_size=64, pretrained_state=backbone_weights(ARCH)).eval()
-    images = (torch.rand(6, 3, 64, 64) * 255).to(torch.uint8)
-    paths = []
-    for i in range(6):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.new("RGB", (8, 8), (i, 0, 0)).save(paths[-1])
+    model, images, paths = backbone_and_photos(tmp_path, 6)
     norm, cache = {"mean": 0.5, "std": 0.5}, str(tmp_path / "cache")
     maps, _ = cached_features(model, images, paths, ARCH, cache, norm, before_last=TUNED_STAGES)
     stem_calls = []
