@@ -35,10 +35,11 @@ def near_kind_items(items: list[tuple[str, str]], folders: dict[str, set[str]], 
                     seed: int = 0) -> dict[str, list[str]]:
     """{folder: sorted paths}: the photos of (path, tags joined by TAG_SEP) items that carry one of the folder's
     tags and no excluded tag; at most `limit` per folder (a seeded sample; 0 = all)."""
+    kept = [(p, set(label.split(TAG_SEP))) for p, label in items]
+    kept = [(p, tags) for p, tags in kept if not tags & exclude]
     picked = {}
     for name, tags in folders.items():
-        paths = sorted({p for p, label in items if set(label.split(TAG_SEP)) & tags
-                        and not set(label.split(TAG_SEP)) & exclude})
+        paths = sorted({p for p, carried in kept if carried & tags})
         if limit and len(paths) > limit:
             paths = sorted(random.Random(seed).sample(paths, limit))
         picked[name] = paths
