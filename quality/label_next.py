@@ -1,8 +1,8 @@
 """Which photos to label next: an unlabelled folder ranked by how much labelling each photo would teach the model.
 On a pretrained backbone's features (which place photos well before any label): the folder's photos and the
 training photos the checkpoint keeps (its kNN bank) are clustered together, and the clusters with the fewest
-training photos, the largest first, each give their most typical photo (TypiClust, Hacohen et al. 2022): the picks
-cover what the labels do not. On features learned from the labels alone: the photos are grouped into N clusters and
+training photos, those where the model is least sure first, each give their most typical photo (after TypiClust,
+Hacohen et al. 2022): the picks cover what the labels do not, where the model needs them most. On features learned from the labels alone: the photos are grouped into N clusters and
 each gives its most uncertain photo (the smallest margin between the model's two most probable classes), the most
 uncertain first. Either way every part of the feature space is asked about once, so the picks are neither N
 near-copies of one photo nor N odd ones out.
@@ -64,6 +64,7 @@ class Pick:
     margin: float       # confidence minus the runner-up's probability: small = uncertain
     group: int          # photos in its cluster, itself included: how many similar photos its label speaks for
     labelled: int | None = None  # training photos in its cluster when picked by typicality (None: by uncertainty)
+    group_margin: float | None = None  # the mean margin over its cluster when picked by typicality
 
 
 def margins(probs: torch.Tensor) -> torch.Tensor:
@@ -110,21 +111,25 @@ def typicality(features: torch.Tensor) -> torch.Tensor:
     return 1 / (nearest.mean(1) + 1e-9)
 
 
-def typical_picks(features: torch.Tensor, labelled: torch.Tensor, n: int) -> list[tuple[int, int, int]]:
-    """(row, cluster size, labelled photos in the cluster) of up to n photos: the length-normalized `features` and
-    the `labelled` ones clustered together (k-means, one cluster per labelled photo plus n, at most LABELLED_GROUPS
-    plus n); the clusters with the fewest labelled photos first, the largest first among them; from each the most
-    typical of its photos."""
+def typical_picks(features: torch.Tensor, labelled: torch.Tensor, margin: torch.Tensor, n: int
+                  ) -> list[tuple[int, int, int, float]]:
+    """(row, cluster size, labelled photos in the cluster, the cluster's mean margin) of up to n photos: the
+    length-normalized `features` and the `labelled` ones clustered together (k-means, one cluster per labelled photo
+    plus n, at most LABELLED_GROUPS plus n); the clusters with the fewest labelled photos first, the smallest mean
+    `margin` (the model least sure) first among them; from each the most typical of its photos."""
     x = torch.cat([F.normalize(features.float(), dim=1), F.normalize(labelled.float(), dim=1)])
     groups = kmeans(x, min(len(labelled), LABELLED_GROUPS) + n)
     mine, theirs = groups[:len(features)], groups[len(features):]
     sizes = torch.bincount(mine, minlength=int(groups.max()) + 1)
     covered = torch.bincount(theirs, minlength=len(sizes))
-    order = sorted((c for c in range(len(sizes)) if sizes[c] > 0), key=lambda c: (int(covered[c]), -int(sizes[c])))
+    mean_margin = torch.zeros(len(sizes)).index_add_(0, mine, margin.float()) / sizes.clamp(min=1)
+    order = sorted((c for c in range(len(sizes)) if sizes[c] > 0), key=lambda c: (int(covered[c]),
+                                                                                   float(mean_margin[c])))
     picks = []
     for c in order[:n]:
         rows = torch.nonzero(mine == c)[:, 0]
-        picks.append((int(rows[typicality(x[rows]).argmax()]), int(sizes[c]), int(covered[c])))
+        picks.append((int(rows[typicality(x[rows]).argmax()]), int(sizes[c]), int(covered[c]),
+                      round(float(mean_margin[c]), 4)))
     return picks
 
 
@@ -141,9 +146,9 @@ def rank_to_label(features: torch.Tensor, probs: torch.Tensor, n: int, labelled:
     margin = margins(probs)
     top = probs.topk(min(2, probs.shape[1]), dim=1)
 
-    def pick(i: int, group: int, labelled_in_group: int | None = None) -> Pick:
+    def pick(i: int, group: int, labelled_in_group: int | None = None, group_margin: float | None = None) -> Pick:
         return Pick(i, int(top.indices[i, 0]), int(top.indices[i, -1]), round(float(top.values[i, 0]), 4),
-                    round(float(margin[i]), 4), group, labelled_in_group)
+                    round(float(margin[i]), 4), group, labelled_in_group, group_margin)
     by_margin = margin.argsort(stable=True).tolist()
 
     def filled(chosen: list[int]) -> list[int]:
@@ -151,8 +156,8 @@ def rank_to_label(features: torch.Tensor, probs: torch.Tensor, n: int, labelled:
         taken = set(chosen)
         return (chosen + [i for i in by_margin if i not in taken])[:n]
     if labelled is not None and len(labelled):
-        found = {i: (size, covered) for i, size, covered in typical_picks(features, labelled, n)}
-        return [pick(i, *found.get(i, (1, None))) for i in filled(list(found))]
+        found = {i: rest for i, *rest in typical_picks(features, labelled, margin, n)}
+        return [pick(i, *found.get(i, (1,))) for i in filled(list(found))]
     groups = kmeans(F.normalize(features.float(), dim=1), n)
     sizes = torch.bincount(groups)
     first = {}
@@ -165,7 +170,7 @@ def why(pick: Pick, classes: list[str]) -> str:
     """The reason a photo was picked, in words."""
     if pick.labelled is not None:
         return (f"typical: the most typical of {pick.group} similar photos, among which the model saw "
-                f"{pick.labelled or 'no'} training photos")
+                f"{pick.labelled or 'no'} training photos and is sure by a mean margin of {pick.group_margin:.2f}")
     return (f"uncertain: {classes[pick.suggested]} by a margin of {pick.margin:.2f} over "
             f"{classes[pick.runner_up]}; the most uncertain of {pick.group} similar photos")
 
