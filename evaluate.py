@@ -41,7 +41,8 @@ from core.plots import (plot_confusion_matrix, plot_gallery, plot_gradcam, plot_
 from dataset import load_items
 from loading.carve import narrow_tags
 from loading.decode import BadImage, decode_image, expand_inputs
-from loading.layout import read_layout, layout_splits, split_of
+from loading.layout import read_layout, layout_splits
+from loading.table import split_of
 from prediction.checkpoint import (DEFAULT_PATH, config_of, load_checkpoint, model_from_checkpoint, normalization_of,
                                    novelty_of, run_name_of, tag_thresholds_of, temperature_of, tta_of)
 from prediction.novelty import folder_groups, load_images, report_by_group, split_by_group, unknown_report

@@ -1,7 +1,7 @@
 """The carve: val (and test) split off a dataset's train images, stratified by class (by every tag, for images
 with several), the same for the same labels and seed.
 
-Usage (from loading/layout.py):
+Usage (from loading/layout.py and loading/table.py):
     parts = carve_indices(labels, [0.7, 0.2, 0.1], seed=0)              # sorted index lists, one per ratio
     parts = iterative_stratification([{"sea", "sky"}, {"dog"}], [0.8, 0.2], seed=0)   # several tags per image
     splits = carve(items, {"val": 0.2}, seed=0)                          # {"train": the rest, "val": ...}

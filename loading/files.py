@@ -1,7 +1,7 @@
 """The files under a folder as a dataset reader sees them: image files (by extension) and the rest, recursively,
 symlinked folders entered, hidden files and folders left out, quickly on large folders.
 
-Usage (from loading/layout.py, loading/decode.py and quality/audit.py):
+Usage (from loading/layout.py, loading/table.py, loading/decode.py and quality/audit.py):
     images, others = walk_files("Dataset/train")        # path strings, in os.walk's order
     images, others = walk_paths(Path("Dataset/train"))  # the same as Paths
 """

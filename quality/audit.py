@@ -29,7 +29,8 @@ from core.plots import plot_gallery, save_figure
 from loading.decode import decode_files, decode_image
 from loading.files import walk_files
 from loading.carve import split_tags
-from loading.layout import EMPTY, NO_TAG, SKIPPED, Layout, layout_splits, read_layout
+from loading.layout import EMPTY, Layout, layout_splits, read_layout
+from loading.table import NO_TAG, SKIPPED
 from loading.near_duplicates import DescriptorBlocks, find_near_copies
 
 TINY_SIDE = 32  # below this many pixels on a side an image carries little for a 64 px model

@@ -8,8 +8,9 @@ import train
 from config import TrainConfig
 from conftest import NASTY_DUPLICATE, NASTY_IGNORED, NASTY_LEAK, NASTY_UNREADABLE
 from core.common import IMAGE_EXTENSIONS, UserError
-from loading.layout import MISSING, UNLABELED, UNPARSABLE, read_layout
+from loading.layout import UNPARSABLE, read_layout
 from loading.synthetic import make_synthetic
+from loading.table import MISSING, UNLABELED
 from quality import audit
 
 

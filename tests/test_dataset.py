@@ -12,7 +12,8 @@ from dataset import (augment, batch_affine, batch_flip_lr, cutmix, image_tensor,
                      to_float)
 from loading import decode
 from loading.decode import decode_image, preprocess
-from loading.layout import SKIPPED, layout_splits, read_layout
+from loading.layout import layout_splits, read_layout
+from loading.table import SKIPPED
 from loading.synthetic import make_synthetic
 
 

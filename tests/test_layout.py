@@ -11,9 +11,9 @@ from PIL import Image
 
 from core.common import IMAGE_EXTENSIONS, UserError, is_hidden
 from loading.carve import carve, carve_indices
-from loading.layout import (CONFLICT, EMPTY, LOOSE, MISSING, NO_LABEL, NOT_IN_TRAIN, NOT_READ, SEVERAL, SINGLE, SKIPPED,
-                            UNLABELED, UNLABELED_FOLDERS, UNPARSABLE, format_problems, layout_splits, name_rule,
-                            read_layout, split_of, walk_files)
+from loading.layout import (EMPTY, LOOSE, NOT_IN_TRAIN, NOT_READ, SINGLE, UNPARSABLE, format_problems, layout_splits,
+                            name_rule, read_layout, walk_files)
+from loading.table import CONFLICT, MISSING, NO_LABEL, SEVERAL, SKIPPED, UNLABELED, UNLABELED_FOLDERS, split_of
 
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP"}
 

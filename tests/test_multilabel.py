@@ -20,7 +20,8 @@ import train
 from conftest import SHARED
 from dataset import load_items
 from loading.carve import iterative_stratification, split_tags
-from loading.layout import NO_TAG, SEVERAL, layout_splits, read_layout
+from loading.layout import layout_splits, read_layout
+from loading.table import NO_TAG, SEVERAL
 from prediction import Classifier
 from prediction.checkpoint import load_checkpoint
 

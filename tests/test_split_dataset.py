@@ -5,7 +5,8 @@ import pytest
 
 from conftest import table_labelled_set
 from dataset import load_data
-from loading.layout import SKIPPED, read_layout
+from loading.layout import read_layout
+from loading.table import SKIPPED
 from loading.synthetic import make_synthetic
 from split_dataset import main, split_dataset
 
