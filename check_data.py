@@ -18,9 +18,9 @@ or labels in file names. The report starts with the 'layout:' line and the files
 
 With --label-next, DATA is a folder of unlabelled photos (any layout) and there is no report: the model ranks
 them by how much labelling each would teach it (on a pretrained backbone the typical photos of what its training
-photos do not cover, else uncertain photos, spread over what the model sees: quality/label_next.py) and writes
-label_next.csv (rank, path, suggested label, confidence, why) and a gallery, label_next.png, to --out-dir.
---move-to copies the picks; the folder itself is never changed.
+photos do not cover, where it is least sure first, else uncertain photos, spread over what the model sees:
+quality/label_next.py) and writes label_next.csv (rank, path, suggested label, confidence, why) and a gallery,
+label_next.png, to --out-dir. --move-to copies the picks; the folder itself is never changed.
 """
 from __future__ import annotations
 
