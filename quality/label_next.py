@@ -2,10 +2,10 @@
 On a pretrained backbone's features (which place photos well before any label): the folder's photos and the
 training photos the checkpoint keeps (its kNN bank) are clustered together, and the clusters with the fewest
 training photos, those where the model is least sure first, each give their most typical photo (after TypiClust,
-Hacohen et al. 2022): the picks cover what the labels do not, where the model needs them most. On features learned from the labels alone: the photos are grouped into N clusters and
-each gives its most uncertain photo (the smallest margin between the model's two most probable classes), the most
-uncertain first. Either way every part of the feature space is asked about once, so the picks are neither N
-near-copies of one photo nor N odd ones out.
+Hacohen et al. 2022): the picks cover what the labels do not, where the model needs them most. On features learned
+from the labels alone: the photos are grouped into N clusters and each gives its most uncertain photo (the smallest
+margin between the model's two most probable classes), the most uncertain first. Either way every part of the
+feature space is asked about once, so the picks are neither N near-copies of one photo nor N odd ones out.
 
 Usage (from check_data.py --label-next):
     found = label_next(folder, "models/best_model.pth", n=100, out_dir="curves", move_to="to_label")   # LabelNext
@@ -123,8 +123,8 @@ def typical_picks(features: torch.Tensor, labelled: torch.Tensor, margin: torch.
     sizes = torch.bincount(mine, minlength=int(groups.max()) + 1)
     covered = torch.bincount(theirs, minlength=len(sizes))
     mean_margin = torch.zeros(len(sizes)).index_add_(0, mine, margin.float()) / sizes.clamp(min=1)
-    order = sorted((c for c in range(len(sizes)) if sizes[c] > 0), key=lambda c: (int(covered[c]),
-                                                                                   float(mean_margin[c])))
+    order = sorted((c for c in range(len(sizes)) if sizes[c] > 0),
+                   key=lambda c: (int(covered[c]), float(mean_margin[c])))
     picks = []
     for c in order[:n]:
         rows = torch.nonzero(mine == c)[:, 0]
@@ -170,7 +170,7 @@ def why(pick: Pick, classes: list[str]) -> str:
     """The reason a photo was picked, in words."""
     if pick.labelled is not None:
         return (f"typical: the most typical of {pick.group} similar photos, among which the model saw "
-                f"{pick.labelled or 'no'} training photos and is sure by a mean margin of {pick.group_margin:.2f}")
+                f"{pick.labelled or 'no'} training photos; its mean margin over them {pick.group_margin:.2f}")
     return (f"uncertain: {classes[pick.suggested]} by a margin of {pick.margin:.2f} over "
             f"{classes[pick.runner_up]}; the most uncertain of {pick.group} similar photos")
 

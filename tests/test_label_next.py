@@ -50,7 +50,7 @@ def test_with_the_labelled_features_the_picks_are_the_typical_photos_of_what_the
     assert picks[0].index in range(15, 19) and picks[1].index in range(10, 15)
     assert [(p.group, p.labelled, p.group_margin) for p in picks] == [(4, 0, 0.4), (5, 0, 0.8)]  # least sure first
     assert why(picks[0], ["cat", "dog"]) == ("typical: the most typical of 4 similar photos, among which the model "
-                                             "saw no training photos and is sure by a mean margin of 0.40")
+                                             "saw no training photos; its mean margin over them 0.40")
     every = rank_to_label(features, probs, n=4, labelled=labelled)
     assert [p.labelled for p in every] == [0, 0, 3, None]  # the covered place, then the most uncertain of the rest
     assert every[2].index < 10 and every[3].index in range(15, 19) and every[3].index != every[0].index
